@@ -1,0 +1,56 @@
+//! The journal ring: a memory-mapped file that every write of a VM is
+//! published in before it reaches the source image.
+//!
+//! Many producers (the front-end's request threads, and `tern tag` from
+//! another process) reserve space with one 16-byte compare-and-swap on the
+//! head (position and sequence number together, so ring order and sequence
+//! order are the same thing), copy their record in, and publish it by storing
+//! its commit word last. One consumer (the shipper, in another process) reads
+//! published records in order and moves the tail once they are safe
+//! elsewhere. No lock is taken on either side.
+
+pub mod format;
+mod ring;
+
+pub use format::RecordHeader;
+pub use format::{FLAG_ATTACHED, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA};
+pub use ring::{Cursor, Journal, Mode, NewRecord, Position, ReadOutcome, RecoveryReport};
+
+/// What a record says happened to the source disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// `length` bytes of data written at `offset`.
+    Write = 1,
+    /// `[offset, offset + length)` now reads as zeroes.
+    Zero = 2,
+    /// `[offset, offset + length)` was discarded; the source reads zeroes
+    /// there, so the replica punches the same range.
+    Trim = 3,
+    /// An application-consistent marker; the data is its label.
+    Tag = 4,
+    /// The current content of a dirty region, re-read under the range lock.
+    Resync = 5,
+    /// Filler: the end of the ring before a wrap, or a crashed producer's
+    /// hole (see `format`).
+    Pad = 6,
+}
+
+impl RecordKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Write,
+            2 => Self::Zero,
+            3 => Self::Trim,
+            4 => Self::Tag,
+            5 => Self::Resync,
+            6 => Self::Pad,
+            _ => return None,
+        })
+    }
+
+    /// Whether replaying this record changes a disk.
+    pub fn changes_disk(self) -> bool {
+        matches!(self, Self::Write | Self::Zero | Self::Trim | Self::Resync)
+    }
+}

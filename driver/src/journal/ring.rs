@@ -1,0 +1,571 @@
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use memmap2::MmapRaw;
+use portable_atomic::AtomicU128;
+
+use super::format::*;
+use super::RecordKind;
+use crate::{Error, Result};
+
+/// A place in the ring: a byte position and the sequence number of the
+/// record that starts there (for the head: the next to be reserved; for the
+/// tail: the next to be consumed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Position {
+    pub pos: u64,
+    pub seq: u64,
+}
+
+impl Position {
+    fn pack(self) -> u128 {
+        (self.seq as u128) << 64 | self.pos as u128
+    }
+
+    fn unpack(v: u128) -> Self {
+        Position { pos: v as u64, seq: (v >> 64) as u64 }
+    }
+}
+
+/// Whether writes are being journaled or only marked in the dirty bitmaps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Journal,
+    /// The ring filled up at `overflow_seq`; writes since then are in the
+    /// dirty bitmaps until a resync has caught up.
+    Overflow,
+}
+
+/// A record a producer wants to publish; its data is passed beside it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewRecord {
+    pub disk: u16,
+    pub kind: RecordKind,
+    pub offset: u64,
+    pub length: u32,
+}
+
+/// What a consumer finds at a position.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    /// A published record; its data was copied into the caller's buffer and
+    /// checked against its checksum.
+    Record(RecordHeader),
+    /// Nothing published there (yet).
+    NotPublished,
+}
+
+/// What [`Journal::recover`] found between the tail and the head.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Published records handed to the re-apply callback.
+    pub records: u64,
+    /// Holes left by producers that crashed between reserving and
+    /// publishing, now covered by pad records.
+    pub holes: u64,
+    /// Sequence numbers those holes stood for.
+    pub lost_seqs: u64,
+    /// Published records whose checksum failed (torn by a host crash);
+    /// treated as holes.
+    pub torn: u64,
+}
+
+/// An open journal. Cheap to share between threads (`&Journal` is all a
+/// producer needs).
+#[derive(Debug)]
+pub struct Journal {
+    map: MmapRaw,
+    _file: File,
+    path: PathBuf,
+    fields: HeaderFields,
+}
+
+impl Journal {
+    /// Creates a journal file of `capacity` data bytes (a multiple of 4096),
+    /// sparse, and makes it durable. Fails if the file exists.
+    pub fn create(path: &Path, vm_id: [u8; 16], capacity: u64) -> Result<()> {
+        if capacity < 16 * 1024 || capacity % 4096 != 0 {
+            return Err(Error::Invalid(format!(
+                "journal capacity {capacity} must be a multiple of 4096 and at least 16 KiB"
+            )));
+        }
+        let create_err = |source| Error::Create { path: path.to_owned(), source };
+        let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(create_err)?;
+        f.set_len(HEADER_SIZE as u64 + capacity).map_err(create_err)?;
+        let fields = HeaderFields { vm_id, capacity };
+        f.write_all(&fields.encode()).map_err(create_err)?;
+        // The head and tail start at position 0, sequence 1.
+        let mut start = [0u8; 8];
+        start.copy_from_slice(&1u64.to_le_bytes());
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&start, OFF_HEAD as u64 + 8).map_err(create_err)?;
+        f.write_all_at(&start, OFF_TAIL_SEQ as u64).map_err(create_err)?;
+        f.sync_all().map_err(|source| Error::Sync { path: path.to_owned(), source })?;
+        crate::vm::sync_parent_dir(path)?;
+        Ok(())
+    }
+
+    /// Opens and validates a journal file.
+    pub fn open(path: &Path) -> Result<Self> {
+        check_lock_free()?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| Error::Open { path: path.to_owned(), source })?;
+        let len = file.metadata().map_err(|source| Error::Open { path: path.to_owned(), source })?.len();
+        let mut head = [0u8; 48];
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut head, 0).map_err(|_| Error::Format {
+            path: path.to_owned(),
+            what: "journal",
+            reason: format!("file is only {len} bytes"),
+        })?;
+        let fields = HeaderFields::decode(&head, len).map_err(|reason| Error::Format {
+            path: path.to_owned(),
+            what: "journal",
+            reason,
+        })?;
+        let map = MmapRaw::map_raw(&file).map_err(|source| Error::Map { path: path.to_owned(), source })?;
+        let j = Journal { map, _file: file, path: path.to_owned(), fields };
+        let (head, tail) = (j.head(), j.tail());
+        if tail.pos > head.pos
+            || head.pos - tail.pos > fields.capacity
+            || tail.seq > head.seq
+            || tail.pos % RECORD_ALIGN != 0
+        {
+            return Err(Error::Format {
+                path: path.to_owned(),
+                what: "journal",
+                reason: format!("inconsistent positions: head {head:?}, tail {tail:?}"),
+            });
+        }
+        Ok(j)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn vm_id(&self) -> [u8; 16] {
+        self.fields.vm_id
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.fields.capacity
+    }
+
+    // ---- the header's mutable fields -------------------------------------
+
+    fn atomic_u64(&self, off: usize) -> &AtomicU64 {
+        debug_assert!(off % 8 == 0 && off + 8 <= HEADER_SIZE);
+        // SAFETY: the mapping is page-aligned and at least HEADER_SIZE long,
+        // so `off` (a multiple of 8 inside the header) is aligned and in
+        // bounds; the mapping lives as long as `self`, which the reference
+        // borrows. All access to these words, in this process and others,
+        // is atomic.
+        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(off).cast()) }
+    }
+
+    fn atomic_u32(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off % 4 == 0 && off + 4 <= HEADER_SIZE);
+        // SAFETY: as in `atomic_u64`, with 4-byte alignment.
+        unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(off).cast()) }
+    }
+
+    fn head_word(&self) -> &AtomicU128 {
+        // SAFETY: OFF_HEAD is 64, so the word is 16-byte aligned and inside
+        // the mapping, which `self` keeps alive. Producers in every process
+        // only touch it with 16-byte atomics (cmpxchg16b on x86_64, which
+        // `AtomicU128::is_lock_free` confirms at open).
+        unsafe { AtomicU128::from_ptr(self.map.as_mut_ptr().add(OFF_HEAD).cast()) }
+    }
+
+    /// The next position and sequence number a producer will reserve.
+    pub fn head(&self) -> Position {
+        Position::unpack(self.head_word().load(Ordering::Acquire))
+    }
+
+    /// The next position and sequence number the consumer will read.
+    pub fn tail(&self) -> Position {
+        // The consumer writes pos then seq; reading seq first and pos second
+        // could pair an old seq with a new pos, so read pos, seq, pos again.
+        loop {
+            let pos = self.atomic_u64(OFF_TAIL_POS).load(Ordering::Acquire);
+            let seq = self.atomic_u64(OFF_TAIL_SEQ).load(Ordering::Acquire);
+            if self.atomic_u64(OFF_TAIL_POS).load(Ordering::Acquire) == pos {
+                return Position { pos, seq };
+            }
+        }
+    }
+
+    /// Moves the tail (the consumer only, after what it read is safe
+    /// elsewhere). Frees the space for producers.
+    pub fn set_tail(&self, tail: Position) {
+        self.atomic_u64(OFF_TAIL_SEQ).store(tail.seq, Ordering::Release);
+        self.atomic_u64(OFF_TAIL_POS).store(tail.pos, Ordering::Release);
+    }
+
+    /// Bytes reserved but not yet consumed, as a fraction of the capacity.
+    pub fn fill(&self) -> f64 {
+        let (h, t) = (self.head(), self.tail());
+        h.pos.saturating_sub(t.pos) as f64 / self.fields.capacity as f64
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self.atomic_u32(OFF_MODE).load(Ordering::Acquire) {
+            0 => Mode::Journal,
+            _ => Mode::Overflow,
+        }
+    }
+
+    /// Switches to overflow mode; returns true for the caller that did it.
+    pub fn enter_overflow(&self) -> bool {
+        let seq = self.head().seq;
+        let first = self.atomic_u32(OFF_MODE).compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if first {
+            self.atomic_u64(OFF_OVERFLOW_SEQ).store(seq, Ordering::Release);
+        }
+        first
+    }
+
+    /// Back to journaling (the resync that follows covers the bitmap).
+    pub fn leave_overflow(&self) {
+        self.atomic_u32(OFF_MODE).store(0, Ordering::Release);
+    }
+
+    /// The head sequence number when the ring last overflowed.
+    pub fn overflow_seq(&self) -> u64 {
+        self.atomic_u64(OFF_OVERFLOW_SEQ).load(Ordering::Acquire)
+    }
+
+    pub fn flags(&self) -> u32 {
+        self.atomic_u32(OFF_FLAGS).load(Ordering::Acquire)
+    }
+
+    pub fn set_flags(&self, flags: u32) {
+        self.atomic_u32(OFF_FLAGS).fetch_or(flags, Ordering::AcqRel);
+    }
+
+    pub fn clear_flags(&self, flags: u32) {
+        self.atomic_u32(OFF_FLAGS).fetch_and(!flags, Ordering::AcqRel);
+    }
+
+    /// The boot the last front-end attached in (`/proc/sys/kernel/random/boot_id`).
+    pub fn boot_id(&self) -> [u8; 16] {
+        let lo = self.atomic_u64(OFF_BOOT_ID).load(Ordering::Acquire);
+        let hi = self.atomic_u64(OFF_BOOT_ID + 8).load(Ordering::Acquire);
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&lo.to_le_bytes());
+        b[8..].copy_from_slice(&hi.to_le_bytes());
+        b
+    }
+
+    pub fn set_boot_id(&self, id: [u8; 16]) {
+        let (lo, hi) = id.split_at(8);
+        self.atomic_u64(OFF_BOOT_ID).store(u64::from_le_bytes(lo.try_into().unwrap_or_default()), Ordering::Release);
+        self.atomic_u64(OFF_BOOT_ID + 8)
+            .store(u64::from_le_bytes(hi.try_into().unwrap_or_default()), Ordering::Release);
+    }
+
+    /// How many times a front-end recovered this journal after a crash.
+    pub fn recoveries(&self) -> u64 {
+        self.atomic_u64(OFF_RECOVERIES).load(Ordering::Acquire)
+    }
+
+    // ---- producers --------------------------------------------------------
+
+    /// Publishes a record. Returns its sequence number, or `None` when the
+    /// ring has no room for it (the caller marks the dirty bitmap instead).
+    /// Never blocks: one compare-and-swap loop on the head, then copies.
+    pub fn append(&self, rec: &NewRecord, data: &[u8]) -> Option<u64> {
+        debug_assert!(data.len() <= MAX_RECORD_DATA as usize);
+        let (at, pad) = self.reserve(footprint(data.len()))?;
+        // The reservation [at.pos, at.pos + pad + footprint) is ours alone
+        // until we publish it and the consumer moves past it.
+        if pad > 0 {
+            let h = RecordHeader {
+                seq: at.seq,
+                offset: 0, // a wrap pad stands for no sequence number
+                time_ns: 0,
+                length: pad as u32,
+                data_len: 0,
+                disk: 0,
+                kind: RecordKind::Pad,
+                flags: 0,
+            };
+            self.write_record(at.pos, &h, &[]);
+        }
+        let h = RecordHeader {
+            seq: at.seq,
+            offset: rec.offset,
+            time_ns: now_ns(),
+            length: rec.length,
+            data_len: data.len() as u32,
+            disk: rec.disk,
+            kind: rec.kind,
+            flags: 0,
+        };
+        self.write_record(at.pos + pad, &h, data);
+        Some(at.seq)
+    }
+
+    /// Reserves `total` bytes (plus the pad to the wrap, if the record
+    /// would straddle it) and a sequence number with one CAS on the head.
+    fn reserve(&self, total: u64) -> Option<(Position, u64)> {
+        let cap = self.fields.capacity;
+        if total > cap {
+            return None;
+        }
+        let word = self.head_word();
+        let mut cur = word.load(Ordering::Acquire);
+        loop {
+            let head = Position::unpack(cur);
+            let slot = head.pos % cap;
+            let pad = if slot + total > cap { cap - slot } else { 0 };
+            let end = head.pos + pad + total;
+            if end - self.tail().pos > cap {
+                return None;
+            }
+            let next = Position { pos: end, seq: head.seq + 1 };
+            match word.compare_exchange_weak(cur, next.pack(), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some((head, pad)),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Test hook: a producer that crashes between reserving and publishing.
+    #[doc(hidden)]
+    pub fn reserve_and_abandon(&self, data_len: usize) -> Option<Position> {
+        self.reserve(footprint(data_len)).map(|(at, _)| at)
+    }
+
+    /// Copies a record into its reserved slot and publishes it.
+    fn write_record(&self, pos: u64, h: &RecordHeader, data: &[u8]) {
+        let slot = (pos % self.fields.capacity) as usize;
+        debug_assert!(slot as u64 + footprint(data.len()) <= self.fields.capacity);
+        let body = h.encode_body();
+        let crc = h.checksum(data).to_le_bytes();
+        // SAFETY: the slot lies inside the data area (a record never
+        // straddles the wrap, checked above) and was reserved by the caller
+        // through the head CAS, so no other producer writes it and the
+        // consumer does not read it before the commit store below. The
+        // mapping outlives this call because `self` owns it.
+        unsafe {
+            let base = self.map.as_mut_ptr().add(HEADER_SIZE + slot);
+            std::ptr::copy_nonoverlapping(body.as_ptr(), base.add(8), body.len());
+            std::ptr::copy_nonoverlapping(crc.as_ptr(), base.add(44), 4);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(RECORD_HEADER_SIZE), data.len());
+        }
+        self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
+    }
+
+    fn commit_word_at(&self, slot: usize) -> &AtomicU64 {
+        // SAFETY: slots are 64-byte aligned inside the data area, which is
+        // page-aligned; the mapping lives as long as `self`.
+        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(HEADER_SIZE + slot).cast()) }
+    }
+
+    // ---- the consumer -----------------------------------------------------
+
+    /// Reads the record at `pos`, copying its data into `data` (resized to
+    /// fit). The copy is verified, so a producer (or another process)
+    /// scribbling on the ring afterwards cannot change what was checked.
+    /// `Err` describes a published record that fails validation.
+    pub fn read(&self, pos: u64, data: &mut Vec<u8>) -> std::result::Result<ReadOutcome, String> {
+        let cap = self.fields.capacity;
+        if pos % RECORD_ALIGN != 0 {
+            return Err(format!("position {pos} is not aligned"));
+        }
+        let slot = (pos % cap) as usize;
+        if self.commit_word_at(slot).load(Ordering::Acquire) != commit_word(pos) {
+            return Ok(ReadOutcome::NotPublished);
+        }
+        let mut raw = [0u8; RECORD_HEADER_SIZE];
+        // SAFETY: the slot and its 48-byte header lie inside the data area
+        // (slot is aligned, capacity a multiple of 64); the mapping lives as
+        // long as `self`. The bytes are copied out before being trusted.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_mut_ptr().add(HEADER_SIZE + slot), raw.as_mut_ptr(), raw.len());
+        }
+        let body: &[u8; 36] = raw[8..44].try_into().map_err(|_| "short header".to_string())?;
+        let h = RecordHeader::decode_body(body).map_err(|e| format!("record at position {pos}: {e}"))?;
+        let crc = u32_at(&raw, 44);
+        let span = h.footprint();
+        if span == 0 || span % RECORD_ALIGN != 0 || slot as u64 + span > cap {
+            return Err(format!("record at position {pos} spans {span} bytes, past the end of the ring"));
+        }
+        data.clear();
+        data.resize(h.data_len as usize, 0);
+        // SAFETY: `slot + span <= cap` was checked, and data_len fits in the
+        // span; the mapping lives as long as `self`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_mut_ptr().add(HEADER_SIZE + slot + RECORD_HEADER_SIZE),
+                data.as_mut_ptr(),
+                data.len(),
+            );
+        }
+        if h.checksum(data) != crc {
+            return Err(format!("record at position {pos} (seq {}) fails its checksum", h.seq));
+        }
+        Ok(ReadOutcome::Record(h))
+    }
+
+    /// Reads published records in order from `start` (normally the tail),
+    /// skipping pads and checking that sequence numbers are dense.
+    pub fn cursor(&self, start: Position) -> Cursor<'_> {
+        Cursor { journal: self, at: start }
+    }
+
+    /// Makes the whole ring and header durable (`msync`).
+    pub fn sync(&self) -> Result<()> {
+        self.map.flush().map_err(|source| Error::Sync { path: self.path.clone(), source })
+    }
+
+    // ---- crash recovery ---------------------------------------------------
+
+    /// Walks the unconsumed tail after a front-end crash: hands every
+    /// published record to `reapply` in order, and covers every hole a
+    /// crashed producer left with pad records, so the consumer can pass it.
+    ///
+    /// The caller must be the only producer (the front-end, before it
+    /// serves). A write in a hole was never applied to the image nor
+    /// acknowledged (publishing precedes both), so skipping it is exact.
+    pub fn recover(&self, mut reapply: impl FnMut(&RecordHeader, &[u8]) -> Result<()>) -> Result<RecoveryReport> {
+        let head = self.head();
+        let mut at = self.tail();
+        let mut report = RecoveryReport::default();
+        let mut data = Vec::new();
+        while at.pos < head.pos {
+            match self.read(at.pos, &mut data) {
+                Ok(ReadOutcome::Record(h)) => {
+                    if h.kind == RecordKind::Pad {
+                        at = Position { pos: at.pos + h.footprint(), seq: h.seq + h.offset };
+                        continue;
+                    }
+                    reapply(&h, &data)?;
+                    report.records += 1;
+                    at = Position { pos: at.pos + h.footprint(), seq: h.seq + 1 };
+                }
+                unpublished_or_torn => {
+                    if let Err(why) = unpublished_or_torn {
+                        report.torn += 1;
+                        log::warn!("journal {}: {why}; treating it as a hole", self.path.display());
+                    }
+                    // Find the next published record, or the head.
+                    let mut next = at.pos + RECORD_ALIGN;
+                    let mut next_seq = head.seq;
+                    while next < head.pos {
+                        if let Ok(ReadOutcome::Record(h)) = self.read(next, &mut data) {
+                            next_seq = h.seq;
+                            break;
+                        }
+                        next += RECORD_ALIGN;
+                    }
+                    let lost = next_seq.saturating_sub(at.seq);
+                    log::warn!(
+                        "journal {}: recovery mode skip-hole: positions {}..{} (seqs {}..{}) were reserved by a producer that crashed before publishing; covering them with padding",
+                        self.path.display(),
+                        at.pos,
+                        next,
+                        at.seq,
+                        at.seq + lost
+                    );
+                    self.write_pads(at.pos, next, at.seq, lost);
+                    report.holes += 1;
+                    report.lost_seqs += lost;
+                    at = Position { pos: next, seq: at.seq + lost };
+                }
+            }
+        }
+        self.atomic_u64(OFF_RECOVERIES).fetch_add(1, Ordering::AcqRel);
+        Ok(report)
+    }
+
+    /// Covers `[from, to)` with pad records that never straddle the wrap;
+    /// the first stands for `lost` sequence numbers starting at `seq`.
+    fn write_pads(&self, from: u64, to: u64, seq: u64, lost: u64) {
+        let cap = self.fields.capacity;
+        let mut pos = from;
+        let (mut seq, mut lost) = (seq, lost);
+        while pos < to {
+            let slot = pos % cap;
+            let span = (to - pos).min(cap - slot).min(1 << 30);
+            let h = RecordHeader {
+                seq,
+                offset: lost,
+                time_ns: 0,
+                length: span as u32,
+                data_len: 0,
+                disk: 0,
+                kind: RecordKind::Pad,
+                flags: 0,
+            };
+            self.write_record(pos, &h, &[]);
+            pos += span;
+            seq += lost;
+            lost = 0;
+        }
+    }
+}
+
+/// Iterates published records; see [`Journal::cursor`].
+#[derive(Debug)]
+pub struct Cursor<'a> {
+    journal: &'a Journal,
+    at: Position,
+}
+
+impl Cursor<'_> {
+    /// Where the next record would start.
+    pub fn position(&self) -> Position {
+        self.at
+    }
+
+    /// The next published record (its data in `data`), `None` at the first
+    /// unpublished position, or an error naming what is wrong.
+    pub fn next(&mut self, data: &mut Vec<u8>) -> std::result::Result<Option<RecordHeader>, String> {
+        loop {
+            if self.at.pos >= self.journal.head().pos {
+                return Ok(None);
+            }
+            let h = match self.journal.read(self.at.pos, data)? {
+                ReadOutcome::NotPublished => return Ok(None),
+                ReadOutcome::Record(h) => h,
+            };
+            if h.seq != self.at.seq {
+                return Err(format!(
+                    "record at position {} has seq {}, expected {} (a gap in the journal)",
+                    self.at.pos, h.seq, self.at.seq
+                ));
+            }
+            if h.kind == RecordKind::Pad {
+                self.at = Position { pos: self.at.pos + h.footprint(), seq: h.seq + h.offset };
+                continue;
+            }
+            self.at = Position { pos: self.at.pos + h.footprint(), seq: h.seq + 1 };
+            return Ok(Some(h));
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Lock-freedom of the 16-byte head is what lets producers in several
+/// processes share it; refuse to run where it would be a process-local lock.
+pub(crate) fn check_lock_free() -> Result<()> {
+    if AtomicU128::is_lock_free() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(
+            "this CPU has no lock-free 16-byte compare-and-swap (cmpxchg16b); tern's journal needs it".into(),
+        ))
+    }
+}

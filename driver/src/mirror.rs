@@ -1,0 +1,490 @@
+//! The mirror: the write path of one VM, shared by both front-ends.
+//!
+//! For every write-type request, in this order:
+//!
+//! 1. hold the request's byte range (overlapping writes never in flight
+//!    together — invariant 1);
+//! 2. publish a record in the journal, or, once the ring is full, mark the
+//!    dirty bitmap (invariants 2 and 4);
+//! 3. change the source image;
+//! 4. release the range; the front-end acknowledges.
+//!
+//! FLUSH and FUA make the journal, the bitmaps and the image durable
+//! (invariant 3). Opening the mirror after a crash re-applies the published
+//! tail to the images before any request is served.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use crate::bitmap::DirtyBitmap;
+use crate::image::{Extent, Image};
+use crate::journal::{self, Journal, Mode, NewRecord, RecordHeader, RecordKind, RecoveryReport};
+use crate::range_lock::RangeLock;
+use crate::vm::{VmConfig, VmPaths};
+use crate::{Error, Result};
+
+/// How a front-end opens the mirror.
+#[derive(Debug, Clone, Copy)]
+pub struct MirrorOptions {
+    /// Publish writes in the journal. Off only to measure what journaling
+    /// costs (`tern serve --no-journal`); nothing is replicated then.
+    pub journal: bool,
+}
+
+impl Default for MirrorOptions {
+    fn default() -> Self {
+        MirrorOptions { journal: true }
+    }
+}
+
+/// How a zeroing request may be carried out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZeroMode {
+    /// The range may be deallocated (NBD: no `NO_HOLE` flag).
+    pub may_punch: bool,
+    /// Fail instead of writing zero bytes (NBD: `FAST_ZERO`).
+    pub fast_only: bool,
+}
+
+#[derive(Debug)]
+struct Disk {
+    name: String,
+    index: u16,
+    image: Image,
+    bitmap: DirtyBitmap,
+    lock: RangeLock,
+}
+
+/// Counters a front-end reports.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    pub journaled: AtomicU64,
+    /// Write-type requests that went to the dirty bitmap instead.
+    pub overflowed: AtomicU64,
+}
+
+/// One VM's disks, journal and bitmaps, open for serving.
+#[derive(Debug)]
+pub struct Mirror {
+    config: VmConfig,
+    journal: Journal,
+    journaling: bool,
+    disks: Vec<Disk>,
+    /// Held shared by every request, exclusively by `shutdown`; true once
+    /// shutting down.
+    gate: RwLock<bool>,
+    /// Set by a failed fdatasync or msync: the page cache may have dropped
+    /// dirty data, so nothing more is acknowledged.
+    poisoned: AtomicBool,
+    stats: MirrorStats,
+    recovery: Option<RecoveryReport>,
+    _frontend_lock: File,
+}
+
+impl Mirror {
+    /// Opens a VM for serving: takes the front-end lock, validates the
+    /// journal, images and bitmaps against `vm.toml`, and recovers the
+    /// journal's published tail if the last front-end did not shut down
+    /// cleanly.
+    pub fn open(paths: &VmPaths, options: MirrorOptions) -> Result<Self> {
+        let config = paths.load_config()?;
+        let frontend_lock = lock_frontend(&paths.frontend_lock(), &config.name)?;
+        let journal = Journal::open(&paths.journal())?;
+        if journal.vm_id() != *config.id.as_bytes() {
+            return Err(Error::Format {
+                path: paths.journal(),
+                what: "journal",
+                reason: format!("it belongs to another VM than '{}' (id {})", config.name, config.id),
+            });
+        }
+        let mut disks = Vec::new();
+        for (i, d) in config.disks.iter().enumerate() {
+            let image = Image::open(&d.path)?;
+            if image.size() != d.size {
+                return Err(Error::Invalid(format!(
+                    "disk '{}' ({}) is {} bytes but was {} bytes when enabled; resizing a protected disk is not supported",
+                    d.name,
+                    d.path.display(),
+                    image.size(),
+                    d.size
+                )));
+            }
+            let bitmap = DirtyBitmap::open(&paths.dirty(&d.name), d.size)?;
+            disks.push(Disk { name: d.name.clone(), index: i as u16, image, bitmap, lock: RangeLock::new() });
+        }
+        let mut mirror = Mirror {
+            config,
+            journal,
+            journaling: options.journal,
+            disks,
+            gate: RwLock::new(false),
+            poisoned: AtomicBool::new(false),
+            stats: MirrorStats::default(),
+            recovery: None,
+            _frontend_lock: frontend_lock,
+        };
+        mirror.attach()?;
+        Ok(mirror)
+    }
+
+    /// Marks the journal attached, recovering first if it already was (the
+    /// previous front-end died).
+    fn attach(&mut self) -> Result<()> {
+        let boot = boot_id();
+        if self.journal.flags() & journal::FLAG_ATTACHED != 0 {
+            if self.journal.boot_id() != boot {
+                // The host went down with the journal attached: pages of the
+                // journal and of the images reached the disk in no
+                // particular order, so they may disagree. Replay what the
+                // journal has, and have the shipper compare checksums.
+                log::warn!(
+                    "VM '{}': the host restarted while `tern serve` was running; a checksum resync will compare source and replica",
+                    self.config.name
+                );
+                self.journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
+            }
+            let head = self.journal.head();
+            let tail = self.journal.tail();
+            log::info!(
+                "VM '{}': recovering after an unclean stop: re-applying journal positions {}..{} (seqs {}..{}) to the source images",
+                self.config.name,
+                tail.pos,
+                head.pos,
+                tail.seq,
+                head.seq
+            );
+            let disks = &self.disks;
+            let report = self.journal.recover(|h, data| apply_record(disks, h, data))?;
+            for d in &self.disks {
+                d.image.sync_data()?;
+            }
+            log::info!(
+                "VM '{}': recovery done: {} records re-applied, {} holes padded ({} sequence numbers never published), {} torn records",
+                self.config.name,
+                report.records,
+                report.holes,
+                report.lost_seqs,
+                report.torn
+            );
+            if report.torn > 0 {
+                self.journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
+            }
+            self.recovery = Some(report);
+        }
+        self.journal.set_boot_id(boot);
+        self.journal.set_flags(journal::FLAG_ATTACHED);
+        self.journal.sync()?;
+        Ok(())
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    pub fn stats(&self) -> &MirrorStats {
+        &self.stats
+    }
+
+    /// What recovery found when this mirror was opened, if it ran.
+    pub fn recovery(&self) -> Option<&RecoveryReport> {
+        self.recovery.as_ref()
+    }
+
+    pub fn disk_count(&self) -> usize {
+        self.disks.len()
+    }
+
+    pub fn disk_name(&self, disk: usize) -> &str {
+        &self.disks[disk].name
+    }
+
+    pub fn disk_size(&self, disk: usize) -> u64 {
+        self.disks[disk].image.size()
+    }
+
+    pub fn disk_index(&self, name: &str) -> Option<usize> {
+        self.disks.iter().position(|d| d.name == name)
+    }
+
+    /// Regions of a disk marked dirty (awaiting resync).
+    pub fn dirty_ranges(&self, disk: usize) -> Vec<(u64, u64)> {
+        self.disks[disk].bitmap.dirty_ranges()
+    }
+
+    // ---- requests -----------------------------------------------------------
+
+    /// Admits a request: not shutting down, not poisoned.
+    fn enter(&self, disk: usize) -> Result<std::sync::RwLockReadGuard<'_, bool>> {
+        let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        if *gate {
+            return Err(Error::ShuttingDown);
+        }
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned { disk: self.disks[disk].name.clone() });
+        }
+        Ok(gate)
+    }
+
+    fn check_range(&self, disk: usize, offset: u64, len: u64) -> Result<&Disk> {
+        let d = self.disks.get(disk).ok_or_else(|| Error::Invalid(format!("no disk with index {disk}")))?;
+        let size = d.image.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(d),
+            _ => Err(Error::OutOfRange { disk: d.name.clone(), offset, len, size }),
+        }
+    }
+
+    pub fn read(&self, disk: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _gate = self.enter(disk)?;
+        let d = self.check_range(disk, offset, buf.len() as u64)?;
+        d.image.read_at(buf, offset)
+    }
+
+    pub fn write(&self, disk: usize, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let _gate = self.enter(disk)?;
+        let d = self.check_range(disk, offset, data.len() as u64)?;
+        let _range = d.lock.lock(offset, data.len() as u64);
+        self.publish(d, RecordKind::Write, offset, data.len() as u64, data);
+        self.change_image(d, offset, data.len() as u64, || d.image.write_at(data, offset))?;
+        if fua {
+            self.make_durable(d)?;
+        }
+        Ok(())
+    }
+
+    pub fn zero(&self, disk: usize, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
+        let _gate = self.enter(disk)?;
+        let d = self.check_range(disk, offset, len)?;
+        let _range = d.lock.lock(offset, len);
+        self.publish(d, RecordKind::Zero, offset, len, &[]);
+        self.change_image(d, offset, len, || d.image.zero(offset, len, mode.may_punch, mode.fast_only))?;
+        if fua {
+            self.make_durable(d)?;
+        }
+        Ok(())
+    }
+
+    /// Discards a range. The source really deallocates it (or writes
+    /// zeroes where it cannot), so the replica can do the same and both
+    /// read zeroes there.
+    pub fn trim(&self, disk: usize, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let _gate = self.enter(disk)?;
+        let d = self.check_range(disk, offset, len)?;
+        let _range = d.lock.lock(offset, len);
+        self.publish(d, RecordKind::Trim, offset, len, &[]);
+        self.change_image(d, offset, len, || d.image.punch_hole(offset, len))?;
+        if fua {
+            self.make_durable(d)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write acknowledged so far on any connection durable,
+    /// together with the journal records published before it.
+    pub fn flush(&self, disk: usize) -> Result<()> {
+        let _gate = self.enter(disk)?;
+        let d = self.check_range(disk, 0, 0)?;
+        self.make_durable(d)
+    }
+
+    pub fn block_status(&self, disk: usize, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let _gate = self.enter(disk)?;
+        let d = self.check_range(disk, offset, len)?;
+        d.image.extents(offset, len)
+    }
+
+    pub fn prefetch(&self, disk: usize, offset: u64, len: u64) -> Result<()> {
+        let _gate = self.enter(disk)?;
+        let d = self.check_range(disk, offset, len)?;
+        d.image.prefetch(offset, len)
+    }
+
+    /// Inserts an application-consistent marker into the journal. Returns
+    /// its sequence number, or `None` if the ring is in overflow (a tag
+    /// inside a resync window could not become a consistent point).
+    pub fn tag(&self, label: &str) -> Result<Option<u64>> {
+        let _gate = self.enter(0)?;
+        if label.is_empty() || label.len() > 256 {
+            return Err(Error::Invalid("a tag label must be 1 to 256 bytes".into()));
+        }
+        if self.journal.mode() == Mode::Overflow {
+            return Ok(None);
+        }
+        let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: label.len() as u32 };
+        Ok(self.journal.append(&rec, label.as_bytes()))
+    }
+
+    /// Journals a write-type request, or marks the bitmap when the ring has
+    /// no room (and from then on, until a resync catches up).
+    fn publish(&self, d: &Disk, kind: RecordKind, offset: u64, len: u64, data: &[u8]) {
+        if !self.journaling {
+            return;
+        }
+        if self.journal.mode() == Mode::Overflow {
+            d.bitmap.mark(offset, len);
+            self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Records carry at most MAX_RECORD_DATA bytes (or that much range,
+        // for zeroes and trims); larger requests take several.
+        let chunk = journal::MAX_RECORD_DATA as u64;
+        let mut done = 0;
+        while done < len {
+            let n = chunk.min(len - done);
+            let rec = NewRecord { disk: d.index, kind, offset: offset + done, length: n as u32 };
+            let payload = if data.is_empty() { &[][..] } else { &data[done as usize..(done + n) as usize] };
+            if self.journal.append(&rec, payload).is_none() {
+                if self.journal.enter_overflow() {
+                    log::warn!(
+                        "VM '{}': journal {} is full (is `tern ship` running?); writes go on and are tracked in the dirty bitmaps until a resync catches up",
+                        self.config.name,
+                        self.journal.path().display()
+                    );
+                }
+                d.bitmap.mark(offset + done, len - done);
+                self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            done += n;
+        }
+        self.stats.journaled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs the image change of a published request. If it fails, the
+    /// journal already holds a record of a change the image may not have:
+    /// mark the range dirty, so the resync ships what the source really
+    /// holds there.
+    fn change_image(&self, d: &Disk, offset: u64, len: u64, change: impl FnOnce() -> Result<()>) -> Result<()> {
+        change().inspect_err(|_| d.bitmap.mark(offset, len))
+    }
+
+    /// Journal first, then bitmap, then image: after a crash the journal
+    /// never lacks a write the image has.
+    fn make_durable(&self, d: &Disk) -> Result<()> {
+        let result = (|| {
+            self.journal.sync()?;
+            d.bitmap.sync()?;
+            d.image.sync_data()
+        })();
+        if let Err(e) = &result {
+            self.poisoned.store(true, Ordering::Release);
+            log::error!("VM '{}': {e}; refusing further requests until restarted", self.config.name);
+        }
+        result
+    }
+
+    /// Stops admitting requests, waits for those in flight, makes everything
+    /// durable and marks the journal detached (a clean shutdown: the next
+    /// start needs no recovery).
+    pub fn shutdown(&self) -> Result<()> {
+        let mut closing = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        if *closing {
+            return Ok(());
+        }
+        *closing = true;
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned { disk: self.disks[0].name.clone() });
+        }
+        self.journal.sync()?;
+        for d in &self.disks {
+            d.bitmap.sync()?;
+            d.image.sync_data()?;
+        }
+        self.journal.clear_flags(journal::FLAG_ATTACHED);
+        self.journal.sync()?;
+        log::info!("VM '{}': front-end detached cleanly", self.config.name);
+        Ok(())
+    }
+}
+
+/// Replays one journal record onto a set of images: recovery of the source
+/// after a crash, and the oracle that rebuilds a disk from its journal.
+pub fn apply_record(disks: &[impl AsImage], h: &RecordHeader, data: &[u8]) -> Result<()> {
+    if !h.kind.changes_disk() {
+        return Ok(());
+    }
+    let image = disks
+        .get(h.disk as usize)
+        .ok_or_else(|| {
+            Error::Invalid(format!("journal record seq {} names disk {}, which does not exist", h.seq, h.disk))
+        })?
+        .as_image();
+    let len = h.length as u64;
+    if h.offset.checked_add(len).is_none_or(|end| end > image.size()) {
+        return Err(Error::Invalid(format!(
+            "journal record seq {} covers {}+{len}, past the end of {} ({} bytes)",
+            h.seq,
+            h.offset,
+            image.path().display(),
+            image.size()
+        )));
+    }
+    match h.kind {
+        RecordKind::Write | RecordKind::Resync => image.write_at(data, h.offset),
+        RecordKind::Zero | RecordKind::Trim => image.zero(h.offset, len, true, false),
+        RecordKind::Tag | RecordKind::Pad => Ok(()),
+    }
+}
+
+/// Anything that holds an image (so `apply_record` takes the mirror's disks
+/// and plain images alike).
+pub trait AsImage {
+    fn as_image(&self) -> &Image;
+}
+
+impl AsImage for Image {
+    fn as_image(&self) -> &Image {
+        self
+    }
+}
+
+impl AsImage for Disk {
+    fn as_image(&self) -> &Image {
+        &self.image
+    }
+}
+
+/// Takes the one-front-end-per-VM lock and writes our pid into it for the
+/// error message of the next one.
+fn lock_frontend(path: &Path, vm: &str) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| Error::Open { path: path.to_owned(), source })?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let holder = std::fs::read_to_string(path).unwrap_or_default();
+        return Err(Error::Busy {
+            what: format!("VM '{vm}' ({})", path.display()),
+            holder: format!("`tern serve`, pid {}", holder.trim()),
+        });
+    }
+    let _ = f.set_len(0);
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
+}
+
+/// This boot's id; a front-end that finds another boot's id in an attached
+/// journal knows the host crashed, not just the process.
+fn boot_id() -> [u8; 16] {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|s| uuid::Uuid::parse_str(s.trim()).ok())
+        .map(|u| *u.as_bytes())
+        .unwrap_or([0; 16])
+}
+
+#[cfg(test)]
+mod tests;

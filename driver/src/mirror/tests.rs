@@ -1,0 +1,215 @@
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::journal::Position;
+use crate::units::Size;
+use crate::vm::{enable, EnableSpec, JournalConfig, Policy};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    paths: VmPaths,
+    image: PathBuf,
+    /// The image as it was at `enable`, for the journal oracle.
+    original: PathBuf,
+}
+
+fn setup(disk_size: u64, journal: u64, region: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk0.img");
+    let mut content = vec![0u8; disk_size as usize];
+    rand::rngs::StdRng::seed_from_u64(7).fill(&mut content[..]);
+    fs::write(&image, &content).unwrap();
+    let original = dir.path().join("original.img");
+    fs::copy(&image, &original).unwrap();
+    let state = dir.path().join("state");
+    enable(
+        &state,
+        &EnableSpec {
+            name: "vm".into(),
+            disks: vec![("disk0".into(), image.clone())],
+            cache: dir.path().join("cache"),
+            target: dir.path().join("target"),
+            journal: JournalConfig { size: Size(journal), region_size: Size(region) },
+            policy: Policy::default(),
+        },
+    )
+    .unwrap();
+    let paths = VmPaths::new(&state, "vm").unwrap();
+    // Pretend the initial sync is done, so the bitmap shows only what the
+    // test itself causes.
+    let bitmap = DirtyBitmap::open(&paths.dirty("disk0"), disk_size).unwrap();
+    (0..disk_size.div_ceil(region)).for_each(|r| bitmap.clear(r));
+    bitmap.sync().unwrap();
+    Setup { _dir: dir, paths, image, original }
+}
+
+/// The journal oracle: replays every record from the first onto a copy of
+/// the image as it was at enable.
+fn replay_journal_onto(journal: &Journal, copy: &Path) -> u64 {
+    let image = Image::open(copy).unwrap();
+    let mut cursor = journal.cursor(Position { pos: 0, seq: 1 });
+    let mut data = Vec::new();
+    let mut n = 0;
+    while let Some(h) = cursor.next(&mut data).unwrap() {
+        apply_record(std::slice::from_ref(&image), &h, &data).unwrap();
+        n += 1;
+    }
+    n
+}
+
+fn assert_same_file(a: &Path, b: &Path) {
+    let (x, y) = (fs::read(a).unwrap(), fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len());
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!("{} and {} differ first at byte {i}", a.display(), b.display());
+    }
+}
+
+#[test]
+fn journal_replay_equals_source_after_concurrent_overlapping_writes() {
+    let s = setup(1 << 20, 64 << 20, 65536);
+    let mirror = Arc::new(Mirror::open(&s.paths, MirrorOptions::default()).unwrap());
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let m = mirror.clone();
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                for i in 0..400u64 {
+                    // A 64 KiB hot spot: nearly every request overlaps others.
+                    let off = rng.gen_range(0..60_000u64);
+                    let len = rng.gen_range(1..5000u64);
+                    match rng.gen_range(0..10) {
+                        0 => m.zero(0, off, len, ZeroMode { may_punch: i % 2 == 0, fast_only: false }, false).unwrap(),
+                        1 => m.trim(0, off, len, false).unwrap(),
+                        _ => {
+                            let fill = (t * 1000 + i) as u8;
+                            m.write(0, off, &vec![fill; len as usize], i % 50 == 0).unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    mirror.shutdown().unwrap();
+    let records = replay_journal_onto(mirror.journal(), &s.original);
+    assert_eq!(records, 8 * 400);
+    assert_same_file(&s.image, &s.original);
+}
+
+#[test]
+fn full_ring_marks_exactly_the_later_writes_in_the_bitmap() {
+    let region = 4096;
+    let s = setup(4 << 20, 64 * 1024, region);
+    let mirror = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    // Each 4 KiB write takes 4160 ring bytes; 64 KiB holds 15 of them.
+    let writes: Vec<u64> = (0..200u64).map(|i| (i * 7 % 1000) * region).collect();
+    for (i, &off) in writes.iter().enumerate() {
+        mirror.write(0, off, &[i as u8; 4096], false).unwrap();
+    }
+    assert_eq!(mirror.journal().mode(), Mode::Overflow);
+    let mut journaled = Vec::new();
+    let mut cursor = mirror.journal().cursor(Position { pos: 0, seq: 1 });
+    let mut data = Vec::new();
+    while let Some(h) = cursor.next(&mut data).unwrap() {
+        journaled.push(h.offset);
+    }
+    assert_eq!(journaled, writes[..journaled.len()].to_vec(), "the journal holds a prefix of the writes");
+    assert_eq!(journaled.len(), 15);
+    let mut expected: Vec<(u64, u64)> = writes[journaled.len()..].iter().map(|&o| (o, region)).collect();
+    expected.sort();
+    expected.dedup();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (o, l) in expected {
+        match merged.last_mut() {
+            Some((mo, ml)) if *mo + *ml == o => *ml += l,
+            _ => merged.push((o, l)),
+        }
+    }
+    assert_eq!(mirror.dirty_ranges(0), merged);
+    // The writes themselves all reached the source.
+    let mut buf = vec![0u8; 4096];
+    mirror.read(0, writes[199], &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 199));
+}
+
+#[test]
+fn crash_recovery_reapplies_the_tail_and_pads_abandoned_reservations() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    {
+        let mirror = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+        mirror.write(0, 0, &[1; 8192], false).unwrap();
+        // A producer that reserved and died before publishing.
+        mirror.journal().reserve_and_abandon(4096).unwrap();
+        mirror.write(0, 4096, &[2; 4096], false).unwrap();
+        mirror.zero(0, 100_000, 5000, ZeroMode::default(), false).unwrap();
+        // The process dies: no shutdown, the journal stays attached.
+    }
+    // Pretend the last image writes never reached the page cache: recovery
+    // must put them back from the journal.
+    let img = Image::open(&s.image).unwrap();
+    img.write_at(&[0xee; 16384], 0).unwrap();
+    img.write_at(&[0xee; 5000], 100_000).unwrap();
+
+    let mirror = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let report = mirror.recovery().cloned().unwrap();
+    assert_eq!(report.records, 3);
+    assert_eq!(report.holes, 1);
+    assert_eq!(report.lost_seqs, 1);
+    let mut buf = vec![0u8; 12288];
+    mirror.read(0, 0, &mut buf).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 1));
+    assert!(buf[4096..8192].iter().all(|&b| b == 2));
+    mirror.shutdown().unwrap();
+    // The 0xee bytes at 8192..16384 were never journaled: the oracle
+    // reproduces everything but them.
+    img.write_at(&fs::read(&s.original).unwrap()[8192..16384], 8192).unwrap();
+    let records = replay_journal_onto(mirror.journal(), &s.original);
+    assert_eq!(records, 3);
+    assert_same_file(&s.image, &s.original);
+}
+
+#[test]
+fn clean_shutdown_needs_no_recovery() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    m.write(0, 0, &[1; 512], true).unwrap();
+    m.shutdown().unwrap();
+    assert!(matches!(m.write(0, 0, &[1], false), Err(Error::ShuttingDown)));
+    drop(m);
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    assert!(m.recovery().is_none());
+}
+
+#[test]
+fn a_second_frontend_is_refused_with_the_holders_pid() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    let _m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let err = Mirror::open(&s.paths, MirrorOptions::default()).unwrap_err();
+    assert!(err.to_string().contains(&std::process::id().to_string()), "{err}");
+}
+
+#[test]
+fn out_of_range_and_overflowing_requests_are_refused_without_journaling() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let head = m.journal().head();
+    assert!(matches!(m.write(0, (1 << 20) - 1, &[0; 2], false), Err(Error::OutOfRange { .. })));
+    assert!(matches!(m.zero(0, u64::MAX - 1, 4, ZeroMode::default(), false), Err(Error::OutOfRange { .. })));
+    assert!(m.trim(3, 0, 1, false).is_err());
+    assert_eq!(m.journal().head(), head);
+}
+
+#[test]
+fn resized_disk_is_refused() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    fs::OpenOptions::new().write(true).open(&s.image).unwrap().set_len(2 << 20).unwrap();
+    let err = Mirror::open(&s.paths, MirrorOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("resizing"), "{err}");
+}

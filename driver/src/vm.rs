@@ -1,0 +1,407 @@
+//! A protected VM: its configuration (`<state>/<vm>/vm.toml`), where its
+//! files live, and `enable`, which creates them.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bitmap::{DirtyBitmap, DEFAULT_REGION_SIZE};
+use crate::image::Image;
+use crate::journal::Journal;
+use crate::units::Size;
+use crate::{Error, Result};
+
+/// The version of `vm.toml` this tern writes and reads.
+pub const CONFIG_VERSION: u32 = 1;
+/// Most disks one VM may have (the journal's disk field is 16 bits; this is
+/// the sane limit).
+pub const MAX_DISKS: usize = 64;
+
+/// `vm.toml`: everything `tern serve` and `tern ship` need to know about one
+/// protected VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VmConfig {
+    /// Format version of this file. Default: none, required.
+    pub version: u32,
+    /// The VM's name: letters, digits, `.`, `_`, `-`; at most 64 bytes.
+    pub name: String,
+    /// A unique id, written into the journal and every segment so files of
+    /// different VMs are never mixed up.
+    pub id: uuid::Uuid,
+    /// The cache store (a directory) segments are shipped to.
+    pub cache: PathBuf,
+    /// The target site directory replicas and points live in.
+    pub target: PathBuf,
+    #[serde(default)]
+    pub journal: JournalConfig,
+    #[serde(default)]
+    pub policy: Policy,
+    /// The disks, in the order their index appears in journal records.
+    #[serde(rename = "disk")]
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Size of the journal ring's data area. Default: 1GiB.
+    pub size: Size,
+    /// Bytes of disk one dirty-bitmap bit stands for. Default: 64KiB.
+    pub region_size: Size,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig { size: Size::gib(1), region_size: Size(DEFAULT_REGION_SIZE as u64) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Policy {
+    /// Time between crash-consistent recovery points. Default: 5m.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long recovery points are kept. Default: 24h.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { interval: Duration::from_secs(300), retention: Duration::from_secs(24 * 3600) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The disk's name, also its NBD export name.
+    pub name: String,
+    /// The source image (a file or block device).
+    pub path: PathBuf,
+    /// Its size in bytes, checked against the image at every start.
+    pub size: u64,
+}
+
+/// Checks a VM or disk name: it becomes a path component and an NBD export
+/// name, so only a conservative alphabet is allowed.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "invalid {what} name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+impl VmConfig {
+    /// Checks everything serde cannot: names, paths, sizes, uniqueness.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |reason: String| Error::Config { path: path.to_owned(), reason };
+        if self.version != CONFIG_VERSION {
+            return Err(bad(format!(
+                "version {} is not supported (this tern reads version {CONFIG_VERSION})",
+                self.version
+            )));
+        }
+        validate_name("VM", &self.name).map_err(|e| bad(e.to_string()))?;
+        if self.disks.is_empty() || self.disks.len() > MAX_DISKS {
+            return Err(bad(format!("a VM needs between 1 and {MAX_DISKS} disks, found {}", self.disks.len())));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            validate_name("disk", &d.name).map_err(|e| bad(e.to_string()))?;
+            if self.disks[..i].iter().any(|o| o.name == d.name) {
+                return Err(bad(format!("disk name '{}' appears twice", d.name)));
+            }
+            if !d.path.is_absolute() {
+                return Err(bad(format!("disk '{}': path {} is not absolute", d.name, d.path.display())));
+            }
+            if d.size == 0 {
+                return Err(bad(format!("disk '{}' has size 0", d.name)));
+            }
+        }
+        for (what, p) in [("cache", &self.cache), ("target", &self.target)] {
+            if !p.is_absolute() {
+                return Err(bad(format!("{what} path {} is not absolute", p.display())));
+            }
+        }
+        let size = self.journal.size.bytes();
+        if size < 16 * 1024 || size % 4096 != 0 {
+            return Err(bad(format!(
+                "journal size {} must be a multiple of 4KiB and at least 16KiB",
+                self.journal.size
+            )));
+        }
+        let region = self.journal.region_size.bytes();
+        if !region.is_power_of_two() || !(4096..=1 << 30).contains(&region) {
+            return Err(bad(format!(
+                "journal region-size {} must be a power of two between 4KiB and 1GiB",
+                self.journal.region_size
+            )));
+        }
+        if self.policy.interval < Duration::from_secs(10) {
+            return Err(bad("policy interval must be at least 10s".into()));
+        }
+        Ok(())
+    }
+
+    /// Reads and validates a `vm.toml`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path).map_err(|source| Error::Open { path: path.to_owned(), source })?;
+        let cfg: VmConfig =
+            toml::from_str(&text).map_err(|e| Error::Config { path: path.to_owned(), reason: e.to_string() })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn disk_index(&self, name: &str) -> Option<usize> {
+        self.disks.iter().position(|d| d.name == name)
+    }
+}
+
+/// Where one VM's source-side state lives: `<state>/<vm>/`.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    dir: PathBuf,
+}
+
+impl VmPaths {
+    /// `name` is validated first, so it can never climb out of `state`.
+    pub fn new(state: &Path, name: &str) -> Result<Self> {
+        validate_name("VM", name)?;
+        Ok(VmPaths { dir: state.join(name) })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("vm.toml")
+    }
+    pub fn journal(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+    pub fn dirty(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("dirty.{disk}"))
+    }
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+    /// Held (flock) by the one front-end serving this VM.
+    pub fn frontend_lock(&self) -> PathBuf {
+        self.dir.join("frontend.lock")
+    }
+
+    /// Loads the VM's configuration, with an operator-friendly error when
+    /// the VM was never enabled.
+    pub fn load_config(&self) -> Result<VmConfig> {
+        let path = self.config();
+        if !path.exists() {
+            let name = self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            return Err(Error::Invalid(format!(
+                "VM '{name}' is not enabled here (no {}); run `tern enable {name} --disk …` first, or pass the right --state",
+                path.display()
+            )));
+        }
+        VmConfig::load(&path)
+    }
+}
+
+/// What the operator asks `tern enable` for.
+#[derive(Debug, Clone)]
+pub struct EnableSpec {
+    pub name: String,
+    /// `(name, path)` of each disk.
+    pub disks: Vec<(String, PathBuf)>,
+    pub cache: PathBuf,
+    pub target: PathBuf,
+    pub journal: JournalConfig,
+    pub policy: Policy,
+}
+
+/// What `enable` did, for the operator.
+#[derive(Debug, Clone)]
+pub struct Enabled {
+    pub config: VmConfig,
+    /// Per disk: bytes of allocated data marked for the initial sync.
+    pub initial_sync_bytes: Vec<u64>,
+}
+
+/// Registers a VM: writes `vm.toml`, creates the journal and the dirty
+/// bitmaps, and marks every allocated region dirty (the initial sync, which
+/// the shipper carries out as a resync). Nothing is left half-made: files
+/// are built in a temporary directory that is renamed into place last.
+pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
+    let paths = VmPaths::new(state, &spec.name)?;
+    if paths.dir().exists() {
+        return Err(Error::Invalid(format!(
+            "VM '{}' is already enabled ({} exists); pick another name or remove that directory after stopping its services",
+            spec.name,
+            paths.dir().display()
+        )));
+    }
+    let absolute = |p: &Path| -> Result<PathBuf> {
+        std::path::absolute(p).map_err(|source| Error::Open { path: p.to_owned(), source })
+    };
+    let mut disks = Vec::new();
+    let mut images = Vec::new();
+    for (name, path) in &spec.disks {
+        validate_name("disk", name)?;
+        let path = fs::canonicalize(path).map_err(|source| Error::Open { path: path.clone(), source })?;
+        let image = Image::open(&path)?;
+        if image.size() == 0 {
+            return Err(Error::Invalid(format!("disk '{name}': {} is empty", path.display())));
+        }
+        disks.push(DiskConfig { name: name.clone(), path, size: image.size() });
+        images.push(image);
+    }
+    let config = VmConfig {
+        version: CONFIG_VERSION,
+        name: spec.name.clone(),
+        id: uuid::Uuid::new_v4(),
+        cache: absolute(&spec.cache)?,
+        target: absolute(&spec.target)?,
+        journal: spec.journal.clone(),
+        policy: spec.policy.clone(),
+        disks,
+    };
+    config.validate(&paths.config())?;
+
+    fs::create_dir_all(state).map_err(|source| Error::Create { path: state.to_owned(), source })?;
+    let tmp = state.join(format!(".{}.enabling-{}", spec.name, std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(|source| Error::Create { path: tmp.clone(), source })?;
+    let built = (|| -> Result<Vec<u64>> {
+        let staged = VmPaths { dir: tmp.clone() };
+        Journal::create(&staged.journal(), *config.id.as_bytes(), config.journal.size.bytes())?;
+        let mut marked = Vec::new();
+        for (disk, image) in config.disks.iter().zip(&images) {
+            let path = staged.dirty(&disk.name);
+            DirtyBitmap::create(&path, disk.size, config.journal.region_size.bytes() as u32)?;
+            let bitmap = DirtyBitmap::open(&path, disk.size)?;
+            let mut bytes = 0;
+            for (offset, len) in image.data_ranges()? {
+                bitmap.mark(offset, len);
+                bytes += len;
+            }
+            bitmap.sync()?;
+            marked.push(bytes);
+        }
+        let text =
+            toml::to_string_pretty(&config).map_err(|e| Error::Invalid(format!("cannot encode vm.toml: {e}")))?;
+        write_durably(&staged.config(), text.as_bytes())?;
+        Ok(marked)
+    })();
+    let marked = match built {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    fs::rename(&tmp, paths.dir()).map_err(|source| Error::Create { path: paths.dir().to_owned(), source })?;
+    sync_dir(state)?;
+    Ok(Enabled { config, initial_sync_bytes: marked })
+}
+
+/// Writes a small file durably: temporary file, fsync, rename, fsync of the
+/// directory.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(|source| Error::Create { path: tmp.clone(), source })?;
+    f.write_all(bytes).map_err(|source| Error::Write { path: tmp.clone(), offset: 0, len: bytes.len(), source })?;
+    f.sync_all().map_err(|source| Error::Sync { path: tmp.clone(), source })?;
+    fs::rename(&tmp, path).map_err(|source| Error::Create { path: path.to_owned(), source })?;
+    sync_parent_dir(path)
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|source| Error::Sync { path: dir.to_owned(), source })
+}
+
+pub fn sync_parent_dir(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path, disks: Vec<(String, PathBuf)>) -> EnableSpec {
+        EnableSpec {
+            name: "vm1".into(),
+            disks,
+            cache: dir.join("cache"),
+            target: dir.join("target"),
+            journal: JournalConfig { size: Size::kib(64), ..Default::default() },
+            policy: Policy::default(),
+        }
+    }
+
+    #[test]
+    fn enable_writes_config_and_marks_allocated_regions() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("a.img");
+        let f = File::create(&img).unwrap();
+        f.set_len(4 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1; 4096], 1 << 20).unwrap();
+        let state = d.path().join("state");
+        let done = enable(&state, &spec(d.path(), vec![("disk0".into(), img)])).unwrap();
+        assert_eq!(done.initial_sync_bytes[0] % 4096, 0);
+        assert!(done.initial_sync_bytes[0] >= 4096);
+        let paths = VmPaths::new(&state, "vm1").unwrap();
+        let cfg = paths.load_config().unwrap();
+        assert_eq!(cfg, done.config);
+        let bm = DirtyBitmap::open(&paths.dirty("disk0"), 4 << 20).unwrap();
+        assert!(bm.is_dirty(16)); // region of offset 1 MiB
+        assert!(!bm.is_dirty(0));
+    }
+
+    #[test]
+    fn enable_twice_is_refused_and_leaves_the_first() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("a.img");
+        File::create(&img).unwrap().set_len(1 << 20).unwrap();
+        let state = d.path().join("state");
+        enable(&state, &spec(d.path(), vec![("disk0".into(), img.clone())])).unwrap();
+        let err = enable(&state, &spec(d.path(), vec![("disk0".into(), img)])).unwrap_err();
+        assert!(err.to_string().contains("already enabled"), "{err}");
+    }
+
+    #[test]
+    fn bad_names_and_missing_disks_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        for name in ["../x", "", "a/b", ".hidden", &"x".repeat(65)] {
+            let mut s = spec(d.path(), vec![]);
+            s.name = name.to_string();
+            assert!(enable(&state, &s).is_err(), "{name:?} accepted");
+        }
+        let err = enable(&state, &spec(d.path(), vec![("disk0".into(), d.path().join("nope"))])).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        assert!(!state.join("vm1").exists());
+    }
+
+    #[test]
+    fn config_with_unknown_field_is_refused_with_its_path() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vm.toml");
+        fs::write(&p, "version = 1\nname = \"a\"\nid = \"00000000-0000-0000-0000-000000000000\"\ncache = \"/c\"\ntarget = \"/t\"\nbogus = 1\n[[disk]]\nname = \"d\"\npath = \"/x\"\nsize = 1\n").unwrap();
+        let err = VmConfig::load(&p).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("vm.toml") && msg.contains("bogus"), "{msg}");
+    }
+}
