@@ -1,1 +1,69 @@
-fn main() {}
+//! `tern`: the one command that drives replication of VM disks.
+#![deny(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// tern replicates the disks of running VMs to a target site and fails them
+/// over to any recovery point.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// State directory holding every protected VM's vm.toml, journal and
+    /// bitmaps.
+    #[arg(long, global = true, env = "TERN_STATE", default_value = "/var/lib/tern")]
+    pub state: PathBuf,
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Protect a VM: record its disks, create its journal and bitmaps, and
+    /// mark all allocated data for the initial sync.
+    Enable(cmd::enable::Args),
+    /// Present the VM's disks over NBD, journaling every write.
+    Serve(cmd::serve::Args),
+    /// Inspect a VM's journal offline (support and testing).
+    #[command(subcommand)]
+    Journal(cmd::journal::Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => log::LevelFilter::Warn,
+        (false, 0) => log::LevelFilter::Info,
+        (false, 1) => log::LevelFilter::Debug,
+        (false, _) => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("TERN_LOG")
+        .format_target(false)
+        .format_timestamp_millis()
+        .init();
+    let result = match &cli.command {
+        Command::Enable(a) => cmd::enable::run(&cli, a),
+        Command::Serve(a) => cmd::serve::run(&cli, a),
+        Command::Journal(c) => cmd::journal::run(&cli, c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what happened, through every cause.
+            eprintln!("tern: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

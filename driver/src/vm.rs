@@ -135,7 +135,7 @@ impl VmConfig {
             }
         }
         let size = self.journal.size.bytes();
-        if size < 16 * 1024 || size % 4096 != 0 {
+        if size < 16 * 1024 || !size.is_multiple_of(4096) {
             return Err(bad(format!(
                 "journal size {} must be a multiple of 4KiB and at least 16KiB",
                 self.journal.size

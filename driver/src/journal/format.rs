@@ -113,7 +113,7 @@ impl HeaderFields {
             return Err("unexpected header size or record alignment".into());
         }
         let capacity = u64_at(b, OFF_CAPACITY);
-        if capacity == 0 || capacity % 4096 != 0 {
+        if capacity == 0 || !capacity.is_multiple_of(4096) {
             return Err(format!("capacity {capacity} is not a positive multiple of 4096"));
         }
         if file_len != HEADER_SIZE as u64 + capacity {

@@ -87,7 +87,7 @@ impl Journal {
     /// Creates a journal file of `capacity` data bytes (a multiple of 4096),
     /// sparse, and makes it durable. Fails if the file exists.
     pub fn create(path: &Path, vm_id: [u8; 16], capacity: u64) -> Result<()> {
-        if capacity < 16 * 1024 || capacity % 4096 != 0 {
+        if capacity < 16 * 1024 || !capacity.is_multiple_of(4096) {
             return Err(Error::Invalid(format!(
                 "journal capacity {capacity} must be a multiple of 4096 and at least 16 KiB"
             )));
@@ -161,7 +161,7 @@ impl Journal {
     // ---- the header's mutable fields -------------------------------------
 
     fn atomic_u64(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= HEADER_SIZE);
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= HEADER_SIZE);
         // SAFETY: the mapping is page-aligned and at least HEADER_SIZE long,
         // so `off` (a multiple of 8 inside the header) is aligned and in
         // bounds; the mapping lives as long as `self`, which the reference
@@ -171,7 +171,7 @@ impl Journal {
     }
 
     fn atomic_u32(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off % 4 == 0 && off + 4 <= HEADER_SIZE);
+        debug_assert!(off.is_multiple_of(4) && off + 4 <= HEADER_SIZE);
         // SAFETY: as in `atomic_u64`, with 4-byte alignment.
         unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(off).cast()) }
     }
@@ -378,7 +378,7 @@ impl Journal {
     /// `Err` describes a published record that fails validation.
     pub fn read(&self, pos: u64, data: &mut Vec<u8>) -> std::result::Result<ReadOutcome, String> {
         let cap = self.fields.capacity;
-        if pos % RECORD_ALIGN != 0 {
+        if !pos.is_multiple_of(RECORD_ALIGN) {
             return Err(format!("position {pos} is not aligned"));
         }
         let slot = (pos % cap) as usize;

@@ -1,0 +1,72 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tern_driver::units::Size;
+use tern_driver::vm::{self, EnableSpec, JournalConfig, Policy};
+
+use crate::Cli;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The VM's name (letters, digits, '.', '_', '-').
+    pub vm: String,
+    /// A disk to protect, as NAME=PATH (a raw image file or a block
+    /// device). Repeat for each disk; NAME becomes its NBD export name.
+    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+    pub disks: Vec<String>,
+    /// The cache store directory segments are shipped to.
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// The target site directory replicas and recovery points live in.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Time between crash-consistent recovery points (at least 10s).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// How long recovery points are kept.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// Size of the journal ring (e.g. 256MiB, 1GiB). When it is full, writes
+    /// go on and are tracked in the dirty bitmaps instead.
+    #[arg(long, default_value = "1GiB")]
+    pub journal_size: Size,
+    /// Bytes of disk one dirty-bitmap bit stands for.
+    #[arg(long, default_value = "64KiB")]
+    pub region_size: Size,
+}
+
+pub fn run(cli: &Cli, a: &Args) -> Result<()> {
+    let mut disks = Vec::new();
+    for d in &a.disks {
+        let Some((name, path)) = d.split_once('=') else {
+            bail!("--disk {d:?}: expected NAME=PATH, as in --disk disk0=/var/lib/images/vm1.img");
+        };
+        disks.push((name.to_string(), PathBuf::from(path)));
+    }
+    let spec = EnableSpec {
+        name: a.vm.clone(),
+        disks,
+        cache: a.cache.clone(),
+        target: a.target.clone(),
+        journal: JournalConfig { size: a.journal_size, region_size: a.region_size },
+        policy: Policy { interval: a.interval, retention: a.retention },
+    };
+    let done = vm::enable(&cli.state, &spec).with_context(|| format!("cannot enable VM '{}'", a.vm))?;
+    let total: u64 = done.initial_sync_bytes.iter().sum();
+    log::info!(
+        "VM '{}' enabled (id {}): {} disk(s), journal {}, {} of allocated data marked for the initial sync",
+        done.config.name,
+        done.config.id,
+        done.config.disks.len(),
+        done.config.journal.size,
+        Size(total)
+    );
+    println!(
+        "enabled {}: next, start `tern serve {}` and point the VM at {}",
+        done.config.name,
+        done.config.name,
+        vm::VmPaths::new(&cli.state, &done.config.name)?.nbd_socket().display()
+    );
+    Ok(())
+}

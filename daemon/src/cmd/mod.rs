@@ -1,0 +1,5 @@
+//! One module per subcommand: its arguments and what it does.
+
+pub mod enable;
+pub mod journal;
+pub mod serve;

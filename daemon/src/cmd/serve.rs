@@ -1,0 +1,81 @@
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tern_driver::vm::VmPaths;
+use tern_driver::{Mirror, MirrorOptions};
+use tern_nbd::{Listen, Server, ServerOptions};
+
+use crate::Cli;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The VM whose disks to serve.
+    pub vm: String,
+    /// Where to listen: unix:PATH, tcp:HOST:PORT, tcp:PORT (loopback) or
+    /// stdio (one connection). Repeatable. Default: unix:<state>/<vm>/nbd.sock.
+    #[arg(long)]
+    pub listen: Vec<Listen>,
+    /// Present the disks over ublk (/dev/ublkbN) instead of NBD.
+    #[arg(long)]
+    pub ublk: bool,
+    /// Do not journal writes (nothing is replicated!). Only to measure what
+    /// journaling costs.
+    #[arg(long)]
+    pub no_journal: bool,
+    /// Worker threads per connection (requests in flight per connection).
+    #[arg(long, default_value_t = 16)]
+    pub threads: usize,
+}
+
+pub fn run(cli: &Cli, a: &Args) -> Result<()> {
+    if a.ublk {
+        anyhow::bail!("--ublk is not available in this build yet; use NBD (the default)");
+    }
+    let paths = VmPaths::new(&cli.state, &a.vm)?;
+    let mirror = Arc::new(
+        Mirror::open(&paths, MirrorOptions { journal: !a.no_journal })
+            .with_context(|| format!("cannot serve VM '{}'", a.vm))?,
+    );
+    if a.no_journal {
+        log::warn!("journaling is OFF (--no-journal): writes to VM '{}' are not replicated", a.vm);
+    }
+    let options = ServerOptions { threads_per_connection: a.threads.clamp(1, 256), ..Default::default() };
+    let server = Arc::new(Server::new(Arc::clone(&mirror), options));
+    let listen = if a.listen.is_empty() { vec![Listen::Unix(paths.nbd_socket())] } else { a.listen.clone() };
+
+    if listen.contains(&Listen::Stdio) {
+        server.serve_stdio();
+        return mirror.shutdown().context("clean shutdown failed");
+    }
+
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    let mut listeners = Vec::new();
+    for l in &listen {
+        let listener = Server::bind(l).with_context(|| format!("cannot listen on {l:?}"))?;
+        listeners.push(listener);
+    }
+    let exports: Vec<String> =
+        (0..mirror.disk_count()).map(|i| format!("{} ({} bytes)", mirror.disk_name(i), mirror.disk_size(i))).collect();
+    log::info!("serving VM '{}' on {:?}: exports {}", a.vm, listen, exports.join(", "));
+    // Hand the bound listeners to accept threads, keeping the socket paths
+    // to remove at exit.
+    let mut sockets = Vec::new();
+    for listener in listeners {
+        if let Some(p) = tern_nbd::server::socket_path(&listener) {
+            sockets.push(p.to_owned());
+        }
+        let server = Arc::clone(&server);
+        std::thread::Builder::new().name("nbd-accept".into()).spawn(move || server.accept_loop(listener))?;
+    }
+
+    let signal = signals.forever().next();
+    log::info!("signal {signal:?}: stopping; finishing the requests in flight");
+    server.disconnect_all();
+    let result = mirror.shutdown().context("clean shutdown failed");
+    for s in sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    result
+}

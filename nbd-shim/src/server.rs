@@ -1,0 +1,334 @@
+//! Listening sockets and connections: a Unix socket (the default), TCP
+//! (loopback unless the operator names another address), or one connection
+//! on standard input and output (for fuzzing and inetd-style use).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tern_driver::Mirror;
+
+use crate::handshake::{self, ExportInfo, HandshakeError};
+use crate::transmission::{self, ConnectionEnd};
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+    /// One connection on stdin/stdout.
+    Stdio,
+}
+
+impl FromStr for Listen {
+    type Err = String;
+
+    /// `unix:PATH`, `tcp:HOST:PORT`, `tcp:PORT` (loopback) or `stdio`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "stdio" {
+            return Ok(Listen::Stdio);
+        }
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path, as in unix:/run/tern/vm.sock".into());
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = s.strip_prefix("tcp:") {
+            if let Ok(port) = addr.parse::<u16>() {
+                return Ok(Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+            }
+            use std::net::ToSocketAddrs;
+            return addr
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .map(Listen::Tcp)
+                .ok_or_else(|| format!("cannot parse TCP address {addr:?}; use tcp:HOST:PORT or tcp:PORT"));
+        }
+        Err(format!("cannot parse listen address {s:?}; use unix:PATH, tcp:HOST:PORT, tcp:PORT or stdio"))
+    }
+}
+
+/// Tunables of a server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Worker threads per connection: the most requests one connection has
+    /// in flight. Default: 16.
+    pub threads_per_connection: usize,
+    /// Connections served at once; more are refused. Default: 64.
+    pub max_connections: usize,
+    /// A client must finish the handshake within this. Default: 30s.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions { threads_per_connection: 16, max_connections: 64, handshake_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// An NBD server for one VM: one export per disk.
+pub struct Server {
+    mirror: Arc<Mirror>,
+    exports: Vec<ExportInfo>,
+    options: ServerOptions,
+    active: AtomicUsize,
+    next_id: AtomicU64,
+    /// Open connections, to shut them down when the server stops.
+    connections: Mutex<HashMap<u64, Box<dyn Fn() + Send + Sync>>>,
+}
+
+/// A bound listening socket.
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Server {
+    pub fn new(mirror: Arc<Mirror>, options: ServerOptions) -> Self {
+        let vm = mirror.config().name.clone();
+        let exports = (0..mirror.disk_count())
+            .map(|i| ExportInfo {
+                name: mirror.disk_name(i).to_string(),
+                size: mirror.disk_size(i),
+                disk: i,
+                description: format!("tern: VM {vm}, disk {}", mirror.disk_name(i)),
+            })
+            .collect();
+        Server {
+            mirror,
+            exports,
+            options,
+            active: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            connections: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Binds a listening socket. A stale Unix socket file (no server
+    /// behind it) is replaced; a live one is an error.
+    pub fn bind(listen: &Listen) -> io::Result<Listener> {
+        match listen {
+            Listen::Unix(path) => {
+                if path.as_os_str().len() >= 108 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("socket path {} is longer than the 107 bytes a Unix socket allows", path.display()),
+                    ));
+                }
+                if path.exists() {
+                    if UnixStream::connect(path).is_ok() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!("{} is in use by a running server", path.display()),
+                        ));
+                    }
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+            Listen::Tcp(addr) => {
+                if !addr.ip().is_loopback() {
+                    log::warn!(
+                        "listening on {addr}, which is not a loopback address: NBD has no authentication, anyone who can reach it can read and write the disks"
+                    );
+                }
+                Ok(Listener::Tcp(TcpListener::bind(addr)?))
+            }
+            Listen::Stdio => Err(io::Error::new(io::ErrorKind::InvalidInput, "stdio is not a socket")),
+        }
+    }
+
+    /// Accepts connections forever, one thread each.
+    pub fn accept_loop(self: &Arc<Self>, listener: Listener) {
+        loop {
+            let accepted = match &listener {
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+            };
+            let stream = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if self.active.load(Ordering::Acquire) >= self.options.max_connections {
+                log::warn!("refusing a connection: already serving {} (the limit)", self.options.max_connections);
+                continue;
+            }
+            let server = Arc::clone(self);
+            let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || server.connection(stream));
+            if let Err(e) = spawned {
+                log::error!("cannot start a thread for a new connection: {e}");
+            }
+        }
+    }
+
+    /// Serves one connection on standard input and output.
+    pub fn serve_stdio(&self) {
+        let (stdin, stdout) = (io::stdin(), io::stdout());
+        self.serve_streams(stdin, stdout, &|| {}, &|| Ok(()), "stdio");
+    }
+
+    /// Runs the handshake, then `after_handshake`, then transmission, on any
+    /// pair of streams (sockets, stdio, the fuzzer's bytes).
+    pub fn serve_streams<R, W>(
+        &self,
+        mut r: R,
+        mut w: W,
+        hang_up: &(dyn Fn() + Sync),
+        after_handshake: &dyn Fn() -> io::Result<()>,
+        peer: &str,
+    ) where
+        R: io::Read + Send,
+        W: io::Write + Send,
+    {
+        let n = match handshake::negotiate(&mut r, &mut w, &self.exports) {
+            Ok(n) => n,
+            Err(HandshakeError::Aborted | HandshakeError::Closed) => {
+                return log::debug!("{peer}: left during the handshake");
+            }
+            Err(e) => return log::warn!("{peer}: {e}"),
+        };
+        if let Err(e) = after_handshake() {
+            return log::warn!("{peer}: {e}");
+        }
+        let export = &self.exports[n.export];
+        log::info!(
+            "{peer}: connected to export '{}' ({} replies{})",
+            export.name,
+            if n.session.structured { "structured" } else { "simple" },
+            if n.session.base_allocation.is_some() { ", base:allocation" } else { "" }
+        );
+        let threads = self.options.threads_per_connection;
+        match transmission::serve(r, w, hang_up, &self.mirror, export.disk, n.session, threads) {
+            end @ (ConnectionEnd::Disconnect | ConnectionEnd::Closed) => log::info!("{peer}: {end}"),
+            end => log::warn!("{peer}: connection ended: {end}"),
+        }
+    }
+
+    fn connection(&self, stream: Stream) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let peer = stream.peer();
+        let result = (|| -> io::Result<()> {
+            // The handshake is bounded in time; transmission is not (an idle
+            // VM disk is normal).
+            stream.prepare(self.options.handshake_timeout)?;
+            let (reader, writer, closer) = (stream.try_clone()?, stream.try_clone()?, stream.try_clone()?);
+            self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Box::new(move || closer.shutdown()));
+            self.serve_streams(reader, writer, &|| stream.shutdown(), &|| stream.clear_timeout(), &peer);
+            Ok(())
+        })();
+        if let Err(e) = result {
+            log::warn!("{peer}: {e}");
+        }
+        stream.shutdown();
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Shuts every open connection down (requests being carried out still
+    /// finish against the mirror).
+    pub fn disconnect_all(&self) {
+        for (_, close) in self.connections.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            close();
+        }
+    }
+
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// A connected socket of either family.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn peer(&self) -> String {
+        match self {
+            Stream::Unix(_) => "unix client".to_string(),
+            Stream::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp client".into()),
+        }
+    }
+
+    fn prepare(&self, handshake_timeout: Duration) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(Some(handshake_timeout)),
+            Stream::Tcp(s) => {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(handshake_timeout))
+            }
+        }
+    }
+
+    fn clear_timeout(&self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(None),
+            Stream::Tcp(s) => s.set_read_timeout(None),
+        }
+    }
+
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Removes the socket file when the listener goes away.
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+pub fn socket_path(listener: &Listener) -> Option<&Path> {
+    match listener {
+        Listener::Unix(_, p) => Some(p),
+        Listener::Tcp(_) => None,
+    }
+}

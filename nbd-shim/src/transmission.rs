@@ -1,0 +1,264 @@
+//! The transmission phase: requests in, replies out, many in flight.
+//!
+//! Each connection has a small team of worker threads that take turns on
+//! the socket (the leader/follower pattern nbdkit uses): one holds the read
+//! side, reads a whole request, lets go, carries the request out against
+//! the mirror, then takes the write side to send the reply. Requests are
+//! pipelined, replies go out in completion order, a slow request (a FLUSH,
+//! a read that misses the page cache) holds up nobody else, and no request
+//! is ever handed from one thread to another.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use tern_driver::{Mirror, ZeroMode};
+
+use crate::protocol::*;
+
+/// What ends a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionEnd {
+    #[error("client disconnected (NBD_CMD_DISC)")]
+    Disconnect,
+    #[error("client closed the connection")]
+    Closed,
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("I/O error on the connection")]
+    Io(#[source] io::Error),
+}
+
+/// A connection's shared state.
+struct Conn<'a, R, W> {
+    reader: Mutex<R>,
+    writer: Mutex<W>,
+    /// Wakes a reader blocked on the socket (shuts the socket down).
+    hang_up: &'a (dyn Fn() + Sync),
+    closing: AtomicBool,
+    end: Mutex<Option<ConnectionEnd>>,
+    mirror: &'a Mirror,
+    disk: usize,
+    session: Session,
+}
+
+/// Serves requests until the client disconnects or breaks the protocol.
+/// `hang_up` must make a blocked read on `reader` return (for a socket:
+/// `shutdown(Both)`). Returns why the connection ended.
+pub fn serve<R: Read + Send, W: Write + Send>(
+    reader: R,
+    writer: W,
+    hang_up: &(dyn Fn() + Sync),
+    mirror: &Mirror,
+    disk: usize,
+    session: Session,
+    threads: usize,
+) -> ConnectionEnd {
+    let conn = Conn {
+        reader: Mutex::new(reader),
+        writer: Mutex::new(writer),
+        hang_up,
+        closing: AtomicBool::new(false),
+        end: Mutex::new(None),
+        mirror,
+        disk,
+        session,
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads.max(1) {
+            s.spawn(|| conn.worker());
+        }
+        conn.worker();
+    });
+    conn.end.into_inner().unwrap_or_else(|p| p.into_inner()).unwrap_or(ConnectionEnd::Closed)
+}
+
+impl<R: Read, W: Write> Conn<'_, R, W> {
+    fn close(&self, why: ConnectionEnd, hang_up: bool) {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if end.is_none() {
+            *end = Some(why);
+        }
+        self.closing.store(true, Ordering::Release);
+        if hang_up {
+            (self.hang_up)();
+        }
+    }
+
+    fn worker(&self) {
+        let mut payload = Vec::new();
+        let mut reply = Vec::new();
+        loop {
+            let req = {
+                let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+                if self.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                match read_request(&mut *r, &mut payload) {
+                    Ok(req) => req,
+                    Err(end) => {
+                        // A protocol error ends the session at once; a
+                        // hang-up lets the requests in flight finish.
+                        let hard = matches!(end, ConnectionEnd::Protocol(_));
+                        self.close(end, hard);
+                        return;
+                    }
+                }
+            };
+            if req.kind == CMD_DISC {
+                // Requests in flight still get their replies; nothing is
+                // read after DISC.
+                self.close(ConnectionEnd::Disconnect, false);
+                return;
+            }
+            let oversized_write = req.kind == CMD_WRITE && req.length > MAX_PAYLOAD;
+            self.execute(&req, &payload, &mut reply);
+            let sent = {
+                let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                w.write_all(&reply).and_then(|()| w.flush())
+            };
+            if let Err(e) = sent {
+                self.close(ConnectionEnd::Io(e), true);
+                return;
+            }
+            if oversized_write {
+                // Its payload was never read: the stream cannot be trusted.
+                self.close(ConnectionEnd::Protocol(format!("WRITE of {} bytes, over the limit", req.length)), true);
+                return;
+            }
+            if payload.capacity() > 4 << 20 {
+                payload = Vec::new(); // do not keep a 32 MiB buffer per thread
+            }
+        }
+    }
+
+    /// Carries a request out and encodes its reply into `out`.
+    fn execute(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        if let Err(code) = validate(req, &self.session) {
+            let why = match code {
+                ENOSPC => "request reaches past the end of the disk",
+                _ => "invalid command, flags, length or range",
+            };
+            return self.error_reply(req, code, why, out);
+        }
+        let (m, disk, fua) = (self.mirror, self.disk, req.flags & CMD_FLAG_FUA != 0);
+        let (off, len) = (req.offset, req.length as u64);
+        let result = match req.kind {
+            CMD_READ => return self.read(req, out),
+            CMD_BLOCK_STATUS => return self.block_status(req, out),
+            CMD_WRITE => m.write(disk, off, payload, fua),
+            CMD_FLUSH => m.flush(disk),
+            CMD_TRIM => m.trim(disk, off, len, fua),
+            CMD_WRITE_ZEROES => {
+                let mode = ZeroMode {
+                    may_punch: req.flags & CMD_FLAG_NO_HOLE == 0,
+                    fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                };
+                m.zero(disk, off, len, mode, fua)
+            }
+            CMD_CACHE => m.prefetch(disk, off, len),
+            _ => return self.error_reply(req, EINVAL, "unknown command", out),
+        };
+        match result {
+            Ok(()) => self.ok_reply(req, out),
+            Err(e) => self.failed(req, &e, out),
+        }
+    }
+
+    fn read(&self, req: &Request, out: &mut Vec<u8>) {
+        let len = req.length as usize;
+        if len == 0 {
+            return self.ok_reply(req, out);
+        }
+        // Read straight into the reply buffer, behind room for the header.
+        let prefix = if self.session.structured { 28 } else { 16 };
+        out.resize(prefix + len, 0);
+        if let Err(e) = self.mirror.read(self.disk, req.offset, &mut out[prefix..]) {
+            out.clear();
+            return self.failed(req, &e, out);
+        }
+        if self.session.structured {
+            out[..20].copy_from_slice(&chunk_header(
+                req.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                8 + len as u32,
+            ));
+            out[20..28].copy_from_slice(&req.offset.to_be_bytes());
+        } else {
+            out[..16].copy_from_slice(&simple_reply(req.cookie, 0));
+        }
+    }
+
+    fn block_status(&self, req: &Request, out: &mut Vec<u8>) {
+        let extents = match self.mirror.block_status(self.disk, req.offset, req.length as u64) {
+            Ok(x) => x,
+            Err(e) => return self.failed(req, &e, out),
+        };
+        let limit = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
+        let extents: Vec<_> = extents.iter().filter(|e| e.len > 0).take(limit).collect();
+        let Some(id) = self.session.base_allocation else {
+            return self.error_reply(req, EINVAL, "base:allocation was not negotiated", out);
+        };
+        out.extend_from_slice(&chunk_header(
+            req.cookie,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            4 + 8 * extents.len() as u32,
+        ));
+        out.extend_from_slice(&id.to_be_bytes());
+        for e in extents {
+            // Each extent lies inside the request, whose length is a u32.
+            out.extend_from_slice(&(e.len as u32).to_be_bytes());
+            let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+            out.extend_from_slice(&flags.to_be_bytes());
+        }
+    }
+
+    fn ok_reply(&self, req: &Request, out: &mut Vec<u8>) {
+        if self.session.structured {
+            out.extend_from_slice(&chunk_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0));
+        } else {
+            out.extend_from_slice(&simple_reply(req.cookie, 0));
+        }
+    }
+
+    fn failed(&self, req: &Request, e: &tern_driver::Error, out: &mut Vec<u8>) {
+        let code = wire_error(e.errno());
+        if code == EIO || code == ENOSPC {
+            log::warn!("disk '{}': request {:#x} failed: {e}", self.mirror.disk_name(self.disk), req.kind);
+        }
+        self.error_reply(req, code, &e.to_string(), out)
+    }
+
+    fn error_reply(&self, req: &Request, code: u32, message: &str, out: &mut Vec<u8>) {
+        if self.session.structured {
+            out.extend_from_slice(&error_chunk(req.cookie, code, message));
+        } else {
+            out.extend_from_slice(&simple_reply(req.cookie, code));
+        }
+    }
+}
+
+/// Reads one request and, for WRITE, its payload into `payload` (even a
+/// WRITE that will be refused: its bytes must leave the stream).
+fn read_request<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Request, ConnectionEnd> {
+    let mut head = [0u8; REQUEST_LEN];
+    r.read_exact(&mut head).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ConnectionEnd::Closed,
+        _ => ConnectionEnd::Io(e),
+    })?;
+    let Some(req) = Request::parse(&head) else {
+        return Err(ConnectionEnd::Protocol("request with a bad magic".into()));
+    };
+    payload.clear();
+    if req.kind == CMD_WRITE && req.length <= MAX_PAYLOAD {
+        payload.resize(req.length as usize, 0);
+        r.read_exact(payload).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => ConnectionEnd::Closed,
+            _ => ConnectionEnd::Io(e),
+        })?;
+    }
+    Ok(req)
+}
