@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use tern_driver::bitmap::DirtyBitmap;
 use tern_driver::image::Image;
 use tern_driver::journal::{Journal, Position, RecordKind};
 use tern_driver::mirror::apply_record;
@@ -21,6 +22,9 @@ pub enum Command {
         #[arg(long)]
         header: bool,
     },
+    /// List the regions marked dirty (awaiting resync) in each disk's
+    /// bitmap, one `DISK OFFSET LENGTH` line per merged range.
+    Dirty { vm: String },
     /// Replay the journal's records onto copies of the disks (the oracle:
     /// a copy of each disk as it was at the starting point becomes the
     /// source disk as it is now).
@@ -90,6 +94,17 @@ pub fn run(cli: &Cli, c: &Command) -> Result<()> {
             let end = cursor.position();
             if end.pos < h.pos {
                 println!("(stopped at position {} seq {}: not yet published)", end.pos, end.seq);
+            }
+            Ok(())
+        }
+        Command::Dirty { vm } => {
+            let paths = VmPaths::new(&cli.state, vm)?;
+            let config = paths.load_config()?;
+            for d in &config.disks {
+                let bitmap = DirtyBitmap::open(&paths.dirty(&d.name), d.size)?;
+                for (offset, len) in bitmap.dirty_ranges() {
+                    println!("{} {offset} {len}", d.name);
+                }
             }
             Ok(())
         }

@@ -1,0 +1,334 @@
+//! Shared harness of the end-to-end tests: a protected VM in a temporary
+//! directory, `tern serve` as a child process, the journal oracle, and a raw
+//! NBD client for requests no well-behaved client sends.
+//!
+//! The tests drive the release binary (`target/release/tern`, or `TERN_BIN`)
+//! that `scripts/test.sh` builds first, and the real clients it installs.
+#![deny(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+/// The tern binary under test.
+pub fn tern_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TERN_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("tern");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no tern binary: run `cargo build --release` (scripts/test.sh does) or set TERN_BIN");
+}
+
+/// Fails the test with an actionable message when a client is missing.
+pub fn require(tool: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
+    assert!(found.unwrap_or(false), "{tool} is not installed: run scripts/test.sh, which installs the test clients");
+}
+
+/// Runs a command, asserting it succeeds; returns its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    check(cmd, &out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn check(cmd: &Command, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// How to make a test VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub disk_size: u64,
+    pub journal_size: &'static str,
+    pub region_size: &'static str,
+    /// Fill the disk with random bytes before enabling (else sparse).
+    pub random_content: bool,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        VmSpec { disk_size: 64 << 20, journal_size: "256MiB", region_size: "64KiB", random_content: false }
+    }
+}
+
+/// A protected VM with one disk, `disk0`, in a temporary directory.
+pub struct TestVm {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    pub state: PathBuf,
+    pub image: PathBuf,
+    /// A copy of the image as it was when enabled: the oracle's start.
+    pub original: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl TestVm {
+    pub fn new(spec: VmSpec) -> Self {
+        let dir = tempfile::Builder::new().prefix("tern-test-").tempdir_in(test_root()).expect("tempdir");
+        let image = dir.path().join("disk0.img");
+        let f = std::fs::File::create(&image).expect("create image");
+        f.set_len(spec.disk_size).expect("size image");
+        if spec.random_content {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(spec.disk_size);
+            let mut buf = vec![0u8; 1 << 20];
+            let mut w = std::io::BufWriter::new(&f);
+            for _ in 0..spec.disk_size.div_ceil(1 << 20) {
+                rng.fill(&mut buf[..]);
+                w.write_all(&buf).expect("fill image");
+            }
+            w.flush().expect("flush image");
+            f.set_len(spec.disk_size).expect("size image");
+        }
+        drop(f);
+        let original = dir.path().join("original.img");
+        std::fs::copy(&image, &original).expect("copy image");
+        let state = dir.path().join("state");
+        let socket = dir.path().join("nbd.sock");
+        let vm = TestVm { name: "vm1".into(), state, image, original, socket, dir };
+        run(vm
+            .tern()
+            .args(["enable", "vm1", "--cache"])
+            .arg(vm.dir.path().join("cache"))
+            .arg("--target")
+            .arg(vm.dir.path().join("target"))
+            .arg("--disk")
+            .arg(format!("disk0={}", vm.image.display()))
+            .args(["--journal-size", spec.journal_size, "--region-size", spec.region_size]));
+        vm
+    }
+
+    /// A `tern` command with this VM's state directory.
+    pub fn tern(&self) -> Command {
+        let mut c = Command::new(tern_bin());
+        c.arg("--state").arg(&self.state);
+        c
+    }
+
+    /// Starts `tern serve` on this VM's socket and waits until it accepts.
+    pub fn serve(&self, extra: &[&str]) -> Served {
+        let log = self.dir.path().join("serve.log");
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let child = self
+            .tern()
+            .args(["serve", &self.name, "--listen"])
+            .arg(format!("unix:{}", self.socket.display()))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn tern serve");
+        let mut served = Served { child, log };
+        let start = Instant::now();
+        while UnixStream::connect(&self.socket).is_err() {
+            if let Ok(Some(status)) = served.child.try_wait() {
+                panic!("tern serve exited ({status}) before listening:\n{}", served.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "tern serve did not listen within 30 s:\n{}",
+                served.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        served
+    }
+
+    /// The NBD URI of a disk.
+    pub fn uri(&self, disk: &str) -> String {
+        format!("nbd+unix:///{disk}?socket={}", self.socket.display())
+    }
+
+    /// The journal oracle: replays the whole journal onto the image as it
+    /// was at enable and asserts it equals the source image byte for byte.
+    pub fn assert_journal_reproduces_source(&self) {
+        let copy = self.dir.path().join("oracle.img");
+        std::fs::copy(&self.original, &copy).expect("copy original");
+        run(self
+            .tern()
+            .args(["journal", "replay", &self.name, "--from-start", "--onto"])
+            .arg(format!("disk0={}", copy.display())));
+        assert_files_equal(&self.image, &copy);
+    }
+}
+
+/// The directory tests make their VMs in (`TERN_TEST_DIR`, default the
+/// system temporary directory).
+pub fn test_root() -> PathBuf {
+    std::env::var_os("TERN_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
+}
+
+/// A running `tern serve`; killed when dropped.
+pub struct Served {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Served {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops it with SIGTERM and asserts a clean exit.
+    pub fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.wait(Duration::from_secs(30));
+        assert!(status.success(), "tern serve exited with {status}:\n{}", self.log());
+    }
+
+    /// Kills it with SIGKILL (a crash).
+    pub fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait(Duration::from_secs(30));
+    }
+
+    fn signal(&self, sig: i32) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+        assert!(ok.map(|s| s.success()).unwrap_or(false), "cannot signal tern serve");
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(start.elapsed() < limit, "tern serve did not exit within {limit:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts two files have the same bytes, naming the first difference.
+pub fn assert_files_equal(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).expect("read a"), std::fs::read(b).expect("read b"));
+    assert_eq!(x.len(), y.len(), "{} and {} differ in size", a.display(), b.display());
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!("{} and {} differ first at byte {i} ({:#x} vs {:#x})", a.display(), b.display(), x[i], y[i]);
+    }
+}
+
+// ---- a raw NBD client ------------------------------------------------------
+
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+
+/// A minimal NBD client that sends whatever it is told: for the requests a
+/// well-behaved client refuses to send.
+pub struct RawClient {
+    pub sock: UnixStream,
+    pub size: u64,
+}
+
+/// One reply: the cookie, the error (0 = success) and any data.
+#[derive(Debug)]
+pub struct Reply {
+    pub cookie: u64,
+    pub error: u32,
+    pub data: Vec<u8>,
+}
+
+impl RawClient {
+    /// Connects and picks `export` with NBD_OPT_GO (simple replies).
+    pub fn connect(socket: &Path, export: &str) -> Self {
+        let mut sock = UnixStream::connect(socket).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut greeting = [0u8; 18];
+        sock.read_exact(&mut greeting).expect("greeting");
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        sock.write_all(&3u32.to_be_bytes()).expect("flags");
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        sock.write_all(&option(7, &data)).expect("GO");
+        let mut size = None;
+        loop {
+            let mut h = [0u8; 20];
+            sock.read_exact(&mut h).expect("option reply");
+            let kind = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+            let len = u32::from_be_bytes(h[16..20].try_into().expect("4")) as usize;
+            let mut d = vec![0u8; len];
+            sock.read_exact(&mut d).expect("option reply data");
+            match kind {
+                3 if u16::from_be_bytes([d[0], d[1]]) == 0 => {
+                    size = Some(u64::from_be_bytes(d[2..10].try_into().expect("8")))
+                }
+                1 => break,
+                3 => {}
+                other => panic!("GO failed with reply type {other:#x}: {}", String::from_utf8_lossy(&d)),
+            }
+        }
+        RawClient { sock, size: size.expect("NBD_INFO_EXPORT") }
+    }
+
+    /// Sends one request (and its payload, if any) without waiting.
+    pub fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+        let mut b = Vec::with_capacity(28 + payload.len());
+        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&length.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.sock.write_all(&b).expect("send request");
+    }
+
+    /// Reads one simple reply; `read_len` bytes of data follow a successful
+    /// READ. `None` when the server closed the connection.
+    pub fn reply(&mut self, read_len: impl Fn(u64) -> usize) -> Option<Reply> {
+        let mut h = [0u8; 16];
+        self.sock.read_exact(&mut h).ok()?;
+        assert_eq!(u32::from_be_bytes(h[..4].try_into().ok()?), 0x6744_6698, "simple reply magic");
+        let error = u32::from_be_bytes(h[4..8].try_into().ok()?);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().ok()?);
+        let mut data = vec![0u8; if error == 0 { read_len(cookie) } else { 0 }];
+        self.sock.read_exact(&mut data).ok()?;
+        Some(Reply { cookie, error, data })
+    }
+
+    /// Sends a request and reads its reply (no data expected unless READ).
+    pub fn call(&mut self, kind: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Reply {
+        self.send(kind, flags, 1, offset, length, payload);
+        let n = if kind == CMD_READ { length as usize } else { 0 };
+        self.reply(|_| n).expect("server closed the connection")
+    }
+}
+
+fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
