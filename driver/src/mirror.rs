@@ -13,9 +13,7 @@
 //! (invariant 3). Opening the mirror after a crash re-applies the published
 //! tail to the images before any request is served.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write as _;
-use std::path::Path;
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 
@@ -91,7 +89,8 @@ impl Mirror {
     /// cleanly.
     pub fn open(paths: &VmPaths, options: MirrorOptions) -> Result<Self> {
         let config = paths.load_config()?;
-        let frontend_lock = lock_frontend(&paths.frontend_lock(), &config.name)?;
+        let frontend_lock =
+            crate::vm::lock_exclusive(&paths.frontend_lock(), &format!("VM '{}'", config.name), "`tern serve`")?;
         let journal = Journal::open(&paths.journal())?;
         if journal.vm_id() != *config.id.as_bytes() {
             return Err(Error::Format {
@@ -449,31 +448,6 @@ impl AsImage for Disk {
     fn as_image(&self) -> &Image {
         &self.image
     }
-}
-
-/// Takes the one-front-end-per-VM lock and writes our pid into it for the
-/// error message of the next one.
-fn lock_frontend(path: &Path, vm: &str) -> Result<File> {
-    use std::os::fd::AsRawFd;
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| Error::Open { path: path.to_owned(), source })?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let holder = std::fs::read_to_string(path).unwrap_or_default();
-        return Err(Error::Busy {
-            what: format!("VM '{vm}' ({})", path.display()),
-            holder: format!("`tern serve`, pid {}", holder.trim()),
-        });
-    }
-    let _ = f.set_len(0);
-    let _ = writeln!(f, "{}", std::process::id());
-    Ok(f)
 }
 
 /// This boot's id; a front-end that finds another boot's id in an attached

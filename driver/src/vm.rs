@@ -201,6 +201,12 @@ impl VmPaths {
         self.dir.join("frontend.lock")
     }
 
+    /// Held (flock) by the one consumer of the journal (`tern ship`, or
+    /// `tern journal fold`).
+    pub fn consumer_lock(&self) -> PathBuf {
+        self.dir.join("consumer.lock")
+    }
+
     /// Loads the VM's configuration, with an operator-friendly error when
     /// the VM was never enabled.
     pub fn load_config(&self) -> Result<VmConfig> {
@@ -323,6 +329,38 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|source| Error::Sync { path: tmp.clone(), source })?;
     fs::rename(&tmp, path).map_err(|source| Error::Create { path: path.to_owned(), source })?;
     sync_parent_dir(path)
+}
+
+/// Takes an exclusive `flock` on `path` and writes our pid into it, so the
+/// next process to try names the holder. `what` is the thing being locked
+/// and `role` who normally holds it, for the error message.
+pub fn lock_exclusive(path: &Path, what: &str, role: &str) -> Result<File> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| Error::Open { path: path.to_owned(), source })?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let holder = fs::read_to_string(path).unwrap_or_default();
+        return Err(Error::Busy {
+            what: format!("{what} ({})", path.display()),
+            holder: format!("{role}, pid {}", holder.trim()),
+        });
+    }
+    f.set_len(0).map_err(|source| Error::Write { path: path.to_owned(), offset: 0, len: 0, source })?;
+    writeln!(f, "{}", std::process::id()).map_err(|source| Error::Write {
+        path: path.to_owned(),
+        offset: 0,
+        len: 0,
+        source,
+    })?;
+    Ok(f)
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs, with apt, everything tern's tests and benchmarks drive: the real
+# NBD clients and servers, filesystems, and FUSE. Safe to run repeatedly.
+set -euo pipefail
+
+PACKAGES=(
+    qemu-utils      # qemu-img, qemu-io, qemu-nbd
+    nbdkit          # a peer NBD server for the benchmarks
+    libnbd-bin      # nbdinfo, nbdcopy, nbdfuse, nbdsh
+    python3-libnbd
+    fio             # with the nbd engine
+    e2fsprogs btrfs-progs xfsprogs
+    fuse3           # nbdfuse needs fusermount3
+    util-linux      # losetup
+    zstd
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) != 0 ]]; then
+        echo "install-deps: missing packages ${missing[*]}; run as root or install them" >&2
+        exit 1
+    fi
+    echo "install-deps: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# nbdfuse needs the FUSE device (present on a normal host; load it if not).
+[[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || true

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (`.ci/run`): installs what the tests
+# need, then the gates: format, lints, unit tests, end-to-end tests against
+# real clients, and the fuzz targets' build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "dependencies"
+scripts/install-deps.sh
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "build (release)"
+cargo build --release --workspace
+
+step "tests (unit and end-to-end)"
+# Release mode: the end-to-end tests push real I/O through tern.
+cargo test --release --workspace
+
+step "fuzz targets build"
+if [[ "${TERN_SKIP_FUZZ_BUILD:-0}" != 1 ]]; then
+    scripts/fuzz-nbd.sh --build-only
+fi
+
+echo
+echo "all tests passed"
