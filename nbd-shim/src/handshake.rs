@@ -38,7 +38,8 @@ pub enum HandshakeError {
 
 impl From<io::Error> for HandshakeError {
     fn from(e: io::Error) -> Self {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
+        use io::ErrorKind::*;
+        if matches!(e.kind(), UnexpectedEof | BrokenPipe | ConnectionReset) {
             HandshakeError::Closed
         } else {
             HandshakeError::Io(e)

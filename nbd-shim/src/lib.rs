@@ -9,6 +9,7 @@
 //! - [`server`]: sockets and connections.
 #![deny(unsafe_code)]
 
+pub mod client;
 pub mod handshake;
 pub mod protocol;
 pub mod server;
