@@ -34,6 +34,9 @@ pub enum Command {
     Enable(cmd::enable::Args),
     /// Present the VM's disks over NBD, journaling every write.
     Serve(cmd::serve::Args),
+    /// The whole story in a temporary directory: protect a disk, write
+    /// through NBD, and prove the journal rebuilds it.
+    Demo(cmd::demo::Args),
     /// Inspect a VM's journal offline (support and testing).
     #[command(subcommand)]
     Journal(cmd::journal::Command),
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Enable(a) => cmd::enable::run(&cli, a),
         Command::Serve(a) => cmd::serve::run(&cli, a),
         Command::Journal(c) => cmd::journal::run(&cli, c),
+        Command::Demo(a) => cmd::demo::run(&cli, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,6 +28,16 @@ impl Size {
     pub fn bytes(self) -> u64 {
         self.0
     }
+
+    /// A rounded rendering for reports ("458.3 MiB"); `Display` is exact.
+    pub fn approx(self) -> String {
+        for (unit, shift) in UNITS {
+            if shift > 0 && self.0 >= 1u64 << shift {
+                return format!("{:.1} {unit}", self.0 as f64 / (1u64 << shift) as f64);
+            }
+        }
+        format!("{} B", self.0)
+    }
 }
 
 impl fmt::Display for Size {

@@ -135,21 +135,10 @@ pub fn run(cli: &Cli, c: &Command) -> Result<()> {
                 }
                 copies[i] = Some(image);
             }
-            let mut cursor = j.cursor(start(&j, *from_start)?);
-            let mut data = Vec::new();
-            let mut applied = 0u64;
-            while let Some(mut r) = cursor.next(&mut data).map_err(anyhow::Error::msg)? {
-                if let Some(Some(image)) = copies.get(r.disk as usize) {
-                    r.disk = 0;
-                    apply_record(std::slice::from_ref(image), &r, &data)
-                        .with_context(|| format!("replaying seq {}", r.seq))?;
-                    applied += 1;
-                }
-            }
+            let (applied, end) = replay(&j, start(&j, *from_start)?, &copies)?;
             for image in copies.iter().flatten() {
                 image.sync_data()?;
             }
-            let end = cursor.position();
             println!(
                 "replayed {applied} records, up to seq {} (journal {})",
                 end.seq.saturating_sub(1),
@@ -205,4 +194,21 @@ fn fold(cli: &Cli, vm: &str, follow: bool) -> Result<()> {
         cursor.position().seq.saturating_sub(1)
     );
     Ok(())
+}
+
+/// Replays published records from `start` onto the disk copies present in
+/// `copies` (indexed like the VM's disks). Returns how many records were
+/// applied and where the replay stopped.
+pub fn replay(j: &Journal, start: Position, copies: &[Option<Image>]) -> Result<(u64, Position)> {
+    let mut cursor = j.cursor(start);
+    let mut data = Vec::new();
+    let mut applied = 0u64;
+    while let Some(mut r) = cursor.next(&mut data).map_err(anyhow::Error::msg)? {
+        if let Some(Some(image)) = copies.get(r.disk as usize) {
+            r.disk = 0;
+            apply_record(std::slice::from_ref(image), &r, &data).with_context(|| format!("replaying seq {}", r.seq))?;
+            applied += 1;
+        }
+    }
+    Ok((applied, cursor.position()))
 }
