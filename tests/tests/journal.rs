@@ -28,6 +28,8 @@ fn fio_overlapping(vm: &TestVm, jobs: u32, region: &str, extra: &[&str]) -> Comm
         "--randrepeat=0",
         "--refill_buffers",
         "--group_reporting",
+        // Jobs as threads of one process, so killing fio stops all of them.
+        "--thread",
     ])
     .args(extra);
     c
