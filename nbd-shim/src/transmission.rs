@@ -8,7 +8,7 @@
 //! a read that misses the page cache) holds up nobody else, and no request
 //! is ever handed from one thread to another.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -29,9 +29,12 @@ pub enum ConnectionEnd {
     Io(#[source] io::Error),
 }
 
+/// Bytes of request stream read ahead per connection.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// A connection's shared state.
 struct Conn<'a, R, W> {
-    reader: Mutex<R>,
+    reader: Mutex<BufReader<R>>,
     writer: Mutex<W>,
     /// Wakes a reader blocked on the socket (shuts the socket down).
     hang_up: &'a (dyn Fn() + Sync),
@@ -55,7 +58,10 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     threads: usize,
 ) -> ConnectionEnd {
     let conn = Conn {
-        reader: Mutex::new(reader),
+        // Buffered: a pipelining client's small requests arrive several to
+        // a segment, and the next worker finds its request already read.
+        // Large payloads bypass the buffer.
+        reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, reader)),
         writer: Mutex::new(writer),
         hang_up,
         closing: AtomicBool::new(false),
@@ -254,11 +260,12 @@ fn read_request<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Request, Co
     };
     payload.clear();
     if req.kind == CMD_WRITE && req.length <= MAX_PAYLOAD {
-        payload.resize(req.length as usize, 0);
-        r.read_exact(payload).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => ConnectionEnd::Closed,
-            _ => ConnectionEnd::Io(e),
-        })?;
+        // read_to_end fills spare capacity without zeroing it first.
+        payload.reserve(req.length as usize);
+        let n = r.take(req.length as u64).read_to_end(payload).map_err(ConnectionEnd::Io)?;
+        if n < req.length as usize {
+            return Err(ConnectionEnd::Closed);
+        }
     }
     Ok(req)
 }

@@ -14,6 +14,7 @@ mod ring;
 
 pub use format::RecordHeader;
 pub use format::{FLAG_ATTACHED, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA};
+pub(crate) use ring::preallocate;
 pub use ring::{Cursor, Journal, Mode, NewRecord, Position, ReadOutcome, RecoveryReport};
 
 /// What a record says happened to the source disk.

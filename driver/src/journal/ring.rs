@@ -94,7 +94,9 @@ impl Journal {
         }
         let create_err = |source| Error::Create { path: path.to_owned(), source };
         let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(create_err)?;
-        f.set_len(HEADER_SIZE as u64 + capacity).map_err(create_err)?;
+        // Allocated up front, not sparse: a store into a mapped hole on a
+        // full filesystem is SIGBUS, which would take the VM's I/O down.
+        preallocate(&f, HEADER_SIZE as u64 + capacity).map_err(create_err)?;
         let fields = HeaderFields { vm_id, capacity };
         f.write_all(&fields.encode()).map_err(create_err)?;
         // The head and tail start at position 0, sequence 1.
@@ -551,6 +553,17 @@ impl Cursor<'_> {
             self.at = Position { pos: self.at.pos + h.footprint(), seq: h.seq + 1 };
             return Ok(Some(h));
         }
+    }
+}
+
+/// Allocates a file's blocks (`fallocate`), falling back to `set_len` on
+/// filesystems that cannot (tmpfs before 5.x, some network filesystems).
+pub(crate) fn preallocate(f: &File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    match nix::fcntl::fallocate(f.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len as i64) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => f.set_len(len),
+        Err(e) => Err(e.into()),
     }
 }
 
