@@ -150,3 +150,47 @@ fn tiny_ring_overflows_into_exactly_the_regions_written_after_it() {
     expected.sort();
     assert_eq!(dirty, expected, "the bitmap holds exactly the regions written after the ring filled");
 }
+
+#[test]
+fn fold_moves_the_journal_into_the_bitmap_without_losing_a_region() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "1MiB", region_size: "4KiB", random_content: false });
+    let served = vm.serve(&[]);
+    require("qemu-io");
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &vm.uri("disk0"),
+        "-c",
+        "write -P 1 0 4k",
+        "-c",
+        "write -z 1M 8k",
+        "-c",
+        "discard 2M 4k",
+    ]));
+    assert!(!out.contains("failed"), "{out}");
+    // fold runs beside the live server, as a consumer would.
+    let folded = run(vm.tern().args(["journal", "fold", &vm.name]));
+    assert!(folded.contains("folded 3 records"), "{folded}");
+    served.stop();
+    let header = journal_header(&vm);
+    let positions: Vec<&str> = header.lines().filter(|l| l.contains("head pos")).collect();
+    assert_eq!(positions.len(), 1);
+    let f: Vec<&str> = positions[0].split_whitespace().collect();
+    assert_eq!(f[2], f[7], "tail caught up with head: {header}");
+    let dirty = run(vm.tern().args(["journal", "dirty", &vm.name]));
+    assert_eq!(dirty, "disk0 0 4096\ndisk0 1048576 8192\ndisk0 2097152 4096\n");
+    // A second consumer at the same time is refused with the holder named.
+    let mut holder =
+        vm.tern().args(["journal", "fold", &vm.name, "--follow"]).stdout(Stdio::null()).spawn().expect("fold");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = vm.tern().args(["journal", "fold", &vm.name]).output().expect("fold");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("its consumer, pid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# fuzz-nbd.sh — runs the cargo-fuzz targets of tern-nbd (nbd-shim/fuzz/):
+#   connection  a whole NBD connection (handshake + transmission) in front
+#               of a real mirror, the fuzzer's bytes being the client's side
+#   request     the pure parsers: Request::parse, validate, parse_info,
+#               parse_meta_context, with invariant checks
+#
+# Usage (from anywhere; the script cds to the repo root):
+#   scripts/fuzz-nbd.sh               fuzz every target for FUZZ_SECONDS
+#   scripts/fuzz-nbd.sh --build-only  only build the targets (CI)
+#   FUZZ_SECONDS=600 FUZZ_TARGETS=connection scripts/fuzz-nbd.sh
+#
+# Environment knobs (defaults in brackets):
+#   FUZZ_SECONDS   libFuzzer -max_total_time per target [60]
+#   FUZZ_TARGETS   targets to run, space separated ["connection request"]
+#   FUZZ_TIMEOUT   seconds one input may take before it counts as a hang [10]
+#   FUZZ_RSS_MB    libFuzzer -rss_limit_mb [2048]
+#   FUZZ_TOOLCHAIN rustup toolchain cargo-fuzz builds with [nightly]
+#
+# Needs a nightly toolchain (sanitizers); installs cargo-fuzz if missing.
+# The corpus grows in nbd-shim/fuzz/corpus/<target>/ (seeded from
+# nbd-shim/fuzz/seeds/<target>/, which scripts/fuzz-seeds.py writes),
+# crashes land in nbd-shim/fuzz/artifacts/<target>/, and the libFuzzer
+# output of each run in nbd-shim/fuzz/target/fuzz-<target>.log.
+# Exit status: non-zero if a build failed or any target found a crash,
+# panic, timeout or out-of-memory (every target runs regardless).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+FUZZ_DIR=$ROOT/nbd-shim/fuzz
+
+FUZZ_SECONDS=${FUZZ_SECONDS:-60}
+FUZZ_TARGETS=${FUZZ_TARGETS:-connection request}
+FUZZ_TIMEOUT=${FUZZ_TIMEOUT:-10}
+FUZZ_RSS_MB=${FUZZ_RSS_MB:-2048}
+FUZZ_TOOLCHAIN=${FUZZ_TOOLCHAIN:-nightly}
+
+build_only=0
+for arg in "$@"; do
+    case $arg in
+        --build-only) build_only=1 ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "fuzz-nbd.sh: unknown argument '$arg' (try --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+if ! cargo "+$FUZZ_TOOLCHAIN" --version >/dev/null 2>&1; then
+    echo "fuzz-nbd.sh: no '$FUZZ_TOOLCHAIN' toolchain; install it with: rustup toolchain install $FUZZ_TOOLCHAIN" >&2
+    exit 1
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "fuzz-nbd.sh: installing cargo-fuzz" >&2
+    cargo install cargo-fuzz --locked
+fi
+
+# cargo-fuzz looks for ./fuzz, so run it from the crate it fuzzes.
+fuzz() { (cd "$ROOT/nbd-shim" && cargo "+$FUZZ_TOOLCHAIN" fuzz "$@"); }
+
+if ((build_only)); then
+    fuzz build
+    exit 0
+fi
+
+if command -v python3 >/dev/null; then
+    python3 scripts/fuzz-seeds.py
+else
+    echo "fuzz-nbd.sh: no python3; using the seeds already in $FUZZ_DIR/seeds" >&2
+fi
+
+fuzz build
+mkdir -p "$FUZZ_DIR/target"
+failed=()
+for target in $FUZZ_TARGETS; do
+    corpus=$FUZZ_DIR/corpus/$target
+    mkdir -p "$corpus"
+    if [[ -d $FUZZ_DIR/seeds/$target ]]; then
+        cp -- "$FUZZ_DIR/seeds/$target"/* "$corpus/"
+    fi
+    log=$FUZZ_DIR/target/fuzz-$target.log
+    echo "== $target: ${FUZZ_SECONDS}s, corpus $corpus, log $log"
+    status=0
+    fuzz run "$target" "$corpus" -- \
+        -max_total_time="$FUZZ_SECONDS" \
+        -rss_limit_mb="$FUZZ_RSS_MB" \
+        -timeout="$FUZZ_TIMEOUT" \
+        -dict="$FUZZ_DIR/nbd.dict" \
+        -print_final_stats=1 \
+        2>&1 | tee "$log" || status=$?
+    if ((status != 0)); then
+        echo "== $target: FAILED (exit $status); artifacts:" >&2
+        ls -l "$FUZZ_DIR/artifacts/$target" >&2 || true
+        failed+=("$target")
+    else
+        # The last status line: runs, coverage, features, corpus, exec/s.
+        echo "== $target: ok: $(grep -E '^#[0-9]+' "$log" | tail -n 1)"
+    fi
+done
+
+if ((${#failed[@]})); then
+    echo "fuzz-nbd.sh: crashes found in: ${failed[*]}" >&2
+    exit 1
+fi
