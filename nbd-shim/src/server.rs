@@ -224,9 +224,16 @@ impl Server {
             // The handshake is bounded in time; transmission is not (an idle
             // VM disk is normal).
             stream.prepare(self.options.handshake_timeout)?;
-            let (reader, writer, closer) = (stream.try_clone()?, stream.try_clone()?, stream.try_clone()?);
+            let closer = stream.try_clone()?;
             self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Box::new(move || closer.shutdown()));
-            self.serve_streams(reader, writer, &|| stream.shutdown(), &|| stream.clear_timeout(), &peer);
+            // The concrete socket types, not the `Stream` enum: std reads
+            // into a request's uninitialized payload buffer only through
+            // their own `read_buf`; a wrapper would zero it first.
+            let (hang_up, ready) = (|| stream.shutdown(), || stream.clear_timeout());
+            match &stream {
+                Stream::Unix(s) => self.serve_streams(s.try_clone()?, s.try_clone()?, &hang_up, &ready, &peer),
+                Stream::Tcp(s) => self.serve_streams(s.try_clone()?, s.try_clone()?, &hang_up, &ready, &peer),
+            }
             Ok(())
         })();
         if let Err(e) = result {
@@ -293,27 +300,6 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
         };
-    }
-}
-
-impl io::Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl io::Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

@@ -11,6 +11,8 @@
 
 pub mod format;
 mod ring;
+#[cfg(test)]
+mod tests;
 
 pub use format::RecordHeader;
 pub use format::{FLAG_ATTACHED, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA};

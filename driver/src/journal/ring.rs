@@ -11,6 +11,10 @@ use super::format::*;
 use super::RecordKind;
 use crate::{Error, Result};
 
+/// Records with at least this much data are written with `pwritev`
+/// rather than copied through the mapping (see `pwrite_record`).
+const PWRITE_THRESHOLD: usize = 16 * 1024;
+
 /// A place in the ring: a byte position and the sequence number of the
 /// record that starts there (for the head: the next to be reserved; for the
 /// tail: the next to be consumed).
@@ -78,7 +82,8 @@ pub struct RecoveryReport {
 #[derive(Debug)]
 pub struct Journal {
     map: MmapRaw,
-    _file: File,
+    /// Large records are written through the file, not the mapping.
+    file: File,
     path: PathBuf,
     fields: HeaderFields,
 }
@@ -132,7 +137,11 @@ impl Journal {
             reason,
         })?;
         let map = MmapRaw::map_raw(&file).map_err(|source| Error::Map { path: path.to_owned(), source })?;
-        let j = Journal { map, _file: file, path: path.to_owned(), fields };
+        // No read-around on faults: a fault on the ring is a producer about
+        // to overwrite the page or a consumer reading one record, and
+        // reading (or zero-filling) the pages around it is wasted work.
+        map.advise(memmap2::Advice::Random).map_err(|source| Error::Map { path: path.to_owned(), source })?;
+        let j = Journal { map, file, path: path.to_owned(), fields };
         let (head, tail) = (j.head(), j.tail());
         if tail.pos > head.pos
             || head.pos - tail.pos > fields.capacity
@@ -299,7 +308,7 @@ impl Journal {
                 kind: RecordKind::Pad,
                 flags: 0,
             };
-            self.write_record(at.pos, &h, &[]);
+            let _ = self.write_record(at.pos, &h, &[]);
         }
         let h = RecordHeader {
             seq: at.seq,
@@ -311,8 +320,7 @@ impl Journal {
             kind: rec.kind,
             flags: 0,
         };
-        self.write_record(at.pos + pad, &h, data);
-        Some(at.seq)
+        self.write_record(at.pos + pad, &h, data).then_some(at.seq)
     }
 
     /// Reserves `total` bytes (plus the pad to the wrap, if the record
@@ -346,24 +354,78 @@ impl Journal {
         self.reserve(footprint(data_len)).map(|(at, _)| at)
     }
 
-    /// Copies a record into its reserved slot and publishes it.
-    fn write_record(&self, pos: u64, h: &RecordHeader, data: &[u8]) {
+    /// Copies a record into its reserved slot and publishes it. Returns
+    /// false if the copy failed; the slot is then published as a pad that
+    /// stands for the record's sequence number, and the caller tracks the
+    /// write in the dirty bitmap instead.
+    fn write_record(&self, pos: u64, h: &RecordHeader, data: &[u8]) -> bool {
         let slot = (pos % self.fields.capacity) as usize;
         debug_assert!(slot as u64 + footprint(data.len()) <= self.fields.capacity);
-        let body = h.encode_body();
-        let crc = h.checksum(data).to_le_bytes();
-        // SAFETY: the slot lies inside the data area (a record never
-        // straddles the wrap, checked above) and was reserved by the caller
-        // through the head CAS, so no other producer writes it and the
-        // consumer does not read it before the commit store below. The
-        // mapping outlives this call because `self` owns it.
-        unsafe {
-            let base = self.map.as_mut_ptr().add(HEADER_SIZE + slot);
-            std::ptr::copy_nonoverlapping(body.as_ptr(), base.add(8), body.len());
-            std::ptr::copy_nonoverlapping(crc.as_ptr(), base.add(44), 4);
-            std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(RECORD_HEADER_SIZE), data.len());
+        let mut head = [0u8; RECORD_HEADER_SIZE - 8];
+        head[..36].copy_from_slice(&h.encode_body());
+        head[36..].copy_from_slice(&h.checksum(data).to_le_bytes());
+        if data.len() < PWRITE_THRESHOLD {
+            // SAFETY: the slot lies inside the data area (a record never
+            // straddles the wrap) and was reserved by the caller through
+            // the head CAS, so no other producer writes it and the consumer
+            // does not read it before the commit store below. The mapping
+            // outlives this call because `self` owns it.
+            unsafe {
+                let base = self.map.as_mut_ptr().add(HEADER_SIZE + slot);
+                std::ptr::copy_nonoverlapping(head.as_ptr(), base.add(8), head.len());
+                std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(RECORD_HEADER_SIZE), data.len());
+            }
+        } else if let Err(e) = self.pwrite_record(slot, &head, data) {
+            log::error!(
+                "journal {}: writing record seq {} at position {pos} failed: {e}; tracking the write in the dirty bitmap",
+                self.path.display(),
+                h.seq
+            );
+            let pad = RecordHeader {
+                offset: 1,
+                length: footprint(data.len()) as u32,
+                kind: RecordKind::Pad,
+                data_len: 0,
+                ..*h
+            };
+            let mut head = [0u8; RECORD_HEADER_SIZE - 8];
+            head[..36].copy_from_slice(&pad.encode_body());
+            head[36..].copy_from_slice(&pad.checksum(&[]).to_le_bytes());
+            // SAFETY: as above, for the 40 header bytes of our own slot.
+            unsafe {
+                let base = self.map.as_mut_ptr().add(HEADER_SIZE + slot);
+                std::ptr::copy_nonoverlapping(head.as_ptr(), base.add(8), head.len());
+            }
+            self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
+            return false;
         }
         self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
+        true
+    }
+
+    /// Writes a record's header (but the commit word) and data with one
+    /// `pwritev` into the page cache. For large records this beats copying
+    /// through the shared mapping: once writeback has cleaned a page of the
+    /// mapping, the next store to it takes a write fault, one per 4 KiB.
+    fn pwrite_record(&self, slot: usize, head: &[u8], data: &[u8]) -> std::io::Result<()> {
+        use std::io::IoSlice;
+        use std::os::fd::AsFd;
+        let mut offset = (HEADER_SIZE + slot + 8) as i64;
+        let (mut head, mut data) = (head, data);
+        while !head.is_empty() || !data.is_empty() {
+            let iov = [IoSlice::new(head), IoSlice::new(data)];
+            let n = match nix::sys::uio::pwritev(self.file.as_fd(), &iov, offset) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            offset += n as i64;
+            let from_head = n.min(head.len());
+            head = &head[from_head..];
+            data = &data[n - from_head..];
+        }
+        Ok(())
     }
 
     fn commit_word_at(&self, slot: usize) -> &AtomicU64 {
@@ -379,13 +441,49 @@ impl Journal {
     /// scribbling on the ring afterwards cannot change what was checked.
     /// `Err` describes a published record that fails validation.
     pub fn read(&self, pos: u64, data: &mut Vec<u8>) -> std::result::Result<ReadOutcome, String> {
+        let Some((h, crc, slot)) = self.locate(pos)? else { return Ok(ReadOutcome::NotPublished) };
+        let n = h.data_len as usize;
+        data.clear();
+        data.reserve(n);
+        // SAFETY: `locate` checked that the record, data included, lies
+        // inside the data area; the mapping lives as long as `self`; `data`
+        // has room for `n` bytes, which the copy initializes before
+        // `set_len` exposes them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.data_ptr(slot), data.as_mut_ptr(), n);
+            data.set_len(n);
+        }
+        if h.checksum(data) != crc {
+            return Err(format!("record at position {pos} (seq {}) fails its checksum", h.seq));
+        }
+        Ok(ReadOutcome::Record(h))
+    }
+
+    /// Like `read`, but checks the record's checksum where it lies instead
+    /// of copying its data out: for consumers that only need the header
+    /// (`tern journal fold`).
+    pub fn verify(&self, pos: u64) -> std::result::Result<ReadOutcome, String> {
+        let Some((h, crc, slot)) = self.locate(pos)? else { return Ok(ReadOutcome::NotPublished) };
+        // SAFETY: `locate` checked the bounds; the mapping lives as long as
+        // `self`; a published record is not written again until the tail
+        // moves past it, which only this consumer does.
+        let data = unsafe { std::slice::from_raw_parts(self.data_ptr(slot), h.data_len as usize) };
+        if h.checksum(data) != crc {
+            return Err(format!("record at position {pos} (seq {}) fails its checksum", h.seq));
+        }
+        Ok(ReadOutcome::Record(h))
+    }
+
+    /// Finds the published record at `pos`: its header, stored checksum and
+    /// slot, all bounds checked. `None` when nothing is published there.
+    fn locate(&self, pos: u64) -> std::result::Result<Option<(RecordHeader, u32, usize)>, String> {
         let cap = self.fields.capacity;
         if !pos.is_multiple_of(RECORD_ALIGN) {
             return Err(format!("position {pos} is not aligned"));
         }
         let slot = (pos % cap) as usize;
         if self.commit_word_at(slot).load(Ordering::Acquire) != commit_word(pos) {
-            return Ok(ReadOutcome::NotPublished);
+            return Ok(None);
         }
         let mut raw = [0u8; RECORD_HEADER_SIZE];
         // SAFETY: the slot and its 48-byte header lie inside the data area
@@ -396,26 +494,17 @@ impl Journal {
         }
         let body: &[u8; 36] = raw[8..44].try_into().map_err(|_| "short header".to_string())?;
         let h = RecordHeader::decode_body(body).map_err(|e| format!("record at position {pos}: {e}"))?;
-        let crc = u32_at(&raw, 44);
         let span = h.footprint();
-        if span == 0 || span % RECORD_ALIGN != 0 || slot as u64 + span > cap {
+        if span == 0 || !span.is_multiple_of(RECORD_ALIGN) || slot as u64 + span > cap {
             return Err(format!("record at position {pos} spans {span} bytes, past the end of the ring"));
         }
-        data.clear();
-        data.resize(h.data_len as usize, 0);
-        // SAFETY: `slot + span <= cap` was checked, and data_len fits in the
-        // span; the mapping lives as long as `self`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.map.as_mut_ptr().add(HEADER_SIZE + slot + RECORD_HEADER_SIZE),
-                data.as_mut_ptr(),
-                data.len(),
-            );
-        }
-        if h.checksum(data) != crc {
-            return Err(format!("record at position {pos} (seq {}) fails its checksum", h.seq));
-        }
-        Ok(ReadOutcome::Record(h))
+        Ok(Some((h, u32_at(&raw, 44), slot)))
+    }
+
+    fn data_ptr(&self, slot: usize) -> *const u8 {
+        // SAFETY: callers pass a slot inside the data area; the record data
+        // follows its 48-byte header within the record's span.
+        unsafe { self.map.as_mut_ptr().add(HEADER_SIZE + slot + RECORD_HEADER_SIZE) }
     }
 
     /// Reads published records in order from `start` (normally the tail),
@@ -508,7 +597,7 @@ impl Journal {
                 kind: RecordKind::Pad,
                 flags: 0,
             };
-            self.write_record(pos, &h, &[]);
+            let _ = self.write_record(pos, &h, &[]);
             pos += span;
             seq += lost;
             lost = 0;
@@ -532,11 +621,24 @@ impl Cursor<'_> {
     /// The next published record (its data in `data`), `None` at the first
     /// unpublished position, or an error naming what is wrong.
     pub fn next(&mut self, data: &mut Vec<u8>) -> std::result::Result<Option<RecordHeader>, String> {
+        self.advance(Some(data))
+    }
+
+    /// The next published record, verified in place, without its data.
+    pub fn next_header(&mut self) -> std::result::Result<Option<RecordHeader>, String> {
+        self.advance(None)
+    }
+
+    fn advance(&mut self, mut data: Option<&mut Vec<u8>>) -> std::result::Result<Option<RecordHeader>, String> {
         loop {
             if self.at.pos >= self.journal.head().pos {
                 return Ok(None);
             }
-            let h = match self.journal.read(self.at.pos, data)? {
+            let outcome = match data.as_deref_mut() {
+                Some(buf) => self.journal.read(self.at.pos, buf)?,
+                None => self.journal.verify(self.at.pos)?,
+            };
+            let h = match outcome {
                 ReadOutcome::NotPublished => return Ok(None),
                 ReadOutcome::Record(h) => h,
             };
