@@ -37,10 +37,9 @@ fn small_and_large_records_read_back_verified_in_order() {
 fn records_wrap_with_a_pad_and_keep_dense_sequence_numbers() {
     let (_d, j) = journal(64 * 1024);
     let data = vec![9u8; 20_000];
-    let mut seq = 1;
     let mut consumed = j.tail();
     let mut buf = Vec::new();
-    for _ in 0..20 {
+    for seq in 1..=20 {
         assert_eq!(j.append(&write(0, data.len()), &data), Some(seq));
         let mut c = j.cursor(consumed);
         let h = c.next(&mut buf).unwrap().unwrap();
@@ -48,7 +47,6 @@ fn records_wrap_with_a_pad_and_keep_dense_sequence_numbers() {
         assert_eq!(buf, data);
         consumed = c.position();
         j.set_tail(consumed);
-        seq += 1;
     }
     assert!(j.head().pos > 4 * 64 * 1024, "the ring wrapped several times");
 }
