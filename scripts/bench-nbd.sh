@@ -9,7 +9,7 @@
 #
 # Environment knobs (defaults in brackets):
 #   SYSTEMS          systems to run, space separated
-#                    ["tern tern-nojournal qemu-nbd nbdkit"]
+#                    ["tern tern-nojournal qemu-nbd nbdkit"]; also tern-overflow
 #   WORKLOADS        subset of workloads to run [all six, see below]
 #   RUNTIME          seconds of measured time per fio run [10]
 #   RAMP             fio ramp_time, seconds, not measured [2]
@@ -109,7 +109,7 @@ HAVE_NBDINFO=0; command -v nbdinfo >/dev/null && HAVE_NBDINFO=1
 SELECTED=()
 for s in $SYSTEMS; do
     case "$s" in
-        tern|tern-nojournal)
+        tern|tern-nojournal|tern-overflow)
             # tern may not be built yet; skip rather than fail so the peers
             # can still be measured.
             if [[ ! -x "$TERN" ]]; then
@@ -120,7 +120,7 @@ for s in $SYSTEMS; do
         nbdkit)
             command -v nbdkit >/dev/null || { log "skipping nbdkit: not installed"; continue; }
             nbdkit file --dump-plugin >/dev/null 2>&1 || { log "skipping nbdkit: file plugin missing"; continue; } ;;
-        *) die "unknown system '$s' (known: tern tern-nojournal qemu-nbd nbdkit)" ;;
+        *) die "unknown system '$s' (known: tern tern-nojournal tern-overflow qemu-nbd nbdkit)" ;;
     esac
     SELECTED+=("$s")
 done
@@ -237,15 +237,17 @@ start_server() {
     SERVER_NAME="$sys"
     rm -f "$SOCK"
     case "$sys" in
-        tern|tern-nojournal)
-            # Fresh state dir per start; the journal lives inside it. 4 GiB
-            # journal so a round's writes never overflow it.
+        tern|tern-nojournal|tern-overflow)
+            # Fresh state dir per start; the journal lives inside it.
+            # tern-overflow: a 64 KiB journal and no consumer, so after the
+            # first few writes every write goes to the dirty bitmap (the
+            # "ring full, carry on at full speed" path).
             local state="$dir/state"
             TERN_STATE_DIR="$state"
             mkdir -p "$state"
             local enable=("$TERN" --state "$state" enable bench
                           --disk "$EXPORT=$IMG" --cache "$dir/cache" --target "$dir/target"
-                          --journal-size "$TERN_JOURNAL_SIZE")
+                          --journal-size "$([[ $sys == tern-overflow ]] && echo 64KiB || echo "$TERN_JOURNAL_SIZE")")
             echo "+ ${enable[*]}" >>"$logf"
             if ! "${enable[@]}" >>"$logf" 2>&1; then
                 log "$sys: 'tern enable' failed; last log lines:"
