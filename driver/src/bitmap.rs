@@ -16,7 +16,8 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use memmap2::MmapRaw;
 
@@ -35,9 +36,14 @@ pub struct DirtyBitmap {
     region_size: u64,
     disk_size: u64,
     regions: u64,
-    /// Set when a bit changed since the last `sync`, so an idle flush costs
-    /// no `msync`.
-    changed: AtomicBool,
+    /// Counts marks (every one, even of an already dirty region) and the
+    /// count the last completed `sync` covered: a flush that finds them
+    /// equal costs no `msync`, and one that does not waits for its own.
+    marks: AtomicU64,
+    synced: AtomicU64,
+    /// Serializes `msync`s, so a flush never returns while another one that
+    /// its marks depend on is still running.
+    syncing: Mutex<()>,
 }
 
 impl DirtyBitmap {
@@ -100,7 +106,9 @@ impl DirtyBitmap {
             region_size: region_size as u64,
             disk_size,
             regions,
-            changed: AtomicBool::new(false),
+            marks: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            syncing: Mutex::new(()),
         })
     }
 
@@ -135,19 +143,22 @@ impl DirtyBitmap {
             let word = self.word(w);
             // Load first: marking an already dirty region must not dirty
             // the cache line (or the page) again.
-            if word.load(Ordering::Relaxed) & mask != mask {
+            if word.load(Ordering::Acquire) & mask != mask {
                 word.fetch_or(mask, Ordering::AcqRel);
-                self.changed.store(true, Ordering::Release);
             }
             r += n;
         }
+        // Counted even when the bits were already set: another thread may
+        // have set them and not yet counted, and this write's flush must
+        // still wait for an msync that covers them.
+        self.marks.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Clears one region (the resync, once its content is shipped).
     pub fn clear(&self, region: u64) {
         if region < self.regions {
             self.word(region / 64).fetch_and(!(1u64 << (region % 64)), Ordering::AcqRel);
-            self.changed.store(true, Ordering::Release);
+            self.marks.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -177,14 +188,19 @@ impl DirtyBitmap {
         out
     }
 
-    /// Makes the marks durable, if any changed since the last call.
+    /// Makes every mark made before this call durable.
     pub fn sync(&self) -> Result<()> {
-        if self.changed.swap(false, Ordering::AcqRel) {
-            if let Err(source) = self.map.flush() {
-                self.changed.store(true, Ordering::Release);
-                return Err(Error::Sync { path: self.path.clone(), source });
-            }
+        let target = self.marks.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
         }
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(()); // an msync that started after our marks covered them
+        }
+        let covered = self.marks.load(Ordering::Acquire);
+        self.map.flush().map_err(|source| Error::Sync { path: self.path.clone(), source })?;
+        self.synced.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }
 }

@@ -115,7 +115,15 @@ impl Image {
             return Ok(());
         }
         use nix::fcntl::FallocateFlags as F;
-        let attempts: &[(F, &'static str)] = if may_punch {
+        // On a block device ZERO_RANGE may fall back to writing zeroes in
+        // the kernel: not fast, so a fast-only request may only punch.
+        let attempts: &[(F, &'static str)] = if fast_only && self.block_device {
+            if may_punch {
+                &[(F::FALLOC_FL_PUNCH_HOLE.union(F::FALLOC_FL_KEEP_SIZE), "punch hole")]
+            } else {
+                &[]
+            }
+        } else if may_punch {
             &[
                 (F::FALLOC_FL_PUNCH_HOLE.union(F::FALLOC_FL_KEEP_SIZE), "punch hole"),
                 (F::FALLOC_FL_ZERO_RANGE.union(F::FALLOC_FL_KEEP_SIZE), "zero range"),
@@ -126,8 +134,9 @@ impl Image {
         for &(flags, what) in attempts {
             match nix::fcntl::fallocate(self.file.as_raw_fd(), flags, offset as i64, len as i64) {
                 Ok(()) => return Ok(()),
-                // The filesystem (or device) cannot do this one; try the next.
-                Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENODEV) => continue,
+                // The filesystem or device cannot do this one (a block
+                // device refuses unaligned ranges with EINVAL); try the next.
+                Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENODEV | nix::errno::Errno::EINVAL) => continue,
                 Err(e) => {
                     return Err(Error::Fallocate { path: self.path.clone(), what, offset, len, source: e.into() })
                 }

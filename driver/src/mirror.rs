@@ -126,6 +126,16 @@ impl Mirror {
             _frontend_lock: frontend_lock,
         };
         mirror.attach()?;
+        if !options.journal {
+            // Nothing will be journaled: make the replica's resync cover
+            // every region, now, so no write of this run is ever missed and
+            // a later recovery never replays old records over them.
+            mirror.journal.enter_overflow();
+            for d in &mirror.disks {
+                d.bitmap.mark(0, d.image.size());
+                d.bitmap.sync()?;
+            }
+        }
         Ok(mirror)
     }
 
@@ -135,47 +145,86 @@ impl Mirror {
         let boot = boot_id();
         if self.journal.flags() & journal::FLAG_ATTACHED != 0 {
             if self.journal.boot_id() != boot {
-                // The host went down with the journal attached: pages of the
-                // journal and of the images reached the disk in no
-                // particular order, so they may disagree. Replay what the
-                // journal has, and have the shipper compare checksums.
-                log::warn!(
-                    "VM '{}': the host restarted while `tern serve` was running; a checksum resync will compare source and replica",
-                    self.config.name
-                );
-                self.journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
+                self.recover_after_host_crash()?;
+            } else {
+                self.recover_after_process_crash()?;
             }
-            let head = self.journal.head();
-            let tail = self.journal.tail();
-            log::info!(
-                "VM '{}': recovering after an unclean stop: re-applying journal positions {}..{} (seqs {}..{}) to the source images",
-                self.config.name,
-                tail.pos,
-                head.pos,
-                tail.seq,
-                head.seq
-            );
-            let disks = &self.disks;
-            let report = self.journal.recover(|h, data| apply_record(disks, h, data))?;
-            for d in &self.disks {
-                d.image.sync_data()?;
-            }
-            log::info!(
-                "VM '{}': recovery done: {} records re-applied, {} holes padded ({} sequence numbers never published), {} torn records",
-                self.config.name,
-                report.records,
-                report.holes,
-                report.lost_seqs,
-                report.torn
-            );
-            if report.torn > 0 {
-                self.journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
-            }
-            self.recovery = Some(report);
         }
         self.journal.set_boot_id(boot);
         self.journal.set_flags(journal::FLAG_ATTACHED);
         self.journal.sync()?;
+        Ok(())
+    }
+
+    /// The previous front-end process died; the page cache, shared by the
+    /// journal and the images, survived it. Re-apply the published tail to
+    /// the images, in order, so every record is in the image.
+    fn recover_after_process_crash(&mut self) -> Result<()> {
+        let (head, tail) = (self.journal.head(), self.journal.tail());
+        // In overflow mode, writes after the overflow went to the images
+        // and the bitmaps only: replaying older records over them would
+        // roll them back. Mark the records' ranges dirty instead; the
+        // resync re-reads the images, which are the truth there.
+        let overflow = self.journal.mode() == Mode::Overflow;
+        log::info!(
+            "VM '{}': recovering after an unclean stop: {} journal positions {}..{} (seqs {}..{})",
+            self.config.name,
+            if overflow { "marking dirty the ranges of" } else { "re-applying to the source images" },
+            tail.pos,
+            head.pos,
+            tail.seq,
+            head.seq
+        );
+        let disks = &self.disks;
+        let report = self.journal.recover(|h, data| {
+            if !overflow {
+                return apply_record(disks, h, data);
+            }
+            if h.kind.changes_disk() {
+                let d = disks.get(h.disk as usize).ok_or_else(|| {
+                    Error::Invalid(format!("journal record seq {} names disk {}, which does not exist", h.seq, h.disk))
+                })?;
+                d.bitmap.mark(h.offset, h.length as u64);
+            }
+            Ok(())
+        })?;
+        for d in &self.disks {
+            d.bitmap.sync()?;
+            d.image.sync_data()?;
+        }
+        log::info!(
+            "VM '{}': recovery done: {} records {}, {} holes padded ({} sequence numbers never published), {} torn records",
+            self.config.name,
+            report.records,
+            if overflow { "marked dirty" } else { "re-applied" },
+            report.holes,
+            report.lost_seqs,
+            report.torn
+        );
+        if report.torn > 0 {
+            self.journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
+        }
+        self.recovery = Some(report);
+        Ok(())
+    }
+
+    /// The host went down with the journal attached: journal pages, the
+    /// header and image pages reached the disk in no particular order, so
+    /// the unconsumed records may be stale, torn or missing, and records
+    /// past the saved head may look published. Trust none of them: empty
+    /// the ring and have a checksum resync compare source and replica,
+    /// which ships every difference whatever its cause.
+    fn recover_after_host_crash(&mut self) -> Result<()> {
+        let (head, tail) = (self.journal.head(), self.journal.tail());
+        log::warn!(
+            "VM '{}': the host went down while `tern serve` was running; discarding the journal's unconsumed records (seqs {}..{}); a checksum resync will compare source and replica",
+            self.config.name,
+            tail.seq,
+            head.seq
+        );
+        self.journal.discard_unconsumed()?;
+        self.journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
+        self.recovery = Some(RecoveryReport::default());
         Ok(())
     }
 
@@ -361,7 +410,23 @@ impl Mirror {
     /// mark the range dirty, so the resync ships what the source really
     /// holds there.
     fn change_image(&self, d: &Disk, offset: u64, len: u64, change: impl FnOnce() -> Result<()>) -> Result<()> {
-        change().inspect_err(|_| d.bitmap.mark(offset, len))
+        change().inspect_err(|_| self.compensate(d, offset, len))
+    }
+
+    /// After a failed image change (still under the range lock): the
+    /// journal holds a change the image may lack, wholly or partly. Publish
+    /// what the image really holds there, so the journal stays a history of
+    /// the disk; where that is not possible, the dirty bitmap has the
+    /// resync do it.
+    fn compensate(&self, d: &Disk, offset: u64, len: u64) {
+        if self.journaling && self.journal.mode() == Mode::Journal && len <= journal::MAX_RECORD_DATA as u64 {
+            let mut actual = vec![0u8; len as usize];
+            if d.image.read_at(&mut actual, offset).is_ok() {
+                self.publish(d, RecordKind::Resync, offset, len, &actual);
+                return;
+            }
+        }
+        d.bitmap.mark(offset, len);
     }
 
     /// Journal first, then bitmap, then image: after a crash the journal

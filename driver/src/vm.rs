@@ -135,9 +135,9 @@ impl VmConfig {
             }
         }
         let size = self.journal.size.bytes();
-        if size < 16 * 1024 || !size.is_multiple_of(4096) {
+        if !(16 * 1024..=crate::journal::format::MAX_CAPACITY).contains(&size) || !size.is_multiple_of(4096) {
             return Err(bad(format!(
-                "journal size {} must be a multiple of 4KiB and at least 16KiB",
+                "journal size {} must be a multiple of 4KiB between 16KiB and 1TiB",
                 self.journal.size
             )));
         }

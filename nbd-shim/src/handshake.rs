@@ -95,7 +95,8 @@ pub fn negotiate<R: Read, W: Write>(
         }
         let (opt, len) = (be32(&head, 8), be32(&head, 12));
         if len > MAX_OPTION {
-            if len > MAX_OPTION_DISCARD {
+            // EXPORT_NAME has no error reply: hanging up is the only answer.
+            if len > MAX_OPTION_DISCARD || opt == OPT_EXPORT_NAME {
                 return Err(HandshakeError::Protocol(format!("option {opt} claims {len} bytes of data")));
             }
             io::copy(&mut r.by_ref().take(len as u64), &mut io::sink())?;

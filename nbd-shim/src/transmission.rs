@@ -101,6 +101,26 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     return;
                 }
                 match read_request(&mut *r, &mut payload) {
+                    // Nothing may be read after these: decide while still
+                    // holding the read side, so no other worker reads on.
+                    Ok(req) if req.kind == CMD_DISC => {
+                        // Requests in flight still get their replies.
+                        self.close(ConnectionEnd::Disconnect, false);
+                        return;
+                    }
+                    Ok(req) if req.kind == CMD_WRITE && req.length > MAX_PAYLOAD => {
+                        // Its payload was not read: the stream is out of
+                        // sync. Answer it, then hang up.
+                        self.closing.store(true, Ordering::Release);
+                        drop(r);
+                        self.execute(&req, &[], &mut reply);
+                        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                        let _ = w.write_all(&reply).and_then(|()| w.flush());
+                        drop(w);
+                        let why = format!("WRITE of {} bytes, over the {MAX_PAYLOAD}-byte limit", req.length);
+                        self.close(ConnectionEnd::Protocol(why), true);
+                        return;
+                    }
                     Ok(req) => req,
                     Err(end) => {
                         // A protocol error ends the session at once; a
@@ -111,13 +131,6 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     }
                 }
             };
-            if req.kind == CMD_DISC {
-                // Requests in flight still get their replies; nothing is
-                // read after DISC.
-                self.close(ConnectionEnd::Disconnect, false);
-                return;
-            }
-            let oversized_write = req.kind == CMD_WRITE && req.length > MAX_PAYLOAD;
             self.execute(&req, &payload, &mut reply);
             let sent = {
                 let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -125,11 +138,6 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             };
             if let Err(e) = sent {
                 self.close(ConnectionEnd::Io(e), true);
-                return;
-            }
-            if oversized_write {
-                // Its payload was never read: the stream cannot be trusted.
-                self.close(ConnectionEnd::Protocol(format!("WRITE of {} bytes, over the limit", req.length)), true);
                 return;
             }
             if payload.capacity() > 4 << 20 {

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+use serde_json::Value;
 use tern_system_tests::{assert_files_equal, require, run, TestVm, VmSpec};
 
 const KIB: u64 = 1 << 10;
@@ -214,18 +215,18 @@ fn nbdinfo_reports_json_map_and_capabilities() {
 
     // --json
     let text = run(Command::new("nbdinfo").arg("--json").arg(&uri));
-    let info = Json::parse(&text);
-    let exports = info.get("exports").array();
+    let info: Value = serde_json::from_str(&text).expect("nbdinfo --json is JSON");
+    let exports = info["exports"].as_array().expect("exports array");
     assert_eq!(exports.len(), 1, "one export expected:\n{text}");
     let e = &exports[0];
-    assert_eq!(e.get("export-name").str(), "disk0", "{text}");
-    assert_eq!(e.get("export-size").num(), size as f64, "{text}");
+    assert_eq!(e["export-name"], "disk0", "{text}");
+    assert_eq!(e["export-size"], size, "{text}");
     for key in ["can_multi_conn", "can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero", "can_cache"] {
-        assert_eq!(e.get(key), &Json::Bool(true), "{key} in:\n{text}");
+        assert_eq!(e[key], true, "{key} in:\n{text}");
     }
-    assert_eq!(e.get("is_read_only"), &Json::Bool(false), "{text}");
-    assert_eq!(e.get("block_size_maximum").num(), 33554432.0, "{text}");
-    let contexts: Vec<&str> = e.get("contexts").array().iter().map(Json::str).collect();
+    assert_eq!(e["is_read_only"], false, "{text}");
+    assert_eq!(e["block_size_maximum"], 33554432, "{text}");
+    let contexts: Vec<&str> = e["contexts"].as_array().expect("contexts").iter().filter_map(Value::as_str).collect();
     assert!(contexts.contains(&"base:allocation"), "contexts {contexts:?} in:\n{text}");
 
     // --map: all hole before, data exactly at 4M..5M after writing it.
@@ -318,16 +319,16 @@ fn fio_nbd_engine_verify_two_connections_qd16() {
     }
     // fio may print notes before the JSON document.
     let json = &stdout[stdout.find('{').unwrap_or_else(|| panic!("no JSON from fio:\n{stdout}\n{stderr}"))..];
-    let report = Json::parse(json);
-    let jobs = report.get("jobs").array();
+    let report: Value = serde_json::from_str(json).expect("fio JSON");
+    let jobs = report["jobs"].as_array().expect("jobs array");
     assert_eq!(jobs.len(), 2, "two fio jobs expected:\n{stdout}");
     for job in jobs {
-        let name = job.get("jobname").str();
-        assert_eq!(job.get("error").num(), 0.0, "job {name} error:\n{stdout}");
-        let written = job.get("write").get("io_bytes").num();
-        assert_eq!(written, per_job as f64, "job {name} wrote {written} bytes:\n{stdout}");
-        let verified = job.get("read").get("io_bytes").num();
-        assert_eq!(verified, per_job as f64, "job {name} verified (read back) {verified} bytes:\n{stdout}");
+        let name = job["jobname"].as_str().unwrap_or("?");
+        assert_eq!(job["error"], 0, "job {name} error:\n{stdout}");
+        let written = job["write"]["io_bytes"].as_u64().unwrap_or(0);
+        assert_eq!(written, per_job, "job {name} wrote {written} bytes:\n{stdout}");
+        let verified = job["read"]["io_bytes"].as_u64().unwrap_or(0);
+        assert_eq!(verified, per_job, "job {name} verified (read back) {verified} bytes:\n{stdout}");
     }
     let conns = connections_logged(&served.log()) - before;
     assert!(conns >= 2, "fio's two jobs used {conns} connection(s):\n{}", served.log());
@@ -535,174 +536,4 @@ fn ext4_on_tern_through_nbdfuse_and_loop() {
     assert!(kinds.get("write").is_some_and(|&n| n > 0), "journal records: {kinds:?}");
     assert!(kinds.get("trim").is_some_and(|&n| n > 0), "no TRIM from mkfs/discard: {kinds:?}");
     vm.assert_journal_reproduces_source();
-}
-
-// ---- a minimal JSON reader (for nbdinfo --json and fio --output-format=json) ---
-
-#[derive(Debug, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-impl Json {
-    fn parse(text: &str) -> Json {
-        let mut p = JsonParser { s: text.as_bytes(), i: 0 };
-        let v = p.value();
-        p.ws();
-        assert!(p.i == p.s.len(), "trailing data after JSON at byte {}:\n{text}", p.i);
-        v
-    }
-
-    fn get(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(m) => {
-                m.iter().find(|(k, _)| k == key).map(|(_, v)| v).unwrap_or_else(|| panic!("no key {key:?} in {self:?}"))
-            }
-            _ => panic!("not an object looking up {key:?}: {self:?}"),
-        }
-    }
-
-    fn array(&self) -> &[Json] {
-        match self {
-            Json::Arr(a) => a,
-            _ => panic!("not an array: {self:?}"),
-        }
-    }
-
-    fn str(&self) -> &str {
-        match self {
-            Json::Str(s) => s,
-            _ => panic!("not a string: {self:?}"),
-        }
-    }
-
-    fn num(&self) -> f64 {
-        match self {
-            Json::Num(n) => *n,
-            _ => panic!("not a number: {self:?}"),
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-
-    fn peek(&mut self) -> u8 {
-        self.ws();
-        *self.s.get(self.i).unwrap_or_else(|| panic!("JSON ends early"))
-    }
-
-    fn expect(&mut self, c: u8) {
-        assert_eq!(self.peek(), c, "JSON: expected {:?} at byte {}", c as char, self.i);
-        self.i += 1;
-    }
-
-    fn lit(&mut self, word: &str, v: Json) -> Json {
-        assert!(self.s[self.i..].starts_with(word.as_bytes()), "JSON: bad literal at byte {}", self.i);
-        self.i += word.len();
-        v
-    }
-
-    fn value(&mut self) -> Json {
-        match self.peek() {
-            b'{' => {
-                self.i += 1;
-                let mut m = Vec::new();
-                if self.peek() == b'}' {
-                    self.i += 1;
-                    return Json::Obj(m);
-                }
-                loop {
-                    let k = self.string();
-                    self.expect(b':');
-                    m.push((k, self.value()));
-                    match self.peek() {
-                        b',' => self.i += 1,
-                        b'}' => {
-                            self.i += 1;
-                            return Json::Obj(m);
-                        }
-                        c => panic!("JSON: unexpected {:?} in object at byte {}", c as char, self.i),
-                    }
-                }
-            }
-            b'[' => {
-                self.i += 1;
-                let mut a = Vec::new();
-                if self.peek() == b']' {
-                    self.i += 1;
-                    return Json::Arr(a);
-                }
-                loop {
-                    a.push(self.value());
-                    match self.peek() {
-                        b',' => self.i += 1,
-                        b']' => {
-                            self.i += 1;
-                            return Json::Arr(a);
-                        }
-                        c => panic!("JSON: unexpected {:?} in array at byte {}", c as char, self.i),
-                    }
-                }
-            }
-            b'"' => Json::Str(self.string()),
-            b't' => self.lit("true", Json::Bool(true)),
-            b'f' => self.lit("false", Json::Bool(false)),
-            b'n' => self.lit("null", Json::Null),
-            _ => {
-                let start = self.i;
-                while self.i < self.s.len() && matches!(self.s[self.i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-                {
-                    self.i += 1;
-                }
-                let t = std::str::from_utf8(&self.s[start..self.i]).expect("utf8");
-                Json::Num(t.parse().unwrap_or_else(|_| panic!("JSON: bad number {t:?} at byte {start}")))
-            }
-        }
-    }
-
-    fn string(&mut self) -> String {
-        self.expect(b'"');
-        let mut out = Vec::new();
-        loop {
-            let c = *self.s.get(self.i).expect("JSON: unterminated string");
-            self.i += 1;
-            match c {
-                b'"' => return String::from_utf8(out).expect("utf8"),
-                b'\\' => {
-                    let e = self.s[self.i];
-                    self.i += 1;
-                    match e {
-                        b'n' => out.push(b'\n'),
-                        b't' => out.push(b'\t'),
-                        b'r' => out.push(b'\r'),
-                        b'b' => out.push(8),
-                        b'f' => out.push(12),
-                        b'u' => {
-                            let hex = std::str::from_utf8(&self.s[self.i..self.i + 4]).expect("utf8");
-                            self.i += 4;
-                            let ch = char::from_u32(u32::from_str_radix(hex, 16).expect("hex")).unwrap_or('\u{fffd}');
-                            out.extend_from_slice(ch.to_string().as_bytes());
-                        }
-                        other => out.push(other),
-                    }
-                }
-                _ => out.push(c),
-            }
-        }
-    }
 }

@@ -162,11 +162,12 @@ fn fold(cli: &Cli, vm: &str, follow: bool) -> Result<()> {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
     }
     let mut cursor = j.cursor(j.tail());
+    let mut data = Vec::new();
     let mut folded = 0u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let mut batch = 0;
         while batch < 4096 {
-            let Some(r) = cursor.next_header().map_err(anyhow::Error::msg)? else { break };
+            let Some(r) = cursor.next(&mut data).map_err(anyhow::Error::msg)? else { break };
             if r.kind.changes_disk() {
                 let Some(b) = bitmaps.get(r.disk as usize) else {
                     bail!("journal record seq {} names disk {}, which VM '{vm}' does not have", r.seq, r.disk);

@@ -19,8 +19,9 @@ pub struct Args {
     /// Present the disks over ublk (/dev/ublkbN) instead of NBD.
     #[arg(long)]
     pub ublk: bool,
-    /// Do not journal writes (nothing is replicated!). Only to measure what
-    /// journaling costs.
+    /// Do not journal writes: every region of every disk is marked for
+    /// resync instead, so replication falls back to a full resync. Only to
+    /// measure what journaling costs.
     #[arg(long)]
     pub no_journal: bool,
     /// Worker threads per connection (requests in flight per connection).
@@ -38,7 +39,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             .with_context(|| format!("cannot serve VM '{}'", a.vm))?,
     );
     if a.no_journal {
-        log::warn!("journaling is OFF (--no-journal): writes to VM '{}' are not replicated", a.vm);
+        log::warn!("journaling is OFF (--no-journal): every region of VM '{}' is marked for a full resync", a.vm);
     }
     let options = ServerOptions { threads_per_connection: a.threads.clamp(1, 256), ..Default::default() };
     let server = Arc::new(Server::new(Arc::clone(&mirror), options));

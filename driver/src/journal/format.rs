@@ -9,7 +9,7 @@
 //! header = { [u8;8] magic "TERNJRNL" | u32 version | u32 header_size
 //!          | [u8;16] vm_id | u64 capacity | u32 record_align | u32 crc32c(0..44) }   immutable, bytes 0..48
 //!          @64:  { u64 head_pos | u64 head_seq }        producers: one 16-byte atomic
-//!          @128: { u64 tail_pos | u64 tail_seq }        the consumer
+//!          @128: { u64 tail_pos | u64 tail_seq }        the consumer: one 16-byte atomic
 //!          @192: { u32 mode | u32 flags | [u8;16] boot_id | u64 overflow_seq | u64 recoveries }
 //!
 //! record = { u64 commit | u64 seq | u64 offset | u64 time_ns | u32 length
@@ -41,6 +41,9 @@ pub const HEADER_SIZE: usize = 4096;
 pub const RECORD_ALIGN: u64 = 64;
 pub const RECORD_HEADER_SIZE: usize = 48;
 pub const COMMIT_KEY: u64 = 0x5445_524e_434d_4954; // "TERNCMIT"
+/// The largest ring: 1 TiB (also keeps every position computation far from
+/// overflow).
+pub const MAX_CAPACITY: u64 = 1 << 40;
 /// The largest data a record carries (a write of the NBD maximum, 32 MiB)
 /// and the largest range a record covers.
 pub const MAX_RECORD_DATA: u32 = 32 << 20;
@@ -55,8 +58,7 @@ pub const OFF_RECORD_ALIGN: usize = 40;
 pub const OFF_HEADER_CRC: usize = 44;
 pub const IMMUTABLE_LEN: usize = 44;
 pub const OFF_HEAD: usize = 64;
-pub const OFF_TAIL_POS: usize = 128;
-pub const OFF_TAIL_SEQ: usize = 136;
+pub const OFF_TAIL: usize = 128;
 pub const OFF_MODE: usize = 192;
 pub const OFF_FLAGS: usize = 196;
 pub const OFF_BOOT_ID: usize = 200;
@@ -113,7 +115,7 @@ impl HeaderFields {
             return Err("unexpected header size or record alignment".into());
         }
         let capacity = u64_at(b, OFF_CAPACITY);
-        if capacity == 0 || !capacity.is_multiple_of(4096) {
+        if capacity == 0 || !capacity.is_multiple_of(4096) || capacity > MAX_CAPACITY {
             return Err(format!("capacity {capacity} is not a positive multiple of 4096"));
         }
         if file_len != HEADER_SIZE as u64 + capacity {

@@ -109,7 +109,7 @@ impl Journal {
         start.copy_from_slice(&1u64.to_le_bytes());
         use std::os::unix::fs::FileExt;
         f.write_all_at(&start, OFF_HEAD as u64 + 8).map_err(create_err)?;
-        f.write_all_at(&start, OFF_TAIL_SEQ as u64).map_err(create_err)?;
+        f.write_all_at(&start, OFF_TAIL as u64 + 8).map_err(create_err)?;
         f.sync_all().map_err(|source| Error::Sync { path: path.to_owned(), source })?;
         crate::vm::sync_parent_dir(path)?;
         Ok(())
@@ -144,6 +144,7 @@ impl Journal {
         let j = Journal { map, file, path: path.to_owned(), fields };
         let (head, tail) = (j.head(), j.tail());
         if tail.pos > head.pos
+            || !head.pos.is_multiple_of(RECORD_ALIGN)
             || head.pos - tail.pos > fields.capacity
             || tail.seq > head.seq
             || tail.pos % RECORD_ALIGN != 0
@@ -202,22 +203,20 @@ impl Journal {
 
     /// The next position and sequence number the consumer will read.
     pub fn tail(&self) -> Position {
-        // The consumer writes pos then seq; reading seq first and pos second
-        // could pair an old seq with a new pos, so read pos, seq, pos again.
-        loop {
-            let pos = self.atomic_u64(OFF_TAIL_POS).load(Ordering::Acquire);
-            let seq = self.atomic_u64(OFF_TAIL_SEQ).load(Ordering::Acquire);
-            if self.atomic_u64(OFF_TAIL_POS).load(Ordering::Acquire) == pos {
-                return Position { pos, seq };
-            }
-        }
+        Position::unpack(self.tail_word().load(Ordering::Acquire))
     }
 
     /// Moves the tail (the consumer only, after what it read is safe
     /// elsewhere). Frees the space for producers.
     pub fn set_tail(&self, tail: Position) {
-        self.atomic_u64(OFF_TAIL_SEQ).store(tail.seq, Ordering::Release);
-        self.atomic_u64(OFF_TAIL_POS).store(tail.pos, Ordering::Release);
+        self.tail_word().store(tail.pack(), Ordering::Release);
+    }
+
+    fn tail_word(&self) -> &AtomicU128 {
+        // SAFETY: OFF_TAIL is 128, 16-byte aligned inside the mapping, which
+        // `self` keeps alive; every process touches it only with 16-byte
+        // atomics, so position and sequence number never tear.
+        unsafe { AtomicU128::from_ptr(self.map.as_mut_ptr().add(OFF_TAIL).cast()) }
     }
 
     /// Bytes reserved but not yet consumed, as a fraction of the capacity.
@@ -459,21 +458,6 @@ impl Journal {
         Ok(ReadOutcome::Record(h))
     }
 
-    /// Like `read`, but checks the record's checksum where it lies instead
-    /// of copying its data out: for consumers that only need the header
-    /// (`tern journal fold`).
-    pub fn verify(&self, pos: u64) -> std::result::Result<ReadOutcome, String> {
-        let Some((h, crc, slot)) = self.locate(pos)? else { return Ok(ReadOutcome::NotPublished) };
-        // SAFETY: `locate` checked the bounds; the mapping lives as long as
-        // `self`; a published record is not written again until the tail
-        // moves past it, which only this consumer does.
-        let data = unsafe { std::slice::from_raw_parts(self.data_ptr(slot), h.data_len as usize) };
-        if h.checksum(data) != crc {
-            return Err(format!("record at position {pos} (seq {}) fails its checksum", h.seq));
-        }
-        Ok(ReadOutcome::Record(h))
-    }
-
     /// Finds the published record at `pos`: its header, stored checksum and
     /// slot, all bounds checked. `None` when nothing is published there.
     fn locate(&self, pos: u64) -> std::result::Result<Option<(RecordHeader, u32, usize)>, String> {
@@ -513,6 +497,43 @@ impl Journal {
         Cursor { journal: self, at: start }
     }
 
+    fn bad(&self, reason: String) -> Error {
+        Error::Format { path: self.path.clone(), what: "journal", reason }
+    }
+
+    /// Empties the ring after a host crash: zeroes the data area (no stale
+    /// record can look published again), moves the tail to the head and
+    /// makes it durable. Returns the position both are at.
+    pub fn discard_unconsumed(&self) -> Result<Position> {
+        use nix::fcntl::FallocateFlags as F;
+        use std::os::fd::AsRawFd;
+        let head = self.head();
+        let (start, len) = (HEADER_SIZE as i64, self.fields.capacity as i64);
+        let fd = self.file.as_raw_fd();
+        let punched = nix::fcntl::fallocate(fd, F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE, start, len);
+        let zeroed = match punched {
+            // Allocate again, so a store into the mapping never meets a hole.
+            Ok(()) => nix::fcntl::fallocate(fd, F::empty(), start, len).map_err(std::io::Error::from),
+            Err(_) => {
+                let zeroes = vec![0u8; 1 << 20];
+                use std::os::unix::fs::FileExt;
+                (0..self.fields.capacity).step_by(1 << 20).try_for_each(|off| {
+                    let n = (1u64 << 20).min(self.fields.capacity - off) as usize;
+                    self.file.write_all_at(&zeroes[..n], HEADER_SIZE as u64 + off)
+                })
+            }
+        };
+        zeroed.map_err(|source| Error::Write {
+            path: self.path.clone(),
+            offset: HEADER_SIZE as u64,
+            len: len as usize,
+            source,
+        })?;
+        self.set_tail(head);
+        self.sync()?;
+        Ok(head)
+    }
+
     /// Makes the whole ring and header durable (`msync`).
     pub fn sync(&self) -> Result<()> {
         self.map.flush().map_err(|source| Error::Sync { path: self.path.clone(), source })
@@ -535,13 +556,17 @@ impl Journal {
         while at.pos < head.pos {
             match self.read(at.pos, &mut data) {
                 Ok(ReadOutcome::Record(h)) => {
-                    if h.kind == RecordKind::Pad {
-                        at = Position { pos: at.pos + h.footprint(), seq: h.seq + h.offset };
-                        continue;
+                    if h.seq != at.seq {
+                        return Err(self.bad(format!(
+                            "record at position {} has seq {}, expected {}: the journal is not a valid history",
+                            at.pos, h.seq, at.seq
+                        )));
                     }
-                    reapply(&h, &data)?;
-                    report.records += 1;
-                    at = Position { pos: at.pos + h.footprint(), seq: h.seq + 1 };
+                    if h.kind != RecordKind::Pad {
+                        reapply(&h, &data)?;
+                        report.records += 1;
+                    }
+                    at = after(at.pos, &h).map_err(|e| self.bad(e))?;
                 }
                 unpublished_or_torn => {
                     if let Err(why) = unpublished_or_torn {
@@ -605,6 +630,13 @@ impl Journal {
     }
 }
 
+/// Where the record after `h` (at `pos`) starts, and its sequence number.
+fn after(pos: u64, h: &RecordHeader) -> std::result::Result<Position, String> {
+    let count = if h.kind == RecordKind::Pad { h.offset } else { 1 };
+    let seq = h.seq.checked_add(count).ok_or_else(|| format!("record at position {pos} has an impossible seq"))?;
+    Ok(Position { pos: pos + h.footprint(), seq })
+}
+
 /// Iterates published records; see [`Journal::cursor`].
 #[derive(Debug)]
 pub struct Cursor<'a> {
@@ -621,23 +653,11 @@ impl Cursor<'_> {
     /// The next published record (its data in `data`), `None` at the first
     /// unpublished position, or an error naming what is wrong.
     pub fn next(&mut self, data: &mut Vec<u8>) -> std::result::Result<Option<RecordHeader>, String> {
-        self.advance(Some(data))
-    }
-
-    /// The next published record, verified in place, without its data.
-    pub fn next_header(&mut self) -> std::result::Result<Option<RecordHeader>, String> {
-        self.advance(None)
-    }
-
-    fn advance(&mut self, mut data: Option<&mut Vec<u8>>) -> std::result::Result<Option<RecordHeader>, String> {
         loop {
             if self.at.pos >= self.journal.head().pos {
                 return Ok(None);
             }
-            let outcome = match data.as_deref_mut() {
-                Some(buf) => self.journal.read(self.at.pos, buf)?,
-                None => self.journal.verify(self.at.pos)?,
-            };
+            let outcome = self.journal.read(self.at.pos, data)?;
             let h = match outcome {
                 ReadOutcome::NotPublished => return Ok(None),
                 ReadOutcome::Record(h) => h,
@@ -648,12 +668,10 @@ impl Cursor<'_> {
                     self.at.pos, h.seq, self.at.seq
                 ));
             }
-            if h.kind == RecordKind::Pad {
-                self.at = Position { pos: self.at.pos + h.footprint(), seq: h.seq + h.offset };
-                continue;
+            self.at = after(self.at.pos, &h)?;
+            if h.kind != RecordKind::Pad {
+                return Ok(Some(h));
             }
-            self.at = Position { pos: self.at.pos + h.footprint(), seq: h.seq + 1 };
-            return Ok(Some(h));
         }
     }
 }

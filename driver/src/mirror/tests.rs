@@ -213,3 +213,48 @@ fn resized_disk_is_refused() {
     let err = Mirror::open(&s.paths, MirrorOptions::default()).unwrap_err();
     assert!(err.to_string().contains("resizing"), "{err}");
 }
+
+#[test]
+fn crash_in_overflow_mode_never_rolls_back_a_later_unjournaled_write() {
+    let region = 4096;
+    let s = setup(4 << 20, 64 * 1024, region);
+    {
+        let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+        m.write(0, 0, &[0xaa; 4096], false).unwrap(); // journaled
+        for i in 1..40u64 {
+            m.write(0, i * region, &[1; 4096], false).unwrap(); // fills the ring
+        }
+        assert_eq!(m.journal().mode(), Mode::Overflow);
+        m.write(0, 0, &[0xbb; 4096], true).unwrap(); // bitmap only, flushed
+                                                     // The process dies.
+    }
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    m.read(0, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xbb), "recovery rolled back an acknowledged write");
+    assert!(m.dirty_ranges(0).iter().any(|&(o, _)| o == 0), "the region must await resync");
+    assert!(m.recovery().unwrap().records > 0);
+}
+
+#[test]
+fn after_a_host_crash_the_unconsumed_journal_is_discarded_and_a_checksum_resync_flagged() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    {
+        let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+        m.write(0, 0, &[3; 8192], false).unwrap();
+        // Pretend this ran in an earlier boot.
+        m.journal().set_boot_id([0x42; 16]);
+    }
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let j = m.journal();
+    assert_ne!(j.flags() & journal::FLAG_CHECKSUM_RESYNC, 0);
+    assert_eq!(j.tail(), j.head());
+    assert!(
+        j.cursor(Position { pos: 0, seq: 1 }).next(&mut Vec::new()).unwrap().is_none(),
+        "no stale record may look published"
+    );
+    // New writes are journaled after the discarded ones.
+    m.write(0, 0, &[4; 512], false).unwrap();
+    let h = j.cursor(j.tail()).next(&mut Vec::new()).unwrap().unwrap();
+    assert_eq!(h.seq, 2);
+}
