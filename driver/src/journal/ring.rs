@@ -90,11 +90,11 @@ pub struct Journal {
 
 impl Journal {
     /// Creates a journal file of `capacity` data bytes (a multiple of 4096),
-    /// sparse, and makes it durable. Fails if the file exists.
+    /// allocated (not sparse), and makes it durable. Fails if the file exists.
     pub fn create(path: &Path, vm_id: [u8; 16], capacity: u64) -> Result<()> {
-        if capacity < 16 * 1024 || !capacity.is_multiple_of(4096) {
+        if !(16 * 1024..=MAX_CAPACITY).contains(&capacity) || !capacity.is_multiple_of(4096) {
             return Err(Error::Invalid(format!(
-                "journal capacity {capacity} must be a multiple of 4096 and at least 16 KiB"
+                "journal capacity {capacity} must be a multiple of 4096 between 16 KiB and 1 TiB"
             )));
         }
         let create_err = |source| Error::Create { path: path.to_owned(), source };
