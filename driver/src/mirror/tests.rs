@@ -18,7 +18,11 @@ struct Setup {
 }
 
 fn setup(disk_size: u64, journal: u64, region: u64) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
+    setup_in(&std::env::temp_dir(), disk_size, journal, region)
+}
+
+fn setup_in(base: &Path, disk_size: u64, journal: u64, region: u64) -> Setup {
+    let dir = tempfile::tempdir_in(base).unwrap();
     let image = dir.path().join("disk0.img");
     let mut content = vec![0u8; disk_size as usize];
     rand::rngs::StdRng::seed_from_u64(7).fill(&mut content[..]);
@@ -257,4 +261,30 @@ fn after_a_host_crash_the_unconsumed_journal_is_discarded_and_a_checksum_resync_
     m.write(0, 0, &[4; 512], false).unwrap();
     let h = j.cursor(j.tail()).next(&mut Vec::new()).unwrap().unwrap();
     assert_eq!(h.seq, 2);
+}
+
+#[test]
+fn a_failed_image_change_is_followed_in_the_journal_by_what_the_image_really_holds() {
+    // tmpfs has no FALLOC_FL_ZERO_RANGE: a fast, allocating zero fails there
+    // after its record was published.
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        panic!("this test needs /dev/shm (tmpfs)");
+    }
+    let s = setup_in(shm, 1 << 20, 1 << 20, 65536);
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    m.write(0, 0, &[7; 8192], false).unwrap();
+    let err = m.zero(0, 0, 8192, ZeroMode { may_punch: false, fast_only: true }, false).unwrap_err();
+    assert!(matches!(err, Error::SlowZero { .. }), "{err}");
+    m.shutdown().unwrap();
+    let mut kinds = Vec::new();
+    let mut c = m.journal().cursor(Position { pos: 0, seq: 1 });
+    let mut data = Vec::new();
+    while let Some(h) = c.next(&mut data).unwrap() {
+        kinds.push(h.kind);
+    }
+    assert_eq!(kinds, vec![RecordKind::Write, RecordKind::Zero, RecordKind::Resync]);
+    // The journal still replays to exactly the source.
+    replay_journal_onto(m.journal(), &s.original);
+    assert_same_file(&s.image, &s.original);
 }
