@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (`.ci/run`): installs what the tests
 # need, then the gates: format, lints, unit tests, end-to-end tests against
-# real clients, and the fuzz targets' build.
+# real clients, a VM booted from tern's export, and the fuzz targets' build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +22,9 @@ cargo build --release --workspace
 step "tests (unit and end-to-end)"
 # Release mode: the end-to-end tests push real I/O through tern.
 cargo test --release --workspace
+
+step "a real VM on tern's NBD export (qemu, Debian's 6.12 kernel)"
+scripts/vm-test.sh
 
 step "fuzz targets build"
 if [[ "${TERN_SKIP_FUZZ_BUILD:-0}" != 1 ]]; then

@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# End-to-end proof with a real VM: a Linux guest whose only disk is tern's NBD
+# export writes a known pattern, makes an ext4 filesystem and writes files on
+# it; then the journal, replayed onto a copy of the original image, must
+# reproduce the image byte for byte, and e2fsck must accept the image.
+#
+# Needs root (apt, /var/cache). The Debian 6.12 kernel from bookworm-backports
+# is downloaded once and unpacked under /var/cache/tern-vm (TERN_VM_CACHE).
+# See docs in /work/shared/VM-HARNESS.md for what is known to work here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+START=$(date +%s.%N)
+
+CACHE=${TERN_VM_CACHE:-/var/cache/tern-vm}
+TERN=$REPO/target/release/tern
+QEMU_TIMEOUT=${TERN_VM_TIMEOUT:-300}
+
+step() { printf '=== %s\n' "$*"; }
+die() { printf 'vm-test: FAIL: %s\n' "$*" >&2; exit 1; }
+
+# --- 1. host packages -------------------------------------------------------
+step "host packages"
+need=()
+for p in qemu-system-x86 busybox-static cpio xz-utils e2fsprogs; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' || need+=("$p")
+done
+if ((${#need[@]})); then
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends "${need[@]}" >/dev/null ||
+        { apt-get update >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; } ||
+        die "apt-get install ${need[*]} failed"
+fi
+
+# --- 2. the guest kernel (cached) --------------------------------------------
+step "guest kernel"
+mkdir -p "$CACHE"
+kroot=$CACHE/current
+if ! compgen -G "$kroot/boot/vmlinuz-*" >/dev/null; then
+    src=/etc/apt/sources.list.d/bookworm-backports.sources
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        # The mirror (and keyring) of the stanza / line that carries 'bookworm'.
+        mirror="" keyring=""
+        for f in /etc/apt/sources.list.d/*.sources; do
+            [[ -e $f ]] || continue
+            read -r mirror keyring < <(awk '
+                BEGIN { RS=""; FS="\n" }
+                {
+                    uri=""; suites=""; key=""
+                    for (i = 1; i <= NF; i++) {
+                        if ($i ~ /^URIs:/)      { uri = $i; sub(/^URIs:[ \t]*/, "", uri); split(uri, u, " "); uri = u[1] }
+                        if ($i ~ /^Suites:/)    { suites = " " $i " " }
+                        if ($i ~ /^Signed-By:/) { key = $i; sub(/^Signed-By:[ \t]*/, "", key) }
+                    }
+                    if (uri != "" && suites ~ / bookworm /) { print uri, key; exit }
+                }' "$f") || true
+            [[ -n $mirror ]] && break
+        done
+        if [[ -z $mirror && -e /etc/apt/sources.list ]]; then
+            mirror=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { if ($(i+1) == "bookworm") { print $i; exit } } }' \
+                /etc/apt/sources.list)
+        fi
+        [[ -n $mirror ]] || die "no bookworm mirror found in /etc/apt/sources.list{,.d}"
+        [[ -n $keyring ]] || keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+        echo "adding bookworm-backports from $mirror ($src)"
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+            "$mirror" "$keyring" >"$src"
+    fi
+    apt-get update >/dev/null || die "apt-get update failed"
+    pkg=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' | awk '{print $1}' | sort -V | tail -n1)
+    [[ -n $pkg ]] || die "no linux-image-6.12.*-amd64-unsigned in the apt lists"
+    echo "downloading $pkg"
+    dl=$(mktemp -d)
+    chown _apt "$dl" 2>/dev/null || true # so apt need not download unsandboxed
+    (cd "$dl" && apt-get download "$pkg" >/dev/null) || die "apt-get download $pkg failed"
+    rm -rf "$CACHE/$pkg.tmp"
+    dpkg -x "$dl"/*.deb "$CACHE/$pkg.tmp" || die "dpkg -x failed"
+    rm -rf "$dl" "$CACHE/$pkg"
+    mv "$CACHE/$pkg.tmp" "$CACHE/$pkg"
+    ln -sfn "$pkg" "$kroot"
+fi
+vmlinuz=$(compgen -G "$kroot/boot/vmlinuz-*" | head -n1)
+kver=${vmlinuz##*/vmlinuz-}
+moddir=$(find "$kroot/" -maxdepth 4 -type d -path "*/lib/modules/$kver" | head -n1)
+[[ -n $moddir ]] || die "no modules directory for $kver under $kroot"
+echo "kernel $kver (cached in $(readlink -f "$kroot"))"
+
+step "build tern"
+cargo build --release --quiet || die "cargo build --release failed"
+[[ -x $TERN ]] || die "no $TERN after the build"
+
+# --- scratch directory, cleaned up on exit ----------------------------------
+D=$(mktemp -d /tmp/tern-vm.XXXXXX)
+SERVE_PID=""
+cleanup() {
+    if [[ -n $SERVE_PID ]] && kill -0 "$SERVE_PID" 2>/dev/null; then
+        kill "$SERVE_PID" 2>/dev/null || true
+        wait "$SERVE_PID" 2>/dev/null || true
+    fi
+    if [[ ${TERN_VM_KEEP:-0} == 1 ]]; then echo "kept $D"; else rm -rf "$D"; fi
+}
+trap cleanup EXIT
+
+# --- 3. initramfs -----------------------------------------------------------
+step "initramfs"
+IR=$D/ir
+mkdir -p "$IR"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,lib/modules}
+
+# Modules in load order: dependencies (from each .ko's modinfo) first.
+declare -A modfile=() loaded=()
+while IFS= read -r f; do
+    n=${f##*/}; n=${n%.ko.xz}; n=${n%.ko}; n=${n//-/_}
+    modfile[$n]=$f
+done < <(find "$moddir" -name '*.ko.xz' -o -name '*.ko')
+order=()
+add_mod() { # name [optional]
+    local n=${1//-/_} d deps
+    [[ -n ${loaded[$n]:-} ]] && return 0
+    if [[ -z ${modfile[$n]:-} ]]; then
+        [[ ${2:-} == optional ]] && return 0
+        # Built in? Then nothing to load.
+        grep -qs "/$n.ko" "$moddir/modules.builtin" && return 0
+        die "module $n not found for $kver"
+    fi
+    loaded[$n]=1
+    deps=$(xz -dcf "${modfile[$n]}" | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n1)
+    for d in ${deps//,/ }; do add_mod "$d"; done
+    xz -dcf "${modfile[$n]}" >"$IR/lib/modules/$n.ko"
+    # '?' marks a module whose load may fail (e.g. a CPU-specific driver).
+    if [[ ${2:-} == optional ]]; then order+=("?$n"); else order+=("$n"); fi
+}
+# crc32c providers first (ext4 asks the crypto API for "crc32c", a soft dep).
+add_mod crc32c_generic optional
+add_mod crc32c_intel optional
+add_mod virtio_blk
+add_mod ext4
+echo "modules: ${order[*]}"
+
+cp /bin/busybox "$IR/bin/busybox"
+for a in $("$IR/bin/busybox" --list); do
+    [[ $a == busybox ]] || ln -sf busybox "$IR/bin/$a"
+done
+# e2fsprogs, with their libraries.
+HAVE_MKE2FS=0
+if [[ -x /sbin/mke2fs && -x /sbin/e2fsck ]]; then
+    HAVE_MKE2FS=1
+    for b in /sbin/mke2fs /sbin/e2fsck; do
+        cp "$b" "$IR/sbin/"
+        for l in $(ldd "$b" | grep -o '/[^ ]*'); do
+            mkdir -p "$IR$(dirname "$l")"
+            cp -L "$l" "$IR$l"
+        done
+    done
+    ln -sf mke2fs "$IR/sbin/mkfs.ext4"
+    [[ -e /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$IR/etc/"
+fi
+echo "$HAVE_MKE2FS" >"$IR/etc/have-mke2fs"
+printf '%s\n' "${order[@]}" >"$IR/etc/modules"
+
+cat >"$IR/init" <<'EOF'
+#!/bin/sh
+export PATH=/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+
+# Carry a result out through isa-debug-exit (qemu exits with (v<<1)|1),
+# and power off in case the port is not there.
+finish() {
+    if [ "$1" = 0 ]; then echo TERN-VM-OK; else echo "TERN-VM-FAIL $2"; fi
+    sync
+    printf "\\$(printf %o "$1")" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
+    poweroff -f
+    sleep 5
+}
+fail() { finish 1 "$*"; }
+
+for m in $(cat /etc/modules); do
+    case $m in
+        \?*) insmod /lib/modules/${m#?}.ko 2>/dev/null || echo "guest: optional ${m#?} not loaded" ;;
+        *) insmod /lib/modules/$m.ko || fail "insmod $m" ;;
+    esac
+done
+n=0
+while [ ! -b /dev/vda ]; do
+    n=$((n + 1)); [ $n -gt 100 ] && fail "no /dev/vda"; sleep 0.1
+done
+q=/sys/block/vda/queue
+echo "guest: /dev/vda is $(cat /sys/block/vda/size) sectors; discard_max $(cat $q/discard_max_bytes), write_zeroes_max $(cat $q/write_zeroes_max_bytes), write cache: $(cat $q/write_cache)"
+
+# 1. A known pattern at 1 MiB, read back past the page cache.
+dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null || fail "make pattern"
+dd if=/tmp/pattern of=/dev/vda bs=1M seek=1 conv=fsync oflag=direct 2>/dev/null || fail "write pattern"
+sync
+echo 3 > /proc/sys/vm/drop_caches
+want=$(sha256sum < /tmp/pattern)
+got=$(dd if=/dev/vda bs=1M skip=1 count=8 iflag=direct 2>/dev/null | sha256sum)
+[ "$want" = "$got" ] || fail "pattern read back differs ($want vs $got)"
+echo "guest: 8 MiB pattern written at 1 MiB and read back: ${want%% *}"
+
+# 2. A filesystem.
+if [ "$(cat /etc/have-mke2fs)" = 1 ]; then
+    mkfs.ext4 -q -F /dev/vda || fail "mkfs.ext4"
+    mount -t ext4 /dev/vda /mnt || fail "mount ext4"
+    mkdir -p /mnt/dir || fail "mkdir"
+    echo "hello from the guest" > /mnt/hello.txt || fail "write hello"
+    cp /tmp/pattern /mnt/dir/pattern || fail "copy pattern"
+    i=0
+    while [ $i -lt 50 ]; do echo "file $i" > /mnt/dir/f$i || fail "write f$i"; i=$((i + 1)); done
+    sync
+    umount /mnt || fail "umount"
+    echo 3 > /proc/sys/vm/drop_caches
+    e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck in guest"; }
+    mount -t ext4 -o ro /dev/vda /mnt || fail "remount ext4"
+    [ "$(sha256sum < /mnt/dir/pattern)" = "$want" ] || fail "file pattern differs"
+    [ "$(cat /mnt/dir/f49)" = "file 49" ] || fail "f49 differs"
+    umount /mnt || fail "umount 2"
+    echo "guest: ext4 made, 52 files written, fsck clean, read back"
+fi
+sync
+finish 0
+EOF
+chmod +x "$IR/init"
+(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$D/ir.cpio.gz"
+
+# --- 4. tern and the VM ------------------------------------------------------
+step "tern enable + serve"
+IMG=$D/disk0.img
+truncate -s 256M "$IMG"
+"$TERN" -q --state "$D/state" enable vm1 --disk "disk0=$IMG" --cache "$D/cache" --target "$D/target" \
+    --journal-size 1GiB || die "tern enable failed"
+cp --sparse=always "$IMG" "$D/original.img"
+"$TERN" --state "$D/state" serve vm1 --listen "unix:$D/nbd.sock" >"$D/serve.log" 2>&1 &
+SERVE_PID=$!
+for _ in $(seq 100); do
+    [[ -S $D/nbd.sock ]] && break
+    kill -0 "$SERVE_PID" 2>/dev/null || { cat "$D/serve.log"; die "tern serve exited early"; }
+    sleep 0.1
+done
+[[ -S $D/nbd.sock ]] || die "tern serve did not create $D/nbd.sock"
+
+step "boot the VM (tcg, timeout ${QEMU_TIMEOUT}s)"
+qrc=0
+timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot -nic none \
+    -kernel "$vmlinuz" -initrd "$D/ir.cpio.gz" -append "console=ttyS0 quiet panic=-1" \
+    -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+    -drive "file=nbd+unix:///disk0?socket=$D/nbd.sock,format=raw,if=virtio,cache=none,discard=unmap" \
+    </dev/null >"$D/console.log" 2>&1 || qrc=$?
+grep -a '^guest:' "$D/console.log" | tr -d '\r' || true
+if ! grep -aq 'TERN-VM-OK' "$D/console.log"; then
+    echo "--- console (last 40 lines)"; tail -n 40 "$D/console.log"
+    echo "--- tern serve log (last 20 lines)"; tail -n 20 "$D/serve.log"
+    [[ $qrc == 124 ]] && die "the VM did not finish within ${QEMU_TIMEOUT}s"
+    die "the guest did not report TERN-VM-OK (qemu exit $qrc): $(grep -a 'TERN-VM-FAIL' "$D/console.log" | tr -d '\r' | head -n1)"
+fi
+# isa-debug-exit turns the guest's 0 into qemu's 1.
+[[ $qrc == 1 ]] || echo "note: qemu exited $qrc (expected 1 from isa-debug-exit)"
+echo "guest reported TERN-VM-OK (qemu exit $qrc)"
+
+step "stop tern serve"
+kill -TERM "$SERVE_PID"
+src=0
+wait "$SERVE_PID" || src=$?
+SERVE_PID=""
+if [[ $src != 0 ]]; then
+    tail -n 20 "$D/serve.log"
+    die "tern serve exited $src on SIGTERM (expected 0)"
+fi
+
+step "check: journal replay reproduces the image"
+cp --sparse=always "$D/original.img" "$D/replayed.img"
+"$TERN" -q --state "$D/state" journal replay vm1 --from-start --onto "disk0=$D/replayed.img" ||
+    die "tern journal replay failed"
+cmp "$D/replayed.img" "$IMG" || die "the replayed copy differs from the image the VM wrote"
+echo "replayed copy == image ($(du -k --apparent-size "$IMG" | cut -f1) KiB, $(du -k "$IMG" | cut -f1) KiB allocated)"
+if [[ $HAVE_MKE2FS == 1 ]]; then
+    e2fsck -fn "$IMG" >"$D/fsck.log" 2>&1 || { cat "$D/fsck.log"; die "e2fsck -fn on the image failed"; }
+    echo "e2fsck -fn on the image: clean"
+fi
+
+echo "vm-test: PASS in $(awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')s"
