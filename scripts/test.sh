@@ -21,7 +21,11 @@ cargo build --release --workspace
 
 step "tests (unit and end-to-end)"
 # Release mode: the end-to-end tests push real I/O through tern.
-cargo test --release --workspace
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+cargo test --release --workspace 2>&1 | tee "$results"
+passed=$(awk '/^test result:/ { n += $4 } END { print n + 0 }' "$results")
+failed=$(awk '/^test result:/ { n += $6 } END { print n + 0 }' "$results")
 
 step "a real VM on tern's NBD export (qemu, Debian's 6.12 kernel)"
 scripts/vm-test.sh
@@ -32,4 +36,4 @@ if [[ "${TERN_SKIP_FUZZ_BUILD:-0}" != 1 ]]; then
 fi
 
 echo
-echo "all tests passed"
+echo "tests: $passed passed, $failed failed"
