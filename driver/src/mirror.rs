@@ -181,10 +181,7 @@ impl Mirror {
                 return apply_record(disks, h, data);
             }
             if h.kind.changes_disk() {
-                let d = disks.get(h.disk as usize).ok_or_else(|| {
-                    Error::Invalid(format!("journal record seq {} names disk {}, which does not exist", h.seq, h.disk))
-                })?;
-                d.bitmap.mark(h.offset, h.length as u64);
+                disk_of(disks, h)?.bitmap.mark(h.offset, h.length as u64);
             }
             Ok(())
         })?;
@@ -406,9 +403,8 @@ impl Mirror {
     }
 
     /// Runs the image change of a published request. If it fails, the
-    /// journal already holds a record of a change the image may not have:
-    /// mark the range dirty, so the resync ships what the source really
-    /// holds there.
+    /// journal already holds a record of a change the image may not have;
+    /// `compensate` repairs the history.
     fn change_image(&self, d: &Disk, offset: u64, len: u64, change: impl FnOnce() -> Result<()>) -> Result<()> {
         change().inspect_err(|_| self.compensate(d, offset, len))
     }
@@ -474,12 +470,7 @@ pub fn apply_record(disks: &[impl AsImage], h: &RecordHeader, data: &[u8]) -> Re
     if !h.kind.changes_disk() {
         return Ok(());
     }
-    let image = disks
-        .get(h.disk as usize)
-        .ok_or_else(|| {
-            Error::Invalid(format!("journal record seq {} names disk {}, which does not exist", h.seq, h.disk))
-        })?
-        .as_image();
+    let image = disk_of(disks, h)?.as_image();
     let len = h.length as u64;
     if h.offset.checked_add(len).is_none_or(|end| end > image.size()) {
         return Err(Error::Invalid(format!(
@@ -495,6 +486,19 @@ pub fn apply_record(disks: &[impl AsImage], h: &RecordHeader, data: &[u8]) -> Re
         RecordKind::Zero | RecordKind::Trim => image.zero(h.offset, len, true, false),
         RecordKind::Tag | RecordKind::Pad => Ok(()),
     }
+}
+
+/// The disk a journal record names, or an error saying the journal and the
+/// VM's disks do not match.
+fn disk_of<'a, D>(disks: &'a [D], h: &RecordHeader) -> Result<&'a D> {
+    disks.get(h.disk as usize).ok_or_else(|| {
+        Error::Invalid(format!(
+            "journal record seq {} names disk {}, but the VM has {} disk(s); the journal does not belong to this vm.toml",
+            h.seq,
+            h.disk,
+            disks.len()
+        ))
+    })
 }
 
 /// Anything that holds an image (so `apply_record` takes the mirror's disks

@@ -191,6 +191,30 @@ impl RecordHeader {
         Ok(h)
     }
 
+    /// A pad record spanning `span` bytes that stands for `lost` sequence
+    /// numbers starting at `seq` (0 for a pad at the wrap).
+    pub fn pad(seq: u64, lost: u64, span: u64) -> Self {
+        RecordHeader {
+            seq,
+            offset: lost,
+            time_ns: 0,
+            length: span as u32,
+            data_len: 0,
+            disk: 0,
+            kind: RecordKind::Pad,
+            flags: 0,
+        }
+    }
+
+    /// Bytes 8..48 of the on-ring header: the body and the checksum of
+    /// body and `data`.
+    pub fn encode_with_checksum(&self, data: &[u8]) -> [u8; RECORD_HEADER_SIZE - 8] {
+        let mut b = [0u8; RECORD_HEADER_SIZE - 8];
+        b[..36].copy_from_slice(&self.encode_body());
+        b[36..].copy_from_slice(&self.checksum(data).to_le_bytes());
+        b
+    }
+
     /// Total bytes this record takes in the ring, alignment included.
     pub fn footprint(&self) -> u64 {
         if self.kind == RecordKind::Pad {

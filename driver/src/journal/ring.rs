@@ -297,17 +297,8 @@ impl Journal {
         // The reservation [at.pos, at.pos + pad + footprint) is ours alone
         // until we publish it and the consumer moves past it.
         if pad > 0 {
-            let h = RecordHeader {
-                seq: at.seq,
-                offset: 0, // a wrap pad stands for no sequence number
-                time_ns: 0,
-                length: pad as u32,
-                data_len: 0,
-                disk: 0,
-                kind: RecordKind::Pad,
-                flags: 0,
-            };
-            let _ = self.write_record(at.pos, &h, &[]);
+            // A wrap pad stands for no sequence number of its own.
+            self.write_record(at.pos, &RecordHeader::pad(at.seq, 0, pad), &[]);
         }
         let h = RecordHeader {
             seq: at.seq,
@@ -360,46 +351,39 @@ impl Journal {
     fn write_record(&self, pos: u64, h: &RecordHeader, data: &[u8]) -> bool {
         let slot = (pos % self.fields.capacity) as usize;
         debug_assert!(slot as u64 + footprint(data.len()) <= self.fields.capacity);
-        let mut head = [0u8; RECORD_HEADER_SIZE - 8];
-        head[..36].copy_from_slice(&h.encode_body());
-        head[36..].copy_from_slice(&h.checksum(data).to_le_bytes());
-        if data.len() < PWRITE_THRESHOLD {
-            // SAFETY: the slot lies inside the data area (a record never
-            // straddles the wrap) and was reserved by the caller through
-            // the head CAS, so no other producer writes it and the consumer
-            // does not read it before the commit store below. The mapping
-            // outlives this call because `self` owns it.
-            unsafe {
-                let base = self.map.as_mut_ptr().add(HEADER_SIZE + slot);
-                std::ptr::copy_nonoverlapping(head.as_ptr(), base.add(8), head.len());
-                std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(RECORD_HEADER_SIZE), data.len());
-            }
+        let head = h.encode_with_checksum(data);
+        let written = if data.len() < PWRITE_THRESHOLD {
+            self.copy_into_slot(slot, &head, data);
+            true
         } else if let Err(e) = self.pwrite_record(slot, &head, data) {
             log::error!(
                 "journal {}: writing record seq {} at position {pos} failed: {e}; tracking the write in the dirty bitmap",
                 self.path.display(),
                 h.seq
             );
-            let pad = RecordHeader {
-                offset: 1,
-                length: footprint(data.len()) as u32,
-                kind: RecordKind::Pad,
-                data_len: 0,
-                ..*h
-            };
-            let mut head = [0u8; RECORD_HEADER_SIZE - 8];
-            head[..36].copy_from_slice(&pad.encode_body());
-            head[36..].copy_from_slice(&pad.checksum(&[]).to_le_bytes());
-            // SAFETY: as above, for the 40 header bytes of our own slot.
-            unsafe {
-                let base = self.map.as_mut_ptr().add(HEADER_SIZE + slot);
-                std::ptr::copy_nonoverlapping(head.as_ptr(), base.add(8), head.len());
-            }
-            self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
-            return false;
-        }
+            let pad = RecordHeader::pad(h.seq, 1, footprint(data.len()));
+            self.copy_into_slot(slot, &pad.encode_with_checksum(&[]), &[]);
+            false
+        } else {
+            true
+        };
         self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
-        true
+        written
+    }
+
+    /// Copies header bytes 8..48 and the data into a slot through the
+    /// mapping.
+    fn copy_into_slot(&self, slot: usize, head: &[u8; RECORD_HEADER_SIZE - 8], data: &[u8]) {
+        // SAFETY: the slot lies inside the data area with room for the data
+        // (a record never straddles the wrap) and was reserved by the caller
+        // through the head CAS, so no other producer writes it and the
+        // consumer does not read it before the commit store that follows.
+        // The mapping outlives this call because `self` owns it.
+        unsafe {
+            let base = self.map.as_mut_ptr().add(HEADER_SIZE + slot);
+            std::ptr::copy_nonoverlapping(head.as_ptr(), base.add(8), head.len());
+            std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(RECORD_HEADER_SIZE), data.len());
+        }
     }
 
     /// Writes a record's header (but the commit word) and data with one
@@ -612,17 +596,7 @@ impl Journal {
         while pos < to {
             let slot = pos % cap;
             let span = (to - pos).min(cap - slot).min(1 << 30);
-            let h = RecordHeader {
-                seq,
-                offset: lost,
-                time_ns: 0,
-                length: span as u32,
-                data_len: 0,
-                disk: 0,
-                kind: RecordKind::Pad,
-                flags: 0,
-            };
-            let _ = self.write_record(pos, &h, &[]);
+            self.write_record(pos, &RecordHeader::pad(seq, lost, span), &[]);
             pos += span;
             seq += lost;
             lost = 0;
