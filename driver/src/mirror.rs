@@ -388,7 +388,7 @@ impl Mirror {
             if self.journal.append(&rec, payload).is_none() {
                 if self.journal.enter_overflow() {
                     log::warn!(
-                        "VM '{}': journal {} is full (is `tern ship` running?); writes go on and are tracked in the dirty bitmaps until a resync catches up",
+                        "VM '{}': journal {} took no more records (full: is `tern ship` running? or unwritable: see above); writes go on and are tracked in the dirty bitmaps until a resync catches up",
                         self.config.name,
                         self.journal.path().display()
                     );

@@ -263,7 +263,8 @@ pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
     for (name, path) in &spec.disks {
         validate_name("disk", name)?;
         let path = fs::canonicalize(path).map_err(|source| Error::Open { path: path.clone(), source })?;
-        let image = Image::open(&path)?;
+        // Read-only: enable only learns the size and the allocated extents.
+        let image = Image::open_read_only(&path)?;
         if image.size() == 0 {
             return Err(Error::Invalid(format!("disk '{name}': {} is empty", path.display())));
         }

@@ -26,6 +26,18 @@ pub enum Listen {
     Stdio,
 }
 
+/// The form `--listen` takes, so messages name an address the way the
+/// operator wrote it.
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(a) => write!(f, "tcp:{a}"),
+            Listen::Stdio => f.write_str("stdio"),
+        }
+    }
+}
+
 impl FromStr for Listen {
     type Err = String;
 

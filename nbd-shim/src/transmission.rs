@@ -114,9 +114,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                         self.closing.store(true, Ordering::Release);
                         drop(r);
                         self.execute(&req, &[], &mut reply);
-                        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                        let _ = w.write_all(&reply).and_then(|()| w.flush());
-                        drop(w);
+                        let _ = self.send(&reply);
                         let why = format!("WRITE of {} bytes, over the {MAX_PAYLOAD}-byte limit", req.length);
                         self.close(ConnectionEnd::Protocol(why), true);
                         return;
@@ -132,11 +130,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 }
             };
             self.execute(&req, &payload, &mut reply);
-            let sent = {
-                let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                w.write_all(&reply).and_then(|()| w.flush())
-            };
-            if let Err(e) = sent {
+            if let Err(e) = self.send(&reply) {
                 self.close(ConnectionEnd::Io(e), true);
                 return;
             }
@@ -144,6 +138,12 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 payload = Vec::new(); // do not keep a 32 MiB buffer per thread
             }
         }
+    }
+
+    /// Sends one whole reply; replies never interleave.
+    fn send(&self, reply: &[u8]) -> io::Result<()> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.write_all(reply).and_then(|()| w.flush())
     }
 
     /// Carries a request out and encodes its reply into `out`.

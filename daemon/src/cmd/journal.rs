@@ -94,7 +94,7 @@ pub fn run(cli: &Cli, c: &Command) -> Result<()> {
                 println!(
                     "seq {:>10} {:<6} disk {} offset {} length {} time {}{extra}",
                     r.seq,
-                    format!("{:?}", r.kind).to_lowercase(),
+                    r.kind.name(),
                     r.disk,
                     r.offset,
                     r.length,

@@ -54,12 +54,13 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     let mut listeners = Vec::new();
     for l in &listen {
-        let listener = Server::bind(l).with_context(|| format!("cannot listen on {l:?}"))?;
+        let listener = Server::bind(l).with_context(|| format!("cannot listen on {l}"))?;
         listeners.push(listener);
     }
     let exports: Vec<String> =
         (0..mirror.disk_count()).map(|i| format!("{} ({} bytes)", mirror.disk_name(i), mirror.disk_size(i))).collect();
-    log::info!("serving VM '{}' on {:?}: exports {}", a.vm, listen, exports.join(", "));
+    let addresses: Vec<String> = listen.iter().map(ToString::to_string).collect();
+    log::info!("serving VM '{}' on {}: exports {}", a.vm, addresses.join(", "), exports.join(", "));
     // Hand the bound listeners to accept threads, keeping the socket paths
     // to remove at exit.
     let mut sockets = Vec::new();

@@ -52,6 +52,18 @@ impl RecordKind {
         })
     }
 
+    /// The kind's name in tools' output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Zero => "zero",
+            Self::Trim => "trim",
+            Self::Tag => "tag",
+            Self::Resync => "resync",
+            Self::Pad => "pad",
+        }
+    }
+
     /// Whether replaying this record changes a disk.
     pub fn changes_disk(self) -> bool {
         matches!(self, Self::Write | Self::Zero | Self::Trim | Self::Resync)
