@@ -162,6 +162,43 @@ impl DirtyBitmap {
         }
     }
 
+    /// Clears every region touching `[offset, offset + len)` (the caller
+    /// holds the range and has re-sent its content).
+    pub fn clear_range(&self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.disk_size {
+            return;
+        }
+        let last = (offset + len - 1).min(self.disk_size - 1) / self.region_size;
+        for r in offset / self.region_size..=last {
+            self.clear(r);
+        }
+    }
+
+    /// The first run of dirty regions at or after byte `from`, as a byte
+    /// range clipped to the disk and to at most `max_len` bytes (rounded
+    /// down to whole regions, at least one). Skips clean words 64 regions
+    /// at a time.
+    pub fn next_dirty(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
+        let max_regions = (max_len / self.region_size).max(1);
+        let mut r = from / self.region_size;
+        while r < self.regions {
+            let word = self.word(r / 64).load(Ordering::Acquire) >> (r % 64);
+            if word == 0 {
+                r = (r / 64 + 1) * 64;
+                continue;
+            }
+            r += word.trailing_zeros() as u64;
+            let first = r;
+            while r < self.regions && r - first < max_regions && self.is_dirty(r) {
+                r += 1;
+            }
+            let start = first * self.region_size;
+            let end = (r * self.region_size).min(self.disk_size);
+            return Some((start, end - start));
+        }
+        None
+    }
+
     pub fn is_dirty(&self, region: u64) -> bool {
         region < self.regions && self.word(region / 64).load(Ordering::Acquire) & (1 << (region % 64)) != 0
     }
@@ -256,6 +293,24 @@ mod tests {
         let (_d, b) = bitmap(100_000);
         b.mark(99_999, 1);
         assert_eq!(b.dirty_ranges(), vec![(65536, 100_000 - 65536)]);
+    }
+
+    #[test]
+    fn next_dirty_finds_runs_in_order_and_clear_range_empties_them() {
+        let (_d, b) = bitmap(10 * 1024 * 1024 + 1000);
+        let rs = b.region_size();
+        b.mark(3 * rs, 1);
+        b.mark(70 * rs + 5, 4 * rs); // regions 70..=74
+        b.mark(10 * 1024 * 1024 + 10, 1); // the last, partial region
+        assert_eq!(b.next_dirty(0, 1 << 20), Some((3 * rs, rs)));
+        assert_eq!(b.next_dirty(4 * rs, 1 << 20), Some((70 * rs, 5 * rs)));
+        assert_eq!(b.next_dirty(70 * rs, 2 * rs), Some((70 * rs, 2 * rs)), "capped at max_len");
+        assert_eq!(b.next_dirty(75 * rs, 1 << 20), Some((160 * rs, 1000)), "clipped to the disk");
+        b.clear_range(70 * rs, 5 * rs);
+        b.clear_range(3 * rs, 1);
+        b.clear_range(160 * rs, 1000);
+        assert_eq!(b.next_dirty(0, 1 << 20), None);
+        assert_eq!(b.dirty_count(), 0);
     }
 
     #[test]

@@ -30,4 +30,4 @@ pub mod units;
 pub mod vm;
 
 pub use error::{Error, Result};
-pub use mirror::{Mirror, MirrorOptions, ZeroMode};
+pub use mirror::{Mirror, MirrorOptions, ResyncStep, ZeroMode};

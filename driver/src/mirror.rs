@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use crate::bitmap::DirtyBitmap;
 use crate::image::{Extent, Image};
@@ -79,6 +79,10 @@ pub struct Mirror {
     poisoned: AtomicBool,
     stats: MirrorStats,
     recovery: Option<RecoveryReport>,
+    /// Whether a resync window may be open in the journal (see `resync`).
+    window_open: AtomicBool,
+    /// Where the resync scan goes on: (disk, byte offset).
+    resync_from: Mutex<(usize, u64)>,
     _frontend_lock: File,
 }
 
@@ -123,10 +127,16 @@ impl Mirror {
             poisoned: AtomicBool::new(false),
             stats: MirrorStats::default(),
             recovery: None,
+            // Unknown: a predecessor may have opened one and died. The first
+            // resync step closes it if nothing is dirty.
+            window_open: AtomicBool::new(true),
+            resync_from: Mutex::new((0, 0)),
             _frontend_lock: frontend_lock,
         };
         mirror.attach()?;
-        if !options.journal {
+        if options.journal {
+            mirror.open_resync_window_if_due();
+        } else {
             // Nothing will be journaled: make the replica's resync cover
             // every region, now, so no write of this run is ever missed and
             // a later recovery never replays old records over them.
@@ -154,6 +164,22 @@ impl Mirror {
         self.journal.set_flags(journal::FLAG_ATTACHED);
         self.journal.sync()?;
         Ok(())
+    }
+
+    /// Before serving: if regions are dirty (the initial sync, an overflow)
+    /// or a checksum comparison is due, the replica is not consistent, so
+    /// the window must open before any write is journaled.
+    fn open_resync_window_if_due(&self) {
+        let due = self.dirty_bytes() > 0 || self.journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
+        if !due {
+            return;
+        }
+        let opener = NewRecord { disk: 0, kind: RecordKind::Resync, offset: 0, length: 0, flags: journal::RESYNC_OPEN };
+        // In overflow mode nothing is journaled until the resync leaves it,
+        // publishing the opener then.
+        if self.journal.mode() == Mode::Journal && self.journal.append(&opener, &[]).is_none() {
+            self.journal.enter_overflow();
+        }
     }
 
     /// The previous front-end process died; the page cache, shared by the
@@ -362,7 +388,7 @@ impl Mirror {
         if self.journal.mode() == Mode::Overflow {
             return Ok(None);
         }
-        let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: label.len() as u32 };
+        let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: label.len() as u32, flags: 0 };
         Ok(self.journal.append(&rec, label.as_bytes()))
     }
 
@@ -383,7 +409,7 @@ impl Mirror {
         let mut done = 0;
         while done < len {
             let n = chunk.min(len - done);
-            let rec = NewRecord { disk: d.index, kind, offset: offset + done, length: n as u32 };
+            let rec = NewRecord { disk: d.index, kind, offset: offset + done, length: n as u32, flags: 0 };
             let payload = if data.is_empty() { &[][..] } else { &data[done as usize..(done + n) as usize] };
             if self.journal.append(&rec, payload).is_none() {
                 if self.journal.enter_overflow() {
@@ -529,5 +555,7 @@ fn boot_id() -> [u8; 16] {
         .unwrap_or([0; 16])
 }
 
+mod resync;
+pub use resync::{ResyncStep, RESYNC_MAX_FILL};
 #[cfg(test)]
 mod tests;

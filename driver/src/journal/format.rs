@@ -8,9 +8,10 @@
 //!
 //! header = { [u8;8] magic "TERNJRNL" | u32 version | u32 header_size
 //!          | [u8;16] vm_id | u64 capacity | u32 record_align | u32 crc32c(0..44) }   immutable, bytes 0..48
-//!          @64:  { u64 head_pos | u64 head_seq }        producers: one 16-byte atomic
+//!          @64:  { u64 head_pos | u64 head_seq }        producers: one 16-byte atomic;
+//!                                                      head_seq's top bit set = overflow mode
 //!          @128: { u64 tail_pos | u64 tail_seq }        the consumer: one 16-byte atomic
-//!          @192: { u32 mode | u32 flags | [u8;16] boot_id | u64 overflow_seq | u64 recoveries }
+//!          @192: { u32 reserved (0) | u32 flags | [u8;16] boot_id | u64 overflow_seq | u64 recoveries }
 //!
 //! record = { u64 commit | u64 seq | u64 offset | u64 time_ns | u32 length
 //!          | u32 data_len | u16 disk | u8 kind | u8 flags | u32 crc32c | data[data_len] }
@@ -59,11 +60,18 @@ pub const OFF_HEADER_CRC: usize = 44;
 pub const IMMUTABLE_LEN: usize = 44;
 pub const OFF_HEAD: usize = 64;
 pub const OFF_TAIL: usize = 128;
-pub const OFF_MODE: usize = 192;
 pub const OFF_FLAGS: usize = 196;
 pub const OFF_BOOT_ID: usize = 200;
 pub const OFF_OVERFLOW_SEQ: usize = 216;
 pub const OFF_RECOVERIES: usize = 224;
+
+/// Record `flags` of a zero-length `Resync` record that opens a resync
+/// window: from here the replica is not consistent until the matching
+/// close (the dirty regions it lacks are being re-sent).
+pub const RESYNC_OPEN: u8 = 1;
+/// Record `flags` of a zero-length `Resync` record that closes a resync
+/// window: every region dirty at its open has been re-sent before it.
+pub const RESYNC_CLOSE: u8 = 2;
 
 /// `flags`: a front-end has the journal open (cleared on clean shutdown).
 pub const FLAG_ATTACHED: u32 = 1;
@@ -185,8 +193,10 @@ impl RecordHeader {
         if h.data_len > MAX_RECORD_DATA {
             return Err(format!("record data of {} bytes exceeds the maximum {MAX_RECORD_DATA}", h.data_len));
         }
-        if h.flags != 0 {
-            return Err(format!("unknown record flags {:#x}", h.flags));
+        match (kind, h.flags) {
+            (_, 0) => {}
+            (RecordKind::Resync, RESYNC_OPEN | RESYNC_CLOSE) if h.length == 0 => {}
+            (_, f) => return Err(format!("{} record with unknown flags {f:#x}", kind.name())),
         }
         Ok(h)
     }

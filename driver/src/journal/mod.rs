@@ -15,7 +15,7 @@ mod ring;
 mod tests;
 
 pub use format::RecordHeader;
-pub use format::{FLAG_ATTACHED, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA};
+pub use format::{FLAG_ATTACHED, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA, RESYNC_CLOSE, RESYNC_OPEN};
 pub(crate) use ring::preallocate;
 pub use ring::{Cursor, Journal, Mode, NewRecord, Position, ReadOutcome, RecoveryReport};
 

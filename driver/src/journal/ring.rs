@@ -30,8 +30,20 @@ impl Position {
     }
 
     fn unpack(v: u128) -> Self {
-        Position { pos: v as u64, seq: (v >> 64) as u64 }
+        Position { pos: v as u64, seq: (v >> 64) as u64 & !OVERFLOW_BIT }
     }
+}
+
+/// The top bit of the head's sequence number: the ring is in overflow mode.
+/// Mode and head live in one atomic word so that no record can be reserved
+/// after the switch to overflow (a write journaled after an earlier write
+/// went only to the bitmap would let the replica pass through a state the
+/// source never had), and so that leaving overflow and reserving the record
+/// that opens the resync window are one step.
+const OVERFLOW_BIT: u64 = 1 << 63;
+
+fn in_overflow(head_word: u128) -> bool {
+    (head_word >> 64) as u64 & OVERFLOW_BIT != 0
 }
 
 /// Whether writes are being journaled or only marked in the dirty bitmaps.
@@ -50,6 +62,8 @@ pub struct NewRecord {
     pub kind: RecordKind,
     pub offset: u64,
     pub length: u32,
+    /// Zero but for resync window markers (`RESYNC_OPEN`, `RESYNC_CLOSE`).
+    pub flags: u8,
 }
 
 /// What a consumer finds at a position.
@@ -226,25 +240,38 @@ impl Journal {
     }
 
     pub fn mode(&self) -> Mode {
-        match self.atomic_u32(OFF_MODE).load(Ordering::Acquire) {
-            0 => Mode::Journal,
-            _ => Mode::Overflow,
+        if in_overflow(self.head_word().load(Ordering::Acquire)) {
+            Mode::Overflow
+        } else {
+            Mode::Journal
         }
     }
 
-    /// Switches to overflow mode; returns true for the caller that did it.
+    /// Switches to overflow mode: from now on every reservation fails until
+    /// [`Journal::leave_overflow`]. Returns true for the caller that did it.
     pub fn enter_overflow(&self) -> bool {
-        let seq = self.head().seq;
-        let first = self.atomic_u32(OFF_MODE).compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok();
-        if first {
-            self.atomic_u64(OFF_OVERFLOW_SEQ).store(seq, Ordering::Release);
+        let word = self.head_word();
+        let mut cur = word.load(Ordering::Acquire);
+        loop {
+            if in_overflow(cur) {
+                return false;
+            }
+            let next = cur | (OVERFLOW_BIT as u128) << 64;
+            match word.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
         }
-        first
+        self.atomic_u64(OFF_OVERFLOW_SEQ).store(Position::unpack(cur).seq, Ordering::Release);
+        true
     }
 
-    /// Back to journaling (the resync that follows covers the bitmap).
-    pub fn leave_overflow(&self) {
-        self.atomic_u32(OFF_MODE).store(0, Ordering::Release);
+    /// Leaves overflow mode by publishing `opener` (the record that opens
+    /// the resync window) as the first record after it, in the same
+    /// reservation. Returns its sequence number, or `None` if the ring has
+    /// no room for it yet (the ring stays in overflow).
+    pub fn leave_overflow(&self, opener: &NewRecord) -> Option<u64> {
+        self.append_with(opener, &[], true)
     }
 
     /// The head sequence number when the ring last overflowed.
@@ -292,8 +319,12 @@ impl Journal {
     /// ring has no room for it (the caller marks the dirty bitmap instead).
     /// Never blocks: one compare-and-swap loop on the head, then copies.
     pub fn append(&self, rec: &NewRecord, data: &[u8]) -> Option<u64> {
+        self.append_with(rec, data, false)
+    }
+
+    fn append_with(&self, rec: &NewRecord, data: &[u8], leave_overflow: bool) -> Option<u64> {
         debug_assert!(data.len() <= MAX_RECORD_DATA as usize);
-        let (at, pad) = self.reserve(footprint(data.len()))?;
+        let (at, pad) = self.reserve(footprint(data.len()), leave_overflow)?;
         // The reservation [at.pos, at.pos + pad + footprint) is ours alone
         // until we publish it and the consumer moves past it.
         if pad > 0 {
@@ -308,14 +339,16 @@ impl Journal {
             data_len: data.len() as u32,
             disk: rec.disk,
             kind: rec.kind,
-            flags: 0,
+            flags: rec.flags,
         };
         self.write_record(at.pos + pad, &h, data).then_some(at.seq)
     }
 
     /// Reserves `total` bytes (plus the pad to the wrap, if the record
     /// would straddle it) and a sequence number with one CAS on the head.
-    fn reserve(&self, total: u64) -> Option<(Position, u64)> {
+    /// Fails in overflow mode, unless this reservation is the one that
+    /// leaves it.
+    fn reserve(&self, total: u64, leave_overflow: bool) -> Option<(Position, u64)> {
         let cap = self.fields.capacity;
         if total > cap {
             return None;
@@ -323,6 +356,9 @@ impl Journal {
         let word = self.head_word();
         let mut cur = word.load(Ordering::Acquire);
         loop {
+            if in_overflow(cur) && !leave_overflow {
+                return None;
+            }
             let head = Position::unpack(cur);
             let slot = head.pos % cap;
             let pad = if slot + total > cap { cap - slot } else { 0 };
@@ -341,7 +377,7 @@ impl Journal {
     /// Test hook: a producer that crashes between reserving and publishing.
     #[doc(hidden)]
     pub fn reserve_and_abandon(&self, data_len: usize) -> Option<Position> {
-        self.reserve(footprint(data_len)).map(|(at, _)| at)
+        self.reserve(footprint(data_len), false).map(|(at, _)| at)
     }
 
     /// Copies a record into its reserved slot and publishes it. Returns
@@ -643,7 +679,10 @@ impl Cursor<'_> {
                 ));
             }
             self.at = after(self.at.pos, &h)?;
-            if h.kind != RecordKind::Pad {
+            // A pad at the wrap is only filler; a pad over a crashed
+            // producer's hole stands for sequence numbers (its `offset`)
+            // that a consumer must account for.
+            if h.kind != RecordKind::Pad || h.offset > 0 {
                 return Ok(Some(h));
             }
         }

@@ -9,7 +9,7 @@ fn journal(capacity: u64) -> (tempfile::TempDir, Journal) {
 }
 
 fn write(offset: u64, len: usize) -> NewRecord {
-    NewRecord { disk: 0, kind: RecordKind::Write, offset, length: len as u32 }
+    NewRecord { disk: 0, kind: RecordKind::Write, offset, length: len as u32, flags: 0 }
 }
 
 #[test]

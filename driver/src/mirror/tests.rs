@@ -60,7 +60,7 @@ fn replay_journal_onto(journal: &Journal, copy: &Path) -> u64 {
     let mut n = 0;
     while let Some(h) = cursor.next(&mut data).unwrap() {
         apply_record(std::slice::from_ref(&image), &h, &data).unwrap();
-        n += 1;
+        n += h.kind.changes_disk() as u64;
     }
     n
 }
@@ -252,15 +252,20 @@ fn after_a_host_crash_the_unconsumed_journal_is_discarded_and_a_checksum_resync_
     let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
     let j = m.journal();
     assert_ne!(j.flags() & journal::FLAG_CHECKSUM_RESYNC, 0);
-    assert_eq!(j.tail(), j.head());
+    assert_eq!(j.tail().seq, 2, "the discarded records are consumed");
     assert!(
         j.cursor(Position { pos: 0, seq: 1 }).next(&mut Vec::new()).unwrap().is_none(),
         "no stale record may look published"
     );
-    // New writes are journaled after the discarded ones.
+    // A resync window opens before anything else is journaled (the replica
+    // is not known to be consistent until the checksum comparison), and
+    // new writes follow the discarded ones.
     m.write(0, 0, &[4; 512], false).unwrap();
-    let h = j.cursor(j.tail()).next(&mut Vec::new()).unwrap().unwrap();
-    assert_eq!(h.seq, 2);
+    let mut cursor = j.cursor(j.tail());
+    let opener = cursor.next(&mut Vec::new()).unwrap().unwrap();
+    assert_eq!((opener.seq, opener.kind, opener.flags), (2, RecordKind::Resync, journal::RESYNC_OPEN));
+    let h = cursor.next(&mut Vec::new()).unwrap().unwrap();
+    assert_eq!((h.seq, h.kind), (3, RecordKind::Write));
 }
 
 #[test]
@@ -286,5 +291,118 @@ fn a_failed_image_change_is_followed_in_the_journal_by_what_the_image_really_hol
     assert_eq!(kinds, vec![RecordKind::Write, RecordKind::Zero, RecordKind::Resync]);
     // The journal still replays to exactly the source.
     replay_journal_onto(m.journal(), &s.original);
+    assert_same_file(&s.image, &s.original);
+}
+
+/// A consumer that applies every record onto `copy` as it reads it and
+/// frees the ring behind itself (what `tern ship` + `tern apply` do), and
+/// checks the window markers: returns (records applied, opens, closes).
+fn drain_onto(journal: &Journal, copy: &Image, from: &mut Position, data: &mut Vec<u8>) -> (u64, u64, u64) {
+    let mut cursor = journal.cursor(*from);
+    let (mut n, mut opens, mut closes) = (0, 0, 0);
+    while let Some(h) = cursor.next(data).unwrap() {
+        apply_record(std::slice::from_ref(copy), &h, data).unwrap();
+        n += h.kind.changes_disk() as u64;
+        opens += (h.flags == journal::RESYNC_OPEN) as u64;
+        closes += (h.flags == journal::RESYNC_CLOSE) as u64;
+    }
+    *from = cursor.position();
+    journal.set_tail(*from);
+    (n, opens, closes)
+}
+
+#[test]
+fn resync_after_overflow_brings_the_replica_to_the_source_and_brackets_the_window() {
+    let s = setup(4 << 20, 64 << 10, 16 << 10);
+    let mirror = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let replica = Image::open(&s.original).unwrap();
+    let (mut at, mut data) = (mirror.journal().tail(), Vec::new());
+    assert_eq!(mirror.resync_step(1 << 30).unwrap(), ResyncStep::Idle, "nothing dirty: closes the unknown window");
+    // Fill the ring with no consumer: it overflows, later writes go to the bitmap.
+    for i in 0..64u64 {
+        mirror.write(0, i * 20_000, &[i as u8 + 1; 8192], false).unwrap();
+    }
+    assert_eq!(mirror.journal().mode(), Mode::Overflow);
+    let overflow_seq = mirror.journal().head().seq;
+    let dirty = mirror.dirty_bytes();
+    assert!(dirty > 0);
+    // The ring is full: the resync must wait, not push it further.
+    assert_eq!(mirror.resync_step(1 << 30).unwrap(), ResyncStep::WaitingForRoom);
+    drain_onto(mirror.journal(), &replica, &mut at, &mut data);
+    // Now it leaves overflow; the first record after the overflow is the opener.
+    let mut steps = 0;
+    let (mut opens, mut closes) = (0, 0);
+    loop {
+        let step = mirror.resync_step(32 << 10).unwrap();
+        let first_after = mirror.journal().cursor(at).next(&mut data).unwrap();
+        if let Some(h) = first_after.filter(|_| steps == 0) {
+            assert_eq!((h.seq, h.flags), (overflow_seq, journal::RESYNC_OPEN), "the opener comes first");
+        }
+        let (_, o, c) = drain_onto(mirror.journal(), &replica, &mut at, &mut data);
+        (opens, closes) = (opens + o, closes + c);
+        steps += 1;
+        if step == ResyncStep::Idle {
+            break;
+        }
+        assert!(steps < 1000, "resync does not finish: {step:?}");
+    }
+    assert_eq!((opens, closes), (1, 1));
+    assert_eq!(mirror.dirty_bytes(), 0);
+    assert_eq!(mirror.journal().mode(), Mode::Journal);
+    drop(replica);
+    assert_same_file(&s.image, &s.original);
+}
+
+#[test]
+fn resync_racing_writers_on_several_threads_converges_to_the_source() {
+    let s = setup(8 << 20, 128 << 10, 16 << 10);
+    let mirror = Arc::new(Mirror::open(&s.paths, MirrorOptions::default()).unwrap());
+    let replica = Image::open(&s.original).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3u64)
+        .map(|t| {
+            let (m, stop) = (Arc::clone(&mirror), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) || n < 300 {
+                    let len = rng.gen_range(1..=16) * 1024;
+                    let off = rng.gen_range(0..(8 << 20) - len);
+                    match rng.gen_range(0..10) {
+                        0 => m.zero(0, off as u64, len as u64, ZeroMode::default(), false).unwrap(),
+                        1 => m.trim(0, off as u64, len as u64, false).unwrap(),
+                        _ => m.write(0, off as u64, &vec![rng.gen(); len], false).unwrap(),
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let (mut at, mut data) = (mirror.journal().tail(), Vec::new());
+    let mut saw_overflow = false;
+    let mut idle_after_stop = false;
+    for round in 0.. {
+        saw_overflow |= mirror.journal().mode() == Mode::Overflow;
+        if round == 400 {
+            stop.store(true, Ordering::Relaxed);
+        }
+        let step = mirror.resync_step(64 << 10).unwrap();
+        // Drain slowly at first, so the ring overflows under the writers.
+        if round % 4 == 0 || round > 200 {
+            drain_onto(mirror.journal(), &replica, &mut at, &mut data);
+        }
+        let writers_done = stop.load(Ordering::Relaxed) && writers.iter().all(|w| w.is_finished());
+        if writers_done && step == ResyncStep::Idle && mirror.journal().head() == at {
+            idle_after_stop = true;
+            break;
+        }
+        assert!(round < 100_000, "resync does not finish: {step:?}");
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(saw_overflow, "the test must exercise overflow");
+    assert!(idle_after_stop);
+    drop(replica);
     assert_same_file(&s.image, &s.original);
 }

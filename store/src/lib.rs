@@ -1,0 +1,5 @@
+//! The cache store: what `tern ship` writes at the source site and `tern
+//! apply` reads at the target — segment files and the VM's manifest.
+#![forbid(unsafe_code)]
+
+pub mod segment;
