@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod ship;
 
 /// tern replicates the disks of running VMs to a target site and fails them
 /// over to any recovery point.
@@ -34,6 +35,11 @@ pub enum Command {
     Enable(cmd::enable::Args),
     /// Present the VM's disks over NBD, journaling every write.
     Serve(cmd::serve::Args),
+    /// Drain the VM's journal into compressed segments in the cache store.
+    Ship(cmd::ship::Args),
+    /// Inspect or check segment files of the cache store offline.
+    #[command(subcommand)]
+    Segment(cmd::segment::Command),
     /// The whole story in a temporary directory: protect a disk, write
     /// through NBD, and prove the journal rebuilds it.
     Demo(cmd::demo::Args),
@@ -60,6 +66,8 @@ fn main() -> ExitCode {
         Command::Enable(a) => cmd::enable::run(&cli, a),
         Command::Serve(a) => cmd::serve::run(&cli, a),
         Command::Journal(c) => cmd::journal::run(&cli, c),
+        Command::Ship(a) => cmd::ship::run(&cli, a),
+        Command::Segment(c) => cmd::segment::run(&cli, c),
         Command::Demo(a) => cmd::demo::run(&cli, a),
     };
     match result {

@@ -68,11 +68,27 @@ pub struct Policy {
     /// How long recovery points are kept. Default: 24h.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// zstd level segments are compressed with (negative: zstd's fast
+    /// levels). Default: 1.
+    pub compression_level: i32,
+    /// `tern ship` cuts a segment at this many bytes of record data...
+    /// Default: 8MiB.
+    pub segment_size: Size,
+    /// ...or when its oldest record is this old, so the lag stays low when
+    /// writes are few. Default: 250ms.
+    #[serde(with = "humantime_serde")]
+    pub segment_age: Duration,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { interval: Duration::from_secs(300), retention: Duration::from_secs(24 * 3600) }
+        Policy {
+            interval: Duration::from_secs(300),
+            retention: Duration::from_secs(24 * 3600),
+            compression_level: 1,
+            segment_size: Size::mib(8),
+            segment_age: Duration::from_millis(250),
+        }
     }
 }
 
@@ -147,6 +163,21 @@ impl VmConfig {
                 "journal region-size {} must be a power of two between 4KiB and 1GiB",
                 self.journal.region_size
             )));
+        }
+        if !(-7..=22).contains(&self.policy.compression_level) {
+            return Err(bad(format!(
+                "policy compression-level {} is not a zstd level (-7 to 22)",
+                self.policy.compression_level
+            )));
+        }
+        if !(4096..=64 << 20).contains(&self.policy.segment_size.bytes()) {
+            return Err(bad(format!(
+                "policy segment-size {} must be between 4KiB and 64MiB",
+                self.policy.segment_size
+            )));
+        }
+        if self.policy.segment_age < Duration::from_millis(1) || self.policy.segment_age > Duration::from_secs(600) {
+            return Err(bad("policy segment-age must be between 1ms and 10m".into()));
         }
         if self.policy.interval < Duration::from_secs(10) {
             return Err(bad("policy interval must be at least 10s".into()));

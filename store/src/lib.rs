@@ -2,4 +2,5 @@
 //! apply` reads at the target — segment files and the VM's manifest.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod segment;

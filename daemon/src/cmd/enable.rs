@@ -50,7 +50,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         cache: a.cache.clone(),
         target: a.target.clone(),
         journal: JournalConfig { size: a.journal_size, region_size: a.region_size },
-        policy: Policy { interval: a.interval, retention: a.retention },
+        policy: Policy { interval: a.interval, retention: a.retention, ..Policy::default() },
     };
     let done = vm::enable(&cli.state, &spec).with_context(|| format!("cannot enable VM '{}'", a.vm))?;
     let total: u64 = done.initial_sync_bytes.iter().sum();

@@ -41,8 +41,8 @@ pub enum Command {
     Replay {
         vm: String,
         /// A disk copy to replay onto, as NAME=PATH. Repeatable.
-        #[arg(long = "onto", value_name = "NAME=PATH", required = true)]
-        onto: Vec<String>,
+        #[arg(long = "onto", value_name = "NAME=PATH", required = true, value_parser = crate::cmd::parse_onto)]
+        onto: Vec<(String, PathBuf)>,
         /// Start at the first record ever written (see `dump`).
         #[arg(long)]
         from_start: bool,
@@ -126,12 +126,11 @@ pub fn run(cli: &Cli, c: &Command) -> Result<()> {
             // One slot per disk of the VM; records of disks without a copy
             // are skipped.
             let mut copies: Vec<Option<Image>> = config.disks.iter().map(|_| None).collect();
-            for o in onto {
-                let Some((name, path)) = o.split_once('=') else { bail!("--onto {o:?}: expected NAME=PATH") };
+            for (name, path) in onto {
                 let Some(i) = config.disk_index(name) else { bail!("VM '{vm}' has no disk named '{name}'") };
-                let image = Image::open(&PathBuf::from(path))?;
+                let image = Image::open(path)?;
                 if image.size() != config.disks[i].size {
-                    bail!("{path} is {} bytes but disk '{name}' is {}", image.size(), config.disks[i].size);
+                    bail!("{} is {} bytes but disk '{name}' is {}", path.display(), image.size(), config.disks[i].size);
                 }
                 copies[i] = Some(image);
             }

@@ -3,4 +3,14 @@
 pub mod demo;
 pub mod enable;
 pub mod journal;
+pub mod segment;
 pub mod serve;
+pub mod ship;
+
+/// `--onto NAME=PATH`: a disk copy a replay writes onto.
+pub fn parse_onto(s: &str) -> Result<(String, std::path::PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_owned(), path.into())),
+        _ => Err(format!("{s:?}: expected NAME=PATH")),
+    }
+}

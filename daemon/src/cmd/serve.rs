@@ -72,6 +72,11 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         std::thread::Builder::new().name("nbd-accept".into()).spawn(move || server.accept_loop(listener))?;
     }
 
+    let resync = {
+        let mirror = Arc::clone(&mirror);
+        std::thread::Builder::new().name("resync".into()).spawn(move || resync_loop(&mirror))?
+    };
+
     let signal = signals.forever().next();
     log::info!("signal {signal:?}: stopping; finishing the requests in flight");
     server.disconnect_all();
@@ -79,5 +84,26 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }
+    let _ = resync.join();
     result
+}
+
+/// Re-sends dirty regions in the background for as long as the VM is
+/// served (the initial sync, after an overflow, after a host crash). Paced
+/// by the ring: it only works while the ring is less than half full.
+fn resync_loop(mirror: &Mirror) {
+    use std::time::Duration;
+    use tern_driver::ResyncStep;
+    loop {
+        match mirror.resync_step(8 << 20) {
+            Ok(ResyncStep::Progress { .. }) => {}
+            Ok(ResyncStep::Idle) => std::thread::sleep(Duration::from_millis(50)),
+            Ok(ResyncStep::WaitingForRoom | ResyncStep::AwaitingChecksum) => std::thread::sleep(Duration::from_millis(5)),
+            Err(tern_driver::Error::ShuttingDown) => return,
+            Err(e) => {
+                log::error!("VM '{}': resync failed: {e}; retrying in 5s", mirror.config().name);
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }
+    }
 }

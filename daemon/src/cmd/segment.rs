@@ -1,0 +1,185 @@
+//! `tern segment`: offline inspection of the cache store's segment files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tern_driver::image::Image;
+use tern_driver::mirror::apply_record;
+use tern_store::cache::CacheDir;
+use tern_store::segment::{self, Compression, Segment};
+
+use crate::Cli;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print a segment's header and records.
+    Dump {
+        file: PathBuf,
+        /// Only the header.
+        #[arg(long)]
+        header: bool,
+    },
+    /// Check segments completely (checksums, sequence rules, decompression);
+    /// given a VM's cache directory, also that the stream has no gaps.
+    Verify { paths: Vec<PathBuf> },
+    /// Replay every segment of a VM's cache directory onto copies of its
+    /// disks as they were at `enable` (the oracle tests use).
+    Replay {
+        /// `<cache>/<vm>`.
+        dir: PathBuf,
+        /// NAME=PATH: the copy of disk NAME to replay onto. Repeatable.
+        #[arg(long = "onto", value_name = "NAME=PATH", required = true, value_parser = crate::cmd::parse_onto)]
+        onto: Vec<(String, PathBuf)>,
+    },
+}
+
+pub fn run(_cli: &Cli, c: &Command) -> Result<()> {
+    match c {
+        Command::Dump { file, header } => dump(file, *header),
+        Command::Verify { paths } => {
+            let mut segments = 0;
+            for p in paths {
+                segments += if p.is_dir() { verify_dir(p)? } else { verify_file(p).map(|_| 1)? };
+            }
+            println!("ok: {segments} segment(s) verified");
+            Ok(())
+        }
+        Command::Replay { dir, onto } => replay(dir, onto),
+    }
+}
+
+fn dump(file: &Path, header_only: bool) -> Result<()> {
+    let seg = Segment::read_file(file, None)?;
+    let h = &seg.header;
+    let compression = match h.compression {
+        Compression::None => "none".to_string(),
+        Compression::Zstd { level } => format!("zstd level {level}"),
+    };
+    println!(
+        "segment {}\n  vm id {}\n  epoch {}\n  seqs {}..={} ({} records)\n  window {}\n  data {} bytes, stored {} bytes ({compression})",
+        file.display(),
+        uuid::Uuid::from_bytes(h.vm_id),
+        h.epoch,
+        h.first_seq,
+        h.last_seq,
+        h.record_count,
+        window_name(h.window),
+        h.payload_len,
+        h.stored_len
+    );
+    if header_only {
+        return Ok(());
+    }
+    for (r, _) in seg.records() {
+        let marker = match r.flags {
+            tern_driver::journal::RESYNC_OPEN => " (opens resync window)",
+            tern_driver::journal::RESYNC_CLOSE => " (closes resync window)",
+            _ => "",
+        };
+        println!(
+            "  seq {:>10}  disk {}  {:<6} offset {:>14}  length {:>9}{marker}",
+            r.seq,
+            r.disk,
+            r.kind.name(),
+            r.offset,
+            r.length
+        );
+    }
+    Ok(())
+}
+
+fn window_name(w: u32) -> &'static str {
+    match (w & segment::WINDOW_AT_START != 0, w & segment::WINDOW_AT_END != 0) {
+        (false, false) => "none (consistent throughout)",
+        (false, true) => "opens",
+        (true, true) => "continues",
+        (true, false) => "closes",
+    }
+}
+
+fn verify_file(p: &Path) -> Result<Segment> {
+    Ok(Segment::read_file(p, None)?)
+}
+
+/// Every segment of `<cache>/<vm>`, in order: each verified, consecutive,
+/// of the manifest's VM, gaps only where an epoch starts.
+fn verify_dir(dir: &Path) -> Result<usize> {
+    let (cache, manifest) = open_cache_dir(dir)?;
+    let mut expected: Option<u64> = None;
+    let list = cache.list_segments()?;
+    for (first, last, path) in &list {
+        let seg = Segment::read_file(path, Some(*manifest.id.as_bytes()))?;
+        if (seg.header.first_seq, seg.header.last_seq) != (*first, *last) {
+            bail!(
+                "{}: holds seqs {}..={}, not what its name says",
+                path.display(),
+                seg.header.first_seq,
+                seg.header.last_seq
+            );
+        }
+        if let Some(e) = expected {
+            let epoch_starts_here =
+                manifest.epochs.iter().any(|ep| ep.first_seq == *first && ep.number == seg.header.epoch);
+            if *first != e && !epoch_starts_here {
+                bail!("{}: starts at seq {first}, but the previous segment ended at {} (a gap)", path.display(), e - 1);
+            }
+        }
+        expected = Some(last + 1);
+    }
+    Ok(list.len())
+}
+
+fn open_cache_dir(dir: &Path) -> Result<(CacheDir, tern_store::cache::Manifest)> {
+    let (Some(store), Some(vm)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else {
+        bail!("{} is not a <cache>/<vm> directory", dir.display());
+    };
+    let cache = CacheDir::new(store, vm);
+    let manifest = cache
+        .read_manifest()
+        .with_context(|| format!("cannot read {}", cache.manifest_path().display()))?
+        .with_context(|| format!("{} has no manifest.toml: not a tern cache directory", dir.display()))?
+        .map_err(anyhow::Error::msg)?;
+    Ok((cache, manifest))
+}
+
+fn replay(dir: &Path, onto: &[(String, PathBuf)]) -> Result<()> {
+    verify_dir(dir)?;
+    let (cache, manifest) = open_cache_dir(dir)?;
+    let mut copies: Vec<Option<Image>> = Vec::new();
+    for d in &manifest.disks {
+        copies.push(match onto.iter().find(|(n, _)| *n == d.name) {
+            Some((_, p)) => {
+                let image = Image::open(p)?;
+                if image.size() != d.size {
+                    bail!("{} is {} bytes but disk '{}' is {}", p.display(), image.size(), d.name, d.size);
+                }
+                Some(image)
+            }
+            None => None,
+        });
+    }
+    for (n, _) in onto {
+        if !manifest.disks.iter().any(|d| d.name == *n) {
+            bail!("VM '{}' has no disk named '{n}'", manifest.name);
+        }
+    }
+    let (mut records, mut segments) = (0u64, 0u64);
+    for (_, _, path) in cache.list_segments()? {
+        let seg = Segment::read_file(&path, Some(*manifest.id.as_bytes()))?;
+        for (h, data) in seg.records() {
+            if let Some(Some(image)) = copies.get(h.disk as usize) {
+                let mut h = *h;
+                h.disk = 0;
+                apply_record(std::slice::from_ref(image), &h, data)
+                    .with_context(|| format!("replaying seq {} of {}", h.seq, path.display()))?;
+                records += h.kind.changes_disk() as u64;
+            }
+        }
+        segments += 1;
+    }
+    for image in copies.iter().flatten() {
+        image.sync_data()?;
+    }
+    println!("replayed {records} records from {segments} segments");
+    Ok(())
+}

@@ -1,0 +1,47 @@
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tern_driver::vm::VmPaths;
+
+use crate::ship::{self, ShipOptions};
+use crate::Cli;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The VM whose journal to ship.
+    pub vm: String,
+    /// Ship what is journaled or dirty now, then exit 0.
+    #[arg(long)]
+    pub once: bool,
+    /// Compression threads (default: one per CPU).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+pub fn run(cli: &Cli, a: &Args) -> Result<()> {
+    let paths = VmPaths::new(&cli.state, &a.vm)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGTERM, SIGINT] {
+        // SIGTERM: finish the segment being written, then exit cleanly.
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handlers")?;
+    }
+    let workers = a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).clamp(1, 64);
+    let options = ShipOptions { once: a.once, workers };
+    let stats = ship::run(&paths, &options, stop).with_context(|| format!("cannot ship VM '{}'", a.vm))?;
+    let r = stats.report(&tern_driver::journal::Journal::open(&paths.journal())?);
+    log::info!(
+        "VM '{}': shipped {} records in {} segments up to seq {}: {} in, {} out (ratio {:.2}), lag p50 {:.0} ms, p99 {:.0} ms",
+        a.vm,
+        r.records_shipped,
+        r.segments_shipped,
+        r.last_shipped_seq,
+        tern_driver::units::Size(r.bytes_in).approx(),
+        tern_driver::units::Size(r.bytes_out).approx(),
+        r.compression_ratio,
+        r.lag_p50_ms,
+        r.lag_p99_ms
+    );
+    Ok(())
+}

@@ -1,0 +1,485 @@
+//! `tern ship`: the source side of replication. Drains a VM's journal ring
+//! in order into compressed, checksummed segments in the cache store, and
+//! moves the ring's tail only once a segment is durable there (invariant 5).
+//!
+//! ```text
+//!  reader (this thread)          workers (zstd, one context each)     writer
+//!  ring → SegmentBuilder ──────▶ encode ─────────────────────────────▶ reorder by batch number,
+//!  cut by size or age   bounded                              bounded   tmp, fsync, rename, fsync dir,
+//!                                                                      then move the ring's tail
+//! ```
+//!
+//! Beside them, the resync driver: when no front-end runs it opens the VM
+//! itself and re-sends dirty regions (while `tern serve` runs, serve does).
+//! Nothing here can stall or fail the VM's I/O: a slow or failing cache
+//! only lets the ring fill, and the front-end falls back to its bitmaps.
+
+mod stats;
+mod writer;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use tern_driver::bitmap::DirtyBitmap;
+use tern_driver::journal::{self, Journal, Position, RecordHeader};
+use tern_driver::vm::{VmConfig, VmPaths};
+use tern_driver::{Mirror, MirrorOptions, ResyncStep};
+use tern_store::cache::{CacheDir, Epoch, Manifest};
+use tern_store::segment::{self, Compression, Encoder, SegmentBuilder, SegmentHeader};
+
+pub use stats::Stats;
+
+/// How a ship run behaves.
+#[derive(Debug, Clone)]
+pub struct ShipOptions {
+    /// Catch up with what is journaled or dirty now, then return.
+    pub once: bool,
+    /// Compression threads.
+    pub workers: usize,
+}
+
+/// A batch of records on its way from the reader to the writer.
+struct Batch {
+    number: u64,
+    builder: SegmentBuilder,
+    /// The ring position after its last record: the tail, once it is durable.
+    end: Position,
+    oldest_ns: u64,
+}
+
+struct Sealed {
+    number: u64,
+    header: SegmentHeader,
+    bytes: Vec<u8>,
+    end: Position,
+    oldest_ns: u64,
+}
+
+/// Kills the process at a named point when `TERN_FAILPOINT` names it: the
+/// crash tests' way of stopping `tern ship` exactly there.
+pub fn failpoint(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if POINT.get_or_init(|| std::env::var("TERN_FAILPOINT").ok()).as_deref() == Some(name) {
+        log::warn!("failpoint {name}: killing this process");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Where the stream stands in the cache, read at start.
+struct Resume {
+    manifest: Manifest,
+    /// The newest shipped sequence number (0: none yet).
+    last_shipped: u64,
+    in_window: bool,
+}
+
+pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Result<Arc<Stats>> {
+    let config = paths.load_config()?;
+    let vm = config.name.clone();
+    let _consumer =
+        tern_driver::vm::lock_exclusive(&paths.consumer_lock(), &format!("the journal of VM '{vm}'"), "`tern ship`")?;
+    let journal = Journal::open(&paths.journal())?;
+    if journal.vm_id() != *config.id.as_bytes() {
+        bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
+    }
+    let cache = CacheDir::new(&config.cache, &vm);
+    let stats = Arc::new(Stats::new(paths.dir().join("ship.json")));
+    let resume = resume(&config, &cache, &journal, &stats, &stop)?;
+    let writer =
+        writer::CacheWriter::new(cache.clone(), resume.manifest.clone(), Arc::clone(&stats), Arc::clone(&stop));
+    let bitmaps: Vec<DirtyBitmap> =
+        config.disks.iter().map(|d| DirtyBitmap::open(&paths.dirty(&d.name), d.size)).collect::<Result<_, _>>()?;
+    let target = journal.head();
+    log::info!(
+        "VM '{vm}': shipping journal {} to {} (epoch {}, from seq {}{})",
+        journal.path().display(),
+        cache.root().display(),
+        resume.manifest.epoch().number,
+        journal.tail().seq,
+        if options.once {
+            format!(", until seq {} and every dirty region are shipped", target.seq)
+        } else {
+            String::new()
+        }
+    );
+
+    let workers = options.workers.max(1);
+    let (to_workers, batches) = bounded::<Batch>(workers * 2);
+    let (to_writer, sealed) = bounded::<Sealed>(workers * 2);
+    let compression = Compression::Zstd { level: config.policy.compression_level };
+    let reader_done = AtomicBool::new(false);
+    let resync_idle = AtomicBool::new(false);
+    let stream_in_window = AtomicBool::new(resume.in_window);
+    std::thread::scope(|s| -> Result<()> {
+        for i in 0..workers {
+            let (batches, to_writer) = (batches.clone(), to_writer.clone());
+            std::thread::Builder::new()
+                .name(format!("ship-zstd-{i}"))
+                .spawn_scoped(s, move || compress(compression, batches, to_writer))?;
+        }
+        drop((batches, to_writer));
+        let writing = std::thread::Builder::new()
+            .name("ship-writer".into())
+            .spawn_scoped(s, || write_in_order(&writer, &journal, sealed, &stats))?;
+        std::thread::Builder::new().name("ship-resync".into()).spawn_scoped(s, || {
+            drive_resync(paths, &journal, &bitmaps, &reader_done, &stream_in_window, &resync_idle, &stop)
+        })?;
+        std::thread::Builder::new().name("ship-status".into()).spawn_scoped(s, || {
+            while !reader_done.load(Ordering::Acquire) {
+                stats.publish(&journal);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })?;
+        let shared =
+            ReaderShared { target, resync_idle: &resync_idle, stream_in_window: &stream_in_window, stop: &stop };
+        let reading = read_batches(&config, &journal, &bitmaps, &resume, options, &shared, to_workers);
+        reader_done.store(true, Ordering::Release);
+        let written = writing.join().map_err(|_| anyhow::anyhow!("the segment writer panicked"))?;
+        reading.and(written)
+    })?;
+    stats.publish(&journal);
+    Ok(stats)
+}
+
+/// Reads the manifest and the newest segment, reconciles them with the
+/// ring's tail, and writes the manifest when it is new or a new epoch
+/// starts.
+fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats, stop: &AtomicBool) -> Result<Resume> {
+    let vm = &config.name;
+    let cache_root = config.cache.as_path();
+    if !cache_root.is_dir() {
+        bail!(
+            "the cache store {} does not exist or is not a directory; create it (or mount it) and start `tern ship {vm}` again",
+            cache_root.display()
+        );
+    }
+    let removed =
+        cache.remove_temporaries().with_context(|| format!("cannot clean {}", cache.segments_dir().display()))?;
+    if removed > 0 {
+        log::info!(
+            "VM '{vm}': removed {removed} half-written segment(s) a previous run left in {}",
+            cache.segments_dir().display()
+        );
+    }
+    let tail = journal.tail();
+    let mut manifest =
+        match cache.read_manifest().with_context(|| format!("cannot read {}", cache.manifest_path().display()))? {
+            Some(m) => m.map_err(anyhow::Error::msg)?,
+            None => Manifest::for_vm(config, tail.seq),
+        };
+    if manifest.id != config.id {
+        bail!(
+            "{} belongs to VM id {}, but VM '{vm}' is id {}: the cache holds another VM of the same name; move it away or point --cache elsewhere",
+            cache.manifest_path().display(),
+            manifest.id,
+            config.id
+        );
+    }
+    let newest = match cache.newest_segment()? {
+        Some(h) => Some(h.context("the newest segment in the cache is damaged; move it away to re-ship it")?),
+        None => None,
+    };
+    let (mut last_shipped, mut in_window) = match &newest {
+        Some(h) => (h.last_seq, h.window & segment::WINDOW_AT_END != 0),
+        None => (tail.seq.saturating_sub(1), false),
+    };
+    if tail.seq > last_shipped + 1 {
+        // Records between were never shipped and are gone: the journal was
+        // emptied after a host crash. A new epoch lets the applier accept
+        // the gap; the front-end opened a resync window at its start.
+        let number = manifest.epoch().number + 1;
+        log::warn!(
+            "VM '{vm}': journal records {}..{} were discarded before they were shipped (host crash); starting epoch {number} at seq {}",
+            last_shipped + 1,
+            tail.seq - 1,
+            tail.seq
+        );
+        manifest.epochs.push(Epoch {
+            number,
+            first_seq: tail.seq,
+            reason: "journal discarded after a host crash".into(),
+        });
+        last_shipped = tail.seq - 1;
+        in_window = true;
+    }
+    writer::retrying("write the manifest", stats, stop, || writer::write_manifest(cache, &manifest))?;
+    if tail.seq <= last_shipped {
+        // The previous run died after a segment became durable and before
+        // it moved the tail: skip what the cache already has.
+        let mut cursor = journal.cursor(tail);
+        let mut data = Vec::new();
+        while cursor.position().seq <= last_shipped {
+            if cursor.next(&mut data).map_err(anyhow::Error::msg)?.is_none() {
+                bail!(
+                    "the cache has records up to seq {last_shipped} but the journal ends at seq {}: the cache is ahead of this journal (was it re-created?)",
+                    cursor.position().seq
+                );
+            }
+        }
+        log::info!(
+            "VM '{vm}': seqs {}..={last_shipped} are already in the cache; moving the ring's tail past them",
+            tail.seq
+        );
+        journal.set_tail(cursor.position());
+    }
+    stats.set_last_shipped(last_shipped);
+    Ok(Resume { manifest, last_shipped, in_window })
+}
+
+/// What the reader shares with the resync driver.
+#[derive(Clone, Copy)]
+struct ReaderShared<'a> {
+    /// With `--once`: the head when the run started.
+    target: Position,
+    resync_idle: &'a AtomicBool,
+    stream_in_window: &'a AtomicBool,
+    stop: &'a AtomicBool,
+}
+
+/// The reader: records into batches, cut by size and age.
+fn read_batches(
+    config: &VmConfig,
+    journal: &Journal,
+    bitmaps: &[DirtyBitmap],
+    resume: &Resume,
+    options: &ShipOptions,
+    shared: &ReaderShared<'_>,
+    to_workers: Sender<Batch>,
+) -> Result<()> {
+    let ReaderShared { target, resync_idle, stream_in_window, stop } = *shared;
+    let vm_id = *config.id.as_bytes();
+    let epoch = resume.manifest.epoch().number;
+    let max_size = config.policy.segment_size.bytes();
+    let max_age = config.policy.segment_age;
+    let mut cursor = journal.cursor(journal.tail());
+    let mut in_window = resume.in_window;
+    let mut data = Vec::new();
+    let mut number = 0u64;
+    let mut builder = SegmentBuilder::new(vm_id, epoch, cursor.position().seq);
+    let mut window_at_start = in_window;
+    let mut oldest: Option<(u64, Instant)> = None;
+    let mut last_progress_log = Instant::now();
+    // A record read but held back for the next segment, and the ring
+    // position before it (where this segment ends).
+    let mut pending: Option<RecordHeader> = None;
+    let mut before_pending = cursor.position();
+    debug_assert!(resume.last_shipped < cursor.position().seq);
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        let record = match pending.take() {
+            Some(h) => Some(h),
+            None if stopping => None,
+            None => {
+                before_pending = cursor.position();
+                cursor.next(&mut data).map_err(|e| anyhow::anyhow!("journal {}: {e}", journal.path().display()))?
+            }
+        };
+        let full = record.as_ref().is_some_and(|h| !builder.has_room(h.data_len) || builder.payload_len() >= max_size);
+        let old = oldest.is_some_and(|(_, at)| at.elapsed() >= max_age);
+        if !builder.is_empty()
+            && (full || old || record.is_none() && (stopping || options.once && caught_up(&cursor, target)))
+        {
+            let end = if record.is_some() { before_pending } else { cursor.position() };
+            builder.set_window(
+                if window_at_start { segment::WINDOW_AT_START } else { 0 }
+                    | if in_window { segment::WINDOW_AT_END } else { 0 },
+            );
+            let next = SegmentBuilder::new(vm_id, epoch, builder.next_seq());
+            let batch = Batch {
+                number,
+                builder: std::mem::replace(&mut builder, next),
+                end,
+                oldest_ns: oldest.map_or(0, |o| o.0),
+            };
+            failpoint("ship:batch-read");
+            if to_workers.send(batch).is_err() {
+                bail!("the compression workers stopped");
+            }
+            number += 1;
+            window_at_start = in_window;
+            oldest = None;
+        }
+        match record {
+            Some(h) if full || (old && !builder.is_empty()) => pending = Some(h),
+            Some(h) => {
+                if h.kind == journal::RecordKind::Resync && h.length == 0 {
+                    in_window = h.flags == journal::RESYNC_OPEN;
+                    stream_in_window.store(in_window, Ordering::Release);
+                }
+                if oldest.is_none() {
+                    oldest = Some((h.time_ns, Instant::now()));
+                }
+                builder.push(&h, &data).map_err(|e| anyhow::anyhow!("journal record seq {}: {e}", h.seq))?;
+            }
+            None if stopping => return Ok(()),
+            None => {
+                if options.once
+                    && caught_up(&cursor, target)
+                    && !in_window
+                    && resync_idle.load(Ordering::Acquire)
+                    && bitmaps.iter().all(|b| b.dirty_count() == 0)
+                    && journal.flags() & journal::FLAG_CHECKSUM_RESYNC == 0
+                {
+                    return Ok(());
+                }
+                if options.once && last_progress_log.elapsed() > Duration::from_secs(5) {
+                    let dirty: u64 = bitmaps.iter().map(|b| b.dirty_count() * b.region_size()).sum();
+                    log::info!(
+                        "waiting: shipped up to seq {}, {} still dirty, resync window {}",
+                        cursor.position().seq - 1,
+                        tern_driver::units::Size(dirty).approx(),
+                        if in_window { "open" } else { "closed" }
+                    );
+                    last_progress_log = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// Whether the cursor has passed the head as it was when `--once` started.
+fn caught_up(cursor: &tern_driver::journal::Cursor<'_>, target: Position) -> bool {
+    cursor.position().seq >= target.seq
+}
+
+fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sender<Sealed>) {
+    let mut encoder = match Encoder::new(compression) {
+        Ok(e) => e,
+        Err(e) => {
+            log::error!("cannot set up zstd: {e}");
+            return;
+        }
+    };
+    for b in batches {
+        match encoder.encode(&b.builder) {
+            Ok((header, bytes)) => {
+                let sealed = Sealed { number: b.number, header, bytes, end: b.end, oldest_ns: b.oldest_ns };
+                if to_writer.send(sealed).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                log::error!("cannot encode segment of seqs from {}: {e}", b.builder.first_seq());
+                return;
+            }
+        }
+    }
+}
+
+/// The writer: segments in batch order, each durable before the tail moves.
+fn write_in_order(
+    writer: &writer::CacheWriter,
+    journal: &Journal,
+    sealed: Receiver<Sealed>,
+    stats: &Stats,
+) -> Result<()> {
+    let mut waiting = std::collections::BTreeMap::new();
+    let mut next = 0u64;
+    for s in sealed {
+        waiting.insert(s.number, s);
+        while let Some(s) = waiting.remove(&next) {
+            writer.write_segment(&s.header, &s.bytes)?;
+            journal.set_tail(s.end);
+            stats.segment_shipped(&s.header, s.bytes.len() as u64, s.oldest_ns);
+            next += 1;
+        }
+    }
+    if !waiting.is_empty() {
+        bail!("segments {:?} were encoded but an earlier one never arrived", waiting.keys().collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
+/// Re-sends dirty regions when no front-end runs (then nobody else can),
+/// and turns a pending checksum resync into dirty marks. While `tern
+/// serve` runs, its own resync thread does the re-sending.
+fn drive_resync(
+    paths: &VmPaths,
+    journal: &Journal,
+    bitmaps: &[DirtyBitmap],
+    reader_done: &AtomicBool,
+    stream_in_window: &AtomicBool,
+    idle: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    while !reader_done.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+        if journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
+            mark_everything_for_checksum_resync(journal, bitmaps);
+        }
+        let dirty = bitmaps.iter().any(|b| b.dirty_count() > 0);
+        let attached = journal.flags() & journal::FLAG_ATTACHED != 0;
+        // A window the stream left open (its front-end stopped before
+        // closing it) is closed by the next front-end's first step.
+        if !dirty && !attached && !stream_in_window.load(Ordering::Acquire) {
+            idle.store(true, Ordering::Release);
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match Mirror::open(paths, MirrorOptions::default()) {
+            Ok(mirror) => {
+                idle.store(false, Ordering::Release);
+                let result = resync_for_a_while(&mirror, reader_done, stop);
+                if let Err(e) = result.and_then(|step| {
+                    mirror.shutdown()?;
+                    Ok(step)
+                }) {
+                    log::error!("resync of VM '{}' failed: {e:#}; retrying in 5s", mirror.config().name);
+                    std::thread::sleep(Duration::from_secs(5));
+                }
+            }
+            Err(tern_driver::Error::Busy { .. }) => {
+                // `tern serve` runs and resyncs itself; `--once` waits for
+                // the bitmaps to empty and the window to close.
+                idle.store(true, Ordering::Release);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => {
+                log::error!("cannot open VM for resync: {e}; retrying in 5s");
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs resync steps for up to two seconds (then the front-end lock is
+/// released for a moment, so `tern serve` can start).
+fn resync_for_a_while(mirror: &Mirror, reader_done: &AtomicBool, stop: &AtomicBool) -> tern_driver::Result<ResyncStep> {
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        let step = mirror.resync_step(8 << 20)?;
+        match step {
+            ResyncStep::Idle => return Ok(step),
+            ResyncStep::Progress { .. } => {}
+            ResyncStep::WaitingForRoom | ResyncStep::AwaitingChecksum => std::thread::sleep(Duration::from_millis(2)),
+        }
+        if Instant::now() >= until || reader_done.load(Ordering::Acquire) || stop.load(Ordering::Acquire) {
+            return Ok(step);
+        }
+    }
+}
+
+/// After a host crash the source and the replica may differ anywhere. The
+/// target's block hashes would narrow this down; until they are available
+/// every region is marked dirty (a full resync), then the flag is cleared.
+/// Marks first, durable, then the flag: the window stays open throughout.
+fn mark_everything_for_checksum_resync(journal: &Journal, bitmaps: &[DirtyBitmap]) {
+    log::warn!(
+        "journal {}: the host went down while the VM was served; re-sending every region of its disks (full resync)",
+        journal.path().display()
+    );
+    for b in bitmaps {
+        b.mark(0, u64::MAX / 2);
+        if let Err(e) = b.sync() {
+            log::error!("{e}; the checksum resync will be retried");
+            return;
+        }
+    }
+    journal.clear_flags(journal::FLAG_CHECKSUM_RESYNC);
+    if let Err(e) = journal.sync() {
+        log::error!("{e}");
+    }
+}

@@ -1,0 +1,243 @@
+//! The layout of one VM in the cache store, and its manifest.
+//!
+//! ```text
+//! <cache>/<vm>/manifest.toml          what the target needs to build replicas (below)
+//! <cache>/<vm>/segments/<first>-<last> segment files, 20-digit zero-padded seqs (sort = seq order)
+//! <cache>/<vm>/segments/.<name>.tmp    a segment being written (never read)
+//! ```
+//!
+//! The applier may delete segments it has applied, but always leaves the
+//! newest: it tells a restarted shipper where the stream stands.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tern_driver::vm::{validate_name, Policy, VmConfig};
+
+use crate::segment::{self, SegmentError, SegmentHeader};
+
+/// Version of `manifest.toml` this tern writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// `<cache>/<vm>/manifest.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Manifest {
+    pub version: u32,
+    pub name: String,
+    pub id: uuid::Uuid,
+    pub policy: Policy,
+    #[serde(rename = "disk")]
+    pub disks: Vec<ManifestDisk>,
+    /// Every epoch of the sequence stream, oldest first. A new epoch starts
+    /// where records were lost before shipping (the journal was discarded
+    /// after a host crash): the applier accepts the gap only there, and a
+    /// resync window opens at its first record.
+    #[serde(rename = "epoch")]
+    pub epochs: Vec<Epoch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ManifestDisk {
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Epoch {
+    pub number: u64,
+    /// The first sequence number of the epoch.
+    pub first_seq: u64,
+    /// Why it started, for the operator.
+    pub reason: String,
+}
+
+impl Manifest {
+    pub fn for_vm(config: &VmConfig, first_seq: u64) -> Self {
+        Manifest {
+            version: MANIFEST_VERSION,
+            name: config.name.clone(),
+            id: config.id,
+            policy: config.policy.clone(),
+            disks: config.disks.iter().map(|d| ManifestDisk { name: d.name.clone(), size: d.size }).collect(),
+            epochs: vec![Epoch { number: 1, first_seq, reason: "replication enabled".into() }],
+        }
+    }
+
+    pub fn epoch(&self) -> &Epoch {
+        self.epochs.last().expect("validated: at least one epoch")
+    }
+
+    /// Parses and validates a manifest (untrusted: it comes from the cache).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, String> {
+        let m: Manifest = toml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bad = |why: String| format!("{}: {why}", path.display());
+        if m.version != MANIFEST_VERSION {
+            return Err(bad(format!("version {} is not supported (this tern reads {MANIFEST_VERSION})", m.version)));
+        }
+        validate_name("VM", &m.name).map_err(|e| bad(e.to_string()))?;
+        if m.disks.is_empty() || m.disks.len() > tern_driver::vm::MAX_DISKS {
+            return Err(bad(format!("{} disks listed", m.disks.len())));
+        }
+        for d in &m.disks {
+            validate_name("disk", &d.name).map_err(|e| bad(e.to_string()))?;
+            if d.size == 0 {
+                return Err(bad(format!("disk '{}' has size 0", d.name)));
+            }
+        }
+        if m.epochs.is_empty() {
+            return Err(bad("no epoch listed".into()));
+        }
+        for w in m.epochs.windows(2) {
+            if w[1].number != w[0].number + 1 || w[1].first_seq <= w[0].first_seq {
+                return Err(bad(format!("epochs {} and {} are out of order", w[0].number, w[1].number)));
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// One VM's directory in the cache store.
+#[derive(Debug, Clone)]
+pub struct CacheDir {
+    root: PathBuf,
+}
+
+impl CacheDir {
+    pub fn new(cache: &Path, vm: &str) -> Self {
+        CacheDir { root: cache.join(vm) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.root.join("manifest.toml")
+    }
+
+    pub fn segments_dir(&self) -> PathBuf {
+        self.root.join("segments")
+    }
+
+    pub fn segment_path(&self, first_seq: u64, last_seq: u64) -> PathBuf {
+        self.segments_dir().join(segment::file_name(first_seq, last_seq))
+    }
+
+    pub fn temp_path(&self, first_seq: u64, last_seq: u64) -> PathBuf {
+        self.segments_dir().join(format!(".{}.tmp", segment::file_name(first_seq, last_seq)))
+    }
+
+    /// The manifest, or `None` if there is none yet.
+    pub fn read_manifest(&self) -> io::Result<Option<Result<Manifest, String>>> {
+        let path = self.manifest_path();
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(Manifest::parse(&path, &text))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The segment files, in sequence order, by name (not opened). Other
+    /// files are ignored.
+    pub fn list_segments(&self) -> io::Result<Vec<(u64, u64, PathBuf)>> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(self.segments_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if let Some((first, last)) = entry.file_name().to_str().and_then(segment::parse_file_name) {
+                out.push((first, last, entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The header of the newest segment, if any.
+    pub fn newest_segment(&self) -> io::Result<Option<Result<SegmentHeader, SegmentError>>> {
+        Ok(self.list_segments()?.last().map(|(_, _, p)| segment::read_header(p)))
+    }
+
+    /// Removes segments a crashed writer left half-written. Returns how many.
+    pub fn remove_temporaries(&self) -> io::Result<usize> {
+        let mut n = 0;
+        let entries = match fs::read_dir(self.segments_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                fs::remove_file(self.segments_dir().join(&*name))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            version: 1,
+            name: "vm1".into(),
+            id: uuid::Uuid::from_bytes([7; 16]),
+            policy: Policy::default(),
+            disks: vec![ManifestDisk { name: "root".into(), size: 1 << 30 }],
+            epochs: vec![
+                Epoch { number: 1, first_seq: 1, reason: "replication enabled".into() },
+                Epoch { number: 2, first_seq: 500, reason: "host crash".into() },
+            ],
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips_and_bad_ones_are_refused_with_the_path() {
+        let p = Path::new("/c/vm1/manifest.toml");
+        let text = toml::to_string(&manifest()).unwrap();
+        assert_eq!(Manifest::parse(p, &text).unwrap(), manifest());
+        for (from, to) in [
+            ("version = 1", "version = 9"),
+            ("name = \"vm1\"", "name = \"../etc\""),
+            ("number = 2", "number = 3"),
+            ("first-seq = 500", "first-seq = 1"),
+            ("size = 1073741824", "size = 0"),
+            ("name = \"root\"", "name = \"a/b\""),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let err = Manifest::parse(p, &text.replace(from, to)).unwrap_err();
+            assert!(err.starts_with("/c/vm1/manifest.toml: "), "{err}");
+        }
+        assert!(Manifest::parse(p, &format!("{text}\nextra = 1\n")).is_err());
+    }
+
+    #[test]
+    fn listing_ignores_temporaries_and_junk_and_sorts_by_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CacheDir::new(dir.path(), "vm1");
+        assert!(c.list_segments().unwrap().is_empty());
+        fs::create_dir_all(c.segments_dir()).unwrap();
+        for (a, b) in [(11, 20), (1, 10), (21, 21)] {
+            fs::write(c.segment_path(a, b), b"x").unwrap();
+        }
+        fs::write(c.temp_path(22, 30), b"x").unwrap();
+        fs::write(c.segments_dir().join("notes.txt"), b"x").unwrap();
+        let firsts: Vec<u64> = c.list_segments().unwrap().iter().map(|s| s.0).collect();
+        assert_eq!(firsts, [1, 11, 21]);
+        assert_eq!(c.remove_temporaries().unwrap(), 1);
+        assert!(!c.temp_path(22, 30).exists());
+    }
+}
