@@ -83,7 +83,8 @@ pub struct Mirror {
     window_open: AtomicBool,
     /// Where the resync scan goes on: (disk, byte offset).
     resync_from: Mutex<(usize, u64)>,
-    _frontend_lock: File,
+    /// Held until `shutdown`: one front-end per VM.
+    frontend_lock: Mutex<Option<File>>,
 }
 
 impl Mirror {
@@ -127,13 +128,12 @@ impl Mirror {
             poisoned: AtomicBool::new(false),
             stats: MirrorStats::default(),
             recovery: None,
-            // Unknown: a predecessor may have opened one and died. The first
-            // resync step closes it if nothing is dirty.
-            window_open: AtomicBool::new(true),
+            window_open: AtomicBool::new(false),
             resync_from: Mutex::new((0, 0)),
-            _frontend_lock: frontend_lock,
+            frontend_lock: Mutex::new(Some(frontend_lock)),
         };
         mirror.attach()?;
+        mirror.window_open.store(mirror.journal.window_open(), Ordering::Release);
         if options.journal {
             mirror.open_resync_window_if_due();
         } else {
@@ -171,14 +171,31 @@ impl Mirror {
     /// the window must open before any write is journaled.
     fn open_resync_window_if_due(&self) {
         let due = self.dirty_bytes() > 0 || self.journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
-        if !due {
+        if !due || self.window_open.load(Ordering::Acquire) {
             return;
         }
         let opener = NewRecord { disk: 0, kind: RecordKind::Resync, offset: 0, length: 0, flags: journal::RESYNC_OPEN };
         // In overflow mode nothing is journaled until the resync leaves it,
         // publishing the opener then.
-        if self.journal.mode() == Mode::Journal && self.journal.append(&opener, &[]).is_none() {
-            self.journal.enter_overflow();
+        if self.journal.mode() == Mode::Journal {
+            match self.journal.append(&opener, &[]) {
+                Some(seq) => {
+                    self.set_window_open(true);
+                    log::info!(
+                        "VM '{}': resync window opened at seq {seq} ({} to re-send{})",
+                        self.config.name,
+                        crate::units::Size(self.dirty_bytes()).approx(),
+                        if self.journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
+                            ", and a checksum comparison"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                None => {
+                    self.journal.enter_overflow();
+                }
+            }
         }
     }
 
@@ -247,6 +264,8 @@ impl Mirror {
         );
         self.journal.discard_unconsumed()?;
         self.journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
+        // An opener among the discarded records is gone: open anew.
+        self.journal.set_window_open(false);
         self.recovery = Some(RecoveryReport::default());
         Ok(())
     }
@@ -485,6 +504,9 @@ impl Mirror {
         }
         self.journal.clear_flags(journal::FLAG_ATTACHED);
         self.journal.sync()?;
+        // Detached: another front-end (or `tern ship`'s offline resync) may
+        // take the VM now, even while this object lives on.
+        drop(self.frontend_lock.lock().unwrap_or_else(|p| p.into_inner()).take());
         log::info!("VM '{}': front-end detached cleanly", self.config.name);
         Ok(())
     }

@@ -101,6 +101,11 @@ impl TestVm {
         std::fs::copy(&image, &original).expect("copy image");
         let state = dir.path().join("state");
         let socket = dir.path().join("nbd.sock");
+        // The cache store and the target site are the operator's (a mount,
+        // a share): tern never creates them.
+        for site in ["cache", "target"] {
+            std::fs::create_dir(dir.path().join(site)).expect("create site directory");
+        }
         let vm = TestVm { name: "vm1".into(), state, image, original, socket, dir };
         run(vm
             .tern()
@@ -134,7 +139,7 @@ impl TestVm {
             .stderr(logf)
             .spawn()
             .expect("spawn tern serve");
-        let mut served = Served { child, log };
+        let mut served = Served { child, log, what: "tern serve" };
         let start = Instant::now();
         while UnixStream::connect(&self.socket).is_err() {
             if let Ok(Some(status)) = served.child.try_wait() {
@@ -148,6 +153,60 @@ impl TestVm {
             std::thread::sleep(Duration::from_millis(20));
         }
         served
+    }
+
+    /// Starts `tern ship` (running until stopped) beside the server.
+    pub fn ship(&self, env: &[(&str, &str)]) -> Served {
+        let log = self.dir.path().join("ship.log");
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let child = self
+            .tern()
+            .args(["ship", &self.name])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn tern ship");
+        Served { child, log, what: "tern ship" }
+    }
+
+    /// `tern ship --once`, asserting success; returns its log (stderr).
+    pub fn ship_once(&self) -> String {
+        let mut cmd = self.tern();
+        cmd.args(["ship", &self.name, "--once"]);
+        let out = cmd.output().expect("run tern ship");
+        check(&cmd, &out);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `<cache>/<vm>`.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache").join(&self.name)
+    }
+
+    /// `tern ship`'s report (`ship.json`).
+    pub fn ship_report(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.state.join(&self.name).join("ship.json")).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The cache oracle: every segment verifies and the stream has no gap,
+    /// and replaying them all onto an empty disk (what the target starts
+    /// from) gives the source image byte for byte.
+    pub fn assert_cache_reproduces_source(&self) {
+        run(self.tern().args(["segment", "verify"]).arg(self.cache_dir()));
+        let replica = self.dir.path().join("replica.img");
+        let _ = std::fs::remove_file(&replica);
+        let f = std::fs::File::create(&replica).expect("create replica");
+        f.set_len(std::fs::metadata(&self.image).expect("stat image").len()).expect("size replica");
+        drop(f);
+        run(self
+            .tern()
+            .args(["segment", "replay"])
+            .arg(self.cache_dir())
+            .arg("--onto")
+            .arg(format!("disk0={}", replica.display())));
+        assert_files_equal(&self.image, &replica);
     }
 
     /// The NBD URI of a disk.
@@ -174,10 +233,11 @@ pub fn test_root() -> PathBuf {
     std::env::var_os("TERN_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
 }
 
-/// A running `tern serve`; killed when dropped.
+/// A running `tern serve` or `tern ship`; killed when dropped.
 pub struct Served {
     pub child: Child,
     log: PathBuf,
+    what: &'static str,
 }
 
 impl Served {
@@ -189,7 +249,7 @@ impl Served {
     pub fn stop(mut self) {
         self.signal(libc::SIGTERM);
         let status = self.wait(Duration::from_secs(30));
-        assert!(status.success(), "tern serve exited with {status}:\n{}", self.log());
+        assert!(status.success(), "{} exited with {status}:\n{}", self.what, self.log());
     }
 
     /// Kills it with SIGKILL (a crash).
@@ -200,7 +260,7 @@ impl Served {
 
     fn signal(&self, sig: i32) {
         let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
-        assert!(ok.map(|s| s.success()).unwrap_or(false), "cannot signal tern serve");
+        assert!(ok.map(|s| s.success()).unwrap_or(false), "cannot signal {}", self.what);
     }
 
     fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
@@ -209,7 +269,7 @@ impl Served {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 return s;
             }
-            assert!(start.elapsed() < limit, "tern serve did not exit within {limit:?}:\n{}", self.log());
+            assert!(start.elapsed() < limit, "{} did not exit within {limit:?}:\n{}", self.what, self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -6,13 +6,14 @@ use std::process::Command;
 use tern_system_tests::tern_bin;
 
 #[test]
-fn demo_runs_and_the_journal_rebuilds_the_disk() {
+fn demo_runs_and_the_cache_rebuilds_the_disk_from_empty() {
     let out = Command::new(tern_bin())
         .args(["demo", "--disk-size", "64MiB", "--writes", "500"])
         .output()
         .expect("run tern demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "tern demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("journal replay: 500 records"), "{stdout}");
+    assert!(stdout.contains("tern ship vm1 --once"), "{stdout}");
+    assert!(stdout.contains("onto an empty disk: identical"), "{stdout}");
     assert!(stdout.contains("identical to the source disk, byte for byte"), "{stdout}");
 }

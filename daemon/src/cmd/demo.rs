@@ -1,7 +1,8 @@
 //! `tern demo`: the story so far, end to end, in a temporary directory with
 //! nothing but this binary. It protects a disk, serves it over NBD, writes
-//! through a real NBD connection, and proves the journal is an exact history
-//! of the disk by rebuilding it from the journal alone.
+//! through a real NBD connection, ships the journal to the cache store, and
+//! proves the cache holds an exact history of the disk by rebuilding it
+//! from an empty disk with the segments alone.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use tern_driver::image::Image;
-use tern_driver::journal::{Journal, Position};
+use tern_driver::journal::Journal;
 use tern_driver::units::Size;
 use tern_driver::vm::{self, EnableSpec, JournalConfig, Policy, VmPaths};
 use tern_driver::{Mirror, MirrorOptions};
@@ -52,7 +53,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let size = a.disk_size.bytes();
     println!("tern demo in {}", dir.display());
 
-    // 1. A VM disk with some data on it, and a copy of it as it was then.
+    // 1. A VM disk with some data on it.
     let image = dir.join("vm1-disk0.img");
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     {
@@ -64,12 +65,14 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
             std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20)?;
         }
     }
-    let original = dir.join("vm1-disk0.at-enable.img");
-    std::fs::copy(&image, &original)?;
-    println!("[1/4] made a {} disk image with 16 MiB of data: {}", a.disk_size, image.display());
+    println!("[1/5] made a {} disk image with 16 MiB of data: {}", a.disk_size, image.display());
 
-    // 2. Protect it.
+    // 2. Protect it. The cache store and the target site are directories
+    //    here; in production, mounts or shares.
     let state = dir.join("state");
+    for site in ["cache", "target"] {
+        std::fs::create_dir(dir.join(site)).with_context(|| format!("cannot create {}", dir.join(site).display()))?;
+    }
     let enabled = vm::enable(
         &state,
         &EnableSpec {
@@ -82,7 +85,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
         },
     )?;
     println!(
-        "[2/4] tern enable vm1: journal {}, {} marked for the initial sync",
+        "[2/5] tern enable vm1: journal {}, {} marked for the initial sync",
         enabled.config.journal.size,
         Size(enabled.initial_sync_bytes.iter().sum())
     );
@@ -126,32 +129,50 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     server.disconnect_all();
     mirror.shutdown()?;
     println!(
-        "[3/4] tern serve vm1: {} writes ({}), {zeroes} zeroes, {trims} trims and a flush over NBD in {secs:.2}s ({:.0} MiB/s, one request at a time)",
+        "[3/5] tern serve vm1: {} writes ({}), {zeroes} zeroes, {trims} trims and a flush over NBD in {secs:.2}s ({:.0} MiB/s, one request at a time)",
         a.writes - zeroes - trims,
         Size(bytes).approx(),
         bytes as f64 / secs / (1 << 20) as f64
     );
 
-    // 4. The journal alone rebuilds the disk from its state at enable.
-    let journal = Journal::open(&paths.journal())?;
-    let copies = vec![Some(Image::open(&original)?)];
-    let (records, end) = crate::cmd::journal::replay(&journal, Position { pos: 0, seq: 1 }, &copies)?;
-    let same = std::fs::read(&image)? == std::fs::read(&original)?;
+    // 4. Ship: the initial sync and every write, as segments in the cache.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let options = crate::ship::ShipOptions { once: true, workers: 2 };
+    let started = Instant::now();
+    let stats = crate::ship::run(&paths, &options, stop)?;
+    let r = stats.report(&Journal::open(&paths.journal())?);
     println!(
-        "[4/4] journal replay: {records} records (seq 1..{}) applied to the disk as it was at enable: {}",
-        end.seq - 1,
+        "[4/5] tern ship vm1 --once: the initial sync and every write, {} records in {} segments, {} compressed to {} (ratio {:.2}) in {:.2}s",
+        r.records_shipped,
+        r.segments_shipped,
+        Size(r.bytes_in).approx(),
+        Size(r.bytes_out).approx(),
+        r.compression_ratio,
+        started.elapsed().as_secs_f64()
+    );
+
+    // 5. The cache alone rebuilds the disk, starting from an empty one —
+    //    what the target site starts from.
+    let replica = dir.join("replica-disk0.img");
+    std::fs::File::create(&replica)?.set_len(size)?;
+    let cache = tern_store::cache::CacheDir::new(&dir.join("cache"), "vm1");
+    let manifest = cache.read_manifest()?.context("the cache has no manifest")?.map_err(anyhow::Error::msg)?;
+    let (records, segments) = crate::cmd::segment::replay_cache(&cache, &manifest, &[Some(Image::open(&replica)?)])?;
+    let same = std::fs::read(&image)? == std::fs::read(&replica)?;
+    println!(
+        "[5/5] replayed {records} records from {segments} segments onto an empty disk: {}",
         if same { "identical to the source disk, byte for byte" } else { "DIFFERENT from the source disk" }
     );
     println!();
-    println!("Not in this build yet: shipping to the cache (tern ship), replicas and recovery points (tern apply),");
-    println!("failover and verify. Those steps join this demo as they land.");
+    println!("Not in this build yet: replicas and recovery points (tern apply), failover and verify.");
+    println!("Those steps join this demo as they land.");
     if let Some(t) = tmp {
         drop(t);
     } else {
         println!("kept {}", dir.display());
     }
     if !same {
-        bail!("the journal does not reproduce the source disk");
+        bail!("the cache does not reproduce the source disk");
     }
     Ok(())
 }

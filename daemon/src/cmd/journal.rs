@@ -22,16 +22,6 @@ pub enum Command {
         #[arg(long)]
         header: bool,
     },
-    /// Empty the journal into the dirty bitmaps: every unconsumed record's
-    /// range is marked dirty, then the consumer position moves past it.
-    /// Nothing is lost (a resync re-ships those regions), but the ring is
-    /// free again. With --follow, keep doing it until stopped (a consumer
-    /// for benchmarking the front-end without a shipper).
-    Fold {
-        vm: String,
-        #[arg(long)]
-        follow: bool,
-    },
     /// List the regions marked dirty (awaiting resync) in each disk's
     /// bitmap, one `DISK OFFSET LENGTH` line per merged range.
     Dirty { vm: String },
@@ -107,7 +97,6 @@ pub fn run(cli: &Cli, c: &Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Fold { vm, follow } => fold(cli, vm, *follow),
         Command::Dirty { vm } => {
             let paths = VmPaths::new(&cli.state, vm)?;
             let config = paths.load_config()?;
@@ -146,53 +135,6 @@ pub fn run(cli: &Cli, c: &Command) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn fold(cli: &Cli, vm: &str, follow: bool) -> Result<()> {
-    let paths = VmPaths::new(&cli.state, vm)?;
-    let config = paths.load_config()?;
-    let _consumer =
-        tern_driver::vm::lock_exclusive(&paths.consumer_lock(), &format!("the journal of VM '{vm}'"), "its consumer")?;
-    let j = Journal::open(&paths.journal())?;
-    let bitmaps =
-        config.disks.iter().map(|d| DirtyBitmap::open(&paths.dirty(&d.name), d.size)).collect::<Result<Vec<_>, _>>()?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
-    }
-    let mut cursor = j.cursor(j.tail());
-    let mut data = Vec::new();
-    let mut folded = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let mut batch = 0;
-        while batch < 4096 {
-            let Some(r) = cursor.next(&mut data).map_err(anyhow::Error::msg)? else { break };
-            if r.kind.changes_disk() {
-                let Some(b) = bitmaps.get(r.disk as usize) else {
-                    bail!("journal record seq {} names disk {}, which VM '{vm}' does not have", r.seq, r.disk);
-                };
-                b.mark(r.offset, r.length as u64);
-            }
-            batch += 1;
-        }
-        if batch > 0 {
-            // The marks are durable before the records they replace go.
-            for b in &bitmaps {
-                b.sync()?;
-            }
-            j.set_tail(cursor.position());
-            folded += batch;
-        } else if !follow {
-            break;
-        } else {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    }
-    println!(
-        "folded {folded} records into the dirty bitmaps; the journal is empty up to seq {}",
-        cursor.position().seq.saturating_sub(1)
-    );
-    Ok(())
 }
 
 /// Replays published records from `start` onto the disk copies present in

@@ -163,6 +163,19 @@ fn replay(dir: &Path, onto: &[(String, PathBuf)]) -> Result<()> {
             bail!("VM '{}' has no disk named '{n}'", manifest.name);
         }
     }
+    let (records, segments) = replay_cache(&cache, &manifest, &copies)?;
+    println!("replayed {records} records from {segments} segments");
+    Ok(())
+}
+
+/// Applies every segment of a cache directory, in order, onto the disk
+/// copies given (indexed like the manifest's disks). Returns the records
+/// applied and the segments read.
+pub fn replay_cache(
+    cache: &CacheDir,
+    manifest: &tern_store::cache::Manifest,
+    copies: &[Option<Image>],
+) -> Result<(u64, u64)> {
     let (mut records, mut segments) = (0u64, 0u64);
     for (_, _, path) in cache.list_segments()? {
         let seg = Segment::read_file(&path, Some(*manifest.id.as_bytes()))?;
@@ -180,6 +193,5 @@ fn replay(dir: &Path, onto: &[(String, PathBuf)]) -> Result<()> {
     for image in copies.iter().flatten() {
         image.sync_data()?;
     }
-    println!("replayed {records} records from {segments} segments");
-    Ok(())
+    Ok((records, segments))
 }

@@ -98,7 +98,9 @@ fn resync_loop(mirror: &Mirror) {
         match mirror.resync_step(8 << 20) {
             Ok(ResyncStep::Progress { .. }) => {}
             Ok(ResyncStep::Idle) => std::thread::sleep(Duration::from_millis(50)),
-            Ok(ResyncStep::WaitingForRoom | ResyncStep::AwaitingChecksum) => std::thread::sleep(Duration::from_millis(5)),
+            Ok(ResyncStep::WaitingForRoom | ResyncStep::AwaitingChecksum) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             Err(tern_driver::Error::ShuttingDown) => return,
             Err(e) => {
                 log::error!("VM '{}': resync failed: {e}; retrying in 5s", mirror.config().name);

@@ -112,7 +112,6 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
     let compression = Compression::Zstd { level: config.policy.compression_level };
     let reader_done = AtomicBool::new(false);
     let resync_idle = AtomicBool::new(false);
-    let stream_in_window = AtomicBool::new(resume.in_window);
     std::thread::scope(|s| -> Result<()> {
         for i in 0..workers {
             let (batches, to_writer) = (batches.clone(), to_writer.clone());
@@ -124,17 +123,16 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
         let writing = std::thread::Builder::new()
             .name("ship-writer".into())
             .spawn_scoped(s, || write_in_order(&writer, &journal, sealed, &stats))?;
-        std::thread::Builder::new().name("ship-resync".into()).spawn_scoped(s, || {
-            drive_resync(paths, &journal, &bitmaps, &reader_done, &stream_in_window, &resync_idle, &stop)
-        })?;
+        std::thread::Builder::new()
+            .name("ship-resync".into())
+            .spawn_scoped(s, || drive_resync(paths, &journal, &bitmaps, &reader_done, &resync_idle, &stop))?;
         std::thread::Builder::new().name("ship-status".into()).spawn_scoped(s, || {
             while !reader_done.load(Ordering::Acquire) {
                 stats.publish(&journal);
                 std::thread::sleep(Duration::from_millis(500));
             }
         })?;
-        let shared =
-            ReaderShared { target, resync_idle: &resync_idle, stream_in_window: &stream_in_window, stop: &stop };
+        let shared = ReaderShared { target, resync_idle: &resync_idle, stop: &stop };
         let reading = read_batches(&config, &journal, &bitmaps, &resume, options, &shared, to_workers);
         reader_done.store(true, Ordering::Release);
         let written = writing.join().map_err(|_| anyhow::anyhow!("the segment writer panicked"))?;
@@ -235,7 +233,6 @@ struct ReaderShared<'a> {
     /// With `--once`: the head when the run started.
     target: Position,
     resync_idle: &'a AtomicBool,
-    stream_in_window: &'a AtomicBool,
     stop: &'a AtomicBool,
 }
 
@@ -249,7 +246,7 @@ fn read_batches(
     shared: &ReaderShared<'_>,
     to_workers: Sender<Batch>,
 ) -> Result<()> {
-    let ReaderShared { target, resync_idle, stream_in_window, stop } = *shared;
+    let ReaderShared { target, resync_idle, stop } = *shared;
     let vm_id = *config.id.as_bytes();
     let epoch = resume.manifest.epoch().number;
     let max_size = config.policy.segment_size.bytes();
@@ -307,7 +304,6 @@ fn read_batches(
             Some(h) => {
                 if h.kind == journal::RecordKind::Resync && h.length == 0 {
                     in_window = h.flags == journal::RESYNC_OPEN;
-                    stream_in_window.store(in_window, Ordering::Release);
                 }
                 if oldest.is_none() {
                     oldest = Some((h.time_ns, Instant::now()));
@@ -402,7 +398,6 @@ fn drive_resync(
     journal: &Journal,
     bitmaps: &[DirtyBitmap],
     reader_done: &AtomicBool,
-    stream_in_window: &AtomicBool,
     idle: &AtomicBool,
     stop: &AtomicBool,
 ) {
@@ -412,9 +407,9 @@ fn drive_resync(
         }
         let dirty = bitmaps.iter().any(|b| b.dirty_count() > 0);
         let attached = journal.flags() & journal::FLAG_ATTACHED != 0;
-        // A window the stream left open (its front-end stopped before
-        // closing it) is closed by the next front-end's first step.
-        if !dirty && !attached && !stream_in_window.load(Ordering::Acquire) {
+        // A window the last front-end left open (it stopped before closing
+        // it) is closed by the next front-end's first step.
+        if !dirty && !attached && !journal.window_open() {
             idle.store(true, Ordering::Release);
             std::thread::sleep(Duration::from_millis(20));
             continue;

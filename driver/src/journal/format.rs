@@ -11,7 +11,7 @@
 //!          @64:  { u64 head_pos | u64 head_seq }        producers: one 16-byte atomic;
 //!                                                      head_seq's top bit set = overflow mode
 //!          @128: { u64 tail_pos | u64 tail_seq }        the consumer: one 16-byte atomic
-//!          @192: { u32 reserved (0) | u32 flags | [u8;16] boot_id | u64 overflow_seq | u64 recoveries }
+//!          @192: { u32 window | u32 flags | [u8;16] boot_id | u64 overflow_seq | u64 recoveries }
 //!
 //! record = { u64 commit | u64 seq | u64 offset | u64 time_ns | u32 length
 //!          | u32 data_len | u16 disk | u8 kind | u8 flags | u32 crc32c | data[data_len] }
@@ -60,6 +60,7 @@ pub const OFF_HEADER_CRC: usize = 44;
 pub const IMMUTABLE_LEN: usize = 44;
 pub const OFF_HEAD: usize = 64;
 pub const OFF_TAIL: usize = 128;
+pub const OFF_WINDOW: usize = 192;
 pub const OFF_FLAGS: usize = 196;
 pub const OFF_BOOT_ID: usize = 200;
 pub const OFF_OVERFLOW_SEQ: usize = 216;

@@ -279,6 +279,16 @@ impl Journal {
         self.atomic_u64(OFF_OVERFLOW_SEQ).load(Ordering::Acquire)
     }
 
+    /// Whether the last resync window marker published was an opener (so
+    /// a front-end that starts knows whether a close is owed).
+    pub fn window_open(&self) -> bool {
+        self.atomic_u32(OFF_WINDOW).load(Ordering::Acquire) != 0
+    }
+
+    pub fn set_window_open(&self, open: bool) {
+        self.atomic_u32(OFF_WINDOW).store(open as u32, Ordering::Release);
+    }
+
     pub fn flags(&self) -> u32 {
         self.atomic_u32(OFF_FLAGS).load(Ordering::Acquire)
     }

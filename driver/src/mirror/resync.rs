@@ -12,9 +12,12 @@
 //!   marker is reserved in the same step that leaves it, so it precedes
 //!   every write journaled after the overflow);
 //! - it closes once no region is dirty, the ring journals, and no checksum
-//!   comparison is due. A close with no window open is harmless, so a
-//!   front-end that does not know what its predecessor published (it
-//!   crashed) simply publishes one.
+//!   comparison is due.
+//!
+//! The journal header remembers whether the last marker opened a window, so
+//! a front-end that starts after a crash still closes it. (A crash between
+//! publishing a marker and noting it costs at most a redundant marker; the
+//! applier ignores an open inside a window and a close outside one.)
 
 use std::sync::atomic::Ordering;
 
@@ -73,6 +76,13 @@ impl Mirror {
         self.journal.sync()
     }
 
+    /// Records whether the stream is inside a window, here and in the
+    /// journal header (for the next front-end, should this one die).
+    pub(super) fn set_window_open(&self, open: bool) {
+        self.window_open.store(open, Ordering::Release);
+        self.journal.set_window_open(open);
+    }
+
     /// Does a bounded piece of resync work: leaves overflow if there is
     /// room, opens or closes the window, and re-sends up to `max_bytes` of
     /// dirty regions. Call it again until it returns `Idle`; a front-end
@@ -91,7 +101,7 @@ impl Mirror {
             let Some(seq) = j.leave_overflow(&marker(journal::RESYNC_OPEN)) else {
                 return Ok(ResyncStep::WaitingForRoom);
             };
-            self.window_open.store(true, Ordering::Release);
+            self.set_window_open(true);
             // A write that saw overflow mode before the switch marks its
             // bitmap while holding its range: wait for every such write, so
             // the scan below sees its mark.
@@ -111,7 +121,7 @@ impl Mirror {
                 let Some(seq) = j.append(&marker(journal::RESYNC_CLOSE), &[]) else {
                     return Ok(ResyncStep::WaitingForRoom);
                 };
-                self.window_open.store(false, Ordering::Release);
+                self.set_window_open(false);
                 log::info!("VM '{}': resync complete; window closed at seq {seq}", self.config.name);
             }
             return Ok(ResyncStep::Idle);
@@ -120,7 +130,7 @@ impl Mirror {
             let Some(seq) = j.append(&marker(journal::RESYNC_OPEN), &[]) else {
                 return Ok(ResyncStep::WaitingForRoom);
             };
-            self.window_open.store(true, Ordering::Release);
+            self.set_window_open(true);
             log::info!(
                 "VM '{}': resync window opened at seq {seq} ({} dirty)",
                 self.config.name,

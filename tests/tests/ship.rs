@@ -1,0 +1,285 @@
+//! `tern ship` end to end (invariants 4, 5 and 8): the cache, replayed from
+//! an empty disk, must give the source image byte for byte — beside a live
+//! server under load, across `kill -9` at every step of writing a segment,
+//! after the ring overflowed, while the cache is full or gone, and after a
+//! host crash.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tern_system_tests::*;
+
+/// fio writing random blocks over the first `region` of the disk.
+fn fio_writes(vm: &TestVm, jobs: u32, region: &str, extra: &[&str]) -> Command {
+    require("fio");
+    let mut c = Command::new("fio");
+    c.args([
+        "--name=ship",
+        "--ioengine=nbd",
+        &format!("--uri={}", vm.uri("disk0")),
+        "--rw=randwrite",
+        "--bsrange=4k-256k",
+        "--iodepth=8",
+        &format!("--numjobs={jobs}"),
+        &format!("--size={region}"),
+        "--norandommap",
+        "--randrepeat=0",
+        "--refill_buffers",
+        "--buffer_compress_percentage=50",
+        "--thread",
+    ])
+    .args(extra)
+    .stdout(Stdio::null());
+    c
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn segment_names(vm: &TestVm) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(vm.cache_dir().join("segments"))
+        .map(|d| d.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn ship_beside_a_live_server_under_load_reproduces_the_source_from_an_empty_replica() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 32 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let served = vm.serve(&[]);
+    let ship = vm.ship(&[]);
+    let status = fio_writes(&vm, 2, "32m", &["--io_size=48m"]).status().expect("fio");
+    assert!(status.success(), "fio failed");
+    // SIGTERM: the current segment is finished, then a clean exit.
+    ship.stop();
+    let report = vm.ship_report();
+    assert!(report["segments_shipped"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert!(report["compression_ratio"].as_f64().unwrap_or(0.0) > 1.2, "half-compressible writes: {report}");
+    // Catch up with the rest while the server still runs, then once more
+    // after it stopped (nothing left, and no error).
+    vm.ship_once();
+    served.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+    let log = std::fs::read_to_string(vm.dir.path().join("serve.log")).unwrap_or_default();
+    assert!(log.contains("resync complete"), "the initial sync must have finished:\n{log}");
+}
+
+#[test]
+fn kill_9_at_each_step_of_writing_a_segment_never_exposes_a_partial_one() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let served = vm.serve(&[]);
+    for point in ["ship:batch-read", "ship:segment-written", "ship:segment-synced", "ship:segment-renamed"] {
+        let status = fio_writes(&vm, 1, "16m", &["--io_size=4m"]).status().expect("fio");
+        assert!(status.success());
+        let out = vm.tern().args(["ship", &vm.name, "--once"]).env("TERN_FAILPOINT", point).output().expect("ship");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{point}: ship must die there:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Whatever is visible under a segment's name is complete and valid.
+        run(vm.tern().args(["segment", "verify"]).arg(vm.cache_dir()));
+        let names = segment_names(&vm);
+        let temporaries = names.iter().filter(|n| n.ends_with(".tmp")).count();
+        match point {
+            "ship:segment-written" | "ship:segment-synced" => {
+                assert_eq!(temporaries, 1, "{point}: the half-written segment stays a temporary: {names:?}")
+            }
+            _ => assert_eq!(temporaries, 0, "{point}: {names:?}"),
+        }
+        // The restart cleans up and goes on where the cache stands.
+        let log = vm.ship_once();
+        if point == "ship:segment-renamed" {
+            assert!(log.contains("already in the cache"), "the restart must skip what was shipped:\n{log}");
+        }
+        assert!(segment_names(&vm).iter().all(|n| !n.ends_with(".tmp")), "temporaries are removed");
+    }
+    served.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+}
+
+#[test]
+fn ring_overflow_is_caught_up_by_resync_and_its_segments_carry_the_window() {
+    // A sparse disk (no initial sync) and a ring far smaller than the writes.
+    let vm =
+        TestVm::new(VmSpec { disk_size: 32 << 20, journal_size: "1MiB", region_size: "64KiB", random_content: false });
+    let served = vm.serve(&[]);
+    // A first small write ships while the replica is consistent …
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 7 0 64k"]));
+    vm.ship_once();
+    // … then, with no shipper, far more than the ring holds: it overflows
+    // and the VM's writes go on into the bitmap.
+    let status = fio_writes(&vm, 2, "32m", &["--io_size=24m"]).status().expect("fio");
+    assert!(status.success(), "writes must not fail when the ring is full");
+    let header = run(vm.tern().args(["journal", "dump", &vm.name, "--header"]));
+    assert!(header.contains("mode Overflow"), "{header}");
+    // ship --once while serve runs: serve's resync re-sends the dirty
+    // regions as ship makes room, and ship returns once the window closed.
+    vm.ship_once();
+    served.stop();
+    vm.assert_cache_reproduces_source();
+    // The window is visible in the segment headers: one opens it, one
+    // closes it, none of those before.
+    let windows: Vec<String> = segment_names(&vm)
+        .iter()
+        .map(|n| {
+            let dump =
+                run(vm.tern().args(["segment", "dump", "--header"]).arg(vm.cache_dir().join("segments").join(n)));
+            dump.lines().find(|l| l.trim_start().starts_with("window")).unwrap_or("").trim().to_string()
+        })
+        .collect();
+    assert!(windows[0].contains("none"), "{windows:?}");
+    assert!(windows.iter().any(|w| w.contains("opens")), "{windows:?}");
+    assert!(windows.last().is_some_and(|w| w.contains("closes") || w.contains("none")), "{windows:?}");
+    let first_open = windows.iter().position(|w| w.contains("opens")).expect("opens");
+    assert!(windows[..first_open].iter().all(|w| w.contains("none")), "{windows:?}");
+}
+
+/// A loop-mounted ext4 filesystem of `mib` MiB at `dir`; unmounted when
+/// dropped.
+struct LoopFs {
+    dir: std::path::PathBuf,
+}
+
+impl LoopFs {
+    fn new(image: &Path, dir: &Path, mib: u64) -> Self {
+        require("mkfs.ext4");
+        let f = std::fs::File::create(image).expect("create fs image");
+        f.set_len(mib << 20).expect("size fs image");
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image));
+        std::fs::create_dir_all(dir).expect("mount point");
+        run(Command::new("mount").args(["-o", "loop"]).arg(image).arg(dir));
+        LoopFs { dir: dir.to_owned() }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn a_full_cache_never_fails_the_vm_and_replication_completes_once_space_returns() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 24 << 20, journal_size: "4MiB", random_content: false, ..Default::default() });
+    // The cache store is a small filesystem, nearly filled by someone else.
+    let cache_root = vm.dir.path().join("cache");
+    let _fs = LoopFs::new(&vm.dir.path().join("cache.fs"), &cache_root, 32);
+    run(Command::new("mkdir").arg(&cache_root).arg("-p"));
+    let filler = cache_root.join("filler");
+    let fill = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=40", "status=none"])
+        .arg(format!("of={}", filler.display()))
+        .status()
+        .expect("dd");
+    assert!(!fill.success(), "dd must hit ENOSPC filling the cache");
+    let served = vm.serve(&[]);
+    let ship = vm.ship(&[]);
+    // Incompressible writes, more than the ring holds: the cache is full,
+    // ship cannot write, the ring overflows — and the VM's writes succeed.
+    let status = fio_writes(&vm, 1, "24m", &["--io_size=16m", "--buffer_compress_percentage=0"]).status().expect("fio");
+    assert!(status.success(), "a full cache must never fail the VM's writes");
+    wait_for("ship to report the cache error", Duration::from_secs(30), || {
+        vm.ship_report()["cache_errors"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(vm.ship_report()["cache_failing"].as_str().unwrap_or("").contains("No space left"), "{}", vm.ship_report());
+    // Space returns: ship's retry succeeds and the resync catches up.
+    std::fs::remove_file(&filler).expect("remove filler");
+    ship.stop();
+    vm.ship_once();
+    served.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+}
+
+#[test]
+fn the_cache_store_gone_and_back_loses_nothing() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    let ship = vm.ship(&[]);
+    let pid = ship.child.id() as u64;
+    wait_for("ship to start", Duration::from_secs(30), || vm.ship_report()["pid"].as_u64() == Some(pid));
+    let (cache, away) = (vm.dir.path().join("cache"), vm.dir.path().join("cache.away"));
+    std::fs::rename(&cache, &away).expect("take the cache away");
+    let status = fio_writes(&vm, 1, "16m", &["--io_size=8m"]).status().expect("fio");
+    assert!(status.success());
+    wait_for("ship to report the missing cache", Duration::from_secs(30), || {
+        vm.ship_report()["cache_failing"].as_str().unwrap_or("").contains("is missing")
+    });
+    assert!(!cache.exists(), "ship must not create the cache store itself");
+    std::fs::rename(&away, &cache).expect("bring the cache back");
+    wait_for("ship to recover", Duration::from_secs(60), || vm.ship_report()["cache_failing"].is_null());
+    ship.stop();
+    served.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+}
+
+#[test]
+fn after_a_host_crash_a_new_epoch_starts_and_a_resync_brings_the_replica_back() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    let status = fio_writes(&vm, 1, "16m", &["--io_size=4m"]).status().expect("fio");
+    assert!(status.success());
+    served.kill9();
+    // The host "reboots": the journal still says attached, from another boot.
+    let journal = vm.state.join(&vm.name).join("journal");
+    run(Command::new("dd")
+        .args(["if=/dev/urandom", "bs=16", "count=1", "seek=200", "oflag=seek_bytes", "conv=notrunc", "status=none"])
+        .arg(format!("of={}", journal.display())));
+    let served = vm.serve(&[]);
+    assert!(served.log().contains("the host went down"), "{}", served.log());
+    let status = fio_writes(&vm, 1, "16m", &["--io_size=2m"]).status().expect("fio");
+    assert!(status.success());
+    let log = vm.ship_once();
+    assert!(log.contains("starting epoch 2"), "{log}");
+    served.stop();
+    vm.ship_once();
+    let manifest = std::fs::read_to_string(vm.cache_dir().join("manifest.toml")).expect("manifest");
+    assert!(manifest.contains("number = 2"), "{manifest}");
+    vm.assert_cache_reproduces_source();
+}
+
+#[test]
+fn bad_segments_in_the_cache_are_refused_with_file_and_offset() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 4 << 20, journal_size: "16MiB", random_content: true, ..Default::default() });
+    vm.ship_once();
+    let names = segment_names(&vm);
+    let path = vm.cache_dir().join("segments").join(&names[0]);
+    let mut bytes = std::fs::read(&path).expect("segment");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&path, &bytes).expect("corrupt");
+    let out = vm.tern().args(["segment", "verify"]).arg(vm.cache_dir()).output().expect("verify");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&names[0]) && err.contains("at byte"), "{err}");
+    // A cache that belongs to another VM of the same name is refused.
+    let manifest = vm.cache_dir().join("manifest.toml");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    let id = text.lines().find(|l| l.starts_with("id = ")).expect("id line").to_string();
+    std::fs::write(&manifest, text.replace(&id, "id = \"00000000-0000-4000-8000-000000000000\"")).expect("write");
+    let out = vm.tern().args(["ship", &vm.name, "--once"]).output().expect("ship");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another VM of the same name"), "{err}");
+}
