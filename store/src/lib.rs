@@ -3,4 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod hashes;
 pub mod segment;

@@ -156,13 +156,13 @@ impl TestVm {
     }
 
     /// Starts `tern ship` (running until stopped) beside the server.
-    pub fn ship(&self, env: &[(&str, &str)]) -> Served {
+    pub fn ship(&self, args: &[&str]) -> Served {
         let log = self.dir.path().join("ship.log");
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = self
             .tern()
             .args(["ship", &self.name])
-            .envs(env.iter().copied())
+            .args(args)
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -172,8 +172,12 @@ impl TestVm {
 
     /// `tern ship --once`, asserting success; returns its log (stderr).
     pub fn ship_once(&self) -> String {
+        self.ship_once_with(&[])
+    }
+
+    pub fn ship_once_with(&self, args: &[&str]) -> String {
         let mut cmd = self.tern();
-        cmd.args(["ship", &self.name, "--once"]);
+        cmd.args(["ship", &self.name, "--once"]).args(args);
         let out = cmd.output().expect("run tern ship");
         check(&cmd, &out);
         String::from_utf8_lossy(&out.stderr).into_owned()

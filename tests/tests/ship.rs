@@ -231,26 +231,74 @@ fn the_cache_store_gone_and_back_loses_nothing() {
     vm.assert_cache_reproduces_source();
 }
 
+/// Kills `tern serve` and makes the journal look as if the host went down
+/// (attached, another boot id).
+fn crash_the_host(vm: &TestVm, served: Served) {
+    served.kill9();
+    let journal = vm.state.join(&vm.name).join("journal");
+    run(Command::new("dd")
+        .args(["if=/dev/urandom", "bs=16", "count=1", "seek=200", "oflag=seek_bytes", "conv=notrunc", "status=none"])
+        .arg(format!("of={}", journal.display())));
+}
+
 #[test]
-fn after_a_host_crash_a_new_epoch_starts_and_a_resync_brings_the_replica_back() {
+fn after_a_host_crash_only_the_regions_that_differ_from_the_replica_are_shipped() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    // Three writes the journal holds but the cache never gets: the host
+    // goes down before they are shipped.
+    let mut io = Command::new("qemu-io");
+    io.args(["-f", "raw", &vm.uri("disk0")]);
+    for (i, off) in ["1M", "5M", "9M"].iter().enumerate() {
+        io.args(["-c", &format!("write -P {} {off} 4k", i + 1)]);
+    }
+    run(&mut io);
+    crash_the_host(&vm, served);
+    let served = vm.serve(&[]);
+    let ship = vm.ship(&["--checksum-timeout", "10m"]);
+    let request = vm.cache_dir().join("hash-request.toml");
+    wait_for("ship to ask the target for hashes", Duration::from_secs(30), || request.exists());
+    // The target: its replica is the cache replayed; it answers.
+    let replica = vm.dir.path().join("target-replica.img");
+    std::fs::File::create(&replica).expect("replica").set_len(16 << 20).expect("size");
+    let answered = run(vm
+        .tern()
+        .args(["segment", "replay"])
+        .arg(vm.cache_dir())
+        .arg("--onto")
+        .arg(format!("disk0={}", replica.display()))
+        .arg("--answer-hashes"));
+    assert!(answered.contains("answered"), "{answered}");
+    wait_for("the comparison", Duration::from_secs(30), || !request.exists());
+    ship.stop();
+    let log = std::fs::read_to_string(vm.dir.path().join("ship.log")).expect("ship log");
+    assert!(log.contains("3 of 256 regions differ"), "exactly the three lost writes differ:\n{log}");
+    vm.ship_once();
+    served.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+}
+
+#[test]
+fn after_a_host_crash_with_no_answer_from_the_target_a_full_resync_brings_the_replica_back() {
     let vm =
         TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
     let served = vm.serve(&[]);
     vm.ship_once();
     let status = fio_writes(&vm, 1, "16m", &["--io_size=4m"]).status().expect("fio");
     assert!(status.success());
-    served.kill9();
-    // The host "reboots": the journal still says attached, from another boot.
-    let journal = vm.state.join(&vm.name).join("journal");
-    run(Command::new("dd")
-        .args(["if=/dev/urandom", "bs=16", "count=1", "seek=200", "oflag=seek_bytes", "conv=notrunc", "status=none"])
-        .arg(format!("of={}", journal.display())));
+    crash_the_host(&vm, served);
     let served = vm.serve(&[]);
     assert!(served.log().contains("the host went down"), "{}", served.log());
     let status = fio_writes(&vm, 1, "16m", &["--io_size=2m"]).status().expect("fio");
     assert!(status.success());
-    let log = vm.ship_once();
+    // No target answers the hash request: after the timeout, every region
+    // is re-sent.
+    let log = vm.ship_once_with(&["--checksum-timeout", "0s"]);
     assert!(log.contains("starting epoch 2"), "{log}");
+    assert!(log.contains("full resync"), "{log}");
     served.stop();
     vm.ship_once();
     let manifest = std::fs::read_to_string(vm.cache_dir().join("manifest.toml")).expect("manifest");

@@ -137,7 +137,8 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
 
     // 4. Ship: the initial sync and every write, as segments in the cache.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let options = crate::ship::ShipOptions { once: true, workers: 2 };
+    let options =
+        crate::ship::ShipOptions { once: true, workers: 2, checksum_timeout: std::time::Duration::from_secs(60) };
     let started = Instant::now();
     let stats = crate::ship::run(&paths, &options, stop)?;
     let r = stats.report(&Journal::open(&paths.journal())?);

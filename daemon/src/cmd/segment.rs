@@ -30,6 +30,11 @@ pub enum Command {
         /// NAME=PATH: the copy of disk NAME to replay onto. Repeatable.
         #[arg(long = "onto", value_name = "NAME=PATH", required = true, value_parser = crate::cmd::parse_onto)]
         onto: Vec<(String, PathBuf)>,
+        /// Afterwards, answer a pending block-hash request of the source
+        /// (after a host crash) with the hashes of these copies, as the
+        /// target site does. Needs a copy of every disk.
+        #[arg(long)]
+        answer_hashes: bool,
     },
 }
 
@@ -44,7 +49,7 @@ pub fn run(_cli: &Cli, c: &Command) -> Result<()> {
             println!("ok: {segments} segment(s) verified");
             Ok(())
         }
-        Command::Replay { dir, onto } => replay(dir, onto),
+        Command::Replay { dir, onto, answer_hashes } => replay(dir, onto, *answer_hashes),
     }
 }
 
@@ -142,7 +147,7 @@ fn open_cache_dir(dir: &Path) -> Result<(CacheDir, tern_store::cache::Manifest)>
     Ok((cache, manifest))
 }
 
-fn replay(dir: &Path, onto: &[(String, PathBuf)]) -> Result<()> {
+fn replay(dir: &Path, onto: &[(String, PathBuf)], answer_hashes: bool) -> Result<()> {
     verify_dir(dir)?;
     let (cache, manifest) = open_cache_dir(dir)?;
     let mut copies: Vec<Option<Image>> = Vec::new();
@@ -165,6 +170,20 @@ fn replay(dir: &Path, onto: &[(String, PathBuf)]) -> Result<()> {
     }
     let (records, segments) = replay_cache(&cache, &manifest, &copies)?;
     println!("replayed {records} records from {segments} segments");
+    if answer_hashes {
+        let mut disks = Vec::new();
+        for (d, copy) in manifest.disks.iter().zip(&copies) {
+            let Some(image) = copy else { bail!("--answer-hashes needs a copy of every disk; '{}' has none", d.name) };
+            disks.push((d.name.as_str(), image));
+        }
+        let last_seq = cache.list_segments()?.last().map_or(0, |s| s.1);
+        match cache.answer_hash_request(*manifest.id.as_bytes(), &disks, last_seq).map_err(anyhow::Error::msg)? {
+            Some(epoch) => {
+                println!("answered the source's block-hash request for epoch {epoch} (replica at seq {last_seq})")
+            }
+            None => println!("no block-hash request is pending"),
+        }
+    }
     Ok(())
 }
 

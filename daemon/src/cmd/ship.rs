@@ -18,6 +18,10 @@ pub struct Args {
     /// Compression threads (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// After a host crash, how long to wait for the target's block hashes
+    /// before re-sending every region instead.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    pub checksum_timeout: std::time::Duration,
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
@@ -28,7 +32,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handlers")?;
     }
     let workers = a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).clamp(1, 64);
-    let options = ShipOptions { once: a.once, workers };
+    let options = ShipOptions { once: a.once, workers, checksum_timeout: a.checksum_timeout };
     let stats = ship::run(&paths, &options, stop).with_context(|| format!("cannot ship VM '{}'", a.vm))?;
     let r = stats.report(&tern_driver::journal::Journal::open(&paths.journal())?);
     log::info!(

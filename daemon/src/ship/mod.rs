@@ -14,6 +14,7 @@
 //! Nothing here can stall or fail the VM's I/O: a slow or failing cache
 //! only lets the ring fill, and the front-end falls back to its bitmaps.
 
+mod checksum;
 mod stats;
 mod writer;
 
@@ -39,6 +40,9 @@ pub struct ShipOptions {
     pub once: bool,
     /// Compression threads.
     pub workers: usize,
+    /// After a host crash, how long to wait for the target's block hashes
+    /// before falling back to a full resync.
+    pub checksum_timeout: Duration,
 }
 
 /// A batch of records on its way from the reader to the writer.
@@ -93,6 +97,13 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
     let bitmaps: Vec<DirtyBitmap> =
         config.disks.iter().map(|d| DirtyBitmap::open(&paths.dirty(&d.name), d.size)).collect::<Result<_, _>>()?;
     let target = journal.head();
+    let checksum = checksum::ChecksumResync {
+        cache: cache.clone(),
+        vm_id: *config.id.as_bytes(),
+        epoch: resume.manifest.epoch().number,
+        disks: config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect(),
+        timeout: options.checksum_timeout,
+    };
     log::info!(
         "VM '{vm}': shipping journal {} to {} (epoch {}, from seq {}{})",
         journal.path().display(),
@@ -123,9 +134,9 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
         let writing = std::thread::Builder::new()
             .name("ship-writer".into())
             .spawn_scoped(s, || write_in_order(&writer, &journal, sealed, &stats))?;
-        std::thread::Builder::new()
-            .name("ship-resync".into())
-            .spawn_scoped(s, || drive_resync(paths, &journal, &bitmaps, &reader_done, &resync_idle, &stop))?;
+        std::thread::Builder::new().name("ship-resync".into()).spawn_scoped(s, || {
+            drive_resync(paths, &checksum, &journal, &bitmaps, &reader_done, &resync_idle, &stop)
+        })?;
         std::thread::Builder::new().name("ship-status".into()).spawn_scoped(s, || {
             while !reader_done.load(Ordering::Acquire) {
                 stats.publish(&journal);
@@ -395,6 +406,7 @@ fn write_in_order(
 /// serve` runs, its own resync thread does the re-sending.
 fn drive_resync(
     paths: &VmPaths,
+    checksum: &checksum::ChecksumResync,
     journal: &Journal,
     bitmaps: &[DirtyBitmap],
     reader_done: &AtomicBool,
@@ -403,7 +415,11 @@ fn drive_resync(
 ) {
     while !reader_done.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
         if journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
-            mark_everything_for_checksum_resync(journal, bitmaps);
+            if let Err(e) = checksum.poll(journal, bitmaps) {
+                log::error!("checksum resync: {e:#}; retrying in 5s");
+                std::thread::sleep(Duration::from_secs(5));
+                continue;
+            }
         }
         let dirty = bitmaps.iter().any(|b| b.dirty_count() > 0);
         let attached = journal.flags() & journal::FLAG_ATTACHED != 0;
@@ -454,27 +470,5 @@ fn resync_for_a_while(mirror: &Mirror, reader_done: &AtomicBool, stop: &AtomicBo
         if Instant::now() >= until || reader_done.load(Ordering::Acquire) || stop.load(Ordering::Acquire) {
             return Ok(step);
         }
-    }
-}
-
-/// After a host crash the source and the replica may differ anywhere. The
-/// target's block hashes would narrow this down; until they are available
-/// every region is marked dirty (a full resync), then the flag is cleared.
-/// Marks first, durable, then the flag: the window stays open throughout.
-fn mark_everything_for_checksum_resync(journal: &Journal, bitmaps: &[DirtyBitmap]) {
-    log::warn!(
-        "journal {}: the host went down while the VM was served; re-sending every region of its disks (full resync)",
-        journal.path().display()
-    );
-    for b in bitmaps {
-        b.mark(0, u64::MAX / 2);
-        if let Err(e) = b.sync() {
-            log::error!("{e}; the checksum resync will be retried");
-            return;
-        }
-    }
-    journal.clear_flags(journal::FLAG_CHECKSUM_RESYNC);
-    if let Err(e) = journal.sync() {
-        log::error!("{e}");
     }
 }
