@@ -31,10 +31,7 @@ impl ChecksumResync {
     pub fn poll(&self, journal: &Journal, bitmaps: &[DirtyBitmap]) -> Result<()> {
         let region_size = bitmaps[0].region_size();
         let request = HashRequest { version: 1, epoch: self.epoch, region_size };
-        let asked = match self.cache.read_hash_request()? {
-            Some(Ok(r)) if r == request => true,
-            _ => false,
-        };
+        let asked = matches!(self.cache.read_hash_request()?, Some(Ok(r)) if r == request);
         if !asked {
             let text = toml::to_string(&request)?;
             let path = self.cache.hash_request_path();
