@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod apply;
 mod cmd;
 mod ship;
 
@@ -37,6 +38,12 @@ pub enum Command {
     Serve(cmd::serve::Args),
     /// Drain the VM's journal into compressed segments in the cache store.
     Ship(cmd::ship::Args),
+    /// Insert an app-consistent marker: the target takes a named point there.
+    Tag(cmd::tag::Args),
+    /// At the target site: replay segments onto replicas, take recovery points.
+    Apply(cmd::apply::Args),
+    /// List a VM's recovery points at the target site.
+    Points(cmd::points::Args),
     /// Inspect or check segment files of the cache store offline.
     #[command(subcommand)]
     Segment(cmd::segment::Command),
@@ -68,6 +75,9 @@ fn main() -> ExitCode {
         Command::Journal(c) => cmd::journal::run(&cli, c),
         Command::Ship(a) => cmd::ship::run(&cli, a),
         Command::Segment(c) => cmd::segment::run(&cli, c),
+        Command::Tag(a) => cmd::tag::run(&cli, a),
+        Command::Apply(a) => cmd::apply::run(&cli, a),
+        Command::Points(a) => cmd::points::run(&cli, a),
         Command::Demo(a) => cmd::demo::run(&cli, a),
     };
     match result {

@@ -68,6 +68,10 @@ pub struct Policy {
     /// How long recovery points are kept. Default: 24h.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Every point younger than this is kept; older ones are thinned to one
+    /// per hour until `retention`. Default: 2h.
+    #[serde(with = "humantime_serde")]
+    pub keep_all: Duration,
     /// zstd level segments are compressed with (negative: zstd's fast
     /// levels). Default: 1.
     pub compression_level: i32,
@@ -85,6 +89,7 @@ impl Default for Policy {
         Policy {
             interval: Duration::from_secs(300),
             retention: Duration::from_secs(24 * 3600),
+            keep_all: Duration::from_secs(2 * 3600),
             compression_level: 1,
             segment_size: Size::mib(8),
             segment_age: Duration::from_millis(250),

@@ -101,6 +101,19 @@ impl Manifest {
     }
 }
 
+/// `<cache>/<vm>/applied.toml`: the target's progress, for the source's
+/// end-to-end lag (RPO).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Applied {
+    pub version: u32,
+    pub epoch: u64,
+    pub applied_seq: u64,
+    /// Source time of the newest applied record, ns since the Unix epoch.
+    pub source_time_ns: u64,
+    pub updated_unix_ms: u64,
+}
+
 /// One VM's directory in the cache store.
 #[derive(Debug, Clone)]
 pub struct CacheDir {
@@ -118,6 +131,10 @@ impl CacheDir {
 
     pub fn manifest_path(&self) -> PathBuf {
         self.root.join("manifest.toml")
+    }
+
+    pub fn applied_path(&self) -> PathBuf {
+        self.root.join("applied.toml")
     }
 
     pub fn segments_dir(&self) -> PathBuf {

@@ -5,3 +5,4 @@
 pub mod cache;
 pub mod hashes;
 pub mod segment;
+pub mod target;

@@ -158,7 +158,8 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     std::fs::File::create(&replica)?.set_len(size)?;
     let cache = tern_store::cache::CacheDir::new(&dir.join("cache"), "vm1");
     let manifest = cache.read_manifest()?.context("the cache has no manifest")?.map_err(anyhow::Error::msg)?;
-    let (records, segments) = crate::cmd::segment::replay_cache(&cache, &manifest, &[Some(Image::open(&replica)?)])?;
+    let (records, segments) =
+        crate::cmd::segment::replay_cache(&cache, &manifest, &[Some(Image::open(&replica)?)], u64::MAX)?;
     let same = std::fs::read(&image)? == std::fs::read(&replica)?;
     println!(
         "[5/5] replayed {records} records from {segments} segments onto an empty disk: {}",

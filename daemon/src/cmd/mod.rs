@@ -1,11 +1,14 @@
 //! One module per subcommand: its arguments and what it does.
 
+pub mod apply;
 pub mod demo;
 pub mod enable;
 pub mod journal;
+pub mod points;
 pub mod segment;
 pub mod serve;
 pub mod ship;
+pub mod tag;
 
 /// `--onto NAME=PATH`: a disk copy a replay writes onto.
 pub fn parse_onto(s: &str) -> Result<(String, std::path::PathBuf), String> {

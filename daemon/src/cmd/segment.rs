@@ -35,6 +35,10 @@ pub enum Command {
         /// target site does. Needs a copy of every disk.
         #[arg(long)]
         answer_hashes: bool,
+        /// Stop after the record with this sequence number (the oracle of
+        /// a recovery point).
+        #[arg(long)]
+        until_seq: Option<u64>,
     },
 }
 
@@ -49,7 +53,9 @@ pub fn run(_cli: &Cli, c: &Command) -> Result<()> {
             println!("ok: {segments} segment(s) verified");
             Ok(())
         }
-        Command::Replay { dir, onto, answer_hashes } => replay(dir, onto, *answer_hashes),
+        Command::Replay { dir, onto, answer_hashes, until_seq } => {
+            replay(dir, onto, *answer_hashes, until_seq.unwrap_or(u64::MAX))
+        }
     }
 }
 
@@ -147,7 +153,7 @@ fn open_cache_dir(dir: &Path) -> Result<(CacheDir, tern_store::cache::Manifest)>
     Ok((cache, manifest))
 }
 
-fn replay(dir: &Path, onto: &[(String, PathBuf)], answer_hashes: bool) -> Result<()> {
+fn replay(dir: &Path, onto: &[(String, PathBuf)], answer_hashes: bool, until_seq: u64) -> Result<()> {
     verify_dir(dir)?;
     let (cache, manifest) = open_cache_dir(dir)?;
     let mut copies: Vec<Option<Image>> = Vec::new();
@@ -168,7 +174,7 @@ fn replay(dir: &Path, onto: &[(String, PathBuf)], answer_hashes: bool) -> Result
             bail!("VM '{}' has no disk named '{n}'", manifest.name);
         }
     }
-    let (records, segments) = replay_cache(&cache, &manifest, &copies)?;
+    let (records, segments) = replay_cache(&cache, &manifest, &copies, until_seq)?;
     println!("replayed {records} records from {segments} segments");
     if answer_hashes {
         let mut disks = Vec::new();
@@ -194,11 +200,12 @@ pub fn replay_cache(
     cache: &CacheDir,
     manifest: &tern_store::cache::Manifest,
     copies: &[Option<Image>],
+    until_seq: u64,
 ) -> Result<(u64, u64)> {
     let (mut records, mut segments) = (0u64, 0u64);
     for (_, _, path) in cache.list_segments()? {
         let seg = Segment::read_file(&path, Some(*manifest.id.as_bytes()))?;
-        for (h, data) in seg.records() {
+        for (h, data) in seg.records().take_while(|(h, _)| h.seq <= until_seq) {
             if let Some(Some(image)) = copies.get(h.disk as usize) {
                 let mut h = *h;
                 h.disk = 0;

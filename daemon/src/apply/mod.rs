@@ -1,0 +1,433 @@
+//! `tern apply`: the target side. Replays each VM's segments, in sequence
+//! order, onto its replica images; takes recovery points as clones at
+//! segment boundaries (crash-consistent, every policy interval) and at tag
+//! records (app-consistent); keeps the catalog thinned to the retention.
+//!
+//! Invariants 6, 7 and 8: a segment is verified completely before any of it
+//! is applied; a gap, a stale epoch or a damaged segment stops that VM with
+//! an error naming the file, the replica staying at the last good sequence;
+//! no point is taken inside a resync window; replaying from the checkpoint
+//! after a crash gives the same replica and the same catalog.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tern_driver::clone::{clone_file, CloneMethod};
+use tern_driver::image::Image;
+use tern_driver::journal::{self, RecordKind};
+use tern_driver::mirror::apply_record;
+use tern_driver::vm::write_durably;
+use tern_store::cache::{Applied, CacheDir, Manifest};
+use tern_store::segment::Segment;
+use tern_store::target::{expired_points, Checkpoint, Point, PointKind, TargetDir, TARGET_VERSION};
+
+use crate::ship::failpoint;
+
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Apply what the cache holds now, then return.
+    pub once: bool,
+    /// Leave applied segments in the cache (for audits and tests).
+    pub keep_segments: bool,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Applies every VM in `cache` (or the one named) until stopped, or once.
+pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions, stop: Arc<AtomicBool>) -> Result<()> {
+    for (what, dir) in [("cache store", cache), ("target site", target)] {
+        if !dir.is_dir() {
+            bail!("the {what} {} does not exist or is not a directory; create or mount it first", dir.display());
+        }
+    }
+    let mut appliers: BTreeMap<String, VmApplier> = BTreeMap::new();
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let names = match vm {
+            Some(v) => vec![v.to_owned()],
+            None => vms_in(cache)?,
+        };
+        let mut progressed = false;
+        for name in names {
+            if failed.contains_key(&name) || stop.load(Ordering::Acquire) {
+                continue;
+            }
+            if !appliers.contains_key(&name) {
+                match VmApplier::open(cache, target, &name, options) {
+                    Ok(Some(a)) => {
+                        appliers.insert(name.clone(), a);
+                    }
+                    Ok(None) => continue, // no manifest yet: nothing shipped
+                    Err(e) => {
+                        log::error!("VM '{name}': {e:#}");
+                        failed.insert(name, format!("{e:#}"));
+                        continue;
+                    }
+                }
+            }
+            let applier = appliers.get_mut(&name).expect("inserted above");
+            match applier.step(&stop) {
+                Ok(n) => progressed |= n > 0,
+                Err(e) => {
+                    log::error!("VM '{name}': {e:#}; applying stops for this VM until `tern apply` is restarted");
+                    appliers.remove(&name);
+                    failed.insert(name, format!("{e:#}"));
+                }
+            }
+        }
+        if stop.load(Ordering::Acquire) || (options.once && !progressed) {
+            break;
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    if let Some((name, e)) = failed.into_iter().next() {
+        bail!("VM '{name}': {e}");
+    }
+    Ok(())
+}
+
+/// VM directories of the cache store that have a manifest.
+fn vms_in(cache: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(cache).with_context(|| format!("cannot list {}", cache.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if tern_driver::vm::validate_name("VM", &name).is_ok() && entry.path().join("manifest.toml").is_file() {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+struct VmApplier {
+    name: String,
+    cache: CacheDir,
+    target: TargetDir,
+    manifest: Manifest,
+    replicas: Vec<Image>,
+    checkpoint: Checkpoint,
+    keep_segments: bool,
+    warned_copy: bool,
+}
+
+impl VmApplier {
+    fn open(cache_root: &Path, target_root: &Path, name: &str, options: &ApplyOptions) -> Result<Option<Self>> {
+        let cache = CacheDir::new(cache_root, name);
+        let manifest = match cache.read_manifest()? {
+            Some(m) => m.map_err(anyhow::Error::msg)?,
+            None => return Ok(None),
+        };
+        let target = TargetDir::new(target_root, name);
+        for dir in [target.replica_path("x").parent().map(Path::to_path_buf).unwrap_or_default(), target.points_dir()] {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let checkpoint = match target.read_checkpoint().map_err(anyhow::Error::msg)? {
+            Some(c) if c.vm_id != manifest.id => bail!(
+                "{} belongs to VM id {}, but the cache's VM '{name}' is id {}: another VM of the same name; move the target directory away",
+                target.checkpoint_path().display(),
+                c.vm_id,
+                manifest.id
+            ),
+            Some(c) => c,
+            None => Checkpoint {
+                version: TARGET_VERSION,
+                vm_id: manifest.id,
+                epoch: manifest.epochs[0].number,
+                applied_seq: manifest.epochs[0].first_seq.saturating_sub(1),
+                in_window: false,
+                source_time_ns: 0,
+                last_point_ns: 0,
+            },
+        };
+        let mut replicas = Vec::new();
+        for d in &manifest.disks {
+            let path = target.replica_path(&d.name);
+            if !path.exists() {
+                // A new replica starts empty (sparse): the initial sync
+                // (resync records) fills in the source's data.
+                let f = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+                f.set_len(d.size).with_context(|| format!("cannot size {}", path.display()))?;
+                f.sync_all()?;
+            }
+            let image = Image::open(&path)?;
+            if image.size() != d.size {
+                bail!("replica {} is {} bytes, but disk '{}' is {}", path.display(), image.size(), d.name, d.size);
+            }
+            replicas.push(image);
+        }
+        let removed = target.remove_partial_points()?;
+        if removed > 0 {
+            log::info!("VM '{name}': removed {removed} half-taken point(s) a previous run left");
+        }
+        log::info!(
+            "VM '{name}': applying {} onto {} from seq {} (epoch {})",
+            cache.segments_dir().display(),
+            target.root().display(),
+            checkpoint.applied_seq + 1,
+            checkpoint.epoch
+        );
+        Ok(Some(VmApplier {
+            name: name.to_owned(),
+            cache,
+            target,
+            manifest,
+            replicas,
+            checkpoint,
+            keep_segments: options.keep_segments,
+            warned_copy: false,
+        }))
+    }
+
+    /// Applies every segment the cache holds past the checkpoint, answers a
+    /// pending hash request, thins the catalog. Returns segments applied.
+    fn step(&mut self, stop: &AtomicBool) -> Result<usize> {
+        // The manifest grows epochs; re-read it when a segment needs one.
+        let mut applied = 0;
+        for (first, last, path) in self.cache.list_segments()? {
+            if last <= self.checkpoint.applied_seq {
+                continue;
+            }
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            if first > self.checkpoint.applied_seq + 1 {
+                if let Some(Ok(m)) = self.cache.read_manifest()? {
+                    self.manifest = m;
+                }
+            }
+            self.apply_segment(&path)?;
+            applied += 1;
+        }
+        if applied > 0 {
+            self.publish_applied();
+            if !self.keep_segments {
+                self.prune_segments()?;
+            }
+        }
+        self.answer_hash_request()?;
+        self.thin_points()?;
+        Ok(applied)
+    }
+
+    fn apply_segment(&mut self, path: &Path) -> Result<()> {
+        let at = self.checkpoint.applied_seq;
+        let stays = || format!("the replica stays at seq {at}; repair or re-ship, then restart `tern apply`");
+        let seg =
+            Segment::read_file(path, Some(*self.manifest.id.as_bytes())).map_err(|e| anyhow!("{e}; {}", stays()))?;
+        let h = &seg.header;
+        if h.epoch < self.checkpoint.epoch {
+            bail!(
+                "{}: segment of epoch {}, but the replica is already in epoch {} (a stale source shipped it); {}",
+                path.display(),
+                h.epoch,
+                self.checkpoint.epoch,
+                stays()
+            );
+        }
+        let mut in_window = self.checkpoint.in_window;
+        if h.first_seq > at + 1 {
+            let starts_epoch = h.epoch > self.checkpoint.epoch
+                && self.manifest.epochs.iter().any(|e| e.number == h.epoch && e.first_seq == h.first_seq);
+            if !starts_epoch {
+                bail!(
+                    "{}: starts at seq {}, but seqs {}..{} are missing from {} (a gap); {}",
+                    path.display(),
+                    h.first_seq,
+                    at + 1,
+                    h.first_seq - 1,
+                    self.cache.segments_dir().display(),
+                    stays()
+                );
+            }
+            log::warn!(
+                "VM '{}': epoch {} starts at seq {} (records {}..{} were lost at the source); the replica is inconsistent until its resync window closes",
+                self.name,
+                h.epoch,
+                h.first_seq,
+                at + 1,
+                h.first_seq - 1
+            );
+        }
+        if h.epoch > self.checkpoint.epoch {
+            in_window = true;
+        }
+        let mut source_time = self.checkpoint.source_time_ns;
+        for (r, data) in seg.records() {
+            if r.seq <= at {
+                continue; // applied before a restart (the checkpoint fell inside this segment)
+            }
+            match r.kind {
+                RecordKind::Resync if r.flags == journal::RESYNC_OPEN => in_window = true,
+                RecordKind::Resync if r.flags == journal::RESYNC_CLOSE => in_window = false,
+                RecordKind::Tag => {
+                    let label = String::from_utf8_lossy(data).into_owned();
+                    if in_window {
+                        log::warn!(
+                            "VM '{}': tag '{label}' (seq {}) falls inside a resync window; no point can be taken there",
+                            self.name,
+                            r.seq
+                        );
+                    } else {
+                        self.take_point(r.seq, h.epoch, r.time_ns, PointKind::App, Some(label))?;
+                    }
+                }
+                _ => {
+                    apply_record(&self.replicas, r, data)
+                        .with_context(|| format!("applying seq {} of {} to the replica", r.seq, path.display()))?;
+                }
+            }
+            if r.time_ns > 0 {
+                source_time = r.time_ns;
+            }
+        }
+        failpoint("apply:segment-applied");
+        for image in &self.replicas {
+            image.sync_data()?;
+        }
+        self.checkpoint.applied_seq = h.last_seq;
+        self.checkpoint.epoch = h.epoch;
+        self.checkpoint.in_window = in_window;
+        self.checkpoint.source_time_ns = source_time;
+        let interval = self.manifest.policy.interval.as_nanos() as u64;
+        if !in_window && source_time.saturating_sub(self.checkpoint.last_point_ns) >= interval {
+            self.take_point(h.last_seq, h.epoch, source_time, PointKind::Crash, None)?;
+            self.checkpoint.last_point_ns = source_time;
+        }
+        let text = toml::to_string(&self.checkpoint)?;
+        write_durably(&self.target.checkpoint_path(), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// Clones every replica (as applied up to `seq`) into a new point
+    /// directory, writes its `point.toml`, and renames it into the
+    /// catalog: a point is listed complete or not at all.
+    fn take_point(&mut self, seq: u64, epoch: u64, time_ns: u64, kind: PointKind, label: Option<String>) -> Result<()> {
+        let id = Point::make_id(seq, kind);
+        if self.target.point_dir(&id).exists() {
+            return Ok(()); // taken before a restart
+        }
+        let tmp = self.target.point_tmp_dir(&id);
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let started = std::time::Instant::now();
+        let mut disks = BTreeMap::new();
+        let mut method = CloneMethod::Reflink;
+        for (d, image) in self.manifest.disks.iter().zip(&self.replicas) {
+            image.sync_data()?;
+            let file = format!("{}.img", d.name);
+            if clone_file(image.path(), &tmp.join(&file))? == CloneMethod::Copy {
+                method = CloneMethod::Copy;
+            }
+            disks.insert(d.name.clone(), file);
+        }
+        failpoint("apply:point-cloned");
+        if method == CloneMethod::Copy && !self.warned_copy {
+            log::warn!(
+                "VM '{}': {} cannot share extents (no reflink): points are full copies, slow and space-hungry; put the target on btrfs or xfs",
+                self.name,
+                self.target.root().display()
+            );
+            self.warned_copy = true;
+        }
+        let point = Point {
+            version: TARGET_VERSION,
+            id: id.clone(),
+            seq,
+            epoch,
+            time_ns,
+            kind,
+            label,
+            clone: method.name().into(),
+            disks,
+        };
+        write_durably(&tmp.join("point.toml"), toml::to_string(&point)?.as_bytes())?;
+        let dir = self.target.point_dir(&id);
+        std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+        tern_driver::vm::sync_dir(&self.target.points_dir())?;
+        log::info!(
+            "VM '{}': {}-consistent point {id} at seq {seq} (source time {}), {} in {:.0?}",
+            self.name,
+            kind.name(),
+            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(time_ns)),
+            method.name(),
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Deletes applied segments (after the checkpoint is durable), always
+    /// leaving the newest: the shipper resumes from it.
+    fn prune_segments(&self) -> Result<()> {
+        let list = self.cache.list_segments()?;
+        for (_, last, path) in list.iter().take(list.len().saturating_sub(1)) {
+            if *last <= self.checkpoint.applied_seq {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove applied segment {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_applied(&self) {
+        let applied = Applied {
+            version: 1,
+            epoch: self.checkpoint.epoch,
+            applied_seq: self.checkpoint.applied_seq,
+            source_time_ns: self.checkpoint.source_time_ns,
+            updated_unix_ms: now_ns() / 1_000_000,
+        };
+        let path = self.cache.applied_path();
+        let tmp = path.with_extension("toml.tmp");
+        let written = toml::to_string(&applied)
+            .map_err(std::io::Error::other)
+            .and_then(|t| std::fs::write(&tmp, t))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            log::warn!("VM '{}': cannot write {}: {e}", self.name, path.display());
+        }
+    }
+
+    /// After a host crash at the source: publish the replicas' block hashes
+    /// once it asks.
+    fn answer_hash_request(&self) -> Result<()> {
+        let Some(Ok(request)) = self.cache.read_hash_request()? else { return Ok(()) };
+        if self.manifest.disks.iter().all(|d| self.cache.hashes_path(request.epoch, &d.name).exists()) {
+            return Ok(());
+        }
+        let disks: Vec<(&str, &Image)> =
+            self.manifest.disks.iter().map(|d| d.name.as_str()).zip(self.replicas.iter()).collect();
+        self.cache
+            .answer_hash_request(*self.manifest.id.as_bytes(), &disks, self.checkpoint.applied_seq)
+            .map_err(anyhow::Error::msg)?;
+        log::info!(
+            "VM '{}': answered the source's block-hash request (epoch {}) with the replica at seq {}",
+            self.name,
+            request.epoch,
+            self.checkpoint.applied_seq
+        );
+        Ok(())
+    }
+
+    fn thin_points(&self) -> Result<()> {
+        let points = self.target.list_points()?;
+        let policy = &self.manifest.policy;
+        for id in expired_points(&points, now_ns(), policy.keep_all, policy.retention) {
+            let dir = self.target.point_dir(&id);
+            // Renamed out of the catalog first: never a half-deleted point.
+            let doomed: PathBuf = self.target.points_dir().join(format!(".tmp-expired-{id}"));
+            std::fs::rename(&dir, &doomed).with_context(|| format!("cannot retire point {}", dir.display()))?;
+            std::fs::remove_dir_all(&doomed)?;
+            log::info!("VM '{}': point {id} expired (retention)", self.name);
+        }
+        Ok(())
+    }
+}

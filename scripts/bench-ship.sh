@@ -1,0 +1,563 @@
+#!/usr/bin/env bash
+# bench-ship.sh — what `tern ship` costs and how far behind it stays (issue 3).
+#
+# Two parts, in one run:
+#  1. Throughput. On three data sets — an ext4 image holding a copy of /usr
+#     (VM-like), random bytes, mostly zeroes — `tern enable` a VM on a copy of
+#     the data set and time `tern ship --once`, the initial sync of the whole
+#     image (read → resync records in the ring → zstd segments in the cache),
+#     at each compression level in LEVELS: MB/s, CPU seconds per GB, ratio and
+#     the cache's size on disk, next to the `zstd` CLI on the same file
+#     (-L -T1, and -L -T$WORKERS since tern compresses with that many workers).
+#  2. Lag. A VM on a copy of the usr image, initial sync done; `tern serve`
+#     and `tern ship` (daemon) run while fio writes through NBD at a
+#     sustained rate (each of RATES): lag p50/p99/max from ship.json, journal
+#     fill, overflow, fio's achieved rate, CPU of each process.
+#
+# Usage (from anywhere; the script cds to the repo root; root is needed for
+# the loop mount that builds the usr image):
+#   scripts/bench-ship.sh
+#   QUICK=1 scripts/bench-ship.sh                # smoke test: 256MiB, 5 s per rate
+#   PARTS=lag RATES="200m 250m" RUNTIME=60 scripts/bench-ship.sh
+#
+# Environment knobs (defaults in brackets):
+#   PARTS          which parts to run ["throughput lag"]
+#   DATASETS       data sets for the throughput part ["usr random zeroes"]
+#   LEVELS         zstd levels for tern and the zstd peers ["1 3"] (negative:
+#                  zstd's fast levels, `zstd --fast=N`)
+#   SIZE           data set / disk size [2GiB] (KiB/MiB/GiB suffix, multiple of 1MiB)
+#   WORKERS        `tern ship --workers`, and the peers' second -T [nproc]
+#   RATES          fio --rate values for the lag part, binary units ["100m 200m 300m"]
+#   RUNTIME        seconds of fio per rate [30]
+#   FIO_BS         fio block size [64k]
+#   FIO_IODEPTH    fio iodepth [8]
+#   FIO_COMPRESS   fio --buffer_compress_percentage, with --refill_buffers [70]
+#                  (70% of each 512-byte chunk zeroes: zstd ratio ≈ 3, like /usr)
+#   LAG_LEVEL      compression level of the lag VM [first of LEVELS]
+#   DRAIN_TIMEOUT  seconds to wait after fio for the ring to drain [120]
+#   ZEROES_RANDOM_PCT  share of random 4 KiB blocks in the zeroes data set [5]
+#   VERIFY         `tern segment verify` every throughput run's cache (untimed) [1]
+#   QUICK=1        smoke test: SIZE=256MiB, RUNTIME=5 unless set explicitly
+#   WORK           work dir (data sets, runs, results) [/var/tmp/tern-bench-ship]
+#   TERN           tern binary [target/release/tern]
+#   JOURNAL_SIZE   --journal-size for `tern enable` [1GiB]
+#   FRESH_DATA=1   rebuild the data sets even if cached ones exist
+#   DROP_CACHES=1  drop the page cache before every timed run (root); by
+#                  default images are read from memory, as the peers read them
+#
+# Output: per-run logs, ship.json, fio JSON and samples under
+# $WORK/results/<run-id>/, a Markdown summary on stdout and in
+# $WORK/summary.md (and the run dir), machine-readable summary.json.
+# Exit status is non-zero if any run failed (the benchmark carries on).
+set -euo pipefail
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+# Record the knobs the caller set *before* defaults, so the summary can
+# print the exact command that reproduces this run.
+KNOBS=(PARTS DATASETS LEVELS SIZE WORKERS RATES RUNTIME FIO_BS FIO_IODEPTH
+       FIO_COMPRESS LAG_LEVEL DRAIN_TIMEOUT ZEROES_RANDOM_PCT VERIFY QUICK WORK
+       TERN JOURNAL_SIZE FRESH_DATA DROP_CACHES)
+shq() {
+    if [[ "$1" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then printf '%s' "$1"
+    else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+CMDLINE=""
+for k in "${KNOBS[@]}"; do
+    if [[ -n "${!k+x}" ]]; then CMDLINE+="$k=$(shq "${!k}") "; fi
+done
+CMDLINE+="scripts/bench-ship.sh"
+for a in "$@"; do CMDLINE+=" $(shq "$a")"; done
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+QUICK="${QUICK:-0}"
+if [[ "$QUICK" == 1 ]]; then
+    SIZE="${SIZE:-256MiB}"
+    RUNTIME="${RUNTIME:-5}"
+fi
+PARTS="${PARTS:-throughput lag}"
+DATASETS="${DATASETS:-usr random zeroes}"
+LEVELS="${LEVELS:-1 3}"
+SIZE="${SIZE:-2GiB}"
+WORKERS="${WORKERS:-$(nproc)}"
+RATES="${RATES:-100m 200m 300m}"
+RUNTIME="${RUNTIME:-30}"
+FIO_BS="${FIO_BS:-64k}"
+FIO_IODEPTH="${FIO_IODEPTH:-8}"
+FIO_COMPRESS="${FIO_COMPRESS:-70}"
+read -r FIRST_LEVEL _ <<<"$LEVELS"
+LAG_LEVEL="${LAG_LEVEL:-$FIRST_LEVEL}"
+DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-120}"
+ZEROES_RANDOM_PCT="${ZEROES_RANDOM_PCT:-5}"
+VERIFY="${VERIFY:-1}"
+WORK="${WORK:-/var/tmp/tern-bench-ship}"
+TERN="${TERN:-target/release/tern}"
+JOURNAL_SIZE="${JOURNAL_SIZE:-1GiB}"
+FRESH_DATA="${FRESH_DATA:-0}"
+DROP_CACHES="${DROP_CACHES:-0}"
+
+PY=/usr/bin/python3          # stdlib only; avoid pyenv shims and venvs
+HELPER="$REPO_ROOT/scripts/bench-ship.py"
+EXPORT=disk0                 # the disk's name, also its NBD export name
+VM=bench
+SOCK_WAIT=30
+
+log() { printf '[bench-ship %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# SIZE -> bytes: N, NKiB, NMiB, NGiB (K/M/G accepted as binary too).
+to_bytes() {
+    local v="$1" n unit
+    [[ "$v" =~ ^([0-9]+)(KiB|MiB|GiB|K|M|G)?$ ]] || return 1
+    n="${BASH_REMATCH[1]}"; unit="${BASH_REMATCH[2]}"
+    case "$unit" in
+        "") echo "$n" ;;
+        KiB|K) echo $((n << 10)) ;;
+        MiB|M) echo $((n << 20)) ;;
+        GiB|G) echo $((n << 30)) ;;
+    esac
+}
+SIZE_BYTES="$(to_bytes "$SIZE")" || die "SIZE must be like 2GiB or 256MiB (got '$SIZE')"
+((SIZE_BYTES >= (64 << 20) && SIZE_BYTES % (1 << 20) == 0)) || die "SIZE must be a multiple of 1MiB, at least 64MiB"
+SIZE_MIB=$((SIZE_BYTES >> 20))
+[[ "$RUNTIME" =~ ^[0-9]+$ && "$RUNTIME" -gt 0 ]] || die "RUNTIME must be a positive integer (got '$RUNTIME')"
+[[ "$WORKERS" =~ ^[0-9]+$ && "$WORKERS" -gt 0 ]] || die "WORKERS must be a positive integer (got '$WORKERS')"
+[[ "$DRAIN_TIMEOUT" =~ ^[0-9]+$ ]] || die "DRAIN_TIMEOUT must be an integer (got '$DRAIN_TIMEOUT')"
+for l in $LEVELS $LAG_LEVEL; do
+    [[ "$l" =~ ^-?[0-9]+$ ]] && ((l >= -7 && l <= 19)) || die "levels must be integers from -7 to 19 (got '$l')"
+done
+for p in $PARTS; do
+    [[ "$p" == throughput || "$p" == lag ]] || die "unknown part '$p' (known: throughput lag)"
+done
+for d in $DATASETS; do
+    [[ "$d" == usr || "$d" == random || "$d" == zeroes ]] || die "unknown data set '$d' (known: usr random zeroes)"
+done
+for r in $RATES; do
+    [[ "$r" =~ ^[0-9]+[kmg]?$ ]] || die "RATES entries must be like 200m (got '$r')"
+done
+has_part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------------------
+# Preflight
+# ---------------------------------------------------------------------------
+[[ -x "$PY" ]] || die "$PY not found"
+[[ -f "$HELPER" ]] || die "$HELPER not found"
+if [[ "$TERN" != /* ]]; then TERN="$REPO_ROOT/$TERN"; fi
+[[ -x "$TERN" ]] || die "tern binary '$TERN' not found (cargo build --release, or set TERN=)"
+command -v zstd >/dev/null || die "zstd not found (scripts/install-deps.sh)"
+if has_part lag; then
+    command -v fio >/dev/null || die "fio not found (scripts/install-deps.sh)"
+    fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no 'nbd' ioengine (install fio built with libnbd)"
+fi
+if has_part lag || [[ " $DATASETS " == *" usr "* ]]; then
+    command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 not found (scripts/install-deps.sh)"
+    [[ $(id -u) == 0 ]] || die "building the usr image needs root (loop mount)"
+fi
+HAVE_NBDINFO=0; command -v nbdinfo >/dev/null && HAVE_NBDINFO=1
+
+RUN_ID="$(date +%Y%m%d-%H%M%S)"
+RESULTS="$WORK/results/$RUN_ID"
+LOGS="$RESULTS/logs"
+DATA="$WORK/data"
+RUNS="$WORK/runs"            # disks, VM state and caches of the current run
+mkdir -p "$RESULTS" "$LOGS" "$DATA"
+rm -rf "$RUNS"; mkdir -p "$RUNS"
+MANIFEST="$RESULTS/manifest.tsv"
+: >"$MANIFEST"
+FAILURES=0
+
+# ---------------------------------------------------------------------------
+# Process bookkeeping: everything started in the background is stopped on
+# exit, whatever the way out.
+# ---------------------------------------------------------------------------
+SERVE_PID=""
+SHIP_PID=""
+FIO_PID=""
+SAMPLER_PID=""
+SAMPLER_STOP=""
+MOUNTED=""
+
+# stop_pid PID NAME [SECONDS]: SIGTERM, wait, then SIGKILL.
+stop_pid() {
+    local pid="$1" name="$2" secs="${3:-30}"
+    [[ -n "$pid" ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        local i
+        for ((i = 0; i < secs * 10; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "WARNING: $name (pid $pid) ignored SIGTERM for ${secs}s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+stop_sampler() {
+    [[ -n "$SAMPLER_PID" ]] || return 0
+    touch "$SAMPLER_STOP"
+    stop_pid "$SAMPLER_PID" sampler 5
+    SAMPLER_PID=""
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ -n "$FIO_PID" ]]; then log "cleanup: stopping fio"; stop_pid "$FIO_PID" fio 10; fi
+    stop_sampler
+    if [[ -n "$SHIP_PID" ]]; then log "cleanup: stopping tern ship"; stop_pid "$SHIP_PID" "tern ship"; fi
+    if [[ -n "$SERVE_PID" ]]; then log "cleanup: stopping tern serve"; stop_pid "$SERVE_PID" "tern serve"; fi
+    if [[ -n "$MOUNTED" ]]; then
+        log "cleanup: unmounting $MOUNTED"
+        umount "$MOUNTED" 2>/dev/null || umount -l "$MOUNTED" 2>/dev/null || true
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+drop_caches() {
+    if [[ "$DROP_CACHES" == 1 ]]; then
+        sync; echo 3 >/proc/sys/vm/drop_caches || log "WARNING: could not drop caches"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# Data sets, cached in $DATA by size and reused between runs.
+# ---------------------------------------------------------------------------
+dataset_path() { echo "$DATA/$1-${SIZE_MIB}MiB.img"; }
+
+make_usr() {
+    local out="$1" tmp="$1.tmp" mnt="$DATA/mnt" blog="$LOGS/make-usr.log"
+    rm -f "$tmp"; mkdir -p "$mnt"
+    truncate -s "$SIZE_BYTES" "$tmp"
+    mkfs.ext4 -q -F -L tern-bench "$tmp" >>"$blog" 2>&1 || die "mkfs.ext4 failed (see $blog)"
+    mount -o loop "$tmp" "$mnt" || die "cannot loop-mount $tmp"
+    MOUNTED="$mnt"
+    # Fills the file system; running out of space is the expected end.
+    if cp -a /usr "$mnt/" 2>>"$blog"; then
+        log "  /usr fit entirely"
+    else
+        local other
+        other="$(grep -v 'No space left on device' "$blog" | grep -c '^cp: ' || true)"
+        log "  copy stopped when the file system filled up ($((other)) other cp errors; see $blog)"
+    fi
+    df -B1 --output=used,size "$mnt" | tail -n1 >"$out.df"
+    umount "$mnt"; MOUNTED=""
+    # Fully allocated (free space written as real zero bytes), so `tern
+    # enable` marks the whole image and tern ships the very bytes zstd reads.
+    cp --sparse=never "$tmp" "$out.full"
+    rm -f "$tmp"
+    sync "$out.full"
+    mv "$out.full" "$out"
+}
+
+ensure_dataset() {
+    local ds="$1" out
+    out="$(dataset_path "$ds")"
+    if [[ "$FRESH_DATA" != 1 && -f "$out" && "$(stat -c %s "$out")" == "$SIZE_BYTES" ]]; then
+        log "reusing data set $out"
+        return
+    fi
+    rm -f "$out" "$out.df"
+    log "building data set $ds ($SIZE) at $out"
+    case "$ds" in
+        usr) make_usr "$out" ;;
+        random)
+            head -c "$SIZE_BYTES" /dev/urandom >"$out.tmp"
+            sync "$out.tmp"; mv "$out.tmp" "$out" ;;
+        zeroes)
+            "$PY" "$HELPER" make-zeroes --size "$SIZE_BYTES" --random-pct "$ZEROES_RANDOM_PCT" --out "$out.tmp"
+            mv "$out.tmp" "$out" ;;
+    esac
+}
+
+dataset_desc() {
+    local ds="$1" path used size
+    path="$(dataset_path "$ds")"
+    case "$ds" in
+        usr)
+            if [[ -f "$path.df" ]]; then
+                read -r used size <"$path.df"
+                echo "ext4 (mkfs.ext4 defaults) filled by \`cp -a /usr\` until full: $((used >> 20)) MiB used of $((size >> 20)) MiB; copied with --sparse=never so the free space is real zero bytes and the whole image is allocated"
+            else
+                echo "ext4 filled by \`cp -a /usr\`, fully allocated"
+            fi ;;
+        random) echo "/dev/urandom" ;;
+        zeroes) echo "4 KiB blocks, ${ZEROES_RANDOM_PCT}% random (seeded), the rest zero bytes written out (fully allocated)" ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------
+# tern helpers
+# ---------------------------------------------------------------------------
+# new_vm DIR DISK LEVEL LOG: fresh state/cache/target under DIR, a VM on DISK.
+new_vm() {
+    local dir="$1" disk="$2" level="$3" logf="$4"
+    rm -rf "$dir/state" "$dir/cache" "$dir/target"
+    mkdir -p "$dir/state" "$dir/cache" "$dir/target"
+    local cmd=("$TERN" --state "$dir/state" enable "$VM" --disk "$EXPORT=$disk"
+               --cache "$dir/cache" --target "$dir/target" --journal-size "$JOURNAL_SIZE")
+    echo "+ ${cmd[*]}" >>"$logf"
+    "${cmd[@]}" >>"$logf" 2>&1 || return 1
+    local toml="$dir/state/$VM/vm.toml"
+    grep -q '^compression-level = ' "$toml" || { echo "no compression-level in $toml" >>"$logf"; return 1; }
+    sed -i "s/^compression-level = .*/compression-level = $level/" "$toml"
+    echo "+ set compression-level = $level in $toml" >>"$logf"
+}
+
+# ---------------------------------------------------------------------------
+# Environment description for the summary header.
+# ---------------------------------------------------------------------------
+ver() { "$@" 2>&1 | head -n1 || true; }
+CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)"
+TERN_VER="$(timeout 5 "$TERN" --version 2>/dev/null | head -n1 || true)"
+TERN_GIT="$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git -C "$REPO_ROOT" diff --quiet HEAD -- . ':!scripts' 2>/dev/null || TERN_GIT+="+dirty"
+FIO_OPTS="--ioengine=nbd --rw=randwrite --bs=$FIO_BS --iodepth=$FIO_IODEPTH --rate=<rate> --time_based --runtime=$RUNTIME --buffer_compress_percentage=$FIO_COMPRESS --refill_buffers --size=$SIZE_BYTES"
+{
+    echo "date=$(date -Iseconds)"
+    echo "nproc=$(nproc)"
+    echo "kernel=$(uname -r)"
+    echo "cpu=$CPU_MODEL"
+    echo "mem=$(free -g | awk '/^Mem:/ {print $2 " GiB"}')"
+    echo "tern=${TERN_VER:-tern} (git $TERN_GIT)"
+    echo "zstd=$(ver zstd --version | sed 's/^\*\** *//; s/ *\**$//')"
+    echo "fio=$(command -v fio >/dev/null && ver fio --version || echo n/a)"
+    echo "command=$CMDLINE"
+    echo "parts=$PARTS"
+    echo "datasets=$DATASETS"
+    echo "levels=$LEVELS"
+    echo "size=$SIZE"
+    echo "size_bytes=$SIZE_BYTES"
+    echo "workers=$WORKERS"
+    echo "journal_size=$JOURNAL_SIZE"
+    echo "rates=$RATES"
+    echo "runtime=$RUNTIME"
+    echo "fio_opts=$FIO_OPTS"
+    echo "lag_level=$LAG_LEVEL"
+    echo "drop_caches=$DROP_CACHES"
+    echo "work=$WORK"
+    echo "results=$RESULTS"
+} >"$RESULTS/meta.env"
+
+log "parts: $PARTS; size $SIZE; levels $LEVELS; workers $WORKERS; results: $RESULTS"
+
+# ---------------------------------------------------------------------------
+# Part 1: throughput of the initial sync, and the zstd CLI on the same bytes
+# ---------------------------------------------------------------------------
+if has_part throughput; then
+    for ds in $DATASETS; do
+        ensure_dataset "$ds"
+        src="$(dataset_path "$ds")"
+        { echo "size_$ds=$(stat -c %s "$src")"; echo "desc_$ds=$(dataset_desc "$ds")"; } >>"$RESULTS/meta.env"
+
+        # One fresh disk per data set: `tern ship --once` only reads it, so
+        # every level ships the same copy (each with a fresh VM and cache).
+        disk="$RUNS/$ds-disk.img"
+        log "$ds: copying the data set to a fresh disk $disk"
+        cp --sparse=never "$src" "$disk"
+        sync "$disk"
+
+        for level in $LEVELS; do
+            name="tern-$ds-L$level"
+            dir="$RESULTS/throughput/$name"
+            vmdir="$RUNS/$name"
+            mkdir -p "$dir" "$vmdir"
+            slog="$LOGS/$name.log"
+            status=ok
+            if ! new_vm "$vmdir" "$disk" "$level" "$slog"; then
+                log "  $name: tern enable failed (log: $slog)"; tail -n 5 "$slog" >&2 || true
+                status=enable-failed
+            else
+                drop_caches
+                log "  $name: tern ship --once (level $level, $WORKERS workers)"
+                cmd=("$TERN" --state "$vmdir/state" ship "$VM" --once --workers "$WORKERS")
+                echo "+ ${cmd[*]}" >>"$slog"
+                # Hard timeout: 4 MB/s would be a broken shipper, not a slow one.
+                if ! timeout --kill-after=10 $((SIZE_BYTES / 4000000 + 120)) \
+                    "$PY" "$HELPER" run --out "$dir/run.json" -- "${cmd[@]}" >>"$slog" 2>&1; then
+                    status=ship-failed
+                    log "  $name: tern ship --once failed (log: $slog)"; tail -n 5 "$slog" >&2 || true
+                fi
+                cp "$vmdir/state/$VM/ship.json" "$dir/ship.json" 2>/dev/null || true
+                du -sb "$vmdir/cache" >"$dir/du.txt" 2>/dev/null || true
+                if [[ "$status" == ok && "$VERIFY" == 1 ]]; then
+                    if ! "$TERN" --state "$vmdir/state" segment verify "$vmdir/cache/$VM" >"$LOGS/$name-verify.log" 2>&1; then
+                        status=verify-failed
+                        log "  $name: tern segment verify failed (log: $LOGS/$name-verify.log)"
+                        tail -n 5 "$LOGS/$name-verify.log" >&2 || true
+                    fi
+                fi
+                if [[ "$status" == ok ]]; then
+                    # The one-line report tern prints at the end.
+                    log "  $(grep -o "shipped .*" "$slog" | tail -n1)"
+                fi
+            fi
+            [[ "$status" == ok ]] || FAILURES=$((FAILURES + 1))
+            printf 'tern\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$level" "$WORKERS" "$status" "$dir" >>"$MANIFEST"
+            rm -rf "$vmdir"
+        done
+        rm -f "$disk"
+
+        # The zstd CLI on the same bytes, one thread and $WORKERS threads.
+        threads_list="1"; ((WORKERS > 1)) && threads_list+=" $WORKERS"
+        for level in $LEVELS; do
+            if ((level < 0)); then lv=(--fast=$((-level))); else lv=("-$level"); fi
+            for t in $threads_list; do
+                name="zstd-$ds-L$level-T$t"
+                dir="$RESULTS/throughput/$name"
+                mkdir -p "$dir"
+                drop_caches
+                log "  $name: zstd ${lv[*]} -T$t"
+                status=ok
+                if ! "$PY" "$HELPER" run --out "$dir/run.json" --count-stdout -- \
+                    zstd -q "${lv[@]}" -T"$t" -c "$src" 2>>"$LOGS/$name.log"; then
+                    status=zstd-failed; FAILURES=$((FAILURES + 1))
+                fi
+                printf 'zstd\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$level" "$t" "$status" "$dir" >>"$MANIFEST"
+            done
+        done
+    done
+fi
+
+# ---------------------------------------------------------------------------
+# Part 2: lag while fio writes through `tern serve` at a sustained rate
+# ---------------------------------------------------------------------------
+# wait_ready SOCK LOG: the socket exists and the export answers.
+wait_ready() {
+    local sock="$1" logf="$2" deadline=$((SECONDS + SOCK_WAIT))
+    while [[ ! -S "$sock" ]]; do
+        kill -0 "$SERVE_PID" 2>/dev/null || { log "tern serve exited early; see $logf"; tail -n 10 "$logf" >&2; return 1; }
+        ((SECONDS < deadline)) || { log "tern serve made no socket in ${SOCK_WAIT}s"; return 1; }
+        sleep 0.1
+    done
+    if ((HAVE_NBDINFO)); then
+        local size="" i
+        for i in $(seq 50); do
+            size="$(timeout 10 nbdinfo --size "nbd+unix:///$EXPORT?socket=$sock" 2>>"$logf")" && break
+            size=""; sleep 0.1
+        done
+        [[ "$size" == "$SIZE_BYTES" ]] || { log "export size '$size', expected $SIZE_BYTES"; return 1; }
+    fi
+}
+
+# ship_field FILE FIELD: a number from ship.json (empty if missing).
+ship_field() {
+    "$PY" -c 'import json,sys
+try: print(json.load(open(sys.argv[1]))[sys.argv[2]])
+except Exception: pass' "$1" "$2"
+}
+
+if has_part lag; then
+    ensure_dataset usr
+    grep -q '^desc_usr=' "$RESULTS/meta.env" || echo "desc_usr=$(dataset_desc usr)" >>"$RESULTS/meta.env"
+    vmdir="$RUNS/lag"
+    mkdir -p "$vmdir"
+    disk="$vmdir/disk.img"
+    slog="$LOGS/tern-lag-setup.log"
+    log "lag: copying the usr data set to $disk, enabling, initial sync"
+    cp --sparse=never "$(dataset_path usr)" "$disk"
+    sync "$disk"
+    new_vm "$vmdir" "$disk" "$LAG_LEVEL" "$slog" || die "lag: tern enable failed (log: $slog)"
+    state="$vmdir/state"
+    echo "+ $TERN --state $state ship $VM --once --workers $WORKERS" >>"$slog"
+    "$TERN" --state "$state" ship "$VM" --once --workers "$WORKERS" >>"$slog" 2>&1 ||
+        die "lag: initial sync (tern ship --once) failed (log: $slog)"
+    log "  initial sync: $(grep -o "shipped .*" "$slog" | tail -n1)"
+
+    for rate in $RATES; do
+        name="lag-$rate"
+        dir="$RESULTS/lag/$rate"
+        mkdir -p "$dir"
+        serve_log="$LOGS/tern-$name-serve.log"
+        ship_log="$LOGS/tern-$name-ship.log"
+        flog="$LOGS/$name-fio.log"
+        sock="$vmdir/nbd.sock"
+        status=ok
+        rm -f "$sock" "$state/$VM/ship.json"
+
+        # Catch up with anything a previous rate left (an overflow's dirty
+        # regions), so every rate starts from an empty ring.
+        "$TERN" --state "$state" ship "$VM" --once --workers "$WORKERS" >>"$slog" 2>&1 ||
+            log "  WARNING: catch-up before $rate failed (log: $slog)"
+        rm -f "$state/$VM/ship.json"
+        drop_caches
+
+        log "lag at fio --rate=$rate for ${RUNTIME}s"
+        echo "+ $TERN --state $state serve $VM --listen unix:$sock" >>"$serve_log"
+        "$TERN" --state "$state" serve "$VM" --listen "unix:$sock" >>"$serve_log" 2>&1 &
+        SERVE_PID=$!
+        if ! wait_ready "$sock" "$serve_log"; then
+            status=serve-failed
+        else
+            echo "+ $TERN --state $state ship $VM --workers $WORKERS" >>"$ship_log"
+            "$TERN" --state "$state" ship "$VM" --workers "$WORKERS" >>"$ship_log" 2>&1 &
+            SHIP_PID=$!
+            SAMPLER_STOP="$dir/.stop"; rm -f "$SAMPLER_STOP"
+            "$PY" "$HELPER" sample --out "$dir/samples.jsonl" --stop "$SAMPLER_STOP" \
+                --ship-json "$state/$VM/ship.json" --tern "$TERN" --state "$state" --vm "$VM" \
+                --pid "serve=$SERVE_PID" --pid "ship=$SHIP_PID" 2>>"$LOGS/$name-sampler.log" &
+            SAMPLER_PID=$!
+            sleep 2   # ship's first status, and a baseline sample
+            args=(--name="ship-lag-$rate" --ioengine=nbd --uri="nbd+unix:///$EXPORT?socket=$sock"
+                  --rw=randwrite --bs="$FIO_BS" --iodepth="$FIO_IODEPTH" --rate="$rate"
+                  --time_based --runtime="$RUNTIME" --size="$SIZE_BYTES"
+                  --buffer_compress_percentage="$FIO_COMPRESS" --refill_buffers
+                  --output-format=json --output="$dir/fio.json")
+            echo "+ fio ${args[*]}" >"$flog"
+            echo "fio_start=$(date +%s.%N)" >"$dir/times.env"
+            # In the background and waited for, so Ctrl-C reaches the trap.
+            timeout --kill-after=10 $((RUNTIME + 120)) fio "${args[@]}" >>"$flog" 2>&1 &
+            FIO_PID=$!
+            wait "$FIO_PID" || status=fio-failed
+            FIO_PID=""
+            echo "fio_end=$(date +%s.%N)" >>"$dir/times.env"
+            kill -0 "$SERVE_PID" 2>/dev/null || status=serve-died
+            kill -0 "$SHIP_PID" 2>/dev/null || status=ship-died
+            # Let the shipper drain what fio left in the ring.
+            t0=$SECONDS; drained=0
+            while ((SECONDS - t0 < DRAIN_TIMEOUT)) && kill -0 "$SHIP_PID" 2>/dev/null; do
+                pend="$(ship_field "$state/$VM/ship.json" pending_bytes)"
+                if [[ "$pend" == 0 ]]; then drained=1; break; fi
+                sleep 0.5
+            done
+            { echo "drain_s=$((SECONDS - t0))"; echo "drained=$drained"; } >>"$dir/times.env"
+            ((drained)) || log "  WARNING: the ring did not drain within ${DRAIN_TIMEOUT}s"
+            sleep 1   # one more sample after the drain
+            stop_sampler
+            stop_pid "$SHIP_PID" "tern ship"; SHIP_PID=""
+        fi
+        stop_pid "$SERVE_PID" "tern serve"; SERVE_PID=""
+        cp "$state/$VM/ship.json" "$dir/ship.json" 2>/dev/null || true
+        "$TERN" --state "$state" journal dump "$VM" --header >"$dir/journal-header.txt" 2>&1 || true
+        if grep -q "mode Overflow" "$dir/journal-header.txt" || grep -q "took no more records" "$serve_log"; then
+            echo yes >"$dir/overflow.txt"
+            log "  WARNING: the ring overflowed at $rate: writes went to the dirty bitmap, not the journal"
+        fi
+        if [[ "$status" == ok ]]; then
+            log "  $(grep -o "shipped .*" "$ship_log" | tail -n1)"
+        else
+            log "  $name: $status (logs: $serve_log $ship_log $flog)"
+            tail -n 5 "$flog" >&2 2>/dev/null || true
+            FAILURES=$((FAILURES + 1))
+        fi
+        printf 'lag\t%s\t%s\t%s\n' "$rate" "$status" "$dir" >>"$MANIFEST"
+    done
+    rm -rf "$vmdir"
+fi
+
+# ---------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------
+"$PY" "$HELPER" summary "$RESULTS" "$WORK"
+log "wrote $WORK/summary.md and $WORK/summary.json (details in $RESULTS)"
+rm -rf "$RUNS"
+if ((FAILURES > 0)); then
+    log "$FAILURES run(s) failed; see $LOGS"
+    exit 1
+fi

@@ -1,0 +1,275 @@
+//! The target site's layout for one VM: replica images, the apply
+//! checkpoint, and the recovery-point catalog.
+//!
+//! ```text
+//! <target>/<vm>/replica/<disk>.img          the replicas, written only by `tern apply`
+//! <target>/<vm>/replica/checkpoint.toml     how far they are applied (atomic rewrite)
+//! <target>/<vm>/points/<id>/<disk>.img      a point: one clone per disk
+//! <target>/<vm>/points/<id>/point.toml      written last, before the directory is renamed into place
+//! <target>/<vm>/points/.tmp-<id>/           a point being taken (never listed; removed on restart)
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of `checkpoint.toml` and `point.toml`.
+pub const TARGET_VERSION: u32 = 1;
+
+/// `replica/checkpoint.toml`: the replicas hold exactly the records up to
+/// `applied_seq` (those after it may be partly there, un-fsynced; a restart
+/// applies them again, in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Checkpoint {
+    pub version: u32,
+    pub vm_id: uuid::Uuid,
+    pub epoch: u64,
+    pub applied_seq: u64,
+    /// The stream is inside a resync window after `applied_seq`.
+    pub in_window: bool,
+    /// Source time (ns since the Unix epoch) of the newest applied record.
+    pub source_time_ns: u64,
+    /// Source time of the newest crash-consistent point.
+    pub last_point_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PointKind {
+    /// Crash-consistent, taken every policy interval.
+    Crash,
+    /// Application-consistent, at a `tern tag` marker.
+    App,
+}
+
+impl PointKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PointKind::Crash => "crash",
+            PointKind::App => "app",
+        }
+    }
+}
+
+/// `points/<id>/point.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Point {
+    pub version: u32,
+    pub id: String,
+    /// The point equals the source after exactly the records up to here.
+    pub seq: u64,
+    pub epoch: u64,
+    /// Source time of the record at `seq`, ns since the Unix epoch.
+    pub time_ns: u64,
+    pub kind: PointKind,
+    pub label: Option<String>,
+    /// "reflink" or "copy".
+    pub clone: String,
+    /// Disk name → file name inside the point's directory.
+    pub disks: BTreeMap<String, String>,
+}
+
+impl Point {
+    /// The id of a point: its sequence number, and the kind for app points
+    /// (a tag and a crash point may fall on the same record).
+    pub fn make_id(seq: u64, kind: PointKind) -> String {
+        match kind {
+            PointKind::Crash => format!("{seq}"),
+            PointKind::App => format!("{seq}-app"),
+        }
+    }
+}
+
+/// One VM's directory at the target site.
+#[derive(Debug, Clone)]
+pub struct TargetDir {
+    root: PathBuf,
+}
+
+impl TargetDir {
+    pub fn new(target: &Path, vm: &str) -> Self {
+        TargetDir { root: target.join(vm) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn replica_path(&self, disk: &str) -> PathBuf {
+        self.root.join("replica").join(format!("{disk}.img"))
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.root.join("replica").join("checkpoint.toml")
+    }
+
+    pub fn points_dir(&self) -> PathBuf {
+        self.root.join("points")
+    }
+
+    pub fn point_dir(&self, id: &str) -> PathBuf {
+        self.points_dir().join(id)
+    }
+
+    pub fn point_tmp_dir(&self, id: &str) -> PathBuf {
+        self.points_dir().join(format!(".tmp-{id}"))
+    }
+
+    pub fn read_checkpoint(&self) -> Result<Option<Checkpoint>, String> {
+        let path = self.checkpoint_path();
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let c: Checkpoint = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                if c.version != TARGET_VERSION {
+                    return Err(format!("{}: version {} is not supported", path.display(), c.version));
+                }
+                Ok(Some(c))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// The catalog: every complete point, oldest first. Directories being
+    /// taken (`.tmp-*`) and ones without a valid `point.toml` are not
+    /// points.
+    pub fn list_points(&self) -> io::Result<Vec<Point>> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(self.points_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let Ok(text) = fs::read_to_string(entry.path().join("point.toml")) else { continue };
+            match toml::from_str::<Point>(&text) {
+                Ok(p) if p.id == name && p.version == TARGET_VERSION => out.push(p),
+                _ => log::warn!("{}: not a valid point; ignored", entry.path().display()),
+            }
+        }
+        out.sort_by(|a, b| (a.seq, a.kind == PointKind::App).cmp(&(b.seq, b.kind == PointKind::App)));
+        Ok(out)
+    }
+
+    /// Removes points a crashed applier left half-taken.
+    pub fn remove_partial_points(&self) -> io::Result<usize> {
+        let mut n = 0;
+        let entries = match fs::read_dir(self.points_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                fs::remove_dir_all(entry.path())?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Retention with thinning: which points to delete at `now` (ns since the
+/// Unix epoch). Every point younger than `keep_all` stays; between that and
+/// `retention`, the oldest point of each hour stays; older ones go. App
+/// points are thinned like crash points but never share an hour's slot
+/// with them (each kind keeps its own hourly point). Pure, so tests give
+/// it any clock.
+pub fn expired_points(points: &[Point], now_ns: u64, keep_all: Duration, retention: Duration) -> Vec<String> {
+    let hour = 3600 * 1_000_000_000u64;
+    let mut kept_hours: std::collections::HashSet<(u64, bool)> = Default::default();
+    let mut sorted: Vec<&Point> = points.iter().collect();
+    sorted.sort_by_key(|p| p.time_ns);
+    let mut out = Vec::new();
+    for p in sorted {
+        let age = now_ns.saturating_sub(p.time_ns);
+        if age < keep_all.as_nanos() as u64 {
+            continue;
+        }
+        if age >= retention.as_nanos() as u64 {
+            out.push(p.id.clone());
+            continue;
+        }
+        if !kept_hours.insert((p.time_ns / hour, p.kind == PointKind::App)) {
+            out.push(p.id.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(seq: u64, minutes_ago: u64, now: u64, kind: PointKind) -> Point {
+        Point {
+            version: 1,
+            id: Point::make_id(seq, kind),
+            seq,
+            epoch: 1,
+            time_ns: now - minutes_ago * 60 * 1_000_000_000,
+            kind,
+            label: None,
+            clone: "reflink".into(),
+            disks: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn thinning_keeps_everything_recent_one_per_hour_after_and_nothing_past_retention() {
+        // An injected clock: 100 hours after the epoch, on an hour boundary.
+        let now = 100 * 3600 * 1_000_000_000u64;
+        // A point every 5 minutes for the last 30 hours.
+        let points: Vec<Point> = (0..360).map(|i| point(1000 - i, i * 5, now, PointKind::Crash)).collect();
+        let expired = expired_points(&points, now, Duration::from_secs(2 * 3600), Duration::from_secs(24 * 3600));
+        let kept: Vec<&Point> = points.iter().filter(|p| !expired.contains(&p.id)).collect();
+        let age_min = |p: &Point| (now - p.time_ns) / 60_000_000_000;
+        // Younger than 2 h: all 24 of them.
+        assert_eq!(kept.iter().filter(|p| age_min(p) < 120).count(), 24);
+        // 2 h .. 24 h: exactly one per clock hour that had points there.
+        let hour = |p: &Point| p.time_ns / (3600 * 1_000_000_000);
+        let in_band = |p: &&Point| (120..1440).contains(&age_min(p));
+        let hours_with_points: std::collections::BTreeSet<u64> = points.iter().filter(in_band).map(hour).collect();
+        let kept_hours: Vec<u64> = kept.iter().copied().filter(in_band).map(hour).collect();
+        assert_eq!(kept_hours.len(), hours_with_points.len(), "{kept_hours:?}");
+        assert_eq!(kept_hours.iter().copied().collect::<std::collections::BTreeSet<_>>(), hours_with_points);
+        // Past 24 h: none.
+        assert!(kept.iter().all(|p| age_min(p) < 1440));
+        // The same clock a minute later deletes nothing younger than before.
+        let later =
+            expired_points(&points, now + 60_000_000_000, Duration::from_secs(7200), Duration::from_secs(86400));
+        assert!(expired.iter().all(|id| later.contains(id)), "a point expired once stays expired");
+    }
+
+    #[test]
+    fn app_points_keep_their_own_hourly_slot() {
+        let now = 100 * 3600 * 1_000_000_000u64;
+        let points = vec![point(1, 200, now, PointKind::Crash), point(2, 199, now, PointKind::App)];
+        assert!(expired_points(&points, now, Duration::from_secs(7200), Duration::from_secs(86400)).is_empty());
+    }
+
+    #[test]
+    fn the_catalog_lists_complete_points_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TargetDir::new(dir.path(), "vm1");
+        let p = point(42, 1, 10u64.pow(12), PointKind::App);
+        fs::create_dir_all(t.point_dir(&p.id)).unwrap();
+        fs::write(t.point_dir(&p.id).join("point.toml"), toml::to_string(&p).unwrap()).unwrap();
+        fs::create_dir_all(t.point_tmp_dir("43")).unwrap();
+        fs::create_dir_all(t.point_dir("44")).unwrap(); // no point.toml: half a point
+        assert_eq!(t.list_points().unwrap(), vec![p]);
+        assert_eq!(t.remove_partial_points().unwrap(), 1);
+    }
+}
