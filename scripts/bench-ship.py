@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,15 @@ def cmd_run(a):
     busy0, _ = machine_ticks()
     t0 = time.monotonic()
     p = subprocess.Popen(a.cmd, stdout=subprocess.PIPE if a.count_stdout else None)
+
+    def forward(sig, _frame):
+        # Stopped by the benchmark's cleanup: take the command along.
+        p.send_signal(sig)
+        p.wait()
+        sys.exit(128 + sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
 
     def drain():
         buf = bytearray(1 << 20)
@@ -246,55 +256,98 @@ def thread_class(comm):
     return "other"
 
 
+def tput_run(kind, dataset, level, threads, rnd, status, d, results, meta):
+    """One throughput run's figures."""
+    row = {"kind": kind, "dataset": dataset, "level": level, "threads": threads, "round": rnd,
+           "status": status, "dir": os.path.relpath(d, results)}
+    run = load_json(os.path.join(d, "run.json"))
+    size = int(meta.get(f"size_{dataset}", "0") or 0)
+    if not run or status != "ok":
+        return row
+    cpu = run["user_s"] + run["sys_s"]
+    row.update(wall_s=run["wall_s"], user_s=run["user_s"], sys_s=run["sys_s"],
+               maxrss_mb=run["maxrss_kb"] / 1024)
+    if run.get("machine_busy_s") is not None:
+        row["machine_other_s"] = max(0.0, run["machine_busy_s"] - cpu)
+    if kind == "tern":
+        ship = load_json(os.path.join(d, "ship.json"))
+        if not ship:
+            return row
+        bi, bo = ship["bytes_in"], ship["bytes_out"]
+        row.update(bytes_in=bi, bytes_out=bo, ratio=(bi / bo if bo else None),
+                   segments=ship["segments_shipped"], records=ship["records_shipped"],
+                   mb_s=bi / run["wall_s"] / 1e6, cpu_s_per_gb=cpu / (bi / 1e9) if bi else None)
+        classes = {}
+        for comm, g in run["threads"].items():
+            c = thread_class(comm)
+            classes[c] = classes.get(c, 0.0) + g["user_s"] + g["sys_s"]
+        classes["unattributed (exited between samples)"] = max(0.0, cpu - sum(classes.values()))
+        row["cpu_by_thread"] = classes
+        try:
+            with open(os.path.join(d, "du.txt")) as f:
+                row["cache_bytes"] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+        if size and bi != size:
+            row["note"] = f"shipped {bi} bytes of a {size}-byte image"
+    else:
+        out = run.get("stdout_bytes")
+        row.update(bytes_in=size, bytes_out=out, ratio=(size / out if out else None),
+                   mb_s=size / run["wall_s"] / 1e6, cpu_s_per_gb=cpu / (size / 1e9) if size else None)
+    return row
+
+
+MEDIAN_KEYS = ["wall_s", "user_s", "sys_s", "maxrss_mb", "machine_other_s", "bytes_in", "bytes_out",
+               "ratio", "segments", "records", "mb_s", "cpu_s_per_gb", "cache_bytes"]
+
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
 def tput_rows(results, meta):
-    rows = []
+    """Per (tool, data set, level, threads): medians over rounds, and the runs."""
+    runs = []
     path = os.path.join(results, "manifest.tsv")
     if not os.path.exists(path):
-        return rows
+        return [], []
     with open(path) as f:
         for line in f:
             parts = line.rstrip("\n").split("\t")
             if parts[0] not in ("tern", "zstd"):
                 continue
-            kind, dataset, level, threads, status, d = parts
-            row = {"kind": kind, "dataset": dataset, "level": int(level), "threads": int(threads),
-                   "status": status, "dir": os.path.relpath(d, results)}
-            run = load_json(os.path.join(d, "run.json"))
-            size = int(meta.get(f"size_{dataset}", "0") or 0)
-            if run:
-                row.update(wall_s=run["wall_s"], user_s=run["user_s"], sys_s=run["sys_s"],
-                           maxrss_mb=run["maxrss_kb"] / 1024)
-                cpu = run["user_s"] + run["sys_s"]
-            if kind == "tern":
-                ship = load_json(os.path.join(d, "ship.json"))
-                if ship and run:
-                    bi, bo = ship["bytes_in"], ship["bytes_out"]
-                    row.update(bytes_in=bi, bytes_out=bo, ratio=(bi / bo if bo else None),
-                               segments=ship["segments_shipped"], records=ship["records_shipped"],
-                               mb_s=bi / run["wall_s"] / 1e6, cpu_s_per_gb=cpu / (bi / 1e9) if bi else None,
-                               lag_p99_ms=ship["lag_p99_ms"])
-                    classes = {}
-                    for comm, g in run["threads"].items():
-                        c = classes.setdefault(thread_class(comm), 0.0)
-                        classes[thread_class(comm)] = c + g["user_s"] + g["sys_s"]
-                    classes["unattributed (exited between samples)"] = max(0.0, cpu - sum(classes.values()))
-                    row["cpu_by_thread"] = classes
-                    if run.get("machine_busy_s") is not None:
-                        row["machine_other_s"] = max(0.0, run["machine_busy_s"] - cpu)
-                try:
-                    with open(os.path.join(d, "du.txt")) as f:
-                        row["cache_bytes"] = int(f.read().split()[0])
-                except (OSError, ValueError, IndexError):
-                    pass
-                if bi := row.get("bytes_in"):
-                    if size and bi != size:
-                        row["note"] = f"shipped {bi} bytes of a {size}-byte image"
-            elif run:
-                out = run.get("stdout_bytes")
-                row.update(bytes_in=size, bytes_out=out, ratio=(size / out if out else None),
-                           mb_s=size / run["wall_s"] / 1e6, cpu_s_per_gb=cpu / (size / 1e9) if size else None)
-            rows.append(row)
-    return rows
+            kind, dataset, level, threads, rnd, status, d = parts
+            runs.append(tput_run(kind, dataset, int(level), int(threads), int(rnd), status, d, results, meta))
+    rows = []
+    for r in runs:
+        key = (r["kind"], r["dataset"], r["level"], r["threads"])
+        if any((x["kind"], x["dataset"], x["level"], x["threads"]) == key for x in rows):
+            continue
+        same = [x for x in runs if (x["kind"], x["dataset"], x["level"], x["threads"]) == key]
+        ok = [x for x in same if x["status"] == "ok" and x.get("mb_s") is not None]
+        row = {"kind": key[0], "dataset": key[1], "level": key[2], "threads": key[3],
+               "runs": len(same), "ok_runs": len(ok),
+               "status": "ok" if len(ok) == len(same) else f"{len(ok)}/{len(same)} ok"}
+        for k in MEDIAN_KEYS:
+            row[k] = med([x.get(k) for x in ok])
+        if ok:
+            row["mb_s_min"] = min(x["mb_s"] for x in ok)
+            row["mb_s_max"] = max(x["mb_s"] for x in ok)
+            row["cpu_s_per_gb_min"] = min(x["cpu_s_per_gb"] for x in ok if x.get("cpu_s_per_gb") is not None)
+            row["cpu_s_per_gb_max"] = max(x["cpu_s_per_gb"] for x in ok if x.get("cpu_s_per_gb") is not None)
+        if key[0] == "tern" and ok:
+            classes = []
+            for x in ok:
+                for c in x.get("cpu_by_thread") or {}:
+                    if c not in classes:
+                        classes.append(c)
+            row["cpu_by_thread"] = {c: med([(x.get("cpu_by_thread") or {}).get(c) for x in ok]) for c in classes}
+            notes = sorted({x["note"] for x in ok if x.get("note")})
+            if notes:
+                row["note"] = "; ".join(notes)
+        rows.append(row)
+    return rows, runs
 
 
 def lag_rows(results):
@@ -378,7 +431,7 @@ def lag_rows(results):
 def cmd_summary(a):
     results, work = a.results, a.work
     meta = read_meta(results)
-    tput = tput_rows(results, meta)
+    tput, tput_runs = tput_rows(results, meta)
     lag = lag_rows(results)
     L = []
     L.append("# tern ship benchmark")
@@ -403,11 +456,28 @@ def cmd_summary(a):
         L.append("")
         L.append("## Ship throughput, CPU and ratio vs zstd on the same bytes")
         L.append("")
-        L.append("| data set | tool | MB/s | CPU s/GB | ratio | ratio vs zstd same level -T1 | wall s | user s | sys s | bytes in | cache on disk | peak RSS MiB |")
+        rounds = int(meta.get("rounds", "1") or 1)
+        spread = rounds > 1
+        L.append(f"Medians of {rounds} round(s)" + (" (min–max in brackets)" if spread else "")
+                 + "; tern and zstd interleaved within each round.")
+        L.append("")
+        L.append("| data set | tool | MB/s | CPU s/GB | ratio | ratio vs zstd same level -T1 | wall s | user s | sys s | bytes in | cache on disk / zstd output | peak RSS MiB |")
         L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        ds_order = meta.get("datasets", "").split()
+        lv_order = [int(x) for x in meta.get("levels", "").split()]
+        tput.sort(key=lambda r: (ds_order.index(r["dataset"]) if r["dataset"] in ds_order else 99,
+                                 lv_order.index(r["level"]) if r["level"] in lv_order else 99,
+                                 r["kind"] != "tern", r["threads"]))
+
+        def rng(r, k, nd):
+            v = fnum(r.get(k), nd)
+            if spread and r.get(k + "_min") is not None:
+                v += f" ({r[k + '_min']:,.{nd}f}–{r[k + '_max']:,.{nd}f})"
+            return v
+
         for r in tput:
             if r["kind"] == "tern":
-                tool = f"tern ship, level {r['level']}, {r['threads']} workers"
+                tool = f"**tern ship**, level {r['level']}, {r['threads']} workers"
                 peer = next((p for p in tput if p["kind"] == "zstd" and p["dataset"] == r["dataset"]
                              and p["level"] == r["level"] and p["threads"] == 1 and p.get("ratio")), None)
                 vs = (f"{(r['ratio'] / peer['ratio'] - 1) * 100:+.1f}%"
@@ -418,7 +488,7 @@ def cmd_summary(a):
                 vs = ""
             if r["status"] != "ok":
                 tool += f" **{r['status']}**"
-            L.append(f"| {r['dataset']} | {tool} | {fnum(r.get('mb_s'))} | {fnum(r.get('cpu_s_per_gb'), 2)} | "
+            L.append(f"| {r['dataset']} | {tool} | {rng(r, 'mb_s', 1)} | {rng(r, 'cpu_s_per_gb', 2)} | "
                      f"{fnum(r.get('ratio'), 3)} | {vs} | {fnum(r.get('wall_s'), 2)} | {fnum(r.get('user_s'), 2)} | "
                      f"{fnum(r.get('sys_s'), 2)} | {fnum(r.get('bytes_in'), 0)} | "
                      f"{fnum(r.get('cache_bytes'), 0) if r['kind'] == 'tern' else fnum(r.get('bytes_out'), 0)} | "
@@ -430,7 +500,8 @@ def cmd_summary(a):
                     classes.append(c)
         if classes:
             L.append("")
-            L.append("CPU seconds of `tern ship --once` by thread (from /proc every 0.2 s; user+sys):")
+            L.append("CPU seconds of `tern ship --once` by thread (from /proc every 0.2 s; user+sys; medians), "
+                     "and the CPU the rest of the machine used meanwhile:")
             L.append("")
             L.append("| data set | level | " + " | ".join(classes) + " | total | meanwhile outside tern (kernel writeback, other) |")
             L.append("|---|---:|" + "---:|" * (len(classes) + 2))
@@ -439,7 +510,7 @@ def cmd_summary(a):
                     c = r["cpu_by_thread"]
                     L.append(f"| {r['dataset']} | {r['level']} | "
                              + " | ".join(fnum(c.get(k), 2) for k in classes)
-                             + f" | {fnum(r['user_s'] + r['sys_s'], 2)} | {fnum(r.get('machine_other_s'), 2)} |")
+                             + f" | {fnum((r['user_s'] or 0) + (r['sys_s'] or 0), 2)} | {fnum(r.get('machine_other_s'), 2)} |")
         notes = [f"{r['dataset']} L{r['level']}: {r['note']}" for r in tput if r.get("note")]
         if notes:
             L.append("")
@@ -519,7 +590,8 @@ def cmd_summary(a):
         L.append("Failed runs: " + ", ".join(f"{r.get('kind', 'lag')} {r.get('dataset', r.get('rate'))} ({r['status']})"
                                           for r in failed))
     md = "\n".join(L) + "\n"
-    data = {"meta": meta, "throughput": tput, "lag": lag, "log_problems": problems}
+    data = {"meta": meta, "throughput": tput, "throughput_runs": tput_runs, "lag": lag,
+            "log_problems": problems}
     for d in (results, work):
         with open(os.path.join(d, "summary.md"), "w") as f:
             f.write(md)

@@ -26,6 +26,8 @@
 #   LEVELS         zstd levels for tern and the zstd peers ["1 3"] (negative:
 #                  zstd's fast levels, `zstd --fast=N`)
 #   SIZE           data set / disk size [2GiB] (KiB/MiB/GiB suffix, multiple of 1MiB)
+#   ROUNDS         throughput rounds (tern and zstd interleaved); medians are
+#                  reported with the min–max range [3]
 #   WORKERS        `tern ship --workers`, and the peers' second -T [nproc]
 #   RATES          fio --rate values for the lag part, binary units ["100m 200m 300m"]
 #   RUNTIME        seconds of fio per rate [30]
@@ -37,7 +39,7 @@
 #   DRAIN_TIMEOUT  seconds to wait after fio for the ring to drain [120]
 #   ZEROES_RANDOM_PCT  share of random 4 KiB blocks in the zeroes data set [5]
 #   VERIFY         `tern segment verify` every throughput run's cache (untimed) [1]
-#   QUICK=1        smoke test: SIZE=256MiB, RUNTIME=5 unless set explicitly
+#   QUICK=1        smoke test: SIZE=256MiB, RUNTIME=5, ROUNDS=1 unless set explicitly
 #   WORK           work dir (data sets, runs, results) [/var/tmp/tern-bench-ship]
 #   TERN           tern binary [target/release/tern]
 #   JOURNAL_SIZE   --journal-size for `tern enable` [1GiB]
@@ -57,7 +59,7 @@ set -euo pipefail
 
 # Record the knobs the caller set *before* defaults, so the summary can
 # print the exact command that reproduces this run.
-KNOBS=(PARTS DATASETS LEVELS SIZE WORKERS RATES RUNTIME FIO_BS FIO_IODEPTH
+KNOBS=(PARTS DATASETS LEVELS SIZE ROUNDS WORKERS RATES RUNTIME FIO_BS FIO_IODEPTH
        FIO_COMPRESS LAG_LEVEL DRAIN_TIMEOUT ZEROES_RANDOM_PCT VERIFY QUICK WORK
        TERN JOURNAL_SIZE FRESH_DATA DROP_CACHES)
 shq() {
@@ -78,11 +80,13 @@ QUICK="${QUICK:-0}"
 if [[ "$QUICK" == 1 ]]; then
     SIZE="${SIZE:-256MiB}"
     RUNTIME="${RUNTIME:-5}"
+    ROUNDS="${ROUNDS:-1}"
 fi
 PARTS="${PARTS:-throughput lag}"
 DATASETS="${DATASETS:-usr random zeroes}"
 LEVELS="${LEVELS:-1 3}"
 SIZE="${SIZE:-2GiB}"
+ROUNDS="${ROUNDS:-3}"
 WORKERS="${WORKERS:-$(nproc)}"
 RATES="${RATES:-100m 200m 300m}"
 RUNTIME="${RUNTIME:-30}"
@@ -126,6 +130,8 @@ SIZE_BYTES="$(to_bytes "$SIZE")" || die "SIZE must be like 2GiB or 256MiB (got '
 SIZE_MIB=$((SIZE_BYTES >> 20))
 [[ "$RUNTIME" =~ ^[0-9]+$ && "$RUNTIME" -gt 0 ]] || die "RUNTIME must be a positive integer (got '$RUNTIME')"
 [[ "$WORKERS" =~ ^[0-9]+$ && "$WORKERS" -gt 0 ]] || die "WORKERS must be a positive integer (got '$WORKERS')"
+[[ "$ROUNDS" =~ ^[0-9]+$ && "$ROUNDS" -gt 0 ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
+PEER_THREADS="1"; ((WORKERS > 1)) && PEER_THREADS+=" $WORKERS"
 [[ "$DRAIN_TIMEOUT" =~ ^[0-9]+$ ]] || die "DRAIN_TIMEOUT must be an integer (got '$DRAIN_TIMEOUT')"
 for l in $LEVELS $LAG_LEVEL; do
     [[ "$l" =~ ^-?[0-9]+$ ]] && ((l >= -7 && l <= 19)) || die "levels must be integers from -7 to 19 (got '$l')"
@@ -176,6 +182,7 @@ FAILURES=0
 # ---------------------------------------------------------------------------
 SERVE_PID=""
 SHIP_PID=""
+RUN_PID=""                   # a measured run (helper → tern ship --once or zstd)
 FIO_PID=""
 SAMPLER_PID=""
 SAMPLER_STOP=""
@@ -208,6 +215,7 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     if [[ -n "$FIO_PID" ]]; then log "cleanup: stopping fio"; stop_pid "$FIO_PID" fio 10; fi
+    if [[ -n "$RUN_PID" ]]; then log "cleanup: stopping the measured run"; stop_pid "$RUN_PID" "measured run" 10; fi
     stop_sampler
     if [[ -n "$SHIP_PID" ]]; then log "cleanup: stopping tern ship"; stop_pid "$SHIP_PID" "tern ship"; fi
     if [[ -n "$SERVE_PID" ]]; then log "cleanup: stopping tern serve"; stop_pid "$SERVE_PID" "tern serve"; fi
@@ -310,6 +318,67 @@ new_vm() {
     echo "+ set compression-level = $level in $toml" >>"$logf"
 }
 
+# tern_run DATASET DISK LEVEL ROUND: a fresh VM on DISK, `tern ship --once`.
+tern_run() {
+    local ds="$1" disk="$2" level="$3" round="$4" status=ok
+    local name="tern-$ds-L$level-r$round"
+    local dir="$RESULTS/throughput/$name" vmdir="$RUNS/$name" slog="$LOGS/$name.log"
+    mkdir -p "$dir" "$vmdir"
+    if ! new_vm "$vmdir" "$disk" "$level" "$slog"; then
+        log "  $name: tern enable failed (log: $slog)"; tail -n 5 "$slog" >&2 || true
+        status=enable-failed
+    else
+        drop_caches
+        local cmd=("$TERN" --state "$vmdir/state" ship "$VM" --once --workers "$WORKERS")
+        echo "+ ${cmd[*]}" >>"$slog"
+        # Hard timeout: 4 MB/s would be a broken shipper, not a slow one.
+        # In the background and waited for, so Ctrl-C reaches the trap.
+        timeout --kill-after=10 $((SIZE_BYTES / 4000000 + 120)) \
+            "$PY" "$HELPER" run --out "$dir/run.json" -- "${cmd[@]}" >>"$slog" 2>&1 &
+        RUN_PID=$!
+        wait "$RUN_PID" || status=ship-failed
+        RUN_PID=""
+        if [[ "$status" != ok ]]; then
+            log "  $name: tern ship --once failed (log: $slog)"; tail -n 5 "$slog" >&2 || true
+        fi
+        cp "$vmdir/state/$VM/ship.json" "$dir/ship.json" 2>/dev/null || true
+        du -sb "$vmdir/cache" >"$dir/du.txt" 2>/dev/null || true
+        if [[ "$status" == ok && "$VERIFY" == 1 ]] &&
+            ! "$TERN" --state "$vmdir/state" segment verify "$vmdir/cache/$VM" >"$LOGS/$name-verify.log" 2>&1; then
+            status=verify-failed
+            log "  $name: tern segment verify failed (log: $LOGS/$name-verify.log)"
+            tail -n 5 "$LOGS/$name-verify.log" >&2 || true
+        fi
+        if [[ "$status" == ok ]]; then
+            # The one-line report tern prints at the end, and the time.
+            log "  $name: $(grep -o "shipped .*" "$slog" | tail -n1 | sed 's/, lag p50.*//') in $("$PY" -c \
+                'import json,sys; print(f"{json.load(open(sys.argv[1]))[\"wall_s\"]:.2f} s")' "$dir/run.json")"
+        fi
+    fi
+    [[ "$status" == ok ]] || FAILURES=$((FAILURES + 1))
+    printf 'tern\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$level" "$WORKERS" "$round" "$status" "$dir" >>"$MANIFEST"
+    rm -rf "$vmdir"   # a 1 GiB journal and the segments
+}
+
+# zstd_run DATASET FILE LEVEL THREADS ROUND
+zstd_run() {
+    local ds="$1" src="$2" level="$3" t="$4" round="$5" status=ok lv
+    if ((level < 0)); then lv="--fast=$((-level))"; else lv="-$level"; fi
+    local name="zstd-$ds-L$level-T$t-r$round"
+    local dir="$RESULTS/throughput/$name"
+    mkdir -p "$dir"
+    drop_caches
+    "$PY" "$HELPER" run --out "$dir/run.json" --count-stdout -- \
+        zstd -q "$lv" -T"$t" -c "$src" 2>>"$LOGS/$name.log" &
+    RUN_PID=$!
+    wait "$RUN_PID" || { status=zstd-failed; FAILURES=$((FAILURES + 1)); }
+    RUN_PID=""
+    log "  $name: zstd $lv -T$t: $("$PY" -c \
+        'import json,sys; r=json.load(open(sys.argv[1])); print(f"{r[\"wall_s\"]:.2f} s, {r[\"stdout_bytes\"]} bytes out")' \
+        "$dir/run.json" 2>/dev/null || echo failed)"
+    printf 'zstd\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$level" "$t" "$round" "$status" "$dir" >>"$MANIFEST"
+}
+
 # ---------------------------------------------------------------------------
 # Environment description for the summary header.
 # ---------------------------------------------------------------------------
@@ -334,6 +403,7 @@ FIO_OPTS="--ioengine=nbd --rw=randwrite --bs=$FIO_BS --iodepth=$FIO_IODEPTH --ra
     echo "levels=$LEVELS"
     echo "size=$SIZE"
     echo "size_bytes=$SIZE_BYTES"
+    echo "rounds=$ROUNDS"
     echo "workers=$WORKERS"
     echo "journal_size=$JOURNAL_SIZE"
     echo "rates=$RATES"
@@ -363,65 +433,18 @@ if has_part throughput; then
         cp --sparse=never "$src" "$disk"
         sync "$disk"
 
-        for level in $LEVELS; do
-            name="tern-$ds-L$level"
-            dir="$RESULTS/throughput/$name"
-            vmdir="$RUNS/$name"
-            mkdir -p "$dir" "$vmdir"
-            slog="$LOGS/$name.log"
-            status=ok
-            if ! new_vm "$vmdir" "$disk" "$level" "$slog"; then
-                log "  $name: tern enable failed (log: $slog)"; tail -n 5 "$slog" >&2 || true
-                status=enable-failed
-            else
-                drop_caches
-                log "  $name: tern ship --once (level $level, $WORKERS workers)"
-                cmd=("$TERN" --state "$vmdir/state" ship "$VM" --once --workers "$WORKERS")
-                echo "+ ${cmd[*]}" >>"$slog"
-                # Hard timeout: 4 MB/s would be a broken shipper, not a slow one.
-                if ! timeout --kill-after=10 $((SIZE_BYTES / 4000000 + 120)) \
-                    "$PY" "$HELPER" run --out "$dir/run.json" -- "${cmd[@]}" >>"$slog" 2>&1; then
-                    status=ship-failed
-                    log "  $name: tern ship --once failed (log: $slog)"; tail -n 5 "$slog" >&2 || true
-                fi
-                cp "$vmdir/state/$VM/ship.json" "$dir/ship.json" 2>/dev/null || true
-                du -sb "$vmdir/cache" >"$dir/du.txt" 2>/dev/null || true
-                if [[ "$status" == ok && "$VERIFY" == 1 ]]; then
-                    if ! "$TERN" --state "$vmdir/state" segment verify "$vmdir/cache/$VM" >"$LOGS/$name-verify.log" 2>&1; then
-                        status=verify-failed
-                        log "  $name: tern segment verify failed (log: $LOGS/$name-verify.log)"
-                        tail -n 5 "$LOGS/$name-verify.log" >&2 || true
-                    fi
-                fi
-                if [[ "$status" == ok ]]; then
-                    # The one-line report tern prints at the end.
-                    log "  $(grep -o "shipped .*" "$slog" | tail -n1)"
-                fi
-            fi
-            [[ "$status" == ok ]] || FAILURES=$((FAILURES + 1))
-            printf 'tern\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$level" "$WORKERS" "$status" "$dir" >>"$MANIFEST"
-            rm -rf "$vmdir"
-        done
-        rm -f "$disk"
-
-        # The zstd CLI on the same bytes, one thread and $WORKERS threads.
-        threads_list="1"; ((WORKERS > 1)) && threads_list+=" $WORKERS"
-        for level in $LEVELS; do
-            if ((level < 0)); then lv=(--fast=$((-level))); else lv=("-$level"); fi
-            for t in $threads_list; do
-                name="zstd-$ds-L$level-T$t"
-                dir="$RESULTS/throughput/$name"
-                mkdir -p "$dir"
-                drop_caches
-                log "  $name: zstd ${lv[*]} -T$t"
-                status=ok
-                if ! "$PY" "$HELPER" run --out "$dir/run.json" --count-stdout -- \
-                    zstd -q "${lv[@]}" -T"$t" -c "$src" 2>>"$LOGS/$name.log"; then
-                    status=zstd-failed; FAILURES=$((FAILURES + 1))
-                fi
-                printf 'zstd\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$level" "$t" "$status" "$dir" >>"$MANIFEST"
+        for ((round = 1; round <= ROUNDS; round++)); do
+            for level in $LEVELS; do
+                tern_run "$ds" "$disk" "$level" "$round"
+            done
+            # The zstd CLI on the same bytes, one thread and $WORKERS threads.
+            for level in $LEVELS; do
+                for t in $PEER_THREADS; do
+                    zstd_run "$ds" "$src" "$level" "$t" "$round"
+                done
             done
         done
+        rm -f "$disk"
     done
 fi
 

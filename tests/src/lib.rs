@@ -188,6 +188,47 @@ impl TestVm {
         self.dir.path().join("cache").join(&self.name)
     }
 
+    /// `tern apply --once` for this VM from `cache` into `target`, with
+    /// extra arguments and environment; returns the raw output.
+    pub fn apply_with(&self, cache: &Path, target: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+        Command::new(tern_bin())
+            .args(["apply", "--cache"])
+            .arg(cache)
+            .arg("--target")
+            .arg(target)
+            .arg(&self.name)
+            .arg("--once")
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run tern apply")
+    }
+
+    /// The catalog at `target`, as `tern points --json` gives it.
+    pub fn points(&self, target: &Path) -> Vec<serde_json::Value> {
+        let out = run(Command::new(tern_bin()).args(["points", &self.name, "--json", "--target"]).arg(target));
+        serde_json::from_str::<serde_json::Value>(&out).expect("points json").as_array().expect("array").clone()
+    }
+
+    /// Replays the cache's segments up to `seq` onto an empty disk: what a
+    /// point at `seq` must hold.
+    pub fn cache_image_at(&self, cache_vm_dir: &Path, seq: u64) -> PathBuf {
+        let image = self.dir.path().join(format!("oracle-{seq}.img"));
+        let _ = std::fs::remove_file(&image);
+        let f = std::fs::File::create(&image).expect("create oracle");
+        f.set_len(std::fs::metadata(&self.image).expect("stat").len()).expect("size oracle");
+        drop(f);
+        run(self
+            .tern()
+            .args(["segment", "replay"])
+            .arg(cache_vm_dir)
+            .arg("--until-seq")
+            .arg(seq.to_string())
+            .arg("--onto")
+            .arg(format!("disk0={}", image.display())));
+        image
+    }
+
     /// `tern ship`'s report (`ship.json`).
     pub fn ship_report(&self) -> serde_json::Value {
         let text = std::fs::read_to_string(self.state.join(&self.name).join("ship.json")).unwrap_or_default();
@@ -395,4 +436,34 @@ fn option(opt: u32, data: &[u8]) -> Vec<u8> {
     b.extend_from_slice(&(data.len() as u32).to_be_bytes());
     b.extend_from_slice(data);
     b
+}
+
+/// A loop-mounted filesystem (`ext4`, `btrfs`, `xfs`) of `mib` MiB at
+/// `dir`; unmounted when dropped.
+pub struct LoopFs {
+    dir: PathBuf,
+}
+
+impl LoopFs {
+    pub fn new(fstype: &str, image: &Path, dir: &Path, mib: u64) -> Self {
+        let mkfs = format!("mkfs.{fstype}");
+        require(&mkfs);
+        let f = std::fs::File::create(image).expect("create fs image");
+        f.set_len(mib << 20).expect("size fs image");
+        drop(f);
+        let quiet: &[&str] = match fstype {
+            "ext4" => &["-q", "-F"],
+            _ => &["-q", "-f"],
+        };
+        run(Command::new(&mkfs).args(quiet).arg(image));
+        std::fs::create_dir_all(dir).expect("mount point");
+        run(Command::new("mount").args(["-o", "loop"]).arg(image).arg(dir));
+        LoopFs { dir: dir.to_owned() }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
 }

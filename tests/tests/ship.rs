@@ -4,7 +4,6 @@
 //! after the ring overflowed, while the cache is full or gone, and after a
 //! host crash.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -148,37 +147,13 @@ fn ring_overflow_is_caught_up_by_resync_and_its_segments_carry_the_window() {
     assert!(windows[..first_open].iter().all(|w| w.contains("none")), "{windows:?}");
 }
 
-/// A loop-mounted ext4 filesystem of `mib` MiB at `dir`; unmounted when
-/// dropped.
-struct LoopFs {
-    dir: std::path::PathBuf,
-}
-
-impl LoopFs {
-    fn new(image: &Path, dir: &Path, mib: u64) -> Self {
-        require("mkfs.ext4");
-        let f = std::fs::File::create(image).expect("create fs image");
-        f.set_len(mib << 20).expect("size fs image");
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image));
-        std::fs::create_dir_all(dir).expect("mount point");
-        run(Command::new("mount").args(["-o", "loop"]).arg(image).arg(dir));
-        LoopFs { dir: dir.to_owned() }
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-    }
-}
-
 #[test]
 fn a_full_cache_never_fails_the_vm_and_replication_completes_once_space_returns() {
     let vm =
         TestVm::new(VmSpec { disk_size: 24 << 20, journal_size: "4MiB", random_content: false, ..Default::default() });
     // The cache store is a small filesystem, nearly filled by someone else.
     let cache_root = vm.dir.path().join("cache");
-    let _fs = LoopFs::new(&vm.dir.path().join("cache.fs"), &cache_root, 32);
+    let _fs = LoopFs::new("ext4", &vm.dir.path().join("cache.fs"), &cache_root, 32);
     run(Command::new("mkdir").arg(&cache_root).arg("-p"));
     let filler = cache_root.join("filler");
     let fill = Command::new("dd")

@@ -209,9 +209,9 @@ impl VmApplier {
         }
         if applied > 0 {
             self.publish_applied();
-            if !self.keep_segments {
-                self.prune_segments()?;
-            }
+        }
+        if !self.keep_segments {
+            self.prune_segments()?;
         }
         self.answer_hash_request()?;
         self.thin_points()?;

@@ -1,0 +1,260 @@
+//! `tern apply` end to end (invariants 6, 7 and 8): every recovery point
+//! equals the source after exactly the records up to its sequence number;
+//! an app-consistent point equals the source at its tag; points stay as
+//! they were while the replica moves on; `kill -9` and restarts change
+//! nothing; a damaged, missing or stale segment stops the VM at the last
+//! good sequence; reflinks on btrfs and xfs, copies on ext4.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tern_system_tests::*;
+
+/// A VM whose cache holds: the initial sync, then `rounds` times some
+/// writes and a tag, each round shipped (so each round is at least one
+/// segment). Returns the VM and, per tag, the source image right after it.
+fn vm_with_tagged_history(rounds: usize) -> (TestVm, Vec<(String, PathBuf)>) {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 8 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    let mut tagged = Vec::new();
+    for round in 0..rounds {
+        let mut io = Command::new("qemu-io");
+        io.args(["-f", "raw", &vm.uri("disk0")]);
+        for i in 0..6u64 {
+            let off = (round as u64 * 7 + i * 13) % 120 * 65536;
+            io.args(["-c", &format!("write -P {} {off} 96k", round * 6 + i as usize + 1)]);
+        }
+        io.args(["-c", &format!("discard {} 64k", (round as u64 * 3 + 100) * 65536)]);
+        run(&mut io);
+        let label = format!("round-{round}");
+        let out = run(vm.tern().args(["tag", &vm.name, &label]));
+        assert!(out.contains("tagged"), "{out}");
+        // Nothing is in flight: the source now is what the tag stands for.
+        let copy = vm.dir.path().join(format!("source-at-{label}.img"));
+        std::fs::copy(&vm.image, &copy).expect("copy source");
+        tagged.push((label, copy));
+        vm.ship_once();
+    }
+    served.stop();
+    vm.ship_once();
+    (vm, tagged)
+}
+
+fn files_equal(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).expect("read") == std::fs::read(b).expect("read")
+}
+
+fn point_disk(p: &serde_json::Value) -> PathBuf {
+    PathBuf::from(p["disks"]["disk0"].as_str().expect("disk0 path"))
+}
+
+fn checkpoint_seq(target: &Path) -> u64 {
+    let text = std::fs::read_to_string(target.join("vm1/replica/checkpoint.toml")).expect("checkpoint");
+    let line = text.lines().find(|l| l.starts_with("applied-seq")).expect("applied-seq");
+    line.split('=').nth(1).expect("value").trim().parse().expect("number")
+}
+
+/// Every point of the catalog against the cache oracle, and every app point
+/// against the source as it was at its tag.
+fn assert_points_are_exact(vm: &TestVm, cache_vm_dir: &Path, target: &Path, tagged: &[(String, PathBuf)]) {
+    let points = vm.points(target);
+    let apps: Vec<&serde_json::Value> = points.iter().filter(|p| p["kind"] == "app").collect();
+    assert_eq!(apps.len(), tagged.len(), "one app point per tag: {points:#?}");
+    assert!(points.iter().any(|p| p["kind"] == "crash"), "at least one crash-consistent point: {points:#?}");
+    for p in &points {
+        let seq = p["seq"].as_u64().expect("seq");
+        let oracle = vm.cache_image_at(cache_vm_dir, seq);
+        assert!(
+            files_equal(&point_disk(p), &oracle),
+            "point {} differs from the source after exactly seq {seq}",
+            p["id"]
+        );
+    }
+    for (p, (label, source)) in apps.iter().zip(tagged) {
+        assert_eq!(p["label"], label.as_str());
+        assert!(files_equal(&point_disk(p), source), "app point {label} differs from the source at its tag");
+    }
+}
+
+#[test]
+fn every_point_is_the_source_after_exactly_its_records_and_app_points_match_their_tags() {
+    let (vm, tagged) = vm_with_tagged_history(5);
+    let target = vm.dir.path().join("target");
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &["--keep-segments"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The replica is the source; the points are exact, and they kept their
+    // content while the replica went on past them.
+    assert_files_equal(&vm.image, &target.join("vm1/replica/disk0.img"));
+    assert_points_are_exact(&vm, &vm.cache_dir(), &target, &tagged);
+    // applied.toml tells the source how far the target is.
+    let applied = std::fs::read_to_string(vm.cache_dir().join("applied.toml")).expect("applied.toml");
+    assert!(applied.contains(&format!("applied-seq = {}", checkpoint_seq(&target))), "{applied}");
+    // Without --keep-segments, applied segments go, but the newest stays.
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &[], &[]);
+    assert!(out.status.success());
+    let left = std::fs::read_dir(vm.cache_dir().join("segments")).expect("segments").count();
+    assert_eq!(left, 1, "applied segments are pruned, all but the newest");
+}
+
+#[test]
+fn kill_9_while_replaying_and_while_cloning_then_restart_gives_the_same_replica_and_catalog() {
+    let (vm, _tagged) = vm_with_tagged_history(3);
+    let cache = vm.dir.path().join("cache");
+    let (target_a, target_b) = (vm.dir.path().join("target-a"), vm.dir.path().join("target-b"));
+    for t in [&target_a, &target_b] {
+        std::fs::create_dir(t).expect("target dir");
+    }
+    let out = vm.apply_with(&cache, &target_a, &["--keep-segments"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    use std::os::unix::process::ExitStatusExt;
+    for point in ["apply:segment-applied", "apply:point-cloned"] {
+        let out = vm.apply_with(&cache, &target_b, &["--keep-segments"], &[("TERN_FAILPOINT", point)]);
+        assert_eq!(out.status.signal(), Some(9), "{point}: {}", String::from_utf8_lossy(&out.stderr));
+        // No half point is ever listed.
+        for p in vm.points(&target_b) {
+            assert!(point_disk(&p).exists(), "{point}: listed point {} lacks its disk", p["id"]);
+        }
+    }
+    let out = vm.apply_with(&cache, &target_b, &["--keep-segments"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_files_equal(&target_a.join("vm1/replica/disk0.img"), &target_b.join("vm1/replica/disk0.img"));
+    let (a, b) = (vm.points(&target_a), vm.points(&target_b));
+    let summary = |ps: &[serde_json::Value]| -> Vec<String> {
+        ps.iter().map(|p| format!("{} {} {} {}", p["id"], p["seq"], p["kind"], p["label"])).collect()
+    };
+    assert_eq!(summary(&a), summary(&b));
+    for (pa, pb) in a.iter().zip(&b) {
+        assert_files_equal(&point_disk(pa), &point_disk(pb));
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(target_b.join("vm1/points"))
+        .expect("points")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "half-taken points are cleaned up: {leftovers:?}");
+}
+
+/// Applies with one segment damaged by `damage`; asserts the applier stops
+/// with an error containing `expect` and the replica stays at the last good
+/// sequence (the segment before the damaged one).
+fn assert_bad_segment_stops_apply(name: &str, damage: impl FnOnce(&Path, &[PathBuf]), expect: &str) {
+    let (vm, _) = vm_with_tagged_history(3);
+    let segments: Vec<PathBuf> = {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(vm.cache_dir().join("segments"))
+            .expect("segments")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(segments.len() >= 4, "{name}: the test needs several segments: {segments:?}");
+    let victim = 2;
+    let last_good: u64 = segments[victim - 1]
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('-').nth(1))
+        .and_then(|n| n.parse().ok())
+        .expect("segment name");
+    let oracle = vm.cache_image_at(&vm.cache_dir(), last_good);
+    damage(&segments[victim], &segments);
+    let target = vm.dir.path().join("target");
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &["--keep-segments"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{name}: apply must fail:\n{err}");
+    assert!(err.contains(expect), "{name}: expected {expect:?} in:\n{err}");
+    assert!(err.contains(&format!("stays at seq {last_good}")), "{name}: {err}");
+    assert_eq!(checkpoint_seq(&target), last_good, "{name}: the replica stays at the last good sequence");
+    assert_files_equal(&target.join("vm1/replica/disk0.img"), &oracle);
+}
+
+#[test]
+fn a_corrupted_segment_stops_apply_at_the_last_good_sequence() {
+    assert_bad_segment_stops_apply(
+        "corrupted",
+        |p, _| {
+            let mut b = std::fs::read(p).expect("read");
+            let mid = b.len() / 2;
+            b[mid] ^= 0x10;
+            std::fs::write(p, b).expect("write");
+        },
+        "checksum mismatch",
+    );
+}
+
+#[test]
+fn a_truncated_segment_stops_apply_at_the_last_good_sequence() {
+    assert_bad_segment_stops_apply(
+        "truncated",
+        |p, _| {
+            let len = std::fs::metadata(p).expect("stat").len();
+            std::fs::OpenOptions::new().write(true).open(p).expect("open").set_len(len - 100).expect("truncate");
+        },
+        "bytes, header says",
+    );
+}
+
+#[test]
+fn a_missing_segment_stops_apply_at_the_gap() {
+    assert_bad_segment_stops_apply("missing", |p, _| std::fs::remove_file(p).expect("remove"), "(a gap)");
+}
+
+#[test]
+fn a_segment_of_a_stale_epoch_is_refused() {
+    // A segment that claims epoch 0 with the right VM id, seqs and checksums:
+    // what a fenced-off old source could still ship.
+    assert_bad_segment_stops_apply(
+        "stale epoch",
+        |p, _| {
+            let seg = tern_store::segment::Segment::read_file(p, None).expect("segment");
+            let h = &seg.header;
+            let mut b = tern_store::segment::SegmentBuilder::new(h.vm_id, 0, h.first_seq);
+            for (r, data) in seg.records() {
+                b.push(r, data).expect("push");
+            }
+            b.set_window(h.window);
+            let mut enc = tern_store::segment::Encoder::new(h.compression).expect("encoder");
+            let (_, bytes) = enc.encode(&b).expect("encode");
+            std::fs::write(p, bytes).expect("write");
+        },
+        "stale source",
+    );
+}
+
+#[test]
+fn points_are_reflinks_on_btrfs_and_xfs_and_copies_on_ext4() {
+    let (vm, tagged) = vm_with_tagged_history(2);
+    for (fs, clone) in [("btrfs", "reflink"), ("xfs", "reflink"), ("ext4", "copy")] {
+        let target = vm.dir.path().join(format!("target-{fs}"));
+        let _mount = LoopFs::new(fs, &vm.dir.path().join(format!("{fs}.fs")), &target, 400);
+        let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &["--keep-segments"], &[]);
+        assert!(out.status.success(), "{fs}: {}", String::from_utf8_lossy(&out.stderr));
+        let points = vm.points(&target);
+        assert!(points.iter().all(|p| p["clone"] == clone), "{fs}: expected {clone} clones: {points:#?}");
+        assert_points_are_exact(&vm, &vm.cache_dir(), &target, &tagged);
+        if clone == "copy" {
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("cannot share extents"),
+                "{fs}: the copy fallback is warned about"
+            );
+        }
+    }
+}
+
+#[test]
+fn tag_refuses_bad_labels_and_a_full_journal() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 8 << 20, journal_size: "64KiB", random_content: false, ..Default::default() });
+    for bad in ["", &"x".repeat(257), "a\nb"] {
+        let out = vm.tern().args(["tag", &vm.name, bad]).output().expect("tag");
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("a tag label must be"), "{bad:?}");
+    }
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write 0 1M"]));
+    let out = vm.tern().args(["tag", &vm.name, "full"]).output().expect("tag");
+    served.stop();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("retry once `tern ship` has caught up"));
+}
