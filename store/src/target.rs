@@ -158,7 +158,7 @@ impl TargetDir {
                 _ => log::warn!("{}: not a valid point; ignored", entry.path().display()),
             }
         }
-        out.sort_by(|a, b| (a.seq, a.kind == PointKind::App).cmp(&(b.seq, b.kind == PointKind::App)));
+        out.sort_by_key(|p| (p.seq, p.kind == PointKind::App));
         Ok(out)
     }
 
