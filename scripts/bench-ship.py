@@ -115,21 +115,25 @@ def cmd_run(a):
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
     last = {}  # tid -> (comm, u, s), the newest reading
-    status = None
-    while status is None:
-        for tid, v in threads_of(p.pid).items():
-            last[tid] = v
-        pid, st, ru = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-            status = (st, ru)
-            break
-        time.sleep(0.2)
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for tid, v in threads_of(p.pid).items():
+                last[tid] = v
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    # Blocking wait, so the wall time is exact (not rounded to the sampling).
+    _, st, ru = os.wait4(p.pid, 0)
     wall = time.monotonic() - t0
     busy1, _ = machine_ticks()
-    p.returncode = os.waitstatus_to_exitcode(status[0])  # reaped by wait4
+    done.set()
+    sampler.join()
+    p.returncode = os.waitstatus_to_exitcode(st)  # reaped by wait4
     if reader:
         reader.join()
-    ru = status[1]
     groups = {}
     for comm, u, s in last.values():
         g = groups.setdefault(comm, {"threads": 0, "user_s": 0.0, "sys_s": 0.0})

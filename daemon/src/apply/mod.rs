@@ -19,13 +19,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use tern_driver::clone::{clone_file, CloneMethod};
 use tern_driver::image::Image;
 use tern_driver::journal::{self, RecordKind};
-use tern_driver::mirror::apply_record;
 use tern_driver::vm::write_durably;
 use tern_store::cache::{Applied, CacheDir, Manifest};
 use tern_store::segment::Segment;
 use tern_store::target::{expired_points, Checkpoint, Point, PointKind, TargetDir, TARGET_VERSION};
 
 use crate::ship::failpoint;
+
+mod batch;
 
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -261,6 +262,9 @@ impl VmApplier {
             in_window = true;
         }
         let mut source_time = self.checkpoint.source_time_ns;
+        // The segment's changes, reduced to each byte's last version and
+        // written in offset order; flushed before a point is taken inside.
+        let mut batch = batch::Batch::default();
         for (r, data) in seg.records() {
             if r.seq <= at {
                 continue; // applied before a restart (the checkpoint fell inside this segment)
@@ -277,18 +281,32 @@ impl VmApplier {
                             r.seq
                         );
                     } else {
+                        batch.apply(&self.replicas).with_context(|| format!("applying {}", path.display()))?;
                         self.take_point(r.seq, h.epoch, r.time_ns, PointKind::App, Some(label))?;
                     }
                 }
-                _ => {
-                    apply_record(&self.replicas, r, data)
-                        .with_context(|| format!("applying seq {} of {} to the replica", r.seq, path.display()))?;
+                kind if kind.changes_disk() => {
+                    let size = self.manifest.disks.get(r.disk as usize).map(|d| d.size);
+                    if size.is_none_or(|size| r.offset.checked_add(r.length as u64).is_none_or(|end| end > size)) {
+                        bail!(
+                            "{}: record seq {} writes {}+{} on disk {}, outside the VM's disks; {}",
+                            path.display(),
+                            r.seq,
+                            r.offset,
+                            r.length,
+                            r.disk,
+                            stays()
+                        );
+                    }
+                    batch.add(r, data);
                 }
+                _ => {}
             }
             if r.time_ns > 0 {
                 source_time = r.time_ns;
             }
         }
+        batch.apply(&self.replicas).with_context(|| format!("applying {}", path.display()))?;
         failpoint("apply:segment-applied");
         for image in &self.replicas {
             image.sync_data()?;
