@@ -6,7 +6,7 @@ use std::process::Command;
 use tern_system_tests::tern_bin;
 
 #[test]
-fn demo_runs_and_the_cache_rebuilds_the_disk_from_empty() {
+fn demo_runs_and_the_replica_and_the_app_point_match_the_source() {
     let out = Command::new(tern_bin())
         .args(["demo", "--disk-size", "64MiB", "--writes", "500"])
         .output()
@@ -14,6 +14,8 @@ fn demo_runs_and_the_cache_rebuilds_the_disk_from_empty() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "tern demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("tern ship vm1 --once"), "{stdout}");
-    assert!(stdout.contains("onto an empty disk: identical"), "{stdout}");
+    assert!(stdout.contains("app 2"), "an app-consistent point at the tag: {stdout}");
+    assert!(stdout.contains("replica vs source disk: identical"), "{stdout}");
+    assert!(stdout.contains("vs the source at the tag: identical"), "{stdout}");
     assert!(stdout.contains("identical to the source disk, byte for byte"), "{stdout}");
 }

@@ -1,8 +1,9 @@
 //! `tern demo`: the story so far, end to end, in a temporary directory with
 //! nothing but this binary. It protects a disk, serves it over NBD, writes
-//! through a real NBD connection, ships the journal to the cache store, and
-//! proves the cache holds an exact history of the disk by rebuilding it
-//! from an empty disk with the segments alone.
+//! through a real NBD connection with an app-consistent tag halfway, ships
+//! the journal to the cache store, applies it at the target site with
+//! recovery points, and checks the replica and the tag's point against the
+//! source, byte for byte.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +11,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
-use tern_driver::image::Image;
 use tern_driver::journal::Journal;
 use tern_driver::units::Size;
 use tern_driver::vm::{self, EnableSpec, JournalConfig, Policy, VmPaths};
@@ -65,7 +65,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
             std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20)?;
         }
     }
-    println!("[1/5] made a {} disk image with 16 MiB of data: {}", a.disk_size, image.display());
+    println!("[1/6] made a {} disk image with 16 MiB of data: {}", a.disk_size, image.display());
 
     // 2. Protect it. The cache store and the target site are directories
     //    here; in production, mounts or shares.
@@ -85,7 +85,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
         },
     )?;
     println!(
-        "[2/5] tern enable vm1: journal {}, {} marked for the initial sync",
+        "[2/6] tern enable vm1: journal {}, {} marked for the initial sync",
         enabled.config.journal.size,
         Size(enabled.initial_sync_bytes.iter().sum())
     );
@@ -93,6 +93,10 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     // 3. Serve it over NBD and write through a real connection.
     let paths = VmPaths::new(&state, "vm1")?;
     let mirror = Arc::new(Mirror::open(&paths, MirrorOptions::default())?);
+    // The initial sync, as `tern serve`'s background resync does it: the
+    // 16 MiB of data go into the journal as resync records, and the window
+    // closes before the workload starts.
+    while mirror.resync_step(64 << 20)? != tern_driver::ResyncStep::Idle {}
     let server = Arc::new(Server::new(Arc::clone(&mirror), ServerOptions::default()));
     let socket = paths.nbd_socket();
     let listener = Server::bind(&Listen::Unix(socket.clone()))?;
@@ -104,7 +108,16 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let started = Instant::now();
     let (mut bytes, mut zeroes, mut trims) = (0u64, 0, 0);
     let mut block = vec![0u8; 256 << 10];
+    let at_tag = dir.join("vm1-disk0.at-tag.img");
     for i in 0..a.writes {
+        if i == a.writes / 2 {
+            // Halfway, an app-consistent marker (the client sends one
+            // request at a time, so nothing is in flight): keep a copy of
+            // the source as it is now, to check the point against.
+            client.flush()?;
+            mirror.tag("halfway")?.context("the journal took no tag (full)")?;
+            std::fs::copy(&image, &at_tag)?;
+        }
         let len = rng.gen_range(1..=64u32) * 4096;
         let offset = rng.gen_range(0..(size - len as u64) / 4096) * 4096;
         match i % 20 {
@@ -117,7 +130,10 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
                 trims += 1;
             }
             _ => {
-                rng.fill(&mut block[..len as usize]);
+                // Half random, half zero: about as compressible as VM data.
+                let half = len as usize / 2;
+                rng.fill(&mut block[..half]);
+                block[half..len as usize].fill(0);
                 client.write(offset, &block[..len as usize])?;
                 bytes += len as u64;
             }
@@ -129,7 +145,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     server.disconnect_all();
     mirror.shutdown()?;
     println!(
-        "[3/5] tern serve vm1: {} writes ({}), {zeroes} zeroes, {trims} trims and a flush over NBD in {secs:.2}s ({:.0} MiB/s, one request at a time)",
+        "[3/6] tern serve vm1: {} writes ({}), {zeroes} zeroes, {trims} trims, a tag 'halfway' and a flush over NBD in {secs:.2}s ({:.0} MiB/s, one request at a time)",
         a.writes - zeroes - trims,
         Size(bytes).approx(),
         bytes as f64 / secs / (1 << 20) as f64
@@ -143,7 +159,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let stats = crate::ship::run(&paths, &options, stop)?;
     let r = stats.report(&Journal::open(&paths.journal())?);
     println!(
-        "[4/5] tern ship vm1 --once: the initial sync and every write, {} records in {} segments, {} compressed to {} (ratio {:.2}) in {:.2}s",
+        "[4/6] tern ship vm1 --once: the initial sync and every write, {} records in {} segments, {} compressed to {} (ratio {:.2}) in {:.2}s",
         r.records_shipped,
         r.segments_shipped,
         Size(r.bytes_in).approx(),
@@ -152,21 +168,39 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    // 5. The cache alone rebuilds the disk, starting from an empty one —
-    //    what the target site starts from.
-    let replica = dir.join("replica-disk0.img");
-    std::fs::File::create(&replica)?.set_len(size)?;
-    let cache = tern_store::cache::CacheDir::new(&dir.join("cache"), "vm1");
-    let manifest = cache.read_manifest()?.context("the cache has no manifest")?.map_err(anyhow::Error::msg)?;
-    let (records, segments) =
-        crate::cmd::segment::replay_cache(&cache, &manifest, &[Some(Image::open(&replica)?)], u64::MAX)?;
-    let same = std::fs::read(&image)? == std::fs::read(&replica)?;
+    // 5. The target site: replicas and recovery points.
+    let started = Instant::now();
+    let options = crate::apply::ApplyOptions { once: true, keep_segments: false };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    crate::apply::run(&dir.join("cache"), &dir.join("target"), Some("vm1"), &options, stop)?;
+    let target = tern_store::target::TargetDir::new(&dir.join("target"), "vm1");
+    let points = target.list_points()?;
     println!(
-        "[5/5] replayed {records} records from {segments} segments onto an empty disk: {}",
-        if same { "identical to the source disk, byte for byte" } else { "DIFFERENT from the source disk" }
+        "[5/6] tern apply --once: replica {} and {} recovery point(s) ({}) in {:.2}s",
+        target.replica_path("disk0").display(),
+        points.len(),
+        points.iter().map(|p| format!("{} {} at seq {}", p.kind.name(), p.id, p.seq)).collect::<Vec<_>>().join(", "),
+        started.elapsed().as_secs_f64()
     );
+
+    // 6. Check: the replica is the source; the app point is the source as
+    //    it was at the tag.
+    let source = std::fs::read(&image)?;
+    let replica_same = std::fs::read(target.replica_path("disk0"))? == source;
+    let app = points.iter().find(|p| p.kind == tern_store::target::PointKind::App);
+    let app_same = match app {
+        Some(p) => std::fs::read(target.point_dir(&p.id).join("disk0.img"))? == std::fs::read(&at_tag)?,
+        None => false,
+    };
+    let verdict = |ok: bool| if ok { "identical, byte for byte" } else { "DIFFERENT" };
+    println!(
+        "[6/6] replica vs source disk: {}; app point 'halfway' vs the source at the tag: {}",
+        verdict(replica_same),
+        verdict(app_same)
+    );
+    let same = replica_same && app_same;
     println!();
-    println!("Not in this build yet: replicas and recovery points (tern apply), failover and verify.");
+    println!("Not in this build yet: failover, commit, re-protect, failback, verify and status.");
     println!("Those steps join this demo as they land.");
     if let Some(t) = tmp {
         drop(t);
@@ -174,7 +208,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
         println!("kept {}", dir.display());
     }
     if !same {
-        bail!("the cache does not reproduce the source disk");
+        bail!("the replica or the app-consistent point does not match the source");
     }
     Ok(())
 }
