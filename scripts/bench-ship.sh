@@ -52,6 +52,7 @@
 # $WORK/summary.md (and the run dir), machine-readable summary.json.
 # Exit status is non-zero if any run failed (the benchmark carries on).
 set -euo pipefail
+export LC_NUMERIC=C           # a dot in $EPOCHREALTIME and in printf
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -533,23 +534,25 @@ if has_part lag; then
                   --buffer_compress_percentage="$FIO_COMPRESS" --refill_buffers
                   --output-format=json --output="$dir/fio.json")
             echo "+ fio ${args[*]}" >"$flog"
-            echo "fio_start=$(date +%s.%N)" >"$dir/times.env"
+            echo "fio_start=$EPOCHREALTIME" >"$dir/times.env"
             # In the background and waited for, so Ctrl-C reaches the trap.
             timeout --kill-after=10 $((RUNTIME + 120)) fio "${args[@]}" >>"$flog" 2>&1 &
             FIO_PID=$!
             wait "$FIO_PID" || status=fio-failed
             FIO_PID=""
-            echo "fio_end=$(date +%s.%N)" >>"$dir/times.env"
+            echo "fio_end=$EPOCHREALTIME" >>"$dir/times.env"
             kill -0 "$SERVE_PID" 2>/dev/null || status=serve-died
             kill -0 "$SHIP_PID" 2>/dev/null || status=ship-died
             # Let the shipper drain what fio left in the ring.
-            t0=$SECONDS; drained=0
-            while ((SECONDS - t0 < DRAIN_TIMEOUT)) && kill -0 "$SHIP_PID" 2>/dev/null; do
+            t0=$EPOCHREALTIME; drained=0
+            while ((EPOCHSECONDS - ${t0%.*} < DRAIN_TIMEOUT)) && kill -0 "$SHIP_PID" 2>/dev/null; do
                 pend="$(ship_field "$state/$VM/ship.json" pending_bytes)"
                 if [[ "$pend" == 0 ]]; then drained=1; break; fi
-                sleep 0.5
+                sleep 0.25
             done
-            { echo "drain_s=$((SECONDS - t0))"; echo "drained=$drained"; } >>"$dir/times.env"
+            t1=$EPOCHREALTIME
+            { echo "drain_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')"
+              echo "drained=$drained"; } >>"$dir/times.env"
             ((drained)) || log "  WARNING: the ring did not drain within ${DRAIN_TIMEOUT}s"
             sleep 1   # one more sample after the drain
             stop_sampler

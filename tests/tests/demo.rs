@@ -14,7 +14,7 @@ fn demo_runs_and_the_replica_and_the_app_point_match_the_source() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "tern demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("tern ship vm1 --once"), "{stdout}");
-    assert!(stdout.contains("app 2"), "an app-consistent point at the tag: {stdout}");
+    assert!(stdout.contains("-app at seq"), "an app-consistent point at the tag: {stdout}");
     assert!(stdout.contains("replica vs source disk: identical"), "{stdout}");
     assert!(stdout.contains("vs the source at the tag: identical"), "{stdout}");
     assert!(stdout.contains("identical to the source disk, byte for byte"), "{stdout}");
