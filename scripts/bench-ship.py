@@ -463,7 +463,8 @@ def cmd_summary(a):
         rounds = int(meta.get("rounds", "1") or 1)
         spread = rounds > 1
         L.append(f"Medians of {rounds} round(s)" + (" (min–max in brackets)" if spread else "")
-                 + "; tern and zstd interleaved within each round.")
+                 + "; tern and zstd interleaved within each round. tern's peak RSS counts the pages of "
+                 "its memory-mapped journal ring it touched.")
         L.append("")
         L.append("| data set | tool | MB/s | CPU s/GB | ratio | ratio vs zstd same level -T1 | wall s | user s | sys s | bytes in | cache on disk / zstd output | peak RSS MiB |")
         L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
