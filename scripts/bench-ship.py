@@ -17,6 +17,9 @@
       A fully written file of 4 KiB blocks, P% of them random (seeded, so
       every run builds the same file), the rest real zero bytes.
 
+  bench-ship.py get FILE KEY
+      Prints one top-level value of a JSON file (nothing if missing).
+
   bench-ship.py summary RESULTS_DIR WORK_DIR
       Reads what bench-ship.sh left in RESULTS_DIR and writes summary.md and
       summary.json there (and a copy in WORK_DIR); prints the Markdown.
@@ -443,7 +446,8 @@ def cmd_summary(a):
     L.append(f"- date: {meta.get('date')} · nproc: {meta.get('nproc')} · kernel: {meta.get('kernel')} · "
              f"CPU: {meta.get('cpu')} · RAM: {meta.get('mem')}")
     L.append(f"- tern: {meta.get('tern')} · {meta.get('zstd')} · {meta.get('fio')}")
-    L.append(f"- command: `{meta.get('command')}`")
+    L.append(f"- command: `{meta.get('command')}` · load average at start {meta.get('loadavg_start')}, "
+             f"at end {meta.get('loadavg_end')} (other work on the machine disturbs every figure)")
     L.append(f"- image size {meta.get('size')} ({meta.get('size_bytes')} bytes); `tern ship --workers "
              f"{meta.get('workers')}`; journal {meta.get('journal_size')}; page cache: data sets and "
              f"disk copies are read from memory (DROP_CACHES={meta.get('drop_caches')}); "
@@ -606,6 +610,13 @@ def cmd_summary(a):
     return 0
 
 
+def cmd_get(a):
+    v = load_json(a.file)
+    if v is not None and v.get(a.key) is not None:
+        print(v[a.key])
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="what", required=True)
@@ -626,6 +637,9 @@ def main():
     z.add_argument("--size", type=int, required=True)
     z.add_argument("--random-pct", type=float, required=True)
     z.add_argument("--out", required=True)
+    g = sub.add_parser("get")
+    g.add_argument("file")
+    g.add_argument("key")
     m = sub.add_parser("summary")
     m.add_argument("results")
     m.add_argument("work")
@@ -636,7 +650,7 @@ def main():
         if not a.cmd:
             ap.error("run: no command")
         return cmd_run(a)
-    return {"sample": cmd_sample, "make-zeroes": cmd_make_zeroes, "summary": cmd_summary}[a.what](a)
+    return {"get": cmd_get, "sample": cmd_sample, "make-zeroes": cmd_make_zeroes, "summary": cmd_summary}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -135,7 +135,9 @@ SIZE_MIB=$((SIZE_BYTES >> 20))
 PEER_THREADS="1"; ((WORKERS > 1)) && PEER_THREADS+=" $WORKERS"
 [[ "$DRAIN_TIMEOUT" =~ ^[0-9]+$ ]] || die "DRAIN_TIMEOUT must be an integer (got '$DRAIN_TIMEOUT')"
 for l in $LEVELS $LAG_LEVEL; do
-    [[ "$l" =~ ^-?[0-9]+$ ]] && ((l >= -7 && l <= 19)) || die "levels must be integers from -7 to 19 (got '$l')"
+    if ! [[ "$l" =~ ^-?[0-9]+$ ]] || ((l < -7 || l > 19)); then
+        die "levels must be integers from -7 to 19 (got '$l'; zstd needs --ultra above 19)"
+    fi
 done
 for p in $PARTS; do
     [[ "$p" == throughput || "$p" == lag ]] || die "unknown part '$p' (known: throughput lag)"
@@ -173,6 +175,11 @@ DATA="$WORK/data"
 RUNS="$WORK/runs"            # disks, VM state and caches of the current run
 mkdir -p "$RESULTS" "$LOGS" "$DATA"
 rm -rf "$RUNS"; mkdir -p "$RUNS"
+# Measure a snapshot of the binary: a `cargo build` during the run must not
+# swap it underneath (the version line below is read from the same copy).
+cp "$TERN" "$RUNS/tern"
+TERN_SRC="$TERN"
+TERN="$RUNS/tern"
 MANIFEST="$RESULTS/manifest.tsv"
 : >"$MANIFEST"
 FAILURES=0
@@ -301,6 +308,9 @@ dataset_desc() {
     esac
 }
 
+# jget FILE KEY: a top-level value of a JSON file (empty if missing).
+jget() { "$PY" "$HELPER" get "$1" "$2" 2>/dev/null || true; }
+
 # ---------------------------------------------------------------------------
 # tern helpers
 # ---------------------------------------------------------------------------
@@ -352,8 +362,9 @@ tern_run() {
         fi
         if [[ "$status" == ok ]]; then
             # The one-line report tern prints at the end, and the time.
-            log "  $name: $(grep -o "shipped .*" "$slog" | tail -n1 | sed 's/, lag p50.*//') in $("$PY" -c \
-                'import json,sys; print(f"{json.load(open(sys.argv[1]))[\"wall_s\"]:.2f} s")' "$dir/run.json")"
+            local wall
+            wall="$(jget "$dir/run.json" wall_s)"
+            log "  $name: $(grep -o "shipped .*" "$slog" | tail -n1 | sed 's/, lag p50.*//') in $(printf '%.2f' "${wall:-0}") s"
         fi
     fi
     [[ "$status" == ok ]] || FAILURES=$((FAILURES + 1))
@@ -374,9 +385,9 @@ zstd_run() {
     RUN_PID=$!
     wait "$RUN_PID" || { status=zstd-failed; FAILURES=$((FAILURES + 1)); }
     RUN_PID=""
-    log "  $name: zstd $lv -T$t: $("$PY" -c \
-        'import json,sys; r=json.load(open(sys.argv[1])); print(f"{r[\"wall_s\"]:.2f} s, {r[\"stdout_bytes\"]} bytes out")' \
-        "$dir/run.json" 2>/dev/null || echo failed)"
+    local wall out
+    wall="$(jget "$dir/run.json" wall_s)"; out="$(jget "$dir/run.json" stdout_bytes)"
+    log "  $name: zstd $lv -T$t: $(printf '%.2f' "${wall:-0}") s, ${out:-?} bytes out"
     printf 'zstd\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$level" "$t" "$round" "$status" "$dir" >>"$MANIFEST"
 }
 
@@ -395,7 +406,8 @@ FIO_OPTS="--ioengine=nbd --rw=randwrite --bs=$FIO_BS --iodepth=$FIO_IODEPTH --ra
     echo "kernel=$(uname -r)"
     echo "cpu=$CPU_MODEL"
     echo "mem=$(free -g | awk '/^Mem:/ {print $2 " GiB"}')"
-    echo "tern=${TERN_VER:-tern} (git $TERN_GIT)"
+    echo "tern=${TERN_VER:-tern} (git $TERN_GIT, $TERN_SRC built $(date -r "$TERN_SRC" '+%F %T'))"
+    echo "loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "zstd=$(ver zstd --version | sed 's/^\*\** *//; s/ *\**$//')"
     echo "fio=$(command -v fio >/dev/null && ver fio --version || echo n/a)"
     echo "command=$CMDLINE"
@@ -417,6 +429,10 @@ FIO_OPTS="--ioengine=nbd --rw=randwrite --bs=$FIO_BS --iodepth=$FIO_IODEPTH --ra
 } >"$RESULTS/meta.env"
 
 log "parts: $PARTS; size $SIZE; levels $LEVELS; workers $WORKERS; results: $RESULTS"
+read -r LOAD1 _ </proc/loadavg
+if awk -v l="$LOAD1" 'BEGIN { exit !(l > 0.5) }'; then
+    log "WARNING: load average $LOAD1 before the start: something else is running; figures will be disturbed"
+fi
 
 # ---------------------------------------------------------------------------
 # Part 1: throughput of the initial sync, and the zstd CLI on the same bytes
@@ -468,13 +484,6 @@ wait_ready() {
         done
         [[ "$size" == "$SIZE_BYTES" ]] || { log "export size '$size', expected $SIZE_BYTES"; return 1; }
     fi
-}
-
-# ship_field FILE FIELD: a number from ship.json (empty if missing).
-ship_field() {
-    "$PY" -c 'import json,sys
-try: print(json.load(open(sys.argv[1]))[sys.argv[2]])
-except Exception: pass' "$1" "$2"
 }
 
 if has_part lag; then
@@ -546,7 +555,7 @@ if has_part lag; then
             # Let the shipper drain what fio left in the ring.
             t0=$EPOCHREALTIME; drained=0
             while ((EPOCHSECONDS - ${t0%.*} < DRAIN_TIMEOUT)) && kill -0 "$SHIP_PID" 2>/dev/null; do
-                pend="$(ship_field "$state/$VM/ship.json" pending_bytes)"
+                pend="$(jget "$state/$VM/ship.json" pending_bytes)"
                 if [[ "$pend" == 0 ]]; then drained=1; break; fi
                 sleep 0.25
             done
@@ -580,6 +589,7 @@ fi
 # ---------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------
+echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS/meta.env"
 "$PY" "$HELPER" summary "$RESULTS" "$WORK"
 log "wrote $WORK/summary.md and $WORK/summary.json (details in $RESULTS)"
 rm -rf "$RUNS"

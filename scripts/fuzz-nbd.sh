@@ -4,6 +4,7 @@
 #               of a real mirror, the fuzzer's bytes being the client's side
 #   request     the pure parsers: Request::parse, validate, parse_info,
 #               parse_meta_context, with invariant checks
+#   segment     the cache store's files: segments, block hashes, manifests
 #
 # Usage (from anywhere; the script cds to the repo root):
 #   scripts/fuzz-nbd.sh               fuzz every target for FUZZ_SECONDS
@@ -12,7 +13,7 @@
 #
 # Environment knobs (defaults in brackets):
 #   FUZZ_SECONDS   libFuzzer -max_total_time per target [60]
-#   FUZZ_TARGETS   targets to run, space separated ["connection request"]
+#   FUZZ_TARGETS   targets to run, space separated ["connection request segment"]
 #   FUZZ_TIMEOUT   seconds one input may take before it counts as a hang [10]
 #   FUZZ_RSS_MB    libFuzzer -rss_limit_mb [2048]
 #   FUZZ_TOOLCHAIN rustup toolchain cargo-fuzz builds with [nightly]
@@ -31,7 +32,7 @@ ROOT=$PWD
 FUZZ_DIR=$ROOT/nbd-shim/fuzz
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
-FUZZ_TARGETS=${FUZZ_TARGETS:-connection request}
+FUZZ_TARGETS=${FUZZ_TARGETS:-connection request segment}
 FUZZ_TIMEOUT=${FUZZ_TIMEOUT:-10}
 FUZZ_RSS_MB=${FUZZ_RSS_MB:-2048}
 FUZZ_TOOLCHAIN=${FUZZ_TOOLCHAIN:-nightly}

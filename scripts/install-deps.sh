@@ -12,7 +12,8 @@ PACKAGES=(
     e2fsprogs btrfs-progs xfsprogs
     fuse3           # nbdfuse needs fusermount3
     util-linux      # losetup
-    zstd
+    zstd            # and its CLI, the peer in scripts/bench-ship.sh
+    python3         # the benchmarks' summaries (stdlib only)
 )
 
 missing=()

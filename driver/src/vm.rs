@@ -339,6 +339,22 @@ pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
             bitmap.sync()?;
             marked.push(bytes);
         }
+        if marked.iter().any(|&b| b > 0) {
+            // The replica starts empty: inconsistent until the initial sync
+            // is done. The window opens before anything else is journaled
+            // (a tag before the first front-end must not become a point).
+            let journal = Journal::open(&staged.journal())?;
+            let opener = crate::journal::NewRecord {
+                disk: 0,
+                kind: crate::journal::RecordKind::Resync,
+                offset: 0,
+                length: 0,
+                flags: crate::journal::RESYNC_OPEN,
+            };
+            journal.append(&opener, &[]).ok_or_else(|| Error::Invalid("a new journal took no record".into()))?;
+            journal.set_window_open(true);
+            journal.sync()?;
+        }
         let text =
             toml::to_string_pretty(&config).map_err(|e| Error::Invalid(format!("cannot encode vm.toml: {e}")))?;
         write_durably(&staged.config(), text.as_bytes())?;
@@ -443,6 +459,27 @@ mod tests {
         let bm = DirtyBitmap::open(&paths.dirty("disk0"), 4 << 20).unwrap();
         assert!(bm.is_dirty(16)); // region of offset 1 MiB
         assert!(!bm.is_dirty(0));
+        // The initial sync's resync window is open before anything else
+        // can be journaled.
+        let journal = Journal::open(&paths.journal()).unwrap();
+        assert!(journal.window_open());
+        let first = journal.cursor(journal.tail()).next(&mut Vec::new()).unwrap().unwrap();
+        assert_eq!(
+            (first.seq, first.kind, first.flags),
+            (1, crate::journal::RecordKind::Resync, crate::journal::RESYNC_OPEN)
+        );
+    }
+
+    #[test]
+    fn enable_of_an_empty_disk_opens_no_window() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("a.img");
+        File::create(&img).unwrap().set_len(4 << 20).unwrap();
+        let state = d.path().join("state");
+        enable(&state, &spec(d.path(), vec![("disk0".into(), img)])).unwrap();
+        let journal = Journal::open(&VmPaths::new(&state, "vm1").unwrap().journal()).unwrap();
+        assert!(!journal.window_open());
+        assert_eq!(journal.head().seq, 1, "nothing journaled");
     }
 
     #[test]

@@ -258,3 +258,20 @@ fn tag_refuses_bad_labels_and_a_full_journal() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("retry once `tern ship` has caught up"));
 }
+
+#[test]
+fn a_tag_before_the_initial_sync_is_done_makes_no_point() {
+    // The replica starts empty: until the initial sync is shipped it is not
+    // the source, so a tag there cannot become a point.
+    let vm =
+        TestVm::new(VmSpec { disk_size: 4 << 20, journal_size: "16MiB", random_content: true, ..Default::default() });
+    run(vm.tern().args(["tag", &vm.name, "too-early"]));
+    vm.ship_once();
+    let target = vm.dir.path().join("target");
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &["--keep-segments"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("falls inside a resync window"));
+    let points = vm.points(&target);
+    assert!(points.iter().all(|p| p["kind"] == "crash"), "{points:#?}");
+    assert_files_equal(&vm.image, &target.join("vm1/replica/disk0.img"));
+}

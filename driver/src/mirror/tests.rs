@@ -24,11 +24,10 @@ fn setup(disk_size: u64, journal: u64, region: u64) -> Setup {
 fn setup_in(base: &Path, disk_size: u64, journal: u64, region: u64) -> Setup {
     let dir = tempfile::tempdir_in(base).unwrap();
     let image = dir.path().join("disk0.img");
-    let mut content = vec![0u8; disk_size as usize];
-    rand::rngs::StdRng::seed_from_u64(7).fill(&mut content[..]);
-    fs::write(&image, &content).unwrap();
-    let original = dir.path().join("original.img");
-    fs::copy(&image, &original).unwrap();
+    // Enabled while empty (nothing to sync, no resync window), then filled
+    // behind tern's back: the tests start from a replica that is "in sync"
+    // with content, and the bitmap shows only what the test itself causes.
+    fs::File::create(&image).unwrap().set_len(disk_size).unwrap();
     let state = dir.path().join("state");
     enable(
         &state,
@@ -42,12 +41,12 @@ fn setup_in(base: &Path, disk_size: u64, journal: u64, region: u64) -> Setup {
         },
     )
     .unwrap();
+    let mut content = vec![0u8; disk_size as usize];
+    rand::rngs::StdRng::seed_from_u64(7).fill(&mut content[..]);
+    fs::write(&image, &content).unwrap();
+    let original = dir.path().join("original.img");
+    fs::copy(&image, &original).unwrap();
     let paths = VmPaths::new(&state, "vm").unwrap();
-    // Pretend the initial sync is done, so the bitmap shows only what the
-    // test itself causes.
-    let bitmap = DirtyBitmap::open(&paths.dirty("disk0"), disk_size).unwrap();
-    (0..disk_size.div_ceil(region)).for_each(|r| bitmap.clear(r));
-    bitmap.sync().unwrap();
     Setup { _dir: dir, paths, image, original }
 }
 
