@@ -17,6 +17,11 @@
       A fully written file of 4 KiB blocks, P% of them random (seeded, so
       every run builds the same file), the rest real zero bytes.
 
+  bench-ship.py prefault BYTES
+      Allocates and touches BYTES of memory, then frees it: memory this VM
+      handed back to its host (free page reporting) is backed again before
+      a timed run, instead of being faulted back inside it.
+
   bench-ship.py get FILE KEY
       Prints one top-level value of a JSON file (nothing if missing).
 
@@ -75,6 +80,18 @@ def proc_ticks(pid):
     if not r:
         return None
     return int(r[1][11]) + int(r[1][12])
+
+
+def disk_written(dev):
+    """Bytes written to block device `dev` (a /proc/diskstats name), or None."""
+    if not dev:
+        return None
+    with open("/proc/diskstats") as f:
+        for line in f:
+            v = line.split()
+            if len(v) > 9 and v[2] == dev:
+                return int(v[9]) * 512
+    return None
 
 
 def machine_ticks():
@@ -190,6 +207,7 @@ def cmd_sample(a):
                 pass
             rec["cpu_ticks"] = {k: proc_ticks(v) for k, v in pids.items()}
             rec["machine_ticks"] = machine_ticks()
+            rec["disk_written"] = disk_written(a.disk)
             out.write(json.dumps(rec) + "\n")
             out.flush()
             time.sleep(max(0.0, a.interval - (time.time() - t)))
@@ -303,6 +321,10 @@ def tput_run(kind, dataset, level, threads, rnd, status, d, results, meta):
                    mb_s=size / run["wall_s"] / 1e6, cpu_s_per_gb=cpu / (size / 1e9) if size else None)
     return row
 
+
+# The lag runs' "rest" CPU above which something else probably ran (the
+# sampler and kernel threads stay well below it on a quiet machine).
+DISTURBED_PCT = 25
 
 MEDIAN_KEYS = ["wall_s", "user_s", "sys_s", "maxrss_mb", "machine_other_s", "bytes_in", "bytes_out",
                "ratio", "segments", "records", "mb_s", "cpu_s_per_gb", "cache_bytes"]
@@ -425,10 +447,12 @@ def lag_rows(results):
                     for k in a["cpu_ticks"]:
                         if a["cpu_ticks"].get(k) is not None and b["cpu_ticks"].get(k) is not None:
                             cpu[k] = (b["cpu_ticks"][k] - a["cpu_ticks"][k]) / TICK / dt * 100
-                    mb = (b["machine_ticks"][0] - a["machine_ticks"][0]) / max(
-                        1, b["machine_ticks"][1] - a["machine_ticks"][1]) * 100
+                    # Percent of one core, like the processes' figures.
+                    mb = (b["machine_ticks"][0] - a["machine_ticks"][0]) / TICK / dt * 100
                     row["cpu_pct"] = cpu
                     row["machine_busy_pct"] = mb
+                    if a.get("disk_written") is not None and b.get("disk_written") is not None:
+                        row["disk_write_mb_s"] = (b["disk_written"] - a["disk_written"]) / dt / 1e6
                     pend = [s["ship"]["pending_bytes"] for s in inside]
                     row["pending_max_mb"] = max(pend) / 1e6
             rows.append(row)
@@ -451,7 +475,10 @@ def cmd_summary(a):
     L.append(f"- image size {meta.get('size')} ({meta.get('size_bytes')} bytes); `tern ship --workers "
              f"{meta.get('workers')}`; journal {meta.get('journal_size')}; page cache: data sets and "
              f"disk copies are read from memory (DROP_CACHES={meta.get('drop_caches')}); "
-             f"segments written to {meta.get('work')} (fsync per segment)")
+             f"segments written to {meta.get('work')} (fsync per segment); "
+             f"{int(meta.get('prefault_bytes', '0') or 0) / 2**30:.1f} GiB of memory touched and freed before "
+             "each timed run (PREFAULT: this VM hands free memory back to its host, and re-faulting it "
+             "inside a run is an artifact of the VM)")
     L.append("- MB = 10^6 bytes. tern rows: `tern ship --once` right after `tern enable` (the initial "
              "sync: image → resync records in the ring → zstd segments in the cache), wall and CPU of "
              "the whole process; ratio = bytes_in / segment file bytes. zstd rows: `zstd -L -T<n> -c "
@@ -532,14 +559,25 @@ def cmd_summary(a):
                  f"copy of the usr image after its initial sync (`tern ship --once`); `tern serve` + "
                  f"`tern ship` (daemon) beside it. fio's `--rate` suffixes are binary (200m = 209.7 MB/s). "
                  "Lag = a segment's oldest record journaled → segment durable in the cache, over all "
-                 "segments of the run (incl. the drain after fio stops).")
+                 "segments of the run (incl. the drain after fio stops). CPU: percent of one core over the "
+                 f"fio run (the whole machine has {meta.get('nproc')} cores); the rest = the machine's busy time "
+                 f"less the three (kernel threads, the sampler, any other process: above {DISTURBED_PCT}% the "
+                 "row is marked, something else was running). Disk writes: what the block "
+                 f"device under the work dir ({meta.get('disk') or 'unknown'}) wrote meanwhile — the "
+                 "journal ring's and the image's writeback and the segments.")
         L.append("")
-        L.append("| fio --rate | fio wrote MB/s | shipped MB/s (during fio) | ratio | lag p50 ms | lag p99 ms | lag max ms | journal fill max | pending max MB | overflow | drain after fio s | CPU % serve / ship / fio / machine (of 100·nproc) | fio p99 write ms |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|")
+        L.append("| fio --rate | fio wrote MB/s | shipped MB/s (during fio) | ratio | lag p50 ms | lag p99 ms | lag max ms | journal fill max | pending max MB | overflow | drain after fio s | CPU % of one core: serve / ship / fio / the rest | disk writes MB/s | fio p99 write ms |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|")
         for r in lag:
             cpu = r.get("cpu_pct") or {}
+            rest = None
+            if None not in (cpu.get("serve"), cpu.get("ship"), r.get("fio_cpu_pct"), r.get("machine_busy_pct")):
+                rest = r["machine_busy_pct"] - cpu["serve"] - cpu["ship"] - r["fio_cpu_pct"]
+                r["rest_cpu_pct"] = rest
             cpu_s = (f"{fnum(cpu.get('serve'), 0)} / {fnum(cpu.get('ship'), 0)} / "
-                     f"{fnum(r.get('fio_cpu_pct'), 0)} / {fnum(r.get('machine_busy_pct'), 0)}")
+                     f"{fnum(r.get('fio_cpu_pct'), 0)} / {fnum(rest, 0)}")
+            if rest is not None and rest > DISTURBED_PCT:
+                cpu_s += " **disturbed?**"
             ovf = "**yes**" if r["overflow"] else "no"
             drain = fnum(r.get("drain_s"), 1)
             if r.get("drain_s") is not None and not r.get("drained"):
@@ -549,6 +587,7 @@ def cmd_summary(a):
                      f"{fnum(r.get('ratio'), 2)} | {fnum(r.get('lag_p50_ms'), 0)} | {fnum(r.get('lag_p99_ms'), 0)} | "
                      f"{fnum(r.get('lag_max_ms'), 0)} | {fnum(r.get('fill_max_pct'), 1, '%')} | "
                      f"{fnum(r.get('pending_max_mb'), 0)} | {ovf} | {drain} | {cpu_s} | "
+                     f"{fnum(r.get('disk_write_mb_s'), 0)} | "
                      f"{fnum(r.get('fio_clat_p99_ms'), 1)} |")
     # Verdicts against the issue's targets.
     L.append("")
@@ -610,6 +649,14 @@ def cmd_summary(a):
     return 0
 
 
+def cmd_prefault(a):
+    if a.bytes > 0:
+        b = bytearray(a.bytes)  # calloc: mapped lazily, nothing touched yet
+        b[::4096] = b"\x01" * len(range(0, a.bytes, 4096))
+        del b
+    return 0
+
+
 def cmd_get(a):
     v = load_json(a.file)
     if v is not None and v.get(a.key) is not None:
@@ -633,10 +680,13 @@ def main():
     s.add_argument("--vm", required=True)
     s.add_argument("--pid", action="append", default=[])
     s.add_argument("--interval", type=float, default=1.0)
+    s.add_argument("--disk", default="", help="block device of the work dir, as in /proc/diskstats")
     z = sub.add_parser("make-zeroes")
     z.add_argument("--size", type=int, required=True)
     z.add_argument("--random-pct", type=float, required=True)
     z.add_argument("--out", required=True)
+    pf = sub.add_parser("prefault")
+    pf.add_argument("bytes", type=int)
     g = sub.add_parser("get")
     g.add_argument("file")
     g.add_argument("key")
@@ -650,7 +700,7 @@ def main():
         if not a.cmd:
             ap.error("run: no command")
         return cmd_run(a)
-    return {"get": cmd_get, "sample": cmd_sample, "make-zeroes": cmd_make_zeroes, "summary": cmd_summary}[a.what](a)
+    return {"prefault": cmd_prefault, "get": cmd_get, "sample": cmd_sample, "make-zeroes": cmd_make_zeroes, "summary": cmd_summary}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@
 #   FRESH_DATA=1   rebuild the data sets even if cached ones exist
 #   DROP_CACHES=1  drop the page cache before every timed run (root); by
 #                  default images are read from memory, as the peers read them
+#   PREFAULT       bytes of memory to allocate, touch and free right before
+#                  every timed run [JOURNAL_SIZE + SIZE]; 0 disables. This VM
+#                  returns free memory to its host (virtio-balloon free page
+#                  reporting): without it, a run that follows a pause pays to
+#                  fault the host's pages back in (in tern's sys time: its
+#                  ring and the segments' page cache are new memory; zstd
+#                  writing to a pipe needs almost none), and the first tern
+#                  run of each round came out 30–45% slower than the next.
 #
 # Output: per-run logs, ship.json, fio JSON and samples under
 # $WORK/results/<run-id>/, a Markdown summary on stdout and in
@@ -62,7 +70,7 @@ export LC_NUMERIC=C           # a dot in $EPOCHREALTIME and in printf
 # print the exact command that reproduces this run.
 KNOBS=(PARTS DATASETS LEVELS SIZE ROUNDS WORKERS RATES RUNTIME FIO_BS FIO_IODEPTH
        FIO_COMPRESS LAG_LEVEL DRAIN_TIMEOUT ZEROES_RANDOM_PCT VERIFY QUICK WORK
-       TERN JOURNAL_SIZE FRESH_DATA DROP_CACHES)
+       TERN JOURNAL_SIZE FRESH_DATA DROP_CACHES PREFAULT)
 shq() {
     if [[ "$1" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then printf '%s' "$1"
     else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
@@ -104,6 +112,7 @@ TERN="${TERN:-target/release/tern}"
 JOURNAL_SIZE="${JOURNAL_SIZE:-1GiB}"
 FRESH_DATA="${FRESH_DATA:-0}"
 DROP_CACHES="${DROP_CACHES:-0}"
+PREFAULT="${PREFAULT:-}"
 
 PY=/usr/bin/python3          # stdlib only; avoid pyenv shims and venvs
 HELPER="$REPO_ROOT/scripts/bench-ship.py"
@@ -129,6 +138,9 @@ to_bytes() {
 SIZE_BYTES="$(to_bytes "$SIZE")" || die "SIZE must be like 2GiB or 256MiB (got '$SIZE')"
 ((SIZE_BYTES >= (64 << 20) && SIZE_BYTES % (1 << 20) == 0)) || die "SIZE must be a multiple of 1MiB, at least 64MiB"
 SIZE_MIB=$((SIZE_BYTES >> 20))
+JOURNAL_BYTES="$(to_bytes "$JOURNAL_SIZE")" || die "JOURNAL_SIZE must be like 1GiB or 512MiB (got '$JOURNAL_SIZE')"
+if [[ -z "$PREFAULT" ]]; then PREFAULT_BYTES=$((JOURNAL_BYTES + SIZE_BYTES))
+else PREFAULT_BYTES="$(to_bytes "$PREFAULT")" || die "PREFAULT must be like 3GiB or 0 (got '$PREFAULT')"; fi
 [[ "$RUNTIME" =~ ^[0-9]+$ && "$RUNTIME" -gt 0 ]] || die "RUNTIME must be a positive integer (got '$RUNTIME')"
 [[ "$WORKERS" =~ ^[0-9]+$ && "$WORKERS" -gt 0 ]] || die "WORKERS must be a positive integer (got '$WORKERS')"
 [[ "$ROUNDS" =~ ^[0-9]+$ && "$ROUNDS" -gt 0 ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
@@ -175,6 +187,9 @@ DATA="$WORK/data"
 RUNS="$WORK/runs"            # disks, VM state and caches of the current run
 mkdir -p "$RESULTS" "$LOGS" "$DATA"
 rm -rf "$RUNS"; mkdir -p "$RUNS"
+# The block device under the work dir, for its write rate during the lag runs.
+WORK_DISK="$(basename "$(findmnt -no SOURCE --target "$WORK" 2>/dev/null || true)")"
+grep -qw -- "$WORK_DISK" /proc/diskstats 2>/dev/null || WORK_DISK=""
 # Measure a snapshot of the binary: a `cargo build` during the run must not
 # swap it underneath (the version line below is read from the same copy).
 cp "$TERN" "$RUNS/tern"
@@ -236,10 +251,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-drop_caches() {
+# Before every timed run: the page cache as asked, memory backed by the host.
+before_timed_run() {
     if [[ "$DROP_CACHES" == 1 ]]; then
         sync; echo 3 >/proc/sys/vm/drop_caches || log "WARNING: could not drop caches"
     fi
+    "$PY" "$HELPER" prefault "$PREFAULT_BYTES" || log "WARNING: prefault of $PREFAULT_BYTES bytes failed"
 }
 
 # ---------------------------------------------------------------------------
@@ -339,7 +356,7 @@ tern_run() {
         log "  $name: tern enable failed (log: $slog)"; tail -n 5 "$slog" >&2 || true
         status=enable-failed
     else
-        drop_caches
+        before_timed_run
         local cmd=("$TERN" --state "$vmdir/state" ship "$VM" --once --workers "$WORKERS")
         echo "+ ${cmd[*]}" >>"$slog"
         # Hard timeout: 4 MB/s would be a broken shipper, not a slow one.
@@ -379,7 +396,7 @@ zstd_run() {
     local name="zstd-$ds-L$level-T$t-r$round"
     local dir="$RESULTS/throughput/$name"
     mkdir -p "$dir"
-    drop_caches
+    before_timed_run
     "$PY" "$HELPER" run --out "$dir/run.json" --count-stdout -- \
         zstd -q "$lv" -T"$t" -c "$src" 2>>"$LOGS/$name.log" &
     RUN_PID=$!
@@ -424,14 +441,16 @@ FIO_OPTS="--ioengine=nbd --rw=randwrite --bs=$FIO_BS --iodepth=$FIO_IODEPTH --ra
     echo "fio_opts=$FIO_OPTS"
     echo "lag_level=$LAG_LEVEL"
     echo "drop_caches=$DROP_CACHES"
+    echo "prefault_bytes=$PREFAULT_BYTES"
+    echo "disk=$WORK_DISK"
     echo "work=$WORK"
     echo "results=$RESULTS"
 } >"$RESULTS/meta.env"
 
 log "parts: $PARTS; size $SIZE; levels $LEVELS; workers $WORKERS; results: $RESULTS"
 read -r LOAD1 _ </proc/loadavg
-if awk -v l="$LOAD1" 'BEGIN { exit !(l > 0.5) }'; then
-    log "WARNING: load average $LOAD1 before the start: something else is running; figures will be disturbed"
+if awk -v l="$LOAD1" 'BEGIN { exit !(l > 1.0) }'; then
+    log "WARNING: load average $LOAD1 before the start: something else may be running; figures would be disturbed"
 fi
 
 # ---------------------------------------------------------------------------
@@ -519,7 +538,7 @@ if has_part lag; then
         "$TERN" --state "$state" ship "$VM" --once --workers "$WORKERS" >>"$slog" 2>&1 ||
             log "  WARNING: catch-up before $rate failed (log: $slog)"
         rm -f "$state/$VM/ship.json"
-        drop_caches
+        before_timed_run
 
         log "lag at fio --rate=$rate for ${RUNTIME}s"
         echo "+ $TERN --state $state serve $VM --listen unix:$sock" >>"$serve_log"
@@ -534,7 +553,8 @@ if has_part lag; then
             SAMPLER_STOP="$dir/.stop"; rm -f "$SAMPLER_STOP"
             "$PY" "$HELPER" sample --out "$dir/samples.jsonl" --stop "$SAMPLER_STOP" \
                 --ship-json "$state/$VM/ship.json" --tern "$TERN" --state "$state" --vm "$VM" \
-                --pid "serve=$SERVE_PID" --pid "ship=$SHIP_PID" 2>>"$LOGS/$name-sampler.log" &
+                --pid "serve=$SERVE_PID" --pid "ship=$SHIP_PID" --disk "$WORK_DISK" \
+                2>>"$LOGS/$name-sampler.log" &
             SAMPLER_PID=$!
             sleep 2   # ship's first status, and a baseline sample
             args=(--name="ship-lag-$rate" --ioengine=nbd --uri="nbd+unix:///$EXPORT?socket=$sock"

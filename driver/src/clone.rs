@@ -64,6 +64,33 @@ fn reflink_or_copy(source: &File, src: &Path, target: &File, dst: &Path) -> Resu
     Ok(method)
 }
 
+/// `FS_NOCOW_FL` (`chattr +C`), not in the libc crate.
+const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
+
+/// Asks the filesystem to write files created in `dir` from now on in
+/// place instead of copy-on-write (btrfs `chattr +C`; new files inherit it).
+/// Replicas take many small random writes; on btrfs each would otherwise
+/// allocate a new extent and update the checksum tree. Clones still share
+/// extents, and a write to a shared extent is still copied once, so points
+/// stay independent. Returns whether the flag is set; filesystems without
+/// it (xfs, ext4) are left alone.
+pub fn prefer_in_place_writes(dir: &Path) -> Result<bool> {
+    let d = File::open(dir).map_err(|source| Error::Open { path: dir.to_owned(), source })?;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer, which
+    // points at a live local.
+    if unsafe { libc::ioctl(d.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
+        return Ok(false);
+    }
+    if flags & FS_NOCOW_FL != 0 {
+        return Ok(true);
+    }
+    flags |= FS_NOCOW_FL;
+    // SAFETY: FS_IOC_SETFLAGS reads one int through the pointer.
+    let rc = unsafe { libc::ioctl(d.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) };
+    Ok(rc == 0)
+}
+
 /// Copies the data ranges of `source` (SEEK_DATA/SEEK_HOLE) with
 /// `copy_file_range`; holes stay holes.
 fn sparse_copy(source: &File, src: &Path, target: &File, dst: &Path) -> Result<()> {

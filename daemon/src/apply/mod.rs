@@ -129,7 +129,11 @@ impl VmApplier {
         };
         let target = TargetDir::new(target_root, name);
         for dir in [target.replica_path("x").parent().map(Path::to_path_buf).unwrap_or_default(), target.points_dir()] {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            if !dir.exists() {
+                std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                // Before any replica or point exists in it: new files inherit.
+                tern_driver::clone::prefer_in_place_writes(&dir)?;
+            }
         }
         let checkpoint = match target.read_checkpoint().map_err(anyhow::Error::msg)? {
             Some(c) if c.vm_id != manifest.id => bail!(
