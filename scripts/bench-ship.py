@@ -95,12 +95,13 @@ def disk_written(dev):
 
 
 def machine_ticks():
-    """(busy, total) ticks of all CPUs from /proc/stat."""
+    """(busy, total, steal) ticks of all CPUs from /proc/stat. Busy is what
+    this machine ran (user, nice, system, irq, softirq); steal, the time the
+    host gave the vCPUs to someone else, is apart."""
     with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-    total = sum(v[:8])  # guest time is already in user
-    return total - idle, total
+        v = [int(x) for x in f.readline().split()[1:]] + [0] * 8
+    busy = v[0] + v[1] + v[2] + v[5] + v[6]  # guest time is already in user
+    return busy, sum(v[:8]), v[7]
 
 
 # ---------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def machine_ticks():
 # ---------------------------------------------------------------------------
 def cmd_run(a):
     counted = [0]
-    busy0, _ = machine_ticks()
+    busy0 = machine_ticks()[0]
     t0 = time.monotonic()
     p = subprocess.Popen(a.cmd, stdout=subprocess.PIPE if a.count_stdout else None)
 
@@ -148,7 +149,7 @@ def cmd_run(a):
     # Blocking wait, so the wall time is exact (not rounded to the sampling).
     _, st, ru = os.wait4(p.pid, 0)
     wall = time.monotonic() - t0
-    busy1, _ = machine_ticks()
+    busy1 = machine_ticks()[0]
     done.set()
     sampler.join()
     p.returncode = os.waitstatus_to_exitcode(st)  # reaped by wait4
@@ -451,6 +452,8 @@ def lag_rows(results):
                     mb = (b["machine_ticks"][0] - a["machine_ticks"][0]) / TICK / dt * 100
                     row["cpu_pct"] = cpu
                     row["machine_busy_pct"] = mb
+                    if len(a["machine_ticks"]) > 2:
+                        row["steal_pct"] = (b["machine_ticks"][2] - a["machine_ticks"][2]) / TICK / dt * 100
                     if a.get("disk_written") is not None and b.get("disk_written") is not None:
                         row["disk_write_mb_s"] = (b["disk_written"] - a["disk_written"]) / dt / 1e6
                     pend = [s["ship"]["pending_bytes"] for s in inside]
@@ -561,8 +564,9 @@ def cmd_summary(a):
                  "Lag = a segment's oldest record journaled → segment durable in the cache, over all "
                  "segments of the run (incl. the drain after fio stops). CPU: percent of one core over the "
                  f"fio run (the whole machine has {meta.get('nproc')} cores); the rest = the machine's busy time "
-                 f"less the three (kernel threads, the sampler, any other process: above {DISTURBED_PCT}% the "
-                 "row is marked, something else was running). Disk writes: what the block "
+                 f"less the three (kernel threads, the sampler, any other process), steal = time the host ran "
+                 f"something else on our vCPUs; above {DISTURBED_PCT}% in either the row is marked: something "
+                 "else was running. Disk writes: what the block "
                  f"device under the work dir ({meta.get('disk') or 'unknown'}) wrote meanwhile — the "
                  "journal ring's and the image's writeback and the segments.")
         L.append("")
@@ -576,7 +580,9 @@ def cmd_summary(a):
                 r["rest_cpu_pct"] = rest
             cpu_s = (f"{fnum(cpu.get('serve'), 0)} / {fnum(cpu.get('ship'), 0)} / "
                      f"{fnum(r.get('fio_cpu_pct'), 0)} / {fnum(rest, 0)}")
-            if rest is not None and rest > DISTURBED_PCT:
+            if r.get("steal_pct") is not None:
+                cpu_s += f" (steal {r['steal_pct']:.0f})"
+            if (rest is not None and rest > DISTURBED_PCT) or (r.get("steal_pct") or 0) > DISTURBED_PCT:
                 cpu_s += " **disturbed?**"
             ovf = "**yes**" if r["overflow"] else "no"
             drain = fnum(r.get("drain_s"), 1)

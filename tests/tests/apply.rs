@@ -109,7 +109,7 @@ fn kill_9_while_replaying_and_while_cloning_then_restart_gives_the_same_replica_
     let out = vm.apply_with(&cache, &target_a, &["--keep-segments"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     use std::os::unix::process::ExitStatusExt;
-    for point in ["apply:segment-applied", "apply:point-cloned"] {
+    for point in ["apply:batch-applied", "apply:point-cloned"] {
         let out = vm.apply_with(&cache, &target_b, &["--keep-segments"], &[("TERN_FAILPOINT", point)]);
         assert_eq!(out.status.signal(), Some(9), "{point}: {}", String::from_utf8_lossy(&out.stderr));
         // No half point is ever listed.

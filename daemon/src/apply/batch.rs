@@ -73,6 +73,11 @@ pub struct Batch {
 const MAX_WRITE: usize = 8 << 20;
 
 impl Batch {
+    /// Bytes of record data held.
+    pub fn data_len(&self) -> usize {
+        self.data.len()
+    }
+
     /// Adds a record that changes a disk (others are ignored). The caller
     /// has checked the range against the disk's size.
     pub fn add(&mut self, h: &RecordHeader, data: &[u8]) {

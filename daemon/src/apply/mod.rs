@@ -26,6 +26,9 @@ use tern_store::target::{expired_points, Checkpoint, Point, PointKind, TargetDir
 
 use crate::ship::failpoint;
 
+/// Record data a batch may hold before it is written out.
+const BATCH_LIMIT: usize = 256 << 20;
+
 mod batch;
 
 #[derive(Debug, Clone)]
@@ -115,7 +118,12 @@ struct VmApplier {
     target: TargetDir,
     manifest: Manifest,
     replicas: Vec<Image>,
+    /// What the replicas durably hold.
     checkpoint: Checkpoint,
+    /// Where applying stands in memory: segments read into `batch` but not
+    /// yet written, fsynced and checkpointed.
+    cur: Checkpoint,
+    batch: batch::Batch,
     keep_segments: bool,
     warned_copy: bool,
 }
@@ -186,7 +194,9 @@ impl VmApplier {
             target,
             manifest,
             replicas,
+            cur: checkpoint.clone(),
             checkpoint,
+            batch: batch::Batch::default(),
             keep_segments: options.keep_segments,
             warned_copy: false,
         }))
@@ -194,24 +204,46 @@ impl VmApplier {
 
     /// Applies every segment the cache holds past the checkpoint, answers a
     /// pending hash request, thins the catalog. Returns segments applied.
+    ///
+    /// Segments are read into one batch until it holds `BATCH_LIMIT` bytes,
+    /// a crash point is due, or the cache has no more: then the batch is
+    /// written (each byte's last version, in offset order), fsynced and
+    /// checkpointed. App points flush it first.
     fn step(&mut self, stop: &AtomicBool) -> Result<usize> {
-        // The manifest grows epochs; re-read it when a segment needs one.
         let mut applied = 0;
         for (first, last, path) in self.cache.list_segments()? {
-            if last <= self.checkpoint.applied_seq {
+            if last <= self.cur.applied_seq {
                 continue;
             }
             if stop.load(Ordering::Acquire) {
                 break;
             }
-            if first > self.checkpoint.applied_seq + 1 {
+            if first > self.cur.applied_seq + 1 {
+                // The manifest grows epochs; re-read it for this one.
                 if let Some(Ok(m)) = self.cache.read_manifest()? {
                     self.manifest = m;
                 }
             }
-            self.apply_segment(&path)?;
+            if let Err(e) = self.read_segment(&path) {
+                // What was read before the bad segment is good: keep it.
+                self.commit()?;
+                return Err(e);
+            }
             applied += 1;
+            let interval = self.manifest.policy.interval.as_nanos() as u64;
+            if !self.cur.in_window && self.cur.source_time_ns.saturating_sub(self.cur.last_point_ns) >= interval {
+                // The point before the checkpoint that passes it: a crash in
+                // between takes it again after the restart.
+                self.flush()?;
+                let (seq, epoch, time) = (self.cur.applied_seq, self.cur.epoch, self.cur.source_time_ns);
+                self.take_point(seq, epoch, time, PointKind::Crash, None)?;
+                self.cur.last_point_ns = time;
+                self.commit()?;
+            } else if self.batch.data_len() >= BATCH_LIMIT {
+                self.commit()?;
+            }
         }
+        self.commit()?;
         if applied > 0 {
             self.publish_applied();
         }
@@ -223,24 +255,49 @@ impl VmApplier {
         Ok(applied)
     }
 
-    fn apply_segment(&mut self, path: &Path) -> Result<()> {
-        let at = self.checkpoint.applied_seq;
+    /// Writes the batch and fsyncs the replicas.
+    fn flush(&mut self) -> Result<usize> {
+        let calls = self.batch.apply(&self.replicas).context("writing to the replicas")?;
+        failpoint("apply:batch-applied");
+        for image in &self.replicas {
+            image.sync_data()?;
+        }
+        Ok(calls)
+    }
+
+    /// Flushes, then makes `cur` the durable checkpoint.
+    fn commit(&mut self) -> Result<()> {
+        if self.cur == self.checkpoint {
+            return Ok(());
+        }
+        let calls = self.flush()?;
+        let text = toml::to_string(&self.cur)?;
+        write_durably(&self.target.checkpoint_path(), text.as_bytes())?;
+        log::debug!("VM '{}': applied up to seq {} ({calls} writes)", self.name, self.cur.applied_seq);
+        self.checkpoint = self.cur.clone();
+        Ok(())
+    }
+
+    /// Verifies one segment and reads its records into the batch (taking
+    /// the app points of its tags); `cur` moves to its end.
+    fn read_segment(&mut self, path: &Path) -> Result<()> {
+        let at = self.cur.applied_seq;
         let stays = || format!("the replica stays at seq {at}; repair or re-ship, then restart `tern apply`");
         let seg =
             Segment::read_file(path, Some(*self.manifest.id.as_bytes())).map_err(|e| anyhow!("{e}; {}", stays()))?;
         let h = &seg.header;
-        if h.epoch < self.checkpoint.epoch {
+        if h.epoch < self.cur.epoch {
             bail!(
                 "{}: segment of epoch {}, but the replica is already in epoch {} (a stale source shipped it); {}",
                 path.display(),
                 h.epoch,
-                self.checkpoint.epoch,
+                self.cur.epoch,
                 stays()
             );
         }
-        let mut in_window = self.checkpoint.in_window;
+        let mut in_window = self.cur.in_window;
         if h.first_seq > at + 1 {
-            let starts_epoch = h.epoch > self.checkpoint.epoch
+            let starts_epoch = h.epoch > self.cur.epoch
                 && self.manifest.epochs.iter().any(|e| e.number == h.epoch && e.first_seq == h.first_seq);
             if !starts_epoch {
                 bail!(
@@ -262,13 +319,27 @@ impl VmApplier {
                 h.first_seq - 1
             );
         }
-        if h.epoch > self.checkpoint.epoch {
+        if h.epoch > self.cur.epoch {
             in_window = true;
         }
-        let mut source_time = self.checkpoint.source_time_ns;
-        // The segment's changes, reduced to each byte's last version and
-        // written in offset order; flushed before a point is taken inside.
-        let mut batch = batch::Batch::default();
+        // Every record must fit the VM's disks before any is applied: a
+        // segment goes onto the replica whole or not at all.
+        for (r, _) in seg.records() {
+            let size = self.manifest.disks.get(r.disk as usize).map(|d| d.size);
+            let fits = size.is_some_and(|size| r.offset.checked_add(r.length as u64).is_some_and(|end| end <= size));
+            if r.kind.changes_disk() && !fits {
+                bail!(
+                    "{}: record seq {} writes {}+{} on disk {}, outside the VM's disks; {}",
+                    path.display(),
+                    r.seq,
+                    r.offset,
+                    r.length,
+                    r.disk,
+                    stays()
+                );
+            }
+        }
+        let mut source_time = self.cur.source_time_ns;
         for (r, data) in seg.records() {
             if r.seq <= at {
                 continue; // applied before a restart (the checkpoint fell inside this segment)
@@ -285,47 +356,21 @@ impl VmApplier {
                             r.seq
                         );
                     } else {
-                        batch.apply(&self.replicas).with_context(|| format!("applying {}", path.display()))?;
+                        self.batch.apply(&self.replicas).with_context(|| format!("applying {}", path.display()))?;
                         self.take_point(r.seq, h.epoch, r.time_ns, PointKind::App, Some(label))?;
                     }
                 }
-                kind if kind.changes_disk() => {
-                    let size = self.manifest.disks.get(r.disk as usize).map(|d| d.size);
-                    if size.is_none_or(|size| r.offset.checked_add(r.length as u64).is_none_or(|end| end > size)) {
-                        bail!(
-                            "{}: record seq {} writes {}+{} on disk {}, outside the VM's disks; {}",
-                            path.display(),
-                            r.seq,
-                            r.offset,
-                            r.length,
-                            r.disk,
-                            stays()
-                        );
-                    }
-                    batch.add(r, data);
-                }
+                kind if kind.changes_disk() => self.batch.add(r, data),
                 _ => {}
             }
             if r.time_ns > 0 {
                 source_time = r.time_ns;
             }
         }
-        batch.apply(&self.replicas).with_context(|| format!("applying {}", path.display()))?;
-        failpoint("apply:segment-applied");
-        for image in &self.replicas {
-            image.sync_data()?;
-        }
-        self.checkpoint.applied_seq = h.last_seq;
-        self.checkpoint.epoch = h.epoch;
-        self.checkpoint.in_window = in_window;
-        self.checkpoint.source_time_ns = source_time;
-        let interval = self.manifest.policy.interval.as_nanos() as u64;
-        if !in_window && source_time.saturating_sub(self.checkpoint.last_point_ns) >= interval {
-            self.take_point(h.last_seq, h.epoch, source_time, PointKind::Crash, None)?;
-            self.checkpoint.last_point_ns = source_time;
-        }
-        let text = toml::to_string(&self.checkpoint)?;
-        write_durably(&self.target.checkpoint_path(), text.as_bytes())?;
+        self.cur.applied_seq = h.last_seq;
+        self.cur.epoch = h.epoch;
+        self.cur.in_window = in_window;
+        self.cur.source_time_ns = source_time;
         Ok(())
     }
 
