@@ -385,11 +385,15 @@ impl VmApplier {
         let tmp = self.target.point_tmp_dir(&id);
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        // The replicas' data first (part of applying, not of the point), so
+        // the time logged is the clone's own.
+        for image in &self.replicas {
+            image.sync_data()?;
+        }
         let started = std::time::Instant::now();
         let mut disks = BTreeMap::new();
         let mut method = CloneMethod::Reflink;
         for (d, image) in self.manifest.disks.iter().zip(&self.replicas) {
-            image.sync_data()?;
             let file = format!("{}.img", d.name);
             if clone_file(image.path(), &tmp.join(&file))? == CloneMethod::Copy {
                 method = CloneMethod::Copy;
