@@ -275,3 +275,70 @@ fn a_tag_before_the_initial_sync_is_done_makes_no_point() {
     assert!(points.iter().all(|p| p["kind"] == "crash"), "{points:#?}");
     assert_files_equal(&vm.image, &target.join("vm1/replica/disk0.img"));
 }
+
+#[test]
+fn all_disks_of_a_vm_are_in_every_point_at_the_same_sequence() {
+    let dir = tempfile::Builder::new().prefix("tern-test-").tempdir_in(test_root()).expect("tempdir");
+    let d = dir.path();
+    for site in ["cache", "target"] {
+        std::fs::create_dir(d.join(site)).expect("site");
+    }
+    for (i, byte) in [(0, 0x11u8), (1, 0x22)] {
+        std::fs::write(d.join(format!("disk{i}.img")), vec![byte; 4 << 20]).expect("disk");
+    }
+    let tern = || {
+        let mut c = Command::new(tern_bin());
+        c.arg("--state").arg(d.join("state"));
+        c
+    };
+    run(tern()
+        .args(["enable", "vm1", "--cache"])
+        .arg(d.join("cache"))
+        .arg("--target")
+        .arg(d.join("target"))
+        .arg("--disk")
+        .arg(format!("disk0={}", d.join("disk0.img").display()))
+        .arg("--disk")
+        .arg(format!("disk1={}", d.join("disk1.img").display())));
+    let socket = d.join("nbd.sock");
+    let mut serve = tern()
+        .args(["serve", "vm1", "--listen"])
+        .arg(format!("unix:{}", socket.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The initial sync done (serve re-sends, ship waits for the window to close).
+    run(tern().args(["ship", "vm1", "--once"]));
+    let uri = |disk: &str| format!("nbd+unix:///{disk}?socket={}", socket.display());
+    // A write on each disk, the tag, then one more on each: the point must
+    // hold the first two on both disks and neither of the last two.
+    run(Command::new("qemu-io").args(["-f", "raw", &uri("disk0"), "-c", "write -P 1 0 64k"]));
+    run(Command::new("qemu-io").args(["-f", "raw", &uri("disk1"), "-c", "write -P 2 1M 64k"]));
+    run(tern().args(["tag", "vm1", "both"]));
+    let at_tag: Vec<Vec<u8>> = (0..2).map(|i| std::fs::read(d.join(format!("disk{i}.img"))).expect("read")).collect();
+    run(Command::new("qemu-io").args(["-f", "raw", &uri("disk0"), "-c", "write -P 3 2M 64k"]));
+    run(Command::new("qemu-io").args(["-f", "raw", &uri("disk1"), "-c", "write -P 4 3M 64k"]));
+    let _ = Command::new("kill").arg(serve.id().to_string()).status();
+    let _ = serve.wait();
+    run(tern().args(["ship", "vm1", "--once"]));
+    run(Command::new(tern_bin())
+        .args(["apply", "vm1", "--once", "--cache"])
+        .arg(d.join("cache"))
+        .arg("--target")
+        .arg(d.join("target")));
+    let out = run(Command::new(tern_bin()).args(["points", "vm1", "--json", "--target"]).arg(d.join("target")));
+    let points: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
+    let app = points.iter().find(|p| p["kind"] == "app").expect("the app point");
+    for (i, expected) in at_tag.iter().enumerate() {
+        let path = app["disks"][format!("disk{i}")].as_str().expect("both disks in the point");
+        assert!(
+            std::fs::read(path).expect("read point") == *expected,
+            "disk{i} of the point differs from the source at the tag"
+        );
+        let replica = d.join(format!("target/vm1/replica/disk{i}.img"));
+        assert_files_equal(&replica, &d.join(format!("disk{i}.img")));
+    }
+}
