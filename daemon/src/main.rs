@@ -44,6 +44,13 @@ pub enum Command {
     Apply(cmd::apply::Args),
     /// List a VM's recovery points at the target site.
     Points(cmd::points::Args),
+    /// Clone a VM's disks as of a recovery point into their own directory
+    /// (`--test`: replication goes on untouched).
+    Failover(cmd::failover::Args),
+    /// Remove a test failover's directory.
+    FailoverCleanup(cmd::failover::CleanupArgs),
+    /// Compare source disks with the replica or a point, by block hashes.
+    Verify(cmd::verify::Args),
     /// Inspect or check segment files of the cache store offline.
     #[command(subcommand)]
     Segment(cmd::segment::Command),
@@ -78,6 +85,9 @@ fn main() -> ExitCode {
         Command::Tag(a) => cmd::tag::run(&cli, a),
         Command::Apply(a) => cmd::apply::run(&cli, a),
         Command::Points(a) => cmd::points::run(&cli, a),
+        Command::Failover(a) => cmd::failover::run(&cli, a),
+        Command::FailoverCleanup(a) => cmd::failover::cleanup(&cli, a),
+        Command::Verify(a) => cmd::verify::run(&cli, a),
         Command::Demo(a) => cmd::demo::run(&cli, a),
     };
     match result {

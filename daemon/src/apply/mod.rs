@@ -98,6 +98,28 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
     Ok(())
 }
 
+/// Applies everything the cache holds for `vm` and takes a crash-consistent
+/// point at the newest applied record (`tern failover --latest`). Fails if
+/// another `tern apply` holds the replicas, or if the replica is inside a
+/// resync window there.
+pub fn catch_up_and_point(cache: &Path, target: &Path, vm: &str) -> Result<Point> {
+    let options = ApplyOptions { once: true, keep_segments: false };
+    let mut applier = VmApplier::open(cache, target, vm, &options)?
+        .with_context(|| format!("the cache {} holds nothing for VM '{vm}'", cache.display()))?;
+    let stop = AtomicBool::new(false);
+    while applier.step(&stop)? > 0 {}
+    let cur = applier.cur.clone();
+    if cur.in_window {
+        bail!(
+            "VM '{vm}' is inside a resync window at seq {} (an initial sync or a catch-up after an overflow is running): no consistent point exists there; pick an earlier one with --point",
+            cur.applied_seq
+        );
+    }
+    let id = Point::make_id(cur.applied_seq, PointKind::Crash);
+    applier.take_point(cur.applied_seq, cur.epoch, cur.source_time_ns, PointKind::Crash, None)?;
+    applier.target.list_points()?.into_iter().find(|p| p.id == id).context("the point just taken is not in the catalog")
+}
+
 /// VM directories of the cache store that have a manifest.
 fn vms_in(cache: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
@@ -126,6 +148,8 @@ struct VmApplier {
     batch: batch::Batch,
     keep_segments: bool,
     warned_copy: bool,
+    /// One applier per VM's replicas (a daemon, `tern failover --latest`).
+    _lock: std::fs::File,
 }
 
 impl VmApplier {
@@ -136,6 +160,12 @@ impl VmApplier {
             None => return Ok(None),
         };
         let target = TargetDir::new(target_root, name);
+        std::fs::create_dir_all(target.root()).with_context(|| format!("cannot create {}", target.root().display()))?;
+        let lock = tern_driver::vm::lock_exclusive(
+            &target.root().join("apply.lock"),
+            &format!("the replicas of VM '{name}'"),
+            "`tern apply`",
+        )?;
         for dir in [target.replica_path("x").parent().map(Path::to_path_buf).unwrap_or_default(), target.points_dir()] {
             if !dir.exists() {
                 std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -199,6 +229,7 @@ impl VmApplier {
             batch: batch::Batch::default(),
             keep_segments: options.keep_segments,
             warned_copy: false,
+            _lock: lock,
         }))
     }
 

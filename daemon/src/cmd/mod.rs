@@ -3,12 +3,14 @@
 pub mod apply;
 pub mod demo;
 pub mod enable;
+pub mod failover;
 pub mod journal;
 pub mod points;
 pub mod segment;
 pub mod serve;
 pub mod ship;
 pub mod tag;
+pub mod verify;
 
 /// `--onto NAME=PATH`: a disk copy a replay writes onto.
 pub fn parse_onto(s: &str) -> Result<(String, std::path::PathBuf), String> {

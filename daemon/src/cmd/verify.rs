@@ -1,0 +1,83 @@
+//! `tern verify`: source disks against the replica (or a point), region by
+//! region, by hash.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use tern_driver::image::Image;
+use tern_driver::units::Size;
+use tern_driver::vm::VmPaths;
+use tern_store::hashes::region_hashes;
+use tern_store::target::TargetDir;
+
+use crate::Cli;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    pub vm: String,
+    /// Compare with this recovery point instead of the replica.
+    #[arg(long)]
+    pub point: Option<String>,
+    /// The target site (default: the one in vm.toml).
+    #[arg(long)]
+    pub target: Option<PathBuf>,
+    /// Bytes per compared region.
+    #[arg(long, default_value = "64KiB")]
+    pub region: Size,
+}
+
+pub fn run(cli: &Cli, a: &Args) -> Result<()> {
+    let config = VmPaths::new(&cli.state, &a.vm)?.load_config()?;
+    let target = TargetDir::new(a.target.as_ref().unwrap_or(&config.target), &a.vm);
+    let region = a.region.bytes();
+    if !(4096..=64 << 20).contains(&region) || !region.is_power_of_two() {
+        bail!("--region must be a power of two between 4KiB and 64MiB");
+    }
+    let (what, dir) = match &a.point {
+        Some(id) => {
+            let point = target
+                .list_points()?
+                .into_iter()
+                .find(|p| &p.id == id)
+                .with_context(|| format!("VM '{}' has no point '{id}'; `tern points {}` lists them", a.vm, a.vm))?;
+            (format!("point {id} (seq {})", point.seq), target.point_dir(id))
+        }
+        None => ("the replica".to_string(), target.replica_path("x").parent().map(PathBuf::from).unwrap_or_default()),
+    };
+    let mut differing = 0u64;
+    for d in &config.disks {
+        let source = Image::open_read_only(&d.path)?;
+        let copy_path = dir.join(format!("{}.img", d.name));
+        let copy = Image::open_read_only(&copy_path).with_context(|| format!("disk '{}' of {what}", d.name))?;
+        if copy.size() != source.size() {
+            bail!("disk '{}': {} is {} bytes, the source {}", d.name, copy_path.display(), copy.size(), source.size());
+        }
+        let (a_h, b_h) = (region_hashes(&source, region)?, region_hashes(&copy, region)?);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (i, (x, y)) in a_h.iter().zip(&b_h).enumerate() {
+            if x != y {
+                let (start, end) = (i as u64 * region, ((i as u64 + 1) * region).min(source.size()));
+                match ranges.last_mut() {
+                    Some(r) if r.1 == start => r.1 = end,
+                    _ => ranges.push((start, end)),
+                }
+            }
+        }
+        for (start, end) in &ranges {
+            println!("disk {}: differs at {start}..{end} ({})", d.name, Size(end - start).approx());
+            differing += end - start;
+        }
+        if ranges.is_empty() {
+            println!("disk {}: identical ({} regions of {})", d.name, a_h.len(), Size(region));
+        }
+    }
+    if differing > 0 {
+        bail!(
+            "VM '{}': {} of the source differ from {what} (a replica behind the source differs until `tern ship` and `tern apply` catch up)",
+            a.vm,
+            Size(differing).approx()
+        );
+    }
+    println!("VM '{}': source and {what} are identical", a.vm);
+    Ok(())
+}

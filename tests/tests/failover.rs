@@ -1,0 +1,92 @@
+//! Test failover, cleanup and verify, end to end.
+
+use std::process::Command;
+
+use tern_system_tests::*;
+
+fn protected_vm_with_a_tag() -> (TestVm, std::path::PathBuf) {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 8 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 5 1M 128k"]));
+    run(vm.tern().args(["tag", &vm.name, "before-change"]));
+    let at_tag = vm.dir.path().join("at-tag.img");
+    std::fs::copy(&vm.image, &at_tag).expect("copy");
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 6 3M 128k"]));
+    served.stop();
+    vm.ship_once();
+    (vm, at_tag)
+}
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).expect("json")
+}
+
+#[test]
+fn test_failover_from_a_point_and_from_the_latest_then_cleanup() {
+    let (vm, at_tag) = protected_vm_with_a_tag();
+    let cache = vm.dir.path().join("cache");
+    let target = vm.dir.path().join("target");
+    // --latest (the default) applies what the cache holds first: the newest write is in it.
+    let latest = json(&run(vm.tern().args(["failover", &vm.name, "--test", "--json"])));
+    assert_eq!(latest["name"], "test-1");
+    let disk = latest["disks"]["disk0"].as_str().expect("disk path").to_string();
+    assert_files_equal(std::path::Path::new(&disk), &vm.image);
+    let script = std::fs::read_to_string(format!("{}/launch.sh", latest["directory"].as_str().unwrap())).unwrap();
+    assert!(script.contains("-nic none") && script.contains(&disk), "{script}");
+    // From the app point: the disk as it was at the tag.
+    let points = vm.points(&target);
+    let app = points.iter().find(|p| p["kind"] == "app").expect("app point");
+    let from_tag = json(&run(vm.tern().args([
+        "failover",
+        &vm.name,
+        "--test",
+        "--point",
+        app["id"].as_str().unwrap(),
+        "--name",
+        "drill",
+        "--json",
+    ])));
+    let drill_disk = std::path::PathBuf::from(from_tag["disks"]["disk0"].as_str().unwrap());
+    assert_files_equal(&drill_disk, &at_tag);
+    // The test VM writes to its disk: the point and the replica do not change.
+    std::fs::write(&drill_disk, vec![0xab; 8 << 20]).expect("scribble");
+    let app_disk = std::path::PathBuf::from(app["disks"]["disk0"].as_str().unwrap());
+    assert_files_equal(&app_disk, &at_tag);
+    run(vm.tern().args(["verify", &vm.name]));
+    // Names are checked; cleanup removes exactly one.
+    let out = vm.tern().args(["failover", &vm.name, "--test", "--name", "drill"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("exists"));
+    run(vm.tern().args(["failover-cleanup", &vm.name, "drill"]));
+    assert!(!drill_disk.exists());
+    assert!(std::path::Path::new(&disk).exists(), "test-1 stays");
+    let out = vm.tern().args(["failover-cleanup", &vm.name, "nope"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no failover named 'nope'") && err.contains("test-1"), "{err}");
+    // A point that does not exist, and a real failover (not in this build).
+    let out = vm.tern().args(["failover", &vm.name, "--test", "--point", "999999"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no point '999999'"));
+    let out = vm.tern().args(["failover", &vm.name]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--test"));
+    let _ = cache;
+}
+
+#[test]
+fn verify_finds_a_single_flipped_byte() {
+    let (vm, _) = protected_vm_with_a_tag();
+    run(vm.tern().args(["failover", &vm.name, "--test"]));
+    run(vm.tern().args(["verify", &vm.name]));
+    let replica = vm.dir.path().join("target/vm1/replica/disk0.img");
+    let mut bytes = std::fs::read(&replica).expect("replica");
+    bytes[5 * 65536 + 1234] ^= 1;
+    std::fs::write(&replica, bytes).expect("flip");
+    let out = vm.tern().args(["verify", &vm.name]).output().expect("verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a flipped byte must fail verify");
+    assert!(text.contains(&format!("differs at {}..{}", 5 * 65536, 6 * 65536)), "{text}");
+    // A point is compared the same way, and is still intact.
+    let points = vm.points(&vm.dir.path().join("target"));
+    let newest = points.iter().max_by_key(|p| p["seq"].as_u64()).expect("a point");
+    run(vm.tern().args(["verify", &vm.name, "--point", newest["id"].as_str().unwrap()]));
+}
