@@ -44,6 +44,9 @@ pub enum Command {
     Apply(cmd::apply::Args),
     /// List a VM's recovery points at the target site.
     Points(cmd::points::Args),
+    /// What each protected VM's replication is doing; non-zero exit when
+    /// one is unhealthy.
+    Status(cmd::status::Args),
     /// Clone a VM's disks as of a recovery point into their own directory
     /// (`--test`: replication goes on untouched).
     Failover(cmd::failover::Args),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Failover(a) => cmd::failover::run(&cli, a),
         Command::FailoverCleanup(a) => cmd::failover::cleanup(&cli, a),
         Command::Verify(a) => cmd::verify::run(&cli, a),
+        Command::Status(a) => cmd::status::run(&cli, a),
         Command::Demo(a) => cmd::demo::run(&cli, a),
     };
     match result {

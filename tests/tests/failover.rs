@@ -90,3 +90,28 @@ fn verify_finds_a_single_flipped_byte() {
     let newest = points.iter().max_by_key(|p| p["seq"].as_u64()).expect("a point");
     run(vm.tern().args(["verify", &vm.name, "--point", newest["id"].as_str().unwrap()]));
 }
+
+#[test]
+fn status_tells_paused_from_protected_and_exits_non_zero_when_unhealthy() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 8 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    // Enabled, nothing shipped, no shipper: paused, unhealthy.
+    let out = vm.tern().args(["status", &vm.name, "--json"]).output().expect("status");
+    assert!(!out.status.success(), "a paused VM is unhealthy");
+    let s = &json(&String::from_utf8_lossy(&out.stdout))[0];
+    assert_eq!(s["state"], "paused", "{s}");
+    assert!(s["dirty_bytes"].as_u64().unwrap() > 0, "{s}");
+    for field in ["name", "state", "rpo_seconds", "journal_fill", "pending_bytes", "last_point_age_seconds"] {
+        assert!(s.get(field).is_some(), "status --json lacks {field}: {s}");
+    }
+    // Shipped and applied: protected, RPO 0, a point, healthy.
+    vm.ship_once();
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &vm.dir.path().join("target"), &[], &[]);
+    assert!(out.status.success());
+    let s = &json(&run(vm.tern().args(["status", "--json"])))[0];
+    assert_eq!(s["state"], "protected", "{s}");
+    assert_eq!(s["rpo_seconds"], 0.0, "{s}");
+    assert!(s["last_point_age_seconds"].as_f64().is_some(), "{s}");
+    let text = run(vm.tern().args(["status"]));
+    assert!(text.starts_with("vm1: protected · RPO 0s"), "{text}");
+}

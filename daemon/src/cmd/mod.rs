@@ -9,6 +9,7 @@ pub mod points;
 pub mod segment;
 pub mod serve;
 pub mod ship;
+pub mod status;
 pub mod tag;
 pub mod verify;
 
