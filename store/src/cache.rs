@@ -163,13 +163,7 @@ impl CacheDir {
     /// files are ignored.
     pub fn list_segments(&self) -> io::Result<Vec<(u64, u64, PathBuf)>> {
         let mut out = Vec::new();
-        let entries = match fs::read_dir(self.segments_dir()) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
+        for entry in crate::dir_entries(&self.segments_dir())? {
             if let Some((first, last)) = entry.file_name().to_str().and_then(segment::parse_file_name) {
                 out.push((first, last, entry.path()));
             }
@@ -186,13 +180,8 @@ impl CacheDir {
     /// Removes segments a crashed writer left half-written. Returns how many.
     pub fn remove_temporaries(&self) -> io::Result<usize> {
         let mut n = 0;
-        let entries = match fs::read_dir(self.segments_dir()) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let name = entry?.file_name();
+        for entry in crate::dir_entries(&self.segments_dir())? {
+            let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.starts_with('.') && name.ends_with(".tmp") {
                 fs::remove_file(self.segments_dir().join(&*name))?;

@@ -6,3 +6,12 @@ pub mod cache;
 pub mod hashes;
 pub mod segment;
 pub mod target;
+
+/// The entries of a directory; none if it does not exist (yet).
+pub(crate) fn dir_entries(dir: &std::path::Path) -> std::io::Result<Vec<std::fs::DirEntry>> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}

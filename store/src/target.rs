@@ -141,13 +141,7 @@ impl TargetDir {
     /// points.
     pub fn list_points(&self) -> io::Result<Vec<Point>> {
         let mut out = Vec::new();
-        let entries = match fs::read_dir(self.points_dir()) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
+        for entry in crate::dir_entries(&self.points_dir())? {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
                 continue;
@@ -165,13 +159,7 @@ impl TargetDir {
     /// Removes points a crashed applier left half-taken.
     pub fn remove_partial_points(&self) -> io::Result<usize> {
         let mut n = 0;
-        let entries = match fs::read_dir(self.points_dir()) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
+        for entry in crate::dir_entries(&self.points_dir())? {
             if entry.file_name().to_string_lossy().starts_with(".tmp-") {
                 fs::remove_dir_all(entry.path())?;
                 n += 1;
