@@ -6,7 +6,7 @@ use std::process::Command;
 use tern_system_tests::tern_bin;
 
 #[test]
-fn demo_runs_and_the_replica_and_the_app_point_match_the_source() {
+fn demo_runs_and_the_failover_disk_and_the_replica_match_the_source() {
     let out = Command::new(tern_bin())
         .args(["demo", "--disk-size", "64MiB", "--writes", "500"])
         .output()
@@ -15,6 +15,7 @@ fn demo_runs_and_the_replica_and_the_app_point_match_the_source() {
     assert!(out.status.success(), "tern demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("tern ship vm1 --once"), "{stdout}");
     assert!(stdout.contains("-app at seq"), "an app-consistent point at the tag: {stdout}");
-    assert!(stdout.contains("replica vs source disk: identical"), "{stdout}");
+    assert!(stdout.contains("tern failover vm1 --test --point"), "{stdout}");
     assert!(stdout.contains("vs the source at the tag: identical"), "{stdout}");
+    assert!(stdout.contains("tern verify vm1: replica vs source disk: identical"), "{stdout}");
 }

@@ -65,7 +65,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
             std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20)?;
         }
     }
-    println!("[1/6] made a {} disk image with 16 MiB of data: {}", a.disk_size, image.display());
+    println!("[1/7] made a {} disk image with 16 MiB of data: {}", a.disk_size, image.display());
 
     // 2. Protect it. The cache store and the target site are directories
     //    here; in production, mounts or shares.
@@ -85,7 +85,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
         },
     )?;
     println!(
-        "[2/6] tern enable vm1: journal {}, {} marked for the initial sync",
+        "[2/7] tern enable vm1: journal {}, {} marked for the initial sync",
         enabled.config.journal.size,
         Size(enabled.initial_sync_bytes.iter().sum())
     );
@@ -145,7 +145,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     server.disconnect_all();
     mirror.shutdown()?;
     println!(
-        "[3/6] tern serve vm1: {} writes ({}), {zeroes} zeroes, {trims} trims, a tag 'halfway' and a flush over NBD in {secs:.2}s ({:.0} MiB/s, one request at a time)",
+        "[3/7] tern serve vm1: {} writes ({}), {zeroes} zeroes, {trims} trims, a tag 'halfway' and a flush over NBD in {secs:.2}s ({:.0} MiB/s, one request at a time)",
         a.writes - zeroes - trims,
         Size(bytes).approx(),
         bytes as f64 / secs / (1 << 20) as f64
@@ -159,7 +159,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let stats = crate::ship::run(&paths, &options, stop)?;
     let r = stats.report(&Journal::open(&paths.journal())?);
     println!(
-        "[4/6] tern ship vm1 --once: the initial sync and every write, {} records in {} segments, {} compressed to {} (ratio {:.2}) in {:.2}s",
+        "[4/7] tern ship vm1 --once: the initial sync and every write, {} records in {} segments, {} compressed to {} (ratio {:.2}) in {:.2}s",
         r.records_shipped,
         r.segments_shipped,
         Size(r.bytes_in).approx(),
@@ -176,39 +176,65 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let target = tern_store::target::TargetDir::new(&dir.join("target"), "vm1");
     let points = target.list_points()?;
     println!(
-        "[5/6] tern apply --once: replica {} and {} recovery point(s) ({}) in {:.2}s",
+        "[5/7] tern apply --once: replica {} and {} recovery point(s) ({}) in {:.2}s",
         target.replica_path("disk0").display(),
         points.len(),
         points.iter().map(|p| format!("{} {} at seq {}", p.kind.name(), p.id, p.seq)).collect::<Vec<_>>().join(", "),
         started.elapsed().as_secs_f64()
     );
 
-    // 6. Check: the replica is the source; the app point is the source as
-    //    it was at the tag.
-    let source = std::fs::read(&image)?;
-    let replica_same = std::fs::read(target.replica_path("disk0"))? == source;
+    // 6. A test failover from the app point: its disk is the source as it
+    //    was at the tag, and replication is untouched.
     let app = points.iter().find(|p| p.kind == tern_store::target::PointKind::App);
-    let app_same = match app {
-        Some(p) => std::fs::read(target.point_dir(&p.id).join("disk0.img"))? == std::fs::read(&at_tag)?,
-        None => false,
-    };
     let verdict = |ok: bool| if ok { "identical, byte for byte" } else { "DIFFERENT" };
+    let (failover_same, failover_line) = match app {
+        Some(p) => {
+            let started = Instant::now();
+            let f = crate::cmd::failover::test_failover(
+                &dir.join("target"),
+                &dir.join("cache"),
+                "vm1",
+                Some(&p.id),
+                Some("drill"),
+            )?;
+            let disk = &f.disks[0].1;
+            let same = std::fs::read(disk)? == std::fs::read(&at_tag)?;
+            let line = format!(
+                "[6/7] tern failover vm1 --test --point {}: disk ready in {:.0?} ({}) at {}; vs the source at the tag: {}",
+                p.id,
+                started.elapsed(),
+                if f.copied { "copied: this filesystem cannot reflink" } else { "reflink" },
+                disk.display(),
+                verdict(same)
+            );
+            (same, line)
+        }
+        None => (false, "[6/7] no app-consistent point was taken at the tag: no test failover".to_string()),
+    };
+    println!("{failover_line}");
+
+    // 7. Verify: the replica against the source, region by region.
+    let sources = vec![("disk0".to_string(), image.clone())];
+    let replica_dir = target.replica_path("disk0").parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let differing: u64 = crate::cmd::verify::compare(&sources, &replica_dir, 64 << 10)?
+        .iter()
+        .flat_map(|(_, ranges)| ranges.iter().map(|(s, e)| e - s))
+        .sum();
+    let replica_same = differing == 0;
     println!(
-        "[6/6] replica vs source disk: {}; app point 'halfway' vs the source at the tag: {}",
-        verdict(replica_same),
-        verdict(app_same)
+        "[7/7] tern verify vm1: replica vs source disk: {}",
+        if replica_same { "identical".to_string() } else { format!("{} DIFFER", Size(differing).approx()) }
     );
-    let same = replica_same && app_same;
+    let same = replica_same && failover_same;
     println!();
-    println!("Not in this build yet: failover, commit, re-protect, failback, verify and status.");
-    println!("Those steps join this demo as they land.");
+    println!("Not in this build yet: a real failover (fencing), commit, re-protect and failback.");
     if let Some(t) = tmp {
         drop(t);
     } else {
         println!("kept {}", dir.display());
     }
     if !same {
-        bail!("the replica or the app-consistent point does not match the source");
+        bail!("the replica or the test failover's disk does not match the source");
     }
     Ok(())
 }

@@ -67,6 +67,17 @@ fn sites(cli: &Cli, vm: &str, target: Option<&Path>, cache: Option<&Path>) -> Re
     Ok((target, cache))
 }
 
+/// A test failover made by [`test_failover`].
+pub struct TestFailover {
+    pub name: String,
+    pub dir: PathBuf,
+    pub point: Point,
+    /// Disk name → the failover's image of it.
+    pub disks: Vec<(String, PathBuf)>,
+    /// The target could not reflink: the disks are full copies.
+    pub copied: bool,
+}
+
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     if !a.test {
         bail!(
@@ -75,35 +86,69 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         );
     }
     let (target_root, cache_root) = sites(cli, &a.vm, a.target.as_deref(), a.cache.as_deref())?;
-    let target = TargetDir::new(&target_root, &a.vm);
-    if a.point.is_some() && !target.root().is_dir() {
-        bail!("{} does not exist: VM '{}' has no replica at this target site", target.root().display(), a.vm);
-    }
     let started = Instant::now();
-    let point = match &a.point {
+    let f = test_failover(&target_root, &cache_root, &a.vm, a.point.as_deref(), a.name.as_deref())?;
+    let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(f.point.time_ns));
+    if a.json {
+        let disks: serde_json::Map<String, serde_json::Value> =
+            f.disks.iter().map(|(n, p)| (n.clone(), p.display().to_string().into())).collect();
+        let out = serde_json::json!({
+            "name": f.name, "directory": f.dir.display().to_string(), "point": f.point.id, "seq": f.point.seq,
+            "time": time.to_string(), "test": true, "disks": disks,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "test failover '{}' of VM '{}' from {} point {} (seq {}, {time}) ready in {:.2?}{}: {}",
+            f.name,
+            a.vm,
+            f.point.kind.name(),
+            f.point.id,
+            f.point.seq,
+            started.elapsed(),
+            if f.copied { " (copied: the target cannot reflink)" } else { "" },
+            f.dir.display()
+        );
+        println!("start it with {} (no network: isolated from production)", f.dir.join("launch.sh").display());
+        println!("remove it with `tern failover-cleanup {} {}`", a.vm, f.name);
+    }
+    Ok(())
+}
+
+/// Clones a point's disks (`point`, or the latest: see `latest_point`) into
+/// `<target>/<vm>/failover/<name>/` with a launch script. Replication is
+/// not touched.
+pub fn test_failover(
+    target_root: &Path,
+    cache_root: &Path,
+    vm: &str,
+    point: Option<&str>,
+    name: Option<&str>,
+) -> Result<TestFailover> {
+    let target = TargetDir::new(target_root, vm);
+    if point.is_some() && !target.root().is_dir() {
+        bail!("{} does not exist: VM '{vm}' has no replica at this target site", target.root().display());
+    }
+    let point = match point {
         Some(id) => target
             .list_points()?
             .into_iter()
-            .find(|p| &p.id == id)
-            .with_context(|| format!("VM '{}' has no point '{id}'; `tern points {}` lists them", a.vm, a.vm))?,
-        None => latest_point(&cache_root, &target_root, &target, &a.vm)?,
+            .find(|p| p.id == id)
+            .with_context(|| format!("VM '{vm}' has no point '{id}'; `tern points {vm}` lists them"))?,
+        None => latest_point(cache_root, target_root, &target, vm)?,
     };
     let failovers = target.root().join("failover");
     std::fs::create_dir_all(&failovers).with_context(|| format!("cannot create {}", failovers.display()))?;
-    let name = match &a.name {
+    let name = match name {
         Some(n) => {
             validate_name("failover", n)?;
-            n.clone()
+            n.to_owned()
         }
         None => (1..).map(|i| format!("test-{i}")).find(|n| !failovers.join(n).exists()).expect("a free name"),
     };
     let dir = failovers.join(&name);
     if dir.exists() {
-        bail!(
-            "{} exists: pick another --name, or remove it with `tern failover-cleanup {} {name}`",
-            dir.display(),
-            a.vm
-        );
+        bail!("{} exists: pick another --name, or remove it with `tern failover-cleanup {vm} {name}`", dir.display());
     }
     let tmp = failovers.join(format!(".tmp-{name}"));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -111,15 +156,13 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let mut disks = Vec::new();
     let mut copied = false;
     for (disk, file) in &point.disks {
-        let path = tmp.join(file);
-        copied |= clone_file(&target.point_dir(&point.id).join(file), &path)? == CloneMethod::Copy;
+        copied |= clone_file(&target.point_dir(&point.id).join(file), &tmp.join(file))? == CloneMethod::Copy;
         disks.push((disk.clone(), dir.join(file)));
     }
-    std::fs::write(tmp.join("launch.sh"), launch_script(&a.vm, &disks))?;
+    std::fs::write(tmp.join("launch.sh"), launch_script(vm, &disks))?;
     set_executable(&tmp.join("launch.sh"))?;
     let info = format!(
-        "version = 1\nvm = \"{}\"\npoint = \"{}\"\nseq = {}\nkind = \"{}\"\ntest = true\n",
-        a.vm,
+        "version = 1\nvm = \"{vm}\"\npoint = \"{}\"\nseq = {}\nkind = \"{}\"\ntest = true\n",
         point.id,
         point.seq,
         point.kind.name()
@@ -127,30 +170,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     tern_driver::vm::write_durably(&tmp.join("failover.toml"), info.as_bytes())?;
     std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
     tern_driver::vm::sync_dir(&failovers)?;
-    let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(point.time_ns));
-    if a.json {
-        let disks: serde_json::Map<String, serde_json::Value> =
-            disks.iter().map(|(n, p)| (n.clone(), p.display().to_string().into())).collect();
-        let out = serde_json::json!({
-            "name": name, "directory": dir.display().to_string(), "point": point.id, "seq": point.seq,
-            "time": time.to_string(), "test": true, "disks": disks,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!(
-            "test failover '{name}' of VM '{}' from {} point {} (seq {}, {time}) ready in {:.2?}{}: {}",
-            a.vm,
-            point.kind.name(),
-            point.id,
-            point.seq,
-            started.elapsed(),
-            if copied { " (copied: the target cannot reflink)" } else { "" },
-            dir.display()
-        );
-        println!("start it with {} (no network: isolated from production)", dir.join("launch.sh").display());
-        println!("remove it with `tern failover-cleanup {} {name}`", a.vm);
-    }
-    Ok(())
+    Ok(TestFailover { name, dir, point, disks, copied })
 }
 
 /// `--latest`: catch up with the cache and point there; if `tern apply`

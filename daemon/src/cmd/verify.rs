@@ -1,7 +1,7 @@
 //! `tern verify`: source disks against the replica (or a point), region by
 //! region, by hash.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tern_driver::image::Image;
@@ -44,31 +44,15 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         }
         None => ("the replica".to_string(), target.replica_path("x").parent().map(PathBuf::from).unwrap_or_default()),
     };
+    let sources: Vec<(String, PathBuf)> = config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
     let mut differing = 0u64;
-    for d in &config.disks {
-        let source = Image::open_read_only(&d.path)?;
-        let copy_path = dir.join(format!("{}.img", d.name));
-        let copy = Image::open_read_only(&copy_path).with_context(|| format!("disk '{}' of {what}", d.name))?;
-        if copy.size() != source.size() {
-            bail!("disk '{}': {} is {} bytes, the source {}", d.name, copy_path.display(), copy.size(), source.size());
-        }
-        let (a_h, b_h) = (region_hashes(&source, region)?, region_hashes(&copy, region)?);
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for (i, (x, y)) in a_h.iter().zip(&b_h).enumerate() {
-            if x != y {
-                let (start, end) = (i as u64 * region, ((i as u64 + 1) * region).min(source.size()));
-                match ranges.last_mut() {
-                    Some(r) if r.1 == start => r.1 = end,
-                    _ => ranges.push((start, end)),
-                }
-            }
-        }
+    for (disk, ranges) in compare(&sources, &dir, region).with_context(|| format!("comparing with {what}"))? {
         for (start, end) in &ranges {
-            println!("disk {}: differs at {start}..{end} ({})", d.name, Size(end - start).approx());
+            println!("disk {disk}: differs at {start}..{end} ({})", Size(end - start).approx());
             differing += end - start;
         }
         if ranges.is_empty() {
-            println!("disk {}: identical ({} regions of {})", d.name, a_h.len(), Size(region));
+            println!("disk {disk}: identical (regions of {})", Size(region));
         }
     }
     if differing > 0 {
@@ -80,4 +64,29 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
     println!("VM '{}': source and {what} are identical", a.vm);
     Ok(())
+}
+
+/// Compares each source disk with `<dir>/<disk>.img`, region by region, by
+/// XXH3-128; returns each disk's differing ranges, merged.
+pub fn compare(sources: &[(String, PathBuf)], dir: &Path, region: u64) -> Result<Vec<(String, Vec<(u64, u64)>)>> {
+    let mut out = Vec::new();
+    for (name, path) in sources {
+        let source = Image::open_read_only(path)?;
+        let copy_path = dir.join(format!("{name}.img"));
+        let copy = Image::open_read_only(&copy_path)?;
+        if copy.size() != source.size() {
+            bail!("disk '{name}': {} is {} bytes, the source {}", copy_path.display(), copy.size(), source.size());
+        }
+        let (a, b) = (region_hashes(&source, region)?, region_hashes(&copy, region)?);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (i, _) in a.iter().zip(&b).enumerate().filter(|(_, (x, y))| x != y) {
+            let (start, end) = (i as u64 * region, ((i as u64 + 1) * region).min(source.size()));
+            match ranges.last_mut() {
+                Some(r) if r.1 == start => r.1 = end,
+                _ => ranges.push((start, end)),
+            }
+        }
+        out.push((name.clone(), ranges));
+    }
+    Ok(out)
 }
