@@ -66,9 +66,12 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// A disk's name and its differing byte ranges `[start, end)`, merged.
+pub type DiskDifferences = (String, Vec<(u64, u64)>);
+
 /// Compares each source disk with `<dir>/<disk>.img`, region by region, by
-/// XXH3-128; returns each disk's differing ranges, merged.
-pub fn compare(sources: &[(String, PathBuf)], dir: &Path, region: u64) -> Result<Vec<(String, Vec<(u64, u64)>)>> {
+/// XXH3-128.
+pub fn compare(sources: &[(String, PathBuf)], dir: &Path, region: u64) -> Result<Vec<DiskDifferences>> {
     let mut out = Vec::new();
     for (name, path) in sources {
         let source = Image::open_read_only(path)?;
