@@ -27,6 +27,9 @@ cargo test --release --workspace 2>&1 | tee "$results"
 passed=$(awk '/^test result:/ { n += $4 } END { print n + 0 }' "$results")
 failed=$(awk '/^test result:/ { n += $6 } END { print n + 0 }' "$results")
 
+step "systemd units (systemd-analyze verify)"
+scripts/check-units.sh
+
 step "a real VM on tern's NBD export (qemu, Debian's 6.12 kernel)"
 scripts/vm-test.sh
 
