@@ -14,6 +14,8 @@ PACKAGES=(
     util-linux      # losetup
     zstd            # and its CLI, the peer in scripts/bench-ship.sh
     python3         # the benchmarks' summaries (stdlib only)
+    systemd         # systemd-analyze, to verify the unit files
+    e2fsprogs       # filefrag (scripts/bench-apply.sh)
 )
 
 missing=()
