@@ -9,13 +9,12 @@ PACKAGES=(
     libnbd-bin      # nbdinfo, nbdcopy, nbdfuse, nbdsh
     python3-libnbd
     fio             # with the nbd engine
-    e2fsprogs btrfs-progs xfsprogs
+    e2fsprogs btrfs-progs xfsprogs   # mkfs, filefrag
     fuse3           # nbdfuse needs fusermount3
     util-linux      # losetup
     zstd            # and its CLI, the peer in scripts/bench-ship.sh
     python3         # the benchmarks' summaries (stdlib only)
     systemd         # systemd-analyze, to verify the unit files
-    e2fsprogs       # filefrag (scripts/bench-apply.sh)
 )
 
 missing=()
