@@ -50,6 +50,8 @@ pub enum Command {
     /// Clone a VM's disks as of a recovery point into their own directory
     /// (`--test`: replication goes on untouched).
     Failover(cmd::failover::Args),
+    /// Make a failover final: no other point may be chosen any more.
+    Commit(cmd::failover::CommitArgs),
     /// Remove a test failover's directory.
     FailoverCleanup(cmd::failover::CleanupArgs),
     /// Compare source disks with the replica or a point, by block hashes.
@@ -90,6 +92,7 @@ fn main() -> ExitCode {
         Command::Points(a) => cmd::points::run(&cli, a),
         Command::Failover(a) => cmd::failover::run(&cli, a),
         Command::FailoverCleanup(a) => cmd::failover::cleanup(&cli, a),
+        Command::Commit(a) => cmd::failover::commit(&cli, a),
         Command::Verify(a) => cmd::verify::run(&cli, a),
         Command::Status(a) => cmd::status::run(&cli, a),
         Command::Demo(a) => cmd::demo::run(&cli, a),
@@ -99,6 +102,10 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: what happened, through every cause.
             eprintln!("tern: error: {e:#}");
+            if e.chain().any(|c| c.downcast_ref::<ship::Fenced>().is_some()) {
+                // systemd: RestartPreventExitStatus=3, a fenced shipper stays down.
+                return ExitCode::from(3);
+            }
             ExitCode::FAILURE
         }
     }

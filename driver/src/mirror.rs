@@ -204,23 +204,34 @@ impl Mirror {
     /// the images, in order, so every record is in the image.
     fn recover_after_process_crash(&mut self) -> Result<()> {
         let (head, tail) = (self.journal.head(), self.journal.tail());
-        // In overflow mode, writes after the overflow went to the images
-        // and the bitmaps only: replaying older records over them would
-        // roll them back. Mark the records' ranges dirty instead; the
-        // resync re-reads the images, which are the truth there.
-        let overflow = self.journal.mode() == Mode::Overflow;
+        // Records published before the last overflow may be older than
+        // writes that then went to the images and the bitmaps only (the
+        // ring may have left overflow since, with those records still
+        // unconsumed): replaying them would roll such writes back. Mark
+        // their ranges dirty instead; the resync re-reads the images, which
+        // are the truth there. Records from the overflow's end on are newer
+        // than every bitmap-only write and are re-applied.
+        let mark_below = match self.journal.mode() {
+            Mode::Overflow => u64::MAX,
+            Mode::Journal if self.journal.overflow_seq() > tail.seq => self.journal.overflow_seq(),
+            Mode::Journal => 0,
+        };
         log::info!(
-            "VM '{}': recovering after an unclean stop: {} journal positions {}..{} (seqs {}..{})",
+            "VM '{}': recovering after an unclean stop: journal positions {}..{} (seqs {}..{}); re-applying to the source images{}",
             self.config.name,
-            if overflow { "marking dirty the ranges of" } else { "re-applying to the source images" },
             tail.pos,
             head.pos,
             tail.seq,
-            head.seq
+            head.seq,
+            if mark_below > tail.seq {
+                format!(" from seq {}, marking dirty the ranges of older records (an overflow came after them)", mark_below.min(head.seq))
+            } else {
+                String::new()
+            }
         );
         let disks = &self.disks;
         let report = self.journal.recover(|h, data| {
-            if !overflow {
+            if h.seq >= mark_below {
                 return apply_record(disks, h, data);
             }
             if h.kind.changes_disk() {
@@ -233,10 +244,9 @@ impl Mirror {
             d.image.sync_data()?;
         }
         log::info!(
-            "VM '{}': recovery done: {} records {}, {} holes padded ({} sequence numbers never published), {} torn records",
+            "VM '{}': recovery done: {} records re-applied or marked dirty, {} holes padded ({} sequence numbers never published), {} torn records",
             self.config.name,
             report.records,
-            if overflow { "marked dirty" } else { "re-applied" },
             report.holes,
             report.lost_seqs,
             report.torn

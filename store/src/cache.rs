@@ -114,6 +114,23 @@ pub struct Applied {
     pub updated_unix_ms: u64,
 }
 
+/// `<cache>/<vm>/fence.toml`: the VM failed over at the target site. The
+/// source stops shipping when it sees it, and the applier applies nothing
+/// more for the VM: the failed-over disks are the VM now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Fence {
+    pub version: u32,
+    /// The epoch the failed-over VM starts (the source's epochs are older).
+    pub epoch: u64,
+    /// The point the VM failed over to.
+    pub point: String,
+    pub seq: u64,
+    pub failed_over_unix_ms: u64,
+    /// `tern commit` was run: no other point may be chosen any more.
+    pub committed: bool,
+}
+
 /// One VM's directory in the cache store.
 #[derive(Debug, Clone)]
 pub struct CacheDir {
@@ -131,6 +148,20 @@ impl CacheDir {
 
     pub fn manifest_path(&self) -> PathBuf {
         self.root.join("manifest.toml")
+    }
+
+    pub fn fence_path(&self) -> PathBuf {
+        self.root.join("fence.toml")
+    }
+
+    /// The fence, if the VM failed over.
+    pub fn read_fence(&self) -> io::Result<Option<Result<Fence, String>>> {
+        let path = self.fence_path();
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn applied_path(&self) -> PathBuf {

@@ -106,8 +106,10 @@ pub fn catch_up_and_point(cache: &Path, target: &Path, vm: &str) -> Result<Point
     let options = ApplyOptions { once: true, keep_segments: false };
     let mut applier = VmApplier::open(cache, target, vm, &options)?
         .with_context(|| format!("the cache {} holds nothing for VM '{vm}'", cache.display()))?;
+    // One pass: what the cache holds now (a source still shipping must not
+    // keep the failover waiting).
     let stop = AtomicBool::new(false);
-    while applier.step(&stop)? > 0 {}
+    applier.step(&stop)?;
     let cur = applier.cur.clone();
     if cur.in_window {
         bail!(
@@ -241,6 +243,11 @@ impl VmApplier {
     /// written (each byte's last version, in offset order), fsynced and
     /// checkpointed. App points flush it first.
     fn step(&mut self, stop: &AtomicBool) -> Result<usize> {
+        if self.cache.read_fence()?.is_some() {
+            // Failed over: the failed-over disks are the VM now, and
+            // whatever the old source still ships is not applied.
+            return Ok(0);
+        }
         let mut applied = 0;
         for (first, last, path) in self.cache.list_segments()? {
             if last <= self.cur.applied_seq {

@@ -190,12 +190,13 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let (failover_same, failover_line) = match app {
         Some(p) => {
             let started = Instant::now();
-            let f = crate::cmd::failover::test_failover(
+            let f = crate::cmd::failover::make_failover(
                 &dir.join("target"),
                 &dir.join("cache"),
                 "vm1",
                 Some(&p.id),
                 Some("drill"),
+                true,
             )?;
             let disk = &f.disks[0].1;
             let same = std::fs::read(disk)? == std::fs::read(&at_tag)?;

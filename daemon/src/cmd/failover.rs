@@ -3,11 +3,12 @@
 //! while replication goes on untouched.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use tern_driver::clone::{clone_file, CloneMethod};
 use tern_driver::vm::{validate_name, VmPaths};
+use tern_store::cache::{CacheDir, Fence};
 use tern_store::target::{Point, TargetDir};
 
 use crate::Cli;
@@ -16,6 +17,8 @@ use crate::Cli;
 pub struct Args {
     pub vm: String,
     /// A test failover: an isolated copy; replication is not touched.
+    /// Without it: fence the source off (it stops shipping), and run the VM
+    /// from the point until `tern commit`.
     #[arg(long)]
     pub test: bool,
     /// The recovery point (an id from `tern points`).
@@ -37,6 +40,44 @@ pub struct Args {
     /// Print the failover's name, directory and disks as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Start the failed-over VM with qemu (its launch.sh; console in
+    /// console.log).
+    #[arg(long)]
+    pub boot: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CommitArgs {
+    pub vm: String,
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    #[arg(long)]
+    pub target: Option<PathBuf>,
+}
+
+/// `tern commit`: the failover stands; no other point may be chosen.
+pub fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
+    let (target_root, cache_root) = sites(cli, &a.vm, a.target.as_deref(), a.cache.as_deref())?;
+    let cache = CacheDir::new(&cache_root, &a.vm);
+    let Some(fence) = cache.read_fence()? else {
+        bail!("VM '{}' has not failed over: there is nothing to commit (`tern failover {}` first)", a.vm, a.vm);
+    };
+    let mut fence = fence.map_err(anyhow::Error::msg)?;
+    if fence.committed {
+        println!("VM '{}': the failover to point {} was already committed", a.vm, fence.point);
+        return Ok(());
+    }
+    fence.committed = true;
+    tern_driver::vm::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
+    let dir = TargetDir::new(&target_root, &a.vm).root().join("failover").join("active");
+    println!(
+        "VM '{}': failover to point {} (seq {}) committed; it runs from {}; re-protect it to replicate it back",
+        a.vm,
+        fence.point,
+        fence.seq,
+        dir.display()
+    );
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,8 +108,8 @@ fn sites(cli: &Cli, vm: &str, target: Option<&Path>, cache: Option<&Path>) -> Re
     Ok((target, cache))
 }
 
-/// A test failover made by [`test_failover`].
-pub struct TestFailover {
+/// A failover's directory, made by [`make_failover`].
+pub struct Failover {
     pub name: String,
     pub dir: PathBuf,
     pub point: Point,
@@ -79,27 +120,44 @@ pub struct TestFailover {
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
-    if !a.test {
-        bail!(
-            "a real failover (fencing the source, then commit) is not in this build yet; `tern failover {} --test` gives you the VM's disks at a point without touching replication",
-            a.vm
-        );
-    }
     let (target_root, cache_root) = sites(cli, &a.vm, a.target.as_deref(), a.cache.as_deref())?;
     let started = Instant::now();
-    let f = test_failover(&target_root, &cache_root, &a.vm, a.point.as_deref(), a.name.as_deref())?;
+    let f = if a.test {
+        make_failover(&target_root, &cache_root, &a.vm, a.point.as_deref(), a.name.as_deref(), true)?
+    } else {
+        real_failover(&target_root, &cache_root, a)?
+    };
+    if a.boot {
+        let log = f.dir.join("console.log");
+        let console = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = std::process::Command::new(f.dir.join("launch.sh"))
+            .stdin(std::process::Stdio::null())
+            .stdout(console.try_clone()?)
+            .stderr(console)
+            .spawn()
+            .with_context(|| format!("cannot start {}", f.dir.join("launch.sh").display()))?;
+        std::fs::write(f.dir.join("qemu.pid"), format!("{}\n", child.id()))?;
+        log::info!(
+            "VM '{}' booting from {} (qemu pid {}, console in {})",
+            a.vm,
+            f.dir.display(),
+            child.id(),
+            log.display()
+        );
+    }
     let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(f.point.time_ns));
     if a.json {
         let disks: serde_json::Map<String, serde_json::Value> =
             f.disks.iter().map(|(n, p)| (n.clone(), p.display().to_string().into())).collect();
         let out = serde_json::json!({
             "name": f.name, "directory": f.dir.display().to_string(), "point": f.point.id, "seq": f.point.seq,
-            "time": time.to_string(), "test": true, "disks": disks,
+            "time": time.to_string(), "test": a.test, "disks": disks,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "test failover '{}' of VM '{}' from {} point {} (seq {}, {time}) ready in {:.2?}{}: {}",
+            "{} '{}' of VM '{}' from {} point {} (seq {}, {time}) ready in {:.2?}{}: {}",
+            if a.test { "test failover" } else { "failover" },
             f.name,
             a.vm,
             f.point.kind.name(),
@@ -109,34 +167,96 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             if f.copied { " (copied: the target cannot reflink)" } else { "" },
             f.dir.display()
         );
-        println!("start it with {} (no network: isolated from production)", f.dir.join("launch.sh").display());
-        println!("remove it with `tern failover-cleanup {} {}`", a.vm, f.name);
+        if a.test {
+            println!("start it with {} (no network: isolated from production)", f.dir.join("launch.sh").display());
+            println!("remove it with `tern failover-cleanup {} {}`", a.vm, f.name);
+        } else {
+            println!(
+                "the source is fenced (it ships nothing more); check the VM, then `tern commit {}` — until then `tern failover {}` may pick another point",
+                a.vm, a.vm
+            );
+        }
     }
     Ok(())
 }
 
+/// The real failover: fence the source off through the cache (it stops
+/// shipping, and the applier applies nothing more for the VM), then clone
+/// the point into `failover/active/`. Before `tern commit`, running it again
+/// replaces that directory with another point's disks.
+fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Failover> {
+    let vm = a.vm.as_str();
+    let cache = CacheDir::new(cache_root, vm);
+    let previous = cache.read_fence()?.transpose().map_err(anyhow::Error::msg)?;
+    if let Some(f) = &previous {
+        if f.committed {
+            bail!(
+                "VM '{vm}' failed over to point {} and that was committed: it runs from the target now; re-protect it to replicate it back",
+                f.point
+            );
+        }
+    }
+    let manifest = cache
+        .read_manifest()?
+        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped here", cache.root().display()))?
+        .map_err(anyhow::Error::msg)?;
+    let target = TargetDir::new(target_root, vm);
+    // Choose (for --latest: catch up and point) before fencing, so the
+    // point holds everything the cache had.
+    let point = choose_point(&target, cache_root, target_root, vm, a.point.as_deref())?;
+    let fence = Fence {
+        version: 1,
+        epoch: previous.as_ref().map_or(manifest.epoch().number + 1, |f| f.epoch),
+        point: point.id.clone(),
+        seq: point.seq,
+        failed_over_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        committed: false,
+    };
+    tern_driver::vm::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
+    let active = target.root().join("failover").join("active");
+    if active.exists() {
+        log::warn!(
+            "VM '{vm}': replacing the uncommitted failover in {} (its disks' changes are discarded)",
+            active.display()
+        );
+        std::fs::remove_dir_all(&active).with_context(|| format!("cannot remove {}", active.display()))?;
+    }
+    make_failover(target_root, cache_root, vm, Some(&point.id), Some("active"), false)
+}
+
+fn choose_point(
+    target: &TargetDir,
+    cache_root: &Path,
+    target_root: &Path,
+    vm: &str,
+    point: Option<&str>,
+) -> Result<Point> {
+    match point {
+        Some(id) => target
+            .list_points()?
+            .into_iter()
+            .find(|p| p.id == id)
+            .with_context(|| format!("VM '{vm}' has no point '{id}'; `tern points {vm}` lists them")),
+        None => latest_point(cache_root, target_root, target, vm),
+    }
+}
+
 /// Clones a point's disks (`point`, or the latest: see `latest_point`) into
-/// `<target>/<vm>/failover/<name>/` with a launch script. Replication is
-/// not touched.
-pub fn test_failover(
+/// `<target>/<vm>/failover/<name>/` with a launch script. A test failover
+/// leaves replication untouched.
+pub fn make_failover(
     target_root: &Path,
     cache_root: &Path,
     vm: &str,
     point: Option<&str>,
     name: Option<&str>,
-) -> Result<TestFailover> {
+    test: bool,
+) -> Result<Failover> {
     let target = TargetDir::new(target_root, vm);
     if point.is_some() && !target.root().is_dir() {
         bail!("{} does not exist: VM '{vm}' has no replica at this target site", target.root().display());
     }
-    let point = match point {
-        Some(id) => target
-            .list_points()?
-            .into_iter()
-            .find(|p| p.id == id)
-            .with_context(|| format!("VM '{vm}' has no point '{id}'; `tern points {vm}` lists them"))?,
-        None => latest_point(cache_root, target_root, &target, vm)?,
-    };
+    let point = choose_point(&target, cache_root, target_root, vm, point)?;
     let failovers = target.root().join("failover");
     std::fs::create_dir_all(&failovers).with_context(|| format!("cannot create {}", failovers.display()))?;
     let name = match name {
@@ -146,6 +266,9 @@ pub fn test_failover(
         }
         None => (1..).map(|i| format!("test-{i}")).find(|n| !failovers.join(n).exists()).expect("a free name"),
     };
+    if test && name == "active" {
+        bail!("'active' is the name of the real failover's directory; pick another --name");
+    }
     let dir = failovers.join(&name);
     if dir.exists() {
         bail!("{} exists: pick another --name, or remove it with `tern failover-cleanup {vm} {name}`", dir.display());
@@ -162,7 +285,7 @@ pub fn test_failover(
     std::fs::write(tmp.join("launch.sh"), launch_script(vm, &disks))?;
     set_executable(&tmp.join("launch.sh"))?;
     let info = format!(
-        "version = 1\nvm = \"{vm}\"\npoint = \"{}\"\nseq = {}\nkind = \"{}\"\ntest = true\n",
+        "version = 1\nvm = \"{vm}\"\npoint = \"{}\"\nseq = {}\nkind = \"{}\"\ntest = {test}\n",
         point.id,
         point.seq,
         point.kind.name()
@@ -170,7 +293,7 @@ pub fn test_failover(
     tern_driver::vm::write_durably(&tmp.join("failover.toml"), info.as_bytes())?;
     std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
     tern_driver::vm::sync_dir(&failovers)?;
-    Ok(TestFailover { name, dir, point, disks, copied })
+    Ok(Failover { name, dir, point, disks, copied })
 }
 
 /// `--latest`: catch up with the cache and point there; if `tern apply`
@@ -223,6 +346,10 @@ pub fn cleanup(cli: &Cli, a: &CleanupArgs) -> Result<()> {
             failovers.display(),
             if existing.is_empty() { "none".to_string() } else { existing.join(", ") }
         );
+    }
+    let info = std::fs::read_to_string(dir.join("failover.toml")).unwrap_or_default();
+    if info.lines().any(|l| l.trim() == "test = false") {
+        bail!("'{}' is VM '{}''s real failover, not a test: it is not removed by failover-cleanup", a.name, a.vm);
     }
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     println!("removed test failover '{}' of VM '{}' ({})", a.name, a.vm, dir.display());

@@ -31,7 +31,8 @@ pub struct Args {
 #[derive(Debug, Serialize)]
 pub struct VmStatus {
     pub name: String,
-    /// initial-sync, protected, resyncing, paused, error.
+    /// initial-sync, protected, test-failover, resyncing, paused, error,
+    /// failed-over(-uncommitted).
     pub state: String,
     /// Source time of the newest journaled write minus that of the newest
     /// applied one; 0 when everything journaled is applied. An upper bound
@@ -99,7 +100,14 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig) -> Result<VmStatus> {
     });
     let cache_failing = ship.as_ref().and_then(|s| s["cache_failing"].as_str().map(str::to_owned));
     let in_window = journal.window_open() || dirty_bytes > 0 || journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
-    let state = if cache_failing.is_some() {
+    let fenced = cache.read_fence().ok().flatten().and_then(Result::ok);
+    let state = if let Some(f) = &fenced {
+        if f.committed {
+            "failed-over"
+        } else {
+            "failed-over-uncommitted"
+        }
+    } else if cache_failing.is_some() {
         "error"
     } else if !ship_running && last_seq > tail.seq.saturating_sub(1) {
         "paused"
@@ -107,6 +115,8 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig) -> Result<VmStatus> {
         "initial-sync"
     } else if in_window || journal.mode() == Mode::Overflow {
         "resyncing"
+    } else if test_failovers > 0 {
+        "test-failover"
     } else {
         "protected"
     };

@@ -32,6 +32,7 @@ use tern_store::cache::{CacheDir, Epoch, Manifest};
 use tern_store::segment::{self, Compression, Encoder, SegmentBuilder, SegmentHeader};
 
 pub use stats::Stats;
+pub use writer::Fenced;
 
 /// How a ship run behaves.
 #[derive(Debug, Clone)]
@@ -91,6 +92,7 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
     }
     let cache = CacheDir::new(&config.cache, &vm);
     let stats = Arc::new(Stats::new(paths.dir().join("ship.json")));
+    writer::check_fence(&cache)?;
     let resume = resume(&config, &cache, &journal, &stats, &stop)?;
     let writer =
         writer::CacheWriter::new(cache.clone(), resume.manifest.clone(), Arc::clone(&stats), Arc::clone(&stop));
@@ -147,7 +149,9 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
         let reading = read_batches(&config, &journal, &bitmaps, &resume, options, &shared, to_workers);
         reader_done.store(true, Ordering::Release);
         let written = writing.join().map_err(|_| anyhow::anyhow!("the segment writer panicked"))?;
-        reading.and(written)
+        // A writer that stopped (fenced, or asked to stop mid-retry) is the
+        // cause of the reader's "workers stopped": report it first.
+        written.and(reading)
     })?;
     stats.publish(&journal);
     Ok(stats)

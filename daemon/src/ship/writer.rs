@@ -36,6 +36,7 @@ impl CacheWriter {
     /// Writes one segment durably, retrying with backoff until it is done
     /// or the process is asked to stop.
     pub fn write_segment(&self, header: &SegmentHeader, bytes: &[u8]) -> Result<()> {
+        check_fence(&self.cache)?;
         let what = format!("write segment {}", self.cache.segment_path(header.first_seq, header.last_seq).display());
         retrying(&what, &self.stats, &self.stop, || {
             // The manifest goes first: a cache emptied by an operator (or a
@@ -46,6 +47,25 @@ impl CacheWriter {
             write_segment_once(&self.cache, header, bytes)
         })
     }
+}
+
+/// The error `tern ship` stops with when the VM failed over at the target.
+#[derive(Debug, thiserror::Error)]
+#[error("VM '{vm}' failed over at the target site to point {point} (seq {seq}): this source is fenced and ships nothing more; stop `tern serve {vm}` and `tern ship {vm}`, and re-protect from the target")]
+pub struct Fenced {
+    pub vm: String,
+    pub point: String,
+    pub seq: u64,
+}
+
+/// Fails with [`Fenced`] if the target fenced this VM off.
+pub fn check_fence(cache: &CacheDir) -> Result<()> {
+    if let Some(fence) = cache.read_fence()? {
+        let fence = fence.map_err(anyhow::Error::msg)?;
+        let vm = cache.root().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        return Err(Fenced { vm, point: fence.point, seq: fence.seq }.into());
+    }
+    Ok(())
 }
 
 /// Runs `attempt` until it succeeds, backing off from 100 ms to 10 s,

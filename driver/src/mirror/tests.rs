@@ -408,3 +408,29 @@ fn resync_racing_writers_on_several_threads_converges_to_the_source() {
     drop(replica);
     assert_same_file(&s.image, &s.original);
 }
+
+#[test]
+fn crash_after_leaving_overflow_never_rolls_back_a_bitmap_only_write() {
+    let s = setup(4 << 20, 64 << 10, 16 << 10);
+    {
+        let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+        // A, journaled; then a write too big for the free ring: overflow
+        // with the ring nearly empty, A still unconsumed.
+        m.write(0, 1 << 20, &[1; 4096], false).unwrap();
+        m.write(0, 0, &vec![7; 62 << 10], false).unwrap();
+        assert_eq!(m.journal().mode(), Mode::Overflow);
+        // B over A, acknowledged and flushed: in the image and the bitmap only.
+        m.write(0, 1 << 20, &[2; 4096], false).unwrap();
+        m.flush(0).unwrap();
+        // The resync leaves overflow (the ring is far from full) and
+        // re-sends one run — not B's region — before the process dies.
+        assert!(matches!(m.resync_step(1).unwrap(), ResyncStep::Progress { .. }));
+        assert_eq!(m.journal().mode(), Mode::Journal);
+        assert!(m.dirty_ranges(0).iter().any(|&(o, l)| o <= 1 << 20 && o + l > 1 << 20));
+    }
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    m.read(0, 1 << 20, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 2), "recovery rolled back an acknowledged, flushed write");
+    assert!(m.dirty_ranges(0).iter().any(|&(o, l)| o <= 1 << 20 && o + l > 1 << 20), "its region awaits resync");
+}
