@@ -579,7 +579,8 @@ impl AsImage for Disk {
 
 /// This boot's id; a front-end that finds another boot's id in an attached
 /// journal knows the host crashed, not just the process.
-fn boot_id() -> [u8; 16] {
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> [u8; 16] {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .ok()
         .and_then(|s| uuid::Uuid::parse_str(s.trim()).ok())

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use tern_driver::clone::{clone_file, CloneMethod};
 use tern_driver::image::Image;
 use tern_driver::journal::{self, RecordKind};
@@ -25,6 +25,12 @@ use tern_store::segment::Segment;
 use tern_store::target::{expired_points, Checkpoint, Point, PointKind, TargetDir, TARGET_VERSION};
 
 use crate::ship::failpoint;
+
+/// A segment the applier refuses (damaged, a gap, a stale epoch): the VM
+/// stops at the last good sequence.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
 
 /// Record data a batch may hold before it is written out.
 const BATCH_LIMIT: usize = 256 << 20;
@@ -262,9 +268,12 @@ impl VmApplier {
                     self.manifest = m;
                 }
             }
-            if let Err(e) = self.read_segment(&path) {
-                // What was read before the bad segment is good: keep it.
-                self.commit()?;
+            if let Err(e) = self.read_segment(first, last, &path) {
+                // A refused segment: what was read before it is good, keep
+                // it. Any other error (I/O) commits nothing.
+                if e.is::<Refused>() {
+                    self.commit()?;
+                }
                 return Err(e);
             }
             applied += 1;
@@ -318,35 +327,44 @@ impl VmApplier {
 
     /// Verifies one segment and reads its records into the batch (taking
     /// the app points of its tags); `cur` moves to its end.
-    fn read_segment(&mut self, path: &Path) -> Result<()> {
+    fn read_segment(&mut self, first: u64, last: u64, path: &Path) -> Result<()> {
         let at = self.cur.applied_seq;
-        let stays = || format!("the replica stays at seq {at}; repair or re-ship, then restart `tern apply`");
-        let seg =
-            Segment::read_file(path, Some(*self.manifest.id.as_bytes())).map_err(|e| anyhow!("{e}; {}", stays()))?;
+        let refuse = |why: String| {
+            anyhow::Error::new(Refused(format!(
+                "{why}; the replica stays at seq {at}; repair or re-ship, then restart `tern apply`"
+            )))
+        };
+        let seg = Segment::read_file(path, Some(*self.manifest.id.as_bytes())).map_err(|e| refuse(e.to_string()))?;
         let h = &seg.header;
+        if (h.first_seq, h.last_seq) != (first, last) || h.last_seq <= at {
+            return Err(refuse(format!(
+                "{}: holds seqs {}..={}, which its name or the replica's position (seq {at}) contradicts",
+                path.display(),
+                h.first_seq,
+                h.last_seq
+            )));
+        }
         if h.epoch < self.cur.epoch {
-            bail!(
-                "{}: segment of epoch {}, but the replica is already in epoch {} (a stale source shipped it); {}",
+            return Err(refuse(format!(
+                "{}: segment of epoch {}, but the replica is already in epoch {} (a stale source shipped it)",
                 path.display(),
                 h.epoch,
-                self.cur.epoch,
-                stays()
-            );
+                self.cur.epoch
+            )));
         }
         let mut in_window = self.cur.in_window;
         if h.first_seq > at + 1 {
             let starts_epoch = h.epoch > self.cur.epoch
                 && self.manifest.epochs.iter().any(|e| e.number == h.epoch && e.first_seq == h.first_seq);
             if !starts_epoch {
-                bail!(
-                    "{}: starts at seq {}, but seqs {}..{} are missing from {} (a gap); {}",
+                return Err(refuse(format!(
+                    "{}: starts at seq {}, but seqs {}..{} are missing from {} (a gap)",
                     path.display(),
                     h.first_seq,
                     at + 1,
                     h.first_seq - 1,
-                    self.cache.segments_dir().display(),
-                    stays()
-                );
+                    self.cache.segments_dir().display()
+                )));
             }
             log::warn!(
                 "VM '{}': epoch {} starts at seq {} (records {}..{} were lost at the source); the replica is inconsistent until its resync window closes",
@@ -366,15 +384,14 @@ impl VmApplier {
             let size = self.manifest.disks.get(r.disk as usize).map(|d| d.size);
             let fits = size.is_some_and(|size| r.offset.checked_add(r.length as u64).is_some_and(|end| end <= size));
             if r.kind.changes_disk() && !fits {
-                bail!(
-                    "{}: record seq {} writes {}+{} on disk {}, outside the VM's disks; {}",
+                return Err(refuse(format!(
+                    "{}: record seq {} writes {}+{} on disk {}, outside the VM's disks",
                     path.display(),
                     r.seq,
                     r.offset,
                     r.length,
-                    r.disk,
-                    stays()
-                );
+                    r.disk
+                )));
             }
         }
         let mut source_time = self.cur.source_time_ns;
@@ -509,6 +526,12 @@ impl VmApplier {
     /// once it asks.
     fn answer_hash_request(&self) -> Result<()> {
         let Some(Ok(request)) = self.cache.read_hash_request()? else { return Ok(()) };
+        // Only once the replica holds everything shipped before the crash
+        // (it is in the crash's epoch): an answer from further back would
+        // call a region equal that a later old-epoch segment then changes.
+        if self.checkpoint.epoch < request.epoch {
+            return Ok(());
+        }
         if self.manifest.disks.iter().all(|d| self.cache.hashes_path(request.epoch, &d.name).exists()) {
             return Ok(());
         }

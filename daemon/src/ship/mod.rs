@@ -93,6 +93,7 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
     let cache = CacheDir::new(&config.cache, &vm);
     let stats = Arc::new(Stats::new(paths.dir().join("ship.json")));
     writer::check_fence(&cache)?;
+    wait_for_host_crash_recovery(paths, &journal, &stop)?;
     let resume = resume(&config, &cache, &journal, &stats, &stop)?;
     let writer =
         writer::CacheWriter::new(cache.clone(), resume.manifest.clone(), Arc::clone(&stats), Arc::clone(&stop));
@@ -155,6 +156,23 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
     })?;
     stats.publish(&journal);
     Ok(stats)
+}
+
+/// After a host crash the journal is still marked attached by the previous
+/// boot until a front-end recovers it, which empties it. Reading it before
+/// that would follow records about to vanish: recover it here when no
+/// front-end runs, or wait for the one that is starting.
+fn wait_for_host_crash_recovery(paths: &VmPaths, journal: &Journal, stop: &AtomicBool) -> Result<()> {
+    let pending =
+        || journal.flags() & journal::FLAG_ATTACHED != 0 && journal.boot_id() != tern_driver::mirror::boot_id();
+    while pending() && !stop.load(Ordering::Acquire) {
+        match Mirror::open(paths, MirrorOptions::default()) {
+            Ok(mirror) => mirror.shutdown()?,
+            Err(tern_driver::Error::Busy { .. }) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(e).context("recovering the journal after a host crash"),
+        }
+    }
+    Ok(())
 }
 
 /// Reads the manifest and the newest segment, reconciles them with the

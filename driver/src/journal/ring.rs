@@ -42,6 +42,9 @@ impl Position {
 /// that opens the resync window are one step.
 const OVERFLOW_BIT: u64 = 1 << 63;
 
+/// How far sequence numbers jump when a host crash discards the journal.
+pub const SEQ_JUMP_AFTER_DISCARD: u64 = 1 << 32;
+
 fn in_overflow(head_word: u128) -> bool {
     (head_word >> 64) as u64 & OVERFLOW_BIT != 0
 }
@@ -222,8 +225,17 @@ impl Journal {
 
     /// Moves the tail (the consumer only, after what it read is safe
     /// elsewhere). Frees the space for producers.
+    /// Never moves it backwards: a consumer that raced a discard (which
+    /// jumped the tail ahead) must not undo it.
     pub fn set_tail(&self, tail: Position) {
-        self.tail_word().store(tail.pack(), Ordering::Release);
+        let word = self.tail_word();
+        let mut cur = word.load(Ordering::Acquire);
+        while Position::unpack(cur).pos < tail.pos {
+            match word.compare_exchange_weak(cur, tail.pack(), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
     }
 
     fn tail_word(&self) -> &AtomicU128 {
@@ -537,7 +549,6 @@ impl Journal {
     pub fn discard_unconsumed(&self) -> Result<Position> {
         use nix::fcntl::FallocateFlags as F;
         use std::os::fd::AsRawFd;
-        let head = self.head();
         let (start, len) = (HEADER_SIZE as i64, self.fields.capacity as i64);
         let fd = self.file.as_raw_fd();
         let punched = nix::fcntl::fallocate(fd, F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE, start, len);
@@ -559,9 +570,24 @@ impl Journal {
             len: len as usize,
             source,
         })?;
-        self.set_tail(head);
+        // Sequence numbers jump ahead: the on-disk header may be older than
+        // what the shipper already shipped (its tail moves are not synced),
+        // so continuing from the saved head could reuse shipped numbers.
+        // The jump makes the gap unmistakable: the shipper starts an epoch.
+        let word = self.head_word();
+        let mut cur = word.load(Ordering::Acquire);
+        let jumped = loop {
+            let h = Position::unpack(cur);
+            let next = Position { pos: h.pos, seq: h.seq + SEQ_JUMP_AFTER_DISCARD };
+            let flag = cur & ((OVERFLOW_BIT as u128) << 64);
+            match word.compare_exchange(cur, next.pack() | flag, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break next,
+                Err(actual) => cur = actual,
+            }
+        };
+        self.tail_word().store(jumped.pack(), Ordering::Release);
         self.sync()?;
-        Ok(head)
+        Ok(jumped)
     }
 
     /// Makes the whole ring and header durable (`msync`).
