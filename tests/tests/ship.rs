@@ -306,3 +306,21 @@ fn bad_segments_in_the_cache_are_refused_with_file_and_offset() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another VM of the same name"), "{err}");
 }
+
+#[test]
+fn serve_starts_while_ship_resyncs_offline() {
+    // A big initial sync through a small ring: ship resyncs offline, holding
+    // the VM in turns, when the front-end starts.
+    let vm =
+        TestVm::new(VmSpec { disk_size: 48 << 20, journal_size: "2MiB", random_content: true, ..Default::default() });
+    let ship = vm.ship(&[]);
+    wait_for("ship to start resyncing", Duration::from_secs(30), || {
+        vm.ship_report()["records_shipped"].as_u64().unwrap_or(0) > 0
+    });
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 9 40M 1M"]));
+    ship.stop();
+    served.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+}

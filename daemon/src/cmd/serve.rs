@@ -35,7 +35,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
     let paths = VmPaths::new(&cli.state, &a.vm)?;
     let mirror = Arc::new(
-        Mirror::open(&paths, MirrorOptions { journal: !a.no_journal })
+        open_waiting(&paths, MirrorOptions { journal: !a.no_journal })
             .with_context(|| format!("cannot serve VM '{}'", a.vm))?,
     );
     if a.no_journal {
@@ -86,6 +86,25 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
     let _ = resync.join();
     result
+}
+
+/// Opens the VM, waiting up to 10 s while another process holds it: `tern
+/// ship` resyncing offline holds it for at most 2 s at a time.
+fn open_waiting(paths: &VmPaths, options: MirrorOptions) -> tern_driver::Result<Mirror> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut logged = false;
+    loop {
+        match Mirror::open(paths, options) {
+            Err(e @ tern_driver::Error::Busy { .. }) if std::time::Instant::now() < deadline => {
+                if !logged {
+                    log::info!("{e}; waiting for it (up to 10 s)");
+                    logged = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Re-sends dirty regions in the background for as long as the VM is

@@ -456,13 +456,15 @@ fn drive_resync(
             Ok(mirror) => {
                 idle.store(false, Ordering::Release);
                 let result = resync_for_a_while(&mirror, reader_done, stop);
-                if let Err(e) = result.and_then(|step| {
-                    mirror.shutdown()?;
-                    Ok(step)
-                }) {
+                // Detach cleanly even after an error (an attached journal
+                // means a crash to the next front-end).
+                let shutdown = mirror.shutdown();
+                if let Err(e) = result.and(shutdown) {
                     log::error!("resync of VM '{}' failed: {e:#}; retrying in 5s", mirror.config().name);
                     std::thread::sleep(Duration::from_secs(5));
                 }
+                // A front-end that is starting waits for the lock: let it in.
+                std::thread::sleep(Duration::from_millis(100));
             }
             Err(tern_driver::Error::Busy { .. }) => {
                 // `tern serve` runs and resyncs itself; `--once` waits for
