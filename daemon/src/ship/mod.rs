@@ -122,7 +122,7 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
 
     let workers = options.workers.max(1);
     let (to_workers, batches) = bounded::<Batch>(workers * 2);
-    let (to_writer, sealed) = bounded::<Sealed>(workers * 2);
+    let (to_writer, sealed) = bounded::<Result<Sealed, String>>(workers * 2);
     let compression = Compression::Zstd { level: config.policy.compression_level };
     let reader_done = AtomicBool::new(false);
     let resync_idle = AtomicBool::new(false);
@@ -375,26 +375,24 @@ fn caught_up(cursor: &tern_driver::journal::Cursor<'_>, target: Position) -> boo
     cursor.position().seq >= target.seq
 }
 
-fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sender<Sealed>) {
+/// A compression worker. A failure goes to the writer, which stops the
+/// run with it (it would otherwise wait forever for that batch).
+fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sender<Result<Sealed, String>>) {
     let mut encoder = match Encoder::new(compression) {
         Ok(e) => e,
         Err(e) => {
-            log::error!("cannot set up zstd: {e}");
+            let _ = to_writer.send(Err(format!("cannot set up zstd: {e}")));
             return;
         }
     };
     for b in batches {
-        match encoder.encode(&b.builder) {
-            Ok((header, bytes)) => {
-                let sealed = Sealed { number: b.number, header, bytes, end: b.end, oldest_ns: b.oldest_ns };
-                if to_writer.send(sealed).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                log::error!("cannot encode segment of seqs from {}: {e}", b.builder.first_seq());
-                return;
-            }
+        let sealed = encoder
+            .encode(&b.builder)
+            .map(|(header, bytes)| Sealed { number: b.number, header, bytes, end: b.end, oldest_ns: b.oldest_ns })
+            .map_err(|e| format!("cannot encode the segment of seqs from {}: {e}", b.builder.first_seq()));
+        let failed = sealed.is_err();
+        if to_writer.send(sealed).is_err() || failed {
+            return;
         }
     }
 }
@@ -403,12 +401,13 @@ fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sende
 fn write_in_order(
     writer: &writer::CacheWriter,
     journal: &Journal,
-    sealed: Receiver<Sealed>,
+    sealed: Receiver<Result<Sealed, String>>,
     stats: &Stats,
 ) -> Result<()> {
     let mut waiting = std::collections::BTreeMap::new();
     let mut next = 0u64;
     for s in sealed {
+        let s = s.map_err(anyhow::Error::msg)?;
         waiting.insert(s.number, s);
         while let Some(s) = waiting.remove(&next) {
             writer.write_segment(&s.header, &s.bytes)?;
