@@ -41,6 +41,19 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The message with every cause after it ("write of … to X failed: No
+    /// space left on device"), for places that carry errors as text.
+    pub fn with_causes(&self) -> String {
+        let mut msg = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            msg.push_str(": ");
+            msg.push_str(&c.to_string());
+            cause = c.source();
+        }
+        msg
+    }
+
     /// The errno a front-end reports for this error: NBD maps it onto its
     /// error codes, ublk returns it negated. The one place errors meet the
     /// wire.

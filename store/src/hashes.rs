@@ -21,7 +21,6 @@
 
 use std::fs;
 use std::io;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tern_driver::image::Image;
@@ -190,19 +189,10 @@ impl CacheDir {
                 hashes,
             };
             let path = self.hashes_path(request.epoch, name);
-            write_atomically(&path, &file.encode()).map_err(|e| format!("{}: {e}", path.display()))?;
+            tern_driver::vm::write_durably(&path, &file.encode()).map_err(|e| e.with_causes())?;
         }
         Ok(Some(request.epoch))
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let f = fs::File::create(&tmp)?;
-    io::Write::write_all(&mut &f, bytes)?;
-    f.sync_data()?;
-    fs::rename(&tmp, path)?;
-    fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 #[cfg(test)]

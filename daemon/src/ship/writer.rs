@@ -131,13 +131,9 @@ fn write_segment_once(cache: &CacheDir, header: &SegmentHeader, bytes: &[u8]) ->
 pub fn write_manifest(cache: &CacheDir, manifest: &Manifest) -> io::Result<()> {
     ensure_vm_dir(cache)?;
     let text = toml::to_string(manifest).map_err(io::Error::other)?;
-    let path = cache.manifest_path();
-    let tmp = cache.root().join(".manifest.toml.tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(format!("# tern cache manifest: written by `tern ship`, read by `tern apply`\n{text}").as_bytes())?;
-    f.sync_data()?;
-    fs::rename(&tmp, &path)?;
-    sync_dir(cache.root())
+    let text = format!("# tern cache manifest: written by `tern ship`, read by `tern apply`\n{text}");
+    tern_driver::vm::write_durably(&cache.manifest_path(), text.as_bytes())
+        .map_err(|e| io::Error::other(e.with_causes()))
 }
 
 /// Creates `<cache>/<vm>/`, but never the cache store itself: if that is
