@@ -411,14 +411,7 @@ impl Mirror {
     /// inside a resync window could not become a consistent point).
     pub fn tag(&self, label: &str) -> Result<Option<u64>> {
         let _gate = self.enter(0)?;
-        if label.is_empty() || label.len() > 256 {
-            return Err(Error::Invalid("a tag label must be 1 to 256 bytes".into()));
-        }
-        if self.journal.mode() == Mode::Overflow {
-            return Ok(None);
-        }
-        let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: label.len() as u32, flags: 0 };
-        Ok(self.journal.append(&rec, label.as_bytes()))
+        self.journal.append_tag(label)
     }
 
     /// Journals a write-type request, or marks the bitmap when the ring has

@@ -1,5 +1,5 @@
 use anyhow::{bail, Result};
-use tern_driver::journal::{Journal, NewRecord, RecordKind};
+use tern_driver::journal::Journal;
 use tern_driver::vm::VmPaths;
 
 use crate::Cli;
@@ -17,17 +17,13 @@ pub struct Args {
 /// application-consistent.
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let label = a.label.as_str();
-    if label.is_empty() || label.len() > 256 || label.chars().any(char::is_control) {
-        bail!("a tag label must be 1 to 256 bytes of printable text, got {label:?}");
-    }
     let paths = VmPaths::new(&cli.state, &a.vm)?;
     let config = paths.load_config()?;
     let journal = Journal::open(&paths.journal())?;
     if journal.vm_id() != *config.id.as_bytes() {
         bail!("journal {} belongs to another VM than '{}'", journal.path().display(), a.vm);
     }
-    let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: label.len() as u32, flags: 0 };
-    let Some(seq) = journal.append(&rec, label.as_bytes()) else {
+    let Some(seq) = journal.append_tag(label)? else {
         bail!(
             "cannot tag VM '{}': its journal is full or catching up after an overflow, so no consistent point can be taken now; retry once `tern ship` has caught up",
             a.vm

@@ -337,6 +337,18 @@ impl Journal {
 
     // ---- producers --------------------------------------------------------
 
+    /// Publishes an application-consistent marker (any process may: `tern
+    /// tag` does, beside the front-end). Returns its sequence number, or
+    /// `None` if the ring takes no record now (full, or in overflow: no
+    /// consistent point exists there).
+    pub fn append_tag(&self, label: &str) -> Result<Option<u64>> {
+        if label.is_empty() || label.len() > 256 || label.chars().any(char::is_control) {
+            return Err(Error::Invalid(format!("a tag label must be 1 to 256 bytes of printable text, got {label:?}")));
+        }
+        let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: label.len() as u32, flags: 0 };
+        Ok(self.append(&rec, label.as_bytes()))
+    }
+
     /// Publishes a record. Returns its sequence number, or `None` when the
     /// ring has no room for it (the caller marks the dirty bitmap instead).
     /// Never blocks: one compare-and-swap loop on the head, then copies.
