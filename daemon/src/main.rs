@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod apply;
 mod cmd;
+mod metrics;
 mod ship;
 
 /// tern replicates the disks of running VMs to a target site and fails them

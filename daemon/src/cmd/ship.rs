@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -5,7 +7,7 @@ use anyhow::{Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tern_driver::vm::VmPaths;
 
-use crate::ship::{self, ShipOptions};
+use crate::ship::{self, ProgressMode, Reporting, ShipOptions};
 use crate::Cli;
 
 #[derive(Debug, clap::Args)]
@@ -22,6 +24,17 @@ pub struct Args {
     /// before re-sending every region instead.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     pub checksum_timeout: std::time::Duration,
+    /// Where to keep the Prometheus metrics file `tern-<vm>.prom`, rewritten
+    /// twice a second (temporary file and rename). Point it at
+    /// node_exporter's textfile directory (Debian:
+    /// /var/lib/prometheus/node-exporter). Default: the VM's state
+    /// directory, `<state>/<vm>/`.
+    #[arg(long, env = "TERN_METRICS_DIR", value_name = "DIR")]
+    pub metrics_dir: Option<PathBuf>,
+    /// How often the progress of an initial sync or resync is logged when
+    /// standard error is not a terminal (on a terminal: a progress bar).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub progress_interval: std::time::Duration,
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
@@ -33,7 +46,16 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
     let workers = a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).clamp(1, 64);
     let options = ShipOptions { once: a.once, workers, checksum_timeout: a.checksum_timeout };
-    let stats = ship::run(&paths, &options, stop).with_context(|| format!("cannot ship VM '{}'", a.vm))?;
+    let reporting = Reporting {
+        metrics_dir: a.metrics_dir.clone(),
+        progress: if std::io::stderr().is_terminal() {
+            ProgressMode::Bar
+        } else {
+            ProgressMode::Log { interval: a.progress_interval }
+        },
+    };
+    let stats =
+        ship::run_with(&paths, &options, &reporting, stop).with_context(|| format!("cannot ship VM '{}'", a.vm))?;
     let r = stats.report(&tern_driver::journal::Journal::open(&paths.journal())?);
     log::info!(
         "VM '{}': shipped {} records in {} segments up to seq {}: {} in, {} out (ratio {:.2}), lag p50 {:.0} ms, p99 {:.0} ms",

@@ -1,7 +1,8 @@
 //! `tern status`: what each protected VM's replication is doing, from the
 //! files the services keep (journal header, bitmaps, ship.json, the
 //! target's applied.toml and point catalog). Reads only; never takes a
-//! service's lock.
+//! service's lock. `tern ship` builds the same [`VmStatus`] for its
+//! Prometheus metrics file (`crate::metrics`).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,6 +16,7 @@ use tern_driver::vm::{VmConfig, VmPaths};
 use tern_store::cache::{Applied, CacheDir};
 use tern_store::target::TargetDir;
 
+use crate::ship::Report;
 use crate::Cli;
 
 #[derive(Debug, clap::Args)]
@@ -28,12 +30,50 @@ pub struct Args {
     pub max_rpo: Duration,
 }
 
+/// A VM's replication state, as `tern status` and the metrics file name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    InitialSync,
+    Protected,
+    TestFailover,
+    Resyncing,
+    Paused,
+    Error,
+    FailedOver,
+    FailedOverUncommitted,
+}
+
+impl State {
+    pub const ALL: [State; 8] = [
+        State::InitialSync,
+        State::Protected,
+        State::TestFailover,
+        State::Resyncing,
+        State::Paused,
+        State::Error,
+        State::FailedOver,
+        State::FailedOverUncommitted,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::InitialSync => "initial-sync",
+            State::Protected => "protected",
+            State::TestFailover => "test-failover",
+            State::Resyncing => "resyncing",
+            State::Paused => "paused",
+            State::Error => "error",
+            State::FailedOver => "failed-over",
+            State::FailedOverUncommitted => "failed-over-uncommitted",
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct VmStatus {
     pub name: String,
-    /// initial-sync, protected, test-failover, resyncing, paused, error,
-    /// failed-over(-uncommitted).
-    pub state: String,
+    pub state: State,
     /// Source time of the newest journaled write minus that of the newest
     /// applied one; 0 when everything journaled is applied. An upper bound
     /// while writes are in the journal.
@@ -42,6 +82,9 @@ pub struct VmStatus {
     pub journal_mode: String,
     pub pending_bytes: u64,
     pub dirty_bytes: u64,
+    /// A resync window is open in the journal, or a checksum resync waits
+    /// for the target's block hashes.
+    pub resync_window_open: bool,
     pub last_point_age_seconds: Option<f64>,
     pub points: usize,
     pub test_failovers: usize,
@@ -50,10 +93,25 @@ pub struct VmStatus {
     pub ship_rate_mb_s: Option<f64>,
     pub ship_lag_p99_ms: Option<f64>,
     pub compression_ratio: Option<f64>,
+    /// Counters of the newest `tern ship` run (they start at 0 with each).
+    pub segments_shipped: Option<u64>,
+    pub ship_bytes_in: Option<u64>,
+    pub ship_bytes_out: Option<u64>,
+    pub cache_errors: Option<u64>,
     pub head_seq: u64,
     pub shipped_seq: Option<u64>,
     pub applied_seq: Option<u64>,
     pub last_error: Option<String>,
+}
+
+/// Where the shipper's part of a status comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Shipper<'a> {
+    /// `ship.json` and the consumer lock file: what `tern status` sees.
+    FromFiles,
+    /// `tern ship` itself: its report in memory, and whether it goes on
+    /// running (false for its last word as it exits).
+    Live { report: &'a Report, running: bool },
 }
 
 fn now_ns() -> u64 {
@@ -67,20 +125,33 @@ fn holder_alive(lock: &Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("tern"))
 }
 
-pub fn vm_status(paths: &VmPaths, config: &VmConfig) -> Result<VmStatus> {
+/// Bytes marked for resync: dirty regions times the region size.
+pub fn dirty_bytes(bitmaps: &[DirtyBitmap]) -> u64 {
+    bitmaps.iter().map(|b| b.dirty_count() * b.region_size()).sum()
+}
+
+/// A resync window is open in the journal, or a checksum resync waits for
+/// the target's block hashes.
+pub fn resync_window_open(journal: &Journal) -> bool {
+    journal.window_open() || journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0
+}
+
+/// One VM's status, from the files the services keep: what `tern status`
+/// prints and `tern ship`'s metrics file renders.
+pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Result<VmStatus> {
     let journal = Journal::open(&paths.journal())?;
     let (head, tail) = (journal.head(), journal.tail());
-    let dirty_bytes: u64 = config
-        .disks
-        .iter()
-        .filter_map(|d| DirtyBitmap::open(&paths.dirty(&d.name), d.size).ok())
-        .map(|b| b.dirty_count() * b.region_size())
-        .sum();
+    let bitmaps: Vec<DirtyBitmap> =
+        config.disks.iter().filter_map(|d| DirtyBitmap::open(&paths.dirty(&d.name), d.size).ok()).collect();
+    let dirty_bytes = dirty_bytes(&bitmaps);
     let serve_running = holder_alive(&paths.frontend_lock()) && journal.flags() & journal::FLAG_ATTACHED != 0;
-    let ship: Option<serde_json::Value> =
-        std::fs::read_to_string(paths.dir().join("ship.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
-    let ship_running = holder_alive(&paths.consumer_lock());
-    let ship_field = |k: &str| ship.as_ref().and_then(|s| s[k].as_f64());
+    let (ship, ship_running): (Option<Report>, bool) = match shipper {
+        Shipper::FromFiles => (
+            std::fs::read_to_string(paths.dir().join("ship.json")).ok().and_then(|t| serde_json::from_str(&t).ok()),
+            holder_alive(&paths.consumer_lock()),
+        ),
+        Shipper::Live { report, running } => (Some(report.clone()), running),
+    };
     let cache = CacheDir::new(&config.cache, &config.name);
     let applied: Option<Applied> =
         std::fs::read_to_string(cache.applied_path()).ok().and_then(|t| toml::from_str(&t).ok());
@@ -98,31 +169,32 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig) -> Result<VmStatus> {
             now_ns().saturating_sub(a.source_time_ns) as f64 / 1e9
         }
     });
-    let cache_failing = ship.as_ref().and_then(|s| s["cache_failing"].as_str().map(str::to_owned));
-    let in_window = journal.window_open() || dirty_bytes > 0 || journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
+    let cache_failing = ship.as_ref().and_then(|s| s.cache_failing.clone());
+    let resync_window_open = resync_window_open(&journal);
+    let in_window = resync_window_open || dirty_bytes > 0;
     let fenced = cache.read_fence().ok().flatten().and_then(Result::ok);
     let state = if let Some(f) = &fenced {
         if f.committed {
-            "failed-over"
+            State::FailedOver
         } else {
-            "failed-over-uncommitted"
+            State::FailedOverUncommitted
         }
     } else if cache_failing.is_some() {
-        "error"
+        State::Error
     } else if !ship_running && last_seq > tail.seq.saturating_sub(1) {
-        "paused"
+        State::Paused
     } else if in_window && points.is_empty() {
-        "initial-sync"
+        State::InitialSync
     } else if in_window || journal.mode() == Mode::Overflow {
-        "resyncing"
+        State::Resyncing
     } else if test_failovers > 0 {
-        "test-failover"
+        State::TestFailover
     } else {
-        "protected"
+        State::Protected
     };
     Ok(VmStatus {
         name: config.name.clone(),
-        state: state.into(),
+        state,
         rpo_seconds,
         journal_fill: journal.fill(),
         journal_mode: match journal.mode() {
@@ -131,16 +203,21 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig) -> Result<VmStatus> {
         },
         pending_bytes: head.pos - tail.pos,
         dirty_bytes,
+        resync_window_open,
         last_point_age_seconds: newest_point.map(|t| now_ns().saturating_sub(t) as f64 / 1e9),
         points: points.len(),
         test_failovers,
         serve_running,
         ship_running,
-        ship_rate_mb_s: ship_field("ship_rate_mb_s").filter(|_| ship_running),
-        ship_lag_p99_ms: ship_field("lag_p99_ms"),
-        compression_ratio: ship_field("compression_ratio"),
+        ship_rate_mb_s: ship.as_ref().map(|s| s.ship_rate_mb_s).filter(|_| ship_running),
+        ship_lag_p99_ms: ship.as_ref().map(|s| s.lag_p99_ms),
+        compression_ratio: ship.as_ref().map(|s| s.compression_ratio),
+        segments_shipped: ship.as_ref().map(|s| s.segments_shipped),
+        ship_bytes_in: ship.as_ref().map(|s| s.bytes_in),
+        ship_bytes_out: ship.as_ref().map(|s| s.bytes_out),
+        cache_errors: ship.as_ref().map(|s| s.cache_errors),
         head_seq: last_seq,
-        shipped_seq: ship.as_ref().and_then(|s| s["last_shipped_seq"].as_u64()),
+        shipped_seq: ship.as_ref().map(|s| s.last_shipped_seq),
         applied_seq: applied.as_ref().map(|a| a.applied_seq),
         last_error: cache_failing,
     })
@@ -166,12 +243,13 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     for name in &names {
         let paths = VmPaths::new(&cli.state, name)?;
         let config = paths.load_config()?;
-        all.push(vm_status(&paths, &config)?);
+        all.push(vm_status(&paths, &config, Shipper::FromFiles)?);
     }
     let unhealthy: Vec<&VmStatus> = all
         .iter()
         .filter(|s| {
-            s.state == "error" || s.state == "paused" || s.rpo_seconds.is_some_and(|r| r > a.max_rpo.as_secs_f64())
+            matches!(s.state, State::Error | State::Paused)
+                || s.rpo_seconds.is_some_and(|r| r > a.max_rpo.as_secs_f64())
         })
         .collect();
     if a.json {
@@ -184,7 +262,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             println!(
                 "{}: {} · RPO {} · journal {:.1}% ({}, {} pending) · {} to resync · last point {} ago ({} points) · serve {} · ship {}{}",
                 s.name,
-                s.state,
+                s.state.name(),
                 secs(s.rpo_seconds),
                 s.journal_fill * 100.0,
                 s.journal_mode,
@@ -199,7 +277,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         }
     }
     if !unhealthy.is_empty() {
-        let names: Vec<String> = unhealthy.iter().map(|s| format!("{} ({})", s.name, s.state)).collect();
+        let names: Vec<String> = unhealthy.iter().map(|s| format!("{} ({})", s.name, s.state.name())).collect();
         bail!("unhealthy: {}", names.join(", "));
     }
     Ok(())

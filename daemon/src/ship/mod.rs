@@ -31,7 +31,7 @@ use tern_driver::{Mirror, MirrorOptions, ResyncStep};
 use tern_store::cache::{CacheDir, Epoch, Manifest};
 use tern_store::segment::{self, Compression, Encoder, SegmentBuilder, SegmentHeader};
 
-pub use stats::Stats;
+pub use stats::{ProgressMode, Report, Stats};
 pub use writer::Fenced;
 
 /// How a ship run behaves.
@@ -44,6 +44,66 @@ pub struct ShipOptions {
     /// After a host crash, how long to wait for the target's block hashes
     /// before falling back to a full resync.
     pub checksum_timeout: Duration,
+}
+
+/// What a ship run shows besides `ship.json`.
+#[derive(Debug, Clone)]
+pub struct Reporting {
+    /// The directory of the Prometheus metrics file `tern-<vm>.prom`
+    /// (`None`: the VM's state directory).
+    pub metrics_dir: Option<std::path::PathBuf>,
+    /// How the progress of a resync is shown.
+    pub progress: ProgressMode,
+}
+
+impl Default for Reporting {
+    fn default() -> Self {
+        Reporting { metrics_dir: None, progress: ProgressMode::Log { interval: Duration::from_secs(5) } }
+    }
+}
+
+/// Feeds the metrics file with the VM's status (built as `tern status`
+/// builds it) at each report, and the resync progress with the bitmaps'
+/// dirty bytes ten times a second.
+struct Observer<'a> {
+    paths: &'a VmPaths,
+    config: &'a VmConfig,
+    journal: &'a Journal,
+    bitmaps: &'a [DirtyBitmap],
+    metrics: crate::metrics::MetricsFile,
+    progress: std::sync::Mutex<stats::SyncProgress>,
+    /// `tern status` calls the state initial-sync (as of the last report).
+    initial: AtomicBool,
+}
+
+impl Observer<'_> {
+    /// `running` is false for the last word as the run ends.
+    fn report(&self, report: &Report, running: bool) {
+        use crate::cmd::status::{vm_status, Shipper, State};
+        match vm_status(self.paths, self.config, Shipper::Live { report, running }) {
+            Ok(s) => {
+                self.metrics.publish(&s, running);
+                self.initial.store(s.state == State::InitialSync, Ordering::Release);
+            }
+            Err(e) => self.metrics.status_unreadable(format!("{e:#}")),
+        }
+    }
+
+    fn progress(&self) {
+        use crate::cmd::status::{dirty_bytes, resync_window_open};
+        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        progress.update(
+            dirty_bytes(self.bitmaps),
+            resync_window_open(self.journal),
+            self.initial.load(Ordering::Acquire),
+        );
+    }
+
+    fn finish(&self, report: &Report) {
+        self.report(report, false);
+        self.progress();
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).stop();
+    }
 }
 
 /// A batch of records on its way from the reader to the writer.
@@ -81,7 +141,18 @@ struct Resume {
     in_window: bool,
 }
 
+/// [`run_with`] with the default [`Reporting`]: the metrics file in the
+/// VM's state directory, progress as a log line every 5 s.
 pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Result<Arc<Stats>> {
+    run_with(paths, options, &Reporting::default(), stop)
+}
+
+pub fn run_with(
+    paths: &VmPaths,
+    options: &ShipOptions,
+    reporting: &Reporting,
+    stop: Arc<AtomicBool>,
+) -> Result<Arc<Stats>> {
     let config = paths.load_config()?;
     let vm = config.name.clone();
     let _consumer =
@@ -120,13 +191,27 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
         }
     );
 
+    let observer = Observer {
+        paths,
+        config: &config,
+        journal: &journal,
+        bitmaps: &bitmaps,
+        metrics: crate::metrics::MetricsFile::new(reporting.metrics_dir.as_deref().unwrap_or(paths.dir()), &vm),
+        progress: std::sync::Mutex::new(stats::SyncProgress::new(&vm, reporting.progress)),
+        initial: AtomicBool::new(false),
+    };
+    log::info!("VM '{vm}': metrics in {}", observer.metrics.path().display());
+    observer.report(&stats.publish(&journal), true);
+    // What is dirty now is the start of a resync's total.
+    observer.progress();
+
     let workers = options.workers.max(1);
     let (to_workers, batches) = bounded::<Batch>(workers * 2);
     let (to_writer, sealed) = bounded::<Result<Sealed, String>>(workers * 2);
     let compression = Compression::Zstd { level: config.policy.compression_level };
     let reader_done = AtomicBool::new(false);
     let resync_idle = AtomicBool::new(false);
-    std::thread::scope(|s| -> Result<()> {
+    let result = std::thread::scope(|s| -> Result<()> {
         for i in 0..workers {
             let (batches, to_writer) = (batches.clone(), to_writer.clone());
             std::thread::Builder::new()
@@ -141,9 +226,17 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
             drive_resync(paths, &checksum, &journal, &bitmaps, &reader_done, &resync_idle, &stop)
         })?;
         std::thread::Builder::new().name("ship-status".into()).spawn_scoped(s, || {
-            while !reader_done.load(Ordering::Acquire) {
-                stats.publish(&journal);
-                std::thread::sleep(Duration::from_millis(500));
+            // ship.json and the metrics file twice a second, the progress
+            // ten times.
+            for tick in 0u64.. {
+                if reader_done.load(Ordering::Acquire) {
+                    break;
+                }
+                if tick % 5 == 0 {
+                    observer.report(&stats.publish(&journal), true);
+                }
+                observer.progress();
+                std::thread::sleep(Duration::from_millis(100));
             }
         })?;
         let shared = ReaderShared { target, resync_idle: &resync_idle, stop: &stop };
@@ -153,8 +246,10 @@ pub fn run(paths: &VmPaths, options: &ShipOptions, stop: Arc<AtomicBool>) -> Res
         // A writer that stopped (fenced, or asked to stop mid-retry) is the
         // cause of the reader's "workers stopped": report it first.
         written.and(reading)
-    })?;
-    stats.publish(&journal);
+    });
+    let report = if result.is_ok() { stats.publish(&journal) } else { stats.report(&journal) };
+    observer.finish(&report);
+    result?;
     Ok(stats)
 }
 

@@ -1,13 +1,15 @@
 //! What `tern ship` reports: counters kept while it runs, written to
-//! `<state>/<vm>/ship.json` twice a second for `tern status`.
+//! `<state>/<vm>/ship.json` twice a second for `tern status`; and the
+//! progress of a resync, as a bar on a terminal or a log line.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tern_driver::journal::Journal;
+use tern_driver::units::Size;
 use tern_store::segment::SegmentHeader;
 
 #[derive(Debug)]
@@ -35,8 +37,10 @@ struct Inner {
     rate: f64,
 }
 
-/// `ship.json`.
-#[derive(Debug, Serialize)]
+/// `ship.json`. Read back by `tern status`: a field missing from an older
+/// file reads as its default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     pub pid: u32,
     pub updated_unix_ms: u64,
@@ -157,8 +161,8 @@ impl Stats {
     }
 
     /// Writes `ship.json` (temporary file and rename: readers never see half
-    /// of it; not fsynced, it is only a report).
-    pub fn publish(&self, journal: &Journal) {
+    /// of it; not fsynced, it is only a report) and returns what it wrote.
+    pub fn publish(&self, journal: &Journal) -> Report {
         let report = self.report(journal);
         let tmp = self.path.with_extension("json.tmp");
         let ok = serde_json::to_vec_pretty(&report)
@@ -168,5 +172,218 @@ impl Stats {
         if let Err(e) = ok {
             log::debug!("cannot write {}: {e}", self.path.display());
         }
+        report
+    }
+}
+
+/// How the progress of a resync is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// A progress bar on standard error (a terminal): bytes, rate, ETA.
+    Bar,
+    /// A log line every `interval` (logs, the journal of systemd).
+    Log { interval: Duration },
+}
+
+/// The progress of a resync: the initial sync after `tern enable`, or a
+/// catch-up after the ring overflowed or the host crashed. Fed with the
+/// dirty bytes ten times a second: the total is what was dirty when the sync
+/// started (or when `tern ship` did) plus every later increase, and what
+/// is sent is that total less what is dirty now. It ends when nothing is
+/// dirty and the resync window is closed.
+#[derive(Debug)]
+pub struct SyncProgress {
+    vm: String,
+    mode: ProgressMode,
+    current: Option<SyncRun>,
+}
+
+#[derive(Debug)]
+struct SyncRun {
+    /// "initial sync" or "resync", as `tern status` names the state.
+    what: &'static str,
+    total: u64,
+    dirty: u64,
+    started: Instant,
+    last_line: Instant,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl SyncRun {
+    fn sent(&self) -> u64 {
+        self.total - self.dirty
+    }
+
+    /// Bytes per second since the sync started.
+    fn rate(&self) -> f64 {
+        let secs = self.started.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            self.sent() as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+impl SyncProgress {
+    pub fn new(vm: &str, mode: ProgressMode) -> Self {
+        SyncProgress { vm: vm.to_owned(), mode, current: None }
+    }
+
+    /// One observation: the bytes dirty now, whether a resync window is
+    /// still open (or a checksum resync pending), and whether `tern status`
+    /// calls this the initial sync (read only when a sync starts).
+    pub fn update(&mut self, dirty: u64, window_open: bool, initial: bool) {
+        let Some(run) = &mut self.current else {
+            if dirty > 0 {
+                self.start(dirty, initial);
+            }
+            return;
+        };
+        if dirty > run.dirty {
+            // Marked since the last look: the VM wrote past a full ring, or
+            // a checksum comparison found more that differs.
+            run.total += dirty - run.dirty;
+        }
+        run.dirty = dirty;
+        if dirty == 0 && !window_open {
+            self.end("finished");
+            return;
+        }
+        match (&run.bar, self.mode) {
+            (Some(bar), _) => {
+                bar.set_length(run.total);
+                bar.set_position(run.sent());
+            }
+            (None, ProgressMode::Log { interval }) if run.last_line.elapsed() >= interval => {
+                let rate = run.rate();
+                let eta = if rate > 0.0 { eta(run.dirty as f64 / rate) } else { "unknown".into() };
+                log::info!(
+                    "VM '{}': {} {} of {} sent ({}, ETA {eta})",
+                    self.vm,
+                    run.what,
+                    Size(run.sent()).approx(),
+                    Size(run.total).approx(),
+                    mb_per_s(rate)
+                );
+                run.last_line = Instant::now();
+            }
+            (None, _) => {}
+        }
+    }
+
+    /// `tern ship` stops: a sync still going is reported where it stands.
+    pub fn stop(&mut self) {
+        self.end("stopped");
+    }
+
+    fn start(&mut self, dirty: u64, initial: bool) {
+        let what = if initial { "initial sync" } else { "resync" };
+        log::info!("VM '{}': {what} of {} started", self.vm, Size(dirty).approx());
+        let bar = (self.mode == ProgressMode::Bar).then(|| {
+            let style = indicatif::ProgressStyle::with_template(
+                "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, ETA {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            let bar = indicatif::ProgressBar::new(dirty)
+                .with_style(style)
+                .with_message(format!("{what} of VM '{}'", self.vm));
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        let now = Instant::now();
+        self.current = Some(SyncRun { what, total: dirty, dirty, started: now, last_line: now, bar });
+    }
+
+    fn end(&mut self, how: &str) {
+        let Some(run) = self.current.take() else { return };
+        if let Some(bar) = &run.bar {
+            bar.finish_and_clear();
+        }
+        let secs = run.started.elapsed().as_secs_f64();
+        if run.dirty == 0 {
+            log::info!(
+                "VM '{}': {} {how}: {} sent in {} ({})",
+                self.vm,
+                run.what,
+                Size(run.total).approx(),
+                eta(secs),
+                mb_per_s(run.rate())
+            );
+        } else {
+            log::info!(
+                "VM '{}': {} {how} with {} of {} sent in {}; the {} still dirty stay marked for the next run",
+                self.vm,
+                run.what,
+                Size(run.sent()).approx(),
+                Size(run.total).approx(),
+                eta(secs),
+                Size(run.dirty).approx()
+            );
+        }
+    }
+}
+
+/// "45 MB/s" (decimal megabytes, as `ship.json`'s rate).
+fn mb_per_s(bytes_per_sec: f64) -> String {
+    let mb = bytes_per_sec / 1e6;
+    if mb >= 10.0 {
+        format!("{mb:.0} MB/s")
+    } else {
+        format!("{mb:.1} MB/s")
+    }
+}
+
+/// A duration for people: "1.5s", "16s", "4m05s", "2h03m".
+fn eta(secs: f64) -> String {
+    let secs = secs.max(0.0);
+    if secs < 9.95 {
+        return format!("{secs:.1}s");
+    }
+    let s = secs.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_reads_as_seconds_minutes_or_hours() {
+        assert_eq!(eta(0.24), "0.2s");
+        assert_eq!(eta(9.94), "9.9s");
+        assert_eq!(eta(16.4), "16s");
+        assert_eq!(eta(245.0), "4m05s");
+        assert_eq!(eta(7380.0), "2h03m");
+    }
+
+    #[test]
+    fn progress_total_grows_with_later_marks_and_ends_when_clean_and_closed() {
+        let mut p = SyncProgress::new("vm1", ProgressMode::Log { interval: Duration::from_secs(3600) });
+        p.update(100, true, true);
+        p.update(40, true, true);
+        // 30 more marked while the sync runs: the total is 130, 70 sent.
+        p.update(70, true, true);
+        let run = p.current.as_ref().expect("a sync runs");
+        assert_eq!((run.what, run.total, run.sent()), ("initial sync", 130, 60));
+        // Nothing dirty but the window still open: not finished yet.
+        p.update(0, true, true);
+        assert_eq!(p.current.as_ref().map(SyncRun::sent), Some(130));
+        p.update(0, false, true);
+        assert!(p.current.is_none());
+    }
+
+    #[test]
+    fn nothing_dirty_means_no_sync_to_report() {
+        let mut p = SyncProgress::new("vm1", ProgressMode::Log { interval: Duration::ZERO });
+        p.update(0, true, false);
+        assert!(p.current.is_none());
+        p.update(64, true, false);
+        assert_eq!(p.current.as_ref().map(|r| r.what), Some("resync"));
     }
 }
