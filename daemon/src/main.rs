@@ -55,6 +55,12 @@ pub enum Command {
     Commit(cmd::failover::CommitArgs),
     /// Remove a test failover's directory.
     FailoverCleanup(cmd::failover::CleanupArgs),
+    /// After a committed failover: replicate the failed-over VM back towards
+    /// the original site, sending only what differs from the old disks.
+    Reprotect(cmd::reprotect::ReprotectArgs),
+    /// At the original site: return a re-protected VM here and protect it
+    /// in the original direction again.
+    Failback(cmd::reprotect::FailbackArgs),
     /// Compare source disks with the replica or a point, by block hashes.
     Verify(cmd::verify::Args),
     /// Inspect or check segment files of the cache store offline.
@@ -94,6 +100,8 @@ fn main() -> ExitCode {
         Command::Failover(a) => cmd::failover::run(&cli, a),
         Command::FailoverCleanup(a) => cmd::failover::cleanup(&cli, a),
         Command::Commit(a) => cmd::failover::commit(&cli, a),
+        Command::Reprotect(a) => cmd::reprotect::reprotect(&cli, a),
+        Command::Failback(a) => cmd::reprotect::failback(&cli, a),
         Command::Verify(a) => cmd::verify::run(&cli, a),
         Command::Status(a) => cmd::status::run(&cli, a),
         Command::Demo(a) => cmd::demo::run(&cli, a),

@@ -106,6 +106,12 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Its size in bytes, checked against the image at every start.
     pub size: u64,
+    /// Where the target site may start this disk's replica from instead of
+    /// an empty file (`tern reprotect`: the old source image): a path at
+    /// the target site, absolute or relative to `<target>/<vm>/`. A
+    /// checksum comparison then sends only what differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<PathBuf>,
 }
 
 /// Checks a VM or disk name: it becomes a path component and an NBD export
@@ -148,6 +154,9 @@ impl VmConfig {
             }
             if d.size == 0 {
                 return Err(bad(format!("disk '{}' has size 0", d.name)));
+            }
+            if let Some(seed) = &d.seed {
+                validate_seed(seed).map_err(|e| bad(format!("disk '{}': {e}", d.name)))?;
             }
         }
         for (what, p) in [("cache", &self.cache), ("target", &self.target)] {
@@ -201,6 +210,21 @@ impl VmConfig {
 
     pub fn disk_index(&self, name: &str) -> Option<usize> {
         self.disks.iter().position(|d| d.name == name)
+    }
+}
+
+/// A replica seed path (it travels to the target site in the manifest):
+/// absolute, or relative without `..`, so it cannot climb out of the VM's
+/// target directory.
+pub fn validate_seed(seed: &Path) -> std::result::Result<(), String> {
+    use std::path::Component;
+    let ok = !seed.as_os_str().is_empty()
+        && seed.as_os_str().len() <= 4096
+        && seed.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_) | Component::CurDir));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("seed {} must be an absolute path or a relative one without '..'", seed.display()))
     }
 }
 
@@ -268,6 +292,20 @@ pub struct EnableSpec {
     pub target: PathBuf,
     pub journal: JournalConfig,
     pub policy: Policy,
+    pub initial_sync: InitialSync,
+}
+
+/// How the target's replica is brought level with the source at first.
+#[derive(Debug, Clone, Default)]
+pub enum InitialSync {
+    /// The replica starts empty: every allocated region is sent.
+    #[default]
+    Allocated,
+    /// The replica starts as a copy of an older version of each disk (disk
+    /// name → seed path at the target site, see [`DiskConfig::seed`]):
+    /// a checksum comparison finds the regions that differ and only those
+    /// are sent (`tern reprotect`, `tern failback`).
+    Compare { seeds: std::collections::BTreeMap<String, PathBuf> },
 }
 
 /// What `enable` did, for the operator.
@@ -304,7 +342,11 @@ pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
         if image.size() == 0 {
             return Err(Error::Invalid(format!("disk '{name}': {} is empty", path.display())));
         }
-        disks.push(DiskConfig { name: name.clone(), path, size: image.size() });
+        let seed = match &spec.initial_sync {
+            InitialSync::Compare { seeds } => seeds.get(name).cloned(),
+            InitialSync::Allocated => None,
+        };
+        disks.push(DiskConfig { name: name.clone(), path, size: image.size(), seed });
         images.push(image);
     }
     let config = VmConfig {
@@ -327,19 +369,22 @@ pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
         let staged = VmPaths { dir: tmp.clone() };
         Journal::create(&staged.journal(), *config.id.as_bytes(), config.journal.size.bytes())?;
         let mut marked = Vec::new();
+        let compare = matches!(spec.initial_sync, InitialSync::Compare { .. });
         for (disk, image) in config.disks.iter().zip(&images) {
             let path = staged.dirty(&disk.name);
             DirtyBitmap::create(&path, disk.size, config.journal.region_size.bytes() as u32)?;
             let bitmap = DirtyBitmap::open(&path, disk.size)?;
             let mut bytes = 0;
-            for (offset, len) in image.data_ranges()? {
-                bitmap.mark(offset, len);
-                bytes += len;
+            if !compare {
+                for (offset, len) in image.data_ranges()? {
+                    bitmap.mark(offset, len);
+                    bytes += len;
+                }
             }
             bitmap.sync()?;
             marked.push(bytes);
         }
-        if marked.iter().any(|&b| b > 0) {
+        if compare || marked.iter().any(|&b| b > 0) {
             // The replica starts empty: inconsistent until the initial sync
             // is done. The window opens before anything else is journaled
             // (a tag before the first front-end must not become a point).
@@ -353,6 +398,12 @@ pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
             };
             journal.append(&opener, &[]).ok_or_else(|| Error::Invalid("a new journal took no record".into()))?;
             journal.set_window_open(true);
+            if compare {
+                // `tern ship` asks the target for the seeded replica's
+                // hashes and marks what differs; the window stays open
+                // until that is sent.
+                journal.set_flags(crate::journal::FLAG_CHECKSUM_RESYNC);
+            }
             journal.sync()?;
         }
         let text =
@@ -439,6 +490,7 @@ mod tests {
             target: dir.join("target"),
             journal: JournalConfig { size: Size::kib(64), ..Default::default() },
             policy: Policy::default(),
+            initial_sync: InitialSync::Allocated,
         }
     }
 

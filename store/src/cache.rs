@@ -44,6 +44,15 @@ pub struct Manifest {
 pub struct ManifestDisk {
     pub name: String,
     pub size: u64,
+    /// The source image's path at the source site: after a failover, `tern
+    /// reprotect` seeds the reverse direction's replica from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
+    /// Start the replica as a clone of this file at the target site
+    /// (absolute, or relative to `<target>/<vm>/`) instead of empty; the
+    /// stream then starts with a checksum comparison against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,7 +72,16 @@ impl Manifest {
             name: config.name.clone(),
             id: config.id,
             policy: config.policy.clone(),
-            disks: config.disks.iter().map(|d| ManifestDisk { name: d.name.clone(), size: d.size }).collect(),
+            disks: config
+                .disks
+                .iter()
+                .map(|d| ManifestDisk {
+                    name: d.name.clone(),
+                    size: d.size,
+                    source: Some(d.path.clone()),
+                    seed: d.seed.clone(),
+                })
+                .collect(),
             epochs: vec![Epoch { number: 1, first_seq, reason: "replication enabled".into() }],
         }
     }
@@ -87,6 +105,9 @@ impl Manifest {
             validate_name("disk", &d.name).map_err(|e| bad(e.to_string()))?;
             if d.size == 0 {
                 return Err(bad(format!("disk '{}' has size 0", d.name)));
+            }
+            if let Some(seed) = &d.seed {
+                tern_driver::vm::validate_seed(seed).map_err(|e| bad(format!("disk '{}': {e}", d.name)))?;
             }
         }
         if m.epochs.is_empty() {
@@ -233,7 +254,12 @@ mod tests {
             name: "vm1".into(),
             id: uuid::Uuid::from_bytes([7; 16]),
             policy: Policy::default(),
-            disks: vec![ManifestDisk { name: "root".into(), size: 1 << 30 }],
+            disks: vec![ManifestDisk {
+                name: "root".into(),
+                size: 1 << 30,
+                source: None,
+                seed: Some("failover/active/root.img".into()),
+            }],
             epochs: vec![
                 Epoch { number: 1, first_seq: 1, reason: "replication enabled".into() },
                 Epoch { number: 2, first_seq: 500, reason: "host crash".into() },
@@ -253,6 +279,7 @@ mod tests {
             ("first-seq = 500", "first-seq = 1"),
             ("size = 1073741824", "size = 0"),
             ("name = \"root\"", "name = \"a/b\""),
+            ("seed = \"failover/active/root.img\"", "seed = \"../../etc/shadow\""),
         ] {
             assert!(text.contains(from), "{from}");
             let err = Manifest::parse(p, &text.replace(from, to)).unwrap_err();

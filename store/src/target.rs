@@ -7,6 +7,7 @@
 //! <target>/<vm>/points/<id>/<disk>.img      a point: one clone per disk
 //! <target>/<vm>/points/<id>/point.toml      written last, before the directory is renamed into place
 //! <target>/<vm>/points/.tmp-<id>/           a point being taken (never listed; removed on restart)
+//! <target>/<vm>/history/<old-vm-id>/        replica/ and points/ of a previous direction (re-protect)
 //! ```
 
 use std::collections::BTreeMap;
@@ -115,6 +116,19 @@ impl TargetDir {
 
     pub fn point_dir(&self, id: &str) -> PathBuf {
         self.points_dir().join(id)
+    }
+
+    /// Where a replica seed named in the manifest lives: absolute as given,
+    /// relative to this VM's directory otherwise (validated: no `..`).
+    pub fn seed_path(&self, seed: &Path) -> PathBuf {
+        self.root.join(seed)
+    }
+
+    /// A previous protection direction's replicas and points, kept when a
+    /// new stream (another VM id, after `tern reprotect` or `tern
+    /// failback`) takes over this directory.
+    pub fn history_dir(&self, old_id: &uuid::Uuid) -> PathBuf {
+        self.root.join("history").join(old_id.to_string())
     }
 
     pub fn point_tmp_dir(&self, id: &str) -> PathBuf {

@@ -32,6 +32,11 @@ use crate::ship::failpoint;
 #[error("{0}")]
 struct Refused(String);
 
+/// The cache's stream for a VM is not the one being applied any more.
+#[derive(Debug, thiserror::Error)]
+#[error("the cache's stream for this VM was replaced")]
+struct StreamReplaced;
+
 /// Record data a batch may hold before it is written out.
 const BATCH_LIMIT: usize = 256 << 20;
 
@@ -84,6 +89,10 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
             let applier = appliers.get_mut(&name).expect("inserted above");
             match applier.step(&stop) {
                 Ok(n) => progressed |= n > 0,
+                Err(e) if e.is::<StreamReplaced>() => {
+                    log::info!("VM '{name}': the cache holds a new stream (re-protected or failed back); reopening");
+                    appliers.remove(&name);
+                }
                 Err(e) => {
                     log::error!("VM '{name}': {e:#}; applying stops for this VM until `tern apply` is restarted");
                     appliers.remove(&name);
@@ -126,6 +135,62 @@ pub fn catch_up_and_point(cache: &Path, target: &Path, vm: &str) -> Result<Point
     let id = Point::make_id(cur.applied_seq, PointKind::Crash);
     applier.take_point(cur.applied_seq, cur.epoch, cur.source_time_ns, PointKind::Crash, None)?;
     applier.target.list_points()?.into_iter().find(|p| p.id == id).context("the point just taken is not in the catalog")
+}
+
+/// Moves a previous stream's replicas and points to `history/<old-id>/`
+/// (renames: instant, and nothing is lost), so a new stream can start in
+/// the VM's directory.
+fn retire_previous_stream(target: &TargetDir, old_id: &uuid::Uuid) -> Result<()> {
+    let history = target.history_dir(old_id);
+    std::fs::create_dir_all(&history).with_context(|| format!("cannot create {}", history.display()))?;
+    for dir in [target.replica_path("x").parent().map(Path::to_path_buf).unwrap_or_default(), target.points_dir()] {
+        let Some(name) = dir.file_name() else { continue };
+        if dir.exists() {
+            let to = history.join(name);
+            std::fs::rename(&dir, &to).with_context(|| format!("cannot move {} to {}", dir.display(), to.display()))?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        tern_driver::clone::prefer_in_place_writes(&dir)?;
+    }
+    tern_driver::vm::sync_dir(target.root())?;
+    log::warn!(
+        "{}: a new replication stream starts here; the previous one's replicas and points were moved to {} (remove it when no longer needed)",
+        target.root().display(),
+        history.display()
+    );
+    Ok(())
+}
+
+/// Starts a replica as a clone of `seed` (a re-protected stream: the old
+/// version of the disk), published by rename only when complete.
+fn seed_replica(target: &TargetDir, disk: &str, seed: &Path, replica: &Path, size: u64) -> Result<()> {
+    let seed_size = std::fs::metadata(seed)
+        .with_context(|| {
+            format!(
+                "disk '{disk}': the replica's seed {} cannot be read; make it available at {}, or re-protect without a seed (a full initial sync)",
+                seed.display(),
+                target.root().display()
+            )
+        })?
+        .len();
+    if seed_size != size {
+        bail!("disk '{disk}': the seed {} is {seed_size} bytes, the disk {size}", seed.display());
+    }
+    let tmp = replica.with_extension("img.seeding");
+    let _ = std::fs::remove_file(&tmp);
+    let method = clone_file(seed, &tmp)?;
+    std::fs::rename(&tmp, replica)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), replica.display()))?;
+    if let Some(parent) = replica.parent() {
+        tern_driver::vm::sync_dir(parent)?;
+    }
+    log::info!(
+        "disk '{disk}': replica {} seeded from {} ({}); a checksum comparison decides what is sent",
+        replica.display(),
+        seed.display(),
+        if method == CloneMethod::Reflink { "reflink" } else { "copy" }
+    );
+    Ok(())
 }
 
 /// VM directories of the cache store that have a manifest.
@@ -181,13 +246,23 @@ impl VmApplier {
                 tern_driver::clone::prefer_in_place_writes(&dir)?;
             }
         }
+        let seeded = manifest.disks.iter().any(|d| d.seed.is_some());
         let checkpoint = match target.read_checkpoint().map_err(anyhow::Error::msg)? {
+            Some(c) if c.vm_id != manifest.id && seeded => {
+                // A re-protected stream takes over: the old direction's
+                // replicas and points move aside, whole.
+                retire_previous_stream(&target, &c.vm_id)?;
+                None
+            }
             Some(c) if c.vm_id != manifest.id => bail!(
                 "{} belongs to VM id {}, but the cache's VM '{name}' is id {}: another VM of the same name; move the target directory away",
                 target.checkpoint_path().display(),
                 c.vm_id,
                 manifest.id
             ),
+            other => other,
+        };
+        let checkpoint = match checkpoint {
             Some(c) => c,
             None => Checkpoint {
                 version: TARGET_VERSION,
@@ -203,11 +278,17 @@ impl VmApplier {
         for d in &manifest.disks {
             let path = target.replica_path(&d.name);
             if !path.exists() {
-                // A new replica starts empty (sparse): the initial sync
-                // (resync records) fills in the source's data.
-                let f = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-                f.set_len(d.size).with_context(|| format!("cannot size {}", path.display()))?;
-                f.sync_all()?;
+                match &d.seed {
+                    Some(seed) => seed_replica(&target, &d.name, &target.seed_path(seed), &path, d.size)?,
+                    None => {
+                        // A new replica starts empty (sparse): the initial
+                        // sync (resync records) fills in the source's data.
+                        let f = std::fs::File::create(&path)
+                            .with_context(|| format!("cannot create {}", path.display()))?;
+                        f.set_len(d.size).with_context(|| format!("cannot size {}", path.display()))?;
+                        f.sync_all()?;
+                    }
+                }
             }
             let image = Image::open(&path)?;
             if image.size() != d.size {
@@ -249,6 +330,13 @@ impl VmApplier {
     /// written (each byte's last version, in offset order), fsynced and
     /// checkpointed. App points flush it first.
     fn step(&mut self, stop: &AtomicBool) -> Result<usize> {
+        match self.cache.read_manifest()? {
+            Some(Ok(m)) if m.id == self.manifest.id => {}
+            // Another stream took the VM's name over (after `tern failback`
+            // the old one is removed from the cache, a new one starts):
+            // applying stops here and restarts from its manifest.
+            _ => return Err(StreamReplaced.into()),
+        }
         if self.cache.read_fence()?.is_some() {
             // Failed over: the failed-over disks are the VM now, and
             // whatever the old source still ships is not applied.

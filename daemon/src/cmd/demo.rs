@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use tern_driver::journal::Journal;
 use tern_driver::units::Size;
-use tern_driver::vm::{self, EnableSpec, JournalConfig, Policy, VmPaths};
+use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy, VmPaths};
 use tern_driver::{Mirror, MirrorOptions};
 use tern_nbd::client::Client;
 use tern_nbd::{Listen, Server, ServerOptions};
@@ -82,6 +82,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
             target: dir.join("target"),
             journal: JournalConfig { size: Size::mib(512), ..Default::default() },
             policy: Policy::default(),
+            initial_sync: InitialSync::Allocated,
         },
     )?;
     println!(

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tern_driver::units::Size;
-use tern_driver::vm::{self, EnableSpec, JournalConfig, Policy};
+use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy};
 
 use crate::Cli;
 
@@ -51,6 +51,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         target: a.target.clone(),
         journal: JournalConfig { size: a.journal_size, region_size: a.region_size },
         policy: Policy { interval: a.interval, retention: a.retention, ..Policy::default() },
+        initial_sync: InitialSync::Allocated,
     };
     let done = vm::enable(&cli.state, &spec).with_context(|| format!("cannot enable VM '{}'", a.vm))?;
     let total: u64 = done.initial_sync_bytes.iter().sum();

@@ -204,15 +204,7 @@ fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Fail
     // Choose (for --latest: catch up and point) before fencing, so the
     // point holds everything the cache had.
     let point = choose_point(&target, cache_root, target_root, vm, a.point.as_deref())?;
-    let fence = Fence {
-        version: 1,
-        epoch: previous.as_ref().map_or(manifest.epoch().number + 1, |f| f.epoch),
-        point: point.id.clone(),
-        seq: point.seq,
-        failed_over_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-        committed: false,
-    };
-    tern_driver::vm::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
+    write_fence(&cache, &manifest, previous.as_ref(), &point, false)?;
     let active = target.root().join("failover").join("active");
     if active.exists() {
         log::warn!(
@@ -224,7 +216,28 @@ fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Fail
     make_failover(target_root, cache_root, vm, Some(&point.id), Some("active"), false)
 }
 
-fn choose_point(
+/// Fences the VM's stream at `point`: the source ships nothing more (it
+/// sees the fence) and no applier applies anything more for it.
+pub fn write_fence(
+    cache: &CacheDir,
+    manifest: &tern_store::cache::Manifest,
+    previous: Option<&Fence>,
+    point: &Point,
+    committed: bool,
+) -> Result<Fence> {
+    let fence = Fence {
+        version: 1,
+        epoch: previous.map_or(manifest.epoch().number + 1, |f| f.epoch),
+        point: point.id.clone(),
+        seq: point.seq,
+        failed_over_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        committed,
+    };
+    tern_driver::vm::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
+    Ok(fence)
+}
+
+pub fn choose_point(
     target: &TargetDir,
     cache_root: &Path,
     target_root: &Path,

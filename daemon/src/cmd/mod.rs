@@ -6,6 +6,7 @@ pub mod enable;
 pub mod failover;
 pub mod journal;
 pub mod points;
+pub mod reprotect;
 pub mod segment;
 pub mod serve;
 pub mod ship;

@@ -159,7 +159,15 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
     let points = target.list_points().unwrap_or_default();
     let newest_point = points.iter().map(|p| p.time_ns).max();
     let test_failovers = std::fs::read_dir(target.root().join("failover"))
-        .map(|d| d.filter_map(|e| e.ok()).filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count())
+        .map(|d| {
+            // `active` is the real failover's directory, not a test.
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    !name.starts_with('.') && name != "active"
+                })
+                .count()
+        })
         .unwrap_or(0);
     let last_seq = head.seq.saturating_sub(1);
     let rpo_seconds = applied.as_ref().map(|a| {

@@ -1,0 +1,350 @@
+//! `tern reprotect` and `tern failback`: after a failover, replicate the VM
+//! back the other way, and later return it to its original site.
+//!
+//! Both start a new replication stream (a new VM id) whose replica at the
+//! far site is *seeded* with the version of the disks already there — the
+//! old source images for a re-protect, the disks the VM ran on at the
+//! failover site for a failback — and whose first step is the checksum
+//! comparison a host crash uses: the target hashes its seeded replica, the
+//! source re-sends only the regions that differ. One mechanism (resync)
+//! again, so "only the changed blocks travel" is the same code as every
+//! other catch-up.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tern_driver::clone::clone_file;
+use tern_driver::units::Size;
+use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy, VmConfig, VmPaths};
+use tern_store::cache::{CacheDir, Manifest};
+use tern_store::target::{Point, TargetDir};
+
+use crate::cmd::failover::{choose_point, write_fence};
+use crate::ship::failpoint;
+use crate::Cli;
+
+#[derive(Debug, clap::Args)]
+pub struct ReprotectArgs {
+    /// The failed-over VM (failover committed with `tern commit`).
+    pub vm: String,
+    /// The cache store the new direction ships to.
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// The target site the new direction replicates to: usually the
+    /// original site, where the old source disks are.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// The target site the VM failed over at (its disks are in
+    /// `<from-target>/<vm>/failover/active/`).
+    #[arg(long)]
+    pub from_target: PathBuf,
+    /// The cache store of the direction that failed over (its fence and
+    /// manifest).
+    #[arg(long)]
+    pub from_cache: PathBuf,
+    /// The old version of a disk at the new target site, to seed its
+    /// replica from (NAME=PATH; default: the old source image recorded in
+    /// the failed-over direction's manifest).
+    #[arg(long = "seed", value_name = "NAME=PATH")]
+    pub seeds: Vec<String>,
+    /// No seeds: the new replicas start empty and everything is sent.
+    #[arg(long, conflicts_with = "seeds")]
+    pub no_seed: bool,
+    /// Size of the new direction's journal ring.
+    #[arg(long, default_value = "1GiB")]
+    pub journal_size: Size,
+    /// Time between crash-consistent points (default: the old direction's).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub interval: Option<Duration>,
+    /// How long points are kept (default: the old direction's).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+}
+
+/// `tern reprotect`: protect the failed-over VM (its disks in
+/// `failover/active/`) towards `--target`, seeding the replicas there from
+/// the old source images.
+pub fn reprotect(cli: &Cli, a: &ReprotectArgs) -> Result<()> {
+    vm::validate_name("VM", &a.vm)?;
+    let from_cache = CacheDir::new(&a.from_cache, &a.vm);
+    let fence = from_cache
+        .read_fence()?
+        .with_context(|| {
+            format!(
+                "VM '{}' has not failed over (no {}): `tern failover {}` and `tern commit {}` come before a re-protect",
+                a.vm,
+                from_cache.fence_path().display(),
+                a.vm,
+                a.vm
+            )
+        })?
+        .map_err(anyhow::Error::msg)?;
+    if !fence.committed {
+        bail!(
+            "VM '{}' failed over to point {} but that is not committed: check the VM, run `tern commit {}`, then re-protect",
+            a.vm,
+            fence.point,
+            a.vm
+        );
+    }
+    let manifest = read_manifest(&from_cache, &a.vm)?;
+    let active = TargetDir::new(&a.from_target, &a.vm).root().join("failover").join("active");
+    refuse_running_qemu(&active, &a.vm)?;
+    let mut disks = Vec::new();
+    for d in &manifest.disks {
+        let path = active.join(format!("{}.img", d.name));
+        if !path.is_file() {
+            bail!(
+                "disk '{}' of the failed-over VM is not at {} (is --from-target the site it failed over at?)",
+                d.name,
+                path.display()
+            );
+        }
+        disks.push((d.name.clone(), path));
+    }
+    let mut seeds = BTreeMap::new();
+    if !a.no_seed {
+        for d in &manifest.disks {
+            if let Some(source) = &d.source {
+                seeds.insert(d.name.clone(), source.clone());
+            }
+        }
+        for s in &a.seeds {
+            let Some((name, path)) = s.split_once('=') else {
+                bail!("--seed {s:?}: expected NAME=PATH, as in --seed disk0=/var/lib/images/vm1.img");
+            };
+            if !manifest.disks.iter().any(|d| d.name == name) {
+                bail!("--seed {s:?}: VM '{}' has no disk '{name}'", a.vm);
+            }
+            seeds.insert(name.to_owned(), PathBuf::from(path));
+        }
+    }
+    let policy = Policy {
+        interval: a.interval.unwrap_or(manifest.policy.interval),
+        retention: a.retention.unwrap_or(manifest.policy.retention),
+        ..manifest.policy.clone()
+    };
+    let spec = EnableSpec {
+        name: a.vm.clone(),
+        disks,
+        cache: a.cache.clone(),
+        target: a.target.clone(),
+        journal: JournalConfig { size: a.journal_size, ..Default::default() },
+        policy,
+        initial_sync: initial_sync(seeds),
+    };
+    let enabled = vm::enable(&cli.state, &spec).with_context(|| {
+        format!("cannot re-protect VM '{}' (at the failed-over site, use a --state of its own)", a.vm)
+    })?;
+    report_enabled(cli, &enabled.config, &spec.initial_sync);
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FailbackArgs {
+    /// The VM, as enabled at this (its original) site.
+    pub vm: String,
+    /// The cache store the re-protected direction ships to (the
+    /// re-protect's --cache).
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// The target site here that the re-protected direction replicates to
+    /// (the re-protect's --target).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Return to this point (default: apply everything in the cache and
+    /// take a point there).
+    #[arg(long)]
+    pub point: Option<String>,
+}
+
+/// `tern failback`, at the original site: fail the re-protected VM over
+/// back here (fencing the failover site), put the point's disks where the
+/// VM's own disks are, and protect it again in the original direction,
+/// seeding the replica there from the disks it ran on.
+pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
+    let started = Instant::now();
+    let paths = VmPaths::new(&cli.state, &a.vm)?;
+    restore_interrupted_failback(&cli.state, &a.vm, paths.dir())?;
+    let config = paths.load_config()?;
+    // Nothing may serve or ship the old disks while they are replaced.
+    let _frontend = vm::lock_exclusive(&paths.frontend_lock(), &format!("VM '{}'", a.vm), "a front-end")
+        .context("stop `tern serve` (and the VM) for this VM before failing back")?;
+    let _consumer = vm::lock_exclusive(&paths.consumer_lock(), &format!("VM '{}'", a.vm), "a journal consumer")
+        .context("stop `tern ship` for this VM before failing back")?;
+    let reverse = CacheDir::new(&a.cache, &a.vm);
+    let manifest = read_manifest(&reverse, &a.vm)?;
+    for d in &config.disks {
+        match manifest.disks.iter().find(|m| m.name == d.name) {
+            Some(m) if m.size == d.size => {}
+            _ => bail!(
+                "{} does not hold disk '{}' of {} bytes: is --cache the re-protected direction of this VM?",
+                reverse.manifest_path().display(),
+                d.name,
+                d.size
+            ),
+        }
+        let meta = std::fs::metadata(&d.path).with_context(|| format!("cannot read {}", d.path.display()))?;
+        if !meta.is_file() {
+            bail!(
+                "disk '{}' is {}, not an image file: failback writes image files only; copy the point onto the device yourself",
+                d.name,
+                d.path.display()
+            );
+        }
+    }
+    // The point: a failback that stopped half-way uses the point it fenced.
+    let previous = reverse.read_fence()?.transpose().map_err(anyhow::Error::msg)?;
+    let target = TargetDir::new(&a.target, &a.vm);
+    let point = match (&previous, &a.point) {
+        (Some(f), None) if f.committed => choose_point(&target, &a.cache, &a.target, &a.vm, Some(&f.point))?,
+        (_, Some(id)) => choose_point(&target, &a.cache, &a.target, &a.vm, Some(id))?,
+        (_, None) => crate::apply::catch_up_and_point(&a.cache, &a.target, &a.vm).map_err(|e| {
+            if e.downcast_ref::<tern_driver::Error>().is_some_and(|e| matches!(e, tern_driver::Error::Busy { .. })) {
+                e.context("stop `tern apply` for this VM here first, so the failback holds everything the cache has (or name a --point)")
+            } else {
+                e
+            }
+        })?,
+    };
+    write_fence(&reverse, &manifest, previous.as_ref(), &point, true)?;
+    log::info!("VM '{}': the failover site is fenced at point {} (seq {})", a.vm, point.id, point.seq);
+    restore_disks(&config, &target, &point)?;
+    failpoint("failback:disks-restored");
+    // A new stream in the original direction. Its replica there starts as
+    // the disks the VM ran on at the failover site.
+    let seeds: BTreeMap<String, PathBuf> = config
+        .disks
+        .iter()
+        .map(|d| (d.name.clone(), Path::new("failover/active").join(format!("{}.img", d.name))))
+        .collect();
+    let spec = EnableSpec {
+        name: a.vm.clone(),
+        disks: config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect(),
+        cache: config.cache.clone(),
+        target: config.target.clone(),
+        journal: config.journal.clone(),
+        policy: config.policy.clone(),
+        initial_sync: initial_sync(seeds),
+    };
+    let retired = cli.state.join(format!(".{}.failed-back-{}", a.vm, config.id));
+    std::fs::rename(paths.dir(), &retired).with_context(|| format!("cannot move {} aside", paths.dir().display()))?;
+    failpoint("failback:state-moved");
+    let enabled = match vm::enable(&cli.state, &spec) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = std::fs::rename(&retired, paths.dir());
+            return Err(anyhow::Error::new(e).context(format!("cannot protect VM '{}' again", a.vm)));
+        }
+    };
+    std::fs::remove_dir_all(&retired).with_context(|| format!("cannot remove {}", retired.display()))?;
+    // The old direction's stream in the cache ended with the failover; the
+    // new one starts there from scratch (its applier notices the new id).
+    let old = CacheDir::new(&config.cache, &a.vm);
+    if old.root().exists() {
+        let gone = config.cache.join(format!(".{}.retired-{}", a.vm, config.id));
+        std::fs::rename(old.root(), &gone).with_context(|| format!("cannot retire {}", old.root().display()))?;
+        std::fs::remove_dir_all(&gone).with_context(|| format!("cannot remove {}", gone.display()))?;
+    }
+    println!(
+        "VM '{}' failed back to point {} (seq {}) in {:.2?}: its disks at this site hold that point",
+        a.vm,
+        point.id,
+        point.seq,
+        started.elapsed()
+    );
+    report_enabled(cli, &enabled.config, &spec.initial_sync);
+    println!(
+        "at the failover site: stop the VM and its `tern serve`/`tern ship` (they are fenced) and remove its state there"
+    );
+    Ok(())
+}
+
+/// A failback that stopped between moving the VM's state aside and
+/// enabling it again left it under a hidden name: put it back, so running
+/// `tern failback` again finishes the job.
+fn restore_interrupted_failback(state: &Path, vm: &str, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let prefix = format!(".{vm}.failed-back-");
+    let Ok(entries) = std::fs::read_dir(state) else { return Ok(()) };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) && e.path().join("vm.toml").is_file() {
+            std::fs::rename(e.path(), dir).with_context(|| format!("cannot restore {}", e.path().display()))?;
+            log::warn!("VM '{vm}': an interrupted failback left its state in {}; restored", e.path().display());
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn initial_sync(seeds: BTreeMap<String, PathBuf>) -> InitialSync {
+    if seeds.is_empty() {
+        InitialSync::Allocated
+    } else {
+        InitialSync::Compare { seeds }
+    }
+}
+
+fn read_manifest(cache: &CacheDir, vm: &str) -> Result<Manifest> {
+    cache
+        .read_manifest()?
+        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped there", cache.root().display()))?
+        .map_err(anyhow::Error::msg)
+}
+
+/// A VM started by `tern failover --boot` writes to its disks directly,
+/// past any journal: protecting them then would miss its writes.
+fn refuse_running_qemu(active: &Path, vm: &str) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(active.join("qemu.pid")) else { return Ok(()) };
+    let Ok(pid) = text.trim().parse::<i32>() else { return Ok(()) };
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+        bail!(
+            "VM '{vm}' runs from {} directly (qemu pid {pid}): its writes would bypass the journal; shut it down, re-protect, then start it on `tern serve`'s export",
+            active.display()
+        );
+    }
+    Ok(())
+}
+
+/// Puts the point's disks where the VM's own disks are: each a clone,
+/// made beside the image and renamed over it only when complete.
+fn restore_disks(config: &VmConfig, target: &TargetDir, point: &Point) -> Result<()> {
+    for d in &config.disks {
+        let file = point.disks.get(&d.name).with_context(|| format!("point {} has no disk '{}'", point.id, d.name))?;
+        let from = target.point_dir(&point.id).join(file);
+        let tmp = d.path.with_extension("tern-failback");
+        let _ = std::fs::remove_file(&tmp);
+        let method = clone_file(&from, &tmp)?;
+        std::fs::rename(&tmp, &d.path)
+            .with_context(|| format!("cannot rename {} over {}", tmp.display(), d.path.display()))?;
+        if let Some(dir) = d.path.parent() {
+            vm::sync_dir(dir)?;
+        }
+        log::info!("disk '{}': {} now holds point {} ({})", d.name, d.path.display(), point.id, method.name());
+    }
+    Ok(())
+}
+
+fn report_enabled(cli: &Cli, config: &VmConfig, initial: &InitialSync) {
+    let how = match initial {
+        InitialSync::Compare { seeds } => format!(
+            "the replicas at {} start from {} and only the regions that differ are sent",
+            config.target.display(),
+            seeds.values().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+        InitialSync::Allocated => "the replicas start empty: all allocated data is sent".to_string(),
+    };
+    println!("VM '{}' protected towards {} (id {}): {how}", config.name, config.target.display(), config.id);
+    let socket = VmPaths::new(&cli.state, &config.name).map(|p| p.nbd_socket()).unwrap_or_default();
+    println!(
+        "next: `tern serve {0}` and start the VM on {1}; `tern ship {0}`; at the target site, `tern apply --cache {2} --target {3}`",
+        config.name,
+        socket.display(),
+        config.cache.display(),
+        config.target.display()
+    );
+}

@@ -1,0 +1,227 @@
+//! Re-protect and failback, end to end: fail over, change both sides,
+//! replicate back sending only the differing regions, fail back, and the
+//! original direction runs again — again sending only what differs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use tern_system_tests::*;
+
+const REGION: u64 = 64 << 10;
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).expect("json")
+}
+
+fn qemu_io(uri: &str, cmds: &[String]) {
+    let mut io = Command::new("qemu-io");
+    io.args(["-f", "raw", uri]);
+    for c in cmds {
+        io.args(["-c", c]);
+    }
+    run(&mut io);
+}
+
+/// Bytes of resync records in a cache's segments (what a checksum
+/// comparison decided to send).
+fn resync_bytes(tern: impl Fn() -> Command, cache_vm: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(cache_vm.join("segments")).expect("segments") {
+        let path = e.expect("entry").path();
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            continue;
+        }
+        let dump = run(tern().args(["segment", "dump"]).arg(&path));
+        for line in dump.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.contains(&"resync") {
+                let at = words.iter().position(|w| *w == "length").expect("length column");
+                total += words[at + 1].parse::<u64>().expect("length");
+            }
+        }
+    }
+    total
+}
+
+/// A `tern` command on another site's state directory.
+fn tern_at(state: &Path) -> Command {
+    let mut c = Command::new(tern_bin());
+    c.arg("--state").arg(state);
+    c
+}
+
+fn apply_daemon(cache: &Path, target: &Path, log: &Path) -> std::process::Child {
+    Command::new(tern_bin())
+        .args(["apply", "--keep-segments", "--cache"])
+        .arg(cache)
+        .arg("--target")
+        .arg(target)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("tern apply")
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+#[test]
+fn reprotect_sends_only_what_differs_and_failback_restores_the_original_direction() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let root = vm.dir.path().to_owned();
+    let (cache, target) = (root.join("cache"), root.join("target"));
+    // Site A protects vm1 towards site B.
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    assert!(vm.apply_with(&cache, &target, &[], &[]).status.success());
+
+    // Failover to B, committed.
+    let f = json(&run(vm.tern().args(["failover", &vm.name, "--json"])));
+    let b_disk = PathBuf::from(f["disks"]["disk0"].as_str().expect("disk"));
+    let out = vm
+        .tern()
+        .args(["reprotect", &vm.name, "--cache", "x", "--target", "y", "--from-target"])
+        .arg(&target)
+        .arg("--from-cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not committed") && err.contains("tern commit"), "{err}");
+    run(vm.tern().args(["commit", &vm.name]));
+
+    // Both sides change: site A (fenced, still running) writes regions 32
+    // and 96-97; the failed-over VM, run from its disk at B (`failover
+    // --boot`), writes regions 32 and 160 before it is shut down for the
+    // re-protect.
+    qemu_io(&vm.uri("disk0"), &["write -P 0x11 2M 64k".into(), "write -P 0x12 6M 128k".into()]);
+    served.stop();
+    qemu_io(b_disk.to_str().unwrap(), &["write -P 0x21 2M 64k".into(), "write -P 0x22 10M 64k".into()]);
+    let state_b = root.join("state-b");
+    let (cache2, target2) = (root.join("cache2"), root.join("target2"));
+    for d in [&cache2, &target2] {
+        std::fs::create_dir(d).expect("site dir");
+    }
+    let reprotected = run(tern_at(&state_b)
+        .args(["reprotect", &vm.name, "--cache"])
+        .arg(&cache2)
+        .arg("--target")
+        .arg(&target2)
+        .arg("--from-target")
+        .arg(&target)
+        .arg("--from-cache")
+        .arg(&cache));
+    assert!(reprotected.contains("only the regions that differ are sent"), "{reprotected}");
+
+    // B ships back; A's applier seeds the replica from A's old disk and
+    // answers the hash request.
+    let applier = apply_daemon(&cache2, &target2, &root.join("apply2.log"));
+    let out = tern_at(&state_b).args(["ship", &vm.name, "--once", "--checksum-timeout", "10m"]).output().unwrap();
+    stop(applier);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("4 of 256 regions differ"), "regions 32, 96, 97 and 160 differ:\n{log}");
+    let apply_log = std::fs::read_to_string(root.join("apply2.log")).unwrap();
+    assert!(apply_log.contains("seeded from"), "{apply_log}");
+    let cache2_vm = cache2.join(&vm.name);
+    assert_eq!(resync_bytes(|| vm.tern(), &cache2_vm), 4 * REGION, "exactly the differing regions travel");
+
+    // The VM runs at B on tern's export now: its writes replicate to A.
+    let socket_b = root.join("b.sock");
+    let serve_b = tern_at(&state_b)
+        .args(["serve", &vm.name, "--listen"])
+        .arg(format!("unix:{}", socket_b.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve b");
+    let start = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket_b).is_err() {
+        assert!(start.elapsed().as_secs() < 30, "serve at B did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    qemu_io(&format!("nbd+unix:///disk0?socket={}", socket_b.display()), &["write -P 0x23 14M 64k".into()]);
+    stop(serve_b);
+    run(tern_at(&state_b).args(["ship", &vm.name, "--once"]));
+    assert!(Command::new(tern_bin())
+        .args(["apply", "--keep-segments", "--once", "--cache"])
+        .arg(&cache2)
+        .arg("--target")
+        .arg(&target2)
+        .status()
+        .unwrap()
+        .success());
+    assert_files_equal(&target2.join("vm1/replica/disk0.img"), &b_disk);
+
+    // Failback at A: A's disks become B's, B is fenced, and A protects
+    // towards B again.
+    // A failback killed half-way is finished by running it again.
+    for failpoint in ["failback:disks-restored", "failback:state-moved"] {
+        let out = vm
+            .tern()
+            .args(["failback", &vm.name, "--cache"])
+            .arg(&cache2)
+            .arg("--target")
+            .arg(&target2)
+            .env("TERN_FAILPOINT", failpoint)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{failpoint} did not stop the failback");
+    }
+    let back = run(vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2));
+    assert!(back.contains("failed back"), "{back}");
+    assert_files_equal(&vm.image, &b_disk);
+    let out = tern_at(&state_b).args(["ship", &vm.name, "--once"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "the failover site is fenced after failback");
+
+    // The original direction: B's replica is seeded from the disk the VM
+    // ran on there, which is what A's disks now hold: nothing is re-sent.
+    // Then A's writes replicate to B as before.
+    let applier = apply_daemon(&cache, &target, &root.join("apply1.log"));
+    let log = vm.ship_once_with(&["--checksum-timeout", "10m"]);
+    stop(applier);
+    assert!(log.contains("0 of 256 regions differ"), "{log}");
+    assert_eq!(resync_bytes(|| vm.tern(), &vm.cache_dir()), 0);
+    let served = vm.serve(&[]);
+    qemu_io(&vm.uri("disk0"), &["write -P 0x31 12M 64k".into()]);
+    served.stop();
+    vm.ship_once();
+    assert!(vm.apply_with(&cache, &target, &["--keep-segments"], &[]).status.success());
+    assert_files_equal(&target.join("vm1/replica/disk0.img"), &vm.image);
+    run(vm.tern().args(["verify", &vm.name]));
+    let history: Vec<_> = std::fs::read_dir(target.join("vm1/history")).expect("history").collect();
+    assert_eq!(history.len(), 1, "the old direction's replica and points are kept aside");
+    let status = json(&run(vm.tern().args(["status", &vm.name, "--json"])));
+    assert_eq!(status[0]["state"], "protected", "{status}");
+}
+
+#[test]
+fn reprotect_and_failback_refuse_what_they_cannot_do() {
+    let vm = TestVm::new(VmSpec { disk_size: 4 << 20, journal_size: "16MiB", ..Default::default() });
+    let root = vm.dir.path();
+    let cache = root.join("cache");
+    let target = root.join("target");
+    // Not failed over.
+    let out = vm
+        .tern()
+        .args(["reprotect", &vm.name, "--cache", "c", "--target", "t", "--from-target"])
+        .arg(&target)
+        .arg("--from-cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has not failed over"), "{err}");
+    // Failback without a re-protected direction.
+    let out = vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache).arg("--target").arg(&target).output();
+    let err = String::from_utf8_lossy(&out.as_ref().unwrap().stderr).into_owned();
+    assert!(!out.unwrap().status.success() && err.contains("has no manifest"), "{err}");
+    // Failback while the VM is served here.
+    let served = vm.serve(&[]);
+    let out = vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache).arg("--target").arg(&target).output();
+    let err = String::from_utf8_lossy(&out.as_ref().unwrap().stderr).into_owned();
+    assert!(err.contains("stop `tern serve`"), "{err}");
+    served.stop();
+}
