@@ -193,3 +193,50 @@ fn failover_while_the_source_still_ships_fences_it_and_applies_nothing_after() {
     let out = vm.tern().args(["failover-cleanup", &vm.name, "active"]).output().unwrap();
     assert!(!out.status.success(), "the real failover is not a test to clean up");
 }
+
+#[test]
+fn failover_boot_starts_qemu_on_the_failed_over_disk_and_reprotect_waits_for_it_to_stop() {
+    require("qemu-system-x86_64");
+    let (vm, _) = protected_vm_with_a_tag();
+    let root = vm.dir.path();
+    let out = json(&run(vm.tern().args(["failover", &vm.name, "--boot", "--json"])));
+    let dir = std::path::PathBuf::from(out["directory"].as_str().unwrap());
+    let disk = out["disks"]["disk0"].as_str().unwrap().to_string();
+    let pid: i32 = std::fs::read_to_string(dir.join("qemu.pid")).expect("qemu.pid").trim().parse().expect("pid");
+    struct Qemu(i32);
+    impl Drop for Qemu {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg("-9").arg(self.0.to_string()).status();
+        }
+    }
+    let qemu = Qemu(pid);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("qemu runs");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("qemu-system-x86_64") && cmdline.contains(&disk), "{cmdline}");
+    assert!(cmdline.contains("-nic none"), "isolated by default: {cmdline}");
+    run(vm.tern().args(["commit", &vm.name]));
+    for d in ["cache2", "target2"] {
+        std::fs::create_dir(root.join(d)).unwrap();
+    }
+    let reprotect = || {
+        let mut c = Command::new(tern_bin());
+        c.arg("--state")
+            .arg(root.join("state-b"))
+            .args(["reprotect", &vm.name, "--cache"])
+            .arg(root.join("cache2"))
+            .arg("--target")
+            .arg(root.join("target2"))
+            .arg("--from-target")
+            .arg(root.join("target"))
+            .arg("--from-cache")
+            .arg(root.join("cache"));
+        c
+    };
+    let out = reprotect().output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("qemu pid {pid}")), "{err}");
+    drop(qemu);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    run(&mut reprotect());
+}

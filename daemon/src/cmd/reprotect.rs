@@ -301,7 +301,10 @@ fn read_manifest(cache: &CacheDir, vm: &str) -> Result<Manifest> {
 fn refuse_running_qemu(active: &Path, vm: &str) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(active.join("qemu.pid")) else { return Ok(()) };
     let Ok(pid) = text.trim().parse::<i32>() else { return Ok(()) };
-    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+    // A live qemu: a zombie has an empty command line, and a reused pid
+    // another program's.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains("qemu") {
         bail!(
             "VM '{vm}' runs from {} directly (qemu pid {pid}): its writes would bypass the journal; shut it down, re-protect, then start it on `tern serve`'s export",
             active.display()
