@@ -45,6 +45,10 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod> {
 }
 
 fn reflink_or_copy(source: &File, src: &Path, target: &File, dst: &Path) -> Result<CloneMethod> {
+    // btrfs refuses to share extents between a copy-on-write file and a
+    // `chattr +C` one (EINVAL): the still-empty destination takes the
+    // source's setting, whatever its directory would have given it.
+    match_nocow(source, target);
     // SAFETY: FICLONE takes the source descriptor as its argument and
     // touches no memory of ours; both descriptors are open for the call.
     let rc = unsafe { libc::ioctl(target.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) };
@@ -76,19 +80,34 @@ const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
 /// it (xfs, ext4) are left alone.
 pub fn prefer_in_place_writes(dir: &Path) -> Result<bool> {
     let d = File::open(dir).map_err(|source| Error::Open { path: dir.to_owned(), source })?;
-    let mut flags: libc::c_int = 0;
-    // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer, which
-    // points at a live local.
-    if unsafe { libc::ioctl(d.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
-        return Ok(false);
-    }
+    let Some(flags) = nocow_flags(&d) else { return Ok(false) };
     if flags & FS_NOCOW_FL != 0 {
         return Ok(true);
     }
-    flags |= FS_NOCOW_FL;
+    let flags = flags | FS_NOCOW_FL;
     // SAFETY: FS_IOC_SETFLAGS reads one int through the pointer.
     let rc = unsafe { libc::ioctl(d.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) };
     Ok(rc == 0)
+}
+
+fn nocow_flags(f: &File) -> Option<libc::c_int> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer, which
+    // points at a live local.
+    (unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } == 0).then_some(flags)
+}
+
+/// Gives the empty `target` the source's `FS_NOCOW_FL` (best effort: on
+/// filesystems without the flag nothing changes, and a mismatch left
+/// behind only means a copy instead of a reflink).
+fn match_nocow(source: &File, target: &File) {
+    let (Some(src), Some(mut dst)) = (nocow_flags(source), nocow_flags(target)) else { return };
+    if src & FS_NOCOW_FL == dst & FS_NOCOW_FL {
+        return;
+    }
+    dst = (dst & !FS_NOCOW_FL) | (src & FS_NOCOW_FL);
+    // SAFETY: FS_IOC_SETFLAGS reads one int through the pointer.
+    let _ = unsafe { libc::ioctl(target.as_raw_fd(), libc::FS_IOC_SETFLAGS, &dst) };
 }
 
 /// Copies the data ranges of `source` (SEEK_DATA/SEEK_HOLE) with

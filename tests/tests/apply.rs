@@ -233,6 +233,15 @@ fn points_are_reflinks_on_btrfs_and_xfs_and_copies_on_ext4() {
         let points = vm.points(&target);
         assert!(points.iter().all(|p| p["clone"] == clone), "{fs}: expected {clone} clones: {points:#?}");
         assert_points_are_exact(&vm, &vm.cache_dir(), &target, &tagged);
+        // A test failover clones a point the same way (on btrfs, from the
+        // points' in-place files into a directory without the flag).
+        let newest = points.iter().max_by_key(|p| p["seq"].as_u64()).expect("a point");
+        let f: serde_json::Value = serde_json::from_str(&run(vm
+            .tern()
+            .args(["failover", &vm.name, "--test", "--json", "--point", newest["id"].as_str().unwrap(), "--target"])
+            .arg(&target)))
+        .expect("json");
+        assert_eq!(f["clone"], clone, "{fs}: {f}");
         if clone == "copy" {
             assert!(
                 String::from_utf8_lossy(&out.stderr).contains("cannot share extents"),

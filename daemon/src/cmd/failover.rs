@@ -152,6 +152,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         let out = serde_json::json!({
             "name": f.name, "directory": f.dir.display().to_string(), "point": f.point.id, "seq": f.point.seq,
             "time": time.to_string(), "test": a.test, "disks": disks,
+            "clone": if f.copied { "copy" } else { "reflink" }, "ready_seconds": started.elapsed().as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
