@@ -55,6 +55,12 @@ pub struct ReprotectArgs {
     /// Size of the new direction's journal ring.
     #[arg(long, default_value = "1GiB")]
     pub journal_size: Size,
+    /// Bytes of disk one dirty-bitmap bit (and one compared hash) stands
+    /// for: the granularity of what the first sync re-sends. Smaller finds
+    /// small scattered changes more exactly, for a larger hash exchange
+    /// (16 bytes per region).
+    #[arg(long, default_value = "64KiB")]
+    pub region_size: Size,
     /// Time between crash-consistent points (default: the old direction's).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub interval: Option<Duration>,
@@ -131,7 +137,7 @@ pub fn reprotect(cli: &Cli, a: &ReprotectArgs) -> Result<()> {
         disks,
         cache: a.cache.clone(),
         target: a.target.clone(),
-        journal: JournalConfig { size: a.journal_size, ..Default::default() },
+        journal: JournalConfig { size: a.journal_size, region_size: a.region_size },
         policy,
         initial_sync: initial_sync(seeds),
     };
