@@ -240,3 +240,17 @@ fn failover_boot_starts_qemu_on_the_failed_over_disk_and_reprotect_waits_for_it_
     std::thread::sleep(std::time::Duration::from_millis(500));
     run(&mut reprotect());
 }
+
+#[test]
+fn a_full_target_is_reported_with_what_to_do() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 32 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    vm.ship_once();
+    let target = vm.dir.path().join("small-target");
+    let _fs = LoopFs::new("ext4", &vm.dir.path().join("small.fs"), &target, 16);
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "applying 32 MiB onto a 16 MiB filesystem must fail");
+    assert!(err.contains("No space left on device") && err.contains("filesystem named above is full"), "{err}");
+    assert!(err.contains(&target.display().to_string()), "the error names the path: {err}");
+}

@@ -94,7 +94,8 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
                     appliers.remove(&name);
                 }
                 Err(e) => {
-                    log::error!("VM '{name}': {e:#}; applying stops for this VM until `tern apply` is restarted");
+                    let hint = crate::hint_for(&e).map(|h| format!(" ({h})")).unwrap_or_default();
+                    log::error!("VM '{name}': {e:#}; applying stops for this VM until `tern apply` is restarted{hint}");
                     appliers.remove(&name);
                     failed.insert(name, format!("{e:#}"));
                 }
