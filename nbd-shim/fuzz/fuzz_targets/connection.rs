@@ -73,6 +73,7 @@ fn setup() -> Server {
             target: dir.join("target"),
             journal: JournalConfig { size: Size::kib(256), region_size: Size::kib(4) },
             policy: Default::default(),
+            initial_sync: Default::default(),
         },
     )
     .expect("enable the VM");
