@@ -50,6 +50,18 @@ fn tern_at(state: &Path) -> Command {
     c
 }
 
+/// `tern reprotect` with the failover's sites given and dummy new ones: for
+/// what it refuses before it looks at those.
+fn reprotect_to_nowhere(vm: &TestVm, from_target: &Path, from_cache: &Path) -> std::process::Output {
+    vm.tern()
+        .args(["reprotect", &vm.name, "--cache", "nowhere", "--target", "nowhere", "--from-target"])
+        .arg(from_target)
+        .arg("--from-cache")
+        .arg(from_cache)
+        .output()
+        .expect("tern reprotect")
+}
+
 fn apply_daemon(cache: &Path, target: &Path, log: &Path) -> std::process::Child {
     Command::new(tern_bin())
         .args(["apply", "--keep-segments", "--cache"])
@@ -81,14 +93,7 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     // Failover to B, committed.
     let f = json(&run(vm.tern().args(["failover", &vm.name, "--json"])));
     let b_disk = PathBuf::from(f["disks"]["disk0"].as_str().expect("disk"));
-    let out = vm
-        .tern()
-        .args(["reprotect", &vm.name, "--cache", "x", "--target", "y", "--from-target"])
-        .arg(&target)
-        .arg("--from-cache")
-        .arg(&cache)
-        .output()
-        .unwrap();
+    let out = reprotect_to_nowhere(&vm, &target, &cache);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not committed") && err.contains("tern commit"), "{err}");
     run(vm.tern().args(["commit", &vm.name]));
@@ -204,14 +209,7 @@ fn reprotect_and_failback_refuse_what_they_cannot_do() {
     let cache = root.join("cache");
     let target = root.join("target");
     // Not failed over.
-    let out = vm
-        .tern()
-        .args(["reprotect", &vm.name, "--cache", "c", "--target", "t", "--from-target"])
-        .arg(&target)
-        .arg("--from-cache")
-        .arg(&cache)
-        .output()
-        .unwrap();
+    let out = reprotect_to_nowhere(&vm, &target, &cache);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("has not failed over"), "{err}");
     // Failback without a re-protected direction.

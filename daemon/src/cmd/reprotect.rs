@@ -47,8 +47,8 @@ pub struct ReprotectArgs {
     /// The old version of a disk at the new target site, to seed its
     /// replica from (NAME=PATH; default: the old source image recorded in
     /// the failed-over direction's manifest).
-    #[arg(long = "seed", value_name = "NAME=PATH")]
-    pub seeds: Vec<String>,
+    #[arg(long = "seed", value_name = "NAME=PATH", value_parser = crate::cmd::parse_onto)]
+    pub seeds: Vec<(String, PathBuf)>,
     /// No seeds: the new replicas start empty and everything is sent.
     #[arg(long, conflicts_with = "seeds")]
     pub no_seed: bool,
@@ -117,14 +117,11 @@ pub fn reprotect(cli: &Cli, a: &ReprotectArgs) -> Result<()> {
                 seeds.insert(d.name.clone(), source.clone());
             }
         }
-        for s in &a.seeds {
-            let Some((name, path)) = s.split_once('=') else {
-                bail!("--seed {s:?}: expected NAME=PATH, as in --seed disk0=/var/lib/images/vm1.img");
-            };
-            if !manifest.disks.iter().any(|d| d.name == name) {
-                bail!("--seed {s:?}: VM '{}' has no disk '{name}'", a.vm);
+        for (name, path) in &a.seeds {
+            if !manifest.disks.iter().any(|d| &d.name == name) {
+                bail!("--seed {name}={}: VM '{}' has no disk '{name}'", path.display(), a.vm);
             }
-            seeds.insert(name.to_owned(), PathBuf::from(path));
+            seeds.insert(name.clone(), path.clone());
         }
     }
     let policy = Policy {
