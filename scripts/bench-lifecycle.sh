@@ -32,8 +32,8 @@
 #                 NAIVE_PIECE pieces deleted as it goes so the disk need not
 #                 hold a second IS_SIZE file) to the same disk. IS_ROUNDS
 #                 rounds, interleaved, page cache dropped before each.
-#   reprotect     Placeholder until `tern reprotect` exists: see
-#                 measure_reprotect below.
+#   reprotect     Runs scripts/bench-reprotect.sh (re-protect after a
+#                 failover: time and bytes sent when 1% of the disk changed).
 #
 # Usage (root: loop mounts, drop_caches):
 #   scripts/bench-lifecycle.sh
@@ -51,7 +51,8 @@
 #   existing binary if it keeps failing), TERN [target/release/tern] (copied
 #   into the results dir so a rebuild cannot swap it mid-run), WORK
 #   [/var/tmp/tern-bench-lifecycle], KEEP [0] (keep images and loop fs),
-#   MIN_FREE [4g] (stop before a step would leave less free on WORK's disk).
+#   MIN_FREE [4g] (stop before a step would leave less free on WORK's disk),
+#   DROP_CACHES [1] (drop the page cache before each timed run; 0: only sync).
 #
 # Images (RTO_IMAGES, COPY_IMAGES): dense-N (N fully written with random
 #   bytes) and sparse-N (N bytes long, SPARSE_DATA [2g] of random bytes in
@@ -95,6 +96,7 @@ TERN_BIN=${TERN:-target/release/tern}
 WORK=${WORK:-/var/tmp/tern-bench-lifecycle}
 KEEP=${KEEP:-0}
 MIN_FREE=${MIN_FREE:-4g}
+DROP_CACHES=${DROP_CACHES:-1}
 
 log() { echo "[bench-lifecycle $(date -u +%H:%M:%S)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -129,7 +131,7 @@ TERN="$RESULTS/tern"
     git status --porcelain -- '*.rs' Cargo.toml Cargo.lock | sed 's/^/  /'
     echo "binary: $TERN_BIN, built $(date -u -r "$TERN_BIN" '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$TERN" | cut -c1-16)"
     echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r), $(df -h --output=source,fstype "$WORK" | tail -1)"
-    echo "command: MEASURE=\"$MEASURE\" RTO_FS=\"$RTO_FS\" RTO_IMAGES=\"$RTO_IMAGES\" COPY_FS=\"$COPY_FS\" COPY_IMAGES=\"$COPY_IMAGES\" RUNS=$RUNS COPY_RUNS=$COPY_RUNS PENDING=$PENDING SPARSE_DATA=$SPARSE_DATA FRAG_DATA=$FRAG_DATA IS_SIZE=$IS_SIZE IS_DATA=$IS_DATA IS_ROUNDS=$IS_ROUNDS scripts/bench-lifecycle.sh"
+    echo "command: MEASURE=\"$MEASURE\" RTO_FS=\"$RTO_FS\" RTO_IMAGES=\"$RTO_IMAGES\" COPY_FS=\"$COPY_FS\" COPY_IMAGES=\"$COPY_IMAGES\" RUNS=$RUNS COPY_RUNS=$COPY_RUNS PENDING=$PENDING DROP_CACHES=$DROP_CACHES SPARSE_DATA=$SPARSE_DATA FRAG_DATA=$FRAG_DATA IS_SIZE=$IS_SIZE IS_DATA=$IS_DATA IS_ROUNDS=$IS_ROUNDS scripts/bench-lifecycle.sh"
 } >"$RESULTS/run.txt"
 cat "$RESULTS/run.txt" >&2
 
@@ -154,6 +156,10 @@ cleanup() {
 trap cleanup EXIT
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# Before each timed run: the page cache dropped (DROP_CACHES=1, the default:
+# a target host that has not read the replica's metadata lately), or only
+# flushed (DROP_CACHES=0: warm, as right after `tern apply` wrote it).
+before_timed_run() { if [[ "$DROP_CACHES" == 1 ]]; then drop_caches; else sync; fi; }
 
 # need_space BYTES: stop (cleanly) unless the work dir's disk has BYTES free
 # beyond MIN_FREE [4g]. The disk is shared with builds and other work; the
@@ -357,7 +363,7 @@ rto_case() {
         # without reflinks a failover and a point are full copies too
         need_space $(( ${copies:-0} * data_bytes + 3 * $(bytes "$PENDING") + (512 << 20) ))
         # test failover from the point
-        wait_no_build; drop_caches
+        wait_no_build; before_timed_run
         st=ok; timed "$out/test-point-$r.out" "$out/test-point-$r.err" \
             $T failover vm --test --point "$point" --name "p$r" --json || st=fail
         rto_record "$fs" "$image" test-point "$r" "$st" "$out/test-point-$r.out" "$target" "p$r" 0
@@ -365,7 +371,7 @@ rto_case() {
 
         # test failover, --latest, with PENDING in the cache
         write_pending "$d" "$disk_bytes"
-        wait_no_build; drop_caches
+        wait_no_build; before_timed_run
         st=ok; timed "$out/test-latest-$r.out" "$out/test-latest-$r.err" \
             $T failover vm --test --latest --name "l$r" --json || st=fail
         rto_record "$fs" "$image" test-latest "$r" "$st" "$out/test-latest-$r.out" "$target" "l$r" "$PENDING"
@@ -374,7 +380,7 @@ rto_case() {
 
         # real failover, --latest, with PENDING in the cache
         write_pending "$d" "$disk_bytes"
-        wait_no_build; drop_caches
+        wait_no_build; before_timed_run
         st=ok; timed "$out/real-latest-$r.out" "$out/real-latest-$r.err" \
             $T failover vm --latest --json || st=fail
         rto_record "$fs" "$image" real-latest "$r" "$st" "$out/real-latest-$r.out" "$target" active "$PENDING"
@@ -481,24 +487,13 @@ measure_initial_sync() {
 }
 
 # ---------------------------------------------------------------------------
-# Re-protect (issue 5): PLACEHOLDER until `tern reprotect` exists.
+# Re-protect (issue 5): measured by scripts/bench-reprotect.sh (its own
+# knobs: RP_FS, RP_SIZE, RP_PERCENT, RP_CASES); MEASURE=reprotect runs it
+# with this script's binary.
 # ---------------------------------------------------------------------------
-# What to measure (issue 5): after a real failover, change 1% of the disk on
-# each side, then `tern reprotect <vm>`: its time and the bytes it ships
-# (ship.json / the cache's segments) against a full copy of the disk, and
-# against the bytes that changed (target: within 10% of them). A sketch,
-# reusing the helpers above: mount_fs btrfs; make_image dense-2g; enable,
-# ship --once, apply --once; `tern failover vm --latest`; write 1% of the
-# failed-over disk (dd/fio onto failover/active/disk0.img) and 1% of the old
-# source; then time `tern reprotect vm …` and read its byte counts; append to
-# $RESULTS/reprotect.tsv and add a table to scripts/bench-lifecycle.py's
-# summary.
 measure_reprotect() {
-    if ! "$TERN" reprotect --help >/dev/null 2>&1; then
-        log "reprotect: this tern has no 'reprotect' command yet: skipped"
-        return 0
-    fi
-    die "measure_reprotect is a placeholder: write it (see the comment above it)"
+    [[ -x scripts/bench-reprotect.sh ]] || die "scripts/bench-reprotect.sh is missing"
+    TERN="$TERN" scripts/bench-reprotect.sh 2>&1 | tee "$RESULTS/reprotect.txt"
 }
 
 # ---------------------------------------------------------------------------
