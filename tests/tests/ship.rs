@@ -324,3 +324,48 @@ fn serve_starts_while_ship_resyncs_offline() {
     vm.ship_once();
     vm.assert_cache_reproduces_source();
 }
+
+/// The initial sync sends allocated data only, and allocated zeroes as zero
+/// records without their bytes.
+#[test]
+fn the_initial_sync_sends_allocated_zeroes_as_zero_records() {
+    let dir = tempfile::Builder::new().prefix("tern-test-").tempdir_in(test_root()).expect("tempdir");
+    let image = dir.path().join("disk0.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&image).expect("image");
+        f.set_len(64 << 20).expect("size");
+        // 4 MiB of data, 8 MiB of written (allocated) zeroes, the rest a hole.
+        f.write_all_at(&vec![0x5a; 4 << 20], 0).expect("data");
+        f.write_all_at(&vec![0; 8 << 20], 16 << 20).expect("zeroes");
+        f.sync_all().expect("sync");
+    }
+    for d in ["cache", "target"] {
+        std::fs::create_dir(dir.path().join(d)).expect("site");
+    }
+    let tern = || {
+        let mut c = Command::new(tern_bin());
+        c.arg("--state").arg(dir.path().join("state"));
+        c
+    };
+    run(tern()
+        .args(["enable", "vm1", "--cache"])
+        .arg(dir.path().join("cache"))
+        .arg("--target")
+        .arg(dir.path().join("target"))
+        .arg("--disk")
+        .arg(format!("disk0={}", image.display())));
+    run(tern().args(["ship", "vm1", "--once"]));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("state/vm1/ship.json")).expect("ship.json"))
+            .expect("json");
+    assert_eq!(report["bytes_in"], 4 << 20, "only the non-zero data travels: {report}");
+    let replica = dir.path().join("replica.img");
+    std::fs::File::create(&replica).expect("replica").set_len(64 << 20).expect("size");
+    run(tern()
+        .args(["segment", "replay"])
+        .arg(dir.path().join("cache/vm1"))
+        .arg("--onto")
+        .arg(format!("disk0={}", replica.display())));
+    assert_files_equal(&image, &replica);
+}

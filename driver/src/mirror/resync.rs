@@ -194,15 +194,19 @@ impl Mirror {
             let n = piece_max.min(len - done);
             buf.resize(n as usize, 0);
             d.image.read_at(buf, offset + done)?;
-            let rec = NewRecord {
-                disk: d.index,
-                kind: RecordKind::Resync,
-                offset: offset + done,
-                length: n as u32,
-                flags: 0,
-            };
-            if !self.append_waiting(&rec, buf) {
-                return Ok(false);
+            // Runs of zeroes go out as zero records, without their bytes.
+            for (at, len, zero) in zero_runs(buf) {
+                let rec = NewRecord {
+                    disk: d.index,
+                    kind: if zero { RecordKind::Zero } else { RecordKind::Resync },
+                    offset: offset + done + at as u64,
+                    length: len as u32,
+                    flags: 0,
+                };
+                let data = if zero { &[][..] } else { &buf[at..at + len] };
+                if !self.append_waiting(&rec, data) {
+                    return Ok(false);
+                }
             }
             done += n;
         }
@@ -224,5 +228,53 @@ impl Mirror {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+}
+
+/// Granularity of zero detection in resync pieces.
+const ZERO_BLOCK: usize = 64 * 1024;
+
+/// Splits `buf` into maximal runs of whole `ZERO_BLOCK`s that are all zero
+/// or not: `(start, len, zero)`.
+fn zero_runs(buf: &[u8]) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, block) in buf.chunks(ZERO_BLOCK).enumerate() {
+        let zero = is_zero(block);
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 += block.len(),
+            _ => runs.push((i * ZERO_BLOCK, block.len(), zero)),
+        }
+    }
+    runs
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
+        && words.remainder().iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod zero_tests {
+    use super::*;
+
+    #[test]
+    fn zero_runs_cover_the_buffer_and_split_where_zeroes_start_and_end() {
+        let mut buf = vec![0u8; 5 * ZERO_BLOCK + 100];
+        buf[ZERO_BLOCK + 5] = 1;
+        buf[2 * ZERO_BLOCK] = 1;
+        buf[5 * ZERO_BLOCK + 99] = 7;
+        let runs = zero_runs(&buf);
+        assert_eq!(
+            runs,
+            vec![
+                (0, ZERO_BLOCK, true),
+                (ZERO_BLOCK, 2 * ZERO_BLOCK, false),
+                (3 * ZERO_BLOCK, 2 * ZERO_BLOCK, true),
+                (5 * ZERO_BLOCK, 100, false)
+            ]
+        );
+        assert_eq!(zero_runs(&[]), vec![]);
+        assert_eq!(zero_runs(&[0u8; 100]), vec![(0, 100, true)]);
     }
 }
