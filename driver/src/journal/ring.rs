@@ -414,6 +414,13 @@ impl Journal {
         self.reserve(footprint(data_len), false).map(|(at, _)| at)
     }
 
+    /// Test hook: the resync that leaves overflow mode crashes between
+    /// reserving the window's opener and publishing it.
+    #[doc(hidden)]
+    pub fn leave_overflow_and_abandon(&self) -> Option<Position> {
+        self.reserve(footprint(0), true).map(|(at, pad)| Position { pos: at.pos + pad, seq: at.seq })
+    }
+
     /// Copies a record into its reserved slot and publishes it. Returns
     /// false if the copy failed; the slot is then published as a pad that
     /// stands for the record's sequence number, and the caller tracks the
@@ -652,6 +659,37 @@ impl Journal {
                         next += RECORD_ALIGN;
                     }
                     let lost = next_seq.saturating_sub(at.seq);
+                    let opener_at = next.saturating_sub(footprint(0));
+                    if lost == 1 && at.seq == self.overflow_seq() && opener_at >= at.pos {
+                        // The producer that left overflow mode reserved the
+                        // window's opener and died before publishing it.
+                        // Padding it would lose the window (points could be
+                        // taken before the dirty regions are re-sent):
+                        // publish the opener it was writing instead.
+                        if opener_at > at.pos {
+                            self.write_pads(at.pos, opener_at, at.seq, 0);
+                        }
+                        let opener = RecordHeader {
+                            seq: at.seq,
+                            offset: 0,
+                            time_ns: now_ns(),
+                            length: 0,
+                            data_len: 0,
+                            disk: 0,
+                            kind: RecordKind::Resync,
+                            flags: RESYNC_OPEN,
+                        };
+                        self.write_record(opener_at, &opener, &[]);
+                        self.set_window_open(true);
+                        log::warn!(
+                            "journal {}: the resync window's opener (seq {}) was reserved but not published; published it",
+                            self.path.display(),
+                            at.seq
+                        );
+                        report.holes += 1;
+                        at = Position { pos: next, seq: at.seq + 1 };
+                        continue;
+                    }
                     log::warn!(
                         "journal {}: recovery mode skip-hole: positions {}..{} (seqs {}..{}) were reserved by a producer that crashed before publishing; covering them with padding",
                         self.path.display(),

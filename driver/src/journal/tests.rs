@@ -73,3 +73,32 @@ fn a_flipped_data_byte_fails_the_checksum() {
     let err = j.cursor(j.tail()).next(&mut Vec::new()).unwrap_err();
     assert!(err.contains("fails its checksum"), "{err}");
 }
+
+#[test]
+fn a_window_opener_reserved_when_leaving_overflow_but_never_published_is_published_by_recovery() {
+    let (_d, j) = journal(64 * 1024);
+    assert_eq!(j.append(&write(0, 100), &[1; 100]), Some(1));
+    assert!(j.enter_overflow());
+    let overflow_seq = j.overflow_seq();
+    let at = j.leave_overflow_and_abandon().expect("room for the opener");
+    assert_eq!(at.seq, overflow_seq, "the opener takes the overflow's sequence number");
+    assert_eq!(j.mode(), Mode::Journal);
+    // Another producer publishes after it before the crash.
+    assert_eq!(j.append(&write(8192, 10), &[2; 10]), Some(overflow_seq + 1));
+    j.set_window_open(false);
+    let report = j.recover(|_, _| Ok(())).unwrap();
+    assert_eq!(report.holes, 1);
+    assert!(j.window_open(), "the window is open again");
+    let mut c = j.cursor(j.tail());
+    let mut data = Vec::new();
+    let kinds: Vec<(u64, RecordKind, u8)> =
+        std::iter::from_fn(|| c.next(&mut data).unwrap()).map(|h| (h.seq, h.kind, h.flags)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1, RecordKind::Write, 0),
+            (overflow_seq, RecordKind::Resync, RESYNC_OPEN),
+            (overflow_seq + 1, RecordKind::Write, 0)
+        ]
+    );
+}
