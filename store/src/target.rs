@@ -102,8 +102,12 @@ impl TargetDir {
         &self.root
     }
 
+    pub fn replica_dir(&self) -> PathBuf {
+        self.root.join("replica")
+    }
+
     pub fn replica_path(&self, disk: &str) -> PathBuf {
-        self.root.join("replica").join(format!("{disk}.img"))
+        self.replica_dir().join(format!("{disk}.img"))
     }
 
     pub fn checkpoint_path(&self) -> PathBuf {

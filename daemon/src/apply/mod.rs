@@ -94,7 +94,7 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
                     appliers.remove(&name);
                 }
                 Err(e) => {
-                    let hint = crate::hint_for(&e).map(|h| format!(" ({h})")).unwrap_or_default();
+                    let hint = crate::cmd::hint_for(&e).map(|h| format!(" ({h})")).unwrap_or_default();
                     log::error!("VM '{name}': {e:#}; applying stops for this VM until `tern apply` is restarted{hint}");
                     appliers.remove(&name);
                     failed.insert(name, format!("{e:#}"));
@@ -144,10 +144,12 @@ pub fn catch_up_and_point(cache: &Path, target: &Path, vm: &str) -> Result<Point
 fn retire_previous_stream(target: &TargetDir, old_id: &uuid::Uuid) -> Result<()> {
     let history = target.history_dir(old_id);
     std::fs::create_dir_all(&history).with_context(|| format!("cannot create {}", history.display()))?;
-    for dir in [target.replica_path("x").parent().map(Path::to_path_buf).unwrap_or_default(), target.points_dir()] {
-        let Some(name) = dir.file_name() else { continue };
-        if dir.exists() {
-            let to = history.join(name);
+    // The replicas last: their checkpoint is what makes the next start
+    // retire again, so a crash half-way through is finished then (a
+    // directory already in history/ was moved before the crash).
+    for (dir, name) in [(target.points_dir(), "points"), (target.replica_dir(), "replica")] {
+        let to = history.join(name);
+        if dir.exists() && !to.exists() {
             std::fs::rename(&dir, &to).with_context(|| format!("cannot move {} to {}", dir.display(), to.display()))?;
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -168,7 +170,7 @@ fn seed_replica(target: &TargetDir, disk: &str, seed: &Path, replica: &Path, siz
     let seed_size = std::fs::metadata(seed)
         .with_context(|| {
             format!(
-                "disk '{disk}': the replica's seed {} cannot be read; make it available at {}, or re-protect without a seed (a full initial sync)",
+                "disk '{disk}': the replica's seed {} cannot be read at this target site ({}); make the old disk available at that path, or re-protect with --seed naming where it is, or with --no-seed (a full initial sync)",
                 seed.display(),
                 target.root().display()
             )
@@ -240,7 +242,7 @@ impl VmApplier {
             &format!("the replicas of VM '{name}'"),
             "`tern apply`",
         )?;
-        for dir in [target.replica_path("x").parent().map(Path::to_path_buf).unwrap_or_default(), target.points_dir()] {
+        for dir in [target.replica_dir(), target.points_dir()] {
             if !dir.exists() {
                 std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
                 // Before any replica or point exists in it: new files inherit.
@@ -650,5 +652,28 @@ impl VmApplier {
             log::info!("VM '{}': point {id} expired (retention)", self.name);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retiring_a_stream_interrupted_half_way_finishes_without_mixing_old_points_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = TargetDir::new(dir.path(), "vm1");
+        let old = uuid::Uuid::from_bytes([4; 16]);
+        std::fs::create_dir_all(target.point_dir("10")).unwrap();
+        std::fs::create_dir_all(target.replica_dir()).unwrap();
+        std::fs::write(target.checkpoint_path(), "old").unwrap();
+        // The crash came after the points were moved, before the replicas.
+        std::fs::create_dir_all(target.history_dir(&old)).unwrap();
+        std::fs::rename(target.points_dir(), target.history_dir(&old).join("points")).unwrap();
+        retire_previous_stream(&target, &old).unwrap();
+        assert!(target.history_dir(&old).join("points/10").is_dir(), "the old points stay in history");
+        assert!(target.history_dir(&old).join("replica/checkpoint.toml").is_file());
+        assert!(target.list_points().unwrap().is_empty() && !target.checkpoint_path().exists());
+        assert!(target.points_dir().is_dir() && target.replica_dir().is_dir());
     }
 }

@@ -258,7 +258,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
 
     // 7. Verify: the replica against the source, region by region.
     let sources = vec![("disk0".to_string(), image.clone())];
-    let replica_dir = target.replica_path("disk0").parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let replica_dir = target.replica_dir();
     let differing: u64 = crate::cmd::verify::compare(&sources, &replica_dir, 64 << 10)?
         .iter()
         .flat_map(|(_, ranges)| ranges.iter().map(|(s, e)| e - s))

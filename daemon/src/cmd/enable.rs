@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tern_driver::units::Size;
 use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy};
 
@@ -13,8 +13,8 @@ pub struct Args {
     pub vm: String,
     /// A disk to protect, as NAME=PATH (a raw image file or a block
     /// device). Repeat for each disk; NAME becomes its NBD export name.
-    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
-    pub disks: Vec<String>,
+    #[arg(long = "disk", value_name = "NAME=PATH", required = true, value_parser = crate::cmd::parse_onto)]
+    pub disks: Vec<(String, PathBuf)>,
     /// The cache store directory segments are shipped to.
     #[arg(long)]
     pub cache: PathBuf,
@@ -37,16 +37,9 @@ pub struct Args {
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
-    let mut disks = Vec::new();
-    for d in &a.disks {
-        let Some((name, path)) = d.split_once('=') else {
-            bail!("--disk {d:?}: expected NAME=PATH, as in --disk disk0=/var/lib/images/vm1.img");
-        };
-        disks.push((name.to_string(), PathBuf::from(path)));
-    }
     let spec = EnableSpec {
         name: a.vm.clone(),
-        disks,
+        disks: a.disks.clone(),
         cache: a.cache.clone(),
         target: a.target.clone(),
         journal: JournalConfig { size: a.journal_size, region_size: a.region_size },

@@ -42,7 +42,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
                 .with_context(|| format!("VM '{}' has no point '{id}'; `tern points {}` lists them", a.vm, a.vm))?;
             (format!("point {id} (seq {})", point.seq), target.point_dir(id))
         }
-        None => ("the replica".to_string(), target.replica_path("x").parent().map(PathBuf::from).unwrap_or_default()),
+        None => ("the replica".to_string(), target.replica_dir()),
     };
     let sources: Vec<(String, PathBuf)> = config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
     let mut differing = 0u64;
