@@ -177,6 +177,12 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     }
     let back = run(vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2));
     assert!(back.contains("failed back"), "{back}");
+    let again = vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2).output();
+    let err = String::from_utf8_lossy(&again.as_ref().unwrap().stderr).into_owned();
+    assert!(
+        !again.unwrap().status.success() && err.contains("already failed back"),
+        "a rerun must not overwrite: {err}"
+    );
     assert_files_equal(&vm.image, &b_disk);
     let out = tern_at(&state_b).args(["ship", &vm.name, "--once"]).output().unwrap();
     assert_eq!(out.status.code(), Some(3), "the failover site is fenced after failback");

@@ -200,6 +200,25 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     }
     // The point: a failback that stopped half-way uses the point it fenced.
     let previous = reverse.read_fence()?.transpose().map_err(anyhow::Error::msg)?;
+    if let Some(f) = previous.as_ref().filter(|f| f.committed) {
+        // A finished failback enabled the VM afresh after fencing: running
+        // it again would overwrite the disks, and every write since, with
+        // the old point.
+        let enabled_ms = std::fs::metadata(paths.config())
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        if enabled_ms > f.failed_over_unix_ms {
+            bail!(
+                "VM '{}' already failed back to point {} ({} was written after {}): its disks here hold that point and the original direction is protected again; nothing to do",
+                a.vm,
+                f.point,
+                paths.config().display(),
+                reverse.fence_path().display()
+            );
+        }
+    }
     let target = TargetDir::new(&a.target, &a.vm);
     let point = match (&previous, &a.point) {
         (Some(f), None) if f.committed => choose_point(&target, &a.cache, &a.target, &a.vm, Some(&f.point))?,
