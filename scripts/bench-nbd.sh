@@ -133,6 +133,9 @@ LOGS="$RESULTS/logs"
 RUNTMP="$WORK/tmp"           # per-(round,system) state dirs, sockets
 mkdir -p "$RESULTS" "$LOGS" "$RUNTMP"
 MANIFEST="$RESULTS/manifest.tsv"   # round system workload status file
+# tern's journal rings (in memory) for the benchmark's VMs; one VM at a
+# time, its ring removed with its state.
+export TERN_RING_DIR="/dev/shm/tern-bench-nbd-$$"
 : >"$MANIFEST"
 
 # ---------------------------------------------------------------------------
@@ -187,6 +190,7 @@ cleanup() {
         log "cleanup: stopping $SERVER_NAME (pid $SERVER_PID)"
         stop_server
     fi
+    rm -rf "$TERN_RING_DIR"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -245,6 +249,7 @@ start_server() {
             # "ring full, carry on at full speed" path).
             local state="$dir/state"
             TERN_STATE_DIR="$state"
+            rm -rf "$TERN_RING_DIR"   # the previous VM's ring
             mkdir -p "$state" "$dir/cache" "$dir/target"
             local enable=("$TERN" --state "$state" enable bench
                           --disk "$EXPORT=$IMG" --cache "$dir/cache" --target "$dir/target"

@@ -92,13 +92,15 @@ cargo build --release --quiet || die "cargo build --release failed"
 
 # --- scratch directory, cleaned up on exit ----------------------------------
 D=$(mktemp -d /tmp/tern-vm.XXXXXX)
+# The journal's live ring in memory, as in production; removed with $D.
+export TERN_RING_DIR="/dev/shm/${D##*/}.rings"
 SERVE_PID=""
 cleanup() {
     if [[ -n $SERVE_PID ]] && kill -0 "$SERVE_PID" 2>/dev/null; then
         kill "$SERVE_PID" 2>/dev/null || true
         wait "$SERVE_PID" 2>/dev/null || true
     fi
-    if [[ ${TERN_VM_KEEP:-0} == 1 ]]; then echo "kept $D"; else rm -rf "$D"; fi
+    if [[ ${TERN_VM_KEEP:-0} == 1 ]]; then echo "kept $D and $TERN_RING_DIR"; else rm -rf "$D" "$TERN_RING_DIR"; fi
 }
 trap cleanup EXIT
 

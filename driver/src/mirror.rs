@@ -96,7 +96,13 @@ impl Mirror {
         let config = paths.load_config()?;
         let frontend_lock =
             crate::vm::lock_exclusive(&paths.frontend_lock(), &format!("VM '{}'", config.name), "`tern serve`")?;
-        let journal = Journal::open(&paths.journal())?;
+        let journal = paths.open_journal()?;
+        if options.journal {
+            if let Err(e) = journal.prefault_for_writing() {
+                // Only slower: the first lap faults its pages in.
+                log::warn!("VM '{}': cannot pre-fault the journal ring: {e}", config.name);
+            }
+        }
         if journal.vm_id() != *config.id.as_bytes() {
             return Err(Error::Format {
                 path: paths.journal(),

@@ -228,17 +228,32 @@ pub fn validate_seed(seed: &Path) -> std::result::Result<(), String> {
     }
 }
 
-/// Where one VM's source-side state lives: `<state>/<vm>/`.
+/// Where one VM's source-side state lives: `<state>/<vm>/`, and where its
+/// journal's live ring is restored when it has none.
 #[derive(Debug, Clone)]
 pub struct VmPaths {
     dir: PathBuf,
+    ring_dir: PathBuf,
 }
 
 impl VmPaths {
     /// `name` is validated first, so it can never climb out of `state`.
+    /// Rings are restored in [`crate::journal::live::default_ring_dir`].
     pub fn new(state: &Path, name: &str) -> Result<Self> {
         validate_name("VM", name)?;
-        Ok(VmPaths { dir: state.join(name) })
+        Ok(VmPaths { dir: state.join(name), ring_dir: crate::journal::live::default_ring_dir() })
+    }
+
+    /// The same VM, with live rings restored in `dir` (tests keep theirs in
+    /// their own temporary directory).
+    pub fn with_ring_dir(mut self, dir: &Path) -> Self {
+        self.ring_dir = dir.to_owned();
+        self
+    }
+
+    /// Opens the VM's journal (durable file and live ring).
+    pub fn open_journal(&self) -> Result<Journal> {
+        Journal::open(&self.journal(), &self.ring_dir)
     }
 
     pub fn dir(&self) -> &Path {
@@ -321,7 +336,23 @@ pub struct Enabled {
 /// the shipper carries out as a resync). Nothing is left half-made: files
 /// are built in a temporary directory that is renamed into place last.
 pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
-    let paths = VmPaths::new(state, &spec.name)?;
+    enable_at(&VmPaths::new(state, &spec.name)?, spec)
+}
+
+/// [`enable`] with the paths given (and so the directory live rings are
+/// restored in); they must be those of `spec.name`.
+pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
+    validate_name("VM", &spec.name)?;
+    let state = match paths.dir().parent() {
+        Some(state) if paths.dir().file_name().is_some_and(|n| n == spec.name.as_str()) => state,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{} is not the state directory of VM '{}'",
+                paths.dir().display(),
+                spec.name
+            )))
+        }
+    };
     if paths.dir().exists() {
         return Err(Error::Invalid(format!(
             "VM '{}' is already enabled ({} exists); pick another name or remove that directory after stopping its services",
@@ -366,7 +397,7 @@ pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir(&tmp).map_err(|source| Error::Create { path: tmp.clone(), source })?;
     let built = (|| -> Result<Vec<u64>> {
-        let staged = VmPaths { dir: tmp.clone() };
+        let staged = VmPaths { dir: tmp.clone(), ring_dir: paths.ring_dir.clone() };
         Journal::create(&staged.journal(), *config.id.as_bytes(), config.journal.size.bytes())?;
         let mut marked = Vec::new();
         let compare = matches!(spec.initial_sync, InitialSync::Compare { .. });
@@ -388,7 +419,7 @@ pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
             // The replica starts empty: inconsistent until the initial sync
             // is done. The window opens before anything else is journaled
             // (a tag before the first front-end must not become a point).
-            let journal = Journal::open(&staged.journal())?;
+            let journal = staged.open_journal()?;
             let opener = crate::journal::NewRecord {
                 disk: 0,
                 kind: crate::journal::RecordKind::Resync,
@@ -414,6 +445,7 @@ pub fn enable(state: &Path, spec: &EnableSpec) -> Result<Enabled> {
     let marked = match built {
         Ok(m) => m,
         Err(e) => {
+            let _ = crate::journal::live::remove_ring(&tmp.join("journal"));
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }
@@ -482,6 +514,11 @@ pub fn sync_parent_dir(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// `vm1`'s paths under `<dir>/state`, its live rings in `<dir>/rings`.
+    fn vm1(dir: &Path) -> VmPaths {
+        VmPaths::new(&dir.join("state"), "vm1").unwrap().with_ring_dir(&dir.join("rings"))
+    }
+
     fn spec(dir: &Path, disks: Vec<(String, PathBuf)>) -> EnableSpec {
         EnableSpec {
             name: "vm1".into(),
@@ -501,11 +538,10 @@ mod tests {
         let f = File::create(&img).unwrap();
         f.set_len(4 << 20).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &[1; 4096], 1 << 20).unwrap();
-        let state = d.path().join("state");
-        let done = enable(&state, &spec(d.path(), vec![("disk0".into(), img)])).unwrap();
+        let done = enable_at(&vm1(d.path()), &spec(d.path(), vec![("disk0".into(), img)])).unwrap();
         assert_eq!(done.initial_sync_bytes[0] % 4096, 0);
         assert!(done.initial_sync_bytes[0] >= 4096);
-        let paths = VmPaths::new(&state, "vm1").unwrap();
+        let paths = vm1(d.path());
         let cfg = paths.load_config().unwrap();
         assert_eq!(cfg, done.config);
         let bm = DirtyBitmap::open(&paths.dirty("disk0"), 4 << 20).unwrap();
@@ -513,7 +549,7 @@ mod tests {
         assert!(!bm.is_dirty(0));
         // The initial sync's resync window is open before anything else
         // can be journaled.
-        let journal = Journal::open(&paths.journal()).unwrap();
+        let journal = paths.open_journal().unwrap();
         assert!(journal.window_open());
         let first = journal.cursor(journal.tail()).next(&mut Vec::new()).unwrap().unwrap();
         assert_eq!(
@@ -527,9 +563,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("a.img");
         File::create(&img).unwrap().set_len(4 << 20).unwrap();
-        let state = d.path().join("state");
-        enable(&state, &spec(d.path(), vec![("disk0".into(), img)])).unwrap();
-        let journal = Journal::open(&VmPaths::new(&state, "vm1").unwrap().journal()).unwrap();
+        enable_at(&vm1(d.path()), &spec(d.path(), vec![("disk0".into(), img)])).unwrap();
+        let journal = vm1(d.path()).open_journal().unwrap();
         assert!(!journal.window_open());
         assert_eq!(journal.head().seq, 1, "nothing journaled");
     }
@@ -539,9 +574,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("a.img");
         File::create(&img).unwrap().set_len(1 << 20).unwrap();
-        let state = d.path().join("state");
-        enable(&state, &spec(d.path(), vec![("disk0".into(), img.clone())])).unwrap();
-        let err = enable(&state, &spec(d.path(), vec![("disk0".into(), img)])).unwrap_err();
+        enable_at(&vm1(d.path()), &spec(d.path(), vec![("disk0".into(), img.clone())])).unwrap();
+        let err = enable_at(&vm1(d.path()), &spec(d.path(), vec![("disk0".into(), img)])).unwrap_err();
         assert!(err.to_string().contains("already enabled"), "{err}");
     }
 
@@ -554,7 +588,8 @@ mod tests {
             s.name = name.to_string();
             assert!(enable(&state, &s).is_err(), "{name:?} accepted");
         }
-        let err = enable(&state, &spec(d.path(), vec![("disk0".into(), d.path().join("nope"))])).unwrap_err();
+        let err =
+            enable_at(&vm1(d.path()), &spec(d.path(), vec![("disk0".into(), d.path().join("nope"))])).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         assert!(!state.join("vm1").exists());
     }

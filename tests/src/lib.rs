@@ -15,6 +15,21 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 /// The tern binary under test.
+/// A `tern` command on a state directory, with journal rings kept beside
+/// it (`<state>.rings`, inside the test's temporary directory, removed with
+/// it) rather than in `/dev/shm`.
+pub fn tern_with_state(state: &Path) -> Command {
+    let mut c = Command::new(tern_bin());
+    c.arg("--state").arg(state).env("TERN_RING_DIR", ring_dir_of(state));
+    c
+}
+
+pub fn ring_dir_of(state: &Path) -> PathBuf {
+    let mut s = state.as_os_str().to_owned();
+    s.push(".rings");
+    PathBuf::from(s)
+}
+
 pub fn tern_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("TERN_BIN") {
         return PathBuf::from(p);
@@ -121,9 +136,12 @@ impl TestVm {
 
     /// A `tern` command with this VM's state directory.
     pub fn tern(&self) -> Command {
-        let mut c = Command::new(tern_bin());
-        c.arg("--state").arg(&self.state);
-        c
+        tern_with_state(&self.state)
+    }
+
+    /// The directory the VM's journal ring lives in (see [`tern_with_state`]).
+    pub fn ring_dir(&self) -> PathBuf {
+        ring_dir_of(&self.state)
     }
 
     /// Starts `tern serve` on this VM's socket and waits until it accepts.

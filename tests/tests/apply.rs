@@ -295,11 +295,7 @@ fn all_disks_of_a_vm_are_in_every_point_at_the_same_sequence() {
     for (i, byte) in [(0, 0x11u8), (1, 0x22)] {
         std::fs::write(d.join(format!("disk{i}.img")), vec![byte; 4 << 20]).expect("disk");
     }
-    let tern = || {
-        let mut c = Command::new(tern_bin());
-        c.arg("--state").arg(d.join("state"));
-        c
-    };
+    let tern = || tern_with_state(&d.join("state"));
     run(tern()
         .args(["enable", "vm1", "--cache"])
         .arg(d.join("cache"))

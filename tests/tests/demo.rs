@@ -7,8 +7,10 @@ use tern_system_tests::tern_bin;
 
 #[test]
 fn demo_runs_and_the_failover_disk_and_the_replica_match_the_source() {
+    let rings = tempfile::tempdir().expect("tempdir");
     let out = Command::new(tern_bin())
         .args(["demo", "--disk-size", "64MiB", "--writes", "500"])
+        .env("TERN_RING_DIR", rings.path())
         .output()
         .expect("run tern demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -19,6 +21,9 @@ fn demo_runs_and_the_failover_disk_and_the_replica_match_the_source() {
     assert!(stdout.contains("tern failover vm1 --test --point"), "{stdout}");
     assert!(stdout.contains("vs the source at the tag: identical"), "{stdout}");
     assert!(stdout.contains("tern verify vm1: replica vs source disk: identical"), "{stdout}");
+    // Its journal ring (memory, outside its directory) went with it.
+    let left: Vec<_> = std::fs::read_dir(rings.path()).expect("ring dir").collect();
+    assert!(left.is_empty(), "the demo left its journal ring behind: {left:?}");
 }
 
 /// As an unprivileged user (`nobody`), with a copy of the binary it can

@@ -220,10 +220,8 @@ fn failover_boot_starts_qemu_on_the_failed_over_disk_and_reprotect_waits_for_it_
         std::fs::create_dir(root.join(d)).unwrap();
     }
     let reprotect = || {
-        let mut c = Command::new(tern_bin());
-        c.arg("--state")
-            .arg(root.join("state-b"))
-            .args(["reprotect", &vm.name, "--cache"])
+        let mut c = tern_with_state(&root.join("state-b"));
+        c.args(["reprotect", &vm.name, "--cache"])
             .arg(root.join("cache2"))
             .arg("--target")
             .arg(root.join("target2"))

@@ -34,6 +34,7 @@ fn stdio_mode_serves_one_connection_for_libnbd() {
     let mut cmd = Command::new("nbdsh");
     // nbdsh runs the first python3 on PATH; Debian's has the nbd module.
     cmd.env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()));
+    cmd.env("TERN_RING_DIR", vm.ring_dir());
     cmd.args(["-c", "h.set_export_name('disk0')", "-c"])
         .arg(format!(
             "h.connect_command(['{}', '--state', '{}', '-q', 'serve', 'vm1', '--listen', 'stdio'])",

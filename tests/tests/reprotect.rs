@@ -45,9 +45,7 @@ fn resync_bytes(tern: impl Fn() -> Command, cache_vm: &Path) -> u64 {
 
 /// A `tern` command on another site's state directory.
 fn tern_at(state: &Path) -> Command {
-    let mut c = Command::new(tern_bin());
-    c.arg("--state").arg(state);
-    c
+    tern_with_state(state)
 }
 
 /// `tern reprotect` with the failover's sites given and dummy new ones: for
@@ -206,6 +204,11 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     assert_eq!(history.len(), 1, "the old direction's replica and points are kept aside");
     let status = json(&run(vm.tern().args(["status", &vm.name, "--json"])));
     assert_eq!(status[0]["state"], "protected", "{status}");
+    // The old direction's journal ring (memory) went with its state.
+    let rings: Vec<_> = std::fs::read_dir(vm.ring_dir()).expect("ring dir").flatten().map(|e| e.file_name()).collect();
+    let id = std::fs::read_to_string(vm.state.join("vm1/vm.toml")).expect("vm.toml");
+    assert_eq!(rings.len(), 1, "one journal ring, the new direction's: {rings:?}");
+    assert!(id.contains(&rings[0].to_string_lossy()[..36]), "{rings:?} is not the ring of\n{id}");
 }
 
 #[test]

@@ -211,6 +211,9 @@ fn the_cache_store_gone_and_back_loses_nothing() {
 fn crash_the_host(vm: &TestVm, served: Served) {
     served.kill9();
     let journal = vm.state.join(&vm.name).join("journal");
+    // The host's memory is gone, and the journal's live ring with it.
+    let ring = std::fs::read_link(journal.with_file_name("journal.ring")).expect("the journal's ring link");
+    std::fs::remove_file(&ring).expect("remove the live ring");
     run(Command::new("dd")
         .args(["if=/dev/urandom", "bs=16", "count=1", "seek=200", "oflag=seek_bytes", "conv=notrunc", "status=none"])
         .arg(format!("of={}", journal.display())));
@@ -343,11 +346,7 @@ fn the_initial_sync_sends_allocated_zeroes_as_zero_records() {
     for d in ["cache", "target"] {
         std::fs::create_dir(dir.path().join(d)).expect("site");
     }
-    let tern = || {
-        let mut c = Command::new(tern_bin());
-        c.arg("--state").arg(dir.path().join("state"));
-        c
-    };
+    let tern = || tern_with_state(&dir.path().join("state"));
     run(tern()
         .args(["enable", "vm1", "--cache"])
         .arg(dir.path().join("cache"))

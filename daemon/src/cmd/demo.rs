@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
-use tern_driver::journal::Journal;
 use tern_driver::units::Size;
 use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy, VmPaths};
 use tern_driver::{Mirror, MirrorOptions};
@@ -74,8 +73,9 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     for site in ["cache", "target"] {
         std::fs::create_dir(dir.join(site)).with_context(|| format!("cannot create {}", dir.join(site).display()))?;
     }
-    let enabled = vm::enable(
-        &state,
+    let paths = VmPaths::new(&state, "vm1")?;
+    let enabled = vm::enable_at(
+        &paths,
         &EnableSpec {
             name: "vm1".into(),
             disks: vec![("disk0".into(), image.clone())],
@@ -92,8 +92,12 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
         Size(enabled.initial_sync_bytes.iter().sum())
     );
 
+    // The journal's live ring is in memory, outside the demo's directory:
+    // a demo that removes its directory removes the ring too (also when
+    // it fails half-way).
+    let ring = tmp.is_some().then(|| RemoveRingOnDrop(paths.journal()));
+
     // 3. Serve it over NBD and write through a real connection.
-    let paths = VmPaths::new(&state, "vm1")?;
     let mirror = Arc::new(Mirror::open(&paths, MirrorOptions::default())?);
     // The initial sync, as `tern serve`'s background resync does it: the
     // 16 MiB of data go into the journal as resync records, and the window
@@ -189,7 +193,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let stats = shipper.join().map_err(|_| anyhow::anyhow!("the shipper thread panicked"))??;
     let options = crate::ship::ShipOptions { once: true, workers: 2, checksum_timeout: Duration::from_secs(60) };
     let last = crate::ship::run(&paths, &options, Arc::new(AtomicBool::new(false)))?;
-    let journal = Journal::open(&paths.journal())?;
+    let journal = paths.open_journal()?;
     let (r, l) = (stats.report(&journal), last.report(&journal));
     println!(
         "[4/7] tern ship vm1, beside the workload: the initial sync and every write, {} records in {} segments, {} compressed to {} (ratio {:.2}), lag p50 {:.0} ms, p99 {:.0} ms",
@@ -272,6 +276,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     println!();
     println!("Next, by hand: a real failover (`tern failover`, which fences the source), `tern commit`, `tern reprotect` and `tern failback` (see the README).");
     if let Some(t) = tmp {
+        drop(ring);
         drop(t);
     } else {
         println!("kept {}", dir.display());
@@ -280,4 +285,16 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
         bail!("the replica or the test failover's disk does not match the source");
     }
     Ok(())
+}
+
+/// Removes a journal's live ring when dropped (before the directory that
+/// holds the journal goes).
+struct RemoveRingOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveRingOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = tern_driver::journal::live::remove_ring(&self.0) {
+            log::warn!("cannot remove the demo journal's ring: {e}");
+        }
+    }
 }

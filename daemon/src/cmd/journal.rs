@@ -58,7 +58,7 @@ pub fn run(cli: &Cli, c: &Command) -> Result<()> {
     match c {
         Command::Dump { vm, from_start, header } => {
             let paths = VmPaths::new(&cli.state, vm)?;
-            let j = Journal::open(&paths.journal())?;
+            let j = paths.open_journal()?;
             let (h, t) = (j.head(), j.tail());
             println!("journal {}", j.path().display());
             println!("  capacity {} bytes, fill {:.1}%", j.capacity(), j.fill() * 100.0);
@@ -111,7 +111,7 @@ pub fn run(cli: &Cli, c: &Command) -> Result<()> {
         Command::Replay { vm, onto, from_start } => {
             let paths = VmPaths::new(&cli.state, vm)?;
             let config = paths.load_config()?;
-            let j = Journal::open(&paths.journal())?;
+            let j = paths.open_journal()?;
             // One slot per disk of the VM; records of disks without a copy
             // are skipped.
             let mut copies: Vec<Option<Image>> = config.disks.iter().map(|_| None).collect();

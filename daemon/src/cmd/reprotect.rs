@@ -261,6 +261,11 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
             return Err(anyhow::Error::new(e).context(format!("cannot protect VM '{}' again", a.vm)));
         }
     };
+    // The old direction's journal ring is in memory, outside its state
+    // directory.
+    if let Err(e) = tern_driver::journal::live::remove_ring(&retired.join("journal")) {
+        log::warn!("cannot remove the journal ring of the old direction: {e}");
+    }
     std::fs::remove_dir_all(&retired).with_context(|| format!("cannot remove {}", retired.display()))?;
     // The old direction's stream in the cache ended with the failover; the
     // new one starts there from scratch (its applier notices the new id).

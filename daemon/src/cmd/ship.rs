@@ -56,7 +56,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     };
     let stats =
         ship::run_with(&paths, &options, &reporting, stop).with_context(|| format!("cannot ship VM '{}'", a.vm))?;
-    let r = stats.report(&tern_driver::journal::Journal::open(&paths.journal())?);
+    let r = stats.report(&paths.open_journal()?);
     log::info!(
         "VM '{}': shipped {} records in {} segments up to seq {}: {} in, {} out (ratio {:.2}), lag p50 {:.0} ms, p99 {:.0} ms",
         a.vm,

@@ -139,7 +139,7 @@ pub fn resync_window_open(journal: &Journal) -> bool {
 /// One VM's status, from the files the services keep: what `tern status`
 /// prints and `tern ship`'s metrics file renders.
 pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Result<VmStatus> {
-    let journal = Journal::open(&paths.journal())?;
+    let journal = paths.open_journal()?;
     let (head, tail) = (journal.head(), journal.tail());
     let bitmaps: Vec<DirtyBitmap> =
         config.disks.iter().filter_map(|d| DirtyBitmap::open(&paths.dirty(&d.name), d.size).ok()).collect();

@@ -1,5 +1,4 @@
 use anyhow::{bail, Result};
-use tern_driver::journal::Journal;
 use tern_driver::vm::VmPaths;
 
 use crate::Cli;
@@ -19,7 +18,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let label = a.label.as_str();
     let paths = VmPaths::new(&cli.state, &a.vm)?;
     let config = paths.load_config()?;
-    let journal = Journal::open(&paths.journal())?;
+    let journal = paths.open_journal()?;
     if journal.vm_id() != *config.id.as_bytes() {
         bail!("journal {} belongs to another VM than '{}'", journal.path().display(), a.vm);
     }

@@ -157,7 +157,7 @@ pub fn run_with(
     let vm = config.name.clone();
     let _consumer =
         tern_driver::vm::lock_exclusive(&paths.consumer_lock(), &format!("the journal of VM '{vm}'"), "`tern ship`")?;
-    let journal = Journal::open(&paths.journal())?;
+    let journal = paths.open_journal()?;
     if journal.vm_id() != *config.id.as_bytes() {
         bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
     }

@@ -1,5 +1,7 @@
 //! The journal ring: a memory-mapped file that every write of a VM is
-//! published in before it reaches the source image.
+//! published in before it reaches the source image. The ring lives in
+//! memory (tmpfs) and is made durable in the journal file of the VM's state
+//! directory at each FLUSH; see [`live`].
 //!
 //! Many producers (the front-end's request threads, and `tern tag` from
 //! another process) reserve space with one 16-byte compare-and-swap on the
@@ -10,6 +12,7 @@
 //! elsewhere. No lock is taken on either side.
 
 pub mod format;
+pub mod live;
 mod ring;
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use memmap2::MmapRaw;
@@ -10,10 +11,6 @@ use portable_atomic::AtomicU128;
 use super::format::*;
 use super::RecordKind;
 use crate::{Error, Result};
-
-/// Records with at least this much data are written with `pwritev`
-/// rather than copied through the mapping (see `pwrite_record`).
-const PWRITE_THRESHOLD: usize = 16 * 1024;
 
 /// A place in the ring: a byte position and the sequence number of the
 /// record that starts there (for the head: the next to be reserved; for the
@@ -29,7 +26,7 @@ impl Position {
         (self.seq as u128) << 64 | self.pos as u128
     }
 
-    fn unpack(v: u128) -> Self {
+    pub(super) fn unpack(v: u128) -> Self {
         Position { pos: v as u64, seq: (v >> 64) as u64 & !OVERFLOW_BIT }
     }
 }
@@ -94,15 +91,22 @@ pub struct RecoveryReport {
     pub torn: u64,
 }
 
-/// An open journal. Cheap to share between threads (`&Journal` is all a
-/// producer needs).
+/// An open journal: the live ring in memory (see [`super::live`]) and the
+/// durable file it is made durable in. Cheap to share between threads
+/// (`&Journal` is all a producer needs).
 #[derive(Debug)]
 pub struct Journal {
+    /// The live ring, shared by every process that has the journal open.
     map: MmapRaw,
-    /// Large records are written through the file, not the mapping.
-    file: File,
+    ring: File,
+    ring_path: PathBuf,
+    /// The durable file in the state directory (`<state>/<vm>/journal`).
+    durable: File,
     path: PathBuf,
     fields: HeaderFields,
+    /// Ring positions below this are in the durable file as of this
+    /// process's last [`Journal::sync`] (or consumed, which is as good).
+    durable_to: Mutex<u64>,
 }
 
 impl Journal {
@@ -132,33 +136,35 @@ impl Journal {
         Ok(())
     }
 
-    /// Opens and validates a journal file.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens and validates a journal: the durable file at `path` and its
+    /// live ring, which is restored into `ring_dir` from the durable file
+    /// when it does not exist (after a reboot, or the first time).
+    pub fn open(path: &Path, ring_dir: &Path) -> Result<Self> {
         check_lock_free()?;
-        let file = OpenOptions::new()
+        let durable = OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(|source| Error::Open { path: path.to_owned(), source })?;
-        let len = file.metadata().map_err(|source| Error::Open { path: path.to_owned(), source })?.len();
-        let mut head = [0u8; 48];
-        use std::os::unix::fs::FileExt;
-        file.read_exact_at(&mut head, 0).map_err(|_| Error::Format {
-            path: path.to_owned(),
-            what: "journal",
-            reason: format!("file is only {len} bytes"),
-        })?;
-        let fields = HeaderFields::decode(&head, len).map_err(|reason| Error::Format {
-            path: path.to_owned(),
-            what: "journal",
-            reason,
-        })?;
-        let map = MmapRaw::map_raw(&file).map_err(|source| Error::Map { path: path.to_owned(), source })?;
-        // No read-around on faults: a fault on the ring is a producer about
-        // to overwrite the page or a consumer reading one record, and
-        // reading (or zero-filling) the pages around it is wasted work.
-        map.advise(memmap2::Advice::Random).map_err(|source| Error::Map { path: path.to_owned(), source })?;
-        let j = Journal { map, file, path: path.to_owned(), fields };
+        let fields = read_fields(&durable, path)?;
+        let (ring, ring_path) = {
+            let _lock = FileLock::exclusive(&durable, path)?;
+            super::live::open_or_restore(&durable, path, fields.vm_id, fields.capacity, ring_dir)?
+        };
+        let ring_fields = read_fields(&ring, &ring_path)?;
+        if ring_fields != fields {
+            return Err(Error::Format {
+                path: ring_path,
+                what: "journal ring",
+                reason: format!(
+                    "it does not belong to {} (another VM id or capacity); remove it and its link {}",
+                    path.display(),
+                    super::live::link_path(path).display()
+                ),
+            });
+        }
+        let map = MmapRaw::map_raw(&ring).map_err(|source| Error::Map { path: ring_path.clone(), source })?;
+        let j = Journal { map, ring, ring_path, durable, path: path.to_owned(), fields, durable_to: Mutex::new(0) };
         let (head, tail) = (j.head(), j.tail());
         if tail.pos > head.pos
             || !head.pos.is_multiple_of(RECORD_ALIGN)
@@ -167,16 +173,35 @@ impl Journal {
             || tail.pos % RECORD_ALIGN != 0
         {
             return Err(Error::Format {
-                path: path.to_owned(),
+                path: j.ring_path.clone(),
                 what: "journal",
                 reason: format!("inconsistent positions: head {head:?}, tail {tail:?}"),
             });
         }
+        // Nothing is known durable yet: the first sync writes the whole
+        // unconsumed part (recovery may have padded holes in it).
+        *j.durable_to.lock().unwrap_or_else(|p| p.into_inner()) = tail.pos;
         Ok(j)
     }
 
+    /// The durable journal file (what errors and logs name).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Maps every page of the ring writable now, for a producer about to
+    /// write through it. Otherwise the first store to each page faults, and
+    /// tmpfs zeroes the page in the fault: on the first lap that doubled
+    /// the cost of every journaled byte. Pages stay mapped afterwards.
+    pub fn prefault_for_writing(&self) -> Result<()> {
+        self.map
+            .advise(memmap2::Advice::PopulateWrite)
+            .map_err(|source| Error::Map { path: self.ring_path.clone(), source })
+    }
+
+    /// The live ring in memory.
+    pub fn ring_path(&self) -> &Path {
+        &self.ring_path
     }
 
     pub fn vm_id(&self) -> [u8; 16] {
@@ -375,7 +400,8 @@ impl Journal {
             kind: rec.kind,
             flags: rec.flags,
         };
-        self.write_record(at.pos + pad, &h, data).then_some(at.seq)
+        self.write_record(at.pos + pad, &h, data);
+        Some(at.seq)
     }
 
     /// Reserves `total` bytes (plus the pad to the wrap, if the record
@@ -421,35 +447,17 @@ impl Journal {
         self.reserve(footprint(0), true).map(|(at, pad)| Position { pos: at.pos + pad, seq: at.seq })
     }
 
-    /// Copies a record into its reserved slot and publishes it. Returns
-    /// false if the copy failed; the slot is then published as a pad that
-    /// stands for the record's sequence number, and the caller tracks the
-    /// write in the dirty bitmap instead.
-    fn write_record(&self, pos: u64, h: &RecordHeader, data: &[u8]) -> bool {
+    /// Copies a record into its reserved slot and publishes it.
+    fn write_record(&self, pos: u64, h: &RecordHeader, data: &[u8]) {
         let slot = (pos % self.fields.capacity) as usize;
         debug_assert!(slot as u64 + footprint(data.len()) <= self.fields.capacity);
-        let head = h.encode_with_checksum(data);
-        let written = if data.len() < PWRITE_THRESHOLD {
-            self.copy_into_slot(slot, &head, data);
-            true
-        } else if let Err(e) = self.pwrite_record(slot, &head, data) {
-            log::error!(
-                "journal {}: writing record seq {} at position {pos} failed: {e}; tracking the write in the dirty bitmap",
-                self.path.display(),
-                h.seq
-            );
-            let pad = RecordHeader::pad(h.seq, 1, footprint(data.len()));
-            self.copy_into_slot(slot, &pad.encode_with_checksum(&[]), &[]);
-            false
-        } else {
-            true
-        };
+        self.copy_into_slot(slot, &h.encode_with_checksum(data), data);
         self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
-        written
     }
 
     /// Copies header bytes 8..48 and the data into a slot through the
-    /// mapping.
+    /// mapping. The ring is allocated memory (tmpfs, allocated in full), so
+    /// this is a plain copy: no fault, no writeback.
     fn copy_into_slot(&self, slot: usize, head: &[u8; RECORD_HEADER_SIZE - 8], data: &[u8]) {
         // SAFETY: the slot lies inside the data area with room for the data
         // (a record never straddles the wrap) and was reserved by the caller
@@ -461,31 +469,6 @@ impl Journal {
             std::ptr::copy_nonoverlapping(head.as_ptr(), base.add(8), head.len());
             std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(RECORD_HEADER_SIZE), data.len());
         }
-    }
-
-    /// Writes a record's header (but the commit word) and data with one
-    /// `pwritev` into the page cache. For large records this beats copying
-    /// through the shared mapping: once writeback has cleaned a page of the
-    /// mapping, the next store to it takes a write fault, one per 4 KiB.
-    fn pwrite_record(&self, slot: usize, head: &[u8], data: &[u8]) -> std::io::Result<()> {
-        use std::io::IoSlice;
-        use std::os::fd::AsFd;
-        let mut offset = (HEADER_SIZE + slot + 8) as i64;
-        let (mut head, mut data) = (head, data);
-        while !head.is_empty() || !data.is_empty() {
-            let iov = [IoSlice::new(head), IoSlice::new(data)];
-            let n = match nix::sys::uio::pwritev(self.file.as_fd(), &iov, offset) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            offset += n as i64;
-            let from_head = n.min(head.len());
-            head = &head[from_head..];
-            data = &data[n - from_head..];
-        }
-        Ok(())
     }
 
     fn commit_word_at(&self, slot: usize) -> &AtomicU64 {
@@ -562,14 +545,14 @@ impl Journal {
         Error::Format { path: self.path.clone(), what: "journal", reason }
     }
 
-    /// Empties the ring after a host crash: zeroes the data area (no stale
-    /// record can look published again), moves the tail to the head and
-    /// makes it durable. Returns the position both are at.
+    /// Empties the ring after a host crash: zeroes the live ring's data area
+    /// (no stale record can look published again), moves the tail to the
+    /// head and makes it durable. Returns the position both are at.
     pub fn discard_unconsumed(&self) -> Result<Position> {
         use nix::fcntl::FallocateFlags as F;
         use std::os::fd::AsRawFd;
         let (start, len) = (HEADER_SIZE as i64, self.fields.capacity as i64);
-        let fd = self.file.as_raw_fd();
+        let fd = self.ring.as_raw_fd();
         let punched = nix::fcntl::fallocate(fd, F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE, start, len);
         let zeroed = match punched {
             // Allocate again, so a store into the mapping never meets a hole.
@@ -579,17 +562,17 @@ impl Journal {
                 use std::os::unix::fs::FileExt;
                 (0..self.fields.capacity).step_by(1 << 20).try_for_each(|off| {
                     let n = (1u64 << 20).min(self.fields.capacity - off) as usize;
-                    self.file.write_all_at(&zeroes[..n], HEADER_SIZE as u64 + off)
+                    self.ring.write_all_at(&zeroes[..n], HEADER_SIZE as u64 + off)
                 })
             }
         };
         zeroed.map_err(|source| Error::Write {
-            path: self.path.clone(),
+            path: self.ring_path.clone(),
             offset: HEADER_SIZE as u64,
             len: len as usize,
             source,
         })?;
-        // Sequence numbers jump ahead: the on-disk header may be older than
+        // Sequence numbers jump ahead: the durable header may be older than
         // what the shipper already shipped (its tail moves are not synced),
         // so continuing from the saved head could reuse shipped numbers.
         // The jump makes the gap unmistakable: the shipper starts an epoch.
@@ -609,9 +592,100 @@ impl Journal {
         Ok(jumped)
     }
 
-    /// Makes the whole ring and header durable (`msync`).
+    /// Makes the header and every record published so far durable: the
+    /// group commit behind FLUSH and FUA (invariant 3). Writes the records
+    /// reserved since the last sync that the consumer has not taken yet
+    /// (those it took are already durable in the cache store, invariant
+    /// 5), then a snapshot of the header, then `fdatasync`. A shipper that
+    /// keeps up leaves almost nothing to write.
     pub fn sync(&self) -> Result<()> {
-        self.map.flush().map_err(|source| Error::Sync { path: self.path.clone(), source })
+        let mut durable_to = self.durable_to.lock().unwrap_or_else(|p| p.into_inner());
+        // Other processes (`tern tag`, an offline resync) sync too; one at a
+        // time, so the durable header only moves forward.
+        let _lock = FileLock::exclusive(&self.durable, &self.path)?;
+        // Tail before head: the snapshot never has the tail past the head.
+        let tail = self.tail_word().load(Ordering::Acquire);
+        let head = self.head_word().load(Ordering::Acquire);
+        let to = Position::unpack(head).pos;
+        let mut pos = (*durable_to).max(Position::unpack(tail).pos);
+        let cap = self.fields.capacity;
+        while pos < to {
+            let slot = pos % cap;
+            let n = (to - pos).min(cap - slot);
+            self.write_durable(HEADER_SIZE as u64 + slot, n as usize)?;
+            pos += n;
+        }
+        let header = self.header_snapshot(head, tail);
+        use std::os::unix::fs::FileExt;
+        self.durable.write_all_at(&header, 0).map_err(|source| Error::Write {
+            path: self.path.clone(),
+            offset: 0,
+            len: header.len(),
+            source,
+        })?;
+        self.durable.sync_data().map_err(|source| Error::Sync { path: self.path.clone(), source })?;
+        *durable_to = to;
+        Ok(())
+    }
+
+    /// Copies `len` bytes of the live ring at file offset `at` to the same
+    /// offset of the durable file. Some of them may be slots producers are
+    /// still filling (reserved before the snapshot, not yet published):
+    /// the kernel copies whatever is there, and such a slot is not
+    /// published in the copy either, or is published whole (its data is
+    /// stored before its commit word, at a lower address, which the copy
+    /// reads first).
+    fn write_durable(&self, at: u64, len: usize) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut done = 0;
+        while done < len {
+            // SAFETY: `at + len` lies inside the mapping (the header plus a
+            // range of the data area that does not cross the wrap); the
+            // mapping lives as long as `self`. The kernel reads the bytes;
+            // no Rust reference to memory other threads write is formed.
+            let n = unsafe {
+                libc::pwrite(
+                    self.durable.as_raw_fd(),
+                    self.map.as_ptr().add(at as usize + done).cast(),
+                    len - done,
+                    (at as usize + done) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => {
+                    return Err(Error::Write {
+                        path: self.path.clone(),
+                        offset: at + done as u64,
+                        len: len - done,
+                        source: std::io::ErrorKind::WriteZero.into(),
+                    })
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(Error::Write { path: self.path.clone(), offset: at + done as u64, len, source: e });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The header as it is now, with the given head and tail words, each
+    /// field read atomically.
+    fn header_snapshot(&self, head: u128, tail: u128) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_SIZE];
+        b[..48].copy_from_slice(&self.fields.encode());
+        b[OFF_HEAD..OFF_HEAD + 16].copy_from_slice(&head.to_le_bytes());
+        b[OFF_TAIL..OFF_TAIL + 16].copy_from_slice(&tail.to_le_bytes());
+        b[OFF_WINDOW..OFF_WINDOW + 4]
+            .copy_from_slice(&self.atomic_u32(OFF_WINDOW).load(Ordering::Acquire).to_le_bytes());
+        b[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&self.flags().to_le_bytes());
+        for off in [OFF_BOOT_ID, OFF_BOOT_ID + 8, OFF_OVERFLOW_SEQ, OFF_RECOVERIES] {
+            b[off..off + 8].copy_from_slice(&self.atomic_u64(off).load(Ordering::Acquire).to_le_bytes());
+        }
+        b
     }
 
     // ---- crash recovery ---------------------------------------------------
@@ -783,6 +857,47 @@ pub(crate) fn preallocate(f: &File, len: u64) -> std::io::Result<()> {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EOPNOTSUPP) => f.set_len(len),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads and validates the immutable part of a journal header.
+fn read_fields(f: &File, path: &Path) -> Result<HeaderFields> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().map_err(|source| Error::Open { path: path.to_owned(), source })?.len();
+    let mut head = [0u8; 48];
+    f.read_exact_at(&mut head, 0).map_err(|_| Error::Format {
+        path: path.to_owned(),
+        what: "journal",
+        reason: format!("file is only {len} bytes"),
+    })?;
+    HeaderFields::decode(&head, len).map_err(|reason| Error::Format { path: path.to_owned(), what: "journal", reason })
+}
+
+/// An exclusive `flock` on the durable file, held while syncing or
+/// restoring the live ring; released on drop.
+struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    fn exclusive(f: &'a File, path: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: flock on a descriptor `f` keeps open; no memory is involved.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(FileLock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::Open { path: path.to_owned(), source: e });
+            }
+        }
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as in `exclusive`.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 

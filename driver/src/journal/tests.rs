@@ -4,7 +4,7 @@ fn journal(capacity: u64) -> (tempfile::TempDir, Journal) {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("journal");
     Journal::create(&p, [3; 16], capacity).unwrap();
-    let j = Journal::open(&p).unwrap();
+    let j = Journal::open(&p, &d.path().join("rings")).unwrap();
     (d, j)
 }
 
@@ -15,7 +15,6 @@ fn write(offset: u64, len: usize) -> NewRecord {
 #[test]
 fn small_and_large_records_read_back_verified_in_order() {
     let (_d, j) = journal(4 << 20);
-    // Below and above the pwritev threshold.
     let sizes = [1usize, 4096, 16 * 1024 - 1, 16 * 1024, 1 << 20];
     for (i, &n) in sizes.iter().enumerate() {
         let data: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
@@ -64,12 +63,12 @@ fn full_ring_refuses_without_reserving_anything() {
 fn a_flipped_data_byte_fails_the_checksum() {
     let (d, j) = journal(64 * 1024);
     j.append(&write(0, 100), &[5u8; 100]).unwrap();
+    let ring = j.ring_path().to_owned();
     drop(j);
-    let p = d.path().join("journal");
-    let mut bytes = std::fs::read(&p).unwrap();
+    let mut bytes = std::fs::read(&ring).unwrap();
     bytes[format::HEADER_SIZE + format::RECORD_HEADER_SIZE + 10] ^= 1;
-    std::fs::write(&p, bytes).unwrap();
-    let j = Journal::open(&p).unwrap();
+    std::fs::write(&ring, bytes).unwrap();
+    let j = Journal::open(&d.path().join("journal"), &d.path().join("rings")).unwrap();
     let err = j.cursor(j.tail()).next(&mut Vec::new()).unwrap_err();
     assert!(err.contains("fails its checksum"), "{err}");
 }
@@ -101,4 +100,95 @@ fn a_window_opener_reserved_when_leaving_overflow_but_never_published_is_publish
             (overflow_seq + 1, RecordKind::Write, 0)
         ]
     );
+}
+
+/// Reads every record from the tail: (seq, first data byte).
+fn records(j: &Journal) -> Vec<(u64, u8)> {
+    let mut c = j.cursor(j.tail());
+    let mut data = Vec::new();
+    std::iter::from_fn(|| c.next(&mut data).unwrap().map(|h| (h.seq, data.first().copied().unwrap_or(0)))).collect()
+}
+
+#[test]
+fn the_live_ring_is_in_the_ring_directory_and_shared_through_the_link() {
+    let (d, j) = journal(64 * 1024);
+    let rings = d.path().join("rings");
+    assert!(j.ring_path().starts_with(&rings), "{}", j.ring_path().display());
+    assert_eq!(std::fs::read_link(d.path().join("journal.ring")).unwrap(), j.ring_path());
+    j.append(&write(0, 10), &[7; 10]).unwrap();
+    // Another process told to restore rings elsewhere finds this one.
+    let other = Journal::open(&d.path().join("journal"), &d.path().join("elsewhere")).unwrap();
+    assert_eq!(other.ring_path(), j.ring_path());
+    assert_eq!(records(&other), vec![(1, 7)]);
+    assert!(!d.path().join("elsewhere").exists());
+}
+
+#[test]
+fn a_flush_makes_unconsumed_records_durable_and_a_lost_ring_is_restored_from_them() {
+    let (d, j) = journal(64 * 1024);
+    for (i, b) in [1u8, 2, 3].into_iter().enumerate() {
+        assert_eq!(j.append(&write(i as u64 * 4096, 5000), &[b; 5000]), Some(i as u64 + 1));
+    }
+    // The consumer took the first record; the others wait.
+    let mut c = j.cursor(j.tail());
+    c.next(&mut Vec::new()).unwrap().unwrap();
+    j.set_tail(c.position());
+    j.set_flags(FLAG_ATTACHED);
+    j.sync().unwrap();
+    // Published after the flush: not durable, and lost with the host.
+    j.append(&write(0, 5000), &[4; 5000]).unwrap();
+    let ring = j.ring_path().to_owned();
+    drop(j);
+    std::fs::remove_file(&ring).unwrap();
+
+    let j = Journal::open(&d.path().join("journal"), &d.path().join("rings")).unwrap();
+    assert_eq!(j.ring_path(), ring, "restored under the same name");
+    assert_eq!(records(&j), vec![(2, 2), (3, 3)], "exactly the unconsumed records the flush covered");
+    assert_eq!(j.head().seq, 4);
+    assert_eq!(j.flags() & FLAG_ATTACHED, FLAG_ATTACHED, "the header came along");
+}
+
+#[test]
+fn records_consumed_before_a_flush_are_never_written_to_the_durable_file() {
+    let (d, j) = journal(64 * 1024);
+    j.append(&write(0, 5000), &[1; 5000]).unwrap();
+    let mut c = j.cursor(j.tail());
+    c.next(&mut Vec::new()).unwrap().unwrap();
+    j.set_tail(c.position());
+    j.append(&write(0, 5000), &[2; 5000]).unwrap();
+    j.sync().unwrap();
+    let durable = std::fs::read(d.path().join("journal")).unwrap();
+    let first = format::HEADER_SIZE;
+    let second = format::HEADER_SIZE + format::footprint(5000) as usize;
+    assert!(durable[first..second].iter().all(|&b| b == 0), "the consumed record was written");
+    assert_eq!(durable[second + format::RECORD_HEADER_SIZE], 2, "the waiting record is durable");
+}
+
+#[test]
+fn a_copied_journal_gets_a_ring_of_its_own() {
+    let (d, j) = journal(64 * 1024);
+    j.append(&write(0, 10), &[1; 10]).unwrap();
+    j.sync().unwrap();
+    let copy = d.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(d.path().join("journal"), copy.join("journal")).unwrap();
+    std::os::unix::fs::symlink(j.ring_path(), copy.join("journal.ring")).unwrap();
+    let c = Journal::open(&copy.join("journal"), &d.path().join("rings")).unwrap();
+    assert_ne!(c.ring_path(), j.ring_path());
+    c.append(&write(0, 10), &[2; 10]).unwrap();
+    assert_eq!(records(&j), vec![(1, 1)]);
+    assert_eq!(records(&c), vec![(1, 1), (2, 2)]);
+}
+
+#[test]
+fn a_ring_directory_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("journal");
+    Journal::create(&p, [3; 16], 64 * 1024).unwrap();
+    let rings = d.path().join("rings");
+    std::fs::create_dir(&rings).unwrap();
+    std::fs::set_permissions(&rings, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = Journal::open(&p, &rings).unwrap_err().to_string();
+    assert!(err.contains("TERN_RING_DIR") && err.contains(&rings.display().to_string()), "{err}");
 }

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::journal::Position;
 use crate::units::Size;
-use crate::vm::{enable, EnableSpec, JournalConfig, Policy};
+use crate::vm::{enable_at, EnableSpec, JournalConfig, Policy};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -29,8 +29,9 @@ fn setup_in(base: &Path, disk_size: u64, journal: u64, region: u64) -> Setup {
     // with content, and the bitmap shows only what the test itself causes.
     fs::File::create(&image).unwrap().set_len(disk_size).unwrap();
     let state = dir.path().join("state");
-    enable(
-        &state,
+    let paths = VmPaths::new(&state, "vm").unwrap().with_ring_dir(&dir.path().join("rings"));
+    enable_at(
+        &paths,
         &EnableSpec {
             name: "vm".into(),
             disks: vec![("disk0".into(), image.clone())],
@@ -47,7 +48,6 @@ fn setup_in(base: &Path, disk_size: u64, journal: u64, region: u64) -> Setup {
     fs::write(&image, &content).unwrap();
     let original = dir.path().join("original.img");
     fs::copy(&image, &original).unwrap();
-    let paths = VmPaths::new(&state, "vm").unwrap();
     Setup { _dir: dir, paths, image, original }
 }
 

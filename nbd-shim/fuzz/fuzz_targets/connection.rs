@@ -64,8 +64,10 @@ fn setup() -> Server {
     let image = dir.join("disk0.img");
     fs::File::create(&image).and_then(|f| f.set_len(1 << 20)).expect("create the image");
     let state = dir.join("state");
-    vm::enable(
-        &state,
+    // The journal's live ring goes in the same directory, removed with it.
+    let paths = VmPaths::new(&state, "vm").expect("VM paths").with_ring_dir(&dir.join("rings"));
+    vm::enable_at(
+        &paths,
         &EnableSpec {
             name: "vm".into(),
             disks: vec![("disk0".into(), image)],
@@ -77,7 +79,6 @@ fn setup() -> Server {
         },
     )
     .expect("enable the VM");
-    let paths = VmPaths::new(&state, "vm").expect("VM paths");
     let mirror = Mirror::open(&paths, MirrorOptions::default()).expect("open the mirror");
     Server::new(Arc::new(mirror), ServerOptions { threads_per_connection: 2, ..Default::default() })
 }
