@@ -440,6 +440,28 @@ impl Journal {
         self.reserve(footprint(data_len), false).map(|(at, _)| at)
     }
 
+    /// Test hook: reserves and fills a record's slot but publishes it
+    /// only when the returned function is called (a producer that is slow
+    /// between the two).
+    #[doc(hidden)]
+    pub fn append_published_later(&self, rec: &NewRecord, data: &[u8]) -> impl FnOnce() + '_ {
+        let (at, pad) = self.reserve(footprint(data.len()), false).expect("room in the ring");
+        assert_eq!(pad, 0, "the test record must not wrap");
+        let h = RecordHeader {
+            seq: at.seq,
+            offset: rec.offset,
+            time_ns: now_ns(),
+            length: rec.length,
+            data_len: data.len() as u32,
+            disk: rec.disk,
+            kind: rec.kind,
+            flags: rec.flags,
+        };
+        let slot = (at.pos % self.fields.capacity) as usize;
+        self.copy_into_slot(slot, &h.encode_with_checksum(data), data);
+        move || self.commit_word_at(slot).store(commit_word(at.pos), Ordering::Release)
+    }
+
     /// Test hook: the resync that leaves overflow mode crashes between
     /// reserving the window's opener and publishing it.
     #[doc(hidden)]
@@ -607,8 +629,21 @@ impl Journal {
         let tail = self.tail_word().load(Ordering::Acquire);
         let head = self.head_word().load(Ordering::Acquire);
         let to = Position::unpack(head).pos;
-        let mut pos = (*durable_to).max(Position::unpack(tail).pos);
+        let from = (*durable_to).max(Position::unpack(tail).pos);
+        // Where the published records from `from` end: a slot still being
+        // filled is copied unpublished now, so the next sync must copy it
+        // again (its write is acknowledged only after it is published, and
+        // a later FLUSH covers it). Records published after such a slot
+        // are copied now all the same: their writes may be acknowledged.
+        let mut published_to = from;
+        while published_to < to {
+            match self.locate(published_to) {
+                Ok(Some((h, _, _))) => published_to += h.footprint(),
+                _ => break,
+            }
+        }
         let cap = self.fields.capacity;
+        let mut pos = from;
         while pos < to {
             let slot = pos % cap;
             let n = (to - pos).min(cap - slot);
@@ -624,7 +659,7 @@ impl Journal {
             source,
         })?;
         self.durable.sync_data().map_err(|source| Error::Sync { path: self.path.clone(), source })?;
-        *durable_to = to;
+        *durable_to = published_to;
         Ok(())
     }
 

@@ -192,3 +192,21 @@ fn a_ring_directory_others_can_write_is_refused() {
     let err = Journal::open(&p, &rings).unwrap_err().to_string();
     assert!(err.contains("TERN_RING_DIR") && err.contains(&rings.display().to_string()), "{err}");
 }
+
+#[test]
+fn a_record_published_after_a_flush_copied_its_slot_is_copied_again_by_the_next_flush() {
+    let (d, j) = journal(64 * 1024);
+    // A slow producer: reserved and filled, not yet published, when a
+    // FLUSH for another write comes.
+    let publish_a = j.append_published_later(&write(0, 100), &[1; 100]);
+    j.append(&write(4096, 100), &[2; 100]).unwrap();
+    j.sync().unwrap();
+    // It publishes, its write is acknowledged, and a FLUSH follows.
+    publish_a();
+    j.sync().unwrap();
+    let ring = j.ring_path().to_owned();
+    drop(j);
+    std::fs::remove_file(&ring).unwrap();
+    let j = Journal::open(&d.path().join("journal"), &d.path().join("rings")).unwrap();
+    assert_eq!(records(&j), vec![(1, 1), (2, 2)], "both records are durable");
+}
