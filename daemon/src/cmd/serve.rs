@@ -27,6 +27,10 @@ pub struct Args {
     /// Worker threads per connection (requests in flight per connection).
     #[arg(long, default_value_t = 16)]
     pub threads: usize,
+    /// Requests that may change one disk image at once (writes, zeroes,
+    /// trims; reads are not limited). Default: twice the CPUs.
+    #[arg(long)]
+    pub image_writers: Option<usize>,
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
@@ -35,8 +39,14 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
     let paths = VmPaths::new(&cli.state, &a.vm)?;
     let mirror = Arc::new(
-        open_waiting(&paths, MirrorOptions { journal: !a.no_journal })
-            .with_context(|| format!("cannot serve VM '{}'", a.vm))?,
+        open_waiting(
+            &paths,
+            MirrorOptions {
+                journal: !a.no_journal,
+                image_writers: a.image_writers.unwrap_or_else(MirrorOptions::default_image_writers).max(1),
+            },
+        )
+        .with_context(|| format!("cannot serve VM '{}'", a.vm))?,
     );
     if a.no_journal {
         log::warn!("journaling is OFF (--no-journal): every region of VM '{}' is marked for a full resync", a.vm);

@@ -436,3 +436,25 @@ fn crash_after_leaving_overflow_never_rolls_back_a_bitmap_only_write() {
     assert!(buf.iter().all(|&b| b == 2), "recovery rolled back an acknowledged, flushed write");
     assert!(m.dirty_ranges(0).iter().any(|&(o, l)| o <= 1 << 20 && o + l > 1 << 20), "its region awaits resync");
 }
+
+#[test]
+fn change_slots_bound_how_many_changes_run_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let slots = ChangeSlots::new(3);
+    let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..12 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    let _slot = slots.take();
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    assert_eq!(most.load(Ordering::SeqCst), 3, "at most 3 at once, and 3 were reached");
+    assert_eq!(*slots.free.lock().unwrap(), 3, "every slot came back");
+}
