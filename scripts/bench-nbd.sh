@@ -10,13 +10,17 @@
 # Environment knobs (defaults in brackets):
 #   SYSTEMS          systems to run, space separated
 #                    ["tern tern-nojournal qemu-nbd nbdkit"]; also tern-overflow
+#                    and tern-ring (journal on, a ring of TERN_RING_SIZE that
+#                    holds the whole run, no consumer: journaling alone,
+#                    without the shipper's CPU; use a short RUNTIME)
 #   WORKLOADS        subset of workloads to run [all six, see below]
 #   RUNTIME          seconds of measured time per fio run [10]
 #   RAMP             fio ramp_time, seconds, not measured [2]
 #   ROUNDS           interleaved rounds; medians are taken over them [3]
 #   WORK             work dir (image, logs, results) [/var/tmp/tern-bench-nbd]
 #   TERN             tern binary [target/release/tern]
-#   TERN_JOURNAL_SIZE  --journal-size for `tern enable` [4GiB]
+#   TERN_JOURNAL_SIZE  --journal-size for `tern enable` [1GiB]
+#   TERN_RING_SIZE   --journal-size of tern-ring [12GiB]
 #   NBDKIT_THREADS   nbdkit -t value; empty = nbdkit default (16) [16]
 #   FRESH_IMAGE=1    recreate the image even if a 2 GiB one already exists
 #   DROP_CACHES=1    drop the page cache before every server start (root)
@@ -33,7 +37,7 @@ set -euo pipefail
 
 # Record which knobs the caller set explicitly *before* applying defaults, so
 # the summary can print the exact command that reproduces this run.
-KNOBS=(SYSTEMS WORKLOADS RUNTIME RAMP ROUNDS WORK TERN TERN_JOURNAL_SIZE
+KNOBS=(SYSTEMS WORKLOADS RUNTIME RAMP ROUNDS WORK TERN TERN_JOURNAL_SIZE TERN_RING_SIZE
        NBDKIT_THREADS FRESH_IMAGE DROP_CACHES)
 # Shell-quote for display: bare if safe, else single quotes (readable,
 # unlike printf %q's backslashes).
@@ -61,6 +65,7 @@ ROUNDS="${ROUNDS:-3}"
 WORK="${WORK:-/var/tmp/tern-bench-nbd}"
 TERN="${TERN:-target/release/tern}"
 TERN_JOURNAL_SIZE="${TERN_JOURNAL_SIZE:-1GiB}"
+TERN_RING_SIZE="${TERN_RING_SIZE:-12GiB}"
 NBDKIT_THREADS="${NBDKIT_THREADS-16}"
 FRESH_IMAGE="${FRESH_IMAGE:-0}"
 DROP_CACHES="${DROP_CACHES:-0}"
@@ -109,7 +114,7 @@ HAVE_NBDINFO=0; command -v nbdinfo >/dev/null && HAVE_NBDINFO=1
 SELECTED=()
 for s in $SYSTEMS; do
     case "$s" in
-        tern|tern-nojournal|tern-overflow)
+        tern|tern-nojournal|tern-overflow|tern-ring)
             # tern may not be built yet; skip rather than fail so the peers
             # can still be measured.
             if [[ ! -x "$TERN" ]]; then
@@ -120,7 +125,7 @@ for s in $SYSTEMS; do
         nbdkit)
             command -v nbdkit >/dev/null || { log "skipping nbdkit: not installed"; continue; }
             nbdkit file --dump-plugin >/dev/null 2>&1 || { log "skipping nbdkit: file plugin missing"; continue; } ;;
-        *) die "unknown system '$s' (known: tern tern-nojournal tern-overflow qemu-nbd nbdkit)" ;;
+        *) die "unknown system '$s' (known: tern tern-nojournal tern-overflow tern-ring qemu-nbd nbdkit)" ;;
     esac
     SELECTED+=("$s")
 done
@@ -169,10 +174,11 @@ stop_server() {
     wait "$pid" 2>/dev/null || true
     # A journal that overflowed stopped journaling: those figures would not
     # measure the journal, so say so loudly.
-    if [[ "$SERVER_NAME" == tern && -n "${TERN_STATE_DIR:-}" ]] &&
+    if [[ "$SERVER_NAME" == tern* && "$SERVER_NAME" != tern-nojournal && "$SERVER_NAME" != tern-overflow &&
+        -n "${TERN_STATE_DIR:-}" ]] &&
         "$TERN" --state "$TERN_STATE_DIR" journal dump bench --header 2>/dev/null | grep -q "mode Overflow"; then
-        log "WARNING: tern's journal overflowed during ${CURRENT_WORKLOAD:-this run}: its consumer fell behind, and writes after that point went to the dirty bitmap, not the journal"
-        echo "${CURRENT_WORKLOAD:-?}" >>"$RESULTS/overflowed.txt"
+        log "WARNING: $SERVER_NAME's journal overflowed during ${CURRENT_WORKLOAD:-this run}: its consumer fell behind (or its ring was too small for the run), and writes after that point went to the dirty bitmap, not the journal"
+        echo "$SERVER_NAME ${CURRENT_WORKLOAD:-?}" >>"$RESULTS/overflowed.txt"
         OVERFLOWED=1
     fi
 }
@@ -242,7 +248,7 @@ start_server() {
     SERVER_NAME="$sys"
     rm -f "$SOCK"
     case "$sys" in
-        tern|tern-nojournal|tern-overflow)
+        tern|tern-nojournal|tern-overflow|tern-ring)
             # Fresh state dir per start; the journal lives inside it.
             # tern-overflow: a 64 KiB journal and no consumer, so after the
             # first few writes every write goes to the dirty bitmap (the
@@ -253,14 +259,15 @@ start_server() {
             mkdir -p "$state" "$dir/cache" "$dir/target"
             local enable=("$TERN" --state "$state" enable bench
                           --disk "$EXPORT=$IMG" --cache "$dir/cache" --target "$dir/target"
-                          --journal-size "$([[ $sys == tern-overflow ]] && echo 64KiB || echo "$TERN_JOURNAL_SIZE")")
+                          --journal-size "$(case $sys in tern-overflow) echo 64KiB ;; tern-ring) echo "$TERN_RING_SIZE" ;;
+                                            *) echo "$TERN_JOURNAL_SIZE" ;; esac)")
             echo "+ ${enable[*]}" >>"$logf"
             if ! "${enable[@]}" >>"$logf" 2>&1; then
                 log "$sys: 'tern enable' failed; last log lines:"
                 tail -n 20 "$logf" >&2 || true
                 return 1
             fi
-            if [[ "$sys" == tern ]]; then
+            if [[ "$sys" == tern || "$sys" == tern-ring ]]; then
                 # The initial sync (the whole image, marked dirty by enable)
                 # is not what this benchmark measures: ship it first, then
                 # drop the segments so the cache does not grow per workload.
