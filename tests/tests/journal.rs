@@ -150,3 +150,47 @@ fn tiny_ring_overflows_into_exactly_the_regions_written_after_it() {
     expected.sort();
     assert_eq!(dirty, expected, "the bitmap holds exactly the regions written after the ring filled");
 }
+
+/// The journal's ring lives in memory (tmpfs): where that has no room for
+/// it, enabling the VM says so, and what to do, instead of failing later.
+#[test]
+fn a_ring_directory_without_room_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tiny = dir.path().join("tiny");
+    std::fs::create_dir(&tiny).expect("mount point");
+    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&tiny));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(tiny.clone());
+    let image = dir.path().join("disk0.img");
+    std::fs::write(&image, vec![7u8; 1 << 20]).expect("image");
+    for site in ["cache", "target"] {
+        std::fs::create_dir(dir.path().join(site)).expect("site");
+    }
+    let out = tern_with_state(&dir.path().join("state"))
+        .env("TERN_RING_DIR", tiny.join("rings"))
+        .args(["enable", "vm1", "--journal-size", "64MiB", "--disk"])
+        .arg(format!("disk0={}", image.display()))
+        .arg("--cache")
+        .arg(dir.path().join("cache"))
+        .arg("--target")
+        .arg(dir.path().join("target"))
+        .output()
+        .expect("run tern enable");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "enable succeeded without room for the ring");
+    assert!(
+        err.contains("cannot allocate the journal's memory ring")
+            && err.contains(&tiny.join("rings").display().to_string())
+            && err.contains("--journal-size")
+            && err.contains("TERN_RING_DIR"),
+        "{err}"
+    );
+    assert!(!dir.path().join("state/vm1").exists(), "nothing half-enabled is left");
+    let left: Vec<_> = std::fs::read_dir(tiny.join("rings")).expect("ring dir").collect();
+    assert!(left.is_empty(), "no half-restored ring is left: {left:?}");
+}

@@ -66,6 +66,22 @@ pub struct NewRecord {
     pub flags: u8,
 }
 
+impl NewRecord {
+    /// The header of this record at sequence number `seq`, stamped now.
+    fn header(&self, seq: u64, data_len: usize) -> RecordHeader {
+        RecordHeader {
+            seq,
+            offset: self.offset,
+            time_ns: now_ns(),
+            length: self.length,
+            data_len: data_len as u32,
+            disk: self.disk,
+            kind: self.kind,
+            flags: self.flags,
+        }
+    }
+}
+
 /// What a consumer finds at a position.
 #[derive(Debug)]
 pub enum ReadOutcome {
@@ -390,16 +406,7 @@ impl Journal {
             // A wrap pad stands for no sequence number of its own.
             self.write_record(at.pos, &RecordHeader::pad(at.seq, 0, pad), &[]);
         }
-        let h = RecordHeader {
-            seq: at.seq,
-            offset: rec.offset,
-            time_ns: now_ns(),
-            length: rec.length,
-            data_len: data.len() as u32,
-            disk: rec.disk,
-            kind: rec.kind,
-            flags: rec.flags,
-        };
+        let h = rec.header(at.seq, data.len());
         self.write_record(at.pos + pad, &h, data);
         Some(at.seq)
     }
@@ -447,16 +454,7 @@ impl Journal {
     pub fn append_published_later(&self, rec: &NewRecord, data: &[u8]) -> impl FnOnce() + '_ {
         let (at, pad) = self.reserve(footprint(data.len()), false).expect("room in the ring");
         assert_eq!(pad, 0, "the test record must not wrap");
-        let h = RecordHeader {
-            seq: at.seq,
-            offset: rec.offset,
-            time_ns: now_ns(),
-            length: rec.length,
-            data_len: data.len() as u32,
-            disk: rec.disk,
-            kind: rec.kind,
-            flags: rec.flags,
-        };
+        let h = rec.header(at.seq, data.len());
         let slot = (at.pos % self.fields.capacity) as usize;
         self.copy_into_slot(slot, &h.encode_with_checksum(data), data);
         move || self.commit_word_at(slot).store(commit_word(at.pos), Ordering::Release)
