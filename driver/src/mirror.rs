@@ -113,12 +113,6 @@ impl Mirror {
         let frontend_lock =
             crate::vm::lock_exclusive(&paths.frontend_lock(), &format!("VM '{}'", config.name), "`tern serve`")?;
         let journal = paths.open_journal()?;
-        if options.journal {
-            if let Err(e) = journal.prefault_for_writing() {
-                // Only slower: the first lap faults its pages in.
-                log::warn!("VM '{}': cannot pre-fault the journal ring: {e}", config.name);
-            }
-        }
         if journal.vm_id() != *config.id.as_bytes() {
             return Err(Error::Format {
                 path: paths.journal(),
@@ -162,6 +156,13 @@ impl Mirror {
             frontend_lock: Mutex::new(Some(frontend_lock)),
         };
         mirror.attach()?;
+        // After attaching: recovery from a host crash punches the ring.
+        if options.journal {
+            if let Err(e) = mirror.journal.prefault_for_writing() {
+                // Only slower: the first lap faults its pages in.
+                log::warn!("VM '{}': cannot pre-fault the journal ring: {e}", mirror.config.name);
+            }
+        }
         mirror.window_open.store(mirror.journal.window_open(), Ordering::Release);
         if options.journal {
             mirror.open_resync_window_if_due();
