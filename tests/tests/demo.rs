@@ -42,6 +42,7 @@ fn demo_runs_unprivileged() {
         .arg(&bin)
         .args(["demo", "--disk-size", "32MiB", "--writes", "200"])
         .env("TMPDIR", dir.path())
+        .env("TERN_RING_DIR", dir.path().join("rings"))
         .output()
         .expect("run tern demo as nobody");
     let stdout = String::from_utf8_lossy(&out.stdout);
