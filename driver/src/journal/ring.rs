@@ -120,9 +120,18 @@ pub struct Journal {
     durable: File,
     path: PathBuf,
     fields: HeaderFields,
-    /// Ring positions below this are in the durable file as of this
-    /// process's last [`Journal::sync`] (or consumed, which is as good).
-    durable_to: Mutex<u64>,
+    /// What this process's last [`Journal::sync`] made durable.
+    synced: Mutex<Synced>,
+}
+
+/// What a process last wrote to the durable file.
+#[derive(Debug)]
+struct Synced {
+    /// Ring positions below this are in the durable file (or consumed,
+    /// which is as good).
+    to: u64,
+    /// The header written.
+    header: Vec<u8>,
 }
 
 impl Journal {
@@ -180,7 +189,10 @@ impl Journal {
             });
         }
         let map = MmapRaw::map_raw(&ring).map_err(|source| Error::Map { path: ring_path.clone(), source })?;
-        let j = Journal { map, ring, ring_path, durable, path: path.to_owned(), fields, durable_to: Mutex::new(0) };
+        // Nothing is known durable yet: the first sync writes the whole
+        // unconsumed part (recovery may have padded holes in it).
+        let synced = Mutex::new(Synced { to: 0, header: Vec::new() });
+        let j = Journal { map, ring, ring_path, durable, path: path.to_owned(), fields, synced };
         let (head, tail) = (j.head(), j.tail());
         if tail.pos > head.pos
             || !head.pos.is_multiple_of(RECORD_ALIGN)
@@ -194,9 +206,6 @@ impl Journal {
                 reason: format!("inconsistent positions: head {head:?}, tail {tail:?}"),
             });
         }
-        // Nothing is known durable yet: the first sync writes the whole
-        // unconsumed part (recovery may have padded holes in it).
-        *j.durable_to.lock().unwrap_or_else(|p| p.into_inner()) = tail.pos;
         Ok(j)
     }
 
@@ -617,9 +626,11 @@ impl Journal {
     /// reserved since the last sync that the consumer has not taken yet
     /// (those it took are already durable in the cache store, invariant
     /// 5), then a snapshot of the header, then `fdatasync`. A shipper that
-    /// keeps up leaves almost nothing to write.
+    /// keeps up leaves almost nothing to write; FLUSHes that find nothing
+    /// changed since the last sync (another connection's, just before)
+    /// write nothing.
     pub fn sync(&self) -> Result<()> {
-        let mut durable_to = self.durable_to.lock().unwrap_or_else(|p| p.into_inner());
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
         // Other processes (`tern tag`, an offline resync) sync too; one at a
         // time, so the durable header only moves forward.
         let _lock = FileLock::exclusive(&self.durable, &self.path)?;
@@ -627,11 +638,16 @@ impl Journal {
         let tail = self.tail_word().load(Ordering::Acquire);
         let head = self.head_word().load(Ordering::Acquire);
         let to = Position::unpack(head).pos;
-        let from = (*durable_to).max(Position::unpack(tail).pos);
-        // Where the published records from `from` end: a slot still being
-        // filled is copied unpublished now, so the next sync must copy it
-        // again (its write is acknowledged only after it is published, and
-        // a later FLUSH covers it). Records published after such a slot
+        let from = synced.to.max(Position::unpack(tail).pos);
+        let header = self.header_snapshot(head, tail);
+        if from >= to && header == synced.header {
+            return Ok(());
+        }
+        // Where the published records from `from` end. A slot still being
+        // filled may be copied unpublished or half-written now, so the next
+        // sync copies it again, and everything after it: its write is
+        // acknowledged only after it is published, and a FLUSH that must
+        // cover it comes after that. Records published after such a slot
         // are copied now all the same: their writes may be acknowledged.
         let mut published_to = from;
         while published_to < to {
@@ -648,7 +664,6 @@ impl Journal {
             self.write_durable(HEADER_SIZE as u64 + slot, n as usize)?;
             pos += n;
         }
-        let header = self.header_snapshot(head, tail);
         use std::os::unix::fs::FileExt;
         self.durable.write_all_at(&header, 0).map_err(|source| Error::Write {
             path: self.path.clone(),
@@ -657,17 +672,13 @@ impl Journal {
             source,
         })?;
         self.durable.sync_data().map_err(|source| Error::Sync { path: self.path.clone(), source })?;
-        *durable_to = published_to;
+        *synced = Synced { to: published_to, header };
         Ok(())
     }
 
     /// Copies `len` bytes of the live ring at file offset `at` to the same
     /// offset of the durable file. Some of them may be slots producers are
-    /// still filling (reserved before the snapshot, not yet published):
-    /// the kernel copies whatever is there, and such a slot is not
-    /// published in the copy either, or is published whole (its data is
-    /// stored before its commit word, at a lower address, which the copy
-    /// reads first).
+    /// still filling: the kernel copies whatever is there (see `sync`).
     fn write_durable(&self, at: u64, len: usize) -> Result<()> {
         use std::os::fd::AsRawFd;
         let mut done = 0;
@@ -697,7 +708,12 @@ impl Journal {
                 _ => {
                     let e = std::io::Error::last_os_error();
                     if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(Error::Write { path: self.path.clone(), offset: at + done as u64, len, source: e });
+                        return Err(Error::Write {
+                            path: self.path.clone(),
+                            offset: at + done as u64,
+                            len: len - done,
+                            source: e,
+                        });
                     }
                 }
             }
@@ -776,17 +792,9 @@ impl Journal {
                         if opener_at > at.pos {
                             self.write_pads(at.pos, opener_at, at.seq, 0);
                         }
-                        let opener = RecordHeader {
-                            seq: at.seq,
-                            offset: 0,
-                            time_ns: now_ns(),
-                            length: 0,
-                            data_len: 0,
-                            disk: 0,
-                            kind: RecordKind::Resync,
-                            flags: RESYNC_OPEN,
-                        };
-                        self.write_record(opener_at, &opener, &[]);
+                        let opener =
+                            NewRecord { disk: 0, kind: RecordKind::Resync, offset: 0, length: 0, flags: RESYNC_OPEN };
+                        self.write_record(opener_at, &opener.header(at.seq, 0), &[]);
                         self.set_window_open(true);
                         log::warn!(
                             "journal {}: the resync window's opener (seq {}) was reserved but not published; published it",
@@ -920,7 +928,10 @@ impl<'a> FileLock<'a> {
             }
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::Open { path: path.to_owned(), source: e });
+                return Err(Error::Invalid(format!(
+                    "cannot lock the journal {} (flock: {e}); its filesystem must support flock",
+                    path.display()
+                )));
             }
         }
     }

@@ -210,3 +210,25 @@ fn a_record_published_after_a_flush_copied_its_slot_is_copied_again_by_the_next_
     let j = Journal::open(&d.path().join("journal"), &d.path().join("rings")).unwrap();
     assert_eq!(records(&j), vec![(1, 1), (2, 2)], "both records are durable");
 }
+
+#[test]
+fn a_flush_with_nothing_new_writes_nothing() {
+    let (d, j) = journal(64 * 1024);
+    let durable = d.path().join("journal");
+    let written = || std::fs::metadata(&durable).unwrap().modified().unwrap();
+    j.append(&write(0, 100), &[1; 100]).unwrap();
+    j.sync().unwrap();
+    let first = written();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    j.sync().unwrap();
+    assert_eq!(written(), first, "nothing changed, nothing written");
+    // A header change alone (a flag) is written.
+    j.set_flags(FLAG_CHECKSUM_RESYNC);
+    j.sync().unwrap();
+    let second = written();
+    assert!(second > first, "the flag was not written");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    j.append(&write(0, 100), &[2; 100]).unwrap();
+    j.sync().unwrap();
+    assert!(written() > second, "the new record was not written");
+}
