@@ -261,7 +261,15 @@ fn tag_refuses_bad_labels_and_a_full_journal() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("a tag label must be"), "{bad:?}");
     }
     let served = vm.serve(&[]);
-    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write 0 1M"]));
+    // Small writes, more than the ring holds, and no shipper: the ring is
+    // full and stays so (one write too large for the ring would overflow
+    // an empty ring, which the background resync leaves at once).
+    let mut io = Command::new("qemu-io");
+    io.args(["-f", "raw", &vm.uri("disk0")]);
+    for i in 0..32 {
+        io.args(["-c", &format!("write {}k 4k", i * 4)]);
+    }
+    run(&mut io);
     let out = vm.tern().args(["tag", &vm.name, "full"]).output().expect("tag");
     served.stop();
     assert!(!out.status.success());
