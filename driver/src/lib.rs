@@ -31,4 +31,4 @@ pub mod units;
 pub mod vm;
 
 pub use error::{Error, Result};
-pub use mirror::{Mirror, MirrorOptions, ResyncStep, ZeroMode};
+pub use mirror::{InPlaceWrite, Mirror, MirrorOptions, ResyncStep, ZeroMode};

@@ -274,9 +274,10 @@ impl Mirror {
             d.image.sync_data()?;
         }
         log::info!(
-            "VM '{}': recovery done: {} records re-applied or marked dirty, {} holes padded ({} sequence numbers never published), {} torn records",
+            "VM '{}': recovery done: {} records re-applied or marked dirty ({} of them sealed but unpublished), {} holes padded ({} sequence numbers never published), {} torn records",
             self.config.name,
             report.records,
+            report.sealed,
             report.holes,
             report.lost_seqs,
             report.torn
@@ -436,6 +437,31 @@ impl Mirror {
         d.image.prefetch(offset, len)
     }
 
+    /// Starts a WRITE whose payload the front-end receives straight into
+    /// its journal record, saving a copy of every written byte: holds the
+    /// range and reserves the record, in that order (so overlapping writes
+    /// reach the journal in the order they reach the image). The caller
+    /// fills [`InPlaceWrite::buffer`], then calls [`InPlaceWrite::finish`].
+    ///
+    /// `None` when the ordinary [`Mirror::write`] must take the request:
+    /// journaling off, the ring full or in overflow, an overlapping write
+    /// in flight (this never waits: the caller may be holding up its
+    /// connection), or the request would fail anyway.
+    pub fn begin_write_in_place(&self, disk: usize, offset: u64, len: u64) -> Option<InPlaceWrite<'_>> {
+        if !self.journaling || len == 0 || len > journal::MAX_RECORD_DATA as u64 {
+            return None;
+        }
+        let gate = self.enter(disk).ok()?;
+        let d = self.check_range(disk, offset, len).ok()?;
+        if self.journal.mode() == Mode::Overflow {
+            return None;
+        }
+        let range = d.lock.try_lock(offset, len)?;
+        let rec = NewRecord { disk: d.index, kind: RecordKind::Write, offset, length: len as u32, flags: 0 };
+        let record = self.journal.reserve_in_place(&rec)?;
+        Some(InPlaceWrite { mirror: self, disk: d, offset, record, range, _gate: gate })
+    }
+
     /// Inserts an application-consistent marker into the journal. Returns
     /// its sequence number, or `None` if the ring is in overflow (a tag
     /// inside a resync window could not become a consistent point).
@@ -542,6 +568,52 @@ impl Mirror {
         // take the VM now, even while this object lives on.
         drop(self.frontend_lock.lock().unwrap_or_else(|p| p.into_inner()).take());
         log::info!("VM '{}': front-end detached cleanly", self.config.name);
+        Ok(())
+    }
+}
+
+/// A WRITE received straight into its journal record; see
+/// [`Mirror::begin_write_in_place`]. Dropped unfinished (the client hung up
+/// mid-payload), the record becomes a pad and the image is untouched.
+#[derive(Debug)]
+pub struct InPlaceWrite<'a> {
+    mirror: &'a Mirror,
+    disk: &'a Disk,
+    offset: u64,
+    // Fields drop in order: the record is padded or published while the
+    // range is still held.
+    record: journal::InPlaceRecord<'a>,
+    range: crate::range_lock::RangeGuard<'a>,
+    _gate: std::sync::RwLockReadGuard<'a, bool>,
+}
+
+impl InPlaceWrite<'_> {
+    /// Where the payload goes: the record's data in the ring.
+    pub fn buffer(&mut self) -> &mut [u8] {
+        self.record.data_mut()
+    }
+
+    /// Writes the image from the record and publishes it, then, for FUA,
+    /// makes everything durable. The record is sealed before the image is
+    /// written, so crash recovery publishes it if the image may have it.
+    pub fn finish(self, fua: bool) -> Result<()> {
+        let InPlaceWrite { mirror, disk: d, offset, mut record, range, _gate } = self;
+        let len = record.data().len() as u64;
+        record.seal();
+        let changed = {
+            let _slot = d.changing.take();
+            d.image.write_at(record.data(), offset)
+        };
+        record.publish();
+        mirror.stats.journaled.fetch_add(1, Ordering::Relaxed);
+        if changed.is_err() {
+            mirror.compensate(d, offset, len);
+        }
+        changed?;
+        drop(range);
+        if fua {
+            mirror.make_durable(d)?;
+        }
         Ok(())
     }
 }

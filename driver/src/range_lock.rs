@@ -55,6 +55,18 @@ impl RangeLock {
         RangeGuard { lock: self, range }
     }
 
+    /// Holds `[offset, offset + len)` if no held range overlaps it now;
+    /// never waits.
+    pub fn try_lock(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
+        let range = (offset, offset.saturating_add(len.max(1)));
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.ranges.iter().any(|&r| overlaps(r, range)) {
+            return None;
+        }
+        held.ranges.push(range);
+        Some(RangeGuard { lock: self, range })
+    }
+
     /// Number of ranges held right now (for tests and status).
     pub fn held(&self) -> usize {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).ranges.len()
@@ -86,6 +98,16 @@ mod tests {
         let _a = l.lock(0, 10);
         let _b = l.lock(10, 10);
         assert_eq!(l.held(), 2);
+    }
+
+    #[test]
+    fn try_lock_takes_only_a_free_range() {
+        let l = RangeLock::new();
+        let a = l.try_lock(0, 4096).expect("free");
+        assert!(l.try_lock(4095, 2).is_none(), "overlaps the held range");
+        assert!(l.try_lock(4096, 4096).is_some(), "disjoint");
+        drop(a);
+        assert!(l.try_lock(0, 8192).is_some(), "free again");
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     conn.end.into_inner().unwrap_or_else(|p| p.into_inner()).unwrap_or(ConnectionEnd::Closed)
 }
 
-impl<R: Read, W: Write> Conn<'_, R, W> {
+impl<'a, R: Read, W: Write> Conn<'a, R, W> {
     fn close(&self, why: ConnectionEnd, hang_up: bool) {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
         if end.is_none() {
@@ -95,12 +95,12 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         let mut payload = Vec::new();
         let mut reply = Vec::new();
         loop {
-            let req = {
+            let (req, in_place) = {
                 let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
                 if self.closing.load(Ordering::Acquire) {
                     return;
                 }
-                match read_request(&mut *r, &mut payload) {
+                let req = match read_request_head(&mut *r) {
                     // Nothing may be read after these: decide while still
                     // holding the read side, so no other worker reads on.
                     Ok(req) if req.kind == CMD_DISC => {
@@ -127,9 +127,30 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                         self.close(end, hard);
                         return;
                     }
+                };
+                // A WRITE's payload goes straight into its journal record
+                // where it can (one copy of each byte fewer), else into
+                // `payload` (even a WRITE that will be refused: its bytes
+                // must leave the stream).
+                let mut in_place = None;
+                if req.kind == CMD_WRITE {
+                    in_place = self.begin_in_place(&req);
+                    let read = match &mut in_place {
+                        Some(w) => read_payload_into(&mut *r, w.buffer()),
+                        None => read_payload(&mut *r, req.length, &mut payload),
+                    };
+                    if let Err(end) = read {
+                        // A record half received becomes a pad (dropped).
+                        self.close(end, false);
+                        return;
+                    }
                 }
+                (req, in_place)
             };
-            self.execute(&req, &payload, &mut reply);
+            match in_place {
+                Some(w) => self.finish_in_place(&req, w, &mut reply),
+                None => self.execute(&req, &payload, &mut reply),
+            }
             if let Err(e) = self.send(&reply) {
                 self.close(ConnectionEnd::Io(e), true);
                 return;
@@ -144,6 +165,24 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     fn send(&self, reply: &[u8]) -> io::Result<()> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         w.write_all(reply).and_then(|()| w.flush())
+    }
+
+    /// Starts a valid WRITE in place (see `Mirror::begin_write_in_place`),
+    /// if the mirror can take it so.
+    fn begin_in_place(&self, req: &Request) -> Option<tern_driver::InPlaceWrite<'a>> {
+        if validate(req, &self.session).is_err() {
+            return None;
+        }
+        self.mirror.begin_write_in_place(self.disk, req.offset, req.length as u64)
+    }
+
+    /// Completes a WRITE received in place and encodes its reply.
+    fn finish_in_place(&self, req: &Request, w: tern_driver::InPlaceWrite<'_>, out: &mut Vec<u8>) {
+        out.clear();
+        match w.finish(req.flags & CMD_FLAG_FUA != 0) {
+            Ok(()) => self.ok_reply(req, out),
+            Err(e) => self.failed(req, &e, out),
+        }
     }
 
     /// Carries a request out and encodes its reply into `out`.
@@ -255,25 +294,32 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     }
 }
 
-/// Reads one request and, for WRITE, its payload into `payload` (even a
-/// WRITE that will be refused: its bytes must leave the stream).
-fn read_request<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Request, ConnectionEnd> {
+/// Reads one request's header.
+fn read_request_head<R: Read>(r: &mut R) -> Result<Request, ConnectionEnd> {
     let mut head = [0u8; REQUEST_LEN];
     r.read_exact(&mut head).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => ConnectionEnd::Closed,
         _ => ConnectionEnd::Io(e),
     })?;
-    let Some(req) = Request::parse(&head) else {
-        return Err(ConnectionEnd::Protocol("request with a bad magic".into()));
-    };
+    Request::parse(&head).ok_or_else(|| ConnectionEnd::Protocol("request with a bad magic".into()))
+}
+
+/// Reads a WRITE's payload of `len` bytes into `payload`.
+fn read_payload<R: Read>(r: &mut R, len: u32, payload: &mut Vec<u8>) -> Result<(), ConnectionEnd> {
     payload.clear();
-    if req.kind == CMD_WRITE && req.length <= MAX_PAYLOAD {
-        // read_to_end fills spare capacity without zeroing it first.
-        payload.reserve(req.length as usize);
-        let n = r.take(req.length as u64).read_to_end(payload).map_err(ConnectionEnd::Io)?;
-        if n < req.length as usize {
-            return Err(ConnectionEnd::Closed);
-        }
+    // read_to_end fills spare capacity without zeroing it first.
+    payload.reserve(len as usize);
+    let n = r.take(len as u64).read_to_end(payload).map_err(ConnectionEnd::Io)?;
+    if n < len as usize {
+        return Err(ConnectionEnd::Closed);
     }
-    Ok(req)
+    Ok(())
+}
+
+/// Reads a WRITE's payload into `buf`, which it fills exactly.
+fn read_payload_into<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ConnectionEnd> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ConnectionEnd::Closed,
+        _ => ConnectionEnd::Io(e),
+    })
 }

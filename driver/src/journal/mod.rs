@@ -20,7 +20,9 @@ mod tests;
 pub use format::RecordHeader;
 pub use format::{FLAG_ATTACHED, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA, RESYNC_CLOSE, RESYNC_OPEN};
 pub(crate) use ring::preallocate;
-pub use ring::{Cursor, Journal, Mode, NewRecord, Position, ReadOutcome, RecoveryReport, SEQ_JUMP_AFTER_DISCARD};
+pub use ring::{
+    Cursor, InPlaceRecord, Journal, Mode, NewRecord, Position, ReadOutcome, RecoveryReport, SEQ_JUMP_AFTER_DISCARD,
+};
 
 /// What a record says happened to the source disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

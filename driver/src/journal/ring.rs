@@ -105,6 +105,11 @@ pub struct RecoveryReport {
     /// Published records whose checksum failed (torn by a host crash);
     /// treated as holes.
     pub torn: u64,
+    /// Records sealed but not yet published when their producer died (see
+    /// [`InPlaceRecord`]); their write may be in the image, so recovery
+    /// published them and handed them to the re-apply callback (they are
+    /// counted in `records` too).
+    pub sealed: u64,
 }
 
 /// An open journal: the live ring in memory (see [`super::live`]) and the
@@ -420,6 +425,21 @@ impl Journal {
         Some(at.seq)
     }
 
+    /// Reserves a record whose data the caller writes straight into the
+    /// ring (see [`InPlaceRecord`]): a WRITE or RESYNC of `rec.length`
+    /// bytes. `None` when the ring has no room (or is in overflow).
+    pub fn reserve_in_place(&self, rec: &NewRecord) -> Option<InPlaceRecord<'_>> {
+        debug_assert!(matches!(rec.kind, RecordKind::Write | RecordKind::Resync) && rec.length <= MAX_RECORD_DATA);
+        let len = rec.length as usize;
+        let (at, pad) = self.reserve(footprint(len), false)?;
+        if pad > 0 {
+            self.write_record(at.pos, &RecordHeader::pad(at.seq, 0, pad), &[]);
+        }
+        let pos = at.pos + pad;
+        let slot = (pos % self.fields.capacity) as usize;
+        Some(InPlaceRecord { journal: self, pos, slot, header: rec.header(at.seq, len), state: InPlaceState::Filling })
+    }
+
     /// Reserves `total` bytes (plus the pad to the wrap, if the record
     /// would straddle it) and a sequence number with one CAS on the head.
     /// Fails in overflow mode, unless this reservation is the one that
@@ -514,34 +534,30 @@ impl Journal {
     /// `Err` describes a published record that fails validation.
     pub fn read(&self, pos: u64, data: &mut Vec<u8>) -> std::result::Result<ReadOutcome, String> {
         let Some((h, crc, slot)) = self.locate(pos)? else { return Ok(ReadOutcome::NotPublished) };
-        let n = h.data_len as usize;
-        data.clear();
-        data.reserve(n);
-        // SAFETY: `locate` checked that the record, data included, lies
-        // inside the data area; the mapping lives as long as `self`; `data`
-        // has room for `n` bytes, which the copy initializes before
-        // `set_len` exposes them.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.data_ptr(slot), data.as_mut_ptr(), n);
-            data.set_len(n);
-        }
-        if h.checksum(data) != crc {
-            return Err(format!("record at position {pos} (seq {}) fails its checksum", h.seq));
-        }
+        self.copy_checked(&h, crc, slot, data)
+            .map_err(|()| format!("record at position {pos} (seq {}) fails its checksum", h.seq))?;
         Ok(ReadOutcome::Record(h))
     }
 
     /// Finds the published record at `pos`: its header, stored checksum and
     /// slot, all bounds checked. `None` when nothing is published there.
     fn locate(&self, pos: u64) -> std::result::Result<Option<(RecordHeader, u32, usize)>, String> {
-        let cap = self.fields.capacity;
         if !pos.is_multiple_of(RECORD_ALIGN) {
             return Err(format!("position {pos} is not aligned"));
         }
-        let slot = (pos % cap) as usize;
+        let slot = (pos % self.fields.capacity) as usize;
         if self.commit_word_at(slot).load(Ordering::Acquire) != commit_word(pos) {
             return Ok(None);
         }
+        self.header_at(pos).map(Some)
+    }
+
+    /// The record header at `pos` (aligned), published or not: its header,
+    /// stored checksum and slot, bounds checked. Bytes there are only
+    /// trusted once the checksum over them and the data holds.
+    fn header_at(&self, pos: u64) -> std::result::Result<(RecordHeader, u32, usize), String> {
+        let cap = self.fields.capacity;
+        let slot = (pos % cap) as usize;
         let mut raw = [0u8; RECORD_HEADER_SIZE];
         // SAFETY: the slot and its 48-byte header lie inside the data area
         // (slot is aligned, capacity a multiple of 64); the mapping lives as
@@ -555,7 +571,42 @@ impl Journal {
         if span == 0 || !span.is_multiple_of(RECORD_ALIGN) || slot as u64 + span > cap {
             return Err(format!("record at position {pos} spans {span} bytes, past the end of the ring"));
         }
-        Ok(Some((h, u32_at(&raw, 44), slot)))
+        Ok((h, u32_at(&raw, 44), slot))
+    }
+
+    /// A record sealed but not published at `pos` (see [`InPlaceRecord`]),
+    /// if one is there whose sequence number `seq_ok` accepts and whose
+    /// checksum holds; its data is copied into `data`.
+    fn read_sealed(&self, pos: u64, data: &mut Vec<u8>, seq_ok: impl Fn(u64) -> bool) -> Option<RecordHeader> {
+        let (h, crc, slot) = self.header_at(pos).ok()?;
+        // The sequence number first: stale bytes of earlier laps carry older
+        // ones, and a candidate's data may be megabytes to check.
+        if !seq_ok(h.seq) || h.kind == RecordKind::Pad {
+            return None;
+        }
+        self.copy_checked(&h, crc, slot, data).ok()?;
+        Some(h)
+    }
+
+    /// Copies a located record's data into `data` and checks it against
+    /// the record's checksum.
+    fn copy_checked(&self, h: &RecordHeader, crc: u32, slot: usize, data: &mut Vec<u8>) -> std::result::Result<(), ()> {
+        let n = h.data_len as usize;
+        data.clear();
+        data.reserve(n);
+        // SAFETY: `header_at` checked that the record, data included, lies
+        // inside the data area; the mapping lives as long as `self`; `data`
+        // has room for `n` bytes, which the copy initializes before
+        // `set_len` exposes them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.data_ptr(slot), data.as_mut_ptr(), n);
+            data.set_len(n);
+        }
+        if h.checksum(data) == crc {
+            Ok(())
+        } else {
+            Err(())
+        }
     }
 
     fn data_ptr(&self, slot: usize) -> *const u8 {
@@ -752,7 +803,27 @@ impl Journal {
         let mut report = RecoveryReport::default();
         let mut data = Vec::new();
         while at.pos < head.pos {
-            match self.read(at.pos, &mut data) {
+            let outcome = match self.read(at.pos, &mut data) {
+                Ok(ReadOutcome::NotPublished) => match self.read_sealed(at.pos, &mut data, |s| s == at.seq) {
+                    Some(h) => {
+                        // Its write may be in the image: it belongs in the
+                        // history as much as a published one.
+                        self.commit_word_at((at.pos % self.fields.capacity) as usize)
+                            .store(commit_word(at.pos), Ordering::Release);
+                        log::warn!(
+                            "journal {}: seq {} at position {} was sealed but not published (its producer died around writing the image); published it",
+                            self.path.display(),
+                            h.seq,
+                            at.pos
+                        );
+                        report.sealed += 1;
+                        Ok(ReadOutcome::Record(h))
+                    }
+                    None => Ok(ReadOutcome::NotPublished),
+                },
+                other => other,
+            };
+            match outcome {
                 Ok(ReadOutcome::Record(h)) => {
                     if h.seq != at.seq {
                         return Err(self.bad(format!(
@@ -771,11 +842,15 @@ impl Journal {
                         report.torn += 1;
                         log::warn!("journal {}: {why}; treating it as a hole", self.path.display());
                     }
-                    // Find the next published record, or the head.
+                    // Find the next published (or sealed) record, or the head.
                     let mut next = at.pos + RECORD_ALIGN;
                     let mut next_seq = head.seq;
                     while next < head.pos {
                         if let Ok(ReadOutcome::Record(h)) = self.read(next, &mut data) {
+                            next_seq = h.seq;
+                            break;
+                        }
+                        if let Some(h) = self.read_sealed(next, &mut data, |s| s > at.seq && s < head.seq) {
                             next_seq = h.seq;
                             break;
                         }
@@ -942,6 +1017,97 @@ impl Drop for FileLock<'_> {
         use std::os::fd::AsRawFd;
         // SAFETY: as in `exclusive`.
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// A record whose data its producer writes straight into the ring: a
+/// front-end receives a WRITE's payload from the socket into it, saving a
+/// copy, then writes the image from it.
+///
+/// Its life: reserved, filled, sealed, published. Sealing writes the
+/// header and the checksum of header and data, still unpublished (the
+/// consumer does not see it). The producer writes the image only after
+/// sealing and publishes after that, so the slot is never reused while the
+/// image write reads it. Crash recovery publishes a sealed record whose
+/// checksum holds (its write may be in the image) and pads an unsealed one
+/// (its write cannot be). Dropped before sealing, the record becomes a pad
+/// standing for its sequence number; dropped after, it is published.
+#[derive(Debug)]
+pub struct InPlaceRecord<'a> {
+    journal: &'a Journal,
+    pos: u64,
+    slot: usize,
+    header: RecordHeader,
+    state: InPlaceState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InPlaceState {
+    Filling,
+    Sealed,
+    Published,
+}
+
+impl InPlaceRecord<'_> {
+    pub fn seq(&self) -> u64 {
+        self.header.seq
+    }
+
+    /// The record's data in the ring, to be filled before sealing.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        assert_eq!(self.state, InPlaceState::Filling, "a sealed record's data is fixed");
+        // SAFETY: the slot was reserved by this record through the head CAS
+        // and lies inside the data area with room for the data (a record
+        // never straddles the wrap); no other producer writes it, the
+        // consumer does not read it before it is published, and the only
+        // other reader (a FLUSH's copy to the durable file, made by the
+        // kernel) trusts nothing unpublished. `&mut self` makes this the
+        // only reference; the mapping outlives `'_` through `journal`.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.journal.data_ptr(self.slot).cast_mut(), self.header.data_len as usize)
+        }
+    }
+
+    /// The record's data in the ring.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: as in `data_mut`; no `&mut` to the data can coexist with
+        // this `&self` borrow.
+        unsafe { std::slice::from_raw_parts(self.journal.data_ptr(self.slot), self.header.data_len as usize) }
+    }
+
+    /// Writes the header and the checksum of header and data: from now on
+    /// the record may be in the image, and recovery will publish it.
+    pub fn seal(&mut self) {
+        if self.state == InPlaceState::Filling {
+            let head = self.header.encode_with_checksum(self.data());
+            self.journal.copy_into_slot(self.slot, &head, &[]);
+            self.state = InPlaceState::Sealed;
+        }
+    }
+
+    /// Seals (if not yet) and publishes; returns the sequence number.
+    pub fn publish(mut self) -> u64 {
+        self.seal();
+        self.commit();
+        self.header.seq
+    }
+
+    fn commit(&mut self) {
+        self.journal.commit_word_at(self.slot).store(commit_word(self.pos), Ordering::Release);
+        self.state = InPlaceState::Published;
+    }
+}
+
+impl Drop for InPlaceRecord<'_> {
+    fn drop(&mut self) {
+        match self.state {
+            InPlaceState::Published => {}
+            InPlaceState::Sealed => self.commit(),
+            InPlaceState::Filling => {
+                let span = footprint(self.header.data_len as usize);
+                self.journal.write_record(self.pos, &RecordHeader::pad(self.header.seq, 1, span), &[]);
+            }
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
@@ -176,6 +177,112 @@ fn crash_recovery_reapplies_the_tail_and_pads_abandoned_reservations() {
     img.write_at(&fs::read(&s.original).unwrap()[8192..16384], 8192).unwrap();
     let records = replay_journal_onto(mirror.journal(), &s.original);
     assert_eq!(records, 3);
+    assert_same_file(&s.image, &s.original);
+}
+
+#[test]
+fn in_place_and_ordinary_writes_from_many_threads_replay_exactly() {
+    let s = setup(1 << 20, 64 << 20, 65536);
+    let mirror = Arc::new(Mirror::open(&s.paths, MirrorOptions::default()).unwrap());
+    let in_place = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (m, in_place) = (mirror.clone(), in_place.clone());
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + t);
+                for i in 0..400u64 {
+                    // A 64 KiB hot spot: overlapping writes race for it.
+                    let off = rng.gen_range(0..60_000u64);
+                    let len = rng.gen_range(1..5000u64);
+                    let fill = (t * 1000 + i) as u8;
+                    match m.begin_write_in_place(0, off, len) {
+                        Some(mut w) => {
+                            w.buffer().fill(fill);
+                            w.finish(i % 50 == 0).unwrap();
+                            in_place.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // An overlapping write holds the range: the
+                        // ordinary path waits for it.
+                        None => m.write(0, off, &vec![fill; len as usize], false).unwrap(),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    mirror.shutdown().unwrap();
+    assert!(in_place.load(Ordering::Relaxed) > 1000, "most writes went in place");
+    assert_eq!(replay_journal_onto(mirror.journal(), &s.original), 8 * 400);
+    assert_same_file(&s.image, &s.original);
+}
+
+#[test]
+fn an_in_place_write_never_waits_for_an_overlapping_one_nor_journals_when_off() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let first = m.begin_write_in_place(0, 0, 8192).expect("in place");
+    assert!(m.begin_write_in_place(0, 4096, 8192).is_none(), "overlaps a write in flight");
+    assert!(m.begin_write_in_place(0, 1 << 20, 1).is_none(), "past the end: the ordinary path refuses it");
+    drop(first);
+    assert!(m.begin_write_in_place(0, 4096, 8192).is_some());
+    m.shutdown().unwrap();
+    drop(m);
+    let options = MirrorOptions { journal: false, ..Default::default() };
+    let m = Mirror::open(&s.paths, options).unwrap();
+    assert!(m.begin_write_in_place(0, 0, 4096).is_none(), "journaling off");
+}
+
+#[test]
+fn an_in_place_write_dropped_mid_payload_leaves_the_image_and_a_passable_pad() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let mut w = m.begin_write_in_place(0, 0, 8192).unwrap();
+    w.buffer()[..4096].fill(9); // the client hung up half way
+    drop(w);
+    m.write(0, 8192, &[3; 4096], false).unwrap();
+    m.shutdown().unwrap();
+    let mut c = m.journal().cursor(Position { pos: 0, seq: 1 });
+    let mut data = Vec::new();
+    let pad = c.next(&mut data).unwrap().unwrap();
+    assert_eq!((pad.kind, pad.offset), (RecordKind::Pad, 1), "a pad standing for the write's seq");
+    assert_eq!(c.next(&mut data).unwrap().unwrap().seq, 2);
+    assert_eq!(replay_journal_onto(m.journal(), &s.original), 1);
+    assert_same_file(&s.image, &s.original);
+}
+
+#[test]
+fn crash_recovery_publishes_a_sealed_in_place_write_and_pads_an_unsealed_one() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    {
+        let mirror = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+        // Dies receiving the payload: never sealed, image untouched.
+        let mut receiving = mirror.begin_write_in_place(0, 0, 4096).unwrap();
+        receiving.buffer().fill(1);
+        // Dies between writing the image and publishing.
+        let mut writing = mirror.begin_write_in_place(0, 65536, 8192).unwrap();
+        writing.buffer().fill(2);
+        writing.record.seal();
+        writing.disk.image.write_at(writing.record.data(), writing.offset).unwrap();
+        // Published after both.
+        mirror.write(0, 131072, &[3; 4096], false).unwrap();
+        std::mem::forget(receiving);
+        std::mem::forget(writing);
+        // The process dies: no shutdown, the journal stays attached.
+    }
+    let mirror = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    let report = mirror.recovery().cloned().unwrap();
+    assert_eq!((report.records, report.sealed), (2, 1), "{report:?}");
+    assert_eq!((report.holes, report.lost_seqs), (1, 1), "{report:?}");
+    assert!(mirror.dirty_ranges(0).is_empty(), "nothing needs a resync");
+    mirror.shutdown().unwrap();
+    let mut buf = vec![0u8; 8192];
+    mirror.read(0, 65536, &mut buf).unwrap_err(); // shut down
+    Image::open(&s.image).unwrap().read_at(&mut buf, 65536).unwrap();
+    assert!(buf.iter().all(|&b| b == 2));
+    // The journal is the history of the image: the sealed write is in it.
+    assert_eq!(replay_journal_onto(mirror.journal(), &s.original), 2);
     assert_same_file(&s.image, &s.original);
 }
 
