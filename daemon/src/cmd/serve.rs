@@ -25,8 +25,9 @@ pub struct Args {
     #[arg(long)]
     pub no_journal: bool,
     /// Worker threads per connection (requests in flight per connection).
-    #[arg(long, default_value_t = 16)]
-    pub threads: usize,
+    /// Default: four per CPU, at least 4, at most 64.
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Requests that may change one disk image at once (writes, zeroes,
     /// trims; reads are not limited). Default: twice the CPUs.
     #[arg(long)]
@@ -51,7 +52,8 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     if a.no_journal {
         log::warn!("journaling is OFF (--no-journal): every region of VM '{}' is marked for a full resync", a.vm);
     }
-    let options = ServerOptions { threads_per_connection: a.threads.clamp(1, 256), ..Default::default() };
+    let threads = a.threads.unwrap_or_else(ServerOptions::default_threads_per_connection).clamp(1, 256);
+    let options = ServerOptions { threads_per_connection: threads, ..Default::default() };
     let server = Arc::new(Server::new(Arc::clone(&mirror), options));
     let listen = if a.listen.is_empty() { vec![Listen::Unix(paths.nbd_socket())] } else { a.listen.clone() };
 
