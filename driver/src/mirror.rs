@@ -274,10 +274,9 @@ impl Mirror {
             d.image.sync_data()?;
         }
         log::info!(
-            "VM '{}': recovery done: {} records re-applied or marked dirty ({} of them sealed but unpublished), {} holes padded ({} sequence numbers never published), {} torn records",
+            "VM '{}': recovery done: {} records re-applied or marked dirty, {} holes padded ({} sequence numbers never published), {} torn records",
             self.config.name,
             report.records,
-            report.sealed,
             report.holes,
             report.lost_seqs,
             report.torn
@@ -574,7 +573,8 @@ impl Mirror {
 
 /// A WRITE received straight into its journal record; see
 /// [`Mirror::begin_write_in_place`]. Dropped unfinished (the client hung up
-/// mid-payload), the record becomes a pad and the image is untouched.
+/// mid-payload, or sent it too slowly), the record becomes a pad and the
+/// image is untouched.
 #[derive(Debug)]
 pub struct InPlaceWrite<'a> {
     mirror: &'a Mirror,
@@ -593,23 +593,20 @@ impl InPlaceWrite<'_> {
         self.record.data_mut()
     }
 
-    /// Writes the image from the record and publishes it, then, for FUA,
-    /// makes everything durable. The record is sealed before the image is
-    /// written, so crash recovery publishes it if the image may have it.
+    /// Publishes the record, writes the image from it, releases it, then,
+    /// for FUA, makes everything durable. Published before the image
+    /// changes, as every write (invariant 2).
     pub fn finish(self, fua: bool) -> Result<()> {
         let InPlaceWrite { mirror, disk: d, offset, mut record, range, _gate } = self;
         let len = record.data().len() as u64;
-        record.seal();
+        record.publish();
+        mirror.stats.journaled.fetch_add(1, Ordering::Relaxed);
         let changed = {
             let _slot = d.changing.take();
             d.image.write_at(record.data(), offset)
         };
-        record.publish();
-        mirror.stats.journaled.fetch_add(1, Ordering::Relaxed);
-        if changed.is_err() {
-            mirror.compensate(d, offset, len);
-        }
-        changed?;
+        record.release();
+        changed.inspect_err(|_| mirror.compensate(d, offset, len))?;
         drop(range);
         if fua {
             mirror.make_durable(d)?;

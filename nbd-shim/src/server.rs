@@ -249,14 +249,14 @@ impl Server {
         let peer = stream.peer();
         let result = (|| -> io::Result<()> {
             // The handshake is bounded in time; transmission is not (an idle
-            // VM disk is normal).
+            // VM disk is normal), though its reads time out to poll.
             stream.prepare(self.options.handshake_timeout)?;
             let closer = stream.try_clone()?;
             self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Box::new(move || closer.shutdown()));
             // The concrete socket types, not the `Stream` enum: std reads
             // into a request's uninitialized payload buffer only through
             // their own `read_buf`; a wrapper would zero it first.
-            let (hang_up, ready) = (|| stream.shutdown(), || stream.clear_timeout());
+            let (hang_up, ready) = (|| stream.shutdown(), || stream.set_transmission_timeout());
             match &stream {
                 Stream::Unix(s) => self.serve_streams(s.try_clone()?, s.try_clone()?, &hang_up, &ready, &peer),
                 Stream::Tcp(s) => self.serve_streams(s.try_clone()?, s.try_clone()?, &hang_up, &ready, &peer),
@@ -308,10 +308,13 @@ impl Stream {
         }
     }
 
-    fn clear_timeout(&self) -> io::Result<()> {
+    /// After the handshake: reads wait at most `RECEIVE_POLL` at a time
+    /// (transmission waits through them; an idle VM disk is normal).
+    fn set_transmission_timeout(&self) -> io::Result<()> {
+        let poll = Some(crate::transmission::RECEIVE_POLL);
         match self {
-            Stream::Unix(s) => s.set_read_timeout(None),
-            Stream::Tcp(s) => s.set_read_timeout(None),
+            Stream::Unix(s) => s.set_read_timeout(poll),
+            Stream::Tcp(s) => s.set_read_timeout(poll),
         }
     }
 

@@ -11,6 +11,7 @@
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tern_driver::{Mirror, ZeroMode};
 
@@ -31,6 +32,17 @@ pub enum ConnectionEnd {
 
 /// Bytes of request stream read ahead per connection.
 const READ_BUFFER: usize = 64 * 1024;
+
+/// The read timeout a socket's transmission phase runs with: reads return
+/// at least this often, so a WRITE received into its journal record can
+/// notice that its client is too slow. A timeout is not an error.
+pub const RECEIVE_POLL: Duration = Duration::from_millis(100);
+
+/// How long a WRITE's payload may take to arrive into its journal record.
+/// Until it has, the consumer cannot pass the record (so replication of
+/// the whole VM waits) and the range stays locked. A client slower than
+/// this (a stalled TCP peer) has its payload moved to a buffer instead.
+const IN_PLACE_DEADLINE: Duration = Duration::from_millis(250);
 
 /// A connection's shared state.
 struct Conn<'a, R, W> {
@@ -134,15 +146,12 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
                 // must leave the stream).
                 let mut in_place = None;
                 if req.kind == CMD_WRITE {
-                    in_place = self.begin_in_place(&req);
-                    let read = match &mut in_place {
-                        Some(w) => read_payload_into(&mut *r, w.buffer()),
-                        None => read_payload(&mut *r, req.length, &mut payload),
-                    };
-                    if let Err(end) = read {
-                        // A record half received becomes a pad (dropped).
-                        self.close(end, false);
-                        return;
+                    match self.read_write_payload(&mut *r, &req, &mut payload) {
+                        Ok(w) => in_place = w,
+                        Err(end) => {
+                            self.close(end, false);
+                            return;
+                        }
                     }
                 }
                 (req, in_place)
@@ -167,13 +176,40 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         w.write_all(reply).and_then(|()| w.flush())
     }
 
-    /// Starts a valid WRITE in place (see `Mirror::begin_write_in_place`),
-    /// if the mirror can take it so.
-    fn begin_in_place(&self, req: &Request) -> Option<tern_driver::InPlaceWrite<'a>> {
-        if validate(req, &self.session).is_err() {
-            return None;
+    /// Reads a WRITE's payload: straight into its journal record where the
+    /// mirror can take it so (see `Mirror::begin_write_in_place`), saving a
+    /// copy of every byte; else, or when the client is too slow for that,
+    /// into `payload` (even for a WRITE that will be refused: its bytes
+    /// must leave the stream).
+    fn read_write_payload(
+        &self,
+        r: &mut impl Read,
+        req: &Request,
+        payload: &mut Vec<u8>,
+    ) -> Result<Option<tern_driver::InPlaceWrite<'a>>, ConnectionEnd> {
+        payload.clear();
+        let in_place = match validate(req, &self.session) {
+            Ok(()) => self.mirror.begin_write_in_place(self.disk, req.offset, req.length as u64),
+            Err(_) => None,
+        };
+        if let Some(mut w) = in_place {
+            // Dropped on error: a record half received becomes a pad.
+            let got = read_until(r, w.buffer(), Some(Instant::now() + IN_PLACE_DEADLINE))?;
+            if got == req.length as usize {
+                return Ok(Some(w));
+            }
+            // Too slow: give the record up (a pad) and the range back, and
+            // take the rest at the client's pace.
+            payload.extend_from_slice(&w.buffer()[..got]);
+            drop(w);
+            log::debug!(
+                "disk '{}': a {}-byte WRITE's payload took over {IN_PLACE_DEADLINE:?}; received into a buffer",
+                self.mirror.disk_name(self.disk),
+                req.length
+            );
         }
-        self.mirror.begin_write_in_place(self.disk, req.offset, req.length as u64)
+        read_payload(r, req.length, payload)?;
+        Ok(None)
     }
 
     /// Completes a WRITE received in place and encodes its reply.
@@ -294,32 +330,51 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
     }
 }
 
+/// Whether a read error only means "nothing arrived for a while" (the
+/// socket's `RECEIVE_POLL` timeout).
+fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
+}
+
+/// Fills `buf` from `r`, waiting through timeouts, until it is full or,
+/// with a deadline, the deadline has passed. Returns the bytes read.
+fn read_until<R: Read>(r: &mut R, buf: &mut [u8], deadline: Option<Instant>) -> Result<usize, ConnectionEnd> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => return Err(ConnectionEnd::Closed),
+            Ok(n) => got += n,
+            Err(e) if timed_out(&e) => {}
+            Err(e) => return Err(ConnectionEnd::Io(e)),
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    Ok(got)
+}
+
 /// Reads one request's header.
 fn read_request_head<R: Read>(r: &mut R) -> Result<Request, ConnectionEnd> {
     let mut head = [0u8; REQUEST_LEN];
-    r.read_exact(&mut head).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => ConnectionEnd::Closed,
-        _ => ConnectionEnd::Io(e),
-    })?;
+    read_until(r, &mut head, None)?;
     Request::parse(&head).ok_or_else(|| ConnectionEnd::Protocol("request with a bad magic".into()))
 }
 
-/// Reads a WRITE's payload of `len` bytes into `payload`.
+/// Reads the rest of a WRITE's payload of `len` bytes into `payload`.
 fn read_payload<R: Read>(r: &mut R, len: u32, payload: &mut Vec<u8>) -> Result<(), ConnectionEnd> {
-    payload.clear();
-    // read_to_end fills spare capacity without zeroing it first.
-    payload.reserve(len as usize);
-    let n = r.take(len as u64).read_to_end(payload).map_err(ConnectionEnd::Io)?;
-    if n < len as usize {
-        return Err(ConnectionEnd::Closed);
+    let len = len as usize;
+    // read_to_end fills spare capacity without zeroing it first, and keeps
+    // what it read when a timeout interrupts it.
+    payload.reserve(len - payload.len());
+    while payload.len() < len {
+        let want = (len - payload.len()) as u64;
+        match r.take(want).read_to_end(payload) {
+            Ok(n) if (n as u64) < want => return Err(ConnectionEnd::Closed),
+            Ok(_) => {}
+            Err(e) if timed_out(&e) => {}
+            Err(e) => return Err(ConnectionEnd::Io(e)),
+        }
     }
     Ok(())
-}
-
-/// Reads a WRITE's payload into `buf`, which it fills exactly.
-fn read_payload_into<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ConnectionEnd> {
-    r.read_exact(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => ConnectionEnd::Closed,
-        _ => ConnectionEnd::Io(e),
-    })
 }

@@ -58,6 +58,34 @@ fn out_of_range_requests_get_the_spec_errors_and_the_stream_stays_in_sync() {
 }
 
 #[test]
+fn a_client_stalled_mid_payload_holds_up_neither_replication_nor_overlapping_writes() {
+    let vm = vm();
+    let served = vm.serve(&[]);
+    let mut staller = RawClient::connect(&vm.socket, "disk0");
+    // A 1 MiB WRITE of which only the first 4 KiB arrive for now (a TCP
+    // peer gone quiet). Its payload was being received into its journal
+    // record; the server gives the record up after a while.
+    staller.send(CMD_WRITE, 0, 7, 0, 1 << 20, &[0x5a; 4096]);
+    std::thread::sleep(Duration::from_millis(1000));
+    // A write overlapping the stalled one's range completes.
+    let mut bystander = RawClient::connect(&vm.socket, "disk0");
+    assert_eq!(bystander.call(CMD_WRITE, 0, 4096, 4096, &[0x17; 4096]).error, 0);
+    assert_eq!(bystander.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0);
+    // The consumer can read past the stalled write's place in the ring.
+    let dump = run(vm.tern().args(["journal", "dump", &vm.name]));
+    assert!(dump.contains("write  disk 0 offset 4096 length 4096"), "{dump}");
+    assert!(!dump.contains("not yet published"), "{dump}");
+    // The stalled client finishes; its write lands after the bystander's.
+    staller.sock.write_all(&[0x5a; (1 << 20) - 4096]).expect("rest of the payload");
+    let r = staller.reply(|_| 0).expect("a reply");
+    assert_eq!((r.cookie, r.error), (7, 0));
+    assert_server_works(&vm, 4096, 0x5a);
+    assert!(!served.log().contains("panicked"), "{}", served.log());
+    served.stop();
+    vm.assert_journal_reproduces_source();
+}
+
+#[test]
 fn write_over_32_mib_is_refused_and_only_that_client_is_dropped() {
     let vm = vm();
     let served = vm.serve(&[]);

@@ -25,6 +25,10 @@
 //!   `pos ^ COMMIT_KEY`: a record is published exactly when its commit word
 //!   names its own position, so stale bytes from an earlier lap never look
 //!   published, and a scan can find the next record after a torn hole.
+//!   A write received in place (see `ring::InPlaceRecord`) has two more:
+//!   `pos ^ RECEIVING_KEY` while its data arrives (not published; the
+//!   header is written, its checksum not yet), and `pos ^ BUSY_KEY` once
+//!   published while its producer still reads it (the tail waits).
 //! - `crc32c` covers bytes 8..44 of the record header and the data.
 //! - `seq` is dense over the records of a VM (all its disks share it). A
 //!   `Pad` record fills space: at the end of the ring when a record would
@@ -42,6 +46,13 @@ pub const HEADER_SIZE: usize = 4096;
 pub const RECORD_ALIGN: u64 = 64;
 pub const RECORD_HEADER_SIZE: usize = 48;
 pub const COMMIT_KEY: u64 = 0x5445_524e_434d_4954; // "TERNCMIT"
+/// `commit = pos ^ BUSY_KEY`: published, but its producer is still reading
+/// the record's data (writing the source image from it); the tail must not
+/// pass it, so its space is not reused meanwhile.
+pub const BUSY_KEY: u64 = 0x5445_524e_4255_5359; // "TERNBUSY"
+/// `commit = pos ^ RECEIVING_KEY`: not published; the header (without its
+/// checksum) is written and the data is being received into the record.
+pub const RECEIVING_KEY: u64 = 0x5445_524e_5243_5647; // "TERNRCVG"
 /// The largest ring: 1 TiB (also keeps every position computation far from
 /// overflow).
 pub const MAX_CAPACITY: u64 = 1 << 40;
@@ -247,6 +258,16 @@ pub fn footprint(data_len: usize) -> u64 {
 
 pub fn commit_word(pos: u64) -> u64 {
     pos ^ COMMIT_KEY
+}
+
+/// The commit word of a published record whose producer still reads it.
+pub fn busy_word(pos: u64) -> u64 {
+    pos ^ BUSY_KEY
+}
+
+/// The commit word of a record whose data is being received in place.
+pub fn receiving_word(pos: u64) -> u64 {
+    pos ^ RECEIVING_KEY
 }
 
 pub(crate) fn u32_at(b: &[u8], off: usize) -> u32 {

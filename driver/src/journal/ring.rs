@@ -105,11 +105,6 @@ pub struct RecoveryReport {
     /// Published records whose checksum failed (torn by a host crash);
     /// treated as holes.
     pub torn: u64,
-    /// Records sealed but not yet published when their producer died (see
-    /// [`InPlaceRecord`]); their write may be in the image, so recovery
-    /// published them and handed them to the re-apply callback (they are
-    /// counted in `records` too).
-    pub sealed: u64,
 }
 
 /// An open journal: the live ring in memory (see [`super::live`]) and the
@@ -282,7 +277,12 @@ impl Journal {
     /// elsewhere). Frees the space for producers.
     /// Never moves it backwards: a consumer that raced a discard (which
     /// jumped the tail ahead) must not undo it.
+    ///
+    /// Nor past a published record its producer still reads (see
+    /// [`InPlaceRecord`]): the tail waits for it a little, then stops just
+    /// before it if it is still busy (a later move takes it further).
     pub fn set_tail(&self, tail: Position) {
+        let tail = self.not_past_busy(tail);
         let word = self.tail_word();
         let mut cur = word.load(Ordering::Acquire);
         while Position::unpack(cur).pos < tail.pos {
@@ -291,6 +291,35 @@ impl Journal {
                 Err(actual) => cur = actual,
             }
         }
+    }
+
+    /// `tail`, or the first busy record between the current tail and it.
+    fn not_past_busy(&self, tail: Position) -> Position {
+        // An image write takes microseconds; a front-end that died in one
+        // leaves its record busy until its recovery releases it.
+        const PATIENCE: std::time::Duration = std::time::Duration::from_millis(100);
+        let mut at = self.tail();
+        let mut waited = None;
+        while at.pos < tail.pos {
+            if self.is_busy(at.pos) {
+                let since = *waited.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() < PATIENCE {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                    continue;
+                }
+                return at;
+            }
+            match self.locate(at.pos) {
+                Ok(Some((h, _, _))) => match after(at.pos, &h) {
+                    Ok(next) => at = next,
+                    Err(_) => return tail,
+                },
+                // The consumer read these records; anything else here is
+                // for it to report, not for the tail to judge.
+                _ => return tail,
+            }
+        }
+        tail
     }
 
     fn tail_word(&self) -> &AtomicU128 {
@@ -426,10 +455,10 @@ impl Journal {
     }
 
     /// Reserves a record whose data the caller writes straight into the
-    /// ring (see [`InPlaceRecord`]): a WRITE or RESYNC of `rec.length`
-    /// bytes. `None` when the ring has no room (or is in overflow).
+    /// ring (see [`InPlaceRecord`]): a WRITE of `rec.length` bytes. `None`
+    /// when the ring has no room (or is in overflow).
     pub fn reserve_in_place(&self, rec: &NewRecord) -> Option<InPlaceRecord<'_>> {
-        debug_assert!(matches!(rec.kind, RecordKind::Write | RecordKind::Resync) && rec.length <= MAX_RECORD_DATA);
+        debug_assert!(rec.kind == RecordKind::Write && rec.length <= MAX_RECORD_DATA);
         let len = rec.length as usize;
         let (at, pad) = self.reserve(footprint(len), false)?;
         if pad > 0 {
@@ -437,7 +466,16 @@ impl Journal {
         }
         let pos = at.pos + pad;
         let slot = (pos % self.fields.capacity) as usize;
-        Some(InPlaceRecord { journal: self, pos, slot, header: rec.header(at.seq, len), state: InPlaceState::Filling })
+        let header = rec.header(at.seq, len);
+        // The header first (its checksum comes with the data), then the
+        // mark that says so: recovery then knows this record's exact span
+        // and never looks for records inside data a client is sending. The
+        // mark also replaces whatever an earlier lap left in the commit word.
+        let mut head = [0u8; RECORD_HEADER_SIZE - 8];
+        head[..36].copy_from_slice(&header.encode_body());
+        self.copy_into_slot(slot, &head, &[]);
+        self.commit_word_at(slot).store(receiving_word(pos), Ordering::Release);
+        Some(InPlaceRecord { journal: self, pos, slot, header, state: InPlaceState::Receiving })
     }
 
     /// Reserves `total` bytes (plus the pad to the wrap, if the record
@@ -546,10 +584,18 @@ impl Journal {
             return Err(format!("position {pos} is not aligned"));
         }
         let slot = (pos % self.fields.capacity) as usize;
-        if self.commit_word_at(slot).load(Ordering::Acquire) != commit_word(pos) {
+        let commit = self.commit_word_at(slot).load(Ordering::Acquire);
+        if commit != commit_word(pos) && commit != busy_word(pos) {
             return Ok(None);
         }
         self.header_at(pos).map(Some)
+    }
+
+    /// Whether the record at `pos` is published and its producer still
+    /// reads it (see [`InPlaceRecord`]).
+    fn is_busy(&self, pos: u64) -> bool {
+        let slot = (pos % self.fields.capacity) as usize;
+        self.commit_word_at(slot).load(Ordering::Acquire) == busy_word(pos)
     }
 
     /// The record header at `pos` (aligned), published or not: its header,
@@ -572,20 +618,6 @@ impl Journal {
             return Err(format!("record at position {pos} spans {span} bytes, past the end of the ring"));
         }
         Ok((h, u32_at(&raw, 44), slot))
-    }
-
-    /// A record sealed but not published at `pos` (see [`InPlaceRecord`]),
-    /// if one is there whose sequence number `seq_ok` accepts and whose
-    /// checksum holds; its data is copied into `data`.
-    fn read_sealed(&self, pos: u64, data: &mut Vec<u8>, seq_ok: impl Fn(u64) -> bool) -> Option<RecordHeader> {
-        let (h, crc, slot) = self.header_at(pos).ok()?;
-        // The sequence number first: stale bytes of earlier laps carry older
-        // ones, and a candidate's data may be megabytes to check.
-        if !seq_ok(h.seq) || h.kind == RecordKind::Pad {
-            return None;
-        }
-        self.copy_checked(&h, crc, slot, data).ok()?;
-        Some(h)
     }
 
     /// Copies a located record's data into `data` and checks it against
@@ -803,26 +835,24 @@ impl Journal {
         let mut report = RecoveryReport::default();
         let mut data = Vec::new();
         while at.pos < head.pos {
-            let outcome = match self.read(at.pos, &mut data) {
-                Ok(ReadOutcome::NotPublished) => match self.read_sealed(at.pos, &mut data, |s| s == at.seq) {
-                    Some(h) => {
-                        // Its write may be in the image: it belongs in the
-                        // history as much as a published one.
-                        self.commit_word_at((at.pos % self.fields.capacity) as usize)
-                            .store(commit_word(at.pos), Ordering::Release);
-                        log::warn!(
-                            "journal {}: seq {} at position {} was sealed but not published (its producer died around writing the image); published it",
-                            self.path.display(),
-                            h.seq,
-                            at.pos
-                        );
-                        report.sealed += 1;
-                        Ok(ReadOutcome::Record(h))
-                    }
-                    None => Ok(ReadOutcome::NotPublished),
-                },
-                other => other,
-            };
+            let outcome = self.read(at.pos, &mut data);
+            if let Ok(ReadOutcome::NotPublished) = outcome {
+                if let Some(span) = self.receiving_span(at) {
+                    // A client was sending this write's data: it never
+                    // reached the image nor was acknowledged.
+                    log::warn!(
+                        "journal {}: recovery mode skip-hole: seq {} at position {} was still being received; covering it with padding",
+                        self.path.display(),
+                        at.seq,
+                        at.pos
+                    );
+                    self.write_pads(at.pos, at.pos + span, at.seq, 1);
+                    report.holes += 1;
+                    report.lost_seqs += 1;
+                    at = Position { pos: at.pos + span, seq: at.seq + 1 };
+                    continue;
+                }
+            }
             match outcome {
                 Ok(ReadOutcome::Record(h)) => {
                     if h.seq != at.seq {
@@ -835,6 +865,12 @@ impl Journal {
                         reapply(&h, &data)?;
                         report.records += 1;
                     }
+                    if self.is_busy(at.pos) {
+                        // Its producer died writing the image, which has
+                        // it now: release it, so the tail may pass.
+                        let slot = (at.pos % self.fields.capacity) as usize;
+                        self.commit_word_at(slot).store(commit_word(at.pos), Ordering::Release);
+                    }
                     at = after(at.pos, &h).map_err(|e| self.bad(e))?;
                 }
                 unpublished_or_torn => {
@@ -842,15 +878,11 @@ impl Journal {
                         report.torn += 1;
                         log::warn!("journal {}: {why}; treating it as a hole", self.path.display());
                     }
-                    // Find the next published (or sealed) record, or the head.
+                    // Find the next published record, or the head.
                     let mut next = at.pos + RECORD_ALIGN;
                     let mut next_seq = head.seq;
                     while next < head.pos {
                         if let Ok(ReadOutcome::Record(h)) = self.read(next, &mut data) {
-                            next_seq = h.seq;
-                            break;
-                        }
-                        if let Some(h) = self.read_sealed(next, &mut data, |s| s > at.seq && s < head.seq) {
                             next_seq = h.seq;
                             break;
                         }
@@ -897,6 +929,19 @@ impl Journal {
         }
         self.atomic_u64(OFF_RECOVERIES).fetch_add(1, Ordering::AcqRel);
         Ok(report)
+    }
+
+    /// The span of the record being received in place at `at` (see
+    /// [`InPlaceRecord`]), if its mark and header say so: a write record of
+    /// exactly `at`'s sequence number, inside the head.
+    fn receiving_span(&self, at: Position) -> Option<u64> {
+        let slot = (at.pos % self.fields.capacity) as usize;
+        if self.commit_word_at(slot).load(Ordering::Acquire) != receiving_word(at.pos) {
+            return None;
+        }
+        let (h, _, _) = self.header_at(at.pos).ok()?;
+        let span = h.footprint();
+        (h.seq == at.seq && h.kind == RecordKind::Write && at.pos + span <= self.head().pos).then_some(span)
     }
 
     /// Covers `[from, to)` with pad records that never straddle the wrap;
@@ -1022,16 +1067,20 @@ impl Drop for FileLock<'_> {
 
 /// A record whose data its producer writes straight into the ring: a
 /// front-end receives a WRITE's payload from the socket into it, saving a
-/// copy, then writes the image from it.
+/// copy, then writes the source image from it.
 ///
-/// Its life: reserved, filled, sealed, published. Sealing writes the
-/// header and the checksum of header and data, still unpublished (the
-/// consumer does not see it). The producer writes the image only after
-/// sealing and publishes after that, so the slot is never reused while the
-/// image write reads it. Crash recovery publishes a sealed record whose
-/// checksum holds (its write may be in the image) and pads an unsealed one
-/// (its write cannot be). Dropped before sealing, the record becomes a pad
-/// standing for its sequence number; dropped after, it is published.
+/// Its commit word tells its state:
+/// - *receiving* (`pos ^ RECEIVING_KEY`): the header is written, without
+///   its checksum; the data is arriving. Recovery pads exactly this record
+///   (the write reached neither image nor client).
+/// - *busy* (`pos ^ BUSY_KEY`): published (the consumer reads it, recovery
+///   re-applies it), but the producer is still writing the image from its
+///   data, so the tail does not pass it and its space is not reused.
+/// - *published* (`pos ^ COMMIT_KEY`), like any record.
+///
+/// Dropped while receiving (the client hung up or was too slow), it
+/// becomes a pad standing for its sequence number; dropped busy, it is
+/// released.
 #[derive(Debug)]
 pub struct InPlaceRecord<'a> {
     journal: &'a Journal,
@@ -1043,9 +1092,9 @@ pub struct InPlaceRecord<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InPlaceState {
-    Filling,
-    Sealed,
-    Published,
+    Receiving,
+    Busy,
+    Released,
 }
 
 impl InPlaceRecord<'_> {
@@ -1053,9 +1102,14 @@ impl InPlaceRecord<'_> {
         self.header.seq
     }
 
-    /// The record's data in the ring, to be filled before sealing.
+    /// Where the record starts in the ring.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The record's data in the ring, to be filled before publishing.
     pub fn data_mut(&mut self) -> &mut [u8] {
-        assert_eq!(self.state, InPlaceState::Filling, "a sealed record's data is fixed");
+        assert_eq!(self.state, InPlaceState::Receiving, "a published record's data is fixed");
         // SAFETY: the slot was reserved by this record through the head CAS
         // and lies inside the data area with room for the data (a record
         // never straddles the wrap); no other producer writes it, the
@@ -1070,40 +1124,44 @@ impl InPlaceRecord<'_> {
 
     /// The record's data in the ring.
     pub fn data(&self) -> &[u8] {
-        // SAFETY: as in `data_mut`; no `&mut` to the data can coexist with
-        // this `&self` borrow.
+        // SAFETY: as in `data_mut`; once published, the data is only read
+        // (by the consumer, and by this producer), and the tail does not
+        // pass the record, so no producer reuses the space, until it is
+        // released.
         unsafe { std::slice::from_raw_parts(self.journal.data_ptr(self.slot), self.header.data_len as usize) }
     }
 
-    /// Writes the header and the checksum of header and data: from now on
-    /// the record may be in the image, and recovery will publish it.
-    pub fn seal(&mut self) {
-        if self.state == InPlaceState::Filling {
+    /// Writes the header's checksum and publishes the record, busy: from
+    /// now on it is in the history, and its data stays put until
+    /// [`InPlaceRecord::release`].
+    pub fn publish(&mut self) -> u64 {
+        if self.state == InPlaceState::Receiving {
             let head = self.header.encode_with_checksum(self.data());
             self.journal.copy_into_slot(self.slot, &head, &[]);
-            self.state = InPlaceState::Sealed;
+            self.journal.commit_word_at(self.slot).store(busy_word(self.pos), Ordering::Release);
+            self.state = InPlaceState::Busy;
         }
-    }
-
-    /// Seals (if not yet) and publishes; returns the sequence number.
-    pub fn publish(mut self) -> u64 {
-        self.seal();
-        self.commit();
         self.header.seq
     }
 
-    fn commit(&mut self) {
+    /// Publishes (if not yet) and lets the tail pass the record.
+    pub fn release(mut self) {
+        self.publish();
+        self.set_released();
+    }
+
+    fn set_released(&mut self) {
         self.journal.commit_word_at(self.slot).store(commit_word(self.pos), Ordering::Release);
-        self.state = InPlaceState::Published;
+        self.state = InPlaceState::Released;
     }
 }
 
 impl Drop for InPlaceRecord<'_> {
     fn drop(&mut self) {
         match self.state {
-            InPlaceState::Published => {}
-            InPlaceState::Sealed => self.commit(),
-            InPlaceState::Filling => {
+            InPlaceState::Released => {}
+            InPlaceState::Busy => self.set_released(),
+            InPlaceState::Receiving => {
                 let span = footprint(self.header.data_len as usize);
                 self.journal.write_record(self.pos, &RecordHeader::pad(self.header.seq, 1, span), &[]);
             }

@@ -232,3 +232,37 @@ fn a_flush_with_nothing_new_writes_nothing() {
     j.sync().unwrap();
     assert!(written() > second, "the new record was not written");
 }
+
+#[test]
+fn the_tail_never_passes_a_record_its_producer_still_reads() {
+    let (_d, j) = journal(64 * 1024);
+    let mut r = j.reserve_in_place(&write(0, 4096)).unwrap();
+    r.data_mut().fill(5);
+    assert!(records(&j).is_empty(), "not published while its data arrives");
+    r.publish();
+    assert_eq!(records(&j), vec![(1, 5)], "published: the consumer reads it");
+    let mut c = j.cursor(j.tail());
+    c.next(&mut Vec::new()).unwrap().unwrap();
+    let past = c.position();
+    // The producer still writes the image from it: its space must not be
+    // handed to another producer.
+    j.set_tail(past);
+    assert_eq!(j.tail(), Position { pos: 0, seq: 1 });
+    r.release();
+    j.set_tail(past);
+    assert_eq!(j.tail(), past);
+}
+
+#[test]
+fn an_in_place_record_dropped_while_receiving_becomes_a_pad_for_its_seq() {
+    let (_d, j) = journal(64 * 1024);
+    let mut r = j.reserve_in_place(&write(0, 8192)).unwrap();
+    r.data_mut()[..100].fill(1);
+    drop(r);
+    assert_eq!(j.append(&write(0, 10), &[2; 10]), Some(2));
+    let mut c = j.cursor(j.tail());
+    let mut data = Vec::new();
+    let pad = c.next(&mut data).unwrap().unwrap();
+    assert_eq!((pad.seq, pad.kind, pad.offset), (1, RecordKind::Pad, 1));
+    assert_eq!(c.next(&mut data).unwrap().unwrap().seq, 2);
+}
