@@ -31,7 +31,7 @@ pub struct MirrorOptions {
     /// costs (`tern serve --no-journal`); nothing is replicated then.
     pub journal: bool,
     /// How many requests may change one image at once (see
-    /// [`ChangeSlots`]); reads are not limited.
+    /// `ChangeSlots`); reads are not limited.
     pub image_writers: usize,
 }
 
