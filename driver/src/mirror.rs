@@ -189,6 +189,10 @@ impl Mirror {
             } else {
                 self.recover_after_process_crash()?;
             }
+        } else {
+            // A clean stop leaves no record busy; should one have been
+            // saved so, the tail could never pass it.
+            self.journal.release_busy();
         }
         self.journal.set_boot_id(boot);
         self.journal.set_flags(journal::FLAG_ATTACHED);

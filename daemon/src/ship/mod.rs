@@ -139,6 +139,10 @@ struct Resume {
     /// The newest shipped sequence number (0: none yet).
     last_shipped: u64,
     in_window: bool,
+    /// Where reading starts: the first record not in the cache. The tail
+    /// may lag behind it (it never passes a record a front-end still
+    /// reads), so this is not always `journal.tail()`.
+    start: Position,
 }
 
 /// [`run_with`] with the default [`Reporting`]: the metrics file in the
@@ -290,7 +294,7 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
             cache.segments_dir().display()
         );
     }
-    let tail = journal.tail();
+    let mut tail = journal.tail();
     let mut manifest =
         match cache.read_manifest().with_context(|| format!("cannot read {}", cache.manifest_path().display()))? {
             Some(m) => m.map_err(anyhow::Error::msg)?,
@@ -349,10 +353,11 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
             "VM '{vm}': seqs {}..={last_shipped} are already in the cache; moving the ring's tail past them",
             tail.seq
         );
-        journal.set_tail(cursor.position());
+        tail = cursor.position();
+        journal.set_tail(tail);
     }
     stats.set_last_shipped(last_shipped);
-    Ok(Resume { manifest, last_shipped, in_window })
+    Ok(Resume { manifest, last_shipped, in_window, start: tail })
 }
 
 /// What the reader shares with the resync driver.
@@ -379,7 +384,7 @@ fn read_batches(
     let epoch = resume.manifest.epoch().number;
     let max_size = config.policy.segment_size.bytes();
     let max_age = config.policy.segment_age;
-    let mut cursor = journal.cursor(journal.tail());
+    let mut cursor = journal.cursor(resume.start);
     let mut in_window = resume.in_window;
     let mut data = Vec::new();
     let mut number = 0u64;

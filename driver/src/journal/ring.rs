@@ -732,10 +732,13 @@ impl Journal {
         // acknowledged only after it is published, and a FLUSH that must
         // cover it comes after that. Records published after such a slot
         // are copied now all the same: their writes may be acknowledged.
+        // A busy record (published, its producer still writing the image
+        // from it) ends it too: its copy carries the busy mark, which must
+        // not be what the durable file keeps once it is released.
         let mut published_to = from;
         while published_to < to {
             match self.locate(published_to) {
-                Ok(Some((h, _, _))) => published_to += h.footprint(),
+                Ok(Some((h, _, _))) if !self.is_busy(published_to) => published_to += h.footprint(),
                 _ => break,
             }
         }
@@ -878,13 +881,21 @@ impl Journal {
                         report.torn += 1;
                         log::warn!("journal {}: {why}; treating it as a hole", self.path.display());
                     }
-                    // Find the next published record, or the head.
+                    // Find the next published record, or one still
+                    // receiving (never step into the data a client was
+                    // sending), or the head.
                     let mut next = at.pos + RECORD_ALIGN;
                     let mut next_seq = head.seq;
                     while next < head.pos {
                         if let Ok(ReadOutcome::Record(h)) = self.read(next, &mut data) {
                             next_seq = h.seq;
                             break;
+                        }
+                        if let Some((seq, _)) = self.receiving_at(next) {
+                            if seq > at.seq && seq < head.seq {
+                                next_seq = seq;
+                                break;
+                            }
                         }
                         next += RECORD_ALIGN;
                     }
@@ -935,13 +946,41 @@ impl Journal {
     /// [`InPlaceRecord`]), if its mark and header say so: a write record of
     /// exactly `at`'s sequence number, inside the head.
     fn receiving_span(&self, at: Position) -> Option<u64> {
-        let slot = (at.pos % self.fields.capacity) as usize;
-        if self.commit_word_at(slot).load(Ordering::Acquire) != receiving_word(at.pos) {
+        let (seq, span) = self.receiving_at(at.pos)?;
+        (seq == at.seq && at.pos + span <= self.head().pos).then_some(span)
+    }
+
+    /// The sequence number and span of a record marked as receiving at
+    /// `pos`: its write header, or the pad that was replacing it when its
+    /// producer died (header written, commit word not yet).
+    fn receiving_at(&self, pos: u64) -> Option<(u64, u64)> {
+        let slot = (pos % self.fields.capacity) as usize;
+        if self.commit_word_at(slot).load(Ordering::Acquire) != receiving_word(pos) {
             return None;
         }
-        let (h, _, _) = self.header_at(at.pos).ok()?;
-        let span = h.footprint();
-        (h.seq == at.seq && h.kind == RecordKind::Write && at.pos + span <= self.head().pos).then_some(span)
+        let (h, _, _) = self.header_at(pos).ok()?;
+        match h.kind {
+            RecordKind::Write => Some((h.seq, h.footprint())),
+            RecordKind::Pad if h.offset == 1 => Some((h.seq, h.footprint())),
+            _ => None,
+        }
+    }
+
+    /// Releases every busy record between the tail and the head (see
+    /// [`InPlaceRecord`]): a front-end attaching to a journal no producer
+    /// uses, so none is still reading one.
+    pub fn release_busy(&self) {
+        let (mut at, head) = (self.tail(), self.head());
+        while at.pos < head.pos {
+            let Ok(Some((h, _, slot))) = self.locate(at.pos) else { return };
+            if self.is_busy(at.pos) {
+                self.commit_word_at(slot).store(commit_word(at.pos), Ordering::Release);
+            }
+            match after(at.pos, &h) {
+                Ok(next) => at = next,
+                Err(_) => return,
+            }
+        }
     }
 
     /// Covers `[from, to)` with pad records that never straddle the wrap;

@@ -266,3 +266,22 @@ fn an_in_place_record_dropped_while_receiving_becomes_a_pad_for_its_seq() {
     assert_eq!((pad.seq, pad.kind, pad.offset), (1, RecordKind::Pad, 1));
     assert_eq!(c.next(&mut data).unwrap().unwrap().seq, 2);
 }
+
+#[test]
+fn a_flush_during_an_image_write_never_leaves_the_record_busy_in_the_durable_file() {
+    let (d, j) = journal(64 * 1024);
+    let mut r = j.reserve_in_place(&write(0, 4096)).unwrap();
+    r.data_mut().fill(5);
+    r.publish();
+    j.sync().unwrap(); // another connection's FLUSH, during the image write
+    r.release();
+    j.sync().unwrap(); // the clean shutdown's
+    let ring = j.ring_path().to_owned();
+    drop(j);
+    std::fs::remove_file(&ring).unwrap(); // a reboot
+    let j = Journal::open(&d.path().join("journal"), &d.path().join("rings")).unwrap();
+    let mut c = j.cursor(j.tail());
+    assert_eq!(c.next(&mut Vec::new()).unwrap().unwrap().seq, 1);
+    j.set_tail(c.position());
+    assert_eq!(j.tail(), c.position(), "the restored record is still busy: the tail can never pass it");
+}

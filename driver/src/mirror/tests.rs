@@ -253,13 +253,17 @@ fn an_in_place_write_dropped_mid_payload_leaves_the_image_and_a_passable_pad() {
 }
 
 #[test]
-fn crash_recovery_reapplies_a_busy_in_place_write_and_pads_exactly_one_still_receiving() {
+fn crash_recovery_reapplies_a_busy_in_place_write_and_pads_a_hole_and_one_still_receiving_exactly() {
     let s = setup(1 << 20, 1 << 20, 65536);
     {
         let mirror = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+        // A producer that died between reserving and writing anything: a
+        // hole whose end recovery must find by scanning.
+        mirror.journal().reserve_and_abandon(4096).unwrap();
         // Dies receiving the payload: never published, image untouched.
         // The client had sent, inside it, bytes that look like a published
-        // record at the next 64-byte boundary: recovery must not take it.
+        // record at the next 64-byte boundary: neither recovery's scan for
+        // the hole's end nor its handling of this record may take it.
         let mut receiving = mirror.begin_write_in_place(0, 0, 16384).unwrap();
         let forged_at = receiving.record.position() + 64;
         let forged = RecordHeader {
@@ -289,7 +293,7 @@ fn crash_recovery_reapplies_a_busy_in_place_write_and_pads_exactly_one_still_rec
     let mirror = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
     let report = mirror.recovery().cloned().unwrap();
     assert_eq!(report.records, 2, "{report:?}");
-    assert_eq!((report.holes, report.lost_seqs), (1, 1), "{report:?}");
+    assert_eq!((report.holes, report.lost_seqs), (2, 2), "{report:?}");
     let mut buf = vec![0u8; 8192];
     mirror.read(0, 65536, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 2), "the published write is re-applied");
