@@ -32,3 +32,14 @@ pub mod vm;
 
 pub use error::{Error, Result};
 pub use mirror::{InPlaceWrite, Mirror, MirrorOptions, ResyncStep, ZeroMode};
+
+/// Kills the process at a named point when `TERN_FAILPOINT` names it: the
+/// crash tests' way of stopping a tern process exactly there (`ship:…`,
+/// `apply:…`, `failback:…`, `serve:…`).
+pub fn failpoint(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if POINT.get_or_init(|| std::env::var("TERN_FAILPOINT").ok()).as_deref() == Some(name) {
+        log::warn!("failpoint {name}: killing this process");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}

@@ -605,6 +605,7 @@ impl InPlaceWrite<'_> {
         let len = record.data().len() as u64;
         record.publish();
         mirror.stats.journaled.fetch_add(1, Ordering::Relaxed);
+        crate::failpoint("serve:write-published");
         let changed = {
             let _slot = d.changing.take();
             d.image.write_at(record.data(), offset)

@@ -146,6 +146,11 @@ impl TestVm {
 
     /// Starts `tern serve` on this VM's socket and waits until it accepts.
     pub fn serve(&self, extra: &[&str]) -> Served {
+        self.serve_with_env(extra, &[])
+    }
+
+    /// `serve` with extra environment (`TERN_FAILPOINT`, …).
+    pub fn serve_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Served {
         let log = self.dir.path().join("serve.log");
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = self
@@ -153,6 +158,7 @@ impl TestVm {
             .args(["serve", &self.name, "--listen"])
             .arg(format!("unix:{}", self.socket.display()))
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -313,6 +319,11 @@ impl Served {
         self.signal(libc::SIGTERM);
         let status = self.wait(Duration::from_secs(30));
         assert!(status.success(), "{} exited with {status}:\n{}", self.what, self.log());
+    }
+
+    /// Waits for it to exit by itself (a failpoint, an error).
+    pub fn exited(mut self) -> std::process::ExitStatus {
+        self.wait(Duration::from_secs(30))
     }
 
     /// Kills it with SIGKILL (a crash).

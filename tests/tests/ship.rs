@@ -73,6 +73,44 @@ fn ship_beside_a_live_server_under_load_reproduces_the_source_from_an_empty_repl
 }
 
 #[test]
+fn a_front_end_killed_between_publishing_a_write_and_writing_the_image_loses_nothing() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let served = vm.serve(&[]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    assert_eq!(c.call(CMD_WRITE, 0, 0, 4096, &[0x11; 4096]).error, 0);
+    drop(c);
+    served.stop();
+    // The next write is published (the shipper may read it), then the
+    // server dies before writing the image: its record stays busy.
+    let served = vm.serve_with_env(&[], &[("TERN_FAILPOINT", "serve:write-published")]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    c.send(CMD_WRITE, 0, 1, 8192, 4096, &[0x22; 4096]);
+    assert!(c.reply(|_| 0).is_none(), "the server must die before acknowledging");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(served.exited().signal(), Some(9));
+    // The shipper ships it (published), and, finding no front-end, recovers
+    // the journal itself: the published write is re-applied to the image
+    // and its record released (until then the tail may not pass it). A
+    // second run goes on from the cache.
+    let log = vm.ship_once();
+    assert!(log.contains("recovering after an unclean stop"), "{log}");
+    let shipped = segment_names(&vm);
+    let log = vm.ship_once();
+    assert_eq!(segment_names(&vm), shipped, "the second run shipped again what the cache had:\n{log}");
+    let served = vm.serve(&[]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    let r = c.call(CMD_READ, 0, 8192, 4096, &[]);
+    assert!(r.data.iter().all(|&b| b == 0x22), "the published write is in the image");
+    drop(c);
+    served.stop();
+    vm.ship_once();
+    let header = run(vm.tern().args(["journal", "dump", &vm.name, "--header"]));
+    assert!(header.contains("fill 0.0%"), "the tail passed the released record:\n{header}");
+    vm.assert_journal_reproduces_source();
+    vm.assert_cache_reproduces_source();
+}
+
+#[test]
 fn kill_9_at_each_step_of_writing_a_segment_never_exposes_a_partial_one() {
     let vm =
         TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });

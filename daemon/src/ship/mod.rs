@@ -123,15 +123,7 @@ struct Sealed {
     oldest_ns: u64,
 }
 
-/// Kills the process at a named point when `TERN_FAILPOINT` names it: the
-/// crash tests' way of stopping `tern ship` exactly there.
-pub fn failpoint(name: &str) {
-    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if POINT.get_or_init(|| std::env::var("TERN_FAILPOINT").ok()).as_deref() == Some(name) {
-        log::warn!("failpoint {name}: killing this process");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
-}
+pub use tern_driver::failpoint;
 
 /// Where the stream stands in the cache, read at start.
 struct Resume {
