@@ -456,9 +456,6 @@ impl Mirror {
         }
         let gate = self.enter(disk).ok()?;
         let d = self.check_range(disk, offset, len).ok()?;
-        if self.journal.mode() == Mode::Overflow {
-            return None;
-        }
         let range = d.lock.try_lock(offset, len)?;
         let rec = NewRecord { disk: d.index, kind: RecordKind::Write, offset, length: len as u32, flags: 0 };
         let record = self.journal.reserve_in_place(&rec)?;
@@ -606,12 +603,9 @@ impl InPlaceWrite<'_> {
         record.publish();
         mirror.stats.journaled.fetch_add(1, Ordering::Relaxed);
         crate::failpoint("serve:write-published");
-        let changed = {
-            let _slot = d.changing.take();
-            d.image.write_at(record.data(), offset)
-        };
+        let changed = mirror.change_image(d, offset, len, || d.image.write_at(record.data(), offset));
         record.release();
-        changed.inspect_err(|_| mirror.compensate(d, offset, len))?;
+        changed?;
         drop(range);
         if fua {
             mirror.make_durable(d)?;

@@ -31,6 +31,12 @@ pub struct RangeGuard<'a> {
     range: (u64, u64),
 }
 
+/// The `[start, end)` a request holds: an empty one still holds its
+/// offset, so it keeps its place in the order.
+fn span(offset: u64, len: u64) -> (u64, u64) {
+    (offset, offset.saturating_add(len.max(1)))
+}
+
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
@@ -44,7 +50,7 @@ impl RangeLock {
     /// holds it. An empty range still excludes ranges that contain its
     /// offset, so it keeps its place in the order.
     pub fn lock(&self, offset: u64, len: u64) -> RangeGuard<'_> {
-        let range = (offset, offset.saturating_add(len.max(1)));
+        let range = span(offset, len);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         while held.ranges.iter().any(|&r| overlaps(r, range)) {
             held.waiters += 1;
@@ -58,7 +64,7 @@ impl RangeLock {
     /// Holds `[offset, offset + len)` if no held range overlaps it now;
     /// never waits.
     pub fn try_lock(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
-        let range = (offset, offset.saturating_add(len.max(1)));
+        let range = span(offset, len);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         if held.ranges.iter().any(|&r| overlaps(r, range)) {
             return None;

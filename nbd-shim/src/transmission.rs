@@ -225,10 +225,7 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
     /// Completes a WRITE received in place and encodes its reply.
     fn finish_in_place(&self, req: &Request, w: tern_driver::InPlaceWrite<'_>, out: &mut Vec<u8>) {
         out.clear();
-        match w.finish(req.flags & CMD_FLAG_FUA != 0) {
-            Ok(()) => self.ok_reply(req, out),
-            Err(e) => self.failed(req, &e, out),
-        }
+        self.result_reply(req, w.finish(req.flags & CMD_FLAG_FUA != 0), out)
     }
 
     /// Carries a request out and encodes its reply into `out`.
@@ -259,6 +256,11 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             CMD_CACHE => m.prefetch(disk, off, len),
             _ => return self.error_reply(req, EINVAL, "unknown command", out),
         };
+        self.result_reply(req, result, out)
+    }
+
+    /// The reply to a request carried out with `result` (no data).
+    fn result_reply(&self, req: &Request, result: tern_driver::Result<()>, out: &mut Vec<u8>) {
         match result {
             Ok(()) => self.ok_reply(req, out),
             Err(e) => self.failed(req, &e, out),

@@ -24,7 +24,7 @@ use tern_store::cache::{Applied, CacheDir, Manifest};
 use tern_store::segment::Segment;
 use tern_store::target::{expired_points, Checkpoint, Point, PointKind, TargetDir, TARGET_VERSION};
 
-use crate::ship::failpoint;
+use tern_driver::failpoint;
 
 /// A segment the applier refuses (damaged, a gap, a stale epoch): the VM
 /// stops at the last good sequence.

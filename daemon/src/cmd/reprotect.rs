@@ -22,8 +22,8 @@ use tern_store::cache::{CacheDir, Manifest};
 use tern_store::target::{Point, TargetDir};
 
 use crate::cmd::failover::{choose_point, write_fence};
-use crate::ship::failpoint;
 use crate::Cli;
+use tern_driver::failpoint;
 
 #[derive(Debug, clap::Args)]
 pub struct ReprotectArgs {

@@ -44,7 +44,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             &paths,
             MirrorOptions {
                 journal: !a.no_journal,
-                image_writers: a.image_writers.unwrap_or_else(MirrorOptions::default_image_writers).max(1),
+                image_writers: a.image_writers.unwrap_or_else(MirrorOptions::default_image_writers),
             },
         )
         .with_context(|| format!("cannot serve VM '{}'", a.vm))?,

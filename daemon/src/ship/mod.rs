@@ -123,7 +123,7 @@ struct Sealed {
     oldest_ns: u64,
 }
 
-pub use tern_driver::failpoint;
+use tern_driver::failpoint;
 
 /// Where the stream stands in the cache, read at start.
 struct Resume {

@@ -19,7 +19,8 @@ use anyhow::{bail, Result};
 use tern_store::cache::{CacheDir, Manifest};
 use tern_store::segment::SegmentHeader;
 
-use super::{failpoint, Stats};
+use super::Stats;
+use tern_driver::failpoint;
 
 pub struct CacheWriter {
     cache: CacheDir,

@@ -465,7 +465,7 @@ impl Journal {
             self.write_record(at.pos, &RecordHeader::pad(at.seq, 0, pad), &[]);
         }
         let pos = at.pos + pad;
-        let slot = (pos % self.fields.capacity) as usize;
+        let slot = self.slot(pos);
         let header = rec.header(at.seq, len);
         // The header first (its checksum comes with the data), then the
         // mark that says so: recovery then knows this record's exact span
@@ -522,7 +522,7 @@ impl Journal {
         let (at, pad) = self.reserve(footprint(data.len()), false).expect("room in the ring");
         assert_eq!(pad, 0, "the test record must not wrap");
         let h = rec.header(at.seq, data.len());
-        let slot = (at.pos % self.fields.capacity) as usize;
+        let slot = self.slot(at.pos);
         self.copy_into_slot(slot, &h.encode_with_checksum(data), data);
         move || self.commit_word_at(slot).store(commit_word(at.pos), Ordering::Release)
     }
@@ -536,7 +536,7 @@ impl Journal {
 
     /// Copies a record into its reserved slot and publishes it.
     fn write_record(&self, pos: u64, h: &RecordHeader, data: &[u8]) {
-        let slot = (pos % self.fields.capacity) as usize;
+        let slot = self.slot(pos);
         debug_assert!(slot as u64 + footprint(data.len()) <= self.fields.capacity);
         self.copy_into_slot(slot, &h.encode_with_checksum(data), data);
         self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
@@ -572,8 +572,9 @@ impl Journal {
     /// `Err` describes a published record that fails validation.
     pub fn read(&self, pos: u64, data: &mut Vec<u8>) -> std::result::Result<ReadOutcome, String> {
         let Some((h, crc, slot)) = self.locate(pos)? else { return Ok(ReadOutcome::NotPublished) };
-        self.copy_checked(&h, crc, slot, data)
-            .map_err(|()| format!("record at position {pos} (seq {}) fails its checksum", h.seq))?;
+        if !self.copy_checked(&h, crc, slot, data) {
+            return Err(format!("record at position {pos} (seq {}) fails its checksum", h.seq));
+        }
         Ok(ReadOutcome::Record(h))
     }
 
@@ -583,7 +584,7 @@ impl Journal {
         if !pos.is_multiple_of(RECORD_ALIGN) {
             return Err(format!("position {pos} is not aligned"));
         }
-        let slot = (pos % self.fields.capacity) as usize;
+        let slot = self.slot(pos);
         let commit = self.commit_word_at(slot).load(Ordering::Acquire);
         if commit != commit_word(pos) && commit != busy_word(pos) {
             return Ok(None);
@@ -591,11 +592,26 @@ impl Journal {
         self.header_at(pos).map(Some)
     }
 
+    /// Where a position lies in the data area.
+    fn slot(&self, pos: u64) -> usize {
+        (pos % self.fields.capacity) as usize
+    }
+
     /// Whether the record at `pos` is published and its producer still
     /// reads it (see [`InPlaceRecord`]).
     fn is_busy(&self, pos: u64) -> bool {
-        let slot = (pos % self.fields.capacity) as usize;
-        self.commit_word_at(slot).load(Ordering::Acquire) == busy_word(pos)
+        self.commit_word_at(self.slot(pos)).load(Ordering::Acquire) == busy_word(pos)
+    }
+
+    /// Releases the record at `pos` if it is busy: a front-end attaching
+    /// or recovering, when no producer can still be reading it.
+    fn release_if_busy(&self, pos: u64) {
+        let _ = self.commit_word_at(self.slot(pos)).compare_exchange(
+            busy_word(pos),
+            commit_word(pos),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// The record header at `pos` (aligned), published or not: its header,
@@ -603,7 +619,7 @@ impl Journal {
     /// trusted once the checksum over them and the data holds.
     fn header_at(&self, pos: u64) -> std::result::Result<(RecordHeader, u32, usize), String> {
         let cap = self.fields.capacity;
-        let slot = (pos % cap) as usize;
+        let slot = self.slot(pos);
         let mut raw = [0u8; RECORD_HEADER_SIZE];
         // SAFETY: the slot and its 48-byte header lie inside the data area
         // (slot is aligned, capacity a multiple of 64); the mapping lives as
@@ -620,9 +636,9 @@ impl Journal {
         Ok((h, u32_at(&raw, 44), slot))
     }
 
-    /// Copies a located record's data into `data` and checks it against
-    /// the record's checksum.
-    fn copy_checked(&self, h: &RecordHeader, crc: u32, slot: usize, data: &mut Vec<u8>) -> std::result::Result<(), ()> {
+    /// Copies a located record's data into `data`; whether it matches the
+    /// record's checksum.
+    fn copy_checked(&self, h: &RecordHeader, crc: u32, slot: usize, data: &mut Vec<u8>) -> bool {
         let n = h.data_len as usize;
         data.clear();
         data.reserve(n);
@@ -634,11 +650,7 @@ impl Journal {
             std::ptr::copy_nonoverlapping(self.data_ptr(slot), data.as_mut_ptr(), n);
             data.set_len(n);
         }
-        if h.checksum(data) == crc {
-            Ok(())
-        } else {
-            Err(())
-        }
+        h.checksum(data) == crc
     }
 
     fn data_ptr(&self, slot: usize) -> *const u8 {
@@ -868,12 +880,9 @@ impl Journal {
                         reapply(&h, &data)?;
                         report.records += 1;
                     }
-                    if self.is_busy(at.pos) {
-                        // Its producer died writing the image, which has
-                        // it now: release it, so the tail may pass.
-                        let slot = (at.pos % self.fields.capacity) as usize;
-                        self.commit_word_at(slot).store(commit_word(at.pos), Ordering::Release);
-                    }
+                    // A busy one's producer died writing the image, which
+                    // has it now: release it, so the tail may pass.
+                    self.release_if_busy(at.pos);
                     at = after(at.pos, &h).map_err(|e| self.bad(e))?;
                 }
                 unpublished_or_torn => {
@@ -954,7 +963,7 @@ impl Journal {
     /// `pos`: its write header, or the pad that was replacing it when its
     /// producer died (header written, commit word not yet).
     fn receiving_at(&self, pos: u64) -> Option<(u64, u64)> {
-        let slot = (pos % self.fields.capacity) as usize;
+        let slot = self.slot(pos);
         if self.commit_word_at(slot).load(Ordering::Acquire) != receiving_word(pos) {
             return None;
         }
@@ -972,10 +981,8 @@ impl Journal {
     pub fn release_busy(&self) {
         let (mut at, head) = (self.tail(), self.head());
         while at.pos < head.pos {
-            let Ok(Some((h, _, slot))) = self.locate(at.pos) else { return };
-            if self.is_busy(at.pos) {
-                self.commit_word_at(slot).store(commit_word(at.pos), Ordering::Release);
-            }
+            let Ok(Some((h, _, _))) = self.locate(at.pos) else { return };
+            self.release_if_busy(at.pos);
             match after(at.pos, &h) {
                 Ok(next) => at = next,
                 Err(_) => return,
