@@ -327,10 +327,13 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
 
     fn failed(&self, req: &Request, e: &tern_driver::Error, out: &mut Vec<u8>) {
         let code = wire_error(e.errno());
+        // With its cause ("… failed: No space left on device"): the line an
+        // operator reads, and the text a structured-reply client gets.
+        let message = e.with_causes();
         if code == EIO || code == ENOSPC {
-            log::warn!("disk '{}': request {:#x} failed: {e}", self.mirror.disk_name(self.disk), req.kind);
+            log::warn!("disk '{}': request {:#x} failed: {message}", self.mirror.disk_name(self.disk), req.kind);
         }
-        self.error_reply(req, code, &e.to_string(), out)
+        self.error_reply(req, code, &message, out)
     }
 
     fn error_reply(&self, req: &Request, code: u32, message: &str, out: &mut Vec<u8>) {

@@ -75,11 +75,20 @@ pub struct VmSpec {
     pub region_size: &'static str,
     /// Fill the disk with random bytes before enabling (else sparse).
     pub random_content: bool,
+    /// Where the source image lives (else beside the VM's state), for a
+    /// test that needs it on a filesystem of its own.
+    pub image_dir: Option<PathBuf>,
 }
 
 impl Default for VmSpec {
     fn default() -> Self {
-        VmSpec { disk_size: 64 << 20, journal_size: "256MiB", region_size: "64KiB", random_content: false }
+        VmSpec {
+            disk_size: 64 << 20,
+            journal_size: "256MiB",
+            region_size: "64KiB",
+            random_content: false,
+            image_dir: None,
+        }
     }
 }
 
@@ -97,7 +106,7 @@ pub struct TestVm {
 impl TestVm {
     pub fn new(spec: VmSpec) -> Self {
         let dir = tempfile::Builder::new().prefix("tern-test-").tempdir_in(test_root()).expect("tempdir");
-        let image = dir.path().join("disk0.img");
+        let image = spec.image_dir.as_deref().unwrap_or(dir.path()).join("disk0.img");
         let f = std::fs::File::create(&image).expect("create image");
         f.set_len(spec.disk_size).expect("size image");
         if spec.random_content {
@@ -465,6 +474,26 @@ fn option(opt: u32, data: &[u8]) -> Vec<u8> {
     b.extend_from_slice(&(data.len() as u32).to_be_bytes());
     b.extend_from_slice(data);
     b
+}
+
+/// A tmpfs of `size` (as `mount -o size=` takes it) at `dir`, which is
+/// created; unmounted when dropped. A small one is a filesystem that fills.
+pub struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn new(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("mount point");
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
+        Tmpfs { dir: dir.to_owned() }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
 }
 
 /// A loop-mounted filesystem (`ext4`, `btrfs`, `xfs`) of `mib` MiB at

@@ -115,7 +115,7 @@ fn tiny_ring_overflows_into_exactly_the_regions_written_after_it() {
     // 64 KiB of ring holds 15 records of a 4 KiB write; a sparse disk
     // starts with an empty bitmap.
     let vm =
-        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64KiB", region_size: "4KiB", random_content: false });
+        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64KiB", region_size: "4KiB", ..VmSpec::default() });
     let served = vm.serve(&[]);
     require("qemu-io");
     let writes: Vec<u64> = (0..100u64).map(|i| (i * 37 % 256) * 65536).collect();
@@ -157,15 +157,7 @@ fn tiny_ring_overflows_into_exactly_the_regions_written_after_it() {
 fn a_ring_directory_without_room_is_refused_with_what_to_do() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tiny = dir.path().join("tiny");
-    std::fs::create_dir(&tiny).expect("mount point");
-    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&tiny));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(tiny.clone());
+    let _tmpfs = Tmpfs::new(&tiny, "1m");
     let image = dir.path().join("disk0.img");
     std::fs::write(&image, vec![7u8; 1 << 20]).expect("image");
     for site in ["cache", "target"] {
@@ -193,4 +185,41 @@ fn a_ring_directory_without_room_is_refused_with_what_to_do() {
     assert!(!dir.path().join("state/vm1").exists(), "nothing half-enabled is left");
     let left: Vec<_> = std::fs::read_dir(tiny.join("rings")).expect("ring dir").collect();
     assert!(left.is_empty(), "no half-restored ring is left: {left:?}");
+}
+
+/// The source image's filesystem fills up mid-write: the client is told
+/// ENOSPC, and the journal still holds exactly what the image holds. The
+/// failed write was published before the image write (invariant 2), so the
+/// journal must follow it with what the image really got (none, some or
+/// all of it); without that, the replica would receive data the source
+/// never kept.
+#[test]
+fn writes_failing_on_a_full_source_filesystem_leave_the_journal_a_true_history() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let full = root.path().join("full");
+    let _tmpfs = Tmpfs::new(&full, "3m");
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, image_dir: Some(full.clone()), ..Default::default() });
+    let served = vm.serve(&[]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    // Writes of 640 KiB: the fifth reaches past the 3 MiB tmpfs and fails
+    // with its first 512 KiB written; the later ones fail with nothing.
+    let len = 640 << 10;
+    let errors: Vec<u32> =
+        (0..8u64).map(|i| c.call(CMD_WRITE, 0, i * len as u64, len, &vec![i as u8 + 1; len as usize]).error).collect();
+    assert_eq!(&errors[..4], &[0; 4], "writes that fit succeed");
+    assert!(errors[4..].iter().all(|&e| e == ENOSPC), "writes past the space left fail with ENOSPC: {errors:?}");
+    let image = std::fs::read(&vm.image).expect("read image");
+    assert!(image[4 * len as usize..][..4096].iter().all(|&b| b == 5), "the failed write landed in part");
+    // Where the image has its blocks, writes still succeed; the journal
+    // keeps recording them after the failures.
+    assert_eq!(c.call(CMD_WRITE, 0, 4096, 8192, &[0xee; 8192]).error, 0);
+    assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0);
+    drop(c);
+    let log = served.log();
+    served.stop();
+    assert!(
+        log.contains("No space left on device") && log.contains("disk0"),
+        "the server log names the failure: {log}"
+    );
+    vm.assert_journal_reproduces_source();
 }

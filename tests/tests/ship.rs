@@ -152,7 +152,7 @@ fn kill_9_at_each_step_of_writing_a_segment_never_exposes_a_partial_one() {
 fn ring_overflow_is_caught_up_by_resync_and_its_segments_carry_the_window() {
     // A sparse disk (no initial sync) and a ring far smaller than the writes.
     let vm =
-        TestVm::new(VmSpec { disk_size: 32 << 20, journal_size: "1MiB", region_size: "64KiB", random_content: false });
+        TestVm::new(VmSpec { disk_size: 32 << 20, journal_size: "1MiB", region_size: "64KiB", ..VmSpec::default() });
     let served = vm.serve(&[]);
     // A first small write ships while the replica is consistent …
     run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 7 0 64k"]));

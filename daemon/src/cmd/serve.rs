@@ -134,7 +134,7 @@ fn resync_loop(mirror: &Mirror) {
             }
             Err(tern_driver::Error::ShuttingDown) => return,
             Err(e) => {
-                log::error!("VM '{}': resync failed: {e}; retrying in 5s", mirror.config().name);
+                log::error!("VM '{}': resync failed: {}; retrying in 5s", mirror.config().name, e.with_causes());
                 std::thread::sleep(Duration::from_secs(5));
             }
         }
