@@ -83,7 +83,7 @@ impl DirtyBitmap {
         if version != VERSION {
             return Err(bad(format!("unsupported version {version}")));
         }
-        if crc != crc32c::crc32c(&h[..32]) {
+        if crc != crate::checksum::crc32c(&h[..32]) {
             return Err(bad("header checksum mismatch".into()));
         }
         if size != disk_size {
@@ -249,7 +249,7 @@ fn encode_header(region_size: u32, disk_size: u64, regions: u64) -> [u8; 36] {
     h[12..16].copy_from_slice(&region_size.to_le_bytes());
     h[16..24].copy_from_slice(&disk_size.to_le_bytes());
     h[24..32].copy_from_slice(&regions.to_le_bytes());
-    let crc = crc32c::crc32c(&h[..32]);
+    let crc = crate::checksum::crc32c(&h[..32]);
     h[32..36].copy_from_slice(&crc.to_le_bytes());
     h
 }

@@ -21,6 +21,7 @@
 //! are shared memory: atomics and raw copies into a `MAP_SHARED` mapping.
 
 pub mod bitmap;
+pub mod checksum;
 pub mod clone;
 mod error;
 pub mod image;

@@ -85,7 +85,7 @@ impl BlockHashes {
         for h in &self.hashes {
             b.extend_from_slice(&h.to_le_bytes());
         }
-        let crc = crc32c::crc32c(&b);
+        let crc = tern_driver::checksum::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
     }
@@ -117,7 +117,7 @@ impl BlockHashes {
             return Err(format!("file is {} bytes, the header says {expected_len}", b.len()));
         }
         let body = b.len() - 4;
-        let (stored, computed) = (u32_at(body), crc32c::crc32c(&b[..body]));
+        let (stored, computed) = (u32_at(body), tern_driver::checksum::crc32c(&b[..body]));
         if stored != computed {
             return Err(format!("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"));
         }

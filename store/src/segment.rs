@@ -147,7 +147,7 @@ impl SegmentHeader {
         put_u64(&mut b, OFF_PAYLOAD_LEN, self.payload_len);
         put_u64(&mut b, OFF_STORED_LEN, self.stored_len);
         put_u64(&mut b, OFF_CREATED_NS, self.created_ns);
-        let crc = crc32c::crc32c(&b[..OFF_HEADER_CRC]);
+        let crc = tern_driver::checksum::crc32c(&b[..OFF_HEADER_CRC]);
         put_u32(&mut b, OFF_HEADER_CRC, crc);
         b
     }
@@ -175,7 +175,7 @@ impl SegmentHeader {
             ));
         }
         let stored_crc = u32_at(b, OFF_HEADER_CRC);
-        let crc = crc32c::crc32c(&b[..OFF_HEADER_CRC]);
+        let crc = tern_driver::checksum::crc32c(&b[..OFF_HEADER_CRC]);
         if stored_crc != crc {
             return Err(SegmentError::at(
                 OFF_HEADER_CRC,
@@ -487,7 +487,7 @@ impl Encoder {
             created_ns: now_ns(),
         };
         out[..HEADER_SIZE].copy_from_slice(&header.encode());
-        let crc = crc32c::crc32c(&out);
+        let crc = tern_driver::checksum::crc32c(&out);
         out.extend_from_slice(&TRAILER_MAGIC);
         out.extend_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
@@ -550,7 +550,7 @@ impl Segment {
         let records = decode_index(&header, &bytes[HEADER_SIZE..payload_at])?;
 
         let stored_crc = u32_at(bytes, trailer_at + OFF_TRAILER_CRC);
-        let crc = crc32c::crc32c(&bytes[..trailer_at]);
+        let crc = tern_driver::checksum::crc32c(&bytes[..trailer_at]);
         if stored_crc != crc {
             return Err(SegmentError::at(
                 trailer_at + OFF_TRAILER_CRC,

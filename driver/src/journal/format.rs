@@ -109,7 +109,7 @@ impl HeaderFields {
         b[OFF_VM_ID..OFF_VM_ID + 16].copy_from_slice(&self.vm_id);
         b[OFF_CAPACITY..OFF_CAPACITY + 8].copy_from_slice(&self.capacity.to_le_bytes());
         b[OFF_RECORD_ALIGN..OFF_RECORD_ALIGN + 4].copy_from_slice(&(RECORD_ALIGN as u32).to_le_bytes());
-        let crc = crc32c::crc32c(&b[..IMMUTABLE_LEN]);
+        let crc = crate::checksum::crc32c(&b[..IMMUTABLE_LEN]);
         b[OFF_HEADER_CRC..OFF_HEADER_CRC + 4].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -128,7 +128,7 @@ impl HeaderFields {
             return Err(format!("unsupported journal version {version} (this tern reads version {VERSION})"));
         }
         let crc = u32_at(b, OFF_HEADER_CRC);
-        if crc != crc32c::crc32c(&b[..IMMUTABLE_LEN]) {
+        if crc != crate::checksum::crc32c(&b[..IMMUTABLE_LEN]) {
             return Err("header checksum mismatch".into());
         }
         if u32_at(b, OFF_HEADER_SIZE) as usize != HEADER_SIZE || u32_at(b, OFF_RECORD_ALIGN) as u64 != RECORD_ALIGN {
@@ -246,8 +246,7 @@ impl RecordHeader {
     }
 
     pub fn checksum(&self, data: &[u8]) -> u32 {
-        let c = crc32c::crc32c(&self.encode_body());
-        crc32c::crc32c_append(c, data)
+        crate::checksum::crc32c_of(&[&self.encode_body(), data])
     }
 }
 

@@ -63,11 +63,11 @@ fn small_segment(compression: Compression) -> Vec<u8> {
 
 /// Recomputes the header and trailer checksums after a test edited `bytes`.
 fn reseal(bytes: &mut [u8]) {
-    let crc = crc32c::crc32c(&bytes[..OFF_HEADER_CRC]);
+    let crc = tern_driver::checksum::crc32c(&bytes[..OFF_HEADER_CRC]);
     put_u32(bytes, OFF_HEADER_CRC, crc);
     if bytes.len() >= HEADER_SIZE + TRAILER_SIZE {
         let trailer_at = bytes.len() - TRAILER_SIZE;
-        let crc = crc32c::crc32c(&bytes[..trailer_at]);
+        let crc = tern_driver::checksum::crc32c(&bytes[..trailer_at]);
         put_u32(bytes, trailer_at + OFF_TRAILER_CRC, crc);
     }
 }
@@ -81,7 +81,7 @@ fn craft(header: &SegmentHeader, records: &[(RecordHeader, Vec<u8>)], stored: &[
         out.extend_from_slice(&h.encode_with_checksum(data));
     }
     out.extend_from_slice(stored);
-    let crc = crc32c::crc32c(&out);
+    let crc = tern_driver::checksum::crc32c(&out);
     out.extend_from_slice(&TRAILER_MAGIC);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
@@ -266,7 +266,7 @@ proptest! {
         bytes.extend_from_slice(&tail);
         let _ = Segment::decode(&bytes, None);
         bytes.truncate(bytes.len().saturating_sub(TRAILER_SIZE));
-        let crc = crc32c::crc32c(&bytes);
+        let crc = tern_driver::checksum::crc32c(&bytes);
         bytes.extend_from_slice(&TRAILER_MAGIC);
         bytes.extend_from_slice(&crc.to_le_bytes());
         bytes.extend_from_slice(&[0; 4]);
