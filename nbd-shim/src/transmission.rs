@@ -24,6 +24,8 @@ pub enum ConnectionEnd {
     Disconnect,
     #[error("client closed the connection")]
     Closed,
+    #[error("client closed the connection {got} bytes into a {len}-byte {what}; that request was not carried out")]
+    ClosedMidRequest { what: &'static str, got: usize, len: usize },
     #[error("protocol violation: {0}")]
     Protocol(String),
     #[error("I/O error on the connection")]
@@ -204,7 +206,7 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         };
         if let Some(mut w) = in_place {
             // Dropped on error: a record half received becomes a pad.
-            let got = read_until(r, w.buffer(), Some(IN_PLACE_PATIENCE))?;
+            let got = read_until(r, w.buffer(), PAYLOAD, Some(IN_PLACE_PATIENCE))?;
             if got == req.length as usize {
                 return Ok(Some(w));
             }
@@ -351,15 +353,27 @@ fn timed_out(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
 }
 
-/// Fills `buf` from `r`, waiting through timeouts, until it is full or,
-/// with a `patience`, the client exhausted it. Returns the bytes read.
-fn read_until<R: Read>(r: &mut R, buf: &mut [u8], patience: Option<Patience>) -> Result<usize, ConnectionEnd> {
+/// What a request's payload is called when the client hangs up in it.
+const PAYLOAD: &str = "WRITE payload";
+const HEADER: &str = "request header";
+
+/// Fills `buf` (a whole `what`) from `r`, waiting through timeouts, until
+/// it is full or, with a `patience`, the client exhausted it. Returns the
+/// bytes read.
+fn read_until<R: Read>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: &'static str,
+    patience: Option<Patience>,
+) -> Result<usize, ConnectionEnd> {
     let start = Instant::now();
     let mut progress = start;
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
-            Ok(0) => return Err(ConnectionEnd::Closed),
+            // Between requests, a hang-up is how a session may end.
+            Ok(0) if got == 0 && what == HEADER => return Err(ConnectionEnd::Closed),
+            Ok(0) => return Err(ConnectionEnd::ClosedMidRequest { what, got, len: buf.len() }),
             Ok(n) => {
                 got += n;
                 progress = Instant::now();
@@ -379,7 +393,7 @@ fn read_until<R: Read>(r: &mut R, buf: &mut [u8], patience: Option<Patience>) ->
 /// Reads one request's header.
 fn read_request_head<R: Read>(r: &mut R) -> Result<Request, ConnectionEnd> {
     let mut head = [0u8; REQUEST_LEN];
-    read_until(r, &mut head, None)?;
+    read_until(r, &mut head, HEADER, None)?;
     Request::parse(&head).ok_or_else(|| ConnectionEnd::Protocol("request with a bad magic".into()))
 }
 
@@ -392,7 +406,9 @@ fn read_payload<R: Read>(r: &mut R, len: u32, payload: &mut Vec<u8>) -> Result<(
     while payload.len() < len {
         let want = (len - payload.len()) as u64;
         match r.take(want).read_to_end(payload) {
-            Ok(n) if (n as u64) < want => return Err(ConnectionEnd::Closed),
+            Ok(n) if (n as u64) < want => {
+                return Err(ConnectionEnd::ClosedMidRequest { what: PAYLOAD, got: payload.len(), len })
+            }
             Ok(_) => {}
             Err(e) if timed_out(&e) => {}
             Err(e) => return Err(ConnectionEnd::Io(e)),

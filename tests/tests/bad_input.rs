@@ -85,6 +85,40 @@ fn a_client_stalled_mid_payload_holds_up_neither_replication_nor_overlapping_wri
     vm.assert_journal_reproduces_source();
 }
 
+/// A client gone in the middle of a request: that request is dropped (a
+/// half-received write never reaches the disk or the journal's history),
+/// and the log says where the client stopped, unlike a plain hang-up
+/// between requests.
+#[test]
+fn a_client_gone_mid_request_is_logged_as_such_and_its_write_is_dropped() {
+    let vm = vm();
+    let served = vm.serve(&[]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    c.send(CMD_WRITE, 0, 1, 0, 65536, &[0x66; 4096]);
+    drop(c);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    let mut head = 0x2560_9513u32.to_be_bytes().to_vec();
+    head.extend_from_slice(&[0; 6]);
+    c.sock.write_all(&head).expect("part of a request header");
+    drop(c);
+    let quiet = RawClient::connect(&vm.socket, "disk0");
+    drop(quiet);
+    let wanted = [
+        "client closed the connection 4096 bytes into a 65536-byte WRITE payload; that request was not carried out",
+        "client closed the connection 10 bytes into a 28-byte request header",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !wanted.iter().all(|w| served.log().contains(w)) {
+        assert!(std::time::Instant::now() < deadline, "{}", served.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = served.log();
+    assert_eq!(log.matches("client closed the connection\n").count(), 1, "a hang-up between requests is plain: {log}");
+    assert_server_works(&vm, 0, 0);
+    served.stop();
+    vm.assert_journal_reproduces_source();
+}
+
 #[test]
 fn write_over_32_mib_is_refused_and_only_that_client_is_dropped() {
     let vm = vm();
