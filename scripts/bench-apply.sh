@@ -49,8 +49,12 @@ RESULTS="$WORK/results-$STAMP"
 mkdir -p "$RESULTS"
 SERVE_PID=""
 MOUNTS=()
+# The source VMs' journal rings (memory): each is dropped once its VM's
+# cache is made, so four 4 GiB rings never crowd the page cache.
+export TERN_RING_DIR=/dev/shm/tern-bench-apply
 cleanup() {
     [[ -n "$SERVE_PID" ]] && kill "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null
+    rm -rf "$TERN_RING_DIR"
     for m in "${MOUNTS[@]}"; do umount "$m" 2>/dev/null || true; done
 }
 trap cleanup EXIT
@@ -60,7 +64,7 @@ trap cleanup EXIT
 make_cache() {
     local name="$1" size="$2"; shift 2
     local src="$WORK/src-$name"
-    rm -rf "$src"; mkdir -p "$src/cache" "$src/target"
+    rm -rf "$src" "$TERN_RING_DIR"; mkdir -p "$src/cache" "$src/target"
     truncate -s "$size" "$src/disk.img"
     "$TERN" --state "$src/state" -q enable vm --disk "disk0=$src/disk.img" --cache "$src/cache" \
         --target "$src/target" --journal-size 4GiB >/dev/null
@@ -72,6 +76,7 @@ make_cache() {
     "$TERN" --state "$src/state" -q tag vm bench-point >/dev/null
     kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true; SERVE_PID=""
     "$TERN" --state "$src/state" -q ship vm --once
+    rm -rf "$TERN_RING_DIR"
     du -sb "$src/cache/vm/segments" | cut -f1 >"$src/cache.bytes"
 }
 

@@ -158,9 +158,9 @@ impl Mirror {
         mirror.attach()?;
         // After attaching: recovery from a host crash punches the ring.
         if options.journal {
-            if let Err(e) = mirror.journal.prefault_for_writing() {
+            if let Err(e) = mirror.journal.prefault_in_background(&mirror.config.name) {
                 // Only slower: the first lap faults its pages in.
-                log::warn!("VM '{}': cannot pre-fault the journal ring: {e}", mirror.config.name);
+                log::warn!("VM '{}': cannot start pre-faulting the journal ring: {e}", mirror.config.name);
             }
         }
         mirror.window_open.store(mirror.journal.window_open(), Ordering::Release);
