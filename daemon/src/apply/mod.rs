@@ -21,7 +21,7 @@ use tern_driver::image::Image;
 use tern_driver::journal::{self, RecordKind};
 use tern_driver::vm::write_durably;
 use tern_store::cache::{Applied, CacheDir, Manifest};
-use tern_store::segment::Segment;
+use tern_store::segment::{Segment, SegmentError};
 use tern_store::target::{expired_points, Checkpoint, Point, PointKind, TargetDir, TARGET_VERSION};
 
 use tern_driver::failpoint;
@@ -40,7 +40,13 @@ struct StreamReplaced;
 /// Record data a batch may hold before it is written out.
 const BATCH_LIMIT: usize = 256 << 20;
 
+/// Decoded segment data read ahead of the applier at most: the next
+/// segments are read, verified and decompressed while a batch is written
+/// and fsynced, instead of after.
+const READ_AHEAD: u64 = 128 << 20;
+
 mod batch;
+mod read_ahead;
 
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -346,41 +352,49 @@ impl VmApplier {
             return Ok(0);
         }
         let mut applied = 0;
-        for (first, last, path) in self.cache.list_segments()? {
-            if last <= self.cur.applied_seq {
-                continue;
-            }
-            if stop.load(Ordering::Acquire) {
-                break;
-            }
-            if first > self.cur.applied_seq + 1 {
-                // The manifest grows epochs; re-read it for this one.
-                if let Some(Ok(m)) = self.cache.read_manifest()? {
-                    self.manifest = m;
+        let todo: Vec<_> =
+            self.cache.list_segments()?.into_iter().filter(|(_, last, _)| *last > self.cur.applied_seq).collect();
+        let vm_id = *self.manifest.id.as_bytes();
+        std::thread::scope(|scope| -> Result<()> {
+            // Dropped when this returns, which stops the reader.
+            let segments = read_ahead::spawn(scope, todo, vm_id, READ_AHEAD);
+            for (first, last, path, segment) in segments {
+                if last <= self.cur.applied_seq {
+                    continue;
                 }
-            }
-            if let Err(e) = self.read_segment(first, last, &path) {
-                // A refused segment: what was read before it is good, keep
-                // it. Any other error (I/O) commits nothing.
-                if e.is::<Refused>() {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                if first > self.cur.applied_seq + 1 {
+                    // The manifest grows epochs; re-read it for this one.
+                    if let Some(Ok(m)) = self.cache.read_manifest()? {
+                        self.manifest = m;
+                    }
+                }
+                if let Err(e) = self.read_segment(first, last, &path, segment) {
+                    // A refused segment: what was read before it is good,
+                    // keep it. Any other error (I/O) commits nothing.
+                    if e.is::<Refused>() {
+                        self.commit()?;
+                    }
+                    return Err(e);
+                }
+                applied += 1;
+                let interval = self.manifest.policy.interval.as_nanos() as u64;
+                if !self.cur.in_window && self.cur.source_time_ns.saturating_sub(self.cur.last_point_ns) >= interval {
+                    // The point before the checkpoint that passes it: a
+                    // crash in between takes it again after the restart.
+                    self.flush()?;
+                    let (seq, epoch, time) = (self.cur.applied_seq, self.cur.epoch, self.cur.source_time_ns);
+                    self.take_point(seq, epoch, time, PointKind::Crash, None)?;
+                    self.cur.last_point_ns = time;
+                    self.commit()?;
+                } else if self.batch.data_len() >= BATCH_LIMIT {
                     self.commit()?;
                 }
-                return Err(e);
             }
-            applied += 1;
-            let interval = self.manifest.policy.interval.as_nanos() as u64;
-            if !self.cur.in_window && self.cur.source_time_ns.saturating_sub(self.cur.last_point_ns) >= interval {
-                // The point before the checkpoint that passes it: a crash in
-                // between takes it again after the restart.
-                self.flush()?;
-                let (seq, epoch, time) = (self.cur.applied_seq, self.cur.epoch, self.cur.source_time_ns);
-                self.take_point(seq, epoch, time, PointKind::Crash, None)?;
-                self.cur.last_point_ns = time;
-                self.commit()?;
-            } else if self.batch.data_len() >= BATCH_LIMIT {
-                self.commit()?;
-            }
-        }
+            Ok(())
+        })?;
         self.commit()?;
         if applied > 0 {
             self.publish_applied();
@@ -416,16 +430,23 @@ impl VmApplier {
         Ok(())
     }
 
-    /// Verifies one segment and reads its records into the batch (taking
-    /// the app points of its tags); `cur` moves to its end.
-    fn read_segment(&mut self, first: u64, last: u64, path: &Path) -> Result<()> {
+    /// Checks one segment (as read and verified by the read-ahead) and reads
+    /// its records into the batch (taking the app points of its tags); `cur`
+    /// moves to its end.
+    fn read_segment(
+        &mut self,
+        first: u64,
+        last: u64,
+        path: &Path,
+        segment: Result<Segment, SegmentError>,
+    ) -> Result<()> {
         let at = self.cur.applied_seq;
         let refuse = |why: String| {
             anyhow::Error::new(Refused(format!(
                 "{why}; the replica stays at seq {at}; repair or re-ship, then restart `tern apply`"
             )))
         };
-        let seg = Segment::read_file(path, Some(*self.manifest.id.as_bytes())).map_err(|e| refuse(e.to_string()))?;
+        let seg = segment.map_err(|e| refuse(e.to_string()))?;
         let h = &seg.header;
         if (h.first_seq, h.last_seq) != (first, last) || h.last_seq <= at {
             return Err(refuse(format!(
