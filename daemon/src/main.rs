@@ -35,6 +35,9 @@ pub enum Command {
     /// Protect a VM: record its disks, create its journal and bitmaps, and
     /// mark all allocated data for the initial sync.
     Enable(cmd::enable::Args),
+    /// Stop protecting a VM here: remove its state and journal ring (its
+    /// disks, cache segments, replica and points stay).
+    Disable(cmd::disable::Args),
     /// Present the VM's disks over NBD, journaling every write.
     Serve(cmd::serve::Args),
     /// Drain the VM's journal into compressed segments in the cache store.
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         .init();
     let result = match &cli.command {
         Command::Enable(a) => cmd::enable::run(&cli, a),
+        Command::Disable(a) => cmd::disable::run(&cli, a),
         Command::Serve(a) => cmd::serve::run(&cli, a),
         Command::Journal(c) => cmd::journal::run(&cli, c),
         Command::Ship(a) => cmd::ship::run(&cli, a),

@@ -252,3 +252,50 @@ fn a_full_target_is_reported_with_what_to_do() {
     assert!(err.contains("No space left on device") && err.contains("filesystem named above is full"), "{err}");
     assert!(err.contains(&target.display().to_string()), "the error names the path: {err}");
 }
+
+/// `tern disable` refuses while the VM is served or the replica lacks
+/// writes, then frees the journal's ring and the VM's state, and keeps the
+/// disk, the cache and the target's points.
+#[test]
+fn disable_refuses_while_served_or_behind_then_frees_the_ring_and_keeps_the_replica() {
+    let (vm, _) = protected_vm_with_a_tag();
+    let target = vm.dir.path().join("target");
+    run(vm
+        .tern()
+        .arg("apply")
+        .arg("--cache")
+        .arg(vm.dir.path().join("cache"))
+        .arg("--target")
+        .arg(&target)
+        .arg("--once"));
+    let points_before = vm.points(&target).len();
+    assert!(points_before > 0);
+    let disable =
+        |extra: &[&str]| vm.tern().args(["disable", &vm.name]).args(extra).output().expect("run tern disable");
+
+    let served = vm.serve(&[]);
+    let out = disable(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("stop `tern serve`"), "{err}");
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 7 0 64k"]));
+    served.stop();
+
+    // A write the replica never got: refused without --force, naming it.
+    let out = disable(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("journaled and not shipped") && err.contains("--force"), "{err}");
+    assert!(vm.state.join(&vm.name).join("vm.toml").exists(), "a refused disable removes nothing");
+
+    vm.ship_once();
+    let rings = || std::fs::read_dir(vm.ring_dir()).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(rings(), 1, "the VM's ring is in memory");
+    let out = run(vm.tern().args(["disable", &vm.name]));
+    assert!(out.contains(&format!("disabled VM '{}'", vm.name)), "{out}");
+    assert_eq!(rings(), 0, "the ring is freed");
+    assert!(!vm.state.join(&vm.name).exists(), "the state is gone");
+    assert!(std::fs::read(&vm.image).expect("disk")[..65536].iter().all(|&b| b == 7), "the disk is untouched");
+    assert!(vm.cache_dir().exists(), "the cache is kept");
+    assert_eq!(vm.points(&target).len(), points_before, "the points are kept");
+    let out = vm.tern().args(["status", &vm.name]).output().expect("status");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not enabled"), "{out:?}");
+}

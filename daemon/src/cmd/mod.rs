@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod demo;
+pub mod disable;
 pub mod enable;
 pub mod failover;
 pub mod journal;

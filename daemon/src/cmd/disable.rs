@@ -1,0 +1,60 @@
+//! `tern disable`: stop protecting a VM at this site. What replication
+//! built elsewhere (the cache store's segments, the replica and its points
+//! at the target) is kept: a recovery point is still worth having after
+//! protection stops, and removing it is a decision of its own.
+
+use anyhow::{bail, Context, Result};
+use tern_driver::units::Size;
+use tern_driver::vm::{self, VmPaths};
+
+use crate::cmd::status::{vm_status, Shipper};
+use crate::Cli;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    pub vm: String,
+    /// Disable even though writes are journaled and not shipped, or marked
+    /// for a resync: the replica never gets them.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Refuses while `tern serve` or `tern ship` has the VM, and (without
+/// `--force`) while the replica lacks writes; then removes the journal's
+/// ring from memory and the VM's state directory. The source images are
+/// never touched.
+pub fn run(cli: &Cli, a: &Args) -> Result<()> {
+    let paths = VmPaths::new(&cli.state, &a.vm)?;
+    let config = paths.load_config()?;
+    let what = format!("VM '{}'", a.vm);
+    // Held until the state is gone, so neither can start in between.
+    let _frontend = vm::lock_exclusive(&paths.frontend_lock(), &what, "`tern serve`")
+        .with_context(|| format!("stop `tern serve` for {what} (and the VM using its disks) before disabling it"))?;
+    let _consumer = vm::lock_exclusive(&paths.consumer_lock(), &what, "`tern ship`")
+        .with_context(|| format!("stop `tern ship` for {what} before disabling it"))?;
+    let status = vm_status(&paths, &config, Shipper::FromFiles)?;
+    let unreplicated = status.pending_bytes + status.dirty_bytes;
+    if unreplicated > 0 && !a.force {
+        bail!(
+            "{what} has {} journaled and not shipped and {} marked for resync: its replica lacks them. \
+             Run `tern ship {} --once` (and `tern apply` at the target) first, or pass --force to drop them",
+            Size(status.pending_bytes).approx(),
+            Size(status.dirty_bytes).approx(),
+            a.vm
+        );
+    }
+    tern_driver::journal::live::remove_ring(&paths.journal())?;
+    std::fs::remove_dir_all(paths.dir()).with_context(|| format!("cannot remove {}", paths.dir().display()))?;
+    vm::sync_parent_dir(paths.dir())?;
+    if unreplicated > 0 {
+        log::warn!("{what}: dropped {} the replica never got", Size(unreplicated).approx());
+    }
+    println!(
+        "disabled {what}: removed {} and its journal ring; its disks are untouched. Kept: segments in {}, the replica and {} point(s) in {} (remove them there when no longer needed)",
+        paths.dir().display(),
+        config.cache.join(&a.vm).display(),
+        status.points,
+        config.target.join(&a.vm).display(),
+    );
+    Ok(())
+}
