@@ -7,7 +7,7 @@
 #     1 MiB sequential writes (the issue's yardstick), and APPLY_DATA of
 #     4 KiB random writes into a sparse DISK-sized file, the random run's
 #     own pattern: what any applier of those writes meets on this
-#     filesystem.
+#     filesystem (`--fallocate=none`: holes, as a new replica has).
 #  2. Apply throughput: a cache holding APPLY_DATA of 4 KiB random source
 #     writes (and, separately, of 1 MiB sequential ones) over a 2 GiB disk,
 #     produced by fio through `tern serve` and shipped with `tern ship
@@ -125,17 +125,24 @@ for fs in $TARGET_FS; do
     rm -f "$img"; truncate -s "$FS_SIZE" "$img"
     "mkfs.$fs" -q -f "$img" >/dev/null
     mkdir -p "$mnt"; mount -o loop "$img" "$mnt"; MOUNTS+=("$mnt")
+    for run in random seq dense sparse; do
+        log "$fs: tern apply --once ($run)"
+        apply_run "$run" "$fs" "$mnt"
+    done
+    # The raw runs last: deleting their files (one of ~200,000 extents)
+    # keeps btrfs busy in the background for a while, which must not fall
+    # into an apply run.
     # In a directory set up as `tern apply` sets up its replicas' (no
     # copy-on-write on btrfs; xfs has no such flag), so fio meets what the
     # applier meets.
     mkdir -p "$mnt/raw"; chattr +C "$mnt/raw" 2>/dev/null || true
     log "$fs: raw sequential write (fio, 1 MiB, buffered, fsync at end)"
-    fio --name=raw --filename="$mnt/raw/raw.dat" --rw=write --bs=1M --size="$APPLY_DATA" --end_fsync=1 \
+    fio --name=raw --filename="$mnt/raw/raw.dat" --rw=write --bs=1M --size="$APPLY_DATA" --end_fsync=1 --fallocate=none \
         --output-format=json --output="$RESULTS/raw-$fs.json" >/dev/null
     rm -f "$mnt/raw/raw.dat"
     log "$fs: raw random write (fio, 4 KiB over a sparse $DISK file, buffered, fsync at end)"
     fio --name=rawrand --filename="$mnt/raw/raw.dat" --rw=randwrite --bs=4k --size="$DISK" --io_size="$APPLY_DATA" \
-        --norandommap --end_fsync=1 --output-format=json --output="$RESULTS/rawrand-$fs.json" >/dev/null
+        --norandommap --end_fsync=1 --fallocate=none --output-format=json --output="$RESULTS/rawrand-$fs.json" >/dev/null
     python3 - "$RESULTS/raw-$fs.json" "$RESULTS/rawrand-$fs.json" "$fs" >>"$RESULTS/raw.tsv" <<'EOF'
 import json, sys
 def mbps(path):
@@ -144,10 +151,6 @@ def mbps(path):
 print(f"{sys.argv[3]}\t{mbps(sys.argv[1]):.0f}\t{mbps(sys.argv[2]):.0f}")
 EOF
     rm -rf "$mnt/raw"
-    for run in random seq dense sparse; do
-        log "$fs: tern apply --once ($run)"
-        apply_run "$run" "$fs" "$mnt"
-    done
 done
 
 python3 - "$RESULTS" <<'EOF' | tee "$RESULTS/summary.md"
