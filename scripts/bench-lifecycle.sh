@@ -138,9 +138,13 @@ cat "$RESULTS/run.txt" >&2
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
+# The VMs' journal rings (memory) in a directory of this run's, removed at
+# the end: deleting a state directory by hand does not free them.
+export TERN_RING_DIR="/dev/shm/tern-bench-lifecycle-$$"
 SERVE_PID=""
 MOUNTS=()
 cleanup() {
+    rm -rf "$TERN_RING_DIR"
     if [[ -n "$SERVE_PID" ]]; then kill "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; fi
     local m
     for m in "${MOUNTS[@]}"; do

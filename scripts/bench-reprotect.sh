@@ -51,9 +51,13 @@ TERN="$RESULTS/tern"
 } >"$RESULTS/run.txt"
 cat "$RESULTS/run.txt" >&2
 
+# The VMs' journal rings (memory) in a directory of this run's, removed at
+# the end: deleting a state directory by hand does not free them.
+export TERN_RING_DIR="/dev/shm/tern-bench-reprotect-$$"
 MNT=""
 APPLY_PID=""
 cleanup() {
+    rm -rf "$TERN_RING_DIR"
     [[ -n "$APPLY_PID" ]] && { kill "$APPLY_PID" 2>/dev/null || true; wait "$APPLY_PID" 2>/dev/null || true; }
     [[ -n "$MNT" ]] && { umount "$MNT" 2>/dev/null || true; rm -f "$MNT.img"; }
 }

@@ -234,9 +234,13 @@ stop_sampler() {
     SAMPLER_PID=""
 }
 
+# The VMs' journal rings (memory) in a directory of this run's, removed at
+# the end: deleting a state directory by hand does not free them.
+export TERN_RING_DIR="/dev/shm/tern-bench-ship-$$"
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    rm -rf "$TERN_RING_DIR"
     if [[ -n "$FIO_PID" ]]; then log "cleanup: stopping fio"; stop_pid "$FIO_PID" fio 10; fi
     if [[ -n "$RUN_PID" ]]; then log "cleanup: stopping the measured run"; stop_pid "$RUN_PID" "measured run" 10; fi
     stop_sampler
