@@ -238,7 +238,12 @@ pub fn chunk_header(cookie: u64, flags: u16, kind: u16, len: u32) -> [u8; 20] {
 
 /// A complete `NBD_REPLY_TYPE_ERROR` chunk (with DONE) carrying a message.
 pub fn error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
-    let msg = &message.as_bytes()[..message.len().min(MAX_STRING)];
+    // Cut at a character boundary: the message is UTF-8 on the wire too.
+    let mut cut = message.len().min(MAX_STRING);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let msg = &message.as_bytes()[..cut];
     let mut b = Vec::with_capacity(20 + 6 + msg.len());
     b.extend_from_slice(&chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u32));
     b.extend_from_slice(&error.to_be_bytes());
@@ -266,6 +271,16 @@ mod tests {
     use super::*;
 
     const S: Session = Session { export_size: 1 << 20, structured: true, base_allocation: Some(1) };
+
+    #[test]
+    fn a_long_error_message_is_cut_at_a_character_boundary() {
+        let message = format!("{}é and more", "x".repeat(MAX_STRING - 1));
+        let chunk = error_chunk(1, EIO, &message);
+        let len = be16(&chunk, 24) as usize;
+        assert_eq!(len, MAX_STRING - 1, "'é' straddles the limit: cut before it");
+        assert!(std::str::from_utf8(&chunk[26..]).is_ok());
+        assert_eq!(chunk.len(), 26 + len);
+    }
 
     fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
         Request { flags, kind, cookie: 9, offset, length }

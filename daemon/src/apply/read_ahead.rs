@@ -1,7 +1,8 @@
 //! Segments read ahead of the applier, in order, on a thread of their own:
 //! reading, verifying and decompressing the next segments overlaps writing
 //! and fsyncing the batch before them. At most a budget of decoded bytes
-//! waits (one segment more, however large, so a huge one still passes).
+//! waits, plus the segment the reader holds while it waits for room (so a
+//! segment larger than the budget still passes).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,8 +15,15 @@ use tern_store::segment::{Segment, SegmentError};
 /// reading it gave.
 pub type ReadSegment = (u64, u64, PathBuf, Result<Segment, SegmentError>);
 
-/// Decoded bytes waiting, and the wake-up for the reader when they drop.
-type Budget = Arc<(Mutex<u64>, Condvar)>;
+/// Decoded bytes waiting (and whether the applier has gone), and the
+/// wake-up for the reader when either changes.
+type Budget = Arc<(Mutex<Queued>, Condvar)>;
+
+#[derive(Default)]
+struct Queued {
+    bytes: u64,
+    closed: bool,
+}
 
 /// The segments of `todo`, in order, read on a scoped thread. Dropping the
 /// iterator stops the reader (after the segment it is reading).
@@ -26,7 +34,7 @@ pub fn spawn<'scope>(
     budget: u64,
 ) -> Taken {
     let (tx, rx) = crossbeam_channel::unbounded::<(ReadSegment, u64)>();
-    let waiting: Budget = Arc::new((Mutex::new(0), Condvar::new()));
+    let waiting: Budget = Arc::new((Mutex::new(Queued::default()), Condvar::new()));
     let reader_waiting = Arc::clone(&waiting);
     scope.spawn(move || {
         for (first, last, path) in todo {
@@ -34,10 +42,13 @@ pub fn spawn<'scope>(
             let size = segment.as_ref().map_or(0, |s| s.header.payload_len);
             let (lock, freed) = &*reader_waiting;
             let mut queued = lock.lock().unwrap_or_else(|p| p.into_inner());
-            while *queued > 0 && *queued + size > budget {
+            while !queued.closed && queued.bytes > 0 && queued.bytes + size > budget {
                 queued = freed.wait(queued).unwrap_or_else(|p| p.into_inner());
             }
-            *queued += size;
+            if queued.closed {
+                return;
+            }
+            queued.bytes += size;
             drop(queued);
             if tx.send(((first, last, path, segment), size)).is_err() {
                 return; // the applier stopped
@@ -58,7 +69,7 @@ pub struct Taken {
 impl Taken {
     fn release(&mut self) {
         let (lock, freed) = &*self.waiting;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) -= std::mem::take(&mut self.held);
+        lock.lock().unwrap_or_else(|p| p.into_inner()).bytes -= std::mem::take(&mut self.held);
         freed.notify_one();
     }
 }
@@ -76,9 +87,9 @@ impl Iterator for Taken {
 
 impl Drop for Taken {
     fn drop(&mut self) {
-        // Wake a reader waiting for room: it sends, fails, and stops.
+        // A reader waiting for room, or about to, stops.
         let (lock, freed) = &*self.waiting;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
         freed.notify_one();
     }
 }

@@ -4,6 +4,7 @@
 //! protection stops, and removing it is a decision of its own.
 
 use anyhow::{bail, Context, Result};
+use tern_driver::bitmap::DirtyBitmap;
 use tern_driver::units::Size;
 use tern_driver::vm::{self, VmPaths};
 
@@ -33,6 +34,19 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let _consumer = vm::lock_exclusive(&paths.consumer_lock(), &what, "`tern ship`")
         .with_context(|| format!("stop `tern ship` for {what} before disabling it"))?;
     let status = vm_status(&paths, &config, Shipper::FromFiles)?;
+    // `vm_status` skips a bitmap it cannot read; here that would hide
+    // dirty data, so every one must open.
+    for d in &config.disks {
+        if let Err(e) = DirtyBitmap::open(&paths.dirty(&d.name), d.size) {
+            if !a.force {
+                bail!(
+                    "cannot tell what disk '{}' still has to resync: {}; pass --force to disable anyway",
+                    d.name,
+                    e.with_causes()
+                );
+            }
+        }
+    }
     let unreplicated = status.pending_bytes + status.dirty_bytes;
     if unreplicated > 0 && !a.force {
         bail!(
@@ -43,9 +57,18 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             a.vm
         );
     }
+    // The ring first: without it the VM is still whole (the next start
+    // restores the ring from the durable journal). Then one rename takes
+    // the VM away at once; what is left of a removal that fails half-way
+    // is a hidden directory no command takes for a VM.
     tern_driver::journal::live::remove_ring(&paths.journal())?;
-    std::fs::remove_dir_all(paths.dir()).with_context(|| format!("cannot remove {}", paths.dir().display()))?;
+    let tombstone = cli.state.join(format!(".{}.disabled-{}", a.vm, std::process::id()));
+    std::fs::rename(paths.dir(), &tombstone)
+        .with_context(|| format!("cannot move {} out of the way", paths.dir().display()))?;
     vm::sync_parent_dir(paths.dir())?;
+    if let Err(e) = std::fs::remove_dir_all(&tombstone) {
+        log::warn!("{what} is disabled, but removing {} failed: {e}; remove it by hand", tombstone.display());
+    }
     if unreplicated > 0 {
         log::warn!("{what}: dropped {} the replica never got", Size(unreplicated).approx());
     }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tern_driver::bitmap::DirtyBitmap;
 use tern_driver::journal::{self, Journal, Mode};
 use tern_driver::units::Size;
-use tern_driver::vm::{VmConfig, VmPaths};
+use tern_driver::vm::{self, VmConfig, VmPaths};
 use tern_store::cache::{Applied, CacheDir};
 use tern_store::target::TargetDir;
 
@@ -239,6 +239,9 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
                 .map(|d| {
                     d.filter_map(|e| e.ok())
                         .filter(|e| e.path().join("vm.toml").is_file())
+                        // Not a VM: what `tern disable` or a failback is
+                        // still removing or restoring (".vm1.…").
+                        .filter(|e| vm::validate_name("VM", &e.file_name().to_string_lossy()).is_ok())
                         .map(|e| e.file_name().to_string_lossy().into_owned())
                         .collect()
                 })
