@@ -78,10 +78,15 @@ one_run() {
     sync
     local extra=()
     [[ $variant == nojournal ]] && extra=(--no-journal)
-    "$TERN" -q --state "$RUN/state" serve bench --listen "unix:$RUN/sock" "${extra[@]}" 2>"$out.serve.log" &
+    "$TERN" --state "$RUN/state" serve bench --listen "unix:$RUN/sock" "${extra[@]}" 2>"$out.serve.log" &
     SERVER_PID=$!
     for _ in $(seq 600); do [[ -S $RUN/sock ]] && break; sleep 0.1; done
     [[ -S $RUN/sock ]] || die "tern serve did not listen; see $out.serve.log"
+    # The ring is mapped in the background after the socket is up; the
+    # run measures the steady state, not those first seconds.
+    if [[ ${#extra[@]} -eq 0 ]]; then
+        for _ in $(seq 1200); do grep -q "journal ring mapped" "$out.serve.log" && break; sleep 0.1; done
+    fi
     # shellcheck disable=SC2086
     fio --name="$workload" --ioengine=nbd --uri="nbd+unix:///disk0?socket=$RUN/sock" --size=2g \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" ${FIO_ARGS[$workload]} \
