@@ -353,7 +353,7 @@ fn timed_out(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
 }
 
-/// What a request's payload is called when the client hangs up in it.
+/// What a request's part is called when the client hangs up in it.
 const PAYLOAD: &str = "WRITE payload";
 const HEADER: &str = "request header";
 
@@ -371,8 +371,6 @@ fn read_until<R: Read>(
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
-            // Between requests, a hang-up is how a session may end.
-            Ok(0) if got == 0 && what == HEADER => return Err(ConnectionEnd::Closed),
             Ok(0) => return Err(ConnectionEnd::ClosedMidRequest { what, got, len: buf.len() }),
             Ok(n) => {
                 got += n;
@@ -393,7 +391,11 @@ fn read_until<R: Read>(
 /// Reads one request's header.
 fn read_request_head<R: Read>(r: &mut R) -> Result<Request, ConnectionEnd> {
     let mut head = [0u8; REQUEST_LEN];
-    read_until(r, &mut head, HEADER, None)?;
+    read_until(r, &mut head, HEADER, None).map_err(|end| match end {
+        // Between requests, a hang-up is how a session may end.
+        ConnectionEnd::ClosedMidRequest { got: 0, .. } => ConnectionEnd::Closed,
+        end => end,
+    })?;
     Request::parse(&head).ok_or_else(|| ConnectionEnd::Protocol("request with a bad magic".into()))
 }
 

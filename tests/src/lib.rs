@@ -476,52 +476,39 @@ fn option(opt: u32, data: &[u8]) -> Vec<u8> {
     b
 }
 
-/// A tmpfs of `size` (as `mount -o size=` takes it) at `dir`, which is
-/// created; unmounted when dropped. A small one is a filesystem that fills.
-pub struct Tmpfs {
+/// A filesystem a test mounted; unmounted when dropped.
+pub struct Mounted {
     dir: PathBuf,
 }
 
-impl Tmpfs {
-    pub fn new(dir: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(dir).expect("mount point");
-        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
-        Tmpfs { dir: dir.to_owned() }
-    }
-}
-
-impl Drop for Tmpfs {
+impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.dir).status();
     }
+}
+
+/// A tmpfs of `size` (as `mount -o size=` takes it) at `dir`, which is
+/// created. A small one is a filesystem that fills.
+pub fn mount_tmpfs(dir: &Path, size: &str) -> Mounted {
+    std::fs::create_dir_all(dir).expect("mount point");
+    run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
+    Mounted { dir: dir.to_owned() }
 }
 
 /// A loop-mounted filesystem (`ext4`, `btrfs`, `xfs`) of `mib` MiB at
-/// `dir`; unmounted when dropped.
-pub struct LoopFs {
-    dir: PathBuf,
-}
-
-impl LoopFs {
-    pub fn new(fstype: &str, image: &Path, dir: &Path, mib: u64) -> Self {
-        let mkfs = format!("mkfs.{fstype}");
-        require(&mkfs);
-        let f = std::fs::File::create(image).expect("create fs image");
-        f.set_len(mib << 20).expect("size fs image");
-        drop(f);
-        let quiet: &[&str] = match fstype {
-            "ext4" => &["-q", "-F"],
-            _ => &["-q", "-f"],
-        };
-        run(Command::new(&mkfs).args(quiet).arg(image));
-        std::fs::create_dir_all(dir).expect("mount point");
-        run(Command::new("mount").args(["-o", "loop"]).arg(image).arg(dir));
-        LoopFs { dir: dir.to_owned() }
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-    }
+/// `dir`, made in the file `image`.
+pub fn mount_loop_fs(fstype: &str, image: &Path, dir: &Path, mib: u64) -> Mounted {
+    let mkfs = format!("mkfs.{fstype}");
+    require(&mkfs);
+    let f = std::fs::File::create(image).expect("create fs image");
+    f.set_len(mib << 20).expect("size fs image");
+    drop(f);
+    let quiet: &[&str] = match fstype {
+        "ext4" => &["-q", "-F"],
+        _ => &["-q", "-f"],
+    };
+    run(Command::new(&mkfs).args(quiet).arg(image));
+    std::fs::create_dir_all(dir).expect("mount point");
+    run(Command::new("mount").args(["-o", "loop"]).arg(image).arg(dir));
+    Mounted { dir: dir.to_owned() }
 }

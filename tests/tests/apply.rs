@@ -227,7 +227,7 @@ fn points_are_reflinks_on_btrfs_and_xfs_and_copies_on_ext4() {
     let (vm, tagged) = vm_with_tagged_history(2);
     for (fs, clone) in [("btrfs", "reflink"), ("xfs", "reflink"), ("ext4", "copy")] {
         let target = vm.dir.path().join(format!("target-{fs}"));
-        let _mount = LoopFs::new(fs, &vm.dir.path().join(format!("{fs}.fs")), &target, 400);
+        let _mount = mount_loop_fs(fs, &vm.dir.path().join(format!("{fs}.fs")), &target, 400);
         let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &["--keep-segments"], &[]);
         assert!(out.status.success(), "{fs}: {}", String::from_utf8_lossy(&out.stderr));
         let points = vm.points(&target);

@@ -245,7 +245,7 @@ fn a_full_target_is_reported_with_what_to_do() {
         TestVm::new(VmSpec { disk_size: 32 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
     vm.ship_once();
     let target = vm.dir.path().join("small-target");
-    let _fs = LoopFs::new("ext4", &vm.dir.path().join("small.fs"), &target, 16);
+    let _fs = mount_loop_fs("ext4", &vm.dir.path().join("small.fs"), &target, 16);
     let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &[], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "applying 32 MiB onto a 16 MiB filesystem must fail");

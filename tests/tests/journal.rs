@@ -157,7 +157,7 @@ fn tiny_ring_overflows_into_exactly_the_regions_written_after_it() {
 fn a_ring_directory_without_room_is_refused_with_what_to_do() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tiny = dir.path().join("tiny");
-    let _tmpfs = Tmpfs::new(&tiny, "1m");
+    let _tmpfs = mount_tmpfs(&tiny, "1m");
     let image = dir.path().join("disk0.img");
     std::fs::write(&image, vec![7u8; 1 << 20]).expect("image");
     for site in ["cache", "target"] {
@@ -197,7 +197,7 @@ fn a_ring_directory_without_room_is_refused_with_what_to_do() {
 fn writes_failing_on_a_full_source_filesystem_leave_the_journal_a_true_history() {
     let root = tempfile::tempdir().expect("tempdir");
     let full = root.path().join("full");
-    let _tmpfs = Tmpfs::new(&full, "3m");
+    let _tmpfs = mount_tmpfs(&full, "3m");
     let vm = TestVm::new(VmSpec { disk_size: 16 << 20, image_dir: Some(full.clone()), ..Default::default() });
     let served = vm.serve(&[]);
     let mut c = RawClient::connect(&vm.socket, "disk0");

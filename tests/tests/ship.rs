@@ -191,7 +191,7 @@ fn a_full_cache_never_fails_the_vm_and_replication_completes_once_space_returns(
         TestVm::new(VmSpec { disk_size: 24 << 20, journal_size: "4MiB", random_content: false, ..Default::default() });
     // The cache store is a small filesystem, nearly filled by someone else.
     let cache_root = vm.dir.path().join("cache");
-    let _fs = LoopFs::new("ext4", &vm.dir.path().join("cache.fs"), &cache_root, 32);
+    let _fs = mount_loop_fs("ext4", &vm.dir.path().join("cache.fs"), &cache_root, 32);
     run(Command::new("mkdir").arg(&cache_root).arg("-p"));
     let filler = cache_root.join("filler");
     let fill = Command::new("dd")

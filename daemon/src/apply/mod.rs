@@ -545,7 +545,7 @@ impl VmApplier {
                             r.seq
                         );
                     } else {
-                        self.batch.apply(&self.replicas).with_context(|| format!("applying {}", path.display()))?;
+                        self.write_batch().with_context(|| format!("applying {}", path.display()))?;
                         self.take_point(r.seq, h.epoch, r.time_ns, PointKind::App, Some(label))?;
                     }
                 }

@@ -8,7 +8,7 @@ use tern_driver::bitmap::DirtyBitmap;
 use tern_driver::units::Size;
 use tern_driver::vm::{self, VmPaths};
 
-use crate::cmd::status::{vm_status, Shipper};
+use crate::cmd::status::{dirty_bytes, vm_status, Shipper};
 use crate::Cli;
 
 #[derive(Debug, clap::Args)]
@@ -34,26 +34,28 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let _consumer = vm::lock_exclusive(&paths.consumer_lock(), &what, "`tern ship`")
         .with_context(|| format!("stop `tern ship` for {what} before disabling it"))?;
     let status = vm_status(&paths, &config, Shipper::FromFiles)?;
-    // `vm_status` skips a bitmap it cannot read; here that would hide
-    // dirty data, so every one must open.
+    // Not `status.dirty_bytes`: status skips a bitmap it cannot read, which
+    // here would hide dirty data.
+    let mut bitmaps = Vec::new();
     for d in &config.disks {
-        if let Err(e) = DirtyBitmap::open(&paths.dirty(&d.name), d.size) {
-            if !a.force {
-                bail!(
-                    "cannot tell what disk '{}' still has to resync: {}; pass --force to disable anyway",
-                    d.name,
-                    e.with_causes()
-                );
-            }
+        match DirtyBitmap::open(&paths.dirty(&d.name), d.size) {
+            Ok(b) => bitmaps.push(b),
+            Err(e) if a.force => log::warn!("{what}: disk '{}': {}", d.name, e.with_causes()),
+            Err(e) => bail!(
+                "cannot tell what disk '{}' of {what} still has to resync: {}; pass --force to disable anyway",
+                d.name,
+                e.with_causes()
+            ),
         }
     }
-    let unreplicated = status.pending_bytes + status.dirty_bytes;
+    let dirty = dirty_bytes(&bitmaps);
+    let unreplicated = status.pending_bytes + dirty;
     if unreplicated > 0 && !a.force {
         bail!(
             "{what} has {} journaled and not shipped and {} marked for resync: its replica lacks them. \
              Run `tern ship {} --once` (and `tern apply` at the target) first, or pass --force to drop them",
             Size(status.pending_bytes).approx(),
-            Size(status.dirty_bytes).approx(),
+            Size(dirty).approx(),
             a.vm
         );
     }

@@ -220,8 +220,9 @@ impl Journal {
     /// head on (where the producers write next), a chunk at a time.
     /// Otherwise the first store to each page faults, and tmpfs zeroes the
     /// page in the fault: on the first lap that doubled the cost of every
-    /// journaled byte. Mapping takes long (on the test machines 2.8 s of
-    /// kernel time per GiB of ring), so nobody waits for it; the pages a
+    /// journaled byte. Mapping takes long (on the test machines 0.2 s of
+    /// kernel time per GiB of ring, 2.8 s when memory is short), so nobody
+    /// waits for it; the pages a
     /// producer reaches first fault in as before. Pages stay mapped
     /// afterwards. The thread stops early once the journal is dropped.
     pub fn prefault_in_background(&self, vm: &str) -> std::io::Result<()> {
