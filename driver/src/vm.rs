@@ -445,7 +445,7 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
     let marked = match built {
         Ok(m) => m,
         Err(e) => {
-            let _ = crate::journal::live::remove_ring(&tmp.join("journal"));
+            let _ = crate::journal::live::retire(&tmp.join("journal"));
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }

@@ -123,7 +123,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let stop_apply = Arc::new(AtomicBool::new(false));
     let applier = {
         let (cache, target, stop) = (cache_root.clone(), target_root.clone(), Arc::clone(&stop_apply));
-        let options = crate::apply::ApplyOptions { once: false, keep_segments: false };
+        let options = crate::apply::ApplyOptions::default();
         std::thread::spawn(move || crate::apply::run(&cache, &target, Some("vm1"), &options, stop))
     };
     let stop_sampler = Arc::new(AtomicBool::new(false));
@@ -210,7 +210,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     //    finish what the cache holds.
     stop_apply.store(true, Ordering::Release);
     applier.join().map_err(|_| anyhow::anyhow!("the applier thread panicked"))??;
-    let options = crate::apply::ApplyOptions { once: true, keep_segments: false };
+    let options = crate::apply::ApplyOptions { once: true, ..Default::default() };
     crate::apply::run(&cache_root, &target_root, Some("vm1"), &options, Arc::new(AtomicBool::new(false)))?;
     stop_sampler.store(true, Ordering::Release);
     let rpos = sampler.join().map_err(|_| anyhow::anyhow!("the sampler thread panicked"))?;
@@ -293,7 +293,7 @@ struct RemoveRingOnDrop(std::path::PathBuf);
 
 impl Drop for RemoveRingOnDrop {
     fn drop(&mut self) {
-        if let Err(e) = tern_driver::journal::live::remove_ring(&self.0) {
+        if let Err(e) = tern_driver::journal::live::retire(&self.0) {
             log::warn!("cannot remove the demo journal's ring: {e}");
         }
     }

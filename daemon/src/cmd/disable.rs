@@ -59,16 +59,24 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             a.vm
         );
     }
-    // The ring first: without it the VM is still whole (the next start
-    // restores the ring from the durable journal). Then one rename takes
-    // the VM away at once; what is left of a removal that fails half-way
-    // is a hidden directory no command takes for a VM.
-    tern_driver::journal::live::remove_ring(&paths.journal())?;
+    // One rename takes the VM away at once: no command finds it after
+    // that, and what is left of a removal that fails half-way is a hidden
+    // directory no command takes for a VM. Then the journal is retired
+    // (its ring is memory, outside the directory), under the journal's
+    // lock, so a `tern status` opening it this moment cannot restore the
+    // ring behind us.
     let tombstone = cli.state.join(format!(".{}.disabled-{}", a.vm, std::process::id()));
     std::fs::rename(paths.dir(), &tombstone)
         .with_context(|| format!("cannot move {} out of the way", paths.dir().display()))?;
     vm::sync_parent_dir(paths.dir())?;
-    if let Err(e) = std::fs::remove_dir_all(&tombstone) {
+    let journal = tombstone.join(paths.journal().file_name().unwrap_or_default());
+    if let Err(e) = tern_driver::journal::live::retire(&journal) {
+        log::warn!(
+            "{what} is disabled, but its journal ring could not be removed: {}; remove {} and the file it links to by hand",
+            e.with_causes(),
+            tern_driver::journal::live::link_path(&journal).display()
+        );
+    } else if let Err(e) = std::fs::remove_dir_all(&tombstone) {
         log::warn!("{what} is disabled, but removing {} failed: {e}; remove it by hand", tombstone.display());
     }
     if unreplicated > 0 {

@@ -20,7 +20,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::format::{HEADER_SIZE, OFF_HEAD, OFF_TAIL};
-use super::ring::{preallocate, Position};
+use super::ring::{preallocate, FileLock, Position};
 use crate::{Error, Result};
 
 /// The environment variable that chooses where live rings are restored.
@@ -173,12 +173,21 @@ fn restore(durable: &File, path: &Path, capacity: u64, ring_path: &Path) -> Resu
         .map_err(|source| Error::Open { path: ring_path.to_owned(), source })
 }
 
-/// Removes the live ring of the journal at `path` and the link to it, for a
-/// VM whose state is being removed. The durable file must still exist.
-pub fn remove_ring(path: &Path) -> Result<()> {
+/// Removes the journal at `path` for good: its live ring (memory), the link
+/// to it, and the durable file, for a VM whose state is being removed. All
+/// under the journal's lock: a process opening the journal at that moment
+/// (`tern status`, `tern tag`) then finds it removed and fails, where it
+/// would otherwise restore a ring that nobody would ever remove. A journal
+/// already gone is not an error.
+pub fn retire(path: &Path) -> Result<()> {
+    let durable = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(Error::Open { path: path.to_owned(), source }),
+    };
+    let _lock = FileLock::exclusive(&durable, path)?;
     let link = link_path(path);
     if let Ok(target) = fs::read_link(&link) {
-        let durable = File::open(path).map_err(|source| Error::Open { path: path.to_owned(), source })?;
         let mut id = [0u8; 16];
         durable.read_exact_at(&mut id, super::format::OFF_VM_ID as u64).map_err(|source| Error::Read {
             path: path.to_owned(),
@@ -197,5 +206,5 @@ pub fn remove_ring(path: &Path) -> Result<()> {
         }
         let _ = fs::remove_file(&link);
     }
-    Ok(())
+    fs::remove_file(path).map_err(|source| Error::Open { path: path.to_owned(), source })
 }

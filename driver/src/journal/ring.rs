@@ -1,5 +1,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -175,6 +176,15 @@ impl Journal {
         let fields = read_fields(&durable, path)?;
         let (ring, ring_path) = {
             let _lock = FileLock::exclusive(&durable, path)?;
+            // `live::retire` removed it while this process waited for the
+            // lock: a ring restored now would outlive the VM.
+            let linked = durable.metadata().map_err(|source| Error::Open { path: path.to_owned(), source })?.nlink();
+            if linked == 0 {
+                return Err(Error::Invalid(format!(
+                    "the journal {} was removed while it was being opened (the VM was disabled or failed back)",
+                    path.display()
+                )));
+            }
             super::live::open_or_restore(&durable, path, fields.vm_id, fields.capacity, ring_dir)?
         };
         let ring_fields = read_fields(&ring, &ring_path)?;
@@ -1107,10 +1117,10 @@ fn read_fields(f: &File, path: &Path) -> Result<HeaderFields> {
 
 /// An exclusive `flock` on the durable file, held while syncing or
 /// restoring the live ring; released on drop.
-struct FileLock<'a>(&'a File);
+pub(super) struct FileLock<'a>(&'a File);
 
 impl<'a> FileLock<'a> {
-    fn exclusive(f: &'a File, path: &Path) -> Result<Self> {
+    pub(super) fn exclusive(f: &'a File, path: &Path) -> Result<Self> {
         use std::os::fd::AsRawFd;
         loop {
             // SAFETY: flock on a descriptor `f` keeps open; no memory is involved.

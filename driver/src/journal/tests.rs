@@ -285,3 +285,42 @@ fn a_flush_during_an_image_write_never_leaves_the_record_busy_in_the_durable_fil
     j.set_tail(c.position());
     assert_eq!(j.tail(), c.position(), "the restored record is still busy: the tail can never pass it");
 }
+
+#[test]
+fn retiring_a_journal_removes_its_ring_link_and_file_and_a_second_retire_is_a_no_op() {
+    let (d, j) = journal(64 * 1024);
+    let ring = j.ring_path().to_owned();
+    drop(j);
+    let path = d.path().join("journal");
+    live::retire(&path).unwrap();
+    assert!(!ring.exists() && !path.exists() && std::fs::symlink_metadata(live::link_path(&path)).is_err());
+    live::retire(&path).unwrap();
+}
+
+#[test]
+fn an_open_waiting_for_the_lock_while_its_journal_is_retired_fails_and_restores_no_ring() {
+    use std::os::fd::AsRawFd;
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("journal");
+    let rings = d.path().join("rings");
+    Journal::create(&path, [3; 16], 64 * 1024).unwrap();
+    let ring = Journal::open(&path, &rings).unwrap().ring_path().to_owned();
+    // Hold the journal's lock as `live::retire` does, while another open
+    // waits for it; remove everything as retire does; then let it in.
+    let held = std::fs::File::open(&path).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let opener = {
+        let (path, rings) = (path.clone(), rings.clone());
+        std::thread::spawn(move || Journal::open(&path, &rings).map(|_| ()))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::fs::remove_file(&ring).unwrap();
+    std::fs::remove_file(live::link_path(&path)).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    drop(held);
+    let err = opener.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("was removed while it was being opened"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&rings).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "a ring was restored for a retired journal: {left:?}");
+}
