@@ -504,6 +504,14 @@ pub struct Segment {
     payload: Vec<u8>,
 }
 
+/// A segment's bytes are its records' data, concatenated: what the
+/// applier's batch points into instead of copying.
+impl AsRef<[u8]> for Segment {
+    fn as_ref(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
 impl Segment {
     /// Verifies everything: the header (as [`SegmentHeader::decode`]), the
     /// VM when `expect_vm` is given, the file's length, the trailer, each
@@ -597,12 +605,23 @@ impl Segment {
 
     /// The records in sequence order, each with its data.
     pub fn records(&self) -> impl Iterator<Item = (&RecordHeader, &[u8])> {
+        self.record_spans().map(|(h, span)| (h, &self.payload[span]))
+    }
+
+    /// The records in sequence order, each with where its data is in
+    /// [`Segment::payload`].
+    pub fn record_spans(&self) -> impl Iterator<Item = (&RecordHeader, std::ops::Range<usize>)> {
         let mut at = 0;
         self.records.iter().map(move |h| {
-            let data = &self.payload[at..at + h.data_len as usize];
-            at += data.len();
-            (h, data)
+            let span = at..at + h.data_len as usize;
+            at = span.end;
+            (h, span)
         })
+    }
+
+    /// The records' data, concatenated.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
     }
 
     pub fn len(&self) -> usize {

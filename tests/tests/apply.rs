@@ -102,33 +102,52 @@ fn every_point_is_the_source_after_exactly_its_records_and_app_points_match_thei
 fn kill_9_while_replaying_and_while_cloning_then_restart_gives_the_same_replica_and_catalog() {
     let (vm, _tagged) = vm_with_tagged_history(3);
     let cache = vm.dir.path().join("cache");
-    let (target_a, target_b) = (vm.dir.path().join("target-a"), vm.dir.path().join("target-b"));
-    for t in [&target_a, &target_b] {
-        std::fs::create_dir(t).expect("target dir");
-    }
-    let out = vm.apply_with(&cache, &target_a, &["--keep-segments"], &[]);
+    let target = |name: &str| {
+        let t = vm.dir.path().join(name);
+        std::fs::create_dir(&t).expect("target dir");
+        t
+    };
+    let uninterrupted = target("target-a");
+    let out = vm.apply_with(&cache, &uninterrupted, &["--keep-segments"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    use std::os::unix::process::ExitStatusExt;
-    for point in ["apply:batch-applied", "apply:point-cloned"] {
-        let out = vm.apply_with(&cache, &target_b, &["--keep-segments"], &[("TERN_FAILPOINT", point)]);
-        assert_eq!(out.status.signal(), Some(9), "{point}: {}", String::from_utf8_lossy(&out.stderr));
-        // No half point is ever listed.
-        for p in vm.points(&target_b) {
-            assert!(point_disk(&p).exists(), "{point}: listed point {} lacks its disk", p["id"]);
+    let keep = ["--keep-segments"];
+    // Small batches, fsynced rarely: the kill at the fifth batch written
+    // comes with batches on the replica that no fsync or checkpoint covers.
+    let small = ["--keep-segments", "--batch-size", "64KiB", "--sync-every", "1GiB"];
+    // Per target: the failpoints killed at, one run each, with their flags.
+    type Kills<'a> = &'a [(&'a str, &'a [&'a str])];
+    let runs: [(&str, Kills); 2] = [
+        ("target-b", &[("apply:batch-applied", &keep), ("apply:point-cloned", &keep)]),
+        ("target-c", &[("apply:batch-written@5", &small)]),
+    ];
+    for (name, kills) in runs {
+        let killed = target(name);
+        use std::os::unix::process::ExitStatusExt;
+        for (point, args) in kills {
+            let out = vm.apply_with(&cache, &killed, args, &[("TERN_FAILPOINT", point)]);
+            assert_eq!(out.status.signal(), Some(9), "{point}: {}", String::from_utf8_lossy(&out.stderr));
+            // No half point is ever listed.
+            for p in vm.points(&killed) {
+                assert!(point_disk(&p).exists(), "{point}: listed point {} lacks its disk", p["id"]);
+            }
         }
+        let out = vm.apply_with(&cache, &killed, &keep, &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_same_replica_and_catalog(&vm, &uninterrupted, &killed);
     }
-    let out = vm.apply_with(&cache, &target_b, &["--keep-segments"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_files_equal(&target_a.join("vm1/replica/disk0.img"), &target_b.join("vm1/replica/disk0.img"));
-    let (a, b) = (vm.points(&target_a), vm.points(&target_b));
+}
+
+fn assert_same_replica_and_catalog(vm: &TestVm, a: &Path, b: &Path) {
+    assert_files_equal(&a.join("vm1/replica/disk0.img"), &b.join("vm1/replica/disk0.img"));
+    let (pa, pb) = (vm.points(a), vm.points(b));
     let summary = |ps: &[serde_json::Value]| -> Vec<String> {
         ps.iter().map(|p| format!("{} {} {} {}", p["id"], p["seq"], p["kind"], p["label"])).collect()
     };
-    assert_eq!(summary(&a), summary(&b));
-    for (pa, pb) in a.iter().zip(&b) {
-        assert_files_equal(&point_disk(pa), &point_disk(pb));
+    assert_eq!(summary(&pa), summary(&pb), "{}", b.display());
+    for (x, y) in pa.iter().zip(&pb) {
+        assert_files_equal(&point_disk(x), &point_disk(y));
     }
-    let leftovers: Vec<_> = std::fs::read_dir(target_b.join("vm1/points"))
+    let leftovers: Vec<_> = std::fs::read_dir(b.join("vm1/points"))
         .expect("points")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with('.'))

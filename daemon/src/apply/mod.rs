@@ -37,16 +37,6 @@ struct Refused(String);
 #[error("the cache's stream for this VM was replaced")]
 struct StreamReplaced;
 
-/// Record data a batch may hold before it is written out.
-const BATCH_LIMIT: usize = 256 << 20;
-
-/// Record data written to the replicas before they are fsynced and the
-/// checkpoint moves (points and a drained cache sync sooner). Fewer fsyncs
-/// let the filesystem allocate what the batches wrote all at once: on xfs,
-/// 1 GiB of random 4 KiB writes then lands in far fewer extents. A crash
-/// replays at most this much from the kept segments.
-const SYNC_LIMIT: usize = 1 << 30;
-
 /// Decoded segment data read ahead of the applier at most: the next
 /// segments are read, verified and decompressed while a batch is written
 /// and fsynced, instead of after.
@@ -61,6 +51,31 @@ pub struct ApplyOptions {
     pub once: bool,
     /// Leave applied segments in the cache (for audits and tests).
     pub keep_segments: bool,
+    /// Record data a batch may hold before it is written out (the
+    /// applier's memory, besides what is read ahead).
+    pub batch_limit: usize,
+    /// Record data written to the replicas before they are fsynced and the
+    /// checkpoint moves (points and a drained cache sync sooner). Fewer
+    /// fsyncs let the filesystem allocate what the batches wrote all at
+    /// once: on xfs, 1 GiB of random 4 KiB writes then lands in far fewer
+    /// extents. A crash replays at most this much from the kept segments.
+    pub sync_limit: usize,
+}
+
+impl ApplyOptions {
+    pub const DEFAULT_BATCH_LIMIT: usize = 256 << 20;
+    pub const DEFAULT_SYNC_LIMIT: usize = 1 << 30;
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            once: false,
+            keep_segments: false,
+            batch_limit: Self::DEFAULT_BATCH_LIMIT,
+            sync_limit: Self::DEFAULT_SYNC_LIMIT,
+        }
+    }
 }
 
 fn now_ns() -> u64 {
@@ -132,7 +147,7 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
 /// another `tern apply` holds the replicas, or if the replica is inside a
 /// resync window there.
 pub fn catch_up_and_point(cache: &Path, target: &Path, vm: &str) -> Result<Point> {
-    let options = ApplyOptions { once: true, keep_segments: false };
+    let options = ApplyOptions { once: true, ..ApplyOptions::default() };
     let mut applier = VmApplier::open(cache, target, vm, &options)?
         .with_context(|| format!("the cache {} holds nothing for VM '{vm}'", cache.display()))?;
     // One pass: what the cache holds now (a source still shipping must not
@@ -237,7 +252,7 @@ struct VmApplier {
     batch: batch::Batch,
     /// Record data written to the replicas since they were last fsynced.
     unsynced: usize,
-    keep_segments: bool,
+    options: ApplyOptions,
     warned_copy: bool,
     /// One applier per VM's replicas (a daemon, `tern failover --latest`).
     _lock: std::fs::File,
@@ -335,7 +350,7 @@ impl VmApplier {
             checkpoint,
             batch: batch::Batch::default(),
             unsynced: 0,
-            keep_segments: options.keep_segments,
+            options: options.clone(),
             warned_copy: false,
             _lock: lock,
         }))
@@ -344,10 +359,10 @@ impl VmApplier {
     /// Applies every segment the cache holds past the checkpoint, answers a
     /// pending hash request, thins the catalog. Returns segments applied.
     ///
-    /// Segments are read into one batch until it holds `BATCH_LIMIT` bytes,
+    /// Segments are read into one batch until it holds `batch_limit` bytes,
     /// a crash point is due, or the cache has no more: then the batch is
     /// written (each byte's last version, in offset order). The replicas
-    /// are fsynced and checkpointed every `SYNC_LIMIT` bytes written, at a
+    /// are fsynced and checkpointed every `sync_limit` bytes written, at a
     /// crash point, and when the cache has no more. App points flush the
     /// batch first.
     fn step(&mut self, stop: &AtomicBool) -> Result<usize> {
@@ -401,9 +416,9 @@ impl VmApplier {
                     self.take_point(seq, epoch, time, PointKind::Crash, None)?;
                     self.cur.last_point_ns = time;
                     self.commit()?;
-                } else if self.batch.data_len() >= BATCH_LIMIT {
+                } else if self.batch.data_len() >= self.options.batch_limit {
                     self.write_batch()?;
-                    if self.unsynced >= SYNC_LIMIT {
+                    if self.unsynced >= self.options.sync_limit {
                         self.commit()?;
                     }
                 }
@@ -414,7 +429,7 @@ impl VmApplier {
         if applied > 0 {
             self.publish_applied();
         }
-        if !self.keep_segments {
+        if !self.options.keep_segments {
             self.prune_segments()?;
         }
         self.answer_hash_request()?;
@@ -425,7 +440,9 @@ impl VmApplier {
     /// Writes the batch to the replicas (not yet durable).
     fn write_batch(&mut self) -> Result<usize> {
         self.unsynced += self.batch.data_len();
-        self.batch.apply(&self.replicas).context("writing to the replicas")
+        let calls = self.batch.apply(&self.replicas).context("writing to the replicas")?;
+        failpoint("apply:batch-written");
+        Ok(calls)
     }
 
     /// Writes the batch and fsyncs the replicas.
@@ -529,7 +546,11 @@ impl VmApplier {
             }
         }
         let mut source_time = self.cur.source_time_ns;
-        for (r, data) in seg.records() {
+        // The batch keeps the segment and points into it.
+        let seg = Arc::new(seg);
+        let payload: batch::Payload = Arc::clone(&seg) as batch::Payload;
+        let h = &seg.header;
+        for (r, span) in seg.record_spans() {
             if r.seq <= at {
                 continue; // applied before a restart (the checkpoint fell inside this segment)
             }
@@ -537,7 +558,7 @@ impl VmApplier {
                 RecordKind::Resync if r.flags == journal::RESYNC_OPEN => in_window = true,
                 RecordKind::Resync if r.flags == journal::RESYNC_CLOSE => in_window = false,
                 RecordKind::Tag => {
-                    let label = String::from_utf8_lossy(data).into_owned();
+                    let label = String::from_utf8_lossy(&seg.payload()[span]).into_owned();
                     if in_window {
                         log::warn!(
                             "VM '{}': tag '{label}' (seq {}) falls inside a resync window; no point can be taken there",
@@ -549,7 +570,7 @@ impl VmApplier {
                         self.take_point(r.seq, h.epoch, r.time_ns, PointKind::App, Some(label))?;
                     }
                 }
-                kind if kind.changes_disk() => self.batch.add(r, data),
+                kind if kind.changes_disk() => self.batch.add(r, &payload, span),
                 _ => {}
             }
             if r.time_ns > 0 {
@@ -614,7 +635,7 @@ impl VmApplier {
         std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
         tern_driver::vm::sync_dir(&self.target.points_dir())?;
         log::info!(
-            "VM '{}': {}-consistent point {id} at seq {seq} (source time {}), {} in {:.0?}",
+            "VM '{}': {}-consistent point {id} at seq {seq} (source time {}), {} in {:.1?}",
             self.name,
             kind.name(),
             humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(time_ns)),

@@ -2,8 +2,10 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
+
+use tern_driver::units::Size;
 
 use crate::apply::{self, ApplyOptions};
 use crate::Cli;
@@ -25,6 +27,16 @@ pub struct Args {
     /// all but the newest).
     #[arg(long)]
     pub keep_segments: bool,
+    /// Record data gathered into one batch before it is written (each
+    /// byte's last version, in offset order): the applier's memory, besides
+    /// up to 128 MiB read ahead. Larger batches merge more writes.
+    #[arg(long, default_value_t = Size(ApplyOptions::DEFAULT_BATCH_LIMIT as u64))]
+    pub batch_size: Size,
+    /// Record data written to the replicas between two fsyncs (a point and
+    /// an emptied cache sync sooner): at most what a crash makes the
+    /// applier replay from the kept segments.
+    #[arg(long, default_value_t = Size(ApplyOptions::DEFAULT_SYNC_LIMIT as u64))]
+    pub sync_every: Size,
 }
 
 pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
@@ -35,6 +47,16 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     for sig in [SIGTERM, SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handlers")?;
     }
-    let options = ApplyOptions { once: a.once, keep_segments: a.keep_segments };
+    for (flag, size) in [("--batch-size", a.batch_size), ("--sync-every", a.sync_every)] {
+        if !(4096..=1 << 40).contains(&size.0) {
+            bail!("{flag} {size} is out of range: give 4KiB to 1TiB (e.g. 256MiB)");
+        }
+    }
+    let options = ApplyOptions {
+        once: a.once,
+        keep_segments: a.keep_segments,
+        batch_limit: a.batch_size.0 as usize,
+        sync_limit: a.sync_every.0 as usize,
+    };
     apply::run(&a.cache, &a.target, a.vm.as_deref(), &options, stop)
 }
