@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # bench-apply.sh — what `tern apply` achieves at the target site (issue 4).
 #
-# In one run, on a loop-mounted btrfs and xfs target (TARGET_FS):
-#  1. Raw write speed of the filesystem: fio, buffered, fsync at the end
-#     (the applier writes through the page cache and fsyncs per batch):
-#     1 MiB sequential writes (the issue's yardstick), and APPLY_DATA of
-#     4 KiB random writes into a sparse DISK-sized file, the random run's
-#     own pattern: what any applier of those writes meets on this
-#     filesystem (`--fallocate=none`: holes, as a new replica has).
-#  2. Apply throughput: a cache holding APPLY_DATA of 4 KiB random source
+# In one run, on a loop-mounted btrfs and xfs target (TARGET_FS), made
+# afresh for each of ROUNDS rounds:
+#  1. Apply throughput: a cache holding APPLY_DATA of 4 KiB random source
 #     writes (and, separately, of 1 MiB sequential ones) over a 2 GiB disk,
 #     produced by fio through `tern serve` and shipped with `tern ship
 #     --once`; then `tern apply --once` is timed onto an empty replica.
-#     MB/s = record data applied / wall time.
-#  3. Points: the time `tern apply` reports for taking a point (log line
-#     "point … in …") and the filesystem space it used, for a 2 GiB dense
-#     replica, a 20 GiB sparse replica holding 1 GiB, and the replica
-#     fragmented by the random-write run (its extent count from filefrag).
+#     MB/s = record data applied / (wall time to `sync` − the time its log
+#     says taking points took; points are measured on their own, in 3).
+#  2. Raw write speed of the same filesystem, in the same round: fio,
+#     buffered, fsync at the end (the applier writes through the page
+#     cache and fsyncs every GiB): 1 MiB sequential writes (the issue's
+#     yardstick) of APPLY_DATA and of DISK (as much as the dense run
+#     applies), and APPLY_DATA of 4 KiB random writes into a sparse
+#     DISK-sized file, the random run's own pattern: what any applier of
+#     those writes meets on this filesystem (`--fallocate=none`: holes, as
+#     a new replica has).
+#  3. Points (first round): the time `tern apply` reports for taking a
+#     point (log line "point … in …") and the filesystem space it used,
+#     for a 2 GiB dense replica, a 20 GiB sparse replica holding 1 GiB,
+#     and the replica fragmented by the random-write run (its extent count
+#     from filefrag).
 #
 # Usage: scripts/bench-apply.sh        (root: loop mounts)
 #   QUICK=1 scripts/bench-apply.sh     smoke test: smaller data
-# Knobs: TARGET_FS ["btrfs xfs"], APPLY_DATA [1g], FS_SIZE [48G], WORK
+# Knobs: TARGET_FS ["btrfs xfs"], ROUNDS [3], APPLY_DATA [1g], FS_SIZE [48G], WORK
 #   [/var/tmp/tern-bench-apply], TERN [target/release/tern].
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +39,10 @@ DISK=${DISK:-2G}
 SPARSE_DISK=${SPARSE_DISK:-20G}
 SPARSE_DATA=${SPARSE_DATA:-1g}
 if [[ "${QUICK:-0}" == 1 ]]; then
-    APPLY_DATA=128m; DISK=512M; SPARSE_DISK=4G; SPARSE_DATA=128m
+    APPLY_DATA=128m; DISK=512M; SPARSE_DISK=4G; SPARSE_DATA=128m; ROUNDS=${ROUNDS:-1}
 fi
+
+ROUNDS=${ROUNDS:-3}
 
 log() { echo "[bench-apply] $*" >&2; }
 [[ $EUID -eq 0 ]] || { log "run as root (loop mounts)"; exit 1; }
@@ -80,36 +87,75 @@ make_cache() {
     du -sb "$src/cache/vm/segments" | cut -f1 >"$src/cache.bytes"
 }
 
-# apply_run NAME FS -> seconds, bytes applied, point time, extents
+# apply_run NAME FS MNT ROUND INPUT -> a row of apply.tsv: wall seconds to
+# `sync`, seconds of that spent taking points (from the log), bytes
+# applied, the last point's time and clone method, the replica's extents,
+# and the space apply and its points used. INPUT: "warm" reads the cache's
+# segments into the page cache first (a running applier follows the
+# receiver by seconds and reads what was just written), "cold" leaves them
+# on disk (catching up after a backlog).
 apply_run() {
-    local name="$1" fs="$2" mnt="$3"
-    local target="$mnt/target-$name"
+    local name="$1" fs="$2" mnt="$3" round="$4" input="$5"
+    local target="$mnt/target-$name" log="$RESULTS/apply-$name-$input-$fs-$round.log"
     rm -rf "$target"; mkdir -p "$target"
     sync; echo 3 >/proc/sys/vm/drop_caches
+    [[ $input == warm ]] && cat "$WORK/src-$name/cache/vm/segments/"* >/dev/null
     local used_before; used_before=$(df -B1 --output=used "$mnt" | tail -1)
     local t0 t1
     t0=$(date +%s.%N)
-    "$TERN" apply --cache "$WORK/src-$name/cache" --target "$target" vm --once --keep-segments \
-        2>"$RESULTS/apply-$name-$fs.log"
+    "$TERN" apply --cache "$WORK/src-$name/cache" --target "$target" vm --once --keep-segments 2>"$log"
     sync
     t1=$(date +%s.%N)
     local used_after; used_after=$(df -B1 --output=used "$mnt" | tail -1)
-    local bytes; bytes=$(python3 - "$WORK/src-$name/fio.txt" <<'EOF'
-import re, sys
-text = open(sys.argv[1]).read()
-m = re.search(r"WRITE: bw=.*?io=([\d.]+)([KMGT]i?B)", text)
-num, unit = float(m.group(1)), m.group(2)
-mult = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
-print(int(num * mult))
-EOF
-)
-    local point_ms; point_ms=$(grep -o "app-consistent point [^ ]* at seq [0-9]* (source time [^)]*), [a-z]* in [0-9.]*[mµn]*s" \
-        "$RESULTS/apply-$name-$fs.log" | tail -1 | sed -E 's/.* in //')
-    local clone; clone=$(grep -o "app-consistent point .*, [a-z]* in" "$RESULTS/apply-$name-$fs.log" | tail -1 | awk '{print $(NF-1)}')
     local extents; extents=$(filefrag "$target/vm/replica/disk0.img" | awk '{print $2}')
-    local point_space; point_space=$(( used_after - used_before ))
-    printf '%s\t%s\t%.2f\t%s\t%s\t%s\t%s\t%s\n' "$fs" "$name" "$(echo "$t1 - $t0" | bc)" "$bytes" \
-        "$point_ms" "$clone" "$extents" "$point_space" >>"$RESULTS/apply.tsv"
+    python3 - "$WORK/src-$name/fio.txt" "$log" "$fs" "$name" "$round" "$(echo "$t1 - $t0" | bc)" "$extents" \
+        "$(( used_after - used_before ))" "$input" >>"$RESULTS/apply.tsv" <<'PY'
+import re, sys
+fio, log, fs, name, rnd, wall, extents, space, source = sys.argv[1:]
+m = re.search(r"WRITE: bw=.*?io=([\d.]+)([KMGT]i?B)", open(fio).read())
+mult = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+applied = int(float(m.group(1)) * mult[m.group(2)])
+unit = {"s": 1, "ms": 1e-3, "µs": 1e-6, "ns": 1e-9}
+points = re.findall(r"-consistent point \S+ at seq \d+ \(source time [^)]*\), (\S+) in ([\d.]+)(s|ms|µs|ns)", open(log).read())
+point_s = sum(float(v) * unit[u] for _, v, u in points)
+last_point, clone = (f"{points[-1][1]}{points[-1][2]}", points[-1][0]) if points else ("-", "-")
+if source == "cold":
+    name += ", segments on disk"
+print(f"{fs}\t{name}\t{rnd}\t{wall}\t{point_s:.3f}\t{applied}\t{last_point}\t{clone}\t{extents}\t{space}")
+PY
+}
+
+# raw_runs FS MNT ROUND -> a row of raw.tsv: fio's sequential and random
+# write speed on the same filesystem, in the same round.
+raw_runs() {
+    local fs="$1" mnt="$2" round="$3"
+    # In a directory set up as `tern apply` sets up its replicas' (no
+    # copy-on-write on btrfs; xfs has no such flag), so fio meets what the
+    # applier meets.
+    mkdir -p "$mnt/raw"; chattr +C "$mnt/raw" 2>/dev/null || true
+    # As much as the runs it is set beside (APPLY_DATA; DISK for the dense
+    # run): how much is written decides how much the page cache absorbs
+    # (here 1 GiB may pass at twice the speed of 2 GiB).
+    local size
+    for size in "$APPLY_DATA" "$DISK"; do
+        log "$fs round $round: raw sequential write of $size (fio, 1 MiB, buffered, fsync at end)"
+        sync; echo 3 >/proc/sys/vm/drop_caches
+        fio --name=raw --filename="$mnt/raw/raw.dat" --rw=write --bs=1M --size="$size" --end_fsync=1 --fallocate=none \
+            --output-format=json --output="$RESULTS/raw-$size-$fs-$round.json" >/dev/null
+        rm -f "$mnt/raw/raw.dat"
+    done
+    log "$fs round $round: raw random write (fio, 4 KiB over a sparse $DISK file, buffered, fsync at end)"
+    sync; echo 3 >/proc/sys/vm/drop_caches
+    fio --name=rawrand --filename="$mnt/raw/raw.dat" --rw=randwrite --bs=4k --size="$DISK" --io_size="$APPLY_DATA" \
+        --norandommap --end_fsync=1 --fallocate=none --output-format=json --output="$RESULTS/rawrand-$fs-$round.json" >/dev/null
+    python3 - "$RESULTS/raw-$APPLY_DATA-$fs-$round.json" "$RESULTS/raw-$DISK-$fs-$round.json" \
+        "$RESULTS/rawrand-$fs-$round.json" "$fs" "$round" >>"$RESULTS/raw.tsv" <<'PY'
+import json, sys
+def mbps(path):
+    j = json.load(open(path))["jobs"][0]["write"]
+    return j["io_bytes"] / (j["runtime"] / 1000) / 1e6
+print(f"{sys.argv[4]}\t{sys.argv[5]}\t{mbps(sys.argv[1]):.0f}\t{mbps(sys.argv[2]):.0f}\t{mbps(sys.argv[3]):.0f}")
+PY
 }
 
 log "making the caches (fio through tern serve, then tern ship --once)"
@@ -118,52 +164,60 @@ make_cache seq "$DISK" --rw=write --bs=1M --iodepth=8 --size="$APPLY_DATA"
 make_cache dense "$DISK" --rw=write --bs=1M --iodepth=8 --size="$DISK"
 make_cache sparse "$SPARSE_DISK" --rw=write --bs=1M --iodepth=8 --size="$SPARSE_DATA" --offset=40%
 
-printf 'fs\trun\tseconds\tbytes\tpoint\tclone\textents\tspace\n' >"$RESULTS/apply.tsv"
-printf 'fs\traw_seq_MBps\traw_rand_MBps\n' >"$RESULTS/raw.tsv"
-for fs in $TARGET_FS; do
-    img="$WORK/$fs.img" mnt="$WORK/mnt-$fs"
-    rm -f "$img"; truncate -s "$FS_SIZE" "$img"
-    "mkfs.$fs" -q -f "$img" >/dev/null
-    mkdir -p "$mnt"; mount -o loop "$img" "$mnt"; MOUNTS+=("$mnt")
-    for run in random seq dense sparse; do
-        log "$fs: tern apply --once ($run)"
-        apply_run "$run" "$fs" "$mnt"
+printf 'fs\trun\tround\twall\tpoint_s\tbytes\tpoint\tclone\textents\tspace\n' >"$RESULTS/apply.tsv"
+printf 'fs\tround\traw_seq_MBps\traw_seq_disk_MBps\traw_rand_MBps\n' >"$RESULTS/raw.tsv"
+# Rounds: this machine's write speed swings by ±40% within an hour, so
+# every round puts the apply runs and fio's raw runs side by side on a
+# freshly made filesystem (nothing a previous run left, such as btrfs
+# still freeing a 200,000-extent file, falls into the next one), and the
+# summary compares within rounds. The point runs (dense, sparse) run in
+# the first round only.
+for round in $(seq "$ROUNDS"); do
+    for fs in $TARGET_FS; do
+        img="$WORK/$fs.img" mnt="$WORK/mnt-$fs"
+        rm -f "$img"; truncate -s "$FS_SIZE" "$img"
+        "mkfs.$fs" -q -f "$img" >/dev/null
+        mkdir -p "$mnt"; mount -o loop "$img" "$mnt"; MOUNTS+=("$mnt")
+        runs="random:warm seq:warm random:cold seq:cold"
+        [[ $round == 1 ]] && runs="$runs dense:warm sparse:warm"
+        for run in $runs; do
+            log "$fs round $round: tern apply --once (${run%:*}, segments ${run#*:})"
+            apply_run "${run%:*}" "$fs" "$mnt" "$round" "${run#*:}"
+        done
+        raw_runs "$fs" "$mnt" "$round"
+        umount "$mnt"; rm -f "$img"
     done
-    # The raw runs last: deleting their files (one of ~200,000 extents)
-    # keeps btrfs busy in the background for a while, which must not fall
-    # into an apply run.
-    # In a directory set up as `tern apply` sets up its replicas' (no
-    # copy-on-write on btrfs; xfs has no such flag), so fio meets what the
-    # applier meets.
-    mkdir -p "$mnt/raw"; chattr +C "$mnt/raw" 2>/dev/null || true
-    log "$fs: raw sequential write (fio, 1 MiB, buffered, fsync at end)"
-    fio --name=raw --filename="$mnt/raw/raw.dat" --rw=write --bs=1M --size="$APPLY_DATA" --end_fsync=1 --fallocate=none \
-        --output-format=json --output="$RESULTS/raw-$fs.json" >/dev/null
-    rm -f "$mnt/raw/raw.dat"
-    log "$fs: raw random write (fio, 4 KiB over a sparse $DISK file, buffered, fsync at end)"
-    fio --name=rawrand --filename="$mnt/raw/raw.dat" --rw=randwrite --bs=4k --size="$DISK" --io_size="$APPLY_DATA" \
-        --norandommap --end_fsync=1 --fallocate=none --output-format=json --output="$RESULTS/rawrand-$fs.json" >/dev/null
-    python3 - "$RESULTS/raw-$fs.json" "$RESULTS/rawrand-$fs.json" "$fs" >>"$RESULTS/raw.tsv" <<'EOF'
-import json, sys
-def mbps(path):
-    j = json.load(open(path))["jobs"][0]["write"]
-    return j["io_bytes"] / (j["runtime"] / 1000) / 1e6
-print(f"{sys.argv[3]}\t{mbps(sys.argv[1]):.0f}\t{mbps(sys.argv[2]):.0f}")
-EOF
-    rm -rf "$mnt/raw"
 done
 
 python3 - "$RESULTS" <<'EOF' | tee "$RESULTS/summary.md"
-import csv, sys
+import csv, statistics, sys
 d = sys.argv[1]
-raw = {r["fs"]: r for r in csv.DictReader(open(f"{d}/raw.tsv"), delimiter="\t")}
-print("| fs | run | applied | seconds | MB/s | vs raw seq write | vs raw random 4 KiB write | point time | clone | replica extents | space used by apply + point |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-for r in csv.DictReader(open(f"{d}/apply.tsv"), delimiter="\t"):
-    mbps = int(r["bytes"]) / float(r["seconds"]) / 1e6
-    seq, rand = float(raw[r["fs"]]["raw_seq_MBps"]), float(raw[r["fs"]]["raw_rand_MBps"])
-    print(f"| {r['fs']} | {r['run']} | {int(r['bytes']) / 2**20:.0f} MiB | {float(r['seconds']):.2f} | {mbps:.0f} | "
-          f"{mbps / seq * 100:.0f}% of {seq:.0f} | {mbps / rand * 100:.0f}% of {rand:.0f} | {r['point']} | {r['clone']} | "
-          f"{r['extents']} | {int(r['space']) / 2**20:.0f} MiB |")
+raw = {(r["fs"], r["round"]): r for r in csv.DictReader(open(f"{d}/raw.tsv"), delimiter="\t")}
+rows = list(csv.DictReader(open(f"{d}/apply.tsv"), delimiter="\t"))
+def span(xs, unit=""):
+    if len(xs) == 1:
+        return f"{xs[0]:.0f}{unit}"
+    return f"{statistics.median(xs):.0f}{unit} ({min(xs):.0f}–{max(xs):.0f})"
+print("Apply MB/s = record data / (wall time to `sync` − time taking points); medians over rounds (range).")
+print("Ratios are taken within each round, then their median. Segments are in the page cache unless marked.")
+print()
+print("| fs | run | applied | rounds | apply MB/s | raw seq MB/s, as much data | apply / raw seq | raw random 4 KiB MB/s | "
+      "apply / raw random | points took | last point | replica extents | space used by apply + points |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for fs in dict.fromkeys(r["fs"] for r in rows):
+    for run in dict.fromkeys(r["run"] for r in rows if r["fs"] == fs):
+        rs = [r for r in rows if r["fs"] == fs and r["run"] == run]
+        mbps = [int(r["bytes"]) / (float(r["wall"]) - float(r["point_s"])) / 1e6 for r in rs]
+        # The raw sequential write of as much data as the run applied.
+        column = "raw_seq_disk_MBps" if run == "dense" else "raw_seq_MBps"
+        seq = [float(raw[(fs, r["round"])][column]) for r in rs]
+        rand = [float(raw[(fs, r["round"])]["raw_rand_MBps"]) for r in rs]
+        vs_seq = [m / s * 100 for m, s in zip(mbps, seq)]
+        vs_rand = [m / s * 100 for m, s in zip(mbps, rand)]
+        points = [float(r["point_s"]) for r in rs]
+        last = rs[-1]
+        print(f"| {fs} | {run} | {int(last['bytes']) / 2**20:.0f} MiB | {len(rs)} | {span(mbps)} | {span(seq)} | "
+              f"{span(vs_seq, '%')} | {span(rand)} | {span(vs_rand, '%')} | {statistics.median(points):.2f} s | "
+              f"{last['point']} ({last['clone']}) | {last['extents']} | {int(last['space']) / 2**20:.0f} MiB |")
 EOF
 log "results in $RESULTS"
