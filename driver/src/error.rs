@@ -10,6 +10,8 @@ pub enum Error {
     Open { path: PathBuf, source: io::Error },
     #[error("cannot create {path}")]
     Create { path: PathBuf, source: io::Error },
+    #[error("cannot remove {path}")]
+    Remove { path: PathBuf, source: io::Error },
     #[error("read of {len} bytes at offset {offset} from {path} failed")]
     Read { path: PathBuf, offset: u64, len: usize, source: io::Error },
     #[error("write of {len} bytes at offset {offset} to {path} failed")]
@@ -65,6 +67,7 @@ impl Error {
             | Error::Fallocate { source, .. }
             | Error::Open { source, .. }
             | Error::Create { source, .. }
+            | Error::Remove { source, .. }
             | Error::Map { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::OutOfRange { .. } | Error::Invalid(_) => libc::EINVAL,
             Error::SlowZero { .. } => libc::EOPNOTSUPP,

@@ -45,7 +45,10 @@ pub fn failpoint(name: &str) {
     let point = POINT.get_or_init(|| {
         let v = std::env::var("TERN_FAILPOINT").ok()?;
         Some(match v.split_once('@') {
-            Some((p, n)) => (p.to_owned(), n.parse().unwrap_or(1)),
+            Some((p, n)) => match n.parse() {
+                Ok(n) if n > 0 => (p.to_owned(), n),
+                _ => panic!("TERN_FAILPOINT={v}: the pass after '@' must be a number from 1"),
+            },
             None => (v, 1),
         })
     });

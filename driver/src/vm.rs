@@ -251,6 +251,12 @@ impl VmPaths {
         self
     }
 
+    /// The same VM's files in `dir`, where its state directory was moved
+    /// (by `tern disable` or `tern failback`, on the way out).
+    pub fn moved_to(&self, dir: &Path) -> Self {
+        VmPaths { dir: dir.to_owned(), ring_dir: self.ring_dir.clone() }
+    }
+
     /// Opens the VM's journal (durable file and live ring).
     pub fn open_journal(&self) -> Result<Journal> {
         Journal::open(&self.journal(), &self.ring_dir)

@@ -32,9 +32,10 @@ pub struct Args {
     /// up to 128 MiB read ahead. Larger batches merge more writes.
     #[arg(long, default_value_t = Size(ApplyOptions::DEFAULT_BATCH_LIMIT as u64))]
     pub batch_size: Size,
-    /// Record data written to the replicas between two fsyncs (a point and
-    /// an emptied cache sync sooner): at most what a crash makes the
-    /// applier replay from the kept segments.
+    /// Record data written to the replicas between two fsyncs (checked as
+    /// each batch is written; a point and an emptied cache sync sooner):
+    /// a crash makes the applier replay from the kept segments less than
+    /// this plus a batch.
     #[arg(long, default_value_t = Size(ApplyOptions::DEFAULT_SYNC_LIMIT as u64))]
     pub sync_every: Size,
 }

@@ -95,7 +95,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     // The journal's live ring is in memory, outside the demo's directory:
     // a demo that removes its directory removes the ring too (also when
     // it fails half-way).
-    let ring = tmp.is_some().then(|| RemoveRingOnDrop(paths.journal()));
+    let ring = tmp.is_some().then(|| RetireJournalOnDrop(paths.journal()));
 
     // 3. Serve it over NBD and write through a real connection.
     let mirror = Arc::new(Mirror::open(&paths, MirrorOptions::default())?);
@@ -287,14 +287,14 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Removes a journal's live ring when dropped (before the directory that
-/// holds the journal goes).
-struct RemoveRingOnDrop(std::path::PathBuf);
+/// Retires a journal (its live ring in memory, its link and file) when
+/// dropped, before the directory that holds it goes.
+struct RetireJournalOnDrop(std::path::PathBuf);
 
-impl Drop for RemoveRingOnDrop {
+impl Drop for RetireJournalOnDrop {
     fn drop(&mut self) {
         if let Err(e) = tern_driver::journal::live::retire(&self.0) {
-            log::warn!("cannot remove the demo journal's ring: {e}");
+            log::warn!("cannot retire the demo journal: {e}");
         }
     }
 }

@@ -68,16 +68,16 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let tombstone = cli.state.join(format!(".{}.disabled-{}", a.vm, std::process::id()));
     std::fs::rename(paths.dir(), &tombstone)
         .with_context(|| format!("cannot move {} out of the way", paths.dir().display()))?;
-    vm::sync_parent_dir(paths.dir())?;
-    let journal = tombstone.join(paths.journal().file_name().unwrap_or_default());
-    if let Err(e) = tern_driver::journal::live::retire(&journal) {
-        log::warn!(
-            "{what} is disabled, but its journal ring could not be removed: {}; remove {} and the file it links to by hand",
-            e.with_causes(),
-            tern_driver::journal::live::link_path(&journal).display()
+    let cleaned = (|| -> Result<()> {
+        vm::sync_parent_dir(paths.dir())?;
+        tern_driver::journal::live::retire(&paths.moved_to(&tombstone).journal())?;
+        std::fs::remove_dir_all(&tombstone).with_context(|| format!("cannot remove {}", tombstone.display()))
+    })();
+    if let Err(e) = cleaned {
+        bail!(
+            "{what} is disabled (its state was moved to {}), but cleaning up failed: {e:#}. If its journal.ring link is still there, remove the file it links to (the journal ring, in memory); then remove that directory",
+            tombstone.display()
         );
-    } else if let Err(e) = std::fs::remove_dir_all(&tombstone) {
-        log::warn!("{what} is disabled, but removing {} failed: {e}; remove it by hand", tombstone.display());
     }
     if unreplicated > 0 {
         log::warn!("{what}: dropped {} the replica never got", Size(unreplicated).approx());

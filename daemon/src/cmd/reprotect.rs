@@ -263,7 +263,7 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     };
     // The old direction's journal ring is in memory, outside its state
     // directory.
-    if let Err(e) = tern_driver::journal::live::retire(&retired.join("journal")) {
+    if let Err(e) = tern_driver::journal::live::retire(&paths.moved_to(&retired).journal()) {
         log::warn!("cannot remove the journal ring of the old direction: {e}");
     }
     std::fs::remove_dir_all(&retired).with_context(|| format!("cannot remove {}", retired.display()))?;

@@ -64,15 +64,13 @@ pub(super) fn open_or_restore(
 ) -> Result<(File, PathBuf)> {
     let name = ring_name(vm_id, durable, path)?;
     let link = link_path(path);
-    if let Ok(target) = fs::read_link(&link) {
-        // A link to another journal's ring (a copied state directory) or to
-        // a ring that is gone (a reboot) is replaced below.
-        if target.file_name().is_some_and(|n| n == name.as_str()) {
-            match OpenOptions::new().read(true).write(true).open(&target) {
-                Ok(f) => return Ok((f, target)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(Error::Open { path: target, source }),
-            }
+    // A link to another journal's ring (a copied state directory) or to a
+    // ring that is gone (a reboot) is replaced below.
+    if let Some(target) = linked_ring(&link, &name) {
+        match OpenOptions::new().read(true).write(true).open(&target) {
+            Ok(f) => return Ok((f, target)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Open { path: target, source }),
         }
     }
     prepare_dir(ring_dir)?;
@@ -186,25 +184,32 @@ pub fn retire(path: &Path) -> Result<()> {
         Err(source) => return Err(Error::Open { path: path.to_owned(), source }),
     };
     let _lock = FileLock::exclusive(&durable, path)?;
+    let mut id = [0u8; 16];
+    let at = super::format::OFF_VM_ID as u64;
+    durable.read_exact_at(&mut id, at).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        offset: at,
+        len: 16,
+        source,
+    })?;
     let link = link_path(path);
-    if let Ok(target) = fs::read_link(&link) {
-        let mut id = [0u8; 16];
-        durable.read_exact_at(&mut id, super::format::OFF_VM_ID as u64).map_err(|source| Error::Read {
-            path: path.to_owned(),
-            offset: 0,
-            len: 16,
-            source,
-        })?;
-        // Only the ring that belongs to this very file.
-        if target.file_name().is_some_and(|n| n == ring_name(id, &durable, path).unwrap_or_default().as_str()) {
-            match fs::remove_file(&target) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::Open { path: target, source: e });
-                }
-                _ => {}
-            }
+    // Only the ring that belongs to this very file.
+    if let Some(ring) = linked_ring(&link, &ring_name(id, &durable, path)?) {
+        match fs::remove_file(&ring) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::Remove { path: ring, source: e }),
+            _ => {}
         }
-        let _ = fs::remove_file(&link);
     }
-    fs::remove_file(path).map_err(|source| Error::Open { path: path.to_owned(), source })
+    match fs::remove_file(&link) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::Remove { path: link, source: e }),
+        _ => {}
+    }
+    fs::remove_file(path).map_err(|source| Error::Remove { path: path.to_owned(), source })
+}
+
+/// Where `link` points, if that is the ring named `name` (a ring of this
+/// very journal file).
+fn linked_ring(link: &Path, name: &str) -> Option<PathBuf> {
+    let target = fs::read_link(link).ok()?;
+    target.file_name().is_some_and(|n| n == name).then_some(target)
 }

@@ -176,10 +176,12 @@ impl Journal {
         let fields = read_fields(&durable, path)?;
         let (ring, ring_path) = {
             let _lock = FileLock::exclusive(&durable, path)?;
-            // `live::retire` removed it while this process waited for the
-            // lock: a ring restored now would outlive the VM.
-            let linked = durable.metadata().map_err(|source| Error::Open { path: path.to_owned(), source })?.nlink();
-            if linked == 0 {
+            // The journal was moved away or retired while this process
+            // waited for the lock (`tern disable`, `tern failback`): a
+            // ring restored now would outlive the VM.
+            let opened = durable.metadata().map_err(|source| Error::Open { path: path.to_owned(), source })?;
+            let still_there = std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (opened.dev(), opened.ino()));
+            if opened.nlink() == 0 || !still_there {
                 return Err(Error::Invalid(format!(
                     "the journal {} was removed while it was being opened (the VM was disabled or failed back)",
                     path.display()

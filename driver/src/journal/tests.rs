@@ -319,8 +319,35 @@ fn an_open_waiting_for_the_lock_while_its_journal_is_retired_fails_and_restores_
     std::fs::remove_file(live::link_path(&path)).unwrap();
     std::fs::remove_file(&path).unwrap();
     drop(held);
+    // Opened before the removal and waited for the lock: "removed"; had it
+    // not reached its open by then: "cannot open". Never a new ring.
     let err = opener.join().unwrap().unwrap_err().to_string();
-    assert!(err.contains("was removed while it was being opened"), "{err}");
+    assert!(err.contains("was removed while it was being opened") || err.contains("cannot open"), "{err}");
     let left: Vec<_> = std::fs::read_dir(&rings).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "a ring was restored for a retired journal: {left:?}");
+}
+
+#[test]
+fn an_open_waiting_for_the_lock_while_its_state_directory_is_moved_away_fails() {
+    use std::os::fd::AsRawFd;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("vm");
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("journal");
+    let rings = d.path().join("rings");
+    Journal::create(&path, [3; 16], 64 * 1024).unwrap();
+    drop(Journal::open(&path, &rings).unwrap());
+    let held = std::fs::File::open(&path).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let opener = {
+        let (path, rings) = (path.clone(), rings.clone());
+        std::thread::spawn(move || Journal::open(&path, &rings).map(|_| ()))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // What `tern disable` does first: the VM's directory goes aside whole.
+    std::fs::rename(&dir, d.path().join(".vm.disabled")).unwrap();
+    drop(held);
+    let err = opener.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("was removed while it was being opened") || err.contains("cannot open"), "{err}");
 }
