@@ -25,7 +25,7 @@
 #
 # Usage: scripts/bench-apply.sh        (root: loop mounts)
 #   QUICK=1 scripts/bench-apply.sh     smoke test: smaller data
-# Knobs: TARGET_FS ["btrfs xfs"], ROUNDS [3], APPLY_DATA [1g], FS_SIZE [48G], WORK
+# Knobs: TARGET_FS ["btrfs xfs"], ROUNDS [5], APPLY_DATA [1g], FS_SIZE [24G], WORK
 #   [/var/tmp/tern-bench-apply], TERN [target/release/tern].
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ TERN=${TERN:-target/release/tern}
 WORK=${WORK:-/var/tmp/tern-bench-apply}
 TARGET_FS=${TARGET_FS:-"btrfs xfs"}
 APPLY_DATA=${APPLY_DATA:-1g}
-FS_SIZE=${FS_SIZE:-48G}
+FS_SIZE=${FS_SIZE:-24G}
 DISK=${DISK:-2G}
 SPARSE_DISK=${SPARSE_DISK:-20G}
 SPARSE_DATA=${SPARSE_DATA:-1g}
@@ -42,7 +42,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then
     APPLY_DATA=128m; DISK=512M; SPARSE_DISK=4G; SPARSE_DATA=128m; ROUNDS=${ROUNDS:-1}
 fi
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 
 log() { echo "[bench-apply] $*" >&2; }
 [[ $EUID -eq 0 ]] || { log "run as root (loop mounts)"; exit 1; }
@@ -96,8 +96,10 @@ make_cache() {
 # on disk (catching up after a backlog).
 apply_run() {
     local name="$1" fs="$2" mnt="$3" round="$4" input="$5"
-    local target="$mnt/target-$name" log="$RESULTS/apply-$name-$input-$fs-$round.log"
-    rm -rf "$target"; mkdir -p "$target"
+    # A target of its own: nothing is deleted within a round, so no run
+    # meets the filesystem still freeing what an earlier one left.
+    local target="$mnt/target-$name-$input" log="$RESULTS/apply-$name-$input-$fs-$round.log"
+    mkdir -p "$target"
     sync; echo 3 >/proc/sys/vm/drop_caches
     [[ $input == warm ]] && cat "$WORK/src-$name/cache/vm/segments/"* >/dev/null
     local used_before; used_before=$(df -B1 --output=used "$mnt" | tail -1)
@@ -175,7 +177,10 @@ printf 'fs\tround\traw_seq_MBps\traw_seq_disk_MBps\traw_rand_MBps\n' >"$RESULTS/
 for round in $(seq "$ROUNDS"); do
     for fs in $TARGET_FS; do
         img="$WORK/$fs.img" mnt="$WORK/mnt-$fs"
-        rm -f "$img"; truncate -s "$FS_SIZE" "$img"
+        # Allocated in full on the root filesystem: a sparse image would
+        # make whichever run first writes a region pay for allocating it
+        # there too (the raw runs come last and would find it done).
+        rm -f "$img"; fallocate -l "$FS_SIZE" "$img"
         "mkfs.$fs" -q -f "$img" >/dev/null
         mkdir -p "$mnt"; mount -o loop "$img" "$mnt"; MOUNTS+=("$mnt")
         runs="random:warm seq:warm random:cold seq:cold"
@@ -202,13 +207,14 @@ print("Apply MB/s = record data / (wall time to `sync` − time taking points); 
 print("Ratios are taken within each round, then their median. Segments are in the page cache unless marked.")
 print()
 print("| fs | run | applied | rounds | apply MB/s | raw seq MB/s, as much data | apply / raw seq | raw random 4 KiB MB/s | "
-      "apply / raw random | points took | last point | replica extents | space used by apply + points |")
+      "apply / raw random | points took | last round: point | replica extents | space used by apply + points |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for fs in dict.fromkeys(r["fs"] for r in rows):
     for run in dict.fromkeys(r["run"] for r in rows if r["fs"] == fs):
         rs = [r for r in rows if r["fs"] == fs and r["run"] == run]
         mbps = [int(r["bytes"]) / (float(r["wall"]) - float(r["point_s"])) / 1e6 for r in rs]
-        # The raw sequential write of as much data as the run applied.
+        # The raw sequential write of as much data as the run applied
+        # (sparse applies SPARSE_DATA, APPLY_DATA unless set otherwise).
         column = "raw_seq_disk_MBps" if run == "dense" else "raw_seq_MBps"
         seq = [float(raw[(fs, r["round"])][column]) for r in rs]
         rand = [float(raw[(fs, r["round"])]["raw_rand_MBps"]) for r in rs]
