@@ -100,7 +100,7 @@ apply_run() {
     # meets the filesystem still freeing what an earlier one left.
     local target="$mnt/target-$name-$input" log="$RESULTS/apply-$name-$input-$fs-$round.log"
     mkdir -p "$target"
-    sync; echo 3 >/proc/sys/vm/drop_caches
+    drop_caches
     [[ $input == warm ]] && cat "$WORK/src-$name/cache/vm/segments/"* >/dev/null
     local used_before; used_before=$(df -B1 --output=used "$mnt" | tail -1)
     local t0 t1
@@ -127,29 +127,35 @@ print(f"{fs}\t{name}\t{rnd}\t{wall}\t{point_s:.3f}\t{applied}\t{last_point}\t{cl
 PY
 }
 
-# raw_runs FS MNT ROUND -> a row of raw.tsv: fio's sequential and random
-# write speed on the same filesystem, in the same round.
-raw_runs() {
-    local fs="$1" mnt="$2" round="$3"
-    # In a directory set up as `tern apply` sets up its replicas' (no
-    # copy-on-write on btrfs; xfs has no such flag), so fio meets what the
-    # applier meets.
+# raw_seq FS MNT ROUND / raw_random FS MNT ROUND: fio on the same
+# filesystem, in the same round, in a directory set up as `tern apply` sets
+# up its replicas' (no copy-on-write on btrfs; xfs has no such flag), so
+# fio meets what the applier meets. row FS ROUND makes the round's row of
+# raw.tsv from their results.
+raw_seq() {
+    local fs="$1" mnt="$2" round="$3" size
     mkdir -p "$mnt/raw"; chattr +C "$mnt/raw" 2>/dev/null || true
     # As much as the runs it is set beside (APPLY_DATA; DISK for the dense
     # run): how much is written decides how much the page cache absorbs
     # (here 1 GiB may pass at twice the speed of 2 GiB).
-    local size
     for size in "$APPLY_DATA" "$DISK"; do
         log "$fs round $round: raw sequential write of $size (fio, 1 MiB, buffered, fsync at end)"
-        sync; echo 3 >/proc/sys/vm/drop_caches
+        drop_caches
         fio --name=raw --filename="$mnt/raw/raw.dat" --rw=write --bs=1M --size="$size" --end_fsync=1 --fallocate=none \
             --output-format=json --output="$RESULTS/raw-$size-$fs-$round.json" >/dev/null
         rm -f "$mnt/raw/raw.dat"
     done
+}
+raw_random() {
+    local fs="$1" mnt="$2" round="$3"
+    mkdir -p "$mnt/raw"; chattr +C "$mnt/raw" 2>/dev/null || true
     log "$fs round $round: raw random write (fio, 4 KiB over a sparse $DISK file, buffered, fsync at end)"
-    sync; echo 3 >/proc/sys/vm/drop_caches
-    fio --name=rawrand --filename="$mnt/raw/raw.dat" --rw=randwrite --bs=4k --size="$DISK" --io_size="$APPLY_DATA" \
+    drop_caches
+    fio --name=rawrand --filename="$mnt/raw/rand.dat" --rw=randwrite --bs=4k --size="$DISK" --io_size="$APPLY_DATA" \
         --norandommap --end_fsync=1 --fallocate=none --output-format=json --output="$RESULTS/rawrand-$fs-$round.json" >/dev/null
+}
+raw_row() {
+    local fs="$1" round="$2"
     python3 - "$RESULTS/raw-$APPLY_DATA-$fs-$round.json" "$RESULTS/raw-$DISK-$fs-$round.json" \
         "$RESULTS/rawrand-$fs-$round.json" "$fs" "$round" >>"$RESULTS/raw.tsv" <<'PY'
 import json, sys
@@ -158,6 +164,22 @@ def mbps(path):
     return j["io_bytes"] / (j["runtime"] / 1000) / 1e6
 print(f"{sys.argv[4]}\t{sys.argv[5]}\t{mbps(sys.argv[1]):.0f}\t{mbps(sys.argv[2]):.0f}\t{mbps(sys.argv[3]):.0f}")
 PY
+}
+
+# settle MNT: an untimed 1 GiB sequential write, deleted. Here (xfs or
+# btrfs on a loop device over ext4) the first large sequential write on a
+# new filesystem, and the first after a burst of 4 KiB random writes, runs
+# at a third of the speed of the next, whoever makes it (fio: 2.75 s, then
+# 1.03 s; 2.76 s even 20 s later): it must not fall on a measured run.
+settle() {
+    local mnt="$1"
+    drop_caches
+    fio --name=settle --filename="$mnt/settle.dat" --rw=write --bs=1M --size=1g --end_fsync=1 --fallocate=none >/dev/null
+    rm -f "$mnt/settle.dat"; sync
+}
+
+drop_caches() {
+    sync; echo 3 >/proc/sys/vm/drop_caches
 }
 
 log "making the caches (fio through tern serve, then tern ship --once)"
@@ -172,8 +194,10 @@ printf 'fs\tround\traw_seq_MBps\traw_seq_disk_MBps\traw_rand_MBps\n' >"$RESULTS/
 # every round puts the apply runs and fio's raw runs side by side on a
 # freshly made filesystem (nothing a previous run left, such as btrfs
 # still freeing a 200,000-extent file, falls into the next one), and the
-# summary compares within rounds. The point runs (dense, sparse) run in
-# the first round only.
+# summary compares within rounds. Within a round the random runs come
+# first (apply, then fio), then the sequential ones (apply, then fio), each
+# group after an untimed settle write; the point runs (dense, sparse) come
+# last, in the first round only.
 for round in $(seq "$ROUNDS"); do
     for fs in $TARGET_FS; do
         img="$WORK/$fs.img" mnt="$WORK/mnt-$fs"
@@ -183,13 +207,25 @@ for round in $(seq "$ROUNDS"); do
         rm -f "$img"; fallocate -l "$FS_SIZE" "$img"
         "mkfs.$fs" -q -f "$img" >/dev/null
         mkdir -p "$mnt"; mount -o loop "$img" "$mnt"; MOUNTS+=("$mnt")
-        runs="random:warm seq:warm random:cold seq:cold"
-        [[ $round == 1 ]] && runs="$runs dense:warm sparse:warm"
-        for run in $runs; do
-            log "$fs round $round: tern apply --once (${run%:*}, segments ${run#*:})"
-            apply_run "${run%:*}" "$fs" "$mnt" "$round" "${run#*:}"
+        settle "$mnt"
+        for input in warm cold; do
+            log "$fs round $round: tern apply --once (random, segments $input)"
+            apply_run random "$fs" "$mnt" "$round" "$input"
         done
-        raw_runs "$fs" "$mnt" "$round"
+        raw_random "$fs" "$mnt" "$round"
+        settle "$mnt"
+        for input in warm cold; do
+            log "$fs round $round: tern apply --once (seq, segments $input)"
+            apply_run seq "$fs" "$mnt" "$round" "$input"
+        done
+        raw_seq "$fs" "$mnt" "$round"
+        raw_row "$fs" "$round"
+        if [[ $round == 1 ]]; then
+            for run in dense sparse; do
+                log "$fs round $round: tern apply --once ($run, segments warm)"
+                apply_run "$run" "$fs" "$mnt" "$round" warm
+            done
+        fi
         umount "$mnt"; rm -f "$img"
     done
 done

@@ -1,4 +1,5 @@
 use super::*;
+use std::path::Path;
 
 fn journal(capacity: u64) -> (tempfile::TempDir, Journal) {
     let d = tempfile::tempdir().unwrap();
@@ -297,39 +298,47 @@ fn retiring_a_journal_removes_its_ring_link_and_file_and_a_second_retire_is_a_no
     live::retire(&path).unwrap();
 }
 
+/// Opens the journal at `path` on another thread while this one holds its
+/// lock (as `live::retire` does), runs `meanwhile` once that open waits for
+/// the lock, then lets it in. Returns the open's error: "removed" when it
+/// had opened the file before `meanwhile`, "cannot open" when it had not
+/// got that far; anything else (an open that succeeds) fails the test.
+fn open_failing_across(path: &Path, rings: &Path, meanwhile: impl FnOnce()) -> String {
+    use std::os::fd::AsRawFd;
+    let held = std::fs::File::open(path).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let opener = {
+        let (path, rings) = (path.to_owned(), rings.to_owned());
+        std::thread::spawn(move || Journal::open(&path, &rings).map(|_| ()))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    meanwhile();
+    drop(held);
+    let err = opener.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("was removed while it was being opened") || err.contains("cannot open"), "{err}");
+    err
+}
+
 #[test]
 fn an_open_waiting_for_the_lock_while_its_journal_is_retired_fails_and_restores_no_ring() {
-    use std::os::fd::AsRawFd;
     let d = tempfile::tempdir().unwrap();
     let path = d.path().join("journal");
     let rings = d.path().join("rings");
     Journal::create(&path, [3; 16], 64 * 1024).unwrap();
     let ring = Journal::open(&path, &rings).unwrap().ring_path().to_owned();
-    // Hold the journal's lock as `live::retire` does, while another open
-    // waits for it; remove everything as retire does; then let it in.
-    let held = std::fs::File::open(&path).unwrap();
-    // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
-    let opener = {
-        let (path, rings) = (path.clone(), rings.clone());
-        std::thread::spawn(move || Journal::open(&path, &rings).map(|_| ()))
-    };
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    std::fs::remove_file(&ring).unwrap();
-    std::fs::remove_file(live::link_path(&path)).unwrap();
-    std::fs::remove_file(&path).unwrap();
-    drop(held);
-    // Opened before the removal and waited for the lock: "removed"; had it
-    // not reached its open by then: "cannot open". Never a new ring.
-    let err = opener.join().unwrap().unwrap_err().to_string();
-    assert!(err.contains("was removed while it was being opened") || err.contains("cannot open"), "{err}");
+    // What retire does, under the lock.
+    open_failing_across(&path, &rings, || {
+        std::fs::remove_file(&ring).unwrap();
+        std::fs::remove_file(live::link_path(&path)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+    });
     let left: Vec<_> = std::fs::read_dir(&rings).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "a ring was restored for a retired journal: {left:?}");
 }
 
 #[test]
 fn an_open_waiting_for_the_lock_while_its_state_directory_is_moved_away_fails() {
-    use std::os::fd::AsRawFd;
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("vm");
     std::fs::create_dir(&dir).unwrap();
@@ -337,17 +346,6 @@ fn an_open_waiting_for_the_lock_while_its_state_directory_is_moved_away_fails() 
     let rings = d.path().join("rings");
     Journal::create(&path, [3; 16], 64 * 1024).unwrap();
     drop(Journal::open(&path, &rings).unwrap());
-    let held = std::fs::File::open(&path).unwrap();
-    // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
-    let opener = {
-        let (path, rings) = (path.clone(), rings.clone());
-        std::thread::spawn(move || Journal::open(&path, &rings).map(|_| ()))
-    };
-    std::thread::sleep(std::time::Duration::from_millis(300));
     // What `tern disable` does first: the VM's directory goes aside whole.
-    std::fs::rename(&dir, d.path().join(".vm.disabled")).unwrap();
-    drop(held);
-    let err = opener.join().unwrap().unwrap_err().to_string();
-    assert!(err.contains("was removed while it was being opened") || err.contains("cannot open"), "{err}");
+    open_failing_across(&path, &rings, || std::fs::rename(&dir, d.path().join(".vm.disabled")).unwrap());
 }
