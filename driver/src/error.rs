@@ -18,6 +18,8 @@ pub enum Error {
     Write { path: PathBuf, offset: u64, len: usize, source: io::Error },
     #[error("fdatasync of {path} failed")]
     Sync { path: PathBuf, source: io::Error },
+    #[error("starting the writeback of {path} (sync_file_range) failed")]
+    Writeback { path: PathBuf, source: io::Error },
     #[error("fallocate ({what}) of {len} bytes at offset {offset} on {path} failed")]
     Fallocate { path: PathBuf, what: &'static str, offset: u64, len: u64, source: io::Error },
     #[error("cannot map {path} into memory")]
@@ -64,6 +66,7 @@ impl Error {
             Error::Read { source, .. }
             | Error::Write { source, .. }
             | Error::Sync { source, .. }
+            | Error::Writeback { source, .. }
             | Error::Fallocate { source, .. }
             | Error::Open { source, .. }
             | Error::Create { source, .. }

@@ -151,7 +151,7 @@ impl Image {
         // memory is passed.
         let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
         if rc != 0 {
-            return Err(Error::Sync { path: self.path.clone(), source: io::Error::last_os_error() });
+            return Err(Error::Writeback { path: self.path.clone(), source: io::Error::last_os_error() });
         }
         Ok(())
     }
