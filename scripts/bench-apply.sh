@@ -30,6 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+TERN_SET=${TERN:-}
 TERN=${TERN:-target/release/tern}
 WORK=${WORK:-/var/tmp/tern-bench-apply}
 TARGET_FS=${TARGET_FS:-"btrfs xfs"}
@@ -49,11 +50,13 @@ log() { echo "[bench-apply] $*" >&2; }
 for tool in fio filefrag mkfs.btrfs mkfs.xfs qemu-io; do
     command -v "$tool" >/dev/null || { log "missing $tool: run scripts/install-deps.sh"; exit 1; }
 done
-[[ -x "$TERN" ]] || cargo build --release
+[[ -n "${TERN_SET:-}" ]] || cargo build --release -q
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS="$WORK/results-$STAMP"
 mkdir -p "$RESULTS"
+# What was measured: the tree and the binary.
+{ git rev-parse HEAD; git status --porcelain; sha256sum "$TERN"; uname -r; } >"$RESULTS/version.txt" 2>&1
 SERVE_PID=""
 MOUNTS=()
 # The source VMs' journal rings (memory): each is dropped once its VM's
@@ -63,6 +66,8 @@ cleanup() {
     [[ -n "$SERVE_PID" ]] && kill "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null
     rm -rf "$TERN_RING_DIR"
     for m in "${MOUNTS[@]}"; do umount "$m" 2>/dev/null || true; done
+    # Fully allocated, 24 GiB each: never left behind (unless still mounted).
+    for fs in $TARGET_FS; do mountpoint -q "$WORK/mnt-$fs" || rm -f "$WORK/$fs.img"; done
 }
 trap cleanup EXIT
 
@@ -83,7 +88,9 @@ make_cache() {
     "$TERN" --state "$src/state" -q tag vm bench-point >/dev/null
     kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true; SERVE_PID=""
     "$TERN" --state "$src/state" -q ship vm --once
-    rm -rf "$TERN_RING_DIR"
+    # Only the cache is used from here: the journal file and the source
+    # image would hold gigabytes of disk for nothing.
+    rm -rf "$TERN_RING_DIR" "$src/state" "$src/disk.img"
     du -sb "$src/cache/vm/segments" | cut -f1 >"$src/cache.bytes"
 }
 
@@ -193,8 +200,8 @@ printf 'fs\tround\traw_seq_MBps\traw_seq_disk_MBps\traw_rand_MBps\n' >"$RESULTS/
 # Rounds: this machine's write speed swings by ±40% within an hour, so
 # every round puts the apply runs and fio's raw runs side by side on a
 # freshly made filesystem (nothing a previous run left, such as btrfs
-# still freeing a 200,000-extent file, falls into the next one), and the
-# summary compares within rounds. Within a round the random runs come
+# still freeing a 200,000-extent file, falls into the next one; no replica
+# is deleted within a round), and the summary compares within rounds. Within a round the random runs come
 # first (apply, then fio), then the sequential ones (apply, then fio), each
 # group after an untimed settle write; the dense run comes last, and the
 # sparse one (for its point) in the first round only.
@@ -205,16 +212,23 @@ for round in $(seq "$ROUNDS"); do
         # make whichever run first writes a region pay for allocating it
         # there too (the raw runs come last and would find it done).
         rm -f "$img"; fallocate -l "$FS_SIZE" "$img"
-        "mkfs.$fs" -q -f "$img" >/dev/null
-        mkdir -p "$mnt"; mount -o loop "$img" "$mnt"; MOUNTS+=("$mnt")
+        "mkfs.$fs" -q -f -K "$img" >/dev/null
+        # No discard: btrfs would otherwise discard what a deleted settle
+        # or raw file freed while the next run is timed, and the loop
+        # device would punch it out of the image.
+        mkdir -p "$mnt"; mount -o loop,nodiscard "$img" "$mnt"; MOUNTS+=("$mnt")
+        # Warm and cold take turns at going first: the first run of a group
+        # has measured slower here, whichever it was.
+        inputs="warm cold"
+        (( round % 2 == 0 )) && inputs="cold warm"
         settle "$mnt"
-        for input in warm cold; do
+        for input in $inputs; do
             log "$fs round $round: tern apply --once (random, segments $input)"
             apply_run random "$fs" "$mnt" "$round" "$input"
         done
         raw_random "$fs" "$mnt" "$round"
         settle "$mnt"
-        for input in warm cold; do
+        for input in $inputs; do
             log "$fs round $round: tern apply --once (seq, segments $input)"
             apply_run seq "$fs" "$mnt" "$round" "$input"
         done

@@ -141,15 +141,18 @@ impl Image {
         }
     }
 
-    /// Starts writing back the image's dirty pages and returns without
-    /// waiting for them (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): the
-    /// disk gets to work while the caller prepares more, and a later
-    /// [`Image::sync_data`], which durability still needs, has less left
-    /// to wait for.
-    pub fn start_writeback(&self) -> Result<()> {
+    /// Starts writing back the dirty pages of `len` bytes at `offset`
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): it does not wait for
+    /// them to complete (it may block while submitting them), so the disk
+    /// gets to work while the caller prepares more, and a later
+    /// [`Image::sync_data`], which durability still needs, has less left to
+    /// wait for. A write error of that writeback is reported by that sync.
+    pub fn start_writeback(&self, offset: u64, len: u64) -> Result<()> {
         // SAFETY: a system call on a descriptor `self.file` keeps open; no
         // memory is passed.
-        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        let rc = unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE)
+        };
         if rc != 0 {
             return Err(Error::Writeback { path: self.path.clone(), source: io::Error::last_os_error() });
         }
@@ -344,7 +347,7 @@ mod tests {
         let (_d, img) = image_with(4 << 20);
         let data: Vec<u8> = (0..2 << 20).map(|i| (i % 253) as u8).collect();
         img.write_at(&data, 1 << 20).unwrap();
-        img.start_writeback().unwrap();
+        img.start_writeback(1 << 20, 2 << 20).unwrap();
         img.sync_data().unwrap();
         let mut back = vec![0u8; data.len()];
         img.read_at(&mut back, 1 << 20).unwrap();

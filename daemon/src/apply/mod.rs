@@ -42,10 +42,6 @@ struct StreamReplaced;
 /// and fsynced, instead of after.
 const READ_AHEAD: u64 = 128 << 20;
 
-/// Average bytes per write call from which a written batch counts as long
-/// runs, and its writeback starts at once.
-const LONG_RUNS: usize = 1 << 20;
-
 mod batch;
 mod read_ahead;
 
@@ -450,18 +446,6 @@ impl VmApplier {
         let calls = self.batch.apply(&self.replicas).context("writing to the replicas")?;
         if written > 0 {
             failpoint("apply:batch-written");
-            // A batch written in long runs (a sequential stream) starts
-            // going to the disk now, while the next one is read: on xfs a
-            // dense 2 GiB image then applies in 1.6 s instead of 3.6–7.9 s.
-            // A batch of scattered small writes waits for the fsync, so the
-            // filesystem allocates several batches' blocks together (on
-            // xfs, 1 GiB of random 4 KiB writes in 43,000 extents instead
-            // of 156,000).
-            if written / calls.max(1) >= LONG_RUNS {
-                for image in &self.replicas {
-                    image.start_writeback().context("starting the replicas' writeback")?;
-                }
-            }
         }
         Ok(calls)
     }
