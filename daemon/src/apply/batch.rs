@@ -87,7 +87,7 @@ const MAX_WRITE: usize = 8 << 20;
 
 /// A merged write at least this long (a sequential stream) starts going to
 /// the disk at once, while the applier reads on: on xfs a dense 2 GiB image
-/// then applied at 98% of fio's speed instead of 77% (medians of 5
+/// then applied at 116% of fio's speed instead of 77% (medians of 5
 /// rounds). Shorter writes wait for the fsync every GiB, so the filesystem
 /// allocates several batches' blocks together (on xfs, 1 GiB of random
 /// 4 KiB writes in 43,000 extents instead of 156,000).
