@@ -374,3 +374,27 @@ fn all_disks_of_a_vm_are_in_every_point_at_the_same_sequence() {
         assert_files_equal(&replica, &d.join(format!("disk{i}.img")));
     }
 }
+
+#[test]
+fn batch_and_sync_sizes_out_of_range_or_unparsable_are_refused_with_the_range() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cache, target) = (dir.path().join("cache"), dir.path().join("target"));
+    for (flag, value, expect) in [
+        ("--batch-size", "0", "--batch-size 0B is out of range: give 4KiB to 1TiB"),
+        ("--sync-every", "2TiB", "--sync-every 2TiB is out of range: give 4KiB to 1TiB"),
+        ("--batch-size", "lots", "invalid value 'lots' for '--batch-size"),
+    ] {
+        let out = Command::new(tern_bin())
+            .args(["apply", "--cache"])
+            .arg(&cache)
+            .arg("--target")
+            .arg(&target)
+            .args(["--once", flag, value])
+            .output()
+            .expect("run tern");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} must be refused");
+        assert!(err.contains(expect), "{flag} {value}: expected {expect:?} in:\n{err}");
+        assert!(!target.exists(), "{flag} {value}: nothing is created before the options are checked");
+    }
+}
