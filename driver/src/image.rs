@@ -121,23 +121,14 @@ impl Image {
                 .map(io::IoSlice::new)
                 .collect();
             let at = offset + done;
-            let mut n = match nix::sys::uio::pwritev(&self.file, &iov, at as libc::off_t) {
+            let n = match nix::sys::uio::pwritev(&self.file, &iov, at as libc::off_t) {
                 Ok(0) => return Err(error(io::Error::from(ErrorKind::WriteZero))),
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(error(e.into())),
             };
             done += n as u64;
-            while n > 0 {
-                let left = bufs[first].len() - skip;
-                if n < left {
-                    skip += n;
-                    break;
-                }
-                n -= left;
-                first += 1;
-                skip = 0;
-            }
+            (first, skip) = advance(bufs, first, skip, n);
         }
     }
 
@@ -304,6 +295,22 @@ impl Image {
     }
 }
 
+/// Where a vectored write stands after `n` more bytes went out: it stood
+/// at byte `skip` of slice `first`; returns the same for after. A short
+/// write that stops inside a slice resumes there, never at a slice's start.
+fn advance(bufs: &[&[u8]], mut first: usize, mut skip: usize, mut n: usize) -> (usize, usize) {
+    while n > 0 {
+        let left = bufs[first].len() - skip;
+        if n < left {
+            return (first, skip + n);
+        }
+        n -= left;
+        first += 1;
+        skip = 0;
+    }
+    (first, skip)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +347,24 @@ mod tests {
         assert!(back == expect);
         img.write_vectored_at(&[], 0).unwrap();
         img.write_vectored_at(&[&[], &[]], 0).unwrap();
+    }
+
+    #[test]
+    fn a_short_vectored_write_resumes_at_the_first_byte_not_written() {
+        let bufs: [&[u8]; 4] = [b"abc", b"", b"defg", b"h"];
+        // Every split of the 8 bytes into a short write and the rest:
+        // resuming where `advance` says gives back exactly the bytes left.
+        for n in 0..=8 {
+            let (first, skip) = advance(&bufs, 0, 0, n);
+            let mut rest = bufs.get(first).map_or(Vec::new(), |b| b[skip..].to_vec());
+            for b in bufs.iter().skip(first + 1) {
+                rest.extend_from_slice(b);
+            }
+            assert_eq!(rest, b"abcdefgh"[n..], "after {n} bytes");
+        }
+        // From the middle of a slice, across the empty one.
+        assert_eq!(advance(&bufs, 0, 1, 3), (2, 1));
+        assert_eq!(advance(&bufs, 2, 3, 1), (3, 0));
     }
 
     #[test]

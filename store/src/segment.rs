@@ -508,7 +508,7 @@ pub struct Segment {
 /// applier's batch points into instead of copying.
 impl AsRef<[u8]> for Segment {
     fn as_ref(&self) -> &[u8] {
-        &self.payload
+        self.payload()
     }
 }
 

@@ -263,10 +263,16 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     };
     // The old direction's journal ring is in memory, outside its state
     // directory.
+    // Kept when that fails: its journal.ring link is what names the ring.
     if let Err(e) = tern_driver::journal::live::retire(&paths.moved_to(&retired).journal()) {
-        log::warn!("cannot remove the journal ring of the old direction: {e}");
+        log::warn!(
+            "cannot remove the old direction's journal: {}; remove the file {} links to (memory), then that directory",
+            e.with_causes(),
+            tern_driver::journal::live::link_path(&paths.moved_to(&retired).journal()).display()
+        );
+    } else {
+        std::fs::remove_dir_all(&retired).with_context(|| format!("cannot remove {}", retired.display()))?;
     }
-    std::fs::remove_dir_all(&retired).with_context(|| format!("cannot remove {}", retired.display()))?;
     // The old direction's stream in the cache ended with the failover; the
     // new one starts there from scratch (its applier notices the new id).
     let old = CacheDir::new(&config.cache, &a.vm);

@@ -181,9 +181,9 @@ impl Journal {
             // ring restored now would outlive the VM.
             let opened = durable.metadata().map_err(|source| Error::Open { path: path.to_owned(), source })?;
             let still_there = std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (opened.dev(), opened.ino()));
-            if opened.nlink() == 0 || !still_there {
+            if !still_there {
                 return Err(Error::Invalid(format!(
-                    "the journal {} was removed while it was being opened (the VM was disabled or failed back)",
+                    "the journal {} was removed while it was being opened (the VM was disabled or failed back); check `tern status` for what is protected now",
                     path.display()
                 )));
             }
