@@ -226,7 +226,9 @@ wait_ready() {
             # tern maps its journal ring in the background once listening;
             # measure the steady state, not those first seconds.
             local n
-            for n in $(seq 1200); do grep -q "journal ring mapped" "$logf" && break; sleep 0.1; done ;;
+            for n in $(seq 1200); do grep -q "journal ring mapped" "$logf" && break; sleep 0.1; done
+            grep -q "journal ring mapped" "$logf" ||
+                log "warning: $SERVER_NAME did not map its ring within 120 s; this run includes the mapping ($logf)" ;;
     esac
     if ((HAVE_NBDINFO)); then
         # The socket can appear slightly before accept() works; retry briefly.
