@@ -123,7 +123,8 @@ impl Batch {
     /// Returns the number of write/zero calls made.
     pub fn apply(&mut self, images: &[Image]) -> tern_driver::Result<usize> {
         let mut calls = 0;
-        // One merged write: where it starts, its pieces, their length.
+        // One merged write: its pieces, and where it starts and how long
+        // it is (`pending`).
         let mut pieces: Vec<&[u8]> = Vec::new();
         for (&disk, map) in &self.disks {
             let image = images.get(disk as usize).ok_or_else(|| {
@@ -145,13 +146,12 @@ impl Batch {
                 match content {
                     Content::Data { payload, at } => {
                         let len = (end - start) as usize;
-                        let joins = pending.is_some_and(|(s, l)| s + l as u64 == start && l + len <= MAX_WRITE);
-                        if !joins {
-                            flush(&mut pieces, &mut pending, &mut calls)?;
-                            pending = Some((start, 0));
-                        }
-                        if let Some((_, l)) = pending.as_mut() {
-                            *l += len;
+                        match pending.as_mut() {
+                            Some((s, l)) if *s + *l as u64 == start && *l + len <= MAX_WRITE => *l += len,
+                            _ => {
+                                flush(&mut pieces, &mut pending, &mut calls)?;
+                                pending = Some((start, len));
+                            }
                         }
                         pieces.push(&(*self.payloads[payload]).as_ref()[at..at + len]);
                     }
