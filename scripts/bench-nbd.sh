@@ -24,6 +24,12 @@
 #   NBDKIT_THREADS   nbdkit -t value; empty = nbdkit default (16) [16]
 #   FRESH_IMAGE=1    recreate the image even if a 2 GiB one already exists
 #   DROP_CACHES=1    drop the page cache before every server start (root)
+#   PIN_DIRTY        1: for the whole run, fix the kernel's dirty-page
+#                    thresholds (vm.dirty_bytes, vm.dirty_background_bytes) at
+#                    the values it computes before any server starts, and
+#                    restore the settings at exit (root) [1]. Otherwise
+#                    tern-ring's ring, which only this benchmark makes that
+#                    large, lowers them for tern-ring alone (see below).
 #
 # Output: raw fio JSON under $WORK/results/<run-id>/, a Markdown table on
 # stdout and in $WORK/summary.md, machine-readable $WORK/summary.json.
@@ -38,7 +44,7 @@ set -euo pipefail
 # Record which knobs the caller set explicitly *before* applying defaults, so
 # the summary can print the exact command that reproduces this run.
 KNOBS=(SYSTEMS WORKLOADS RUNTIME RAMP ROUNDS WORK TERN TERN_JOURNAL_SIZE TERN_RING_SIZE
-       NBDKIT_THREADS FRESH_IMAGE DROP_CACHES)
+       NBDKIT_THREADS FRESH_IMAGE DROP_CACHES PIN_DIRTY)
 # Shell-quote for display: bare if safe, else single quotes (readable,
 # unlike printf %q's backslashes).
 shq() {
@@ -69,6 +75,7 @@ TERN_RING_SIZE="${TERN_RING_SIZE:-12GiB}"
 NBDKIT_THREADS="${NBDKIT_THREADS-16}"
 FRESH_IMAGE="${FRESH_IMAGE:-0}"
 DROP_CACHES="${DROP_CACHES:-0}"
+PIN_DIRTY="${PIN_DIRTY:-1}"
 
 PY=/usr/bin/python3          # stdlib only; avoid pyenv shims and venvs
 EXPORT=disk0                 # export name, identical for every server
@@ -83,6 +90,7 @@ die() { log "ERROR: $*"; exit 1; }
 [[ "$RAMP" =~ ^[0-9]+$ ]] || die "RAMP must be a non-negative integer (got '$RAMP')"
 [[ "$ROUNDS" =~ ^[0-9]+$ && "$ROUNDS" -gt 0 ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
 [[ -z "$NBDKIT_THREADS" || "$NBDKIT_THREADS" =~ ^[0-9]+$ ]] || die "NBDKIT_THREADS must be an integer or empty"
+[[ "$PIN_DIRTY" == 0 || "$PIN_DIRTY" == 1 ]] || die "PIN_DIRTY must be 0 or 1 (got '$PIN_DIRTY')"
 
 # ---------------------------------------------------------------------------
 # Workloads: name -> fio options. All are time_based over the whole image.
@@ -183,6 +191,46 @@ stop_server() {
     fi
 }
 
+# ---------------------------------------------------------------------------
+# Dirty-page thresholds. The kernel starts writing a file's dirty pages back
+# at a share of the memory it could use for them, and throttles writers at a
+# larger share. A journal ring is in-memory (tmpfs) and not such memory, so
+# tern-ring's ring, sized to hold a whole run without a consumer (12 GiB;
+# a deployment's default is 1 GiB, drained by `tern ship`), halves both
+# thresholds for tern-ring alone: 1 MiB writes then meet background writeback
+# of the 2 GiB image that no other server meets. Measured (2026-11-29, 12 GiB
+# of tmpfs allocated beside the server, thresholds not pinned): nbdkit lost
+# 20% on seq-write, and nothing once they were pinned.
+# ---------------------------------------------------------------------------
+DIRTY_SAVED=""
+pin_dirty_thresholds() {
+    local page bytes background
+    page="$(getconf PAGESIZE)"
+    bytes=$(( $(awk '$1 == "nr_dirty_threshold" {print $2}' /proc/vmstat) * page ))
+    background=$(( $(awk '$1 == "nr_dirty_background_threshold" {print $2}' /proc/vmstat) * page ))
+    if ((bytes == 0 || background == 0)); then
+        log "WARNING: /proc/vmstat gives no dirty thresholds; not pinning them"; return
+    fi
+    DIRTY_SAVED="$(cat /proc/sys/vm/dirty_bytes /proc/sys/vm/dirty_ratio \
+                       /proc/sys/vm/dirty_background_bytes /proc/sys/vm/dirty_background_ratio | tr '\n' ' ')"
+    if ! { echo "$background" >/proc/sys/vm/dirty_background_bytes && echo "$bytes" >/proc/sys/vm/dirty_bytes; } 2>/dev/null; then
+        log "WARNING: cannot set vm.dirty_bytes (not root?); thresholds not pinned, tern-ring's seq-write runs with lower ones"
+        restore_dirty_thresholds; return
+    fi
+    DIRTY_PINNED="$((bytes >> 20)) MiB (background $((background >> 20)) MiB)"
+    log "dirty-page thresholds pinned for the run: $DIRTY_PINNED"
+}
+restore_dirty_thresholds() {
+    [[ -n "$DIRTY_SAVED" ]] || return 0
+    local b r bb br
+    read -r b r bb br <<<"$DIRTY_SAVED"
+    # Each pair is one setting: writing one of its forms clears the other.
+    if ((b > 0)); then echo "$b" >/proc/sys/vm/dirty_bytes; else echo "$r" >/proc/sys/vm/dirty_ratio; fi
+    if ((bb > 0)); then echo "$bb" >/proc/sys/vm/dirty_background_bytes; else echo "$br" >/proc/sys/vm/dirty_background_ratio; fi
+    DIRTY_SAVED=""
+}
+DIRTY_PINNED="not pinned"
+
 # Never leave a server behind, whatever way we exit.
 cleanup() {
     local rc=$?
@@ -197,6 +245,7 @@ cleanup() {
         stop_server
     fi
     rm -rf "$TERN_RING_DIR"
+    restore_dirty_thresholds || log "WARNING: could not restore the dirty-page settings: $DIRTY_SAVED (bytes ratio background_bytes background_ratio)"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -347,6 +396,7 @@ if [[ -x "$TERN" ]]; then
     TERN_GIT="$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo uncommitted)"
     TERN_VER="${TERN_VER:-tern} (git $TERN_GIT)"
 fi
+if [[ "$PIN_DIRTY" == 1 ]]; then pin_dirty_thresholds; fi
 {
     echo "date=$(date -Iseconds)"
     echo "nproc=$(nproc)"
@@ -363,6 +413,7 @@ fi
     echo "runtime=$RUNTIME"
     echo "ramp=$RAMP"
     echo "nbdkit_threads=${NBDKIT_THREADS:-default}"
+    echo "dirty_thresholds=$DIRTY_PINNED"
     echo "results=$RESULTS"
 } >"$RESULTS/meta.env"
 
@@ -581,6 +632,7 @@ lines.append(f"- {meta['fio']} · {meta['qemu_nbd']} · {meta['nbdkit']} · tern
 lines.append(f"- command: `{meta['command']}`")
 lines.append(f"- 2 GiB random raw image, unix socket, {rounds} interleaved round(s) × "
              f"{meta['runtime']} s (+{meta['ramp']} s ramp) per run; nbdkit threads: {meta['nbdkit_threads']}; "
+             f"dirty-page thresholds: {meta.get('dirty_thresholds', 'not recorded')}; "
              f"cells are medians over rounds; latency = fio completion latency "
              f"(write side for write jobs, read side for reads, r/w both for the mix)")
 lines.append("")

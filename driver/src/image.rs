@@ -87,6 +87,45 @@ impl Image {
         })
     }
 
+    /// Fills `buf` from `offset` only as far as the page cache holds it
+    /// (`preadv2` with `RWF_NOWAIT`): `Ok(false)` as soon as the rest would
+    /// have to wait for the disk, and then `buf` holds nothing usable. A
+    /// filesystem that cannot tell (no `RWF_NOWAIT`) is read the ordinary
+    /// way. Lets a caller keep reads that wait on the disk off threads
+    /// that should never wait.
+    pub fn read_at_if_cached(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let len = buf.len();
+        let error = |source| Error::Read { path: self.path.clone(), offset, len, source };
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+            let at = (offset + done as u64) as libc::off_t;
+            // SAFETY: one iovec over `rest`, which is valid for writes of
+            // its length and borrowed for the whole call; the descriptor is
+            // one `self.file` keeps open.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+            if n > 0 {
+                done += n as usize;
+                continue;
+            }
+            if n == 0 {
+                return Err(error(io::Error::from(ErrorKind::UnexpectedEof)));
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) => return Ok(false),
+                Some(libc::EOPNOTSUPP) => {
+                    self.read_at(&mut buf[done..], offset + done as u64)?;
+                    return Ok(true);
+                }
+                _ => return Err(error(e)),
+            }
+        }
+        Ok(true)
+    }
+
     /// Writes all of `buf` at `offset`, retrying short writes.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file.write_all_at(buf, offset).map_err(|source| Error::Write {

@@ -381,6 +381,15 @@ impl Mirror {
         d.image.read_at(buf, offset)
     }
 
+    /// [`Mirror::read`], but only from the page cache: `Ok(false)` (and
+    /// nothing usable in `buf`) when the read would wait for the disk. See
+    /// [`Image::read_at_if_cached`].
+    pub fn read_if_cached(&self, disk: usize, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let _gate = self.enter(disk)?;
+        let d = self.check_range(disk, offset, buf.len() as u64)?;
+        d.image.read_at_if_cached(buf, offset)
+    }
+
     pub fn write(&self, disk: usize, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let _gate = self.enter(disk)?;
         let d = self.check_range(disk, offset, data.len() as u64)?;

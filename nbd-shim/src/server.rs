@@ -81,13 +81,16 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
-    /// Four per CPU (8 on two CPUs, at least 4, at most 64). On two CPUs,
-    /// 8 against 16 measured 10–20% more 4 KiB writes at queue depth 32
-    /// with a lower p99, faster 1 MiB sequential writes (idle followers
-    /// queued on the socket only cost switches), and 5% fewer reads
-    /// (docs/BENCHMARKS.md).
+    /// One per CPU (at least 2, at most 64). On two CPUs, 2 against 8
+    /// (the default before) measured 1 MiB sequential writes 60–80% faster,
+    /// 4 KiB writes at queue depth 32 at about the same IOPS with a p99
+    /// a third lower, and as many reads (docs/BENCHMARKS.md): a request's
+    /// work is CPU work (its bytes copied from the socket and into the page
+    /// cache), and more threads than CPUs only take turns at it. A thread
+    /// waits out a read that misses the page cache, so disks on slow
+    /// devices may want more (`tern serve --threads`).
     pub fn default_threads_per_connection() -> usize {
-        (4 * std::thread::available_parallelism().map_or(2, |n| n.get())).clamp(4, 64)
+        std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 64)
     }
 }
 

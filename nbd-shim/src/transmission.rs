@@ -4,9 +4,14 @@
 //! the socket (the leader/follower pattern nbdkit uses): one holds the read
 //! side, reads a whole request, lets go, carries the request out against
 //! the mirror, then takes the write side to send the reply. Requests are
-//! pipelined, replies go out in completion order, a slow request (a FLUSH,
-//! a read that misses the page cache) holds up nobody else, and no request
-//! is ever handed from one thread to another.
+//! pipelined, replies go out in completion order, and no request is ever
+//! handed from one worker to another.
+//!
+//! The workers are few (one per CPU by default): their work is copying
+//! bytes, and more of them than CPUs only take turns at it. A request that
+//! would wait on the disk instead (a FLUSH, a READ that misses the page
+//! cache) is handed to a second team, the waiters, which does nothing else,
+//! so it holds up no other request.
 
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +61,15 @@ struct Patience {
     total: Duration,
 }
 
+/// Threads per connection that carry out requests waiting on the disk. A
+/// connection's reads that miss the page cache run this many at once: the
+/// queue depth a disk on a real device sees (nbdkit runs 16 threads).
+const WAITERS: usize = 16;
+
+/// Requests queued for the waiters, at most; past that a worker carries
+/// the request out itself (and the client's pipeline slows down).
+const WAITING: usize = 4 * WAITERS;
+
 /// A connection's shared state.
 struct Conn<'a, R, W> {
     reader: Mutex<BufReader<R>>,
@@ -95,10 +109,19 @@ pub fn serve<R: Read + Send, W: Write + Send>(
         session,
     };
     std::thread::scope(|s| {
-        for _ in 1..threads.max(1) {
-            s.spawn(|| conn.worker());
+        let conn = &conn;
+        let (to_waiters, waiting) = crossbeam_channel::bounded::<Request>(WAITING);
+        for _ in 0..WAITERS {
+            let waiting = waiting.clone();
+            s.spawn(move || conn.waiter(waiting));
         }
-        conn.worker();
+        for _ in 1..threads.max(1) {
+            let to_waiters = to_waiters.clone();
+            s.spawn(move || conn.worker(&to_waiters));
+        }
+        conn.worker(&to_waiters);
+        // The waiters finish what they were handed, then see the channel
+        // closed once every worker has returned.
     });
     conn.end.into_inner().unwrap_or_else(|p| p.into_inner()).unwrap_or(ConnectionEnd::Closed)
 }
@@ -115,7 +138,7 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         }
     }
 
-    fn worker(&self) {
+    fn worker(&self, to_waiters: &crossbeam_channel::Sender<Request>) {
         let mut payload = Vec::new();
         let mut reply = Vec::new();
         loop {
@@ -168,9 +191,24 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
                 }
                 (req, in_place)
             };
-            match in_place {
-                Some(w) => self.finish_in_place(&req, w, &mut reply),
-                None => self.execute(&req, &payload, &mut reply),
+            let may_wait = match (in_place, req.kind) {
+                (Some(w), _) => {
+                    self.finish_in_place(&req, w, &mut reply);
+                    false
+                }
+                (None, CMD_FLUSH) => true,
+                (None, CMD_READ) => !self.read(&req, &mut reply, Wait::No),
+                (None, _) => {
+                    self.execute(&req, &payload, &mut reply);
+                    false
+                }
+            };
+            if may_wait {
+                match to_waiters.try_send(req) {
+                    Ok(()) => continue,
+                    // Every waiter busy and the queue full: wait here.
+                    Err(_) => self.execute(&req, &[], &mut reply),
+                }
             }
             if let Err(e) = self.send(&reply) {
                 self.close(ConnectionEnd::Io(e), true);
@@ -178,6 +216,24 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             }
             if payload.capacity() > 4 << 20 {
                 payload = Vec::new(); // do not keep a 32 MiB buffer per thread
+            }
+            if reply.capacity() > 4 << 20 {
+                reply = Vec::new();
+            }
+        }
+    }
+
+    /// Carries out the requests workers hand over (see the module's
+    /// documentation) until every worker has returned.
+    fn waiter(&self, waiting: crossbeam_channel::Receiver<Request>) {
+        let mut reply = Vec::new();
+        for req in waiting {
+            self.execute(&req, &[], &mut reply);
+            if let Err(e) = self.send(&reply) {
+                self.close(ConnectionEnd::Io(e), true);
+            }
+            if reply.capacity() > 4 << 20 {
+                reply = Vec::new(); // do not keep a 32 MiB READ's buffer per thread
             }
         }
     }
@@ -243,7 +299,10 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         let (m, disk, fua) = (self.mirror, self.disk, req.flags & CMD_FLAG_FUA != 0);
         let (off, len) = (req.offset, req.length as u64);
         let result = match req.kind {
-            CMD_READ => return self.read(req, out),
+            CMD_READ => {
+                self.read(req, out, Wait::Yes);
+                return;
+            }
             CMD_BLOCK_STATUS => return self.block_status(req, out),
             CMD_WRITE => m.write(disk, off, payload, fua),
             CMD_FLUSH => m.flush(disk),
@@ -269,17 +328,36 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         }
     }
 
-    fn read(&self, req: &Request, out: &mut Vec<u8>) {
+    /// Encodes a READ's reply into `out`. With `Wait::No`, only from the
+    /// page cache: `false` (and `out` to be discarded) when the read would
+    /// wait on the disk.
+    fn read(&self, req: &Request, out: &mut Vec<u8>, wait: Wait) -> bool {
+        out.clear();
+        if let Err(code) = validate(req, &self.session) {
+            self.error_reply(req, code, "invalid command, flags, length or range", out);
+            return true;
+        }
         let len = req.length as usize;
         if len == 0 {
-            return self.ok_reply(req, out);
+            self.ok_reply(req, out);
+            return true;
         }
         // Read straight into the reply buffer, behind room for the header.
         let prefix = if self.session.structured { 28 } else { 16 };
         out.resize(prefix + len, 0);
-        if let Err(e) = self.mirror.read(self.disk, req.offset, &mut out[prefix..]) {
-            out.clear();
-            return self.failed(req, &e, out);
+        let buf = &mut out[prefix..];
+        let read = match wait {
+            Wait::Yes => self.mirror.read(self.disk, req.offset, buf).map(|()| true),
+            Wait::No => self.mirror.read_if_cached(self.disk, req.offset, buf),
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(e) => {
+                out.clear();
+                self.failed(req, &e, out);
+                return true;
+            }
         }
         if self.session.structured {
             out[..20].copy_from_slice(&chunk_header(
@@ -292,6 +370,7 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         } else {
             out[..16].copy_from_slice(&simple_reply(req.cookie, 0));
         }
+        true
     }
 
     fn block_status(&self, req: &Request, out: &mut Vec<u8>) {
@@ -345,6 +424,13 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             out.extend_from_slice(&simple_reply(req.cookie, code));
         }
     }
+}
+
+/// Whether a read may wait on the disk.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    Yes,
+    No,
 }
 
 /// Whether a read error only means "nothing arrived for a while" (the

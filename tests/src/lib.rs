@@ -78,6 +78,10 @@ pub struct VmSpec {
     /// Where the source image lives (else beside the VM's state), for a
     /// test that needs it on a filesystem of its own.
     pub image_dir: Option<PathBuf>,
+    /// An existing disk (a block device) to protect instead of a new image
+    /// file; `disk_size`, `random_content` and `image_dir` are ignored, and
+    /// no copy of it is kept as the oracle's start (`original` is absent).
+    pub device: Option<PathBuf>,
 }
 
 impl Default for VmSpec {
@@ -88,7 +92,25 @@ impl Default for VmSpec {
             region_size: "64KiB",
             random_content: false,
             image_dir: None,
+            device: None,
         }
+    }
+}
+
+/// Creates a VM's image file as `spec` says.
+fn make_image(image: &Path, spec: &VmSpec) {
+    let f = std::fs::File::create(image).expect("create image");
+    f.set_len(spec.disk_size).expect("size image");
+    if spec.random_content {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(spec.disk_size);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut w = std::io::BufWriter::new(&f);
+        for _ in 0..spec.disk_size.div_ceil(1 << 20) {
+            rng.fill(&mut buf[..]);
+            w.write_all(&buf).expect("fill image");
+        }
+        w.flush().expect("flush image");
+        f.set_len(spec.disk_size).expect("size image");
     }
 }
 
@@ -106,23 +128,16 @@ pub struct TestVm {
 impl TestVm {
     pub fn new(spec: VmSpec) -> Self {
         let dir = tempfile::Builder::new().prefix("tern-test-").tempdir_in(test_root()).expect("tempdir");
-        let image = spec.image_dir.as_deref().unwrap_or(dir.path()).join("disk0.img");
-        let f = std::fs::File::create(&image).expect("create image");
-        f.set_len(spec.disk_size).expect("size image");
-        if spec.random_content {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(spec.disk_size);
-            let mut buf = vec![0u8; 1 << 20];
-            let mut w = std::io::BufWriter::new(&f);
-            for _ in 0..spec.disk_size.div_ceil(1 << 20) {
-                rng.fill(&mut buf[..]);
-                w.write_all(&buf).expect("fill image");
-            }
-            w.flush().expect("flush image");
-            f.set_len(spec.disk_size).expect("size image");
-        }
-        drop(f);
         let original = dir.path().join("original.img");
-        std::fs::copy(&image, &original).expect("copy image");
+        let image = match &spec.device {
+            Some(device) => device.clone(),
+            None => {
+                let image = spec.image_dir.as_deref().unwrap_or(dir.path()).join("disk0.img");
+                make_image(&image, &spec);
+                std::fs::copy(&image, &original).expect("copy image");
+                image
+            }
+        };
         let state = dir.path().join("state");
         let socket = dir.path().join("nbd.sock");
         // The cache store and the target site are the operator's (a mount,

@@ -530,3 +530,135 @@ fn ext4_on_tern_through_nbdfuse_and_loop() {
     assert!(kinds.get("trim").is_some_and(|&n| n > 0), "no TRIM from mkfs/discard: {kinds:?}");
     vm.assert_journal_reproduces_source();
 }
+
+// ---- 7. requests that wait on the disk -----------------------------------------
+
+/// A disk on a slow device: nbdkit's memory plugin behind its delay filter
+/// (every read takes `READ_DELAY`), presented as a file by nbdfuse and as a
+/// block device by a loop device. Torn down in order, even on a panic.
+struct SlowDisk {
+    loopdev: Option<String>,
+    fuse: FuseStack,
+    nbdkit: Child,
+}
+
+const READ_DELAY: &str = "300ms";
+
+impl SlowDisk {
+    fn new(dir: &Path, size: u64) -> Self {
+        for tool in ["nbdkit", "nbdfuse", "losetup"] {
+            require(tool);
+        }
+        let sock = dir.join("slow.sock");
+        let nbdkit = Command::new("nbdkit")
+            .args(["--foreground", "-U"])
+            .arg(&sock)
+            .args(["--filter=delay", "memory", &size.to_string(), &format!("rdelay={READ_DELAY}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("nbdkit.log")).expect("nbdkit log"))
+            .spawn()
+            .expect("spawn nbdkit");
+        let fuse_dir = dir.join("slow-fuse");
+        std::fs::create_dir(&fuse_dir).expect("mkdir slow-fuse");
+        let mut disk = SlowDisk {
+            loopdev: None,
+            fuse: FuseStack { mnt: None, loopdev: None, fuse_dir: fuse_dir.clone(), nbdfuse: None },
+            nbdkit,
+        };
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "nbdkit did not listen on {}", sock.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let file = fuse_dir.join("disk");
+        let child = Command::new("nbdfuse")
+            .arg(&file)
+            .arg(format!("nbd+unix:///?socket={}", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("slow-nbdfuse.log")).expect("nbdfuse log"))
+            .spawn()
+            .expect("spawn nbdfuse");
+        disk.fuse.nbdfuse = Some(child);
+        let start = Instant::now();
+        while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) != size {
+            assert!(start.elapsed() < Duration::from_secs(10), "nbdfuse did not present {}", file.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&file)).trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        disk.loopdev = Some(dev);
+        disk
+    }
+
+    fn device(&self) -> PathBuf {
+        PathBuf::from(self.loopdev.as_deref().expect("loop device"))
+    }
+}
+
+impl Drop for SlowDisk {
+    fn drop(&mut self) {
+        if let Some(dev) = self.loopdev.take() {
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+        }
+        self.fuse.loopdev = None;
+        let _ = self.fuse.stop_nbdfuse();
+        let _ = self.nbdkit.kill();
+        let _ = self.nbdkit.wait();
+    }
+}
+
+/// READs that wait on the disk, more of them than the connection has
+/// request threads, hold up neither each other's connection nor a READ
+/// the page cache answers: with two workers, the cached READ sent after
+/// six uncached ones (300 ms each on this disk) is answered first, and
+/// every READ gets its data.
+#[test]
+fn reads_that_wait_on_the_disk_hold_up_no_other_request() {
+    assert!(is_root(), "this test needs root (a loop device); CI runs as root");
+    assert!(which("fusermount3") || which("fusermount"), "fusermount3 is not installed (package fuse3)");
+    let size = 64 * MIB;
+    let scratch =
+        tempfile::Builder::new().prefix("tern-slow-").tempdir_in(tern_system_tests::test_root()).expect("tempdir");
+    let slow = SlowDisk::new(scratch.path(), size);
+    let vm = TestVm::new(VmSpec { device: Some(slow.device()), journal_size: "64MiB", ..Default::default() });
+    // Not the initial sync: the front-end would re-read the whole disk for
+    // it in the background (minutes at this speed), caching what the test
+    // needs uncached. The bitmap's bits start at byte 4096
+    // (docs/FORMATS.md); all clean.
+    let bitmap = vm.state.join("vm1/dirty.disk0");
+    let header = std::fs::read(&bitmap).expect("read bitmap")[..4096].to_vec();
+    let len = std::fs::metadata(&bitmap).expect("bitmap").len() as usize;
+    std::fs::write(&bitmap, [header, vec![0u8; len - 4096]].concat()).expect("clear bitmap");
+    let served = vm.serve(&["--threads", "2"]);
+    let mut c = tern_system_tests::RawClient::connect(&vm.socket, "disk0");
+    use tern_system_tests::CMD_READ;
+
+    // Offset 0 into the page cache (a read of the device's own pages).
+    assert_eq!(c.call(CMD_READ, 0, 0, 4096, &[]).error, 0, "first read of offset 0");
+    // Six reads far apart (past any read-ahead), none cached, then offset 0.
+    for k in 1..=6u64 {
+        c.send(CMD_READ, 0, k, k * 8 * MIB, 4096, &[]);
+    }
+    c.send(CMD_READ, 0, 100, 0, 4096, &[]);
+    let mut order = Vec::new();
+    for _ in 0..7 {
+        let r = c.reply(|_| 4096).expect("server closed the connection");
+        assert_eq!(r.error, 0, "READ cookie {} failed", r.cookie);
+        assert!(
+            r.data.iter().all(|&b| b == 0),
+            "READ cookie {} returned data that is not the disk's (zeroes)",
+            r.cookie
+        );
+        order.push(r.cookie);
+    }
+    assert_eq!(
+        order[0], 100,
+        "the cached READ waited behind reads of the slow disk: replies came in cookie order {order:?}"
+    );
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [1, 2, 3, 4, 5, 6, 100], "every READ answered once");
+    served.stop();
+}

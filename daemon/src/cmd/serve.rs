@@ -25,7 +25,8 @@ pub struct Args {
     #[arg(long)]
     pub no_journal: bool,
     /// Worker threads per connection (requests in flight per connection).
-    /// Default: four per CPU, at least 4, at most 64.
+    /// Default: one per CPU, at least 2, at most 64. Raise it for disks on
+    /// slow devices, where reads that miss the page cache wait on the disk.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Requests that may change one disk image at once (writes, zeroes,
