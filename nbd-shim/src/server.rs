@@ -86,9 +86,8 @@ impl ServerOptions {
     /// 4 KiB writes at queue depth 32 at about the same IOPS with a p99
     /// a third lower, and as many reads (docs/BENCHMARKS.md): a request's
     /// work is CPU work (its bytes copied from the socket and into the page
-    /// cache), and more threads than CPUs only take turns at it. A thread
-    /// waits out a read that misses the page cache, so disks on slow
-    /// devices may want more (`tern serve --threads`).
+    /// cache), and more threads than CPUs only take turns at it. What waits
+    /// on the disk goes to the waiters (see `transmission`), not to these.
     pub fn default_threads_per_connection() -> usize {
         std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 64)
     }

@@ -8,10 +8,10 @@
 //! handed from one worker to another.
 //!
 //! The workers are few (one per CPU by default): their work is copying
-//! bytes, and more of them than CPUs only take turns at it. A request that
-//! would wait on the disk instead (a FLUSH, a READ that misses the page
-//! cache) is handed to a second team, the waiters, which does nothing else,
-//! so it holds up no other request.
+//! bytes, and more of them than CPUs only take turns at it. What would wait
+//! on the disk instead (a FLUSH, a READ that misses the page cache, making
+//! a FUA request's change durable) is handed to a second team, the
+//! waiters, which does nothing else, so it holds up no other request.
 
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,7 +110,7 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     };
     std::thread::scope(|s| {
         let conn = &conn;
-        let (to_waiters, waiting) = crossbeam_channel::bounded::<Request>(WAITING);
+        let (to_waiters, waiting) = crossbeam_channel::bounded::<Handoff>(WAITING);
         for _ in 0..WAITERS {
             let waiting = waiting.clone();
             s.spawn(move || conn.waiter(waiting));
@@ -138,7 +138,7 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         }
     }
 
-    fn worker(&self, to_waiters: &crossbeam_channel::Sender<Request>) {
+    fn worker(&self, to_waiters: &crossbeam_channel::Sender<Handoff>) {
         let mut payload = Vec::new();
         let mut reply = Vec::new();
         loop {
@@ -191,23 +191,38 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
                 }
                 (req, in_place)
             };
-            let may_wait = match (in_place, req.kind) {
-                (Some(w), _) => {
-                    self.finish_in_place(&req, w, &mut reply);
-                    false
+            let fua = req.flags & CMD_FLAG_FUA != 0;
+            let handoff = match (in_place, req.kind) {
+                (Some(w), _) => match w.finish(false) {
+                    Ok(()) if fua => Some(Handoff::MakeDurable(req)),
+                    result => {
+                        reply.clear();
+                        self.result_reply(&req, result, &mut reply);
+                        None
+                    }
+                },
+                (None, CMD_FLUSH) => Some(Handoff::Execute(req)),
+                (None, CMD_READ) => (!self.read(&req, &mut reply, Wait::No)).then_some(Handoff::Execute(req)),
+                (None, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) if fua && validate(&req, &self.session).is_ok() => {
+                    match self.change(&req, &payload, false) {
+                        Ok(()) => Some(Handoff::MakeDurable(req)),
+                        Err(e) => {
+                            reply.clear();
+                            self.failed(&req, &e, &mut reply);
+                            None
+                        }
+                    }
                 }
-                (None, CMD_FLUSH) => true,
-                (None, CMD_READ) => !self.read(&req, &mut reply, Wait::No),
                 (None, _) => {
                     self.execute(&req, &payload, &mut reply);
-                    false
+                    None
                 }
             };
-            if may_wait {
-                match to_waiters.try_send(req) {
+            if let Some(job) = handoff {
+                match to_waiters.try_send(job) {
                     Ok(()) => continue,
                     // Every waiter busy and the queue full: wait here.
-                    Err(_) => self.execute(&req, &[], &mut reply),
+                    Err(full) => self.carry_out(full.into_inner(), &mut reply),
                 }
             }
             if let Err(e) = self.send(&reply) {
@@ -225,10 +240,10 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
 
     /// Carries out the requests workers hand over (see the module's
     /// documentation) until every worker has returned.
-    fn waiter(&self, waiting: crossbeam_channel::Receiver<Request>) {
+    fn waiter(&self, waiting: crossbeam_channel::Receiver<Handoff>) {
         let mut reply = Vec::new();
-        for req in waiting {
-            self.execute(&req, &[], &mut reply);
+        for job in waiting {
+            self.carry_out(job, &mut reply);
             if let Err(e) = self.send(&reply) {
                 self.close(ConnectionEnd::Io(e), true);
             }
@@ -281,9 +296,15 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
     }
 
     /// Completes a WRITE received in place and encodes its reply.
-    fn finish_in_place(&self, req: &Request, w: tern_driver::InPlaceWrite<'_>, out: &mut Vec<u8>) {
-        out.clear();
-        self.result_reply(req, w.finish(req.flags & CMD_FLAG_FUA != 0), out)
+    /// Carries out what a worker handed over and encodes its reply.
+    fn carry_out(&self, job: Handoff, out: &mut Vec<u8>) {
+        match job {
+            Handoff::Execute(req) => self.execute(&req, &[], out),
+            Handoff::MakeDurable(req) => {
+                out.clear();
+                self.result_reply(&req, self.mirror.flush(self.disk), out)
+            }
+        }
     }
 
     /// Carries a request out and encodes its reply into `out`.
@@ -304,20 +325,31 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
                 return;
             }
             CMD_BLOCK_STATUS => return self.block_status(req, out),
-            CMD_WRITE => m.write(disk, off, payload, fua),
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => self.change(req, payload, fua),
             CMD_FLUSH => m.flush(disk),
-            CMD_TRIM => m.trim(disk, off, len, fua),
+            CMD_CACHE => m.prefetch(disk, off, len),
+            _ => return self.error_reply(req, EINVAL, "unknown command", out),
+        };
+        self.result_reply(req, result, out)
+    }
+
+    /// Carries out a validated request that changes the disk (WRITE, TRIM,
+    /// WRITE_ZEROES); with `durable`, makes it durable before returning.
+    fn change(&self, req: &Request, payload: &[u8], durable: bool) -> tern_driver::Result<()> {
+        let (m, disk) = (self.mirror, self.disk);
+        let (off, len) = (req.offset, req.length as u64);
+        match req.kind {
+            CMD_WRITE => m.write(disk, off, payload, durable),
+            CMD_TRIM => m.trim(disk, off, len, durable),
             CMD_WRITE_ZEROES => {
                 let mode = ZeroMode {
                     may_punch: req.flags & CMD_FLAG_NO_HOLE == 0,
                     fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0,
                 };
-                m.zero(disk, off, len, mode, fua)
+                m.zero(disk, off, len, mode, durable)
             }
-            CMD_CACHE => m.prefetch(disk, off, len),
-            _ => return self.error_reply(req, EINVAL, "unknown command", out),
-        };
-        self.result_reply(req, result, out)
+            kind => Err(tern_driver::Error::Invalid(format!("command {kind:#x} does not change the disk"))),
+        }
     }
 
     /// The reply to a request carried out with `result` (no data).
@@ -424,6 +456,17 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             out.extend_from_slice(&simple_reply(req.cookie, code));
         }
     }
+}
+
+/// What a worker hands to the waiters.
+#[derive(Debug, Clone, Copy)]
+enum Handoff {
+    /// Carry the request out: a FLUSH, or a READ the page cache could not
+    /// answer.
+    Execute(Request),
+    /// The change a FUA request asked for is made: make it durable (as a
+    /// FLUSH would), then reply.
+    MakeDurable(Request),
 }
 
 /// Whether a read may wait on the disk.

@@ -534,15 +534,15 @@ fn ext4_on_tern_through_nbdfuse_and_loop() {
 // ---- 7. requests that wait on the disk -----------------------------------------
 
 /// A disk on a slow device: nbdkit's memory plugin behind its delay filter
-/// (every read takes `READ_DELAY`), presented as a file by nbdfuse and as a
-/// block device by a loop device. Torn down in order, even on a panic.
+/// (every read and write takes `DELAY`), presented as a file by nbdfuse and
+/// as a block device by a loop device. Torn down in order, even on a panic.
 struct SlowDisk {
     loopdev: Option<String>,
     fuse: FuseStack,
     nbdkit: Child,
 }
 
-const READ_DELAY: &str = "300ms";
+const DELAY: &str = "300ms";
 
 impl SlowDisk {
     fn new(dir: &Path, size: u64) -> Self {
@@ -553,7 +553,13 @@ impl SlowDisk {
         let nbdkit = Command::new("nbdkit")
             .args(["--foreground", "-U"])
             .arg(&sock)
-            .args(["--filter=delay", "memory", &size.to_string(), &format!("rdelay={READ_DELAY}")])
+            .args([
+                "--filter=delay",
+                "memory",
+                &size.to_string(),
+                &format!("rdelay={DELAY}"),
+                &format!("wdelay={DELAY}"),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("nbdkit.log")).expect("nbdkit log"))
@@ -609,13 +615,13 @@ impl Drop for SlowDisk {
     }
 }
 
-/// READs that wait on the disk, more of them than the connection has
-/// request threads, hold up neither each other's connection nor a READ
-/// the page cache answers: with two workers, the cached READ sent after
-/// six uncached ones (300 ms each on this disk) is answered first, and
-/// every READ gets its data.
+/// What waits on the disk, more of it than the connection has request
+/// threads, holds up no other request: with two workers, a READ the page
+/// cache answers, sent after six READs that miss it, or after three FUA
+/// WRITEs and a FLUSH (each a sync of this disk, 300 ms a write), is
+/// answered first; and every request succeeds.
 #[test]
-fn reads_that_wait_on_the_disk_hold_up_no_other_request() {
+fn requests_that_wait_on_the_disk_hold_up_no_other_request() {
     assert!(is_root(), "this test needs root (a loop device); CI runs as root");
     assert!(which("fusermount3") || which("fusermount"), "fusermount3 is not installed (package fuse3)");
     let size = 64 * MIB;
@@ -642,23 +648,49 @@ fn reads_that_wait_on_the_disk_hold_up_no_other_request() {
         c.send(CMD_READ, 0, k, k * 8 * MIB, 4096, &[]);
     }
     c.send(CMD_READ, 0, 100, 0, 4096, &[]);
-    let mut order = Vec::new();
-    for _ in 0..7 {
-        let r = c.reply(|_| 4096).expect("server closed the connection");
-        assert_eq!(r.error, 0, "READ cookie {} failed", r.cookie);
-        assert!(
-            r.data.iter().all(|&b| b == 0),
-            "READ cookie {} returned data that is not the disk's (zeroes)",
-            r.cookie
-        );
-        order.push(r.cookie);
+    let order = replies(&mut c, 7, |cookie| if cookie <= 100 { 4096 } else { 0 });
+    assert_eq!(order[0], 100, "the cached READ waited behind reads of the slow disk: replies in order {order:?}");
+    assert_eq!(sorted(&order), [1, 2, 3, 4, 5, 6, 100], "every READ answered once");
+
+    // Three FUA WRITEs (whole pages, so nothing is read first) and a FLUSH,
+    // then the cached READ.
+    use tern_system_tests::{CMD_FLUSH, CMD_WRITE};
+    const CMD_FLAG_FUA: u16 = 1;
+    let page = vec![0x5a; 4096];
+    for k in 1..=3u64 {
+        c.send(CMD_WRITE, CMD_FLAG_FUA, 200 + k, k * 8 * MIB + 64 * KIB, 4096, &page);
     }
-    assert_eq!(
-        order[0], 100,
-        "the cached READ waited behind reads of the slow disk: replies came in cookie order {order:?}"
-    );
-    let mut sorted = order.clone();
-    sorted.sort_unstable();
-    assert_eq!(sorted, [1, 2, 3, 4, 5, 6, 100], "every READ answered once");
+    c.send(CMD_FLUSH, 0, 204, 0, 0, &[]);
+    c.send(CMD_READ, 0, 100, 0, 4096, &[]);
+    let order = replies(&mut c, 5, |cookie| if cookie == 100 { 4096 } else { 0 });
+    assert_eq!(order[0], 100, "the cached READ waited behind syncs of the slow disk: replies in order {order:?}");
+    assert_eq!(sorted(&order), [100, 201, 202, 203, 204], "every request answered once");
+    drop(c);
     served.stop();
+    // The device holds what the FUA WRITEs wrote.
+    let f = std::fs::File::open(slow.device()).expect("open the slow disk");
+    for k in 1..=3u64 {
+        let mut got = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, k * 8 * MIB + 64 * KIB).expect("read back");
+        assert!(got == page, "FUA WRITE {k} is not on the disk");
+    }
+}
+
+/// Reads `n` replies (each READ's data all zeroes, as the slow disk holds);
+/// their cookies in the order they came. Every one must have succeeded.
+fn replies(c: &mut tern_system_tests::RawClient, n: usize, read_len: impl Fn(u64) -> usize) -> Vec<u64> {
+    (0..n)
+        .map(|_| {
+            let r = c.reply(&read_len).expect("server closed the connection");
+            assert_eq!(r.error, 0, "request cookie {} failed", r.cookie);
+            assert!(r.data.iter().all(|&b| b == 0), "READ cookie {} returned data the disk does not hold", r.cookie);
+            r.cookie
+        })
+        .collect()
+}
+
+fn sorted(v: &[u64]) -> Vec<u64> {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v
 }

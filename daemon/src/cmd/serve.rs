@@ -25,8 +25,9 @@ pub struct Args {
     #[arg(long)]
     pub no_journal: bool,
     /// Worker threads per connection (requests in flight per connection).
-    /// Default: one per CPU, at least 2, at most 64. Raise it for disks on
-    /// slow devices, where reads that miss the page cache wait on the disk.
+    /// Default: one per CPU, at least 2, at most 64. What waits on the disk
+    /// (a FLUSH, a READ not in the page cache, a FUA write's sync) is
+    /// carried out by 16 more threads per connection, not these.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Requests that may change one disk image at once (writes, zeroes,
