@@ -10,9 +10,9 @@
 # Environment knobs (defaults in brackets):
 #   SYSTEMS          systems to run, space separated
 #                    ["tern tern-nojournal qemu-nbd nbdkit"]; also tern-overflow
-#                    and tern-ring (journal on, a ring of TERN_RING_SIZE that
-#                    holds the whole run, no consumer: journaling alone,
-#                    without the shipper's CPU; use a short RUNTIME)
+#                    and tern-ring (journal on, a ring that holds the whole
+#                    run, no consumer: journaling alone, without the
+#                    shipper's CPU; use a short RUNTIME)
 #   WORKLOADS        subset of workloads to run [all six, see below]
 #   RUNTIME          seconds of measured time per fio run [10]
 #   RAMP             fio ramp_time, seconds, not measured [2]
@@ -20,7 +20,10 @@
 #   WORK             work dir (image, logs, results) [/var/tmp/tern-bench-nbd]
 #   TERN             tern binary [target/release/tern]
 #   TERN_JOURNAL_SIZE  --journal-size for `tern enable` [1GiB]
-#   TERN_RING_SIZE   --journal-size of tern-ring [12GiB]
+#   TERN_RING_SIZE   --journal-size of tern-ring for 1 MiB writes [12GiB]
+#   TERN_RING_SIZE_4K  --journal-size of tern-ring for the 4 KiB workloads
+#                    [3GiB]: each run gets a ring that holds it and no more,
+#                    since a ring is memory the page cache cannot use
 #   NBDKIT_THREADS   nbdkit -t value; empty = nbdkit default (16) [16]
 #   FRESH_IMAGE=1    recreate the image even if a 2 GiB one already exists
 #   DROP_CACHES=1    drop the page cache before every server start (root)
@@ -43,7 +46,7 @@ set -euo pipefail
 
 # Record which knobs the caller set explicitly *before* applying defaults, so
 # the summary can print the exact command that reproduces this run.
-KNOBS=(SYSTEMS WORKLOADS RUNTIME RAMP ROUNDS WORK TERN TERN_JOURNAL_SIZE TERN_RING_SIZE
+KNOBS=(SYSTEMS WORKLOADS RUNTIME RAMP ROUNDS WORK TERN TERN_JOURNAL_SIZE TERN_RING_SIZE TERN_RING_SIZE_4K
        NBDKIT_THREADS FRESH_IMAGE DROP_CACHES PIN_DIRTY)
 # Shell-quote for display: bare if safe, else single quotes (readable,
 # unlike printf %q's backslashes).
@@ -72,6 +75,7 @@ WORK="${WORK:-/var/tmp/tern-bench-nbd}"
 TERN="${TERN:-target/release/tern}"
 TERN_JOURNAL_SIZE="${TERN_JOURNAL_SIZE:-1GiB}"
 TERN_RING_SIZE="${TERN_RING_SIZE:-12GiB}"
+TERN_RING_SIZE_4K="${TERN_RING_SIZE_4K:-3GiB}"
 NBDKIT_THREADS="${NBDKIT_THREADS-16}"
 FRESH_IMAGE="${FRESH_IMAGE:-0}"
 DROP_CACHES="${DROP_CACHES:-0}"
@@ -299,7 +303,16 @@ wait_ready() {
     return 0
 }
 
-# start_server SYSTEM DIR LOGFILE -> sets SERVER_PID, SOCK
+# tern-ring's ring for a workload: room for the whole run, and no more.
+ring_size() {
+    case "$1" in
+        seq-write) echo "$TERN_RING_SIZE" ;;
+        *) echo "$TERN_RING_SIZE_4K" ;;
+    esac
+}
+
+# start_server SYSTEM DIR LOGFILE -> sets SERVER_PID, SOCK; tern starts a
+# VM for the workload in NEXT_WORKLOAD
 start_server() {
     local sys="$1" dir="$2" logf="$3"
     SOCK="$dir/nbd.sock"
@@ -317,7 +330,7 @@ start_server() {
             mkdir -p "$state" "$dir/cache" "$dir/target"
             local enable=("$TERN" --state "$state" enable bench
                           --disk "$EXPORT=$IMG" --cache "$dir/cache" --target "$dir/target"
-                          --journal-size "$(case $sys in tern-overflow) echo 64KiB ;; tern-ring) echo "$TERN_RING_SIZE" ;;
+                          --journal-size "$(case $sys in tern-overflow) echo 64KiB ;; tern-ring) ring_size "$NEXT_WORKLOAD" ;;
                                             *) echo "$TERN_JOURNAL_SIZE" ;; esac)")
             echo "+ ${enable[*]}" >>"$logf"
             if ! "${enable[@]}" >>"$logf" 2>&1; then
@@ -439,6 +452,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         fi
 
         log "round $r/$ROUNDS: starting $sys"
+        read -r NEXT_WORKLOAD _ <<<"$WORKLOADS"
         if ! start_server "$sys" "$dir" "$slog"; then
             log "round $r: $sys failed to start (log: $slog); skipping its workloads this round"
             stop_server
@@ -458,6 +472,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
             if [[ "$sys" == tern* ]] && ((!first_workload)) && ((!server_dead)); then
                 stop_server
                 rm -rf "$dir"; mkdir -p "$dir"
+                NEXT_WORKLOAD="$w"
                 if ! start_server "$sys" "$dir" "$slog"; then server_dead=1; fi
                 uri="nbd+unix:///$EXPORT?socket=$SOCK"
             fi
