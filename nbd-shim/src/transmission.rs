@@ -115,6 +115,9 @@ pub fn serve<R: Read + Send, W: Write + Send>(
             let waiting = waiting.clone();
             s.spawn(move || conn.waiter(waiting));
         }
+        // Only the waiters receive: were they all gone, handing over fails
+        // and the workers carry requests out themselves.
+        drop(waiting);
         for _ in 1..threads.max(1) {
             let to_waiters = to_waiters.clone();
             s.spawn(move || conn.worker(&to_waiters));
@@ -142,6 +145,13 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         let mut payload = Vec::new();
         let mut reply = Vec::new();
         loop {
+            // Do not keep a 32 MiB buffer per thread.
+            if payload.capacity() > 4 << 20 {
+                payload = Vec::new();
+            }
+            if reply.capacity() > 4 << 20 {
+                reply = Vec::new();
+            }
             let (req, in_place) = {
                 let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
                 if self.closing.load(Ordering::Acquire) {
@@ -191,6 +201,11 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
                 }
                 (req, in_place)
             };
+            // A FUA request's change is made here and made durable by a
+            // waiter (as a FLUSH would), which then replies. A shutdown in
+            // between fails that flush, and the client gets an error for a
+            // change that was made: NBD leaves the range undefined then, and
+            // the shutdown makes everything durable anyway.
             let fua = req.flags & CMD_FLAG_FUA != 0;
             let handoff = match (in_place, req.kind) {
                 (Some(w), _) => match w.finish(false) {
@@ -228,12 +243,6 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             if let Err(e) = self.send(&reply) {
                 self.close(ConnectionEnd::Io(e), true);
                 return;
-            }
-            if payload.capacity() > 4 << 20 {
-                payload = Vec::new(); // do not keep a 32 MiB buffer per thread
-            }
-            if reply.capacity() > 4 << 20 {
-                reply = Vec::new();
             }
         }
     }
