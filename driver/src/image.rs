@@ -103,7 +103,7 @@ impl Image {
         let len = buf.len();
         let error = |source| Error::Read { path: self.path.clone(), offset, len, source };
         let mut done = 0;
-        while done < buf.len() {
+        while done < len {
             let rest = &mut buf[done..];
             let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
             let at = (offset + done as u64) as libc::off_t;

@@ -207,28 +207,25 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             // change that was made: NBD leaves the range undefined then, and
             // the shutdown makes everything durable anyway.
             let fua = req.flags & CMD_FLAG_FUA != 0;
-            let handoff = match (in_place, req.kind) {
-                (Some(w), _) => match w.finish(false) {
-                    Ok(()) if fua => Some(Handoff::MakeDurable(req)),
-                    result => {
-                        reply.clear();
-                        self.result_reply(&req, result, &mut reply);
-                        None
-                    }
-                },
-                (None, CMD_FLUSH) => Some(Handoff::Execute(req)),
-                (None, CMD_READ) => (!self.read(&req, &mut reply, Wait::No)).then_some(Handoff::Execute(req)),
+            let changed = match (in_place, req.kind) {
+                (Some(w), _) => Some(w.finish(false)),
                 (None, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) if fua && validate(&req, &self.session).is_ok() => {
-                    match self.change(&req, &payload, false) {
-                        Ok(()) => Some(Handoff::MakeDurable(req)),
-                        Err(e) => {
-                            reply.clear();
-                            self.failed(&req, &e, &mut reply);
-                            None
-                        }
-                    }
+                    Some(self.change(&req, &payload, false))
                 }
-                (None, _) => {
+                (None, _) => None,
+            };
+            let handoff = match changed {
+                Some(Ok(())) if fua => Some(Handoff::MakeDurable(req)),
+                Some(result) => {
+                    reply.clear();
+                    self.result_reply(&req, result, &mut reply);
+                    None
+                }
+                None if req.kind == CMD_FLUSH => Some(Handoff::Execute(req)),
+                None if req.kind == CMD_READ => {
+                    (!self.read(&req, &mut reply, Wait::No)).then_some(Handoff::Execute(req))
+                }
+                None => {
                     self.execute(&req, &payload, &mut reply);
                     None
                 }
@@ -318,6 +315,10 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
 
     /// Carries a request out and encodes its reply into `out`.
     fn execute(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) {
+        if req.kind == CMD_READ {
+            self.read(req, out, Wait::Yes); // validates it
+            return;
+        }
         out.clear();
         if let Err(code) = validate(req, &self.session) {
             let why = match code {
@@ -329,10 +330,6 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         let (m, disk, fua) = (self.mirror, self.disk, req.flags & CMD_FLAG_FUA != 0);
         let (off, len) = (req.offset, req.length as u64);
         let result = match req.kind {
-            CMD_READ => {
-                self.read(req, out, Wait::Yes);
-                return;
-            }
             CMD_BLOCK_STATUS => return self.block_status(req, out),
             CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => self.change(req, payload, fua),
             CMD_FLUSH => m.flush(disk),

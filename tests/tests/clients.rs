@@ -537,7 +537,6 @@ fn ext4_on_tern_through_nbdfuse_and_loop() {
 /// (every read and write takes `DELAY`), presented as a file by nbdfuse and
 /// as a block device by a loop device. Torn down in order, even on a panic.
 struct SlowDisk {
-    loopdev: Option<String>,
     fuse: FuseStack,
     nbdkit: Child,
 }
@@ -568,7 +567,6 @@ impl SlowDisk {
         let fuse_dir = dir.join("slow-fuse");
         std::fs::create_dir(&fuse_dir).expect("mkdir slow-fuse");
         let mut disk = SlowDisk {
-            loopdev: None,
             fuse: FuseStack { mnt: None, loopdev: None, fuse_dir: fuse_dir.clone(), nbdfuse: None },
             nbdkit,
         };
@@ -594,21 +592,19 @@ impl SlowDisk {
         }
         let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&file)).trim().to_string();
         assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        disk.loopdev = Some(dev);
+        disk.fuse.loopdev = Some(dev);
         disk
     }
 
     fn device(&self) -> PathBuf {
-        PathBuf::from(self.loopdev.as_deref().expect("loop device"))
+        PathBuf::from(self.fuse.loopdev.as_deref().expect("loop device"))
     }
 }
 
 impl Drop for SlowDisk {
     fn drop(&mut self) {
-        if let Some(dev) = self.loopdev.take() {
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-        }
-        self.fuse.loopdev = None;
+        // The loop device and nbdfuse go before the server behind them.
+        let _ = self.fuse.detach_loop();
         let _ = self.fuse.stop_nbdfuse();
         let _ = self.nbdkit.kill();
         let _ = self.nbdkit.wait();
@@ -631,12 +627,11 @@ fn requests_that_wait_on_the_disk_hold_up_no_other_request() {
     let vm = TestVm::new(VmSpec { device: Some(slow.device()), journal_size: "64MiB", ..Default::default() });
     // Not the initial sync: the front-end would re-read the whole disk for
     // it in the background (minutes at this speed), caching what the test
-    // needs uncached. The bitmap's bits start at byte 4096
-    // (docs/FORMATS.md); all clean.
-    let bitmap = vm.state.join("vm1/dirty.disk0");
-    let header = std::fs::read(&bitmap).expect("read bitmap")[..4096].to_vec();
-    let len = std::fs::metadata(&bitmap).expect("bitmap").len() as usize;
-    std::fs::write(&bitmap, [header, vec![0u8; len - 4096]].concat()).expect("clear bitmap");
+    // needs uncached. (The bitmap is a shared mapping: the cleared bits are
+    // in the page cache `tern serve` maps next.)
+    tern_driver::bitmap::DirtyBitmap::open(&vm.state.join("vm1/dirty.disk0"), size)
+        .expect("open the bitmap")
+        .clear_range(0, size);
     let served = vm.serve(&["--threads", "2"]);
     let mut c = tern_system_tests::RawClient::connect(&vm.socket, "disk0");
     use tern_system_tests::CMD_READ;

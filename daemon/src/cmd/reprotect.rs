@@ -266,8 +266,9 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     // Kept when that fails: its journal.ring link is what names the ring.
     if let Err(e) = tern_driver::journal::live::retire(&paths.moved_to(&retired).journal()) {
         log::warn!(
-            "cannot remove the old direction's journal: {}; remove the file {} links to (memory), then that directory",
+            "cannot remove the old direction's journal: {}; kept {}: remove the file its link {} names (in memory), then that directory",
             e.with_causes(),
+            retired.display(),
             tern_driver::journal::live::link_path(&paths.moved_to(&retired).journal()).display()
         );
     } else {
