@@ -15,7 +15,7 @@ use std::time::Duration;
 use tern_driver::Mirror;
 
 use crate::handshake::{self, ExportInfo, HandshakeError};
-use crate::transmission::{self, ConnectionEnd};
+use crate::transmission::{self, ConnectionEnd, Workers};
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,9 +71,10 @@ impl FromStr for Listen {
 /// Tunables of a server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Worker threads per connection: the most requests one connection has
-    /// in flight. Default: [`ServerOptions::default_threads_per_connection`].
-    pub threads_per_connection: usize,
+    /// Worker threads of the server, shared out among its connections (at
+    /// least one each; see [`Workers`]). Default:
+    /// [`ServerOptions::default_threads`].
+    pub threads: usize,
     /// Connections served at once; more are refused. Default: 64.
     pub max_connections: usize,
     /// A client must finish the handshake within this. Default: 30s.
@@ -81,14 +82,14 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
-    /// One per CPU (at least 2, at most 64). On two CPUs, 2 against 8
-    /// (the default before) measured 1 MiB sequential writes 60–80% faster,
+    /// One per CPU (at least 2, at most 64), for the whole server. On two
+    /// CPUs, 2 against 8 per connection (the default before) measured 1 MiB sequential writes 60–80% faster,
     /// 4 KiB writes at queue depth 32 at about the same IOPS with a p99
     /// a third lower, and as many reads (docs/BENCHMARKS.md): a request's
     /// work is CPU work (its bytes copied from the socket and into the page
     /// cache), and more threads than CPUs only take turns at it. What waits
     /// on the disk goes to the waiters (see `transmission`), not to these.
-    pub fn default_threads_per_connection() -> usize {
+    pub fn default_threads() -> usize {
         std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 64)
     }
 }
@@ -96,7 +97,7 @@ impl ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
-            threads_per_connection: ServerOptions::default_threads_per_connection(),
+            threads: ServerOptions::default_threads(),
             max_connections: 64,
             handshake_timeout: Duration::from_secs(30),
         }
@@ -108,6 +109,7 @@ pub struct Server {
     mirror: Arc<Mirror>,
     exports: Vec<ExportInfo>,
     options: ServerOptions,
+    workers: Workers,
     active: AtomicUsize,
     next_id: AtomicU64,
     /// Open connections, to shut them down when the server stops.
@@ -134,6 +136,7 @@ impl Server {
         Server {
             mirror,
             exports,
+            workers: Workers::new(options.threads),
             options,
             active: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
@@ -238,8 +241,7 @@ impl Server {
             if n.session.structured { "structured" } else { "simple" },
             if n.session.base_allocation.is_some() { ", base:allocation" } else { "" }
         );
-        let threads = self.options.threads_per_connection;
-        match transmission::serve(r, w, hang_up, &self.mirror, export.disk, n.session, threads) {
+        match transmission::serve(r, w, hang_up, &self.mirror, export.disk, n.session, &self.workers) {
             end @ (ConnectionEnd::Disconnect | ConnectionEnd::Closed) => log::info!("{peer}: {end}"),
             end => log::warn!("{peer}: connection ended: {end}"),
         }

@@ -7,15 +7,17 @@
 //! pipelined, replies go out in completion order, and no request is ever
 //! handed from one worker to another.
 //!
-//! The workers are few (one per CPU by default): their work is copying
-//! bytes, and more of them than CPUs only take turns at it. What would wait
-//! on the disk instead (a FLUSH, a READ that misses the page cache, making
-//! a FUA request's change durable) is handed to a second team, the
-//! waiters, which does nothing else, so it holds up no other request.
+//! The workers are few: one per CPU for the whole server, shared out among
+//! the connections open (at least one each; see [`Workers`]). Their work
+//! is copying bytes, and more of them than CPUs only take turns at it. What
+//! would wait on the disk instead (a FLUSH, a READ that misses the page
+//! cache, making a FUA request's change durable) is handed to a second
+//! team, the waiters, which does nothing else, so it holds up no other
+//! request.
 
 use std::io::{self, BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tern_driver::{Mirror, ZeroMode};
@@ -70,6 +72,85 @@ const WAITERS: usize = 16;
 /// the request out itself (and the client's pipeline slows down).
 const WAITING: usize = 4 * WAITERS;
 
+/// The request threads of a server, shared out among its open
+/// connections: each keeps `threads / connections` of its workers busy (at
+/// least one), and parks the rest until a connection ends.
+///
+/// A worker's work is CPU work, so workers past the CPUs only take turns:
+/// a request waits for its thread to be scheduled again, and a worker
+/// preempted while it holds its connection's read side holds up that whole
+/// connection. With a team per connection, four connections on two CPUs
+/// ran eight workers, and 4 KiB writes at 4 × QD8 had a p99 of 1.6–2.7 ms;
+/// one worker each measured 0.44–0.96 ms, with more IOPS
+/// (docs/BENCHMARKS.md).
+pub struct Workers {
+    threads: usize,
+    connections: AtomicUsize,
+    /// Taken to park, and by whatever may let a parked worker go on (a
+    /// connection ending, a connection closing), so no wake-up is lost.
+    parked: Mutex<()>,
+    changed: Condvar,
+}
+
+impl Workers {
+    /// `threads` workers for the whole server (at least one per connection).
+    pub fn new(threads: usize) -> Self {
+        Workers {
+            threads: threads.max(1),
+            connections: AtomicUsize::new(0),
+            parked: Mutex::new(()),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// The most workers one connection may spawn: all of them, when it is
+    /// the only one.
+    fn team(&self) -> usize {
+        self.threads
+    }
+
+    /// How many of its workers each connection keeps busy now.
+    fn share(&self) -> usize {
+        (self.threads / self.connections.load(Ordering::Acquire).max(1)).max(1)
+    }
+
+    /// Counts a connection in until the returned guard drops.
+    fn join(&self) -> Joined<'_> {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        Joined(self)
+    }
+
+    /// Wakes every parked worker to look again at its share and its
+    /// connection.
+    fn wake_all(&self) {
+        drop(self.parked.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_all();
+    }
+
+    /// Parks worker `index` of a connection while it is past the
+    /// connection's share. False once the connection is closing.
+    fn wait_for_turn(&self, index: usize, closing: &AtomicBool) -> bool {
+        if index < self.share() {
+            return !closing.load(Ordering::Acquire);
+        }
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        while index >= self.share() && !closing.load(Ordering::Acquire) {
+            parked = self.changed.wait(parked).unwrap_or_else(|p| p.into_inner());
+        }
+        !closing.load(Ordering::Acquire)
+    }
+}
+
+/// A connection counted in [`Workers`].
+struct Joined<'a>(&'a Workers);
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.wake_all();
+    }
+}
+
 /// A connection's shared state.
 struct Conn<'a, R, W> {
     reader: Mutex<BufReader<R>>,
@@ -81,6 +162,7 @@ struct Conn<'a, R, W> {
     mirror: &'a Mirror,
     disk: usize,
     session: Session,
+    workers: &'a Workers,
 }
 
 /// Serves requests until the client disconnects or breaks the protocol.
@@ -93,8 +175,9 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     mirror: &Mirror,
     disk: usize,
     session: Session,
-    threads: usize,
+    workers: &Workers,
 ) -> ConnectionEnd {
+    let _joined = workers.join();
     let conn = Conn {
         // Buffered: a pipelining client's small requests arrive several to
         // a segment, and the next worker finds its request already read.
@@ -107,6 +190,7 @@ pub fn serve<R: Read + Send, W: Write + Send>(
         mirror,
         disk,
         session,
+        workers,
     };
     std::thread::scope(|s| {
         let conn = &conn;
@@ -118,11 +202,11 @@ pub fn serve<R: Read + Send, W: Write + Send>(
         // Only the waiters receive: were they all gone, handing over fails
         // and the workers carry requests out themselves.
         drop(waiting);
-        for _ in 1..threads.max(1) {
+        for index in 1..workers.team() {
             let to_waiters = to_waiters.clone();
-            s.spawn(move || conn.worker(&to_waiters));
+            s.spawn(move || conn.worker(index, &to_waiters));
         }
-        conn.worker(&to_waiters);
+        conn.worker(0, &to_waiters);
         // The waiters finish what they were handed, then see the channel
         // closed once every worker has returned.
     });
@@ -136,12 +220,15 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             *end = Some(why);
         }
         self.closing.store(true, Ordering::Release);
+        self.workers.wake_all(); // its parked workers return
         if hang_up {
             (self.hang_up)();
         }
     }
 
-    fn worker(&self, to_waiters: &crossbeam_channel::Sender<Handoff>) {
+    /// Worker `index` of the connection: parked while past the
+    /// connection's share of the server's workers.
+    fn worker(&self, index: usize, to_waiters: &crossbeam_channel::Sender<Handoff>) {
         let mut payload = Vec::new();
         let mut reply = Vec::new();
         loop {
@@ -151,6 +238,9 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             }
             if reply.capacity() > 4 << 20 {
                 reply = Vec::new();
+            }
+            if !self.workers.wait_for_turn(index, &self.closing) {
+                return;
             }
             let (req, in_place) = {
                 let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
@@ -301,7 +391,6 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         Ok(None)
     }
 
-    /// Completes a WRITE received in place and encodes its reply.
     /// Carries out what a worker handed over and encodes its reply.
     fn carry_out(&self, job: Handoff, out: &mut Vec<u8>) {
         match job {
@@ -643,5 +732,57 @@ mod tests {
             Err(ConnectionEnd::ClosedMidRequest { got: 24, len: 64, .. }) => {}
             other => panic!("expected a hang-up 24 bytes into 64, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_workers_are_shared_out_among_the_connections_at_least_one_each() {
+        let workers = Workers::new(8);
+        let shares: Vec<usize> = (1..=10)
+            .scan(Vec::new(), |open, _| {
+                open.push(workers.join());
+                Some(workers.share())
+            })
+            .collect();
+        assert_eq!(shares, [8, 4, 2, 2, 1, 1, 1, 1, 1, 1]);
+        assert_eq!(workers.team(), 8, "a connection alone may use them all");
+        assert_eq!(Workers::new(0).share(), 1, "a connection always has a worker");
+    }
+
+    /// Runs `wait_for_turn(index)` on a thread; its result once it returns.
+    fn park(
+        workers: &std::sync::Arc<Workers>,
+        index: usize,
+        closing: &std::sync::Arc<AtomicBool>,
+    ) -> std::sync::mpsc::Receiver<bool> {
+        let (done, result) = std::sync::mpsc::channel();
+        let (workers, closing) = (std::sync::Arc::clone(workers), std::sync::Arc::clone(closing));
+        std::thread::spawn(move || done.send(workers.wait_for_turn(index, &closing)));
+        result
+    }
+
+    #[test]
+    fn a_worker_past_its_share_waits_until_a_connection_ends() {
+        let workers = std::sync::Arc::new(Workers::new(2));
+        let closing = std::sync::Arc::new(AtomicBool::new(false));
+        let first = workers.join();
+        let _second = workers.join();
+        assert!(workers.wait_for_turn(0, &closing), "the first worker of a connection never waits");
+        let second_worker = park(&workers, 1, &closing);
+        assert!(second_worker.recv_timeout(Duration::from_millis(200)).is_err(), "it ran past its share");
+        drop(first);
+        assert_eq!(second_worker.recv_timeout(Duration::from_secs(5)), Ok(true), "it stayed parked");
+    }
+
+    #[test]
+    fn a_parked_worker_returns_when_its_connection_closes() {
+        let workers = std::sync::Arc::new(Workers::new(1));
+        let closing = std::sync::Arc::new(AtomicBool::new(false));
+        let _only = workers.join();
+        let parked = park(&workers, 1, &closing);
+        assert!(parked.recv_timeout(Duration::from_millis(200)).is_err(), "it ran past its share");
+        closing.store(true, Ordering::Release);
+        workers.wake_all(); // as `Conn::close` does
+        assert_eq!(parked.recv_timeout(Duration::from_secs(5)), Ok(false), "it stayed parked");
+        assert!(!workers.wait_for_turn(0, &closing), "a closing connection's first worker went on");
     }
 }

@@ -24,10 +24,11 @@ pub struct Args {
     /// measure what journaling costs.
     #[arg(long)]
     pub no_journal: bool,
-    /// Worker threads per connection (requests in flight per connection).
-    /// Default: one per CPU, at least 2, at most 64. What waits on the disk
-    /// (a FLUSH, a READ not in the page cache, a FUA write's sync) is
-    /// carried out by 16 more threads per connection, not these.
+    /// Worker threads that carry out requests, for the whole server: shared
+    /// out among the open connections, at least one each. Default: one per
+    /// CPU, at least 2, at most 64. What waits on the disk (a FLUSH, a READ
+    /// not in the page cache, a FUA write's sync) is carried out by 16 more
+    /// threads per connection, not these.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Requests that may change one disk image at once (writes, zeroes,
@@ -54,8 +55,8 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     if a.no_journal {
         log::warn!("journaling is OFF (--no-journal): every region of VM '{}' is marked for a full resync", a.vm);
     }
-    let threads = a.threads.unwrap_or_else(ServerOptions::default_threads_per_connection).clamp(1, 256);
-    let options = ServerOptions { threads_per_connection: threads, ..Default::default() };
+    let threads = a.threads.unwrap_or_else(ServerOptions::default_threads).clamp(1, 256);
+    let options = ServerOptions { threads, ..Default::default() };
     let server = Arc::new(Server::new(Arc::clone(&mirror), options));
     let listen = if a.listen.is_empty() { vec![Listen::Unix(paths.nbd_socket())] } else { a.listen.clone() };
 

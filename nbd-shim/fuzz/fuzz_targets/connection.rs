@@ -80,7 +80,7 @@ fn setup() -> Server {
     )
     .expect("enable the VM");
     let mirror = Mirror::open(&paths, MirrorOptions::default()).expect("open the mirror");
-    Server::new(Arc::new(mirror), ServerOptions { threads_per_connection: 2, ..Default::default() })
+    Server::new(Arc::new(mirror), ServerOptions { threads: 2, ..Default::default() })
 }
 
 extern "C" fn remove_dir() {
