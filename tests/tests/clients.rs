@@ -534,17 +534,20 @@ fn ext4_on_tern_through_nbdfuse_and_loop() {
 // ---- 7. requests that wait on the disk -----------------------------------------
 
 /// A disk on a slow device: nbdkit's memory plugin behind its delay filter
-/// (every read and write takes `DELAY`), presented as a file by nbdfuse and
-/// as a block device by a loop device. Torn down in order, even on a panic.
+/// (every read takes `read_delay`, every write `write_delay`: a number
+/// and `ms`, as nbdkit 1.32 takes it), presented as
+/// a file by nbdfuse and as a block device by a loop device. Torn down in
+/// order, even on a panic.
 struct SlowDisk {
     fuse: FuseStack,
     nbdkit: Child,
+    /// nbdkit's socket: the disk as it is under the loop device's page
+    /// cache, that is, what a sync has made durable.
+    socket: PathBuf,
 }
 
-const DELAY: &str = "300ms";
-
 impl SlowDisk {
-    fn new(dir: &Path, size: u64) -> Self {
+    fn new(dir: &Path, size: u64, read_delay: &str, write_delay: &str) -> Self {
         for tool in ["nbdkit", "nbdfuse", "losetup"] {
             require(tool);
         }
@@ -556,8 +559,8 @@ impl SlowDisk {
                 "--filter=delay",
                 "memory",
                 &size.to_string(),
-                &format!("rdelay={DELAY}"),
-                &format!("wdelay={DELAY}"),
+                &format!("rdelay={read_delay}"),
+                &format!("wdelay={write_delay}"),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -569,10 +572,17 @@ impl SlowDisk {
         let mut disk = SlowDisk {
             fuse: FuseStack { mnt: None, loopdev: None, fuse_dir: fuse_dir.clone(), nbdfuse: None },
             nbdkit,
+            socket: sock.clone(),
         };
         let start = Instant::now();
         while !sock.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "nbdkit did not listen on {}", sock.display());
+            let log = || std::fs::read_to_string(dir.join("nbdkit.log")).unwrap_or_default();
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nbdkit did not listen on {}: {}",
+                sock.display(),
+                log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let file = fuse_dir.join("disk");
@@ -623,15 +633,8 @@ fn requests_that_wait_on_the_disk_hold_up_no_other_request() {
     let size = 64 * MIB;
     let scratch =
         tempfile::Builder::new().prefix("tern-slow-").tempdir_in(tern_system_tests::test_root()).expect("tempdir");
-    let slow = SlowDisk::new(scratch.path(), size);
-    let vm = TestVm::new(VmSpec { device: Some(slow.device()), journal_size: "64MiB", ..Default::default() });
-    // Not the initial sync: the front-end would re-read the whole disk for
-    // it in the background (minutes at this speed), caching what the test
-    // needs uncached. (The bitmap is a shared mapping: the cleared bits are
-    // in the page cache `tern serve` maps next.)
-    tern_driver::bitmap::DirtyBitmap::open(&vm.state.join("vm1/dirty.disk0"), size)
-        .expect("open the bitmap")
-        .clear_range(0, size);
+    let slow = SlowDisk::new(scratch.path(), size, "300ms", "300ms");
+    let vm = slow_vm(&slow, size);
     let served = vm.serve(&["--threads", "2"]);
     let mut c = tern_system_tests::RawClient::connect(&vm.socket, "disk0");
     use tern_system_tests::CMD_READ;
@@ -668,6 +671,61 @@ fn requests_that_wait_on_the_disk_hold_up_no_other_request() {
         let mut got = vec![0u8; 4096];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, k * 8 * MIB + 64 * KIB).expect("read back");
         assert!(got == page, "FUA WRITE {k} is not on the disk");
+    }
+}
+
+/// A test VM protecting `slow`, with no initial sync due: the front-end
+/// would re-read the whole disk for it in the background (minutes at this
+/// speed), caching what a test needs uncached and writing what it needs
+/// unwritten.
+fn slow_vm(slow: &SlowDisk, size: u64) -> TestVm {
+    let vm = TestVm::new(VmSpec { device: Some(slow.device()), journal_size: "64MiB", ..Default::default() });
+    // The bitmap is a shared mapping: the cleared bits are in the page
+    // cache `tern serve` maps next.
+    tern_driver::bitmap::DirtyBitmap::open(&vm.state.join("vm1/dirty.disk0"), size)
+        .expect("open the bitmap")
+        .clear_range(0, size);
+    vm
+}
+
+/// A FUA WRITE is answered only once its data is durable, and so is a
+/// FLUSH after a plain WRITE: read straight from the slow disk's own
+/// server (under the loop device and its page cache), the data is there
+/// as the reply arrives. Data reaches that server only through a sync, and
+/// every write there takes a second, so a reply sent before the sync
+/// finishes finds the old data. Journaled (the payload received into its
+/// journal record) and not (`--no-journal`, received into a buffer).
+#[test]
+fn a_write_is_durable_before_its_fua_or_flush_is_answered() {
+    assert!(is_root(), "this test needs root (a loop device); CI runs as root");
+    assert!(which("fusermount3") || which("fusermount"), "fusermount3 is not installed (package fuse3)");
+    use tern_system_tests::{CMD_FLUSH, CMD_READ, CMD_WRITE};
+    const CMD_FLAG_FUA: u16 = 1;
+    let size = 64 * MIB;
+    let scratch =
+        tempfile::Builder::new().prefix("tern-durable-").tempdir_in(tern_system_tests::test_root()).expect("tempdir");
+    let slow = SlowDisk::new(scratch.path(), size, "0", "1000ms");
+    let vm = slow_vm(&slow, size);
+    let mut durable = tern_system_tests::RawClient::connect(&slow.socket, "");
+    let mut fill = 0u8;
+    for args in [&[][..], &["--no-journal"][..]] {
+        let served = vm.serve(args);
+        let mut c = tern_system_tests::RawClient::connect(&vm.socket, "disk0");
+        for (k, how) in ["FUA WRITE", "WRITE then FLUSH"].into_iter().enumerate() {
+            fill += 1;
+            let page = vec![fill; 4096];
+            let offset = (fill as u64) * MIB;
+            let flags = if k == 0 { CMD_FLAG_FUA } else { 0 };
+            assert_eq!(c.call(CMD_WRITE, flags, offset, 4096, &page).error, 0, "{how} at {offset} ({args:?})");
+            if k == 1 {
+                assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0, "FLUSH ({args:?})");
+            }
+            let on_disk = durable.call(CMD_READ, 0, offset, 4096, &[]);
+            assert_eq!(on_disk.error, 0, "reading the slow disk's server");
+            assert!(on_disk.data == page, "{how} at {offset} ({args:?}) was answered before its data was durable");
+        }
+        drop(c);
+        served.stop();
     }
 }
 
