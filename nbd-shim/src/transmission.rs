@@ -293,9 +293,9 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             };
             // A FUA request's change is made here and made durable by a
             // waiter (as a FLUSH would), which then replies. A shutdown in
-            // between fails that flush, and the client gets an error for a
-            // change that was made: NBD leaves the range undefined then, and
-            // the shutdown makes everything durable anyway.
+            // between fails that flush, but no client hears of it: the
+            // server hangs every socket up before it shuts the mirror down,
+            // and the shutdown makes everything durable.
             let fua = req.flags & CMD_FLAG_FUA != 0;
             let changed = match (in_place, req.kind) {
                 (Some(w), _) => Some(w.finish(false)),
