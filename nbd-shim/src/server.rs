@@ -8,7 +8,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,8 +71,9 @@ impl FromStr for Listen {
 /// Tunables of a server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Worker threads of the server, shared out among its connections (at
-    /// least one each; see [`Workers`]). Default:
+    /// Worker threads busy at once, shared out among the connections (at
+    /// least one each; see [`Workers`]); each connection starts this many
+    /// and parks those past its share. Default:
     /// [`ServerOptions::default_threads`].
     pub threads: usize,
     /// Connections served at once; more are refused. Default: 64.
@@ -82,13 +83,14 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
-    /// One per CPU (at least 2, at most 64), for the whole server. On two
-    /// CPUs, 2 against 8 per connection (the default before) measured 1 MiB sequential writes 60–80% faster,
-    /// 4 KiB writes at queue depth 32 at about the same IOPS with a p99
-    /// a third lower, and as many reads (docs/BENCHMARKS.md): a request's
-    /// work is CPU work (its bytes copied from the socket and into the page
-    /// cache), and more threads than CPUs only take turns at it. What waits
-    /// on the disk goes to the waiters (see `transmission`), not to these.
+    /// One per CPU (at least 2, at most 64). On two CPUs, 2 per connection
+    /// against 8 (the default until 2026-11-29) measured 1 MiB sequential
+    /// writes 60–80% faster, 4 KiB writes at queue depth 32 at about the
+    /// same IOPS with a p99 a third lower, and as many reads
+    /// (docs/BENCHMARKS.md): a request's work is CPU work (its bytes copied
+    /// from the socket and into the page cache), and more threads than CPUs
+    /// only take turns at it. What waits on the disk goes to the waiters
+    /// (see `transmission`), not to these.
     pub fn default_threads() -> usize {
         std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 64)
     }
@@ -114,6 +116,8 @@ pub struct Server {
     next_id: AtomicU64,
     /// Open connections, to shut them down when the server stops.
     connections: Mutex<HashMap<u64, Box<dyn Fn() + Send + Sync>>>,
+    /// Set by `disconnect_all`: no connection is served after it.
+    stopping: AtomicBool,
 }
 
 /// A bound listening socket.
@@ -141,6 +145,7 @@ impl Server {
             active: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             connections: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -256,7 +261,15 @@ impl Server {
             // VM disk is normal), though its reads time out to poll.
             stream.prepare(self.options.handshake_timeout)?;
             let closer = stream.try_clone()?;
-            self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Box::new(move || closer.shutdown()));
+            {
+                let mut open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+                // Checked under the lock `disconnect_all` drains: a
+                // connection is either hung up there or refused here.
+                if self.stopping.load(Ordering::Acquire) {
+                    return Err(io::Error::other("the server is stopping; connection refused"));
+                }
+                open.insert(id, Box::new(move || closer.shutdown()));
+            }
             // The concrete socket types, not the `Stream` enum: std reads
             // into a request's uninitialized payload buffer only through
             // their own `read_buf`; a wrapper would zero it first.
@@ -276,9 +289,11 @@ impl Server {
     }
 
     /// Shuts every open connection down (requests being carried out still
-    /// finish against the mirror).
+    /// finish against the mirror) and refuses any accepted from now on.
     pub fn disconnect_all(&self) {
-        for (_, close) in self.connections.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        let mut open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        self.stopping.store(true, Ordering::Release);
+        for (_, close) in open.drain() {
             close();
         }
     }

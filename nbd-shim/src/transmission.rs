@@ -7,8 +7,8 @@
 //! pipelined, replies go out in completion order, and no request is ever
 //! handed from one worker to another.
 //!
-//! The workers are few: one per CPU for the whole server, shared out among
-//! the connections open (at least one each; see [`Workers`]). Their work
+//! The workers are few: one per CPU, shared out among the connections open
+//! (at least one each; see [`Workers`]). Their work
 //! is copying bytes, and more of them than CPUs only take turns at it. What
 //! would wait on the disk instead (a FLUSH, a READ that misses the page
 //! cache, making a FUA request's change durable) is handed to a second
@@ -37,6 +37,8 @@ pub enum ConnectionEnd {
     Protocol(String),
     #[error("I/O error on the connection")]
     Io(#[source] io::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Bytes of request stream read ahead per connection.
@@ -73,8 +75,10 @@ const WAITERS: usize = 16;
 const WAITING: usize = 4 * WAITERS;
 
 /// The request threads of a server, shared out among its open
-/// connections: each keeps `threads / connections` of its workers busy (at
-/// least one), and parks the rest until a connection ends.
+/// connections: each keeps `threads / connections` of its workers busy
+/// (rounded down, at least one), and parks the rest until a connection
+/// ends or its own closes. Idle connections count: four disks of a VM,
+/// one of them busy, give it a quarter.
 ///
 /// A worker's work is CPU work, so workers past the CPUs only take turns:
 /// a request waits for its thread to be scheduled again, and a worker
@@ -103,8 +107,8 @@ impl Workers {
         }
     }
 
-    /// The most workers one connection may spawn: all of them, when it is
-    /// the only one.
+    /// The workers each connection starts (and parks past its share): as
+    /// many as the server has, since a connection alone may use them all.
     fn team(&self) -> usize {
         self.threads
     }
@@ -165,6 +169,19 @@ struct Conn<'a, R, W> {
     workers: &'a Workers,
 }
 
+/// Ends the connection when a thread of it panics (a bug): its client
+/// would wait for that request's reply forever, and its parked workers
+/// and waiters for a close that never comes.
+struct CloseOnPanic<'c, 'a, R: Read, W: Write>(&'c Conn<'a, R, W>);
+
+impl<R: Read, W: Write> Drop for CloseOnPanic<'_, '_, R, W> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.close(ConnectionEnd::Internal("a request thread panicked; see the log".into()), true);
+        }
+    }
+}
+
 /// Serves requests until the client disconnects or breaks the protocol.
 /// `hang_up` must make a blocked read on `reader` return (for a socket:
 /// `shutdown(Both)`). Returns why the connection ended.
@@ -195,16 +212,23 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     std::thread::scope(|s| {
         let conn = &conn;
         let (to_waiters, waiting) = crossbeam_channel::bounded::<Handoff>(WAITING);
+        // Fewer threads than asked for (the system is out of them) is
+        // slower, not wrong: worker 0 is this thread, and without waiters
+        // the workers carry every request out themselves.
         for _ in 0..WAITERS {
             let waiting = waiting.clone();
-            s.spawn(move || conn.waiter(waiting));
+            if !spawn(s, "nbd-waiter", move || conn.waiter(waiting)) {
+                break;
+            }
         }
         // Only the waiters receive: were they all gone, handing over fails
         // and the workers carry requests out themselves.
         drop(waiting);
         for index in 1..workers.team() {
             let to_waiters = to_waiters.clone();
-            s.spawn(move || conn.worker(index, &to_waiters));
+            if !spawn(s, "nbd-worker", move || conn.worker(index, &to_waiters)) {
+                break;
+            }
         }
         conn.worker(0, &to_waiters);
         // The waiters finish what they were handed, then see the channel
@@ -213,22 +237,38 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     conn.end.into_inner().unwrap_or_else(|p| p.into_inner()).unwrap_or(ConnectionEnd::Closed)
 }
 
+/// Starts a thread of a connection; false (and a warning) when the system
+/// has none to give.
+fn spawn<'scope>(s: &'scope std::thread::Scope<'scope, '_>, name: &str, run: impl FnOnce() + Send + 'scope) -> bool {
+    let spawned = std::thread::Builder::new().name(name.into()).spawn_scoped(s, run);
+    if let Err(e) = &spawned {
+        log::warn!("cannot start an {name} thread for a connection ({e}); serving it with fewer");
+    }
+    spawned.is_ok()
+}
+
 impl<'a, R: Read, W: Write> Conn<'a, R, W> {
     fn close(&self, why: ConnectionEnd, hang_up: bool) {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
         if end.is_none() {
             *end = Some(why);
         }
-        self.closing.store(true, Ordering::Release);
-        self.workers.wake_all(); // its parked workers return
+        self.stop_reading();
         if hang_up {
             (self.hang_up)();
         }
     }
 
+    /// No worker reads another request; parked ones return.
+    fn stop_reading(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.workers.wake_all();
+    }
+
     /// Worker `index` of the connection: parked while past the
     /// connection's share of the server's workers.
     fn worker(&self, index: usize, to_waiters: &crossbeam_channel::Sender<Handoff>) {
+        let _unwinding = CloseOnPanic(self);
         let mut payload = Vec::new();
         let mut reply = Vec::new();
         loop {
@@ -258,7 +298,7 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
                     Ok(req) if req.kind == CMD_WRITE && req.length > MAX_PAYLOAD => {
                         // Its payload was not read: the stream is out of
                         // sync. Answer it, then hang up.
-                        self.closing.store(true, Ordering::Release);
+                        self.stop_reading();
                         drop(r);
                         self.execute(&req, &[], &mut reply);
                         let _ = self.send(&reply);
@@ -294,8 +334,9 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
             // A FUA request's change is made here and made durable by a
             // waiter (as a FLUSH would), which then replies. A shutdown in
             // between fails that flush, but no client hears of it: the
-            // server hangs every socket up before it shuts the mirror down,
-            // and the shutdown makes everything durable.
+            // server hangs every socket up (and refuses new ones) before it
+            // shuts the mirror down, and the shutdown makes everything
+            // durable.
             let fua = req.flags & CMD_FLAG_FUA != 0;
             let changed = match (in_place, req.kind) {
                 (Some(w), _) => Some(w.finish(false)),
@@ -337,6 +378,7 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
     /// Carries out the requests workers hand over (see the module's
     /// documentation) until every worker has returned.
     fn waiter(&self, waiting: crossbeam_channel::Receiver<Handoff>) {
+        let _unwinding = CloseOnPanic(self);
         let mut reply = Vec::new();
         for job in waiting {
             self.carry_out(job, &mut reply);

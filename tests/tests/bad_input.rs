@@ -144,6 +144,45 @@ fn write_over_32_mib_is_refused_and_only_that_client_is_dropped() {
     vm.assert_journal_reproduces_source();
 }
 
+/// With more connections than request threads (`--threads 2`, two
+/// connections: one worker busy each, the other parked), a client that
+/// leaves still ends its connection, parked worker and all (the server
+/// logs the end only once every thread of it has returned), and the
+/// other client is served on, before and after.
+#[test]
+fn a_connection_with_a_parked_worker_ends_when_its_client_leaves() {
+    let vm = vm();
+    let served = vm.serve(&["--threads", "2"]);
+    let mut leaving = RawClient::connect(&vm.socket, "disk0");
+    let mut staying = RawClient::connect(&vm.socket, "disk0");
+    // A reply on `staying` means the server counts it in: from now on
+    // each connection keeps one worker busy.
+    assert_eq!(staying.call(CMD_READ, 0, 0, 4096, &[]).error, 0);
+    // Requests pipelined: the two workers of `leaving` both take turns at
+    // its socket, and the one past its share parks after its turn.
+    for round in 0..4 {
+        for i in 0..32 {
+            leaving.send(CMD_READ, 0, i, i * 4096, 4096, &[]);
+        }
+        for _ in 0..32 {
+            let r = leaving.reply(|_| 4096).expect("a reply");
+            assert_eq!(r.error, 0, "round {round}, READ {}", r.cookie);
+        }
+    }
+    leaving.send(CMD_DISC, 0, 7, 0, 0, &[]);
+    drop(leaving);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !served.log().contains("client disconnected (NBD_CMD_DISC)") {
+        assert!(std::time::Instant::now() < deadline, "the connection did not end: {}", served.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..6 {
+        assert_eq!(staying.call(CMD_READ, 0, 0, 4096, &[]).error, 0);
+    }
+    drop(staying);
+    served.stop();
+}
+
 #[test]
 fn a_client_that_hangs_up_with_replies_queued_harms_nobody() {
     let vm = vm();

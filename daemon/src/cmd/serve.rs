@@ -24,11 +24,12 @@ pub struct Args {
     /// measure what journaling costs.
     #[arg(long)]
     pub no_journal: bool,
-    /// Worker threads that carry out requests, for the whole server: shared
-    /// out among the open connections, at least one each. Default: one per
-    /// CPU, at least 2, at most 64. What waits on the disk (a FLUSH, a READ
-    /// not in the page cache, a FUA write's sync) is carried out by 16 more
-    /// threads per connection, not these.
+    /// Request threads busy at once, shared out among the open connections
+    /// (rounded down, at least one each; each connection keeps this many,
+    /// parked past its share). Default: one per CPU, at least 2, at most
+    /// 64. What waits on the disk (a FLUSH, a READ not in the page cache, a
+    /// FUA write's sync) is carried out by 16 more threads per connection,
+    /// not these.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Requests that may change one disk image at once (writes, zeroes,
