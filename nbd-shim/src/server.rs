@@ -266,7 +266,9 @@ impl Server {
                 // Checked under the lock `disconnect_all` drains: a
                 // connection is either hung up there or refused here.
                 if self.stopping.load(Ordering::Acquire) {
-                    return Err(io::Error::other("the server is stopping; connection refused"));
+                    return Err(io::Error::other(
+                        "connection refused: the server is stopping; reconnect once `tern serve` runs again",
+                    ));
                 }
                 open.insert(id, Box::new(move || closer.shutdown()));
             }

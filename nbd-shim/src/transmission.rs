@@ -8,9 +8,9 @@
 //! handed from one worker to another.
 //!
 //! The workers are few: one per CPU, shared out among the connections open
-//! (at least one each; see [`Workers`]). Their work
-//! is copying bytes, and more of them than CPUs only take turns at it. What
-//! would wait on the disk instead (a FLUSH, a READ that misses the page
+//! (at least one each; see [`Workers`]). Their work is copying bytes, and
+//! more of them than CPUs only take turns at it. What would wait on the
+//! disk instead (a FLUSH, a READ that misses the page
 //! cache, making a FUA request's change durable) is handed to a second
 //! team, the waiters, which does nothing else, so it holds up no other
 //! request.
@@ -242,7 +242,10 @@ pub fn serve<R: Read + Send, W: Write + Send>(
 fn spawn<'scope>(s: &'scope std::thread::Scope<'scope, '_>, name: &str, run: impl FnOnce() + Send + 'scope) -> bool {
     let spawned = std::thread::Builder::new().name(name.into()).spawn_scoped(s, run);
     if let Err(e) = &spawned {
-        log::warn!("cannot start an {name} thread for a connection ({e}); serving it with fewer");
+        log::warn!(
+            "cannot start an {name} thread for a connection ({e}); serving it with fewer, which is slower: \
+             raise the thread limits (ulimit -u, kernel.threads-max) or lower `tern serve --threads`"
+        );
     }
     spawned.is_ok()
 }

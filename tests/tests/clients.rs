@@ -535,9 +535,8 @@ fn ext4_on_tern_through_nbdfuse_and_loop() {
 
 /// A disk on a slow device: nbdkit's memory plugin behind its delay filter
 /// (every read takes `read_delay`, every write `write_delay`: `NNNms`, or
-/// `0`; nbdkit 1.32 refuses `1s`), presented as
-/// a file by nbdfuse and as a block device by a loop device. Torn down in
-/// order, even on a panic.
+/// `0`; nbdkit 1.32 refuses `1s`), presented as a file by nbdfuse and as a
+/// block device by a loop device. Torn down in order, even on a panic.
 struct SlowDisk {
     fuse: FuseStack,
     nbdkit: Child,
