@@ -7,15 +7,15 @@
 //! pipelined, replies go out in completion order, and no request is ever
 //! handed from one worker to another.
 //!
-//! The workers are few: one per CPU, shared out among the connections open
-//! (at least one each; see [`Workers`]). Their work is copying bytes, and
+//! The workers are few: one per CPU, shared out among the connections
+//! that have requests coming (at least one each; see [`Workers`]). Their work is copying bytes, and
 //! more of them than CPUs only take turns at it. What would wait on the
 //! disk instead (a FLUSH, a READ that misses the page
 //! cache, making a FUA request's change durable) is handed to a second
 //! team, the waiters, which does nothing else, so it holds up no other
 //! request.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -74,11 +74,13 @@ const WAITERS: usize = 16;
 /// the request out itself (and the client's pipeline slows down).
 const WAITING: usize = 4 * WAITERS;
 
-/// The request threads of a server, shared out among its open
-/// connections: each keeps `threads / connections` of its workers busy
-/// (rounded down, at least one), and parks the rest until a connection
-/// ends or its own closes. Idle connections count: four disks of a VM,
-/// one of them busy, give it a quarter.
+/// The request threads of a server, shared out among its active
+/// connections: each keeps `threads / active connections` of its workers
+/// busy (rounded down, at least one), and parks the rest until a
+/// connection ends, goes quiet, or its own closes. A connection is active
+/// from its handshake on, and quiet once no request has arrived for a
+/// [`RECEIVE_POLL`], until the next one does: four disks of a VM, one of
+/// them busy, give that one all the workers, not a quarter.
 ///
 /// A worker's work is CPU work, so workers past the CPUs only take turns:
 /// a request waits for its thread to be scheduled again, and a worker
@@ -89,7 +91,8 @@ const WAITING: usize = 4 * WAITERS;
 /// (docs/BENCHMARKS.md).
 pub struct Workers {
     threads: usize,
-    connections: AtomicUsize,
+    /// Connections in transmission that are not quiet.
+    active: AtomicUsize,
     /// Taken to park, and by whatever may let a parked worker go on (a
     /// connection ending, a connection closing), so no wake-up is lost.
     parked: Mutex<()>,
@@ -101,7 +104,7 @@ impl Workers {
     pub fn new(threads: usize) -> Self {
         Workers {
             threads: threads.max(1),
-            connections: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
             parked: Mutex::new(()),
             changed: Condvar::new(),
         }
@@ -113,15 +116,15 @@ impl Workers {
         self.threads
     }
 
-    /// How many of its workers each connection keeps busy now.
+    /// How many of its workers each active connection keeps busy now.
     fn share(&self) -> usize {
-        (self.threads / self.connections.load(Ordering::Acquire).max(1)).max(1)
+        (self.threads / self.active.load(Ordering::Acquire).max(1)).max(1)
     }
 
-    /// Counts a connection in until the returned guard drops.
+    /// Counts a connection in, active, until the returned guard drops.
     fn join(&self) -> Joined<'_> {
-        self.connections.fetch_add(1, Ordering::AcqRel);
-        Joined(self)
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Joined { workers: self, quiet: AtomicBool::new(false) }
     }
 
     /// Wakes every parked worker to look again at its share and its
@@ -145,13 +148,38 @@ impl Workers {
     }
 }
 
-/// A connection counted in [`Workers`].
-struct Joined<'a>(&'a Workers);
+/// A connection counted in [`Workers`]. Only the worker holding the
+/// connection's read side calls `quiet` and `active`, so they never race.
+struct Joined<'a> {
+    workers: &'a Workers,
+    quiet: AtomicBool,
+}
+
+impl Joined<'_> {
+    /// No request came for a while: the connection stops counting, and
+    /// parked workers of the others look again at their (larger) share.
+    fn quiet(&self) {
+        if !self.quiet.swap(true, Ordering::AcqRel) {
+            self.workers.active.fetch_sub(1, Ordering::AcqRel);
+            self.workers.wake_all();
+        }
+    }
+
+    /// A request came: the connection counts again. The others' workers
+    /// past their (smaller) share park before their next request.
+    fn active(&self) {
+        if self.quiet.load(Ordering::Acquire) && self.quiet.swap(false, Ordering::AcqRel) {
+            self.workers.active.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
 
 impl Drop for Joined<'_> {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
-        self.0.wake_all();
+        if !*self.quiet.get_mut() {
+            self.workers.active.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.workers.wake_all();
     }
 }
 
@@ -167,6 +195,8 @@ struct Conn<'a, R, W> {
     disk: usize,
     session: Session,
     workers: &'a Workers,
+    /// This connection's count in `workers`.
+    joined: Joined<'a>,
 }
 
 /// Ends the connection when a thread of it panics (a bug): its client
@@ -194,7 +224,6 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     session: Session,
     workers: &Workers,
 ) -> ConnectionEnd {
-    let _joined = workers.join();
     let conn = Conn {
         // Buffered: a pipelining client's small requests arrive several to
         // a segment, and the next worker finds its request already read.
@@ -208,6 +237,7 @@ pub fn serve<R: Read + Send, W: Write + Send>(
         disk,
         session,
         workers,
+        joined: workers.join(),
     };
     std::thread::scope(|s| {
         let conn = &conn;
@@ -290,7 +320,7 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
                 if self.closing.load(Ordering::Acquire) {
                     return;
                 }
-                let req = match read_request_head(&mut *r) {
+                let req = match read_request_head(&mut *r, &self.joined) {
                     // Nothing may be read after these: decide while still
                     // holding the read side, so no other worker reads on.
                     Ok(req) if req.kind == CMD_DISC => {
@@ -663,8 +693,19 @@ fn read_until<R: Read>(
     Ok(got)
 }
 
-/// Reads one request's header.
-fn read_request_head<R: Read>(r: &mut R) -> Result<Request, ConnectionEnd> {
+/// Reads one request's header. The connection (`joined`) goes quiet when
+/// a [`RECEIVE_POLL`] passes before the request starts to arrive, and is
+/// active again once it does.
+fn read_request_head<R: BufRead>(r: &mut R, joined: &Joined) -> Result<Request, ConnectionEnd> {
+    loop {
+        match r.fill_buf() {
+            Ok([]) => return Err(ConnectionEnd::Closed),
+            Ok(_) => break,
+            Err(e) if timed_out(&e) => joined.quiet(),
+            Err(e) => return Err(ConnectionEnd::Io(e)),
+        }
+    }
+    joined.active();
     let mut head = [0u8; REQUEST_LEN];
     read_until(r, &mut head, HEADER, None).map_err(|end| match end {
         // Between requests, a hang-up is how a session may end.
@@ -816,6 +857,74 @@ mod tests {
         assert!(second_worker.recv_timeout(Duration::from_millis(200)).is_err(), "it ran past its share");
         drop(first);
         assert_eq!(second_worker.recv_timeout(Duration::from_secs(5)), Ok(true), "it stayed parked");
+    }
+
+    #[test]
+    fn a_quiet_connection_leaves_its_share_to_the_others_until_its_next_request() {
+        let workers = Workers::new(4);
+        let busy = workers.join();
+        let idle = workers.join();
+        assert_eq!(workers.share(), 2);
+        idle.quiet();
+        idle.quiet(); // a second poll without a request counts once
+        assert_eq!(workers.share(), 4, "a quiet connection still took a share");
+        idle.active();
+        idle.active();
+        assert_eq!(workers.share(), 2, "a connection with requests again took no share");
+        idle.quiet();
+        drop(idle); // ends quiet: counted out once, not twice
+        assert_eq!(workers.share(), 4);
+        let third = workers.join();
+        assert_eq!(workers.share(), 2, "the count went wrong when a quiet connection ended");
+        drop((busy, third));
+        assert_eq!(workers.active.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_worker_past_its_share_goes_on_when_another_connection_goes_quiet() {
+        let workers = std::sync::Arc::new(Workers::new(2));
+        let closing = std::sync::Arc::new(AtomicBool::new(false));
+        let _busy = workers.join();
+        let idle = workers.join();
+        let second_worker = park(&workers, 1, &closing);
+        assert!(second_worker.recv_timeout(Duration::from_millis(200)).is_err(), "it ran past its share");
+        idle.quiet();
+        assert_eq!(second_worker.recv_timeout(Duration::from_secs(5)), Ok(true), "it stayed parked");
+    }
+
+    #[test]
+    fn a_connection_goes_quiet_while_no_request_comes_and_active_when_one_does() {
+        /// Times out `quiet` times, then hands out `bytes`, then ends.
+        struct Quiet {
+            quiet: usize,
+            bytes: io::Cursor<Vec<u8>>,
+        }
+        impl Read for Quiet {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.quiet > 0 {
+                    self.quiet -= 1;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                self.bytes.read(buf)
+            }
+        }
+        let workers = Workers::new(2);
+        let _other = workers.join();
+        let joined = workers.join();
+        let flush = Request { flags: 0, kind: CMD_FLUSH, cookie: 7, offset: 0, length: 0 };
+        let mut r = BufReader::new(Quiet { quiet: 0, bytes: io::Cursor::new(flush.encode().to_vec()) });
+        assert_eq!(read_request_head(&mut r, &joined).expect("the request"), flush);
+        assert_eq!(workers.share(), 1, "a connection went quiet while its requests came");
+        assert!(matches!(read_request_head(&mut r, &joined), Err(ConnectionEnd::Closed)));
+        assert_eq!(workers.share(), 1, "a hang-up is not a quiet poll");
+
+        let mut r = BufReader::new(Quiet { quiet: 3, bytes: io::Cursor::new(Vec::new()) });
+        assert!(matches!(read_request_head(&mut r, &joined), Err(ConnectionEnd::Closed)));
+        assert_eq!(workers.share(), 2, "a connection with no request for three polls still took a share");
+
+        let mut r = BufReader::new(Quiet { quiet: 2, bytes: io::Cursor::new(flush.encode().to_vec()) });
+        assert_eq!(read_request_head(&mut r, &joined).expect("the request"), flush);
+        assert_eq!(workers.share(), 1, "a connection whose requests came again took no share");
     }
 
     #[test]

@@ -673,6 +673,46 @@ fn requests_that_wait_on_the_disk_hold_up_no_other_request() {
     }
 }
 
+/// A connection that sends nothing holds none of the server's workers
+/// from a busy one: four disks of a VM, one of them busy, give that one
+/// all of them. With `--threads 2` and a quiet second connection, a WRITE
+/// of part of a page the slow disk must first read (300 ms) keeps one
+/// worker, and a cached READ sent after it is answered first by the other.
+/// Were the quiet connection given a share, the busy one would have a
+/// single worker, and the READ would wait behind the WRITE.
+#[test]
+fn a_quiet_connection_holds_no_worker_from_a_busy_one() {
+    assert!(is_root(), "this test needs root (a loop device); CI runs as root");
+    assert!(which("fusermount3") || which("fusermount"), "fusermount3 is not installed (package fuse3)");
+    use tern_system_tests::{CMD_READ, CMD_WRITE};
+    let size = 64 * MIB;
+    let scratch =
+        tempfile::Builder::new().prefix("tern-quiet-").tempdir_in(tern_system_tests::test_root()).expect("tempdir");
+    let slow = SlowDisk::new(scratch.path(), size, "300ms", "0");
+    let vm = slow_vm(&slow, size);
+    let served = vm.serve(&["--threads", "2"]);
+    let _quiet = tern_system_tests::RawClient::connect(&vm.socket, "disk0");
+    let mut busy = tern_system_tests::RawClient::connect(&vm.socket, "disk0");
+    assert_eq!(busy.call(CMD_READ, 0, 0, 4096, &[]).error, 0, "first read of offset 0");
+    // A connection counts as quiet once a poll (100 ms) passes without a
+    // request; give it three.
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..2 {
+        let at = (1 + round) * 8 * MIB + 1000;
+        busy.send(CMD_WRITE, 0, 1, at, 100, &[0; 100]);
+        busy.send(CMD_READ, 0, 100, 0, 4096, &[]);
+        let order = replies(&mut busy, 2, |cookie| if cookie == 100 { 4096 } else { 0 });
+        assert_eq!(
+            order,
+            [100, 1],
+            "round {round}: the cached READ waited behind a WRITE the slow disk held up, as if the quiet connection \
+             kept one of the two workers"
+        );
+    }
+    drop(busy);
+    served.stop();
+}
+
 /// A test VM protecting `slow`, with no initial sync due: the front-end
 /// would re-read the whole disk for it in the background (minutes at this
 /// speed), caching what a test needs uncached and writing what it needs
