@@ -71,9 +71,10 @@ impl FromStr for Listen {
 /// Tunables of a server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Worker threads busy at once, shared out among the connections (at
-    /// least one each; see [`Workers`]); each connection starts this many
-    /// and parks those past its share. Default:
+    /// Worker threads busy at once, shared out among the active
+    /// connections (at least one each; a quiet one counts for nothing;
+    /// see [`Workers`]); each connection starts this many and parks those
+    /// past its share. Default:
     /// [`ServerOptions::default_threads`].
     pub threads: usize,
     /// Connections served at once; more are refused. Default: 64.
@@ -83,10 +84,11 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
-    /// One per CPU (at least 2, at most 64). On two CPUs, 2 per connection
-    /// against 8 (the default until 2026-11-29) measured 1 MiB sequential
-    /// writes 60–80% faster, 4 KiB writes at queue depth 32 at about the
-    /// same IOPS with a p99 a third lower, and as many reads
+    /// One per CPU (at least 2, at most 64). On two CPUs, 2 (then per
+    /// connection, now for the whole server) against 8 (the default until
+    /// 2026-11-29) measured 1 MiB sequential writes 60–80% faster, 4 KiB
+    /// writes at queue depth 32 at about the same IOPS with a p99 a third
+    /// lower, and as many reads
     /// (docs/BENCHMARKS.md): a request's work is CPU work (its bytes copied
     /// from the socket and into the page cache), and more threads than CPUs
     /// only take turns at it. What waits on the disk goes to the waiters

@@ -8,12 +8,12 @@
 //! handed from one worker to another.
 //!
 //! The workers are few: one per CPU, shared out among the connections
-//! that have requests coming (at least one each; see [`Workers`]). Their work is copying bytes, and
-//! more of them than CPUs only take turns at it. What would wait on the
-//! disk instead (a FLUSH, a READ that misses the page
-//! cache, making a FUA request's change durable) is handed to a second
-//! team, the waiters, which does nothing else, so it holds up no other
-//! request.
+//! that have requests coming (at least one each; see [`Workers`]). Their
+//! work is copying bytes, and more of them than CPUs only take turns at
+//! it. What would wait on the disk instead (a FLUSH, a READ that misses
+//! the page cache, making a FUA request's change durable) is handed to a
+//! second team, the waiters, which does nothing else, so it holds up no
+//! other request.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -94,7 +94,8 @@ pub struct Workers {
     /// Connections in transmission that are not quiet.
     active: AtomicUsize,
     /// Taken to park, and by whatever may let a parked worker go on (a
-    /// connection ending, a connection closing), so no wake-up is lost.
+    /// connection ending or going quiet, a connection closing), so no
+    /// wake-up is lost.
     parked: Mutex<()>,
     changed: Condvar,
 }
@@ -118,7 +119,22 @@ impl Workers {
 
     /// How many of its workers each active connection keeps busy now.
     fn share(&self) -> usize {
-        (self.threads / self.active.load(Ordering::Acquire).max(1)).max(1)
+        self.share_among(self.active.load(Ordering::Acquire))
+    }
+
+    fn share_among(&self, active: usize) -> usize {
+        (self.threads / active.max(1)).max(1)
+    }
+
+    /// Counts an active connection out. Parked workers are woken only
+    /// when that gives them a larger share: a connection that goes quiet
+    /// at every slow request of its own would otherwise wake every parked
+    /// worker of the server each time, to park again.
+    fn leave(&self) {
+        let before = self.active.fetch_sub(1, Ordering::AcqRel);
+        if self.share_among(before - 1) > self.share_among(before) {
+            self.wake_all();
+        }
     }
 
     /// Counts a connection in, active, until the returned guard drops.
@@ -160,8 +176,7 @@ impl Joined<'_> {
     /// parked workers of the others look again at their (larger) share.
     fn quiet(&self) {
         if !self.quiet.swap(true, Ordering::AcqRel) {
-            self.workers.active.fetch_sub(1, Ordering::AcqRel);
-            self.workers.wake_all();
+            self.workers.leave();
         }
     }
 
@@ -175,11 +190,13 @@ impl Joined<'_> {
 }
 
 impl Drop for Joined<'_> {
+    /// After every thread of the connection has returned (it is part of
+    /// the connection's state): only other connections' workers are
+    /// parked.
     fn drop(&mut self) {
         if !*self.quiet.get_mut() {
-            self.workers.active.fetch_sub(1, Ordering::AcqRel);
+            self.workers.leave();
         }
-        self.workers.wake_all();
     }
 }
 
@@ -319,6 +336,12 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
                 let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
                 if self.closing.load(Ordering::Acquire) {
                     return;
+                }
+                // The share may have shrunk while this worker waited for
+                // the read side (a quiet connection had a request again):
+                // park, rather than run past it for one more request.
+                if index >= self.workers.share() {
+                    continue;
                 }
                 let req = match read_request_head(&mut *r, &self.joined) {
                     // Nothing may be read after these: decide while still
@@ -701,6 +724,8 @@ fn read_request_head<R: BufRead>(r: &mut R, joined: &Joined) -> Result<Request, 
         match r.fill_buf() {
             Ok([]) => return Err(ConnectionEnd::Closed),
             Ok(_) => break,
+            // A signal, not a quiet poll.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if timed_out(&e) => joined.quiet(),
             Err(e) => return Err(ConnectionEnd::Io(e)),
         }
@@ -889,6 +914,20 @@ mod tests {
         let second_worker = park(&workers, 1, &closing);
         assert!(second_worker.recv_timeout(Duration::from_millis(200)).is_err(), "it ran past its share");
         idle.quiet();
+        assert_eq!(second_worker.recv_timeout(Duration::from_secs(5)), Ok(true), "it stayed parked");
+
+        // Four threads among four, three, then two connections: the share
+        // grows from one to two only at the second going quiet (4/3
+        // rounds down), and that one must wake the parked worker.
+        let workers = std::sync::Arc::new(Workers::new(4));
+        let _busy = (workers.join(), workers.join());
+        let (first, second) = (workers.join(), workers.join());
+        let second_worker = park(&workers, 1, &closing);
+        first.quiet();
+        assert_eq!(workers.share(), 1);
+        assert!(second_worker.recv_timeout(Duration::from_millis(200)).is_err(), "it ran past its share");
+        second.quiet();
+        assert_eq!(workers.share(), 2);
         assert_eq!(second_worker.recv_timeout(Duration::from_secs(5)), Ok(true), "it stayed parked");
     }
 

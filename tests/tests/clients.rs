@@ -695,8 +695,8 @@ fn a_quiet_connection_holds_no_worker_from_a_busy_one() {
     let mut busy = tern_system_tests::RawClient::connect(&vm.socket, "disk0");
     assert_eq!(busy.call(CMD_READ, 0, 0, 4096, &[]).error, 0, "first read of offset 0");
     // A connection counts as quiet once a poll (100 ms) passes without a
-    // request; give it three.
-    std::thread::sleep(Duration::from_millis(300));
+    // request; give it ten, for a loaded machine.
+    std::thread::sleep(Duration::from_millis(1000));
     for round in 0..2 {
         let at = (1 + round) * 8 * MIB + 1000;
         busy.send(CMD_WRITE, 0, 1, at, 100, &[0; 100]);
