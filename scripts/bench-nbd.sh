@@ -175,15 +175,19 @@ stop_server() {
     SERVER_PID=""
     if kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid" 2>/dev/null || true
-        # Give it 15 s to shut down cleanly (tern may flush its journal),
-        # then insist.
-        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        # Give it 120 s to shut down cleanly, as tern-serve@.service does
+        # (TimeoutStopSec): tern writes the records no consumer took to
+        # its durable journal first, gigabytes after tern-ring's 1 MiB
+        # writes. Then insist.
+        for _ in $(seq 1200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         if kill -0 "$pid" 2>/dev/null; then
-            log "WARNING: $SERVER_NAME (pid $pid) ignored SIGTERM for 15 s; sending SIGKILL"
+            log "WARNING: $SERVER_NAME (pid $pid) ignored SIGTERM for 120 s; sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
         fi
     fi
     wait "$pid" 2>/dev/null || true
+    # What its shutdown left dirty is not the next run's to write back.
+    sync
     # A journal that overflowed stopped journaling: those figures would not
     # measure the journal, so say so loudly.
     if [[ "$SERVER_NAME" == tern* && "$SERVER_NAME" != tern-nojournal && "$SERVER_NAME" != tern-overflow &&

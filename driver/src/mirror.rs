@@ -566,7 +566,24 @@ impl Mirror {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned { disk: self.disks[0].name.clone() });
         }
+        // Records nobody shipped are written to the durable journal at disk
+        // speed: seconds per GiB, which an operator stopping the service
+        // should hear about rather than guess at.
+        let unsynced = self.journal.unsynced_bytes();
+        let started = std::time::Instant::now();
+        if unsynced >= 64 << 20 {
+            log::info!(
+                "VM '{}': writing {} of journal records not shipped yet to {} before stopping \
+                 (a running `tern ship` keeps this small)",
+                self.config.name,
+                crate::units::Size(unsynced).approx(),
+                self.journal.path().display()
+            );
+        }
         self.journal.sync()?;
+        if unsynced >= 64 << 20 {
+            log::info!("VM '{}': journal records written in {:.1?}", self.config.name, started.elapsed());
+        }
         for d in &self.disks {
             d.bitmap.sync()?;
             d.image.sync_data()?;

@@ -338,11 +338,12 @@ impl Served {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Stops it with SIGTERM and asserts a clean exit.
-    pub fn stop(mut self) {
+    /// Stops it with SIGTERM and asserts a clean exit; returns its log.
+    pub fn stop(mut self) -> String {
         self.signal(libc::SIGTERM);
         let status = self.wait(Duration::from_secs(30));
         assert!(status.success(), "{} exited with {status}:\n{}", self.what, self.log());
+        self.log()
     }
 
     /// Waits for it to exit by itself (a failpoint, an error).

@@ -223,3 +223,26 @@ fn writes_failing_on_a_full_source_filesystem_leave_the_journal_a_true_history()
     );
     vm.assert_journal_reproduces_source();
 }
+
+/// Stopping writes the records no consumer took to the durable journal,
+/// at disk speed; with much of it, the log says so before and after, so
+/// an operator waiting on `systemctl stop` knows why.
+#[test]
+fn stopping_with_unshipped_records_says_what_it_writes_and_how_long_it_took() {
+    let vm = TestVm::new(VmSpec { disk_size: 128 << 20, ..Default::default() });
+    let served = vm.serve(&[]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    let mib = vec![0x6bu8; 1 << 20];
+    for i in 0..80u64 {
+        assert_eq!(c.call(CMD_WRITE, 0, i << 20, 1 << 20, &mib).error, 0, "WRITE at {i} MiB");
+    }
+    drop(c);
+    let log = served.stop();
+    let journal = vm.state.join("vm1/journal");
+    assert!(
+        log.contains(&format!("of journal records not shipped yet to {} before stopping", journal.display())),
+        "the stop did not say what it writes:\n{log}"
+    );
+    assert!(log.contains("journal records written in"), "the stop did not say how long it took:\n{log}");
+    assert!(log.contains("front-end detached cleanly"), "{log}");
+}

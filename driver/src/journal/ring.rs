@@ -753,6 +753,13 @@ impl Journal {
         Ok(jumped)
     }
 
+    /// Bytes of the ring the next [`Journal::sync`] writes to the durable
+    /// file: records neither consumed nor synced yet.
+    pub fn unsynced_bytes(&self) -> u64 {
+        let synced = self.synced.lock().unwrap_or_else(|p| p.into_inner()).to;
+        self.head().pos.saturating_sub(synced.max(self.tail().pos))
+    }
+
     /// Makes the header and every record published so far durable: the
     /// group commit behind FLUSH and FUA (invariant 3). Writes the records
     /// reserved since the last sync that the consumer has not taken yet
