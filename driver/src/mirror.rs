@@ -570,8 +570,9 @@ impl Mirror {
         // speed: seconds per GiB, which an operator stopping the service
         // should hear about rather than guess at.
         let unsynced = self.journal.unsynced_bytes();
+        let worth_saying = unsynced >= 64 << 20;
         let started = std::time::Instant::now();
-        if unsynced >= 64 << 20 {
+        if worth_saying {
             log::info!(
                 "VM '{}': writing {} of journal records not shipped yet to {} before stopping \
                  (a running `tern ship` keeps this small)",
@@ -581,7 +582,7 @@ impl Mirror {
             );
         }
         self.journal.sync()?;
-        if unsynced >= 64 << 20 {
+        if worth_saying {
             log::info!("VM '{}': journal records written in {:.1?}", self.config.name, started.elapsed());
         }
         for d in &self.disks {

@@ -88,11 +88,10 @@ impl ServerOptions {
     /// connection, now for the whole server) against 8 (the default until
     /// 2026-11-29) measured 1 MiB sequential writes 60–80% faster, 4 KiB
     /// writes at queue depth 32 at about the same IOPS with a p99 a third
-    /// lower, and as many reads
-    /// (docs/BENCHMARKS.md): a request's work is CPU work (its bytes copied
-    /// from the socket and into the page cache), and more threads than CPUs
-    /// only take turns at it. What waits on the disk goes to the waiters
-    /// (see `transmission`), not to these.
+    /// lower, and as many reads (docs/BENCHMARKS.md): a request's work is
+    /// CPU work (its bytes copied from the socket and into the page cache),
+    /// and more threads than CPUs only take turns at it. What waits on the
+    /// disk goes to the waiters (see `transmission`), not to these.
     pub fn default_threads() -> usize {
         std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 64)
     }

@@ -183,6 +183,8 @@ impl Joined<'_> {
     /// A request came: the connection counts again. The others' workers
     /// past their (smaller) share park before their next request.
     fn active(&self) {
+        // Once per request: a plain load first, the read-modify-write only
+        // on the rare way back from quiet.
         if self.quiet.load(Ordering::Acquire) && self.quiet.swap(false, Ordering::AcqRel) {
             self.workers.active.fetch_add(1, Ordering::AcqRel);
         }
@@ -573,11 +575,7 @@ impl<'a, R: Read, W: Write> Conn<'a, R, W> {
         // a read fills every byte or fails. Zeroing first cost 1 MiB READs
         // 3–11% of their throughput (docs/BENCHMARKS.md).
         let prefix = if self.session.structured { 28 } else { 16 };
-        if out.len() >= prefix + len {
-            out.truncate(prefix + len);
-        } else {
-            out.resize(prefix + len, 0);
-        }
+        out.resize(prefix + len, 0); // zeroes only what grows
         let buf = &mut out[prefix..];
         let read = match wait {
             Wait::Yes => self.mirror.read(self.disk, req.offset, buf).map(|()| true),

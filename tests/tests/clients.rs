@@ -543,13 +543,22 @@ struct SlowDisk {
     /// nbdkit's socket: the disk as it is under the loop device's page
     /// cache, that is, what a sync has made durable.
     socket: PathBuf,
+    /// Sockets, logs and the FUSE mount point; removed last (fields drop
+    /// after `drop` has torn the stack down).
+    _scratch: tempfile::TempDir,
 }
 
 impl SlowDisk {
-    fn new(dir: &Path, size: u64, read_delay: &str, write_delay: &str) -> Self {
+    /// `prefix` names its scratch directory under the test root.
+    fn new(prefix: &str, size: u64, read_delay: &str, write_delay: &str) -> Self {
+        assert!(is_root(), "this test needs root (a loop device); CI runs as root");
+        assert!(which("fusermount3") || which("fusermount"), "fusermount3 is not installed (package fuse3)");
         for tool in ["nbdkit", "nbdfuse", "losetup"] {
             require(tool);
         }
+        let scratch =
+            tempfile::Builder::new().prefix(prefix).tempdir_in(tern_system_tests::test_root()).expect("tempdir");
+        let dir = scratch.path().to_owned();
         let sock = dir.join("slow.sock");
         let nbdkit = Command::new("nbdkit")
             .args(["--foreground", "-U"])
@@ -572,6 +581,7 @@ impl SlowDisk {
             fuse: FuseStack { mnt: None, loopdev: None, fuse_dir: fuse_dir.clone(), nbdfuse: None },
             nbdkit,
             socket: sock.clone(),
+            _scratch: scratch,
         };
         let start = Instant::now();
         while !sock.exists() {
@@ -627,12 +637,8 @@ impl Drop for SlowDisk {
 /// answered first; and every request succeeds.
 #[test]
 fn requests_that_wait_on_the_disk_hold_up_no_other_request() {
-    assert!(is_root(), "this test needs root (a loop device); CI runs as root");
-    assert!(which("fusermount3") || which("fusermount"), "fusermount3 is not installed (package fuse3)");
     let size = 64 * MIB;
-    let scratch =
-        tempfile::Builder::new().prefix("tern-slow-").tempdir_in(tern_system_tests::test_root()).expect("tempdir");
-    let slow = SlowDisk::new(scratch.path(), size, "300ms", "300ms");
+    let slow = SlowDisk::new("tern-slow-", size, "300ms", "300ms");
     let vm = slow_vm(&slow, size);
     let served = vm.serve(&["--threads", "2"]);
     let mut c = tern_system_tests::RawClient::connect(&vm.socket, "disk0");
@@ -682,13 +688,9 @@ fn requests_that_wait_on_the_disk_hold_up_no_other_request() {
 /// single worker, and the READ would wait behind the WRITE.
 #[test]
 fn a_quiet_connection_holds_no_worker_from_a_busy_one() {
-    assert!(is_root(), "this test needs root (a loop device); CI runs as root");
-    assert!(which("fusermount3") || which("fusermount"), "fusermount3 is not installed (package fuse3)");
     use tern_system_tests::{CMD_READ, CMD_WRITE};
     let size = 64 * MIB;
-    let scratch =
-        tempfile::Builder::new().prefix("tern-quiet-").tempdir_in(tern_system_tests::test_root()).expect("tempdir");
-    let slow = SlowDisk::new(scratch.path(), size, "300ms", "0");
+    let slow = SlowDisk::new("tern-quiet-", size, "300ms", "0");
     let vm = slow_vm(&slow, size);
     let served = vm.serve(&["--threads", "2"]);
     let _quiet = tern_system_tests::RawClient::connect(&vm.socket, "disk0");
@@ -739,14 +741,10 @@ fn slow_vm(slow: &SlowDisk, size: u64) -> TestVm {
 /// record) and not (`--no-journal`, received into a buffer).
 #[test]
 fn a_write_is_durable_before_its_fua_or_flush_is_answered() {
-    assert!(is_root(), "this test needs root (a loop device); CI runs as root");
-    assert!(which("fusermount3") || which("fusermount"), "fusermount3 is not installed (package fuse3)");
     use tern_system_tests::{CMD_FLUSH, CMD_READ, CMD_WRITE};
     const CMD_FLAG_FUA: u16 = 1;
     let size = 64 * MIB;
-    let scratch =
-        tempfile::Builder::new().prefix("tern-durable-").tempdir_in(tern_system_tests::test_root()).expect("tempdir");
-    let slow = SlowDisk::new(scratch.path(), size, "0", "1000ms");
+    let slow = SlowDisk::new("tern-durable-", size, "0", "1000ms");
     let vm = slow_vm(&slow, size);
     let mut below = tern_system_tests::RawClient::connect(&slow.socket, "");
     let mut on_disk = |offset: u64| {

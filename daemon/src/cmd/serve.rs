@@ -28,10 +28,9 @@ pub struct Args {
     /// requests coming (rounded down, at least one each; a connection with
     /// no new request for 100 ms counts for nothing until its next one;
     /// each keeps this many, parked past its share). Default: one per CPU,
-    /// at least 2, at most
-    /// 64. What waits on the disk (a FLUSH, a READ not in the page cache, a
-    /// FUA write's sync) is carried out by 16 more threads per connection,
-    /// not these.
+    /// at least 2, at most 64. What waits on the disk (a FLUSH, a READ not
+    /// in the page cache, a FUA write's sync) is carried out by 16 more
+    /// threads per connection, not these.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Requests that may change one disk image at once (writes, zeroes,

@@ -580,7 +580,7 @@ fn drive_resync(
 /// waits 10 s for the VM.
 fn wait_for_the_shipper(journal: &Journal, reader_done: &AtomicBool, stop: &AtomicBool) {
     let until = Instant::now() + Duration::from_secs(3);
-    while journal.head().pos.saturating_sub(journal.tail().pos) > 64 << 20
+    while journal.unconsumed_bytes() > 64 << 20
         && Instant::now() < until
         && !reader_done.load(Ordering::Acquire)
         && !stop.load(Ordering::Acquire)

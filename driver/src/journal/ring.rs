@@ -366,10 +366,14 @@ impl Journal {
         unsafe { AtomicU128::from_ptr(self.map.as_mut_ptr().add(OFF_TAIL).cast()) }
     }
 
-    /// Bytes reserved but not yet consumed, as a fraction of the capacity.
+    /// Bytes reserved but not yet consumed.
+    pub fn unconsumed_bytes(&self) -> u64 {
+        self.head().pos.saturating_sub(self.tail().pos)
+    }
+
+    /// [`Journal::unconsumed_bytes`] as a fraction of the capacity.
     pub fn fill(&self) -> f64 {
-        let (h, t) = (self.head(), self.tail());
-        h.pos.saturating_sub(t.pos) as f64 / self.fields.capacity as f64
+        self.unconsumed_bytes() as f64 / self.fields.capacity as f64
     }
 
     pub fn mode(&self) -> Mode {
