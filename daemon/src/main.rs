@@ -75,6 +75,10 @@ pub enum Command {
     /// Inspect a VM's journal offline (support and testing).
     #[command(subcommand)]
     Journal(cmd::journal::Command),
+    /// List the failpoints the crash tests can arm (TERN_FAILPOINTS), and
+    /// whether this build has them.
+    #[command(hide = true)]
+    Failpoints,
 }
 
 fn main() -> ExitCode {
@@ -109,6 +113,11 @@ fn main() -> ExitCode {
         Command::Verify(a) => cmd::verify::run(&cli, a),
         Command::Status(a) => cmd::status::run(&cli, a),
         Command::Demo(a) => cmd::demo::run(&cli, a),
+        Command::Failpoints => {
+            println!("# failpoints {}", if tern_driver::fail::ENABLED { "compiled in" } else { "not in this build" });
+            tern_driver::fail::Failpoint::ALL.iter().for_each(|p| println!("{}", p.name()));
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,7 @@ pub mod bitmap;
 pub mod checksum;
 pub mod clone;
 mod error;
+pub mod fail;
 pub mod image;
 pub mod journal;
 pub mod mirror;
@@ -33,29 +34,3 @@ pub mod vm;
 
 pub use error::{Error, Result};
 pub use mirror::{InPlaceWrite, Mirror, MirrorOptions, ResyncStep, ZeroMode};
-
-/// Kills the process at a named point when `TERN_FAILPOINT` names it: the
-/// crash tests' way of stopping a tern process exactly there (`ship:…`,
-/// `apply:…`, `failback:…`, `serve:…`). `name@N` kills at the Nth time the
-/// point is passed (default: the first).
-pub fn failpoint(name: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static POINT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
-    static PASSED: AtomicU64 = AtomicU64::new(0);
-    let point = POINT.get_or_init(|| {
-        let v = std::env::var("TERN_FAILPOINT").ok()?;
-        Some(match v.split_once('@') {
-            Some((p, n)) => match n.parse() {
-                Ok(n) if n > 0 => (p.to_owned(), n),
-                _ => panic!("TERN_FAILPOINT={v}: the pass after '@' must be a number from 1"),
-            },
-            None => (v, 1),
-        })
-    });
-    if let Some((p, n)) = point {
-        if p == name && PASSED.fetch_add(1, Ordering::Relaxed) + 1 == *n {
-            log::warn!("failpoint {name} (pass {n}): killing this process");
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}

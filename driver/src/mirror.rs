@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::bitmap::DirtyBitmap;
+use crate::fail::{self, Failpoint};
 use crate::image::{Extent, Image};
 use crate::journal::{self, Journal, Mode, NewRecord, RecordHeader, RecordKind, RecoveryReport};
 use crate::range_lock::RangeLock;
@@ -394,8 +395,9 @@ impl Mirror {
         let _gate = self.enter(disk)?;
         let d = self.check_range(disk, offset, data.len() as u64)?;
         let _range = d.lock.lock(offset, data.len() as u64);
-        self.publish(d, RecordKind::Write, offset, data.len() as u64, data);
+        let published = self.publish(d, RecordKind::Write, offset, data.len() as u64, data);
         self.change_image(d, offset, data.len() as u64, || d.image.write_at(data, offset))?;
+        drop(published);
         if fua {
             self.make_durable(d)?;
         }
@@ -406,8 +408,9 @@ impl Mirror {
         let _gate = self.enter(disk)?;
         let d = self.check_range(disk, offset, len)?;
         let _range = d.lock.lock(offset, len);
-        self.publish(d, RecordKind::Zero, offset, len, &[]);
+        let published = self.publish(d, RecordKind::Zero, offset, len, &[]);
         self.change_image(d, offset, len, || d.image.zero(offset, len, mode.may_punch, mode.fast_only))?;
+        drop(published);
         if fua {
             self.make_durable(d)?;
         }
@@ -421,8 +424,9 @@ impl Mirror {
         let _gate = self.enter(disk)?;
         let d = self.check_range(disk, offset, len)?;
         let _range = d.lock.lock(offset, len);
-        self.publish(d, RecordKind::Trim, offset, len, &[]);
+        let published = self.publish(d, RecordKind::Trim, offset, len, &[]);
         self.change_image(d, offset, len, || d.image.punch_hole(offset, len))?;
+        drop(published);
         if fua {
             self.make_durable(d)?;
         }
@@ -480,15 +484,18 @@ impl Mirror {
     }
 
     /// Journals a write-type request, or marks the bitmap when the ring has
-    /// no room (and from then on, until a resync catches up).
-    fn publish(&self, d: &Disk, kind: RecordKind, offset: u64, len: u64, data: &[u8]) {
+    /// no room (and from then on, until a resync catches up). The records
+    /// stay busy (the tail cannot pass them) until the returned guards are
+    /// dropped, once the image has the change: see [`Journal::append_busy`].
+    fn publish(&self, d: &Disk, kind: RecordKind, offset: u64, len: u64, data: &[u8]) -> Vec<journal::BusyRecord<'_>> {
+        let mut published = Vec::new();
         if !self.journaling {
-            return;
+            return published;
         }
         if self.journal.mode() == Mode::Overflow {
             d.bitmap.mark(offset, len);
             self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return published;
         }
         // Records carry at most MAX_RECORD_DATA bytes (or that much range,
         // for zeroes and trims); larger requests take several.
@@ -498,7 +505,7 @@ impl Mirror {
             let n = chunk.min(len - done);
             let rec = NewRecord { disk: d.index, kind, offset: offset + done, length: n as u32, flags: 0 };
             let payload = if data.is_empty() { &[][..] } else { &data[done as usize..(done + n) as usize] };
-            if self.journal.append(&rec, payload).is_none() {
+            let Some(record) = self.journal.append_busy(&rec, payload) else {
                 if self.journal.enter_overflow() {
                     log::warn!(
                         "VM '{}': journal {} took no more records (full: is `tern ship` running? or unwritable: see above); writes go on and are tracked in the dirty bitmaps until a resync catches up",
@@ -508,11 +515,13 @@ impl Mirror {
                 }
                 d.bitmap.mark(offset + done, len - done);
                 self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+                return published;
+            };
+            published.push(record);
             done += n;
         }
         self.stats.journaled.fetch_add(1, Ordering::Relaxed);
+        published
     }
 
     /// Runs the image change of a published request. If it fails, the
@@ -520,7 +529,12 @@ impl Mirror {
     /// `compensate` repairs the history.
     fn change_image(&self, d: &Disk, offset: u64, len: u64, change: impl FnOnce() -> Result<()>) -> Result<()> {
         let _slot = d.changing.take();
-        change().inspect_err(|_| self.compensate(d, offset, len))
+        let injected = |source| Error::Write { path: d.image.path().to_owned(), offset, len: len as usize, source };
+        fail::hit(Failpoint::ServeRecordPublished)
+            .map_err(injected)
+            .and_then(|()| change())
+            .and_then(|()| fail::hit(Failpoint::ServeImageChanged).map_err(injected))
+            .inspect_err(|_| self.compensate(d, offset, len))
     }
 
     /// After a failed image change (still under the range lock): the
@@ -532,7 +546,8 @@ impl Mirror {
         if self.journaling && self.journal.mode() == Mode::Journal && len <= journal::MAX_RECORD_DATA as u64 {
             let mut actual = vec![0u8; len as usize];
             if d.image.read_at(&mut actual, offset).is_ok() {
-                self.publish(d, RecordKind::Resync, offset, len, &actual);
+                // The image holds it already: released at once.
+                drop(self.publish(d, RecordKind::Resync, offset, len, &actual));
                 return;
             }
         }
@@ -542,9 +557,15 @@ impl Mirror {
     /// Journal first, then bitmap, then image: after a crash the journal
     /// never lacks a write the image has.
     fn make_durable(&self, d: &Disk) -> Result<()> {
+        fn injected(point: Failpoint, path: &std::path::Path) -> Result<()> {
+            fail::hit(point).map_err(|source| Error::Sync { path: path.to_owned(), source })
+        }
         let result = (|| {
+            injected(Failpoint::ServeJournalSync, self.journal.path())?;
             self.journal.sync()?;
+            injected(Failpoint::ServeBitmapSync, d.bitmap.path())?;
             d.bitmap.sync()?;
+            injected(Failpoint::ServeImageSync, d.image.path())?;
             d.image.sync_data()
         })();
         if let Err(e) = &result {
@@ -629,7 +650,6 @@ impl InPlaceWrite<'_> {
         let len = record.data().len() as u64;
         record.publish();
         mirror.stats.journaled.fetch_add(1, Ordering::Relaxed);
-        crate::failpoint("serve:write-published");
         let changed = mirror.change_image(d, offset, len, || d.image.write_at(record.data(), offset));
         record.release();
         changed?;

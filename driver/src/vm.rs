@@ -509,6 +509,26 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|source| Error::Sync { path: dir.to_owned(), source })
 }
 
+/// Creates `dir` and whatever parents it lacks, each made durable in its
+/// parent: files made durable inside a directory whose own entry a power
+/// cut can take away are not durable. The parent of `dir` is fsynced even
+/// when `dir` existed (a process that died between creating it and that
+/// fsync left it visible but not durable); a clean directory's fsync costs
+/// next to nothing.
+pub fn create_dir_durably(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+            create_dir_durably(parent)?;
+        }
+        match fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+            Err(source) => return Err(Error::Create { path: dir.to_owned(), source }),
+        }
+    }
+    sync_parent_dir(dir)
+}
+
 pub fn sync_parent_dir(path: &Path) -> Result<()> {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => sync_dir(p),

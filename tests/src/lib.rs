@@ -44,6 +44,35 @@ pub fn tern_bin() -> PathBuf {
     panic!("no tern binary: run `cargo build --release` (scripts/test.sh does) or set TERN_BIN");
 }
 
+/// `tern` built with failpoints (`driver/src/fail.rs`), for the crash
+/// tests: `scripts/build-failpoints.sh`, run here once per test process (a
+/// no-op when the build is fresh, so it never tests stale code), or
+/// `TERN_FAILPOINTS_BIN`.
+pub fn tern_failpoints_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("TERN_FAILPOINTS_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+        let out = Command::new(root.join("scripts/build-failpoints.sh")).output().expect("run build-failpoints.sh");
+        assert!(out.status.success(), "scripts/build-failpoints.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let bin = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(Path::new(&bin).is_file(), "build-failpoints.sh printed no binary: {bin:?}");
+        PathBuf::from(bin)
+    })
+    .clone()
+}
+
+/// A `tern` command with `env` set: the failpoints build when `env` arms
+/// failpoints (`TERN_FAILPOINTS`), the binary under test otherwise.
+pub fn tern_command(env: &[(&str, &str)]) -> Command {
+    let armed = env.iter().any(|(k, _)| *k == "TERN_FAILPOINTS");
+    let mut c = Command::new(if armed { tern_failpoints_bin() } else { tern_bin() });
+    c.envs(env.iter().copied());
+    c
+}
+
 /// Fails the test with an actionable message when a client is missing.
 pub fn require(tool: &str) {
     let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
@@ -163,6 +192,13 @@ impl TestVm {
         tern_with_state(&self.state)
     }
 
+    /// [`TestVm::tern`] with `env` set (see [`tern_command`]).
+    pub fn tern_env(&self, env: &[(&str, &str)]) -> Command {
+        let mut c = tern_command(env);
+        c.arg("--state").arg(&self.state).env("TERN_RING_DIR", ring_dir_of(&self.state));
+        c
+    }
+
     /// The directory the VM's journal ring lives in (see [`tern_with_state`]).
     pub fn ring_dir(&self) -> PathBuf {
         ring_dir_of(&self.state)
@@ -173,16 +209,15 @@ impl TestVm {
         self.serve_with_env(extra, &[])
     }
 
-    /// `serve` with extra environment (`TERN_FAILPOINT`, …).
+    /// `serve` with extra environment (`TERN_FAILPOINTS`, …).
     pub fn serve_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Served {
         let log = self.dir.path().join("serve.log");
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = self
-            .tern()
+            .tern_env(env)
             .args(["serve", &self.name, "--listen"])
             .arg(format!("unix:{}", self.socket.display()))
             .args(extra)
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -239,7 +274,7 @@ impl TestVm {
     /// `tern apply --once` for this VM from `cache` into `target`, with
     /// extra arguments and environment; returns the raw output.
     pub fn apply_with(&self, cache: &Path, target: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-        Command::new(tern_bin())
+        tern_command(env)
             .args(["apply", "--cache"])
             .arg(cache)
             .arg("--target")
@@ -247,7 +282,6 @@ impl TestVm {
             .arg(&self.name)
             .arg("--once")
             .args(args)
-            .envs(env.iter().copied())
             .output()
             .expect("run tern apply")
     }

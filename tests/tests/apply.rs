@@ -117,14 +117,21 @@ fn kill_9_while_replaying_and_while_cloning_then_restart_gives_the_same_replica_
     // Per target: the failpoints killed at, one run each, with their flags.
     type Kills<'a> = &'a [(&'a str, &'a [&'a str])];
     let runs: [(&str, Kills); 2] = [
-        ("target-b", &[("apply:batch-applied", &keep), ("apply:point-cloned", &keep)]),
-        ("target-c", &[("apply:batch-written@3", &small)]),
+        (
+            "target-b",
+            &[
+                ("apply:replica-sync=kill", &keep),
+                ("apply:batch-applied=kill", &keep),
+                ("apply:point-cloned=kill", &keep),
+            ],
+        ),
+        ("target-c", &[("apply:batch-written=kill@3", &small)]),
     ];
     for (name, kills) in runs {
         let killed = target(name);
         use std::os::unix::process::ExitStatusExt;
         for (point, args) in kills {
-            let out = vm.apply_with(&cache, &killed, args, &[("TERN_FAILPOINT", point)]);
+            let out = vm.apply_with(&cache, &killed, args, &[("TERN_FAILPOINTS", point)]);
             assert_eq!(out.status.signal(), Some(9), "{point}: {}", String::from_utf8_lossy(&out.stderr));
             // No half point is ever listed.
             for p in vm.points(&killed) {

@@ -162,13 +162,13 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     // towards B again.
     // A failback killed half-way is finished by running it again.
     for failpoint in ["failback:disks-restored", "failback:state-moved"] {
+        let armed = format!("{failpoint}=kill");
         let out = vm
-            .tern()
+            .tern_env(&[("TERN_FAILPOINTS", &armed)])
             .args(["failback", &vm.name, "--cache"])
             .arg(&cache2)
             .arg("--target")
             .arg(&target2)
-            .env("TERN_FAILPOINT", failpoint)
             .output()
             .unwrap();
         assert!(!out.status.success(), "{failpoint} did not stop the failback");

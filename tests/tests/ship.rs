@@ -82,7 +82,7 @@ fn a_front_end_killed_between_publishing_a_write_and_writing_the_image_loses_not
     served.stop();
     // The next write is published (the shipper may read it), then the
     // server dies before writing the image: its record stays busy.
-    let served = vm.serve_with_env(&[], &[("TERN_FAILPOINT", "serve:write-published")]);
+    let served = vm.serve_with_env(&[], &[("TERN_FAILPOINTS", "serve:record-published=kill")]);
     let mut c = RawClient::connect(&vm.socket, "disk0");
     c.send(CMD_WRITE, 0, 1, 8192, 4096, &[0x22; 4096]);
     assert!(c.reply(|_| 0).is_none(), "the server must die before acknowledging");
@@ -110,6 +110,47 @@ fn a_front_end_killed_between_publishing_a_write_and_writing_the_image_loses_not
     vm.assert_cache_reproduces_source();
 }
 
+/// Issue 17, bug 1: a zeroing (like a WRITE that found its range busy) was
+/// published consumable before the image changed; a running shipper could
+/// ship it and move the tail past it, and the front-end killed before the
+/// image write never re-applied it. The source kept the old data, the
+/// replica got zeroes, forever.
+#[test]
+fn a_record_shipped_before_its_image_change_is_reapplied_after_a_kill() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let served = vm.serve(&[]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    assert_eq!(c.call(CMD_WRITE, 0, 0, 65536, &[0x5a; 65536]).error, 0);
+    assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0);
+    drop(c);
+    served.stop();
+    vm.ship_once();
+    let shipped_before = vm.ship_report()["last_shipped_seq"].as_u64().expect("last shipped");
+    // The next change is published, and the server is caught there (before
+    // the image has it) while a shipper beside it ships the record; then it
+    // is killed.
+    let served = vm.serve_with_env(&[], &[("TERN_FAILPOINTS", "serve:record-published=delay:30000")]);
+    let ship = vm.ship(&[]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    c.send(CMD_WRITE_ZEROES, 0, 1, 0, 65536, &[]);
+    wait_for("the shipper to ship the zeroing", Duration::from_secs(20), || {
+        vm.ship_report()["last_shipped_seq"].as_u64().is_some_and(|s| s > shipped_before)
+    });
+    // Long enough for the tail to have moved past it, had it been free to.
+    std::thread::sleep(Duration::from_millis(500));
+    served.kill9();
+    ship.stop();
+    // The restart recovers from the tail: the record must still be there.
+    let served = vm.serve(&[]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    let r = c.call(CMD_READ, 0, 0, 65536, &[]);
+    assert!(r.data.iter().all(|&b| b == 0), "the shipped zeroing is missing from the source image");
+    drop(c);
+    served.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+}
+
 #[test]
 fn kill_9_at_each_step_of_writing_a_segment_never_exposes_a_partial_one() {
     let vm =
@@ -118,7 +159,9 @@ fn kill_9_at_each_step_of_writing_a_segment_never_exposes_a_partial_one() {
     for point in ["ship:batch-read", "ship:segment-written", "ship:segment-synced", "ship:segment-renamed"] {
         let status = fio_writes(&vm, 1, "16m", &["--io_size=4m"]).status().expect("fio");
         assert!(status.success());
-        let out = vm.tern().args(["ship", &vm.name, "--once"]).env("TERN_FAILPOINT", point).output().expect("ship");
+        let armed = format!("{point}=kill");
+        let out =
+            vm.tern_env(&[("TERN_FAILPOINTS", &armed)]).args(["ship", &vm.name, "--once"]).output().expect("ship");
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(
             out.status.signal(),

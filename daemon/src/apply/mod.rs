@@ -24,7 +24,7 @@ use tern_store::cache::{Applied, CacheDir, Manifest};
 use tern_store::segment::{Segment, SegmentError};
 use tern_store::target::{expired_points, Checkpoint, Point, PointKind, TargetDir, TARGET_VERSION};
 
-use tern_driver::failpoint;
+use tern_driver::fail::{self, Failpoint};
 
 /// A segment the applier refuses (damaged, a gap, a stale epoch): the VM
 /// stops at the last good sequence.
@@ -445,7 +445,7 @@ impl VmApplier {
         self.unsynced += written;
         let calls = self.batch.apply(&self.replicas).context("writing to the replicas")?;
         if written > 0 {
-            failpoint("apply:batch-written");
+            fail::hit(Failpoint::ApplyBatchWritten)?;
         }
         Ok(calls)
     }
@@ -453,10 +453,11 @@ impl VmApplier {
     /// Writes the batch and fsyncs the replicas.
     fn flush(&mut self) -> Result<usize> {
         let calls = self.write_batch()?;
-        failpoint("apply:batch-applied");
+        fail::hit(Failpoint::ApplyReplicaSync)?;
         for image in &self.replicas {
             image.sync_data()?;
         }
+        fail::hit(Failpoint::ApplyBatchApplied)?;
         self.unsynced = 0;
         Ok(calls)
     }
@@ -468,6 +469,7 @@ impl VmApplier {
         }
         let calls = self.flush()?;
         let text = toml::to_string(&self.cur)?;
+        fail::hit(Failpoint::ApplyCheckpointWrite)?;
         write_durably(&self.target.checkpoint_path(), text.as_bytes())?;
         log::debug!("VM '{}': applied up to seq {} ({calls} writes)", self.name, self.cur.applied_seq);
         self.checkpoint = self.cur.clone();
@@ -615,7 +617,7 @@ impl VmApplier {
             }
             disks.insert(d.name.clone(), file);
         }
-        failpoint("apply:point-cloned");
+        fail::hit(Failpoint::ApplyPointCloned)?;
         if method == CloneMethod::Copy && !self.warned_copy {
             log::warn!(
                 "VM '{}': {} cannot share extents (no reflink): points are full copies, slow and space-hungry; put the target on btrfs or xfs",
@@ -715,6 +717,7 @@ impl VmApplier {
         for id in expired_points(&points, now_ns(), policy.keep_all, policy.retention) {
             let dir = self.target.point_dir(&id);
             // Renamed out of the catalog first: never a half-deleted point.
+            fail::hit(Failpoint::ApplyPointExpire)?;
             let doomed: PathBuf = self.target.points_dir().join(format!(".tmp-expired-{id}"));
             std::fs::rename(&dir, &doomed).with_context(|| format!("cannot retire point {}", dir.display()))?;
             std::fs::remove_dir_all(&doomed)?;

@@ -23,7 +23,7 @@ use tern_store::target::{Point, TargetDir};
 
 use crate::cmd::failover::{choose_point, write_fence};
 use crate::Cli;
-use tern_driver::failpoint;
+use tern_driver::fail::{self, Failpoint};
 
 #[derive(Debug, clap::Args)]
 pub struct ReprotectArgs {
@@ -234,7 +234,7 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     write_fence(&reverse, &manifest, previous.as_ref(), &point, true)?;
     log::info!("VM '{}': the failover site is fenced at point {} (seq {})", a.vm, point.id, point.seq);
     restore_disks(&config, &target, &point)?;
-    failpoint("failback:disks-restored");
+    fail::hit(Failpoint::FailbackDisksRestored)?;
     // A new stream in the original direction. Its replica there starts as
     // the disks the VM ran on at the failover site.
     let seeds: BTreeMap<String, PathBuf> = config
@@ -253,7 +253,7 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     };
     let retired = cli.state.join(format!(".{}.failed-back-{}", a.vm, config.id));
     std::fs::rename(paths.dir(), &retired).with_context(|| format!("cannot move {} aside", paths.dir().display()))?;
-    failpoint("failback:state-moved");
+    fail::hit(Failpoint::FailbackStateMoved)?;
     let enabled = match vm::enable(&cli.state, &spec) {
         Ok(e) => e,
         Err(e) => {

@@ -123,7 +123,7 @@ struct Sealed {
     oldest_ns: u64,
 }
 
-use tern_driver::failpoint;
+use tern_driver::fail::{self, Failpoint};
 
 /// Where the stream stands in the cache, read at start.
 struct Resume {
@@ -416,7 +416,7 @@ fn read_batches(
                 end,
                 oldest_ns: oldest.map_or(0, |o| o.0),
             };
-            failpoint("ship:batch-read");
+            fail::hit(Failpoint::ShipBatchRead)?;
             if to_workers.send(batch).is_err() {
                 bail!("the compression workers stopped");
             }

@@ -20,7 +20,7 @@ use tern_store::cache::{CacheDir, Manifest};
 use tern_store::segment::SegmentHeader;
 
 use super::Stats;
-use tern_driver::failpoint;
+use tern_driver::fail::{self, Failpoint};
 
 pub struct CacheWriter {
     cache: CacheDir,
@@ -108,18 +108,20 @@ pub fn retrying(
 fn write_segment_once(cache: &CacheDir, header: &SegmentHeader, bytes: &[u8]) -> io::Result<()> {
     ensure_vm_dir(cache)?;
     let dir = cache.segments_dir();
-    fs::create_dir_all(&dir)?;
+    // Durable in its parent before any segment in it counts as shipped.
+    tern_driver::vm::create_dir_durably(&dir).map_err(|e| io::Error::other(e.with_causes()))?;
     let tmp = cache.temp_path(header.first_seq, header.last_seq);
     let path = cache.segment_path(header.first_seq, header.last_seq);
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
-        failpoint("ship:segment-written");
+        fail::hit(Failpoint::ShipSegmentWritten)?;
+        fail::hit(Failpoint::ShipSegmentSync)?;
         f.sync_data()?;
-        failpoint("ship:segment-synced");
+        fail::hit(Failpoint::ShipSegmentSynced)?;
         fs::rename(&tmp, &path)?;
         sync_dir(&dir)?;
-        failpoint("ship:segment-renamed");
+        fail::hit(Failpoint::ShipSegmentRenamed)?;
         Ok(())
     })();
     if result.is_err() {
@@ -133,6 +135,7 @@ pub fn write_manifest(cache: &CacheDir, manifest: &Manifest) -> io::Result<()> {
     ensure_vm_dir(cache)?;
     let text = toml::to_string(manifest).map_err(io::Error::other)?;
     let text = format!("# tern cache manifest: written by `tern ship`, read by `tern apply`\n{text}");
+    fail::hit(Failpoint::ShipManifestWrite)?;
     tern_driver::vm::write_durably(&cache.manifest_path(), text.as_bytes())
         .map_err(|e| io::Error::other(e.with_causes()))
 }

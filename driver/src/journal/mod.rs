@@ -21,7 +21,8 @@ pub use format::RecordHeader;
 pub use format::{FLAG_ATTACHED, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA, RESYNC_CLOSE, RESYNC_OPEN};
 pub(crate) use ring::preallocate;
 pub use ring::{
-    Cursor, InPlaceRecord, Journal, Mode, NewRecord, Position, ReadOutcome, RecoveryReport, SEQ_JUMP_AFTER_DISCARD,
+    BusyRecord, Cursor, InPlaceRecord, Journal, Mode, NewRecord, Position, ReadOutcome, RecoveryReport,
+    SEQ_JUMP_AFTER_DISCARD,
 };
 
 /// What a record says happened to the source disk.

@@ -408,7 +408,7 @@ impl Journal {
     /// reservation. Returns its sequence number, or `None` if the ring has
     /// no room for it yet (the ring stays in overflow).
     pub fn leave_overflow(&self, opener: &NewRecord) -> Option<u64> {
-        self.append_with(opener, &[], true)
+        self.append_with(opener, &[], true, commit_word).map(|(seq, _)| seq)
     }
 
     /// The head sequence number when the ring last overflowed.
@@ -478,10 +478,31 @@ impl Journal {
     /// ring has no room for it (the caller marks the dirty bitmap instead).
     /// Never blocks: one compare-and-swap loop on the head, then copies.
     pub fn append(&self, rec: &NewRecord, data: &[u8]) -> Option<u64> {
-        self.append_with(rec, data, false)
+        self.append_with(rec, data, false, commit_word).map(|(seq, _)| seq)
     }
 
-    fn append_with(&self, rec: &NewRecord, data: &[u8], leave_overflow: bool) -> Option<u64> {
+    /// Publishes a record of a change its producer has yet to make to the
+    /// source image: *busy* (see [`InPlaceRecord`]) until the returned
+    /// [`BusyRecord`] is dropped, so the tail cannot pass it before the
+    /// image has the change. Were it consumable at once, a shipper could
+    /// ship it and move the tail past it, and a front-end that died before
+    /// the image write would never re-apply it (recovery starts at the
+    /// tail): the replica would hold a write the source lacks, forever.
+    /// `None` when the ring has no room.
+    pub fn append_busy(&self, rec: &NewRecord, data: &[u8]) -> Option<BusyRecord<'_>> {
+        let (seq, pos) = self.append_with(rec, data, false, busy_word)?;
+        Some(BusyRecord { journal: self, pos, seq })
+    }
+
+    /// Reserves, copies and publishes a record with `word(pos)` as its
+    /// commit word; its sequence number and position.
+    fn append_with(
+        &self,
+        rec: &NewRecord,
+        data: &[u8],
+        leave_overflow: bool,
+        word: fn(u64) -> u64,
+    ) -> Option<(u64, u64)> {
         debug_assert!(data.len() <= MAX_RECORD_DATA as usize);
         let (at, pad) = self.reserve(footprint(data.len()), leave_overflow)?;
         // The reservation [at.pos, at.pos + pad + footprint) is ours alone
@@ -491,8 +512,8 @@ impl Journal {
             self.write_record(at.pos, &RecordHeader::pad(at.seq, 0, pad), &[]);
         }
         let h = rec.header(at.seq, data.len());
-        self.write_record(at.pos + pad, &h, data);
-        Some(at.seq)
+        self.write_record_as(at.pos + pad, &h, data, word);
+        Some((at.seq, at.pos + pad))
     }
 
     /// Reserves a record whose data the caller writes straight into the
@@ -577,10 +598,16 @@ impl Journal {
 
     /// Copies a record into its reserved slot and publishes it.
     fn write_record(&self, pos: u64, h: &RecordHeader, data: &[u8]) {
+        self.write_record_as(pos, h, data, commit_word)
+    }
+
+    /// [`Journal::write_record`] with `word(pos)` as the commit word (busy,
+    /// for [`Journal::append_busy`]).
+    fn write_record_as(&self, pos: u64, h: &RecordHeader, data: &[u8], word: fn(u64) -> u64) {
         let slot = self.slot(pos);
         debug_assert!(slot as u64 + footprint(data.len()) <= self.fields.capacity);
         self.copy_into_slot(slot, &h.encode_with_checksum(data), data);
-        self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
+        self.commit_word_at(slot).store(word(pos), Ordering::Release);
     }
 
     /// Copies header bytes 8..48 and the data into a slot through the
@@ -1260,6 +1287,29 @@ impl Drop for InPlaceRecord<'_> {
                 self.journal.write_record(self.pos, &RecordHeader::pad(self.header.seq, 1, span), &[]);
             }
         }
+    }
+}
+
+/// A published record whose change is not in the source image yet; see
+/// [`Journal::append_busy`]. Dropping it releases the record: the tail may
+/// pass it from then on.
+#[derive(Debug)]
+#[must_use = "the record is released when this is dropped: hold it until the image has the change"]
+pub struct BusyRecord<'a> {
+    journal: &'a Journal,
+    pos: u64,
+    seq: u64,
+}
+
+impl BusyRecord<'_> {
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl Drop for BusyRecord<'_> {
+    fn drop(&mut self) {
+        self.journal.commit_word_at(self.journal.slot(self.pos)).store(commit_word(self.pos), Ordering::Release);
     }
 }
 

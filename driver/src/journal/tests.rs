@@ -349,3 +349,22 @@ fn an_open_waiting_for_the_lock_while_its_state_directory_is_moved_away_fails() 
     // What `tern disable` does first: the VM's directory goes aside whole.
     open_failing_across(&path, &rings, || std::fs::rename(&dir, d.path().join(".vm.disabled")).unwrap());
 }
+
+#[test]
+fn a_busy_record_is_read_but_the_tail_stops_before_it_until_it_is_released() {
+    let (_d, j) = journal(64 * 1024);
+    assert_eq!(j.append(&write(0, 10), &[1; 10]), Some(1));
+    let busy = j.append_busy(&write(4096, 10), &[2; 10]).expect("room");
+    assert_eq!(busy.seq(), 2);
+    // The consumer reads both, and asks to move past both.
+    let mut c = j.cursor(j.tail());
+    let mut data = Vec::new();
+    assert_eq!(c.next(&mut data).unwrap().map(|h| h.seq), Some(1));
+    let before_busy = c.position();
+    assert_eq!(c.next(&mut data).unwrap().map(|h| h.seq), Some(2));
+    j.set_tail(c.position());
+    assert_eq!(j.tail(), before_busy, "the tail passed a record whose image change is not done");
+    drop(busy);
+    j.set_tail(c.position());
+    assert_eq!(j.tail(), c.position());
+}
