@@ -187,20 +187,27 @@ impl TargetDir {
     }
 }
 
-/// Retention with thinning: which points to delete at `now` (ns since the
-/// Unix epoch). Every point younger than `keep_all` stays; between that and
-/// `retention`, the oldest point of each hour stays; older ones go. App
-/// points are thinned like crash points but never share an hour's slot
-/// with them (each kind keeps its own hourly point). Pure, so tests give
-/// it any clock.
-pub fn expired_points(points: &[Point], now_ns: u64, keep_all: Duration, retention: Duration) -> Vec<String> {
+/// Retention with thinning: which points to delete once the stream has
+/// reached `stream_now_ns` (see [`stream_now`]). Every point younger than
+/// `keep_all` stays; between that and `retention`, the oldest point of each
+/// hour stays; older ones go. App points are thinned like crash points but
+/// never share an hour's slot with them (each kind keeps its own hourly
+/// point). The newest point of each kind is never deleted, however old:
+/// after a disaster the last good point is what the operator fails over to.
+/// Pure, so tests give it any clock.
+pub fn expired_points(points: &[Point], stream_now_ns: u64, keep_all: Duration, retention: Duration) -> Vec<String> {
     let hour = 3600 * 1_000_000_000u64;
     let mut kept_hours: std::collections::HashSet<(u64, bool)> = Default::default();
     let mut sorted: Vec<&Point> = points.iter().collect();
-    sorted.sort_by_key(|p| p.time_ns);
+    sorted.sort_by_key(|p| (p.time_ns, p.seq));
+    let newest = |kind| sorted.iter().rev().find(|p| p.kind == kind).map(|p| p.id.clone());
+    let keep_newest = [newest(PointKind::Crash), newest(PointKind::App)];
     let mut out = Vec::new();
-    for p in sorted {
-        let age = now_ns.saturating_sub(p.time_ns);
+    for p in sorted.iter().copied() {
+        if keep_newest.contains(&Some(p.id.clone())) {
+            continue;
+        }
+        let age = stream_now_ns.saturating_sub(p.time_ns);
         if age < keep_all.as_nanos() as u64 {
             continue;
         }
@@ -213,6 +220,16 @@ pub fn expired_points(points: &[Point], now_ns: u64, keep_all: Duration, retenti
         }
     }
     out
+}
+
+/// The clock retention measures age on: the stream's own, the source time
+/// of the newest record applied (or of the newest point, should the source
+/// clock have stepped back since). Neither the target's clock nor the
+/// skew between the sites moves it, and a source that has gone silent
+/// (the disaster tern exists for) stops it: nothing expires while no new
+/// data arrives.
+pub fn stream_now(checkpoint: &Checkpoint, points: &[Point]) -> u64 {
+    points.iter().map(|p| p.time_ns).fold(checkpoint.source_time_ns, u64::max)
 }
 
 #[cfg(test)]
@@ -251,12 +268,44 @@ mod tests {
         let kept_hours: Vec<u64> = kept.iter().copied().filter(in_band).map(hour).collect();
         assert_eq!(kept_hours.len(), hours_with_points.len(), "{kept_hours:?}");
         assert_eq!(kept_hours.iter().copied().collect::<std::collections::BTreeSet<_>>(), hours_with_points);
-        // Past 24 h: none.
+        // Past 24 h: none, but the newest of each kind (here, of the only
+        // kind) is the youngest point and among the kept.
         assert!(kept.iter().all(|p| age_min(p) < 1440));
         // The same clock a minute later deletes nothing younger than before.
         let later =
             expired_points(&points, now + 60_000_000_000, Duration::from_secs(7200), Duration::from_secs(86400));
         assert!(expired.iter().all(|id| later.contains(id)), "a point expired once stays expired");
+    }
+
+    #[test]
+    fn the_newest_point_of_each_kind_outlives_retention() {
+        let now = 100 * 3600 * 1_000_000_000u64;
+        let points = vec![
+            point(1, 3000, now, PointKind::App),
+            point(2, 2990, now, PointKind::Crash),
+            point(3, 2980, now, PointKind::Crash),
+        ];
+        let expired = expired_points(&points, now, Duration::from_secs(7200), Duration::from_secs(86400));
+        assert_eq!(expired, vec!["2".to_string()], "only the older crash point goes");
+    }
+
+    #[test]
+    fn the_stream_clock_is_the_newest_applied_source_time_not_the_target_clock() {
+        let now = 100 * 3600 * 1_000_000_000u64;
+        let points = vec![point(1, 30, now, PointKind::Crash), point(2, 20, now, PointKind::App)];
+        let checkpoint = Checkpoint {
+            version: TARGET_VERSION,
+            vm_id: uuid::Uuid::nil(),
+            epoch: 1,
+            applied_seq: 2,
+            in_window: false,
+            source_time_ns: now - 10 * 60 * 1_000_000_000,
+            last_point_ns: 0,
+        };
+        assert_eq!(stream_now(&checkpoint, &points), checkpoint.source_time_ns);
+        // The source clock stepped back after the newest point.
+        let stepped_back = Checkpoint { source_time_ns: now - 3600 * 1_000_000_000, ..checkpoint };
+        assert_eq!(stream_now(&stepped_back, &points), points[1].time_ns);
     }
 
     #[test]

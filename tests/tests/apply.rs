@@ -405,3 +405,46 @@ fn batch_and_sync_sizes_out_of_range_or_unparsable_are_refused_with_the_range() 
         assert!(!target.exists(), "{flag} {value}: nothing is created before the options are checked");
     }
 }
+
+/// Issue 17, bug 2: retention measured point ages on the target's clock and
+/// kept no point for sure: a source silent for longer than the retention
+/// (a disaster) or a target clock ahead deleted every point. Ages are now
+/// measured on the stream's clock, and the newest point of each kind stays.
+#[test]
+fn a_silent_source_or_a_target_clock_a_day_ahead_expires_no_point() {
+    require("faketime");
+    // Two tags: two app points, so retention has an older one to judge
+    // (the newest of each kind is kept anyway).
+    let (vm, _tagged) = vm_with_tagged_history(2);
+    let target = vm.dir.path().join("target");
+    let cache = vm.dir.path().join("cache");
+    let out = vm.apply_with(&cache, &target, &[], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before: Vec<String> = vm.points(&target).iter().map(|p| p["id"].to_string()).collect();
+    assert!(before.len() >= 3, "a crash point and the tags' app points: {before:?}");
+    // A day and an hour later by the target's clock (the default retention
+    // is 24 h).
+    let apply_a_day_later = || {
+        let out = Command::new("faketime")
+            .args(["-f", "+25h"])
+            .arg(tern_bin())
+            .args(["apply", "--once", "--cache"])
+            .arg(&cache)
+            .arg("--target")
+            .arg(&target)
+            .arg(&vm.name)
+            .output()
+            .expect("run faketime");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        vm.points(&target).iter().map(|p| p["id"].to_string()).collect::<Vec<String>>()
+    };
+    // Nothing new from the source.
+    assert_eq!(apply_a_day_later(), before, "points expired while the source was silent");
+    // New data, its source time minutes after the points': still young.
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 9 0 64k"]));
+    served.stop();
+    vm.ship_once();
+    let after = apply_a_day_later();
+    assert!(before.iter().all(|id| after.contains(id)), "points expired by the target's clock: {before:?} → {after:?}");
+}

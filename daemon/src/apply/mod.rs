@@ -22,7 +22,7 @@ use tern_driver::journal::{self, RecordKind};
 use tern_driver::vm::write_durably;
 use tern_store::cache::{Applied, CacheDir, Manifest};
 use tern_store::segment::{Segment, SegmentError};
-use tern_store::target::{expired_points, Checkpoint, Point, PointKind, TargetDir, TARGET_VERSION};
+use tern_store::target::{expired_points, stream_now, Checkpoint, Point, PointKind, TargetDir, TARGET_VERSION};
 
 use tern_driver::fail::{self, Failpoint};
 
@@ -435,7 +435,9 @@ impl VmApplier {
             self.prune_segments()?;
         }
         self.answer_hash_request()?;
-        self.thin_points()?;
+        if applied > 0 {
+            self.thin_points()?;
+        }
         Ok(applied)
     }
 
@@ -711,10 +713,13 @@ impl VmApplier {
         Ok(())
     }
 
+    /// Deletes the points retention no longer keeps, ages measured on the
+    /// stream's clock (see [`stream_now`]).
     fn thin_points(&self) -> Result<()> {
         let points = self.target.list_points()?;
         let policy = &self.manifest.policy;
-        for id in expired_points(&points, now_ns(), policy.keep_all, policy.retention) {
+        let now = stream_now(&self.checkpoint, &points);
+        for id in expired_points(&points, now, policy.keep_all, policy.retention) {
             let dir = self.target.point_dir(&id);
             // Renamed out of the catalog first: never a half-deleted point.
             fail::hit(Failpoint::ApplyPointExpire)?;
