@@ -5,6 +5,12 @@
 //! published in the journal until the source image has it, so two
 //! overlapping writes reach the journal in the order they reach the disk.
 //!
+//! It is fair: a request waits behind every earlier waiting request it
+//! overlaps, not only behind held ranges. Without that, a large range (the
+//! resync's whole-disk wait after an overflow) could wait for ever under
+//! sustained small writes, one of which is always held, and no recovery
+//! point could be taken while the load lasted.
+//!
 //! A mutex-protected list is enough: the list holds at most one entry per
 //! request in flight (a few dozen), and the lock is held for a scan, not for
 //! the I/O.
@@ -20,7 +26,21 @@ pub struct RangeLock {
 #[derive(Debug, Default)]
 struct Held {
     ranges: Vec<(u64, u64)>, // [start, end)
-    waiters: usize,
+    /// Requests waiting, oldest first: (ticket, range).
+    waiting: std::collections::VecDeque<(u64, (u64, u64))>,
+    next_ticket: u64,
+}
+
+impl Held {
+    fn overlaps_held(&self, range: (u64, u64)) -> bool {
+        self.ranges.iter().any(|&r| overlaps(r, range))
+    }
+
+    /// Whether a waiting request older than `ticket` (every one, with
+    /// `None`) overlaps `range`.
+    fn overlaps_earlier_waiter(&self, range: (u64, u64), ticket: Option<u64>) -> bool {
+        self.waiting.iter().take_while(|(t, _)| Some(*t) != ticket).any(|&(_, r)| overlaps(r, range))
+    }
 }
 
 /// Releases its range when dropped.
@@ -46,27 +66,35 @@ impl RangeLock {
         Self::default()
     }
 
-    /// Waits until no held range overlaps `[offset, offset + len)`, then
-    /// holds it. An empty range still excludes ranges that contain its
-    /// offset, so it keeps its place in the order.
+    /// Waits until no held range and no earlier waiting request overlaps
+    /// `[offset, offset + len)`, then holds it. An empty range still
+    /// excludes ranges that contain its offset, so it keeps its place in
+    /// the order.
     pub fn lock(&self, offset: u64, len: u64) -> RangeGuard<'_> {
         let range = span(offset, len);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        while held.ranges.iter().any(|&r| overlaps(r, range)) {
-            held.waiters += 1;
-            held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
-            held.waiters -= 1;
+        if held.overlaps_held(range) || held.overlaps_earlier_waiter(range, None) {
+            let ticket = held.next_ticket;
+            held.next_ticket += 1;
+            held.waiting.push_back((ticket, range));
+            while held.overlaps_held(range) || held.overlaps_earlier_waiter(range, Some(ticket)) {
+                held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
+            }
+            let mine = held.waiting.iter().position(|(t, _)| *t == ticket).expect("a waiter leaves the queue itself");
+            held.waiting.remove(mine);
+            // Later waiters that only this one held back may go now.
+            self.released.notify_all();
         }
         held.ranges.push(range);
         RangeGuard { lock: self, range }
     }
 
-    /// Holds `[offset, offset + len)` if no held range overlaps it now;
-    /// never waits.
+    /// Holds `[offset, offset + len)` if no held range and no waiting
+    /// request overlaps it now; never waits.
     pub fn try_lock(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
         let range = span(offset, len);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.ranges.iter().any(|&r| overlaps(r, range)) {
+        if held.overlaps_held(range) || held.overlaps_earlier_waiter(range, None) {
             return None;
         }
         held.ranges.push(range);
@@ -85,7 +113,7 @@ impl Drop for RangeGuard<'_> {
         if let Some(i) = held.ranges.iter().position(|&r| r == self.range) {
             held.ranges.swap_remove(i);
         }
-        if held.waiters > 0 {
+        if !held.waiting.is_empty() {
             self.lock.released.notify_all();
         }
     }
@@ -133,6 +161,64 @@ mod tests {
         drop(g);
         t.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_large_range_is_granted_under_sustained_small_overlapping_ones() {
+        let l = Arc::new(RangeLock::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        // Four writers, one of them always holding a range.
+        let writers: Vec<_> = (0..4u64)
+            .map(|i| {
+                let (l, stop) = (l.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut j = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let _g = l.lock((i * 7 + j) % 64 * 4096, 4096);
+                        std::thread::sleep(Duration::from_micros(500));
+                        j += 1;
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let (granted, l2) = (Arc::new(AtomicBool::new(false)), l.clone());
+        let big = {
+            let granted = granted.clone();
+            std::thread::spawn(move || {
+                drop(l2.lock(0, 64 * 4096));
+                granted.store(true, Ordering::SeqCst);
+            })
+        };
+        let started = std::time::Instant::now();
+        while !granted.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let waited = started.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        for w in writers {
+            w.join().unwrap();
+        }
+        big.join().unwrap();
+        assert!(waited < Duration::from_secs(5), "the whole-range lock starved behind small writes");
+    }
+
+    #[test]
+    fn try_lock_never_jumps_an_overlapping_waiter() {
+        let l = Arc::new(RangeLock::new());
+        let g = l.lock(0, 4096);
+        let waiter = {
+            let l = l.clone();
+            std::thread::spawn(move || drop(l.lock(0, 1 << 20)))
+        };
+        while l.held.lock().unwrap().waiting.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(l.try_lock(8192, 4096).is_none(), "it would hold back the waiting whole-range request");
+        assert!(l.try_lock(2 << 20, 4096).is_some(), "disjoint from every holder and waiter");
+        drop(g);
+        waiter.join().unwrap();
+        assert!(l.try_lock(8192, 4096).is_some());
     }
 
     #[test]
