@@ -45,6 +45,9 @@ pub enum Failpoint {
     /// journal: the unsynced records are written to the durable file,
     /// before its header and fdatasync.
     JournalRecordsWritten,
+    /// tag: the tag is reserved, filled and its number made durable, not
+    /// yet published.
+    TagReserved,
     /// ship: a batch of records is read from the ring.
     ShipBatchRead,
     /// ship: a segment's bytes are written to its temporary file.
@@ -94,6 +97,7 @@ impl Failpoint {
         Failpoint::ServeImageSync,
         Failpoint::ServeResyncPublished,
         Failpoint::JournalRecordsWritten,
+        Failpoint::TagReserved,
         Failpoint::ShipBatchRead,
         Failpoint::ShipSegmentWritten,
         Failpoint::ShipSegmentSync,
@@ -123,6 +127,7 @@ impl Failpoint {
             Failpoint::ServeImageSync => "serve:image-sync",
             Failpoint::ServeResyncPublished => "serve:resync-published",
             Failpoint::JournalRecordsWritten => "journal:records-written",
+            Failpoint::TagReserved => "tag:reserved",
             Failpoint::ShipBatchRead => "ship:batch-read",
             Failpoint::ShipSegmentWritten => "ship:segment-written",
             Failpoint::ShipSegmentSync => "ship:segment-sync",

@@ -29,6 +29,7 @@ pub mod image;
 pub mod journal;
 pub mod mirror;
 pub mod range_lock;
+pub mod tag;
 pub mod units;
 pub mod vm;
 

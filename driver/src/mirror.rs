@@ -102,6 +102,8 @@ pub struct Mirror {
     resync_from: Mutex<(usize, u64)>,
     /// Held until `shutdown`: one front-end per VM.
     frontend_lock: Mutex<Option<File>>,
+    /// `<state>/<vm>/tag.lock` (see [`crate::tag`]).
+    tag_lock: std::path::PathBuf,
 }
 
 impl Mirror {
@@ -155,6 +157,7 @@ impl Mirror {
             window_open: AtomicBool::new(false),
             resync_from: Mutex::new((0, 0)),
             frontend_lock: Mutex::new(Some(frontend_lock)),
+            tag_lock: paths.tag_lock(),
         };
         mirror.attach()?;
         // After attaching: recovery from a host crash punches the ring.
@@ -191,9 +194,18 @@ impl Mirror {
                 self.recover_after_process_crash()?;
             }
         } else {
-            // A clean stop leaves no record busy; should one have been
-            // saved so, the tail could never pass it.
-            self.journal.release_busy();
+            // A clean stop leaves no record busy and no hole of its own; but
+            // a `tern tag` killed between reserving and publishing leaves a
+            // hole (and a record saved busy could never be passed either).
+            let report = self.journal.pad_holes()?;
+            if report.holes > 0 {
+                log::warn!(
+                    "VM '{}': padded {} hole(s) ({} sequence numbers) a producer of another process left unpublished",
+                    self.config.name,
+                    report.holes,
+                    report.lost_seqs
+                );
+            }
         }
         self.journal.set_boot_id(boot);
         self.journal.set_flags(journal::FLAG_ATTACHED);
@@ -480,7 +492,7 @@ impl Mirror {
     /// inside a resync window could not become a consistent point).
     pub fn tag(&self, label: &str) -> Result<Option<u64>> {
         let _gate = self.enter(0)?;
-        self.journal.append_tag(label)
+        crate::tag::append(&self.journal, &self.tag_lock, label)
     }
 
     /// Journals a write-type request, or marks the bitmap when the ring has

@@ -284,6 +284,12 @@ impl VmPaths {
 
     /// Held (flock) by the one consumer of the journal (`tern ship`, or
     /// `tern journal fold`).
+    /// Held by a `tern tag` while it appends; names its reservation (see
+    /// `tag`).
+    pub fn tag_lock(&self) -> PathBuf {
+        self.dir.join("tag.lock")
+    }
+
     pub fn consumer_lock(&self) -> PathBuf {
         self.dir.join("consumer.lock")
     }

@@ -449,3 +449,80 @@ fn the_initial_sync_sends_allocated_zeroes_as_zero_records() {
         .arg(format!("disk0={}", replica.display())));
     assert_files_equal(&image, &replica);
 }
+
+/// Issue 17, bug 3: a tag on a stopped VM lived only in the in-memory
+/// ring; shipped, then lost with the ring at a reboot, its sequence number
+/// went to the next write, which the shipper then skipped as shipped.
+#[test]
+fn a_tag_on_a_stopped_vm_then_a_reboot_never_hands_its_sequence_number_to_a_write() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 1 0 1M", "-c", "flush"]));
+    served.stop();
+    let out = run(vm.tern().args(["tag", &vm.name, "stopped"]));
+    assert!(out.contains("tagged"), "{out}");
+    vm.ship_once();
+    // A clean reboot: the ring in memory is gone, the journal file stays.
+    let ring = std::fs::read_link(vm.state.join(&vm.name).join("journal.ring")).expect("the ring link");
+    std::fs::remove_file(&ring).expect("remove the live ring");
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 2 2M 1M", "-c", "flush"]));
+    served.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+}
+
+/// `tern ship --once`, killed and failed if it takes longer than `limit`.
+fn ship_once_within(vm: &TestVm, limit: Duration) -> String {
+    let log = vm.dir.path().join("ship-once.log");
+    let logf = std::fs::File::create(&log).expect("log");
+    let mut child =
+        vm.tern().args(["ship", &vm.name, "--once"]).stderr(logf).stdout(Stdio::null()).spawn().expect("ship");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tern ship --once still running after {limit:?}:\n{}", std::fs::read_to_string(&log).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(status.success(), "tern ship --once failed:\n{text}");
+    text
+}
+
+/// Issue 17, bug 5: a `tern tag` killed between reserving its record and
+/// publishing it left a hole only crash recovery padded: the shipper
+/// stopped there for good, even across a clean restart of `tern serve`.
+#[test]
+fn a_tag_killed_before_publishing_never_stops_the_stream() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let killed_tag = || {
+        let out = vm.tern_env(&[("TERN_FAILPOINTS", "tag:reserved=kill")]).args(["tag", &vm.name, "x"]).output();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.expect("tag").status.signal(), Some(9), "the tagger must die before publishing");
+    };
+    let write = |pattern: u8, at: &str| {
+        let cmd = format!("write -P {pattern} {at} 64k");
+        run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", &cmd, "-c", "flush"]));
+    };
+    // While the front-end runs.
+    let served = vm.serve(&[]);
+    write(1, "0");
+    killed_tag();
+    write(2, "1M");
+    ship_once_within(&vm, Duration::from_secs(30));
+    // Across a clean restart of the front-end.
+    killed_tag();
+    write(3, "2M");
+    served.stop();
+    let served = vm.serve(&[]);
+    write(4, "3M");
+    served.stop();
+    ship_once_within(&vm, Duration::from_secs(30));
+    vm.assert_cache_reproduces_source();
+}

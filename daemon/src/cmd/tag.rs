@@ -22,7 +22,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     if journal.vm_id() != *config.id.as_bytes() {
         bail!("journal {} belongs to another VM than '{}'", journal.path().display(), a.vm);
     }
-    let Some(seq) = journal.append_tag(label)? else {
+    let Some(seq) = tern_driver::tag::append(&journal, &paths.tag_lock(), label)? else {
         bail!(
             "cannot tag VM '{}': its journal is full or catching up after an overflow, so no consistent point can be taken now; retry once `tern ship` has caught up",
             a.vm

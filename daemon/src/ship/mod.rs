@@ -235,7 +235,8 @@ pub fn run_with(
                 std::thread::sleep(Duration::from_millis(100));
             }
         })?;
-        let shared = ReaderShared { target, resync_idle: &resync_idle, stop: &stop };
+        let tag_lock = paths.tag_lock();
+        let shared = ReaderShared { target, resync_idle: &resync_idle, stop: &stop, tag_lock: &tag_lock };
         let reading = read_batches(&config, &journal, &bitmaps, &resume, options, &shared, to_workers);
         reader_done.store(true, Ordering::Release);
         let written = writing.join().map_err(|_| anyhow::anyhow!("the segment writer panicked"))?;
@@ -359,6 +360,8 @@ struct ReaderShared<'a> {
     target: Position,
     resync_idle: &'a AtomicBool,
     stop: &'a AtomicBool,
+    /// The VM's tag lock (see `tern_driver::tag`).
+    tag_lock: &'a std::path::Path,
 }
 
 /// The reader: records into batches, cut by size and age.
@@ -371,7 +374,7 @@ fn read_batches(
     shared: &ReaderShared<'_>,
     to_workers: Sender<Batch>,
 ) -> Result<()> {
-    let ReaderShared { target, resync_idle, stop } = *shared;
+    let ReaderShared { target, resync_idle, stop, tag_lock } = *shared;
     let vm_id = *config.id.as_bytes();
     let epoch = resume.manifest.epoch().number;
     let max_size = config.policy.segment_size.bytes();
@@ -384,6 +387,7 @@ fn read_batches(
     let mut window_at_start = in_window;
     let mut oldest: Option<(u64, Instant)> = None;
     let mut last_progress_log = Instant::now();
+    let mut last_reclaim = Instant::now();
     // A record read but held back for the next segment, and the ring
     // position before it (where this segment ends).
     let mut pending: Option<RecordHeader> = None;
@@ -455,6 +459,14 @@ fn read_batches(
                         if in_window { "open" } else { "closed" }
                     );
                     last_progress_log = Instant::now();
+                }
+                if journal.head().pos > cursor.position().pos && last_reclaim.elapsed() > Duration::from_secs(1) {
+                    // Stopped at a hole: a dead `tern tag`'s, if the tag
+                    // lock says so; it is padded and the stream goes on.
+                    last_reclaim = Instant::now();
+                    if tern_driver::tag::reclaim_abandoned(journal, tag_lock)? {
+                        log::warn!("VM '{}': padded the hole a killed `tern tag` left in the journal", config.name);
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }

@@ -463,15 +463,68 @@ impl Journal {
     // ---- producers --------------------------------------------------------
 
     /// Publishes an application-consistent marker (any process may: `tern
-    /// tag` does, beside the front-end). Returns its sequence number, or
-    /// `None` if the ring takes no record now (full, or in overflow: no
-    /// consistent point exists there).
-    pub fn append_tag(&self, label: &str) -> Result<Option<u64>> {
+    /// tag` does, beside the front-end, or with none running). Returns its
+    /// sequence number, or `None` if the ring takes no record now (full, or
+    /// in overflow: no consistent point exists there).
+    ///
+    /// The tag's sequence number is durable before the tag can be read: it
+    /// is reserved and filled, the journal synced (the durable head passes
+    /// it), and only then published, and synced again. A tag published in
+    /// the ring alone could be shipped and then lost with the ring (a
+    /// reboot while no front-end ran to sync it), and the next write would
+    /// get its number, which the shipper skips as shipped. Killed between
+    /// the two, the tag is a hole the next front-end pads.
+    ///
+    /// `note` hears where the tag is reserved before it is published, so a
+    /// process that outlives a killed tagger can pad its hole (see
+    /// [`Journal::pad_abandoned_tag`]).
+    pub fn append_tag(&self, label: &str, note: impl FnOnce(Position)) -> Result<Option<u64>> {
         if label.is_empty() || label.len() > 256 || label.chars().any(char::is_control) {
             return Err(Error::Invalid(format!("a tag label must be 1 to 256 bytes of printable text, got {label:?}")));
         }
         let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: label.len() as u32, flags: 0 };
-        Ok(self.append(&rec, label.as_bytes()))
+        let data = label.as_bytes();
+        let Some((at, pad)) = self.reserve(footprint(data.len()), false) else { return Ok(None) };
+        if pad > 0 {
+            self.write_record(at.pos, &RecordHeader::pad(at.seq, 0, pad), &[]);
+        }
+        let pos = at.pos + pad;
+        let slot = self.slot(pos);
+        self.copy_into_slot(slot, &rec.header(at.seq, data.len()).encode_with_checksum(data), data);
+        note(Position { pos, seq: at.seq });
+        if let Err(e) = self.sync() {
+            // Never published: a pad takes its place (and its number).
+            self.write_record(pos, &RecordHeader::pad(at.seq, 1, footprint(data.len())), &[]);
+            return Err(e);
+        }
+        crate::fail::hit(crate::fail::Failpoint::TagReserved)
+            .map_err(|source| Error::Sync { path: self.path.clone(), source })?;
+        self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
+        self.sync()?;
+        Ok(Some(at.seq))
+    }
+
+    /// Pads the tag reserved at `at` if it is still unpublished: its
+    /// producer died between reserving and publishing it (the caller knows
+    /// it is dead), and the hole would stop the consumer for good. Whether
+    /// it padded.
+    pub fn pad_abandoned_tag(&self, at: Position) -> bool {
+        if at.pos < self.tail().pos || at.pos >= self.head().pos || !matches!(self.locate(at.pos), Ok(None)) {
+            return false;
+        }
+        match self.header_at(at.pos) {
+            Ok((h, _, _)) if h.kind == RecordKind::Tag && h.seq == at.seq => {
+                self.write_record(at.pos, &RecordHeader::pad(at.seq, 1, h.footprint()), &[]);
+                log::warn!(
+                    "journal {}: recovery mode skip-hole: the tag reserved at seq {} (position {}) was never published (its `tern tag` died); covering it with padding",
+                    self.path.display(),
+                    at.seq,
+                    at.pos
+                );
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Publishes a record. Returns its sequence number, or `None` when the
@@ -804,9 +857,7 @@ impl Journal {
         // Other processes (`tern tag`, an offline resync) sync too; one at a
         // time, so the durable header only moves forward.
         let _lock = FileLock::exclusive(&self.durable, &self.path)?;
-        // Tail before head: the snapshot never has the tail past the head.
-        let tail = self.tail_word().load(Ordering::Acquire);
-        let head = self.head_word().load(Ordering::Acquire);
+        let (tail, head) = self.head_and_tail();
         let to = Position::unpack(head).pos;
         let from = synced.to.max(Position::unpack(tail).pos);
         let header = self.header_snapshot(head, tail);
@@ -847,6 +898,25 @@ impl Journal {
         self.durable.sync_data().map_err(|source| Error::Sync { path: self.path.clone(), source })?;
         *synced = Synced { to: published_to, header };
         Ok(())
+    }
+
+    /// The head and tail words as they stood together at one instant. Read
+    /// apart, the consumer could move the tail between the two loads and
+    /// producers reserve into the space it freed: a tail read first would
+    /// then lag the head by more than the capacity (a header
+    /// `Journal::open` refuses after a reboot), a tail read last could pass
+    /// the head. So the tail is read on both sides of the head, until it
+    /// stood still (it only grows, so equal means unchanged).
+    fn head_and_tail(&self) -> (u128, u128) {
+        loop {
+            let tail = self.tail_word().load(Ordering::Acquire);
+            #[cfg(test)]
+            tests_hook::between_tail_and_head();
+            let head = self.head_word().load(Ordering::Acquire);
+            if self.tail_word().load(Ordering::Acquire) == tail {
+                return (tail, head);
+            }
+        }
     }
 
     /// Copies `len` bytes of the live ring at file offset `at` to the same
@@ -919,9 +989,38 @@ impl Journal {
     /// The caller must be the only producer (the front-end, before it
     /// serves). A write in a hole was never applied to the image nor
     /// acknowledged (publishing precedes both), so skipping it is exact.
-    pub fn recover(&self, mut reapply: impl FnMut(&RecordHeader, &[u8]) -> Result<()>) -> Result<RecoveryReport> {
+    pub fn recover(&self, reapply: impl FnMut(&RecordHeader, &[u8]) -> Result<()>) -> Result<RecoveryReport> {
+        let report = self.walk_unconsumed(self.tail(), reapply)?;
+        self.atomic_u64(OFF_RECOVERIES).fetch_add(1, Ordering::AcqRel);
+        Ok(report)
+    }
+
+    /// Pads every hole between the tail and the head: a front-end attaching
+    /// to a journal the last one left cleanly, which a producer of another
+    /// process (a `tern tag` killed between reserving and publishing) may
+    /// still have left a hole in. Releases busy records on the way. Reads
+    /// only headers unless it finds a hole.
+    pub fn pad_holes(&self) -> Result<RecoveryReport> {
+        let (mut at, head) = (self.tail(), self.head());
+        while at.pos < head.pos {
+            let Ok(Some((h, _, _))) = self.locate(at.pos) else {
+                return self.walk_unconsumed(at, |_, _| Ok(()));
+            };
+            self.release_if_busy(at.pos);
+            at = after(at.pos, &h).map_err(|e| self.bad(e))?;
+        }
+        Ok(RecoveryReport::default())
+    }
+
+    /// The walk behind [`Journal::recover`] and [`Journal::pad_holes`],
+    /// from `start` to the head.
+    fn walk_unconsumed(
+        &self,
+        start: Position,
+        mut reapply: impl FnMut(&RecordHeader, &[u8]) -> Result<()>,
+    ) -> Result<RecoveryReport> {
         let head = self.head();
-        let mut at = self.tail();
+        let mut at = start;
         let mut report = RecoveryReport::default();
         let mut data = Vec::new();
         while at.pos < head.pos {
@@ -1022,7 +1121,6 @@ impl Journal {
                 }
             }
         }
-        self.atomic_u64(OFF_RECOVERIES).fetch_add(1, Ordering::AcqRel);
         Ok(report)
     }
 
@@ -1047,21 +1145,6 @@ impl Journal {
             RecordKind::Write => Some((h.seq, h.footprint())),
             RecordKind::Pad if h.offset == 1 => Some((h.seq, h.footprint())),
             _ => None,
-        }
-    }
-
-    /// Releases every busy record between the tail and the head (see
-    /// [`InPlaceRecord`]): a front-end attaching to a journal no producer
-    /// uses, so none is still reading one.
-    pub fn release_busy(&self) {
-        let (mut at, head) = (self.tail(), self.head());
-        while at.pos < head.pos {
-            let Ok(Some((h, _, _))) = self.locate(at.pos) else { return };
-            self.release_if_busy(at.pos);
-            match after(at.pos, &h) {
-                Ok(next) => at = next,
-                Err(_) => return,
-            }
         }
     }
 
@@ -1286,6 +1369,23 @@ impl Drop for InPlaceRecord<'_> {
                 let span = footprint(self.header.data_len as usize);
                 self.journal.write_record(self.pos, &RecordHeader::pad(self.header.seq, 1, span), &[]);
             }
+        }
+    }
+}
+
+/// A test's way into [`Journal::head_and_tail`]: something to run, once,
+/// between its two loads (another thread moving tail and head there).
+#[cfg(test)]
+pub(super) mod tests_hook {
+    use std::sync::Mutex;
+
+    pub type Hook = Box<dyn FnOnce() + Send>;
+    pub static BETWEEN_TAIL_AND_HEAD: Mutex<Option<Hook>> = Mutex::new(None);
+
+    pub fn between_tail_and_head() {
+        let hook = BETWEEN_TAIL_AND_HEAD.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(hook) = hook {
+            hook();
         }
     }
 }

@@ -368,3 +368,28 @@ fn a_busy_record_is_read_but_the_tail_stops_before_it_until_it_is_released() {
     j.set_tail(c.position());
     assert_eq!(j.tail(), c.position());
 }
+
+#[test]
+fn a_sync_racing_the_consumer_saves_a_header_a_reboot_can_open() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("journal");
+    let rings = d.path().join("rings");
+    Journal::create(&p, [3; 16], 16 * 1024).unwrap();
+    let j = std::sync::Arc::new(Journal::open(&p, &rings).unwrap());
+    let data = [7u8; 4000];
+    while j.append(&write(0, data.len()), &data).is_some() {}
+    // Between the sync's loads of tail and head, the consumer takes
+    // everything and the producers fill the ring again.
+    let other = std::sync::Arc::clone(&j);
+    *ring::tests_hook::BETWEEN_TAIL_AND_HEAD.lock().unwrap() = Some(Box::new(move || {
+        other.set_tail(other.head());
+        while other.append(&write(0, data.len()), &data).is_some() {}
+    }));
+    j.sync().unwrap();
+    let (head, tail) = (j.head(), j.tail());
+    drop(j);
+    // A reboot: the ring in memory is gone, restored from the durable file.
+    std::fs::remove_dir_all(&rings).unwrap();
+    let j = Journal::open(&p, &rings).expect("the saved header must be consistent");
+    assert_eq!((j.head(), j.tail()), (head, tail));
+}

@@ -319,6 +319,27 @@ fn clean_shutdown_needs_no_recovery() {
 }
 
 #[test]
+fn a_clean_attach_pads_a_hole_another_process_left_so_the_consumer_passes_it() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    m.write(0, 0, &[1; 4096], false).unwrap();
+    // A `tern tag` beside the front-end reserves, then dies unpublished
+    // (and before it could note where).
+    m.journal().reserve_and_abandon(16).unwrap();
+    m.write(0, 4096, &[2; 4096], false).unwrap();
+    m.shutdown().unwrap();
+    drop(m);
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    assert!(m.recovery().is_none(), "a clean attach, not a recovery");
+    let (mut cursor, mut data, mut seqs) = (m.journal().cursor(m.journal().tail()), Vec::new(), Vec::new());
+    while let Some(h) = cursor.next(&mut data).unwrap() {
+        seqs.push((h.seq, h.kind));
+    }
+    assert_eq!(seqs, vec![(1, RecordKind::Write), (2, RecordKind::Pad), (3, RecordKind::Write)]);
+    assert_eq!(cursor.position(), m.journal().head(), "the consumer reaches the head");
+}
+
+#[test]
 fn a_second_frontend_is_refused_with_the_holders_pid() {
     let s = setup(1 << 20, 1 << 20, 65536);
     let _m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
