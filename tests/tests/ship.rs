@@ -365,6 +365,32 @@ fn after_a_host_crash_with_no_answer_from_the_target_a_full_resync_brings_the_re
     vm.assert_cache_reproduces_source();
 }
 
+/// Issue 17, bug 8: after a host crash before the first segment was
+/// shipped, the shipper took the jumped sequence numbers for a plain
+/// continuation of the manifest's stream (no new epoch), and the applier
+/// stopped for good on the "gap".
+#[test]
+fn a_host_crash_before_the_first_segment_starts_an_epoch_the_target_accepts() {
+    // Sparse: no initial sync, so the first ship writes the manifest and
+    // no segment.
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    assert!(segment_names(&vm).is_empty(), "nothing to ship yet: {:?}", segment_names(&vm));
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 5 1M 64k"]));
+    crash_the_host(&vm, served);
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 6 3M 64k"]));
+    let log = vm.ship_once_with(&["--checksum-timeout", "0s"]);
+    assert!(log.contains("starting epoch 2"), "{log}");
+    served.stop();
+    vm.ship_once();
+    let target = vm.dir.path().join("target");
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &[], &[]);
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    assert_files_equal(&vm.image, &target.join("vm1/replica/disk0.img"));
+}
+
 #[test]
 fn bad_segments_in_the_cache_are_refused_with_file_and_offset() {
     let vm =

@@ -307,7 +307,11 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
     };
     let (mut last_shipped, mut in_window) = match &newest {
         Some(h) => (h.last_seq, h.window & segment::WINDOW_AT_END != 0),
-        None => (tail.seq.saturating_sub(1), false),
+        // Nothing shipped in this stream yet: it continues from where the
+        // manifest's current epoch starts, not from wherever the tail is
+        // now (a discard after a host crash jumped it: that gap needs an
+        // epoch too, or the applier refuses it).
+        None => (manifest.epoch().first_seq.saturating_sub(1), false),
     };
     if tail.seq > last_shipped + 1 {
         // Records between were never shipped and are gone: the journal was
