@@ -173,7 +173,7 @@ pub fn catch_up_and_point(cache: &Path, target: &Path, vm: &str) -> Result<Point
 /// the VM's directory.
 fn retire_previous_stream(target: &TargetDir, old_id: &uuid::Uuid) -> Result<()> {
     let history = target.history_dir(old_id);
-    std::fs::create_dir_all(&history).with_context(|| format!("cannot create {}", history.display()))?;
+    tern_driver::vm::create_dir_durably(&history)?;
     // The replicas last: their checkpoint is what makes the next start
     // retire again, so a crash half-way through is finished then (a
     // directory already in history/ was moved before the crash).
@@ -182,7 +182,7 @@ fn retire_previous_stream(target: &TargetDir, old_id: &uuid::Uuid) -> Result<()>
         if dir.exists() && !to.exists() {
             std::fs::rename(&dir, &to).with_context(|| format!("cannot move {} to {}", dir.display(), to.display()))?;
         }
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        tern_driver::vm::create_dir_durably(&dir)?;
         tern_driver::clone::prefer_in_place_writes(&dir)?;
     }
     tern_driver::vm::sync_dir(target.root())?;
@@ -268,7 +268,9 @@ impl VmApplier {
             None => return Ok(None),
         };
         let target = TargetDir::new(target_root, name);
-        std::fs::create_dir_all(target.root()).with_context(|| format!("cannot create {}", target.root().display()))?;
+        // Durable in their parents: a checkpoint in a directory a power cut
+        // takes away lets pruned segments go missing for good.
+        tern_driver::vm::create_dir_durably(target.root())?;
         let lock = tern_driver::vm::lock_exclusive(
             &target.root().join("apply.lock"),
             &format!("the replicas of VM '{name}'"),
@@ -276,7 +278,7 @@ impl VmApplier {
         )?;
         for dir in [target.replica_dir(), target.points_dir()] {
             if !dir.exists() {
-                std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                tern_driver::vm::create_dir_durably(&dir)?;
                 // Before any replica or point exists in it: new files inherit.
                 tern_driver::clone::prefer_in_place_writes(&dir)?;
             }
@@ -394,13 +396,13 @@ impl VmApplier {
                 if stop.load(Ordering::Acquire) {
                     break;
                 }
-                if first > self.cur.applied_seq + 1 {
+                let read = if first > self.cur.applied_seq + 1 {
                     // The manifest grows epochs; re-read it for this one.
-                    if let Some(Ok(m)) = self.cache.read_manifest()? {
-                        self.manifest = m;
-                    }
-                }
-                if let Err(e) = self.read_segment(first, last, &path, segment) {
+                    self.reread_manifest().and_then(|()| self.read_segment(first, last, &path, segment))
+                } else {
+                    self.read_segment(first, last, &path, segment)
+                };
+                if let Err(e) = read {
                     // A refused segment: what was read before it is good,
                     // keep it. Any other error (I/O) commits nothing.
                     if e.is::<Refused>() {
@@ -439,6 +441,30 @@ impl VmApplier {
             self.thin_points()?;
         }
         Ok(applied)
+    }
+
+    /// Takes the cache's manifest again, for the epochs it has grown. Its
+    /// disks must be the ones the replicas were opened for: a protected
+    /// VM's disks never change, and applying records checked against
+    /// other sizes would extend a replica, or take points that miss disks.
+    fn reread_manifest(&mut self) -> Result<()> {
+        let Some(Ok(m)) = self.cache.read_manifest()? else { return Ok(()) };
+        if m.id != self.manifest.id {
+            return Err(StreamReplaced.into());
+        }
+        let disks = |m: &Manifest| m.disks.iter().map(|d| (d.name.clone(), d.size)).collect::<Vec<_>>();
+        if disks(&m) != disks(&self.manifest) {
+            return Err(Refused(format!(
+                "{} now lists disks {:?}, but the replicas are of disks {:?}: a protected VM's disks cannot change (a damaged or foreign manifest); the replica stays at seq {}; repair the manifest, then restart `tern apply`",
+                self.cache.manifest_path().display(),
+                disks(&m),
+                disks(&self.manifest),
+                self.cur.applied_seq
+            ))
+            .into());
+        }
+        self.manifest = m;
+        Ok(())
     }
 
     /// Writes the batch to the replicas (not yet durable).
@@ -541,7 +567,7 @@ impl VmApplier {
         // Every record must fit the VM's disks before any is applied: a
         // segment goes onto the replica whole or not at all.
         for (r, _) in seg.records() {
-            let size = self.manifest.disks.get(r.disk as usize).map(|d| d.size);
+            let size = self.replicas.get(r.disk as usize).map(Image::size);
             let fits = size.is_some_and(|size| r.offset.checked_add(r.length as u64).is_some_and(|end| end <= size));
             if r.kind.changes_disk() && !fits {
                 return Err(refuse(format!(
@@ -735,6 +761,69 @@ impl VmApplier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_driver::journal::RecordHeader;
+    use tern_store::cache::{Epoch, ManifestDisk, MANIFEST_VERSION};
+    use tern_store::segment::{Compression, Encoder, SegmentBuilder};
+
+    fn manifest(id: uuid::Uuid, disks: &[(&str, u64)], epochs: &[(u64, u64)]) -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            name: "vm1".into(),
+            id,
+            policy: tern_driver::vm::Policy::default(),
+            disks: disks
+                .iter()
+                .map(|&(name, size)| ManifestDisk { name: name.into(), size, source: None, seed: None })
+                .collect(),
+            epochs: epochs
+                .iter()
+                .map(|&(number, first_seq)| Epoch { number, first_seq, reason: "test".into() })
+                .collect(),
+        }
+    }
+
+    /// A segment of one write of `len` bytes of `byte` at `offset` of disk 0.
+    fn write_segment(cache: &CacheDir, id: uuid::Uuid, epoch: u64, seq: u64, offset: u64, len: usize, byte: u8) {
+        let mut b = SegmentBuilder::new(*id.as_bytes(), epoch, seq);
+        let h = RecordHeader {
+            seq,
+            offset,
+            time_ns: 1,
+            length: len as u32,
+            data_len: len as u32,
+            disk: 0,
+            kind: RecordKind::Write,
+            flags: 0,
+        };
+        b.push(&h, &vec![byte; len]).unwrap();
+        let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
+        std::fs::create_dir_all(cache.segments_dir()).unwrap();
+        std::fs::write(cache.segment_path(header.first_seq, header.last_seq), bytes).unwrap();
+    }
+
+    #[test]
+    fn a_manifest_whose_disks_change_under_a_running_applier_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+        let cache = CacheDir::new(&cache_root, "vm1");
+        std::fs::create_dir_all(cache.root()).unwrap();
+        let id = uuid::Uuid::from_bytes([9; 16]);
+        let write_manifest = |m: &Manifest| std::fs::write(cache.manifest_path(), toml::to_string(m).unwrap()).unwrap();
+        write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]));
+        write_segment(&cache, id, 1, 1, 0, 4096, 1);
+        let options = ApplyOptions { once: true, keep_segments: true, ..Default::default() };
+        let mut applier = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+        let stop = AtomicBool::new(false);
+        assert_eq!(applier.step(&stop).unwrap(), 1);
+        // The cache now claims a larger disk (and a new epoch, so the
+        // applier re-reads it), and a write past the replica's end.
+        write_manifest(&manifest(id, &[("disk0", 2 << 20)], &[(1, 1), (2, 100)]));
+        write_segment(&cache, id, 2, 100, 1536 << 10, 4096, 2);
+        let err = applier.step(&stop).expect_err("a disk that changed size must be refused");
+        assert!(format!("{err:#}").contains("disk"), "{err:#}");
+        let replica = TargetDir::new(&target_root, "vm1").replica_path("disk0");
+        assert_eq!(std::fs::metadata(replica).unwrap().len(), 1 << 20, "the replica was extended");
+    }
 
     #[test]
     fn retiring_a_stream_interrupted_half_way_finishes_without_mixing_old_points_in() {
