@@ -404,7 +404,7 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
     };
     config.validate(&paths.config())?;
 
-    fs::create_dir_all(state).map_err(|source| Error::Create { path: state.to_owned(), source })?;
+    create_dir_durably(state)?;
     let tmp = state.join(format!(".{}.enabling-{}", spec.name, std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir(&tmp).map_err(|source| Error::Create { path: tmp.clone(), source })?;

@@ -177,7 +177,7 @@ impl CacheDir {
             Err(e) => return Err(format!("{}: {e}", self.hash_request_path().display())),
         };
         let dir = self.root().join("hashes");
-        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        tern_driver::vm::create_dir_durably(&dir).map_err(|e| e.with_causes())?;
         for (name, image) in disks {
             let hashes = region_hashes(image, request.region_size).map_err(|e| e.to_string())?;
             let file = BlockHashes {

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tern_driver::fail::{self, Failpoint};
 
 use anyhow::{bail, Context, Result};
 use tern_driver::clone::{clone_file, CloneMethod};
@@ -234,6 +235,7 @@ pub fn write_fence(
         failed_over_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         committed,
     };
+    fail::hit(Failpoint::FailoverFenceWrite)?;
     tern_driver::vm::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
     Ok(fence)
 }
@@ -272,7 +274,7 @@ pub fn make_failover(
     }
     let point = choose_point(&target, cache_root, target_root, vm, point)?;
     let failovers = target.root().join("failover");
-    std::fs::create_dir_all(&failovers).with_context(|| format!("cannot create {}", failovers.display()))?;
+    tern_driver::vm::create_dir_durably(&failovers)?;
     let name = match name {
         Some(n) => {
             validate_name("failover", n)?;
@@ -296,7 +298,8 @@ pub fn make_failover(
         copied |= clone_file(&target.point_dir(&point.id).join(file), &tmp.join(file))? == CloneMethod::Copy;
         disks.push((disk.clone(), dir.join(file)));
     }
-    std::fs::write(tmp.join("launch.sh"), launch_script(vm, &disks))?;
+    fail::hit(Failpoint::FailoverDisksCloned)?;
+    tern_driver::vm::write_durably(&tmp.join("launch.sh"), launch_script(vm, &disks).as_bytes())?;
     set_executable(&tmp.join("launch.sh"))?;
     let info = format!(
         "version = 1\nvm = \"{vm}\"\npoint = \"{}\"\nseq = {}\nkind = \"{}\"\ntest = {test}\n",
