@@ -81,11 +81,15 @@ pub enum Failpoint {
     ReprotectEnable,
     /// failback: the old disks are restored from the failed-over ones.
     FailbackDisksRestored,
-    /// failback: the new direction is enabled, the old state moved away.
+    /// failback: the old state is moved aside, the new direction not yet
+    /// enabled.
     FailbackStateMoved,
-    /// failback: the old cache directory (with its fence) is about to be
-    /// removed.
-    FailbackCacheRemove,
+    /// failback: before the old direction's cache directory (with its
+    /// fence) is retired.
+    FailbackCacheRetire,
+    /// failback: the new direction is enabled, the old state and ring not
+    /// yet removed.
+    FailbackEnabled,
 }
 
 impl Failpoint {
@@ -115,7 +119,8 @@ impl Failpoint {
         Failpoint::ReprotectEnable,
         Failpoint::FailbackDisksRestored,
         Failpoint::FailbackStateMoved,
-        Failpoint::FailbackCacheRemove,
+        Failpoint::FailbackCacheRetire,
+        Failpoint::FailbackEnabled,
     ];
 
     pub fn name(self) -> &'static str {
@@ -145,7 +150,8 @@ impl Failpoint {
             Failpoint::ReprotectEnable => "reprotect:enable",
             Failpoint::FailbackDisksRestored => "failback:disks-restored",
             Failpoint::FailbackStateMoved => "failback:state-moved",
-            Failpoint::FailbackCacheRemove => "failback:cache-remove",
+            Failpoint::FailbackCacheRetire => "failback:cache-retire",
+            Failpoint::FailbackEnabled => "failback:enabled",
         }
     }
 

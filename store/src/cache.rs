@@ -152,6 +152,22 @@ pub struct Fence {
     pub committed: bool,
 }
 
+/// `<cache>/<vm>/source-stopped.toml`: the source's front-end stopped
+/// cleanly and `tern ship` has shipped everything it journaled, up to
+/// `seq`. A failback (which fences the source, dropping anything it ships
+/// later) requires it: the VM at the failover site must have stopped and
+/// been drained. `tern ship` removes it as soon as it reads a newer record
+/// or finds a front-end attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SourceStopped {
+    pub version: u32,
+    pub vm_id: uuid::Uuid,
+    /// The last sequence number the source journaled, shipped and durable.
+    pub seq: u64,
+    pub unix_ms: u64,
+}
+
 /// One VM's directory in the cache store.
 #[derive(Debug, Clone)]
 pub struct CacheDir {
@@ -178,6 +194,20 @@ impl CacheDir {
     /// The fence, if the VM failed over.
     pub fn read_fence(&self) -> io::Result<Option<Result<Fence, String>>> {
         let path = self.fence_path();
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn source_stopped_path(&self) -> PathBuf {
+        self.root.join("source-stopped.toml")
+    }
+
+    /// The source's clean-stop marker, if it left one.
+    pub fn read_source_stopped(&self) -> io::Result<Option<Result<SourceStopped, String>>> {
+        let path = self.source_stopped_path();
         match fs::read_to_string(&path) {
             Ok(text) => Ok(Some(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

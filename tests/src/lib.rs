@@ -368,6 +368,13 @@ pub struct Served {
 }
 
 impl Served {
+    /// Adopts a `tern serve` or `tern ship` the test started itself (with
+    /// its standard error going to `log`): killed when dropped, like every
+    /// `Served`, so a failing test leaves no process behind.
+    pub fn adopt(child: Child, log: PathBuf, what: &'static str) -> Self {
+        Served { child, log, what }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

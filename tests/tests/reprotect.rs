@@ -134,19 +134,29 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
 
     // The VM runs at B on tern's export now: its writes replicate to A.
     let socket_b = root.join("b.sock");
+    let serve_b_log = root.join("serve-b.log");
     let serve_b = tern_at(&state_b)
         .args(["serve", &vm.name, "--listen"])
         .arg(format!("unix:{}", socket_b.display()))
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&serve_b_log).expect("log"))
         .spawn()
         .expect("serve b");
+    let serve_b = Served::adopt(serve_b, serve_b_log, "tern serve at B");
     let start = std::time::Instant::now();
     while std::os::unix::net::UnixStream::connect(&socket_b).is_err() {
         assert!(start.elapsed().as_secs() < 30, "serve at B did not listen");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     qemu_io(&format!("nbd+unix:///disk0?socket={}", socket_b.display()), &["write -P 0x23 14M 64k".into()]);
-    stop(serve_b);
+    // A failback while the VM still runs at B would fence it and drop its
+    // later writes: refused until B records a clean stop.
+    run(tern_at(&state_b).args(["ship", &vm.name, "--once"]));
+    let out = vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2).output();
+    let err = String::from_utf8_lossy(&out.as_ref().unwrap().stderr).into_owned();
+    assert!(!out.unwrap().status.success() && err.contains("may still run at the failover site"), "{err}");
+    assert!(!cache2.join("vm1/fence.toml").exists(), "a refused failback fences nothing");
+    serve_b.stop();
     run(tern_at(&state_b).args(["ship", &vm.name, "--once"]));
     assert!(Command::new(tern_bin())
         .args(["apply", "--keep-segments", "--once", "--cache"])
@@ -161,7 +171,7 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     // Failback at A: A's disks become B's, B is fenced, and A protects
     // towards B again.
     // A failback killed half-way is finished by running it again.
-    for failpoint in ["failback:disks-restored", "failback:state-moved"] {
+    for failpoint in ["failback:disks-restored", "failback:cache-retire", "failback:state-moved", "failback:enabled"] {
         let armed = format!("{failpoint}=kill");
         let out = vm
             .tern_env(&[("TERN_FAILPOINTS", &armed)])
@@ -173,8 +183,17 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
             .unwrap();
         assert!(!out.status.success(), "{failpoint} did not stop the failback");
     }
+    // The last kill came after the new direction was enabled: the rerun
+    // finishes the clean-up (the old direction's fence would stop it).
     let back = run(vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2));
-    assert!(back.contains("failed back"), "{back}");
+    assert!(back.contains("failed back") && back.contains("clean-up"), "{back}");
+    let leftovers: Vec<_> = [&vm.state, &cache]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).expect("dir").flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".vm1."))
+        .collect();
+    assert!(leftovers.is_empty(), "a finished failback leaves nothing aside: {leftovers:?}");
     let again = vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2).output();
     let err = String::from_utf8_lossy(&again.as_ref().unwrap().stderr).into_owned();
     assert!(

@@ -138,6 +138,7 @@ pub fn reprotect(cli: &Cli, a: &ReprotectArgs) -> Result<()> {
         policy,
         initial_sync: initial_sync(seeds),
     };
+    fail::hit(Failpoint::ReprotectEnable)?;
     let enabled = vm::enable(&cli.state, &spec).with_context(|| {
         format!("cannot re-protect VM '{}' (at the failed-over site, use a --state of its own)", a.vm)
     })?;
@@ -161,6 +162,11 @@ pub struct FailbackArgs {
     /// take a point there).
     #[arg(long)]
     pub point: Option<String>,
+    /// Fail back even though the VM at the failover site has not recorded
+    /// a clean stop with everything shipped: any write it made after what
+    /// the cache holds is lost.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `tern failback`, at the original site: fail the re-protected VM over
@@ -210,6 +216,13 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as u64);
         if enabled_ms > f.failed_over_unix_ms {
+            if finish_failback_cleanup(&cli.state, &config.cache, &a.vm, &config.id)? {
+                println!(
+                    "VM '{}' already failed back to point {}; finished the clean-up an interrupted run left",
+                    a.vm, f.point
+                );
+                return Ok(());
+            }
             bail!(
                 "VM '{}' already failed back to point {} ({} was written after {}): its disks here hold that point and the original direction is protected again; nothing to do",
                 a.vm,
@@ -218,6 +231,10 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
                 reverse.fence_path().display()
             );
         }
+    }
+    if previous.is_none() {
+        // The fence drops whatever the failover site ships after it.
+        check_source_stopped(&reverse, &manifest, &a.vm, a.force)?;
     }
     let target = TargetDir::new(&a.target, &a.vm);
     let point = match (&previous, &a.point) {
@@ -251,6 +268,11 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
         policy: config.policy.clone(),
         initial_sync: initial_sync(seeds),
     };
+    // The old direction's stream in the cache ended with the failover (its
+    // fence would stop the new one, which ships to the same place): retired
+    // before the new direction exists.
+    fail::hit(Failpoint::FailbackCacheRetire)?;
+    retire_cache_dir(&config.cache, &a.vm, &config.id)?;
     let retired = cli.state.join(format!(".{}.failed-back-{}", a.vm, config.id));
     std::fs::rename(paths.dir(), &retired).with_context(|| format!("cannot move {} aside", paths.dir().display()))?;
     fail::hit(Failpoint::FailbackStateMoved)?;
@@ -261,27 +283,8 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
             return Err(anyhow::Error::new(e).context(format!("cannot protect VM '{}' again", a.vm)));
         }
     };
-    // The old direction's journal ring is in memory, outside its state
-    // directory.
-    // Kept when that fails: its journal.ring link is what names the ring.
-    if let Err(e) = tern_driver::journal::live::retire(&paths.moved_to(&retired).journal()) {
-        log::warn!(
-            "cannot remove the old direction's journal: {}; kept {}: remove the file its link {} names (in memory), then that directory",
-            e.with_causes(),
-            retired.display(),
-            tern_driver::journal::live::link_path(&paths.moved_to(&retired).journal()).display()
-        );
-    } else {
-        std::fs::remove_dir_all(&retired).with_context(|| format!("cannot remove {}", retired.display()))?;
-    }
-    // The old direction's stream in the cache ended with the failover; the
-    // new one starts there from scratch (its applier notices the new id).
-    let old = CacheDir::new(&config.cache, &a.vm);
-    if old.root().exists() {
-        let gone = config.cache.join(format!(".{}.retired-{}", a.vm, config.id));
-        std::fs::rename(old.root(), &gone).with_context(|| format!("cannot retire {}", old.root().display()))?;
-        std::fs::remove_dir_all(&gone).with_context(|| format!("cannot remove {}", gone.display()))?;
-    }
+    fail::hit(Failpoint::FailbackEnabled)?;
+    finish_failback_cleanup(&cli.state, &config.cache, &a.vm, &enabled.config.id)?;
     println!(
         "VM '{}' failed back to point {} (seq {}) in {:.2?}: its disks at this site hold that point",
         a.vm,
@@ -294,6 +297,104 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
         "at the failover site: stop the VM and its `tern serve`/`tern ship` (they are fenced) and remove its state there"
     );
     Ok(())
+}
+
+/// Requires that the VM at the failover site stopped cleanly and shipped
+/// everything (its `tern ship` says so in `source-stopped.toml`), unless
+/// `force`: the fence drops whatever it ships later.
+fn check_source_stopped(cache: &CacheDir, manifest: &Manifest, vm: &str, force: bool) -> Result<()> {
+    let newest = match cache.newest_segment()? {
+        Some(h) => h.map_err(|e| anyhow::anyhow!("{e}"))?.last_seq,
+        None => manifest.epoch().first_seq.saturating_sub(1),
+    };
+    let path = cache.source_stopped_path();
+    let why = match cache.read_source_stopped()? {
+        Some(Ok(s)) if s.vm_id == manifest.id && s.seq >= newest => return Ok(()),
+        Some(Ok(s)) if s.vm_id == manifest.id => format!(
+            "it recorded a clean stop at seq {}, but the cache holds records up to seq {newest} shipped since: it runs again",
+            s.seq
+        ),
+        Some(Ok(s)) => format!("{} belongs to another stream (id {})", path.display(), s.vm_id),
+        Some(Err(e)) => e,
+        None => format!("it has recorded no clean stop in {} (the cache holds records up to seq {newest})", path.display()),
+    };
+    if force {
+        log::warn!(
+            "VM '{vm}': --force: failing back to what the cache holds although {why}; any write made at the failover site after seq {newest} is lost"
+        );
+        return Ok(());
+    }
+    bail!(
+        "VM '{vm}' may still run at the failover site: {why}. Shut the VM down there and stop its `tern serve`, let its `tern ship` finish (it then records the clean stop), and fail back again; or fail back with --force to what the cache holds, losing any later write there"
+    )
+}
+
+/// Moves the old direction's stream out of `<cache>/<vm>` and removes it,
+/// if it is there (its manifest names `old_id`, or it has none).
+fn retire_cache_dir(cache_root: &Path, vm: &str, old_id: &uuid::Uuid) -> Result<()> {
+    let old = CacheDir::new(cache_root, vm);
+    if !old.root().exists() {
+        return Ok(());
+    }
+    match old.read_manifest()? {
+        Some(Ok(m)) if m.id != *old_id => return Ok(()), // a newer stream's already
+        _ => {}
+    }
+    let gone = cache_root.join(format!(".{vm}.retired-{old_id}"));
+    std::fs::rename(old.root(), &gone).with_context(|| format!("cannot retire {}", old.root().display()))?;
+    vm::sync_dir(cache_root)?;
+    std::fs::remove_dir_all(&gone).with_context(|| format!("cannot remove {}", gone.display()))?;
+    Ok(())
+}
+
+/// The clean-up after the new direction is enabled, idempotent, so a rerun
+/// finishes what a killed failback left: the old direction's stream in the
+/// cache (a fence there would stop the new one for good), a half-removed
+/// one, and the old state and its journal ring. Whether it found anything
+/// to do.
+fn finish_failback_cleanup(state: &Path, cache_root: &Path, vm: &str, current_id: &uuid::Uuid) -> Result<bool> {
+    let mut did = false;
+    let cache = CacheDir::new(cache_root, vm);
+    if cache.fence_path().exists() {
+        match cache.read_manifest()? {
+            Some(Ok(m)) if m.id == *current_id => {}
+            Some(Ok(m)) => {
+                retire_cache_dir(cache_root, vm, &m.id)?;
+                did = true;
+            }
+            _ => {
+                retire_cache_dir(cache_root, vm, &uuid::Uuid::nil())?;
+                did = true;
+            }
+        }
+    }
+    for (dir, prefix) in [(cache_root, format!(".{vm}.retired-")), (state, format!(".{vm}.failed-back-"))] {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for e in entries.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            did = true;
+            let retired = e.path();
+            // The old direction's journal ring is in memory, outside its
+            // state directory; kept when that fails: its journal.ring link
+            // is what names the ring.
+            let journal = retired.join("journal");
+            if journal.exists() {
+                if let Err(e) = tern_driver::journal::live::retire(&journal) {
+                    log::warn!(
+                        "cannot remove the old direction's journal: {}; kept {}: remove the file its link {} names (in memory), then that directory",
+                        e.with_causes(),
+                        retired.display(),
+                        tern_driver::journal::live::link_path(&journal).display()
+                    );
+                    continue;
+                }
+            }
+            std::fs::remove_dir_all(&retired).with_context(|| format!("cannot remove {}", retired.display()))?;
+        }
+    }
+    Ok(did)
 }
 
 /// A failback that stopped between moving the VM's state aside and

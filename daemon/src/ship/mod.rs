@@ -206,6 +206,7 @@ pub fn run_with(
     let (to_writer, sealed) = bounded::<Result<Sealed, String>>(workers * 2);
     let compression = Compression::Zstd { level: config.policy.compression_level };
     let reader_done = AtomicBool::new(false);
+    let stop_marker = SourceStopMarker::new(cache.clone(), config.id);
     let resync_idle = AtomicBool::new(false);
     let result = std::thread::scope(|s| -> Result<()> {
         for i in 0..workers {
@@ -236,7 +237,14 @@ pub fn run_with(
             }
         })?;
         let tag_lock = paths.tag_lock();
-        let shared = ReaderShared { target, resync_idle: &resync_idle, stop: &stop, tag_lock: &tag_lock };
+        let shared = ReaderShared {
+            target,
+            resync_idle: &resync_idle,
+            stop: &stop,
+            tag_lock: &tag_lock,
+            stats: &stats,
+            stop_marker: &stop_marker,
+        };
         let reading = read_batches(&config, &journal, &bitmaps, &resume, options, &shared, to_workers);
         reader_done.store(true, Ordering::Release);
         let written = writing.join().map_err(|_| anyhow::anyhow!("the segment writer panicked"))?;
@@ -244,6 +252,8 @@ pub fn run_with(
         // cause of the reader's "workers stopped": report it first.
         written.and(reading)
     });
+    // The writer is done: a source that stopped is now wholly shipped.
+    let result = result.and_then(|()| stop_marker.update(&journal, &bitmaps, &stats));
     let report = if result.is_ok() { stats.publish(&journal) } else { stats.report(&journal) };
     observer.finish(&report);
     result?;
@@ -366,6 +376,9 @@ struct ReaderShared<'a> {
     stop: &'a AtomicBool,
     /// The VM's tag lock (see `tern_driver::tag`).
     tag_lock: &'a std::path::Path,
+    stats: &'a Stats,
+    /// Where the clean-stop marker goes (see [`SourceStopped`]).
+    stop_marker: &'a SourceStopMarker,
 }
 
 /// The reader: records into batches, cut by size and age.
@@ -378,7 +391,7 @@ fn read_batches(
     shared: &ReaderShared<'_>,
     to_workers: Sender<Batch>,
 ) -> Result<()> {
-    let ReaderShared { target, resync_idle, stop, tag_lock } = *shared;
+    let ReaderShared { target, resync_idle, stop, tag_lock, stats, stop_marker } = *shared;
     let vm_id = *config.id.as_bytes();
     let epoch = resume.manifest.epoch().number;
     let max_size = config.policy.segment_size.bytes();
@@ -432,6 +445,9 @@ fn read_batches(
             window_at_start = in_window;
             oldest = None;
         }
+        if record.is_some() {
+            stop_marker.source_runs()?;
+        }
         match record {
             Some(h) if full || (old && !builder.is_empty()) => pending = Some(h),
             Some(h) => {
@@ -445,6 +461,7 @@ fn read_batches(
             }
             None if stopping => return Ok(()),
             None => {
+                stop_marker.update(journal, bitmaps, stats)?;
                 if options.once
                     && caught_up(&cursor, target)
                     && !in_window
@@ -475,6 +492,84 @@ fn read_batches(
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
+    }
+}
+
+/// The cache's clean-stop marker (`source-stopped.toml`), kept true by the
+/// reader: written once the source's front-end has detached and all it
+/// journaled is shipped, removed as soon as it runs again.
+struct SourceStopMarker {
+    cache: CacheDir,
+    vm_id: uuid::Uuid,
+    /// The seq the marker in the cache says, if there is one.
+    noted: std::cell::Cell<Option<u64>>,
+}
+
+impl SourceStopMarker {
+    fn new(cache: CacheDir, vm_id: uuid::Uuid) -> Self {
+        // Unreadable counts as present: the first word on it rewrites or
+        // removes it.
+        let noted = match cache.read_source_stopped() {
+            Ok(None) => None,
+            Ok(Some(Ok(m))) => Some(m.seq),
+            _ => Some(0),
+        };
+        SourceStopMarker { cache, vm_id, noted: std::cell::Cell::new(noted) }
+    }
+
+    /// Writes or removes the marker as the journal says: detached, every
+    /// sequence number it handed out durable in the cache, nothing dirty,
+    /// no window open (the replica consistent there).
+    fn update(&self, journal: &Journal, bitmaps: &[DirtyBitmap], stats: &Stats) -> Result<()> {
+        let flags = journal.flags();
+        if flags & journal::FLAG_ATTACHED != 0 {
+            return self.source_runs();
+        }
+        let shipped = stats.last_shipped();
+        if shipped + 1 == journal.head().seq
+            && flags & journal::FLAG_CHECKSUM_RESYNC == 0
+            && !journal.window_open()
+            && bitmaps.iter().all(|b| b.dirty_count() == 0)
+        {
+            self.source_stopped(shipped)?;
+        }
+        Ok(())
+    }
+
+    fn source_stopped(&self, seq: u64) -> Result<()> {
+        if self.noted.get() == Some(seq) {
+            return Ok(());
+        }
+        let marker = tern_store::cache::SourceStopped {
+            version: 1,
+            vm_id: self.vm_id,
+            seq,
+            unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+                as u64,
+        };
+        let path = self.cache.source_stopped_path();
+        tern_driver::vm::write_durably(&path, toml::to_string(&marker)?.as_bytes())?;
+        log::info!("VM '{}': the source stopped cleanly and everything up to seq {seq} is shipped", self.name());
+        self.noted.set(Some(seq));
+        Ok(())
+    }
+
+    fn source_runs(&self) -> Result<()> {
+        if self.noted.get().is_none() {
+            return Ok(());
+        }
+        let path = self.cache.source_stopped_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => tern_driver::vm::sync_parent_dir(&path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        }
+        self.noted.set(None);
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        self.cache.root().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
 }
 

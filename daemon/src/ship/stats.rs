@@ -87,6 +87,11 @@ impl Stats {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The newest sequence number durable in the cache.
+    pub fn last_shipped(&self) -> u64 {
+        self.last_shipped_seq.load(Ordering::Acquire)
+    }
+
     pub fn set_last_shipped(&self, seq: u64) {
         self.last_shipped_seq.store(seq, Ordering::Release);
     }
