@@ -10,7 +10,8 @@ PACKAGES=(
     python3-libnbd
     fio             # with the nbd engine
     e2fsprogs btrfs-progs xfsprogs   # mkfs, filefrag
-    fuse3           # nbdfuse needs fusermount3
+    fuse3           # nbdfuse and tern-crashfs need fusermount3
+    faketime        # clock skew in the torture suite and the retention test
     util-linux      # losetup
     zstd            # and its CLI, the peer in scripts/bench-ship.sh
     python3         # the benchmarks' summaries (stdlib only)

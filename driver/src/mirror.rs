@@ -766,8 +766,14 @@ impl AsImage for Disk {
 
 /// This boot's id; a front-end that finds another boot's id in an attached
 /// journal knows the host crashed, not just the process.
-/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+/// This boot's id (`/proc/sys/kernel/random/boot_id`). Builds with
+/// failpoints take `TERN_BOOT_ID` instead when it is set: the power-cut
+/// tests reboot a simulated host, not this one.
 pub fn boot_id() -> [u8; 16] {
+    #[cfg(feature = "failpoints")]
+    if let Some(id) = std::env::var("TERN_BOOT_ID").ok().and_then(|s| uuid::Uuid::parse_str(s.trim()).ok()) {
+        return *id.as_bytes();
+    }
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .ok()
         .and_then(|s| uuid::Uuid::parse_str(s.trim()).ok())

@@ -888,6 +888,8 @@ impl Journal {
             self.write_durable(HEADER_SIZE as u64 + slot, n as usize)?;
             pos += n;
         }
+        crate::fail::hit(crate::fail::Failpoint::JournalRecordsWritten)
+            .map_err(|source| Error::Sync { path: self.path.clone(), source })?;
         use std::os::unix::fs::FileExt;
         self.durable.write_all_at(&header, 0).map_err(|source| Error::Write {
             path: self.path.clone(),

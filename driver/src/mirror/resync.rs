@@ -210,6 +210,12 @@ impl Mirror {
             }
             done += n;
         }
+        crate::fail::hit(crate::fail::Failpoint::ServeResyncPublished).map_err(|source| crate::Error::Read {
+            path: d.image.path().to_owned(),
+            offset,
+            len: len as usize,
+            source,
+        })?;
         d.bitmap.clear_range(offset, len);
         Ok(true)
     }
