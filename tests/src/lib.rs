@@ -73,6 +73,23 @@ pub fn tern_command(env: &[(&str, &str)]) -> Command {
     c
 }
 
+/// The `tern-crashfs` binary (built with the workspace: `cargo build
+/// --release --workspace`, which scripts/test.sh runs), or
+/// `TERN_CRASHFS_BIN`.
+pub fn crashfs_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TERN_CRASHFS_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("tern-crashfs");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no tern-crashfs binary: run `cargo build --release --workspace` (scripts/test.sh does)");
+}
+
 /// Fails the test with an actionable message when a client is missing.
 pub fn require(tool: &str) {
     let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());

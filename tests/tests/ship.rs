@@ -391,6 +391,37 @@ fn a_host_crash_before_the_first_segment_starts_an_epoch_the_target_accepts() {
     assert_files_equal(&vm.image, &target.join("vm1/replica/disk0.img"));
 }
 
+/// Issue 17, bug 11: `segments/` was created without fsyncing its parent,
+/// so a power cut of the cache store could take away segments reported
+/// shipped (the ring's tail had moved past them).
+#[test]
+fn shipped_segments_survive_a_power_cut_of_the_cache_store() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 24 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    // The cache store is a crash filesystem: what is not durable is gone
+    // at its power cut.
+    let cache = vm.dir.path().join("cache");
+    let mut fs = tern_crashfs::Process::spawn(&crashfs_bin(), &cache, &vm.dir.path().join("crashfs.ctl"))
+        .expect("start tern-crashfs");
+    // The first segment shipped (the ring's tail moved past it), the
+    // shipper dies writing the second, the power goes.
+    let out = vm
+        .tern_env(&[("TERN_FAILPOINTS", "ship:segment-written=kill@2")])
+        .args(["ship", &vm.name, "--once"])
+        .output()
+        .expect("ship");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    let complete = |names: Vec<String>| names.into_iter().filter(|n| !n.ends_with(".tmp")).collect::<Vec<_>>();
+    let shipped = complete(segment_names(&vm));
+    assert_eq!(shipped.len(), 1, "one segment shipped before the kill: {shipped:?}");
+    fs.control.power_cut(17, tern_crashfs::CutMode::Drop).expect("power cut");
+    assert_eq!(complete(segment_names(&vm)), shipped, "a segment reported shipped is gone after the power cut");
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+    fs.shutdown().expect("stop tern-crashfs");
+}
+
 #[test]
 fn bad_segments_in_the_cache_are_refused_with_file_and_offset() {
     let vm =
