@@ -27,6 +27,12 @@ cargo test --release --workspace 2>&1 | tee "$results"
 passed=$(awk '/^test result:/ { n += $4 } END { print n + 0 }' "$results")
 failed=$(awk '/^test result:/ { n += $6 } END { print n + 0 }' "$results")
 
+step "torture: a bounded sweep of seeded trials (scripts/torture.sh)"
+# About 4 minutes of the suite that finds silent data loss by machine:
+# kills at failpoints, injected errors, power cuts, clock skew, judged
+# against the client's history. Longer runs: scripts/torture.sh --seeds N.
+scripts/torture.sh --seeds 400 --minutes "${TERN_TORTURE_MINUTES:-4}"
+
 step "systemd units (systemd-analyze verify)"
 scripts/check-units.sh
 
