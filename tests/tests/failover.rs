@@ -299,3 +299,48 @@ fn disable_refuses_while_served_or_behind_then_frees_the_ring_and_keeps_the_repl
     let out = vm.tern().args(["status", &vm.name]).output().expect("status");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not enabled"), "{out:?}");
 }
+
+/// Issue 17: a failover killed at each of its I/O edges leaves no half
+/// directory a later one trips on, and running it again finishes it.
+#[test]
+fn a_failover_killed_at_each_step_is_finished_by_running_it_again() {
+    let (vm, at_tag) = protected_vm_with_a_tag();
+    let target = vm.dir.path().join("target");
+    assert!(vm.apply_with(&vm.dir.path().join("cache"), &target, &[], &[]).status.success());
+    let app = vm.points(&target).into_iter().find(|p| p["kind"] == "app").expect("app point");
+    let app_id = app["id"].as_str().expect("id").to_owned();
+    let failover = |test: bool, armed: Option<&str>| {
+        let env: Vec<(&str, &str)> = armed.map(|a| ("TERN_FAILPOINTS", a)).into_iter().collect();
+        let mut c = vm.tern_env(&env);
+        c.args(["failover", &vm.name, "--point", &app_id, "--json"]);
+        if test {
+            c.args(["--test", "--name", "drill"]);
+        }
+        c.output().expect("tern failover")
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let failovers = target.join("vm1/failover");
+    for (test, point) in
+        [(true, "failover:disks-cloned"), (false, "failover:fence-write"), (false, "failover:disks-cloned")]
+    {
+        let out = failover(test, Some(&format!("{point}=kill")));
+        assert_eq!(out.status.signal(), Some(9), "{point}: {}", String::from_utf8_lossy(&out.stderr));
+        let named = failovers.join(if test { "drill" } else { "active" });
+        assert!(!named.exists(), "{point}: a killed failover left {} as if complete", named.display());
+        let out = failover(test, None);
+        assert!(out.status.success(), "{point}: the rerun failed: {}", String::from_utf8_lossy(&out.stderr));
+        let f: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_files_equal(std::path::Path::new(f["disks"]["disk0"].as_str().expect("disk")), &at_tag);
+        let leftovers: Vec<_> = std::fs::read_dir(&failovers)
+            .expect("failover dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{point}: {leftovers:?}");
+        if test {
+            run(vm.tern().args(["failover-cleanup", &vm.name, "drill"]));
+        }
+    }
+    assert!(vm.cache_dir().join("fence.toml").exists(), "the real failover fenced the source");
+}
