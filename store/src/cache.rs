@@ -168,6 +168,16 @@ pub struct SourceStopped {
     pub unix_ms: u64,
 }
 
+/// A small TOML file of the cache: `None` if it does not exist, the parse
+/// error (naming the file) as `Some(Err)`.
+pub(crate) fn read_small_toml<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<Result<T, String>>> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// One VM's directory in the cache store.
 #[derive(Debug, Clone)]
 pub struct CacheDir {
@@ -193,12 +203,7 @@ impl CacheDir {
 
     /// The fence, if the VM failed over.
     pub fn read_fence(&self) -> io::Result<Option<Result<Fence, String>>> {
-        let path = self.fence_path();
-        match fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        read_small_toml(&self.fence_path())
     }
 
     pub fn source_stopped_path(&self) -> PathBuf {
@@ -207,12 +212,7 @@ impl CacheDir {
 
     /// The source's clean-stop marker, if it left one.
     pub fn read_source_stopped(&self) -> io::Result<Option<Result<SourceStopped, String>>> {
-        let path = self.source_stopped_path();
-        match fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        read_small_toml(&self.source_stopped_path())
     }
 
     pub fn applied_path(&self) -> PathBuf {

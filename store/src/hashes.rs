@@ -143,12 +143,7 @@ impl CacheDir {
 
     /// The pending request, if any.
     pub fn read_hash_request(&self) -> io::Result<Option<Result<HashRequest, String>>> {
-        let path = self.hash_request_path();
-        match fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        crate::cache::read_small_toml(&self.hash_request_path())
     }
 
     /// The target's answer for one disk, `None` while it has not come.

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-/// The tern binary under test.
 /// A `tern` command on a state directory, with journal rings kept beside
 /// it (`<state>.rings`, inside the test's temporary directory, removed with
 /// it) rather than in `/dev/shm`.
@@ -30,18 +29,25 @@ pub fn ring_dir_of(state: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The tern binary under test (`target/release/tern`, or `TERN_BIN`).
 pub fn tern_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TERN_BIN") {
+    workspace_bin("tern", "TERN_BIN", "cargo build --release")
+}
+
+/// A binary of the workspace: `$env` if set, else the release (or debug)
+/// build, else a failure saying how to build it.
+fn workspace_bin(name: &str, env: &str, build: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
     for profile in ["release", "debug"] {
-        let p = root.join("target").join(profile).join("tern");
+        let p = root.join("target").join(profile).join(name);
         if p.exists() {
             return p;
         }
     }
-    panic!("no tern binary: run `cargo build --release` (scripts/test.sh does) or set TERN_BIN");
+    panic!("no {name} binary: run `{build}` (scripts/test.sh does) or set {env}");
 }
 
 /// `tern` built with failpoints (`driver/src/fail.rs`), for the crash
@@ -77,17 +83,7 @@ pub fn tern_command(env: &[(&str, &str)]) -> Command {
 /// --release --workspace`, which scripts/test.sh runs), or
 /// `TERN_CRASHFS_BIN`.
 pub fn crashfs_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TERN_CRASHFS_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
-    for profile in ["release", "debug"] {
-        let p = root.join("target").join(profile).join("tern-crashfs");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("no tern-crashfs binary: run `cargo build --release --workspace` (scripts/test.sh does)");
+    workspace_bin("tern-crashfs", "TERN_CRASHFS_BIN", "cargo build --release --workspace")
 }
 
 /// Fails the test with an actionable message when a client is missing.
