@@ -60,6 +60,11 @@ struct Args {
     /// Write the totals as JSON here (for docs/BENCHMARKS.md).
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Only the seeds whose plan has this: a disaster kind (kill, fault,
+    /// stall-kill, random-kill, power-cut, tag-kill), `skew`, or
+    /// `stopped-tag` (a tag on the stopped VM, then a reboot).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Default)]
@@ -87,7 +92,17 @@ fn main() {
     };
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
-        None => (args.first..args.first + args.seeds).collect(),
+        None => (args.first..args.first + args.seeds)
+            .filter(|&s| {
+                let p = plan::Plan::new(s);
+                match args.only.as_deref() {
+                    None => true,
+                    Some("skew") => p.skew.is_some(),
+                    Some("stopped-tag") => p.stopped_tag_then_reboot,
+                    Some(kind) => p.failure.kind() == kind,
+                }
+            })
+            .collect(),
     };
     let started = Instant::now();
     let deadline = args.minutes.map(|m| started + Duration::from_secs_f64(m * 60.0));

@@ -340,15 +340,6 @@ impl<'a> Trial<'a> {
             self.note_points();
             std::thread::sleep(Duration::from_millis(5));
         }
-        // A fault at the front-end may have left it running but poisoned:
-        // it is restarted at the phase's end, like the others.
-        if matches!(
-            plan.failure,
-            Failure::Fault { role: Role::Serve, .. } | Failure::StallKill { role: Role::Serve, .. }
-        ) && self.fired_any()
-        {
-            return Ok(Some(Crash::Process));
-        }
         Ok(None)
     }
 
@@ -419,10 +410,6 @@ impl<'a> Trial<'a> {
         self.failpoint_lines().iter().any(|l| l.split_whitespace().nth(1) == Some(point))
     }
 
-    fn fired_any(&self) -> bool {
-        !self.failpoint_lines().is_empty()
-    }
-
     fn count_failpoints(&mut self) {
         for line in self.failpoint_lines() {
             // "<pid> <point> <pass> <what…>"
@@ -484,16 +471,25 @@ impl<'a> Trial<'a> {
     /// After the first phase: what died is restarted, and the source is
     /// checked against what the clients saw acknowledged (and flushed).
     fn aftermath(&mut self, crash: Option<Crash>, history: &History) -> Result<(), String> {
-        // Daemons start afresh, disarmed: the disaster is over.
-        for role in [Role::Ship, Role::Apply] {
-            if let Some(mut d) = self.slot(role).take() {
-                let _ = d.stop(Duration::from_secs(30));
+        // Daemons start afresh, disarmed: the disaster is over. One still
+        // armed is killed (a failpoint not reached yet could fire in its
+        // shutdown, a stall would hold it up): for the front-end that is a
+        // crash like any other, checked as one.
+        let mut crash = crash;
+        if let Some(mut d) = self.serve.take() {
+            if crash.is_some() || d.armed {
+                d.kill();
+                crash.get_or_insert(Crash::Process);
+            } else {
+                self.serve = Some(d);
             }
         }
-        if crash.is_some() || self.serve.as_ref().is_some_and(|d| d.armed) {
-            if let Some(mut d) = self.serve.take() {
-                if d.stop(Duration::from_secs(30)).is_err() {
-                    self.violation(format!("hang: tern serve did not stop:\n{}", self.log_tail("serve")));
+        for role in [Role::Ship, Role::Apply] {
+            if let Some(mut d) = self.slot(role).take() {
+                if d.armed {
+                    d.kill();
+                } else if let Err(e) = d.stop(Duration::from_secs(30)) {
+                    self.violation(format!("{e}:\n{}", self.log_tail(role.name())));
                 }
             }
         }
