@@ -199,6 +199,8 @@ impl<'a> Trial<'a> {
         // ---- phase 1: the disaster ----
         workload.run();
         let crash = self.phase_one(&workload)?;
+        // Before the clients are parked: one may wait on a stalled daemon.
+        let crash = self.end_disaster(crash);
         workload.pause();
         history.lose_in_flight();
         self.aftermath(crash, &history)?;
@@ -468,27 +470,33 @@ impl<'a> Trial<'a> {
         Ok(None)
     }
 
+    /// The disaster is over: a daemon still armed is killed (a failpoint
+    /// not reached yet could fire in its shutdown, a stall would hold it
+    /// up and the clients waiting on it); for the front-end that is a
+    /// crash like any other, checked as one.
+    fn end_disaster(&mut self, crash: Option<Crash>) -> Option<Crash> {
+        let mut crash = crash;
+        for role in [Role::Serve, Role::Ship, Role::Apply] {
+            let Some(mut d) = self.slot(role).take() else { continue };
+            let crashed = role == Role::Serve && crash.is_some();
+            if d.armed || crashed {
+                d.kill();
+                if role == Role::Serve {
+                    crash.get_or_insert(Crash::Process);
+                }
+            } else {
+                *self.slot(role) = Some(d);
+            }
+        }
+        crash
+    }
+
     /// After the first phase: what died is restarted, and the source is
     /// checked against what the clients saw acknowledged (and flushed).
     fn aftermath(&mut self, crash: Option<Crash>, history: &History) -> Result<(), String> {
-        // Daemons start afresh, disarmed: the disaster is over. One still
-        // armed is killed (a failpoint not reached yet could fire in its
-        // shutdown, a stall would hold it up): for the front-end that is a
-        // crash like any other, checked as one.
-        let mut crash = crash;
-        if let Some(mut d) = self.serve.take() {
-            if crash.is_some() || d.armed {
-                d.kill();
-                crash.get_or_insert(Crash::Process);
-            } else {
-                self.serve = Some(d);
-            }
-        }
         for role in [Role::Ship, Role::Apply] {
             if let Some(mut d) = self.slot(role).take() {
-                if d.armed {
-                    d.kill();
-                } else if let Err(e) = d.stop(Duration::from_secs(30)) {
+                if let Err(e) = d.stop(Duration::from_secs(30)) {
                     self.violation(format!("{e}:\n{}", self.log_tail(role.name())));
                 }
             }
