@@ -134,14 +134,16 @@ fn main() {
                 let kind = t.by_kind.entry(plan.failure.kind().to_owned()).or_default();
                 kind.0 += 1;
                 if args.verbose {
+                    let steps: Vec<String> = out.steps.iter().map(|(n, d)| format!("{n} {:.1?}", d)).collect();
                     println!(
-                        "seed {seed}: {:?} skew {:?}, {} ops, {} points checked, {} violations, {:.1?}",
+                        "seed {seed}: {:?} skew {:?}, {} ops, {} points checked, {} violations, {:.1?} ({})",
                         plan.failure,
                         plan.skew,
                         out.ops,
                         out.points_checked,
                         out.violations.len(),
-                        t0.elapsed()
+                        t0.elapsed(),
+                        steps.join(", ")
                     );
                 }
                 if !out.violations.is_empty() {

@@ -163,7 +163,8 @@ impl Plan {
                 pass,
                 onwards: rng.gen_bool(0.3),
             },
-            45..=59 => Failure::StallKill { role, point, pass, after: Duration::from_millis(rng.gen_range(50..800)) },
+            // Long enough, mostly, for the shipper to ship around the stall.
+            45..=59 => Failure::StallKill { role, point, pass, after: Duration::from_millis(rng.gen_range(50..1200)) },
             60..=71 => Failure::RandomKill { role, at: at(&mut rng) },
             72..=91 => Failure::PowerCut {
                 site: *[Site::Source, Site::Source, Site::Remote, Site::Both].choose(&mut rng).expect("site"),
@@ -182,7 +183,8 @@ impl Plan {
             // Small rings overflow, and the resync catches up.
             journal_size: ["128KiB", "512KiB", "4MiB", "4MiB"].choose(&mut rng).expect("journal"),
             connections_per_disk: rng.gen_range(1..=3),
-            mix: [rng.gen_range(35..60), rng.gen_range(3..12), rng.gen_range(3..12), rng.gen_range(2..8)],
+            // Zeroings and trims take the ordinary (not in-place) path.
+            mix: [rng.gen_range(35..55), rng.gen_range(3..12), rng.gen_range(5..20), rng.gen_range(4..14)],
             max_blocks: *[1u64, 4, 16].choose(&mut rng).expect("blocks"),
             hot_share: rng.gen_range(20..80),
             think: Duration::from_micros(rng.gen_range(200..3000)),

@@ -40,6 +40,8 @@ pub struct Outcome_ {
     pub ops: usize,
     pub points_checked: usize,
     pub dir: Option<PathBuf>,
+    /// How long each step took, for `--verbose`.
+    pub steps: Vec<(&'static str, Duration)>,
 }
 
 pub use Outcome_ as TrialOutcome;
@@ -144,12 +146,19 @@ impl<'a> Trial<'a> {
         Ok(std::mem::take(&mut t.out))
     }
 
+    /// Notes the time since the last step.
+    fn step(&mut self, name: &'static str, since: &mut Instant) {
+        self.out.steps.push((name, since.elapsed()));
+        *since = Instant::now();
+    }
+
     fn violation(&mut self, what: String) {
         self.out.violations.push(what);
     }
 
     fn body(&mut self) -> Result<(), String> {
         let plan = self.plan;
+        let mut t = Instant::now();
         for d in DISKS {
             let p = self.images.join(format!("{d}.img"));
             std::fs::File::create(&p)
@@ -178,7 +187,13 @@ impl<'a> Trial<'a> {
             fs.control.sync().map_err(|e| format!("crashfs sync: {e}"))?;
         }
 
-        self.serve = Some(self.env.start(Role::Serve, plan.failure.armed(Role::Serve).as_deref())?);
+        // An armed front-end may meet its failpoint while it attaches: the
+        // disaster came early, and the service manager starts it again.
+        self.serve = Some(match self.env.start(Role::Serve, plan.failure.armed(Role::Serve).as_deref()) {
+            Ok(d) => d,
+            Err(_) if plan.failure.armed(Role::Serve).is_some() => self.env.start(Role::Serve, None)?,
+            Err(e) => return Err(e),
+        });
         self.ship = Some(self.env.start(Role::Ship, plan.failure.armed(Role::Ship).as_deref())?);
         self.apply = Some(self.env.start(Role::Apply, plan.failure.armed(Role::Apply).as_deref())?);
 
@@ -195,6 +210,7 @@ impl<'a> Trial<'a> {
             think: plan.think,
         };
         let workload = Workload::start(&spec, plan.seed, Arc::clone(&history));
+        self.step("setup", &mut t);
 
         // ---- phase 1: the disaster ----
         workload.run();
@@ -203,7 +219,14 @@ impl<'a> Trial<'a> {
         let crash = self.end_disaster(crash);
         workload.pause();
         history.lose_in_flight();
+        self.step("disaster", &mut t);
         self.aftermath(crash, &history)?;
+        self.step("recovery", &mut t);
+
+        // Caught up before anything new is written: a divergence the
+        // disaster left is seen before later writes can cover it.
+        self.replica_catches_up("after the disaster and its recovery")?;
+        self.step("catch-up", &mut t);
 
         // ---- phase 2: writes and tags after recovery ----
         let mut tags = Vec::new();
@@ -218,6 +241,7 @@ impl<'a> Trial<'a> {
         }
         self.supervise_until(started + plan.phase2)?;
         workload.pause();
+        self.step("phase 2", &mut t);
 
         // ---- the end: flushed, checked, stopped, caught up ----
         self.flush_all(&history, &workload)?;
@@ -239,9 +263,11 @@ impl<'a> Trial<'a> {
             self.violation(format!("hang: {t}"));
         }
         self.out.ops = history.snapshot().len();
+        self.step("end", &mut t);
         for role in [Role::Serve, Role::Ship, Role::Apply] {
             self.stop(role)?;
         }
+        self.step("stop", &mut t);
         self.checked(Clock::Source, &["ship", "vm", "--once", "--checksum-timeout", "30s"], Duration::from_secs(180))?;
         let cache = self.env.cache.display().to_string();
         let target = self.env.target.display().to_string();
@@ -618,6 +644,48 @@ impl<'a> Trial<'a> {
         self.env.boot_id = boot_id(self.plan.seed, self.boots);
         self.serve = Some(self.env.start(Role::Serve, None)?);
         self.ship = Some(self.env.start(Role::Ship, None)?);
+        Ok(())
+    }
+
+    /// With the clients parked: waits until replication has caught up
+    /// (everything shipped and applied, nothing dirty, no resync window),
+    /// then the replica must equal the source byte for byte.
+    fn replica_catches_up(&mut self, when: &str) -> Result<(), String> {
+        let started = Instant::now();
+        loop {
+            let out = self.env.run(Clock::Source, None, &["status", "vm", "--json"], Duration::from_secs(30))?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let s = &v[0];
+            let head = s["head_seq"].as_u64().unwrap_or(u64::MAX);
+            let caught_up = s["dirty_bytes"].as_u64() == Some(0)
+                && s["resync_window_open"] == false
+                && s["journal_mode"] == "journal"
+                && s["shipped_seq"].as_u64().is_some_and(|x| x >= head)
+                && s["applied_seq"].as_u64().is_some_and(|x| x >= head);
+            if caught_up {
+                break;
+            }
+            if std::env::var_os("TORTURE_DEBUG").is_some() && started.elapsed().as_millis() % 2000 < 100 {
+                eprintln!("catch-up {when} at {:.1?}: {s}", started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                self.violation(format!("hang: replication did not catch up {when} within 120 s: {s}"));
+                return Ok(());
+            }
+            self.restart_dead(false)?;
+            self.note_points();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let names = DISKS.map(String::from);
+        let source = read_images(&self.images, &names)?;
+        let replica = read_images(&self.env.target.join("vm").join("replica"), &names)?;
+        for (d, (s, r)) in source.iter().zip(&replica).enumerate() {
+            if let Some(i) = s.iter().zip(r).position(|(a, b)| a != b) {
+                self.violation(format!(
+                    "the replica of disk{d}, caught up {when}, differs from the source first at byte {i}"
+                ));
+            }
+        }
         Ok(())
     }
 
