@@ -1357,7 +1357,7 @@ impl InPlaceRecord<'_> {
     }
 
     fn set_released(&mut self) {
-        self.journal.commit_word_at(self.slot).store(commit_word(self.pos), Ordering::Release);
+        self.journal.release_if_busy(self.pos);
         self.state = InPlaceState::Released;
     }
 }
@@ -1411,7 +1411,10 @@ impl BusyRecord<'_> {
 
 impl Drop for BusyRecord<'_> {
     fn drop(&mut self) {
-        self.journal.commit_word_at(self.journal.slot(self.pos)).store(commit_word(self.pos), Ordering::Release);
+        // Only from busy: were the slot ever someone else's by now (it
+        // cannot be, the tail never passes a busy record), a plain store
+        // would write into that record's bytes.
+        self.journal.release_if_busy(self.pos);
     }
 }
 
