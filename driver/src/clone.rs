@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::image::Image;
@@ -111,21 +112,36 @@ fn match_nocow(source: &File, target: &File) {
 }
 
 /// Copies the data ranges of `source` (SEEK_DATA/SEEK_HOLE) with
-/// `copy_file_range`; holes stay holes.
+/// `copy_file_range`, or with reads and writes where the kernel will not
+/// copy between the two files (EXDEV: another filesystem, as with source
+/// images on ext4 and the target on btrfs); holes stay holes.
 fn sparse_copy(source: &File, src: &Path, target: &File, dst: &Path) -> Result<()> {
     let image = Image::open_read_only(src)?;
     target.set_len(image.size()).map_err(|source| Error::Write { path: dst.to_owned(), offset: 0, len: 0, source })?;
+    let mut in_kernel = true;
+    let mut buf = Vec::new();
     for (offset, len) in image.data_ranges()? {
         let mut done = 0u64;
         while done < len {
-            let (mut from, mut to) = ((offset + done) as i64, (offset + done) as i64);
-            let n = nix::fcntl::copy_file_range(source, Some(&mut from), target, Some(&mut to), (len - done) as usize)
-                .map_err(|e| Error::Write {
-                    path: dst.to_owned(),
-                    offset: offset + done,
-                    len: (len - done) as usize,
-                    source: e.into(),
-                })?;
+            let at = offset + done;
+            let want = (len - done) as usize;
+            let write_err = |source: io::Error| Error::Write { path: dst.to_owned(), offset: at, len: want, source };
+            if !in_kernel {
+                buf.resize(want.min(1 << 20), 0);
+                image.read_at(&mut buf, at)?;
+                target.write_all_at(&buf, at).map_err(write_err)?;
+                done += buf.len() as u64;
+                continue;
+            }
+            let (mut from, mut to) = (at as i64, at as i64);
+            let n = match nix::fcntl::copy_file_range(source, Some(&mut from), target, Some(&mut to), want) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EXDEV | nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => {
+                    in_kernel = false;
+                    continue;
+                }
+                Err(e) => return Err(write_err(e.into())),
+            };
             if n == 0 {
                 return Err(Error::Read {
                     path: src.to_owned(),
@@ -143,6 +159,22 @@ fn sparse_copy(source: &File, src: &Path, target: &File, dst: &Path) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clone_across_filesystems_is_a_sparse_copy() {
+        // /dev/shm (tmpfs) to the test directory (another filesystem):
+        // copy_file_range refuses with EXDEV there.
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (shm.path().join("a.img"), dir.path().join("b.img"));
+        let f = File::create(&a).unwrap();
+        f.set_len(4 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[5u8; 12288], 2 << 20).unwrap();
+        assert_eq!(clone_file(&a, &b).expect("a clone to another filesystem"), CloneMethod::Copy);
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        let data = Image::open_read_only(&b).unwrap().data_ranges().unwrap();
+        assert!(data.iter().map(|&(_, l)| l).sum::<u64>() < 1 << 20, "holes stay holes: {data:?}");
+    }
 
     #[test]
     fn a_clone_has_the_same_bytes_keeps_holes_and_is_independent() {
