@@ -1011,7 +1011,24 @@ impl Journal {
             self.release_if_busy(at.pos);
             at = after(at.pos, &h).map_err(|e| self.bad(e))?;
         }
+        self.check_reached_head(at, head)?;
         Ok(RecoveryReport::default())
+    }
+
+    /// The records from the tail must add up to the head exactly: past its
+    /// position, or at it with another sequence number, the header lies
+    /// (its positions carry no checksum) and the next record would get a
+    /// sequence number the shipper refuses as a gap on every start.
+    fn check_reached_head(&self, at: Position, head: Position) -> Result<()> {
+        if at == head {
+            return Ok(());
+        }
+        Err(self.bad(format!(
+            "the records from the tail end at position {} seq {}, but the header's head is position {} seq {}: \
+             the journal is damaged; to protect the VM again, `tern disable` it and `tern enable` it \
+             (a full initial sync)",
+            at.pos, at.seq, head.pos, head.seq
+        )))
     }
 
     /// The walk behind [`Journal::recover`] and [`Journal::pad_holes`],
@@ -1123,6 +1140,7 @@ impl Journal {
                 }
             }
         }
+        self.check_reached_head(at, head)?;
         Ok(report)
     }
 

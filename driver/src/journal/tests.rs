@@ -393,3 +393,40 @@ fn a_sync_racing_the_consumer_saves_a_header_a_reboot_can_open() {
     let j = Journal::open(&p, &rings).expect("the saved header must be consistent");
     assert_eq!((j.head(), j.tail()), (head, tail));
 }
+
+/// A durable file whose header's head sequence number is off (its
+/// positions carry no checksum: one flipped bit) must not open into a
+/// journal whose next record the shipper refuses as a gap on every start.
+/// Found by the `journal` fuzz target (seq-gap artifact).
+#[test]
+fn recovery_refuses_a_header_whose_head_the_records_do_not_add_up_to() {
+    for bump in [5u64, 0] {
+        let (d, j) = journal(64 * 1024);
+        for i in 0..3u64 {
+            j.append(&write(i * 4096, 100), &[i as u8; 100]).unwrap();
+        }
+        j.set_flags(FLAG_ATTACHED);
+        j.sync().unwrap();
+        let ring = j.ring_path().to_owned();
+        drop(j);
+        std::fs::remove_file(&ring).unwrap();
+        let path = d.path().join("journal");
+        let mut file = std::fs::read(&path).unwrap();
+        let seq_at = format::OFF_HEAD + 8;
+        let seq = u64::from_le_bytes(file[seq_at..seq_at + 8].try_into().unwrap());
+        assert_eq!(seq, 4);
+        file[seq_at..seq_at + 8].copy_from_slice(&(seq + bump).to_le_bytes());
+        std::fs::write(&path, &file).unwrap();
+
+        let j = Journal::open(&path, &d.path().join("rings")).unwrap();
+        for outcome in [j.recover(|_, _| Ok(())).map(|_| ()), j.pad_holes().map(|_| ())] {
+            if bump == 0 {
+                outcome.expect("an intact journal recovers");
+            } else {
+                let e = outcome.expect_err("a head the records do not reach is refused").to_string();
+                assert!(e.contains("end at position") && e.contains("seq 4") && e.contains("seq 9"), "{e}");
+                assert!(e.contains("tern disable"), "says what to do next: {e}");
+            }
+        }
+    }
+}
