@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# fuzz-nbd.sh — runs the cargo-fuzz targets of tern-nbd (nbd-shim/fuzz/):
+# fuzz-nbd.sh — runs the cargo-fuzz targets of tern (nbd-shim/fuzz/):
 #   connection  a whole NBD connection (handshake + transmission) in front
 #               of a real mirror, the fuzzer's bytes being the client's side
+#               (after a byte that picks the server's threads); the journal
+#               is then shipped and resynced, checking every record
 #   request     the pure parsers: Request::parse, validate, parse_info,
 #               parse_meta_context, with invariant checks
 #   segment     the cache store's files: segments, block hashes, manifests
+#               (each also tried with its checksums made right)
+#   journal     a damaged durable journal file recovered after a crash or a
+#               reboot (Mirror::open), then walked as the shipper would
 #
 # Usage (from anywhere; the script cds to the repo root):
 #   scripts/fuzz-nbd.sh               fuzz every target for FUZZ_SECONDS
@@ -13,16 +18,21 @@
 #
 # Environment knobs (defaults in brackets):
 #   FUZZ_SECONDS   libFuzzer -max_total_time per target [60]
-#   FUZZ_TARGETS   targets to run, space separated ["connection request segment"]
+#   FUZZ_TARGETS   targets to run, space separated
+#                  ["connection request segment journal"]
 #   FUZZ_TIMEOUT   seconds one input may take before it counts as a hang [10]
 #   FUZZ_RSS_MB    libFuzzer -rss_limit_mb [2048]
 #   FUZZ_TOOLCHAIN rustup toolchain cargo-fuzz builds with [nightly]
 #
 # Needs a nightly toolchain (sanitizers); installs cargo-fuzz if missing.
-# The corpus grows in nbd-shim/fuzz/corpus/<target>/ (seeded from
-# nbd-shim/fuzz/seeds/<target>/, which scripts/fuzz-seeds.py writes),
-# crashes land in nbd-shim/fuzz/artifacts/<target>/, and the libFuzzer
-# output of each run in nbd-shim/fuzz/target/fuzz-<target>.log.
+# The corpus grows in nbd-shim/fuzz/corpus/<target>/, seeded from
+# nbd-shim/fuzz/seeds/<target>/: scripts/fuzz-seeds.py writes those of
+# connection and request; the journal and segment targets write theirs
+# (real files made by the code that writes them) when theirs are missing.
+# Each target uses nbd-shim/fuzz/<target>.dict as its dictionary if there
+# is one, else nbd.dict. Crashes land in nbd-shim/fuzz/artifacts/<target>/,
+# and the libFuzzer output of each run in
+# nbd-shim/fuzz/target/fuzz-<target>.log.
 # Exit status: non-zero if a build failed or any target found a crash,
 # panic, timeout or out-of-memory (every target runs regardless).
 set -euo pipefail
@@ -32,7 +42,7 @@ ROOT=$PWD
 FUZZ_DIR=$ROOT/nbd-shim/fuzz
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
-FUZZ_TARGETS=${FUZZ_TARGETS:-connection request segment}
+FUZZ_TARGETS=${FUZZ_TARGETS:-connection request segment journal}
 FUZZ_TIMEOUT=${FUZZ_TIMEOUT:-10}
 FUZZ_RSS_MB=${FUZZ_RSS_MB:-2048}
 FUZZ_TOOLCHAIN=${FUZZ_TOOLCHAIN:-nightly}
@@ -76,6 +86,21 @@ else
 fi
 
 fuzz build
+
+# Seeds the targets write themselves: they need the build (a real mirror
+# writing a journal; the store's encoders), and are made once (they carry
+# timestamps, so a rerun would only churn them).
+seeds_from_target() { # target, environment variable, a seed that shows they exist
+    local dir=$FUZZ_DIR/seeds/$1
+    if ! compgen -G "$dir/$3" >/dev/null; then
+        echo "fuzz-nbd.sh: writing the $1 target's seeds to $dir" >&2
+        env "$2=$dir" bash -c 'cd "$0/nbd-shim" && cargo "+$1" fuzz run "$2" -- -runs=0' \
+            "$ROOT" "$FUZZ_TOOLCHAIN" "$1"
+    fi
+}
+seeds_from_target journal TERN_FUZZ_JOURNAL_SEEDS '*.bin'
+seeds_from_target segment TERN_FUZZ_SEGMENT_SEEDS 'manifest-*'
+
 mkdir -p "$FUZZ_DIR/target"
 failed=()
 for target in $FUZZ_TARGETS; do
@@ -84,6 +109,8 @@ for target in $FUZZ_TARGETS; do
     if [[ -d $FUZZ_DIR/seeds/$target ]]; then
         cp -- "$FUZZ_DIR/seeds/$target"/* "$corpus/"
     fi
+    dict=$FUZZ_DIR/$target.dict
+    [[ -f $dict ]] || dict=$FUZZ_DIR/nbd.dict
     log=$FUZZ_DIR/target/fuzz-$target.log
     echo "== $target: ${FUZZ_SECONDS}s, corpus $corpus, log $log"
     status=0
@@ -91,7 +118,7 @@ for target in $FUZZ_TARGETS; do
         -max_total_time="$FUZZ_SECONDS" \
         -rss_limit_mb="$FUZZ_RSS_MB" \
         -timeout="$FUZZ_TIMEOUT" \
-        -dict="$FUZZ_DIR/nbd.dict" \
+        -dict="$dict" \
         -print_final_stats=1 \
         2>&1 | tee "$log" || status=$?
     if ((status != 0)); then

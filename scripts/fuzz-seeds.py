@@ -3,10 +3,11 @@
 
 Usage: scripts/fuzz-seeds.py [OUT_DIR]   (default: nbd-shim/fuzz/seeds)
 
-Writes OUT_DIR/connection/*.bin (whole client sides of NBD connections,
-as fuzz_targets/connection.rs consumes them) and OUT_DIR/request/*.bin
-(inputs laid out as fuzz_targets/request.rs expects). Deterministic, so
-re-running it leaves the committed seeds unchanged. Python 3 stdlib only.
+Writes OUT_DIR/connection/*.bin (a byte choosing the server, then the
+whole client side of an NBD connection, as fuzz_targets/connection.rs
+consumes them) and OUT_DIR/request/*.bin (inputs laid out as
+fuzz_targets/request.rs expects). Deterministic, so re-running it leaves
+the committed seeds unchanged. Python 3 stdlib only.
 """
 
 import os
@@ -26,6 +27,11 @@ FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO = 1, 2, 4, 8, 16
 
 EXPORT = b"disk0"
 EXPORT_SIZE = 1 << 20  # the fuzz target's image
+RING_SIZE = 16 << 10  # the fuzz target's journal ring
+
+# connection.rs: byte 0 of an input chooses the server.
+SINGLE = b"\x00"  # one worker, no waiter
+THREADED = b"\x01"  # one worker and a waiter
 
 
 def flags(f=3):
@@ -121,7 +127,22 @@ def connection_seeds():
     )
     # The client aborts.
     s["abort"] = flags() + opt(OPT_LIST) + opt(OPT_ABORT)
-    return s
+    # More WRITE data than the journal ring holds: the ring overflows into
+    # the dirty bitmap mid-connection (the target's resync brings it back).
+    # Cookies of its own, so the request seeds after it stay as they were.
+    writes = RING_SIZE // 4096 + 1
+    s["overflow"] = (
+        flags()
+        + opt(OPT_GO, info_data())
+        + b"".join(req(CMD_WRITE, i * 4096, 4096, cookie=0x100 + i) for i in range(writes))
+        + req(CMD_WRITE_ZEROES, 0, 8192, FLAG_FUA, cookie=0x100 + writes)
+        + req(CMD_FLUSH, cookie=0x101 + writes)
+        + req(CMD_DISC, cookie=0x102 + writes)
+    )
+    # Every seed for both servers: the threaded one hands FLUSH, FUA and
+    # uncached READs to its waiter.
+    servers = (("single", SINGLE), ("threaded", THREADED))
+    return {f"{name}-{server}": mode + seed for name, seed in s.items() for server, mode in servers}
 
 
 def request_seed(r, export_size=EXPORT_SIZE, structured=True, base_allocation=1, option=b""):

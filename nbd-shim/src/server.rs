@@ -77,6 +77,13 @@ pub struct ServerOptions {
     /// past its share. Default:
     /// [`ServerOptions::default_threads`].
     pub threads: usize,
+    /// Threads per connection that carry out what would wait on the disk
+    /// (a FLUSH, a READ the page cache cannot answer, making a FUA request
+    /// durable; see `transmission`): the queue depth one connection gives
+    /// a slow disk. With 0 the workers carry those out themselves, holding
+    /// up the connection meanwhile. Default:
+    /// [`transmission::DEFAULT_WAITERS`] (16).
+    pub waiters: usize,
     /// Connections served at once; more are refused. Default: 64.
     pub max_connections: usize,
     /// A client must finish the handshake within this. Default: 30s.
@@ -101,6 +108,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             threads: ServerOptions::default_threads(),
+            waiters: transmission::DEFAULT_WAITERS,
             max_connections: 64,
             handshake_timeout: Duration::from_secs(30),
         }
@@ -141,7 +149,7 @@ impl Server {
         Server {
             mirror,
             exports,
-            workers: Workers::new(options.threads),
+            workers: Workers::new(options.threads).with_waiters(options.waiters),
             options,
             active: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),

@@ -65,14 +65,15 @@ struct Patience {
     total: Duration,
 }
 
-/// Threads per connection that carry out requests waiting on the disk. A
-/// connection's reads that miss the page cache run this many at once: the
-/// queue depth a disk on a real device sees (nbdkit runs 16 threads).
-const WAITERS: usize = 16;
+/// Threads per connection that carry out requests waiting on the disk, by
+/// default. A connection's reads that miss the page cache run this many at
+/// once: the queue depth a disk on a real device sees (nbdkit runs 16
+/// threads).
+pub const DEFAULT_WAITERS: usize = 16;
 
-/// Requests queued for the waiters, at most; past that a worker carries
-/// the request out itself (and the client's pipeline slows down).
-const WAITING: usize = 4 * WAITERS;
+/// Requests queued for the waiters, at most, per waiter; past that a worker
+/// carries the request out itself (and the client's pipeline slows down).
+const WAITING_PER_WAITER: usize = 4;
 
 /// The request threads of a server, shared out among its active
 /// connections: each keeps `threads / active connections` of its workers
@@ -91,6 +92,8 @@ const WAITING: usize = 4 * WAITERS;
 /// (docs/BENCHMARKS.md).
 pub struct Workers {
     threads: usize,
+    /// Waiters each connection starts (see [`DEFAULT_WAITERS`]).
+    waiters: usize,
     /// Connections in transmission that are not quiet.
     active: AtomicUsize,
     /// Taken to park, and by whatever may let a parked worker go on (a
@@ -105,10 +108,20 @@ impl Workers {
     pub fn new(threads: usize) -> Self {
         Workers {
             threads: threads.max(1),
+            waiters: DEFAULT_WAITERS,
             active: AtomicUsize::new(0),
             parked: Mutex::new(()),
             changed: Condvar::new(),
         }
+    }
+
+    /// Each connection starts `waiters` waiters instead of
+    /// [`DEFAULT_WAITERS`]; with none, its workers carry out every request
+    /// themselves (the fuzz target's setting: a thread started per
+    /// connection is most of the cost of a short one).
+    pub fn with_waiters(mut self, waiters: usize) -> Self {
+        self.waiters = waiters;
+        self
     }
 
     /// The workers each connection starts (and parks past its share): as
@@ -260,11 +273,11 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     };
     std::thread::scope(|s| {
         let conn = &conn;
-        let (to_waiters, waiting) = crossbeam_channel::bounded::<Handoff>(WAITING);
+        let (to_waiters, waiting) = crossbeam_channel::bounded::<Handoff>(WAITING_PER_WAITER * workers.waiters);
         // Fewer threads than asked for (the system is out of them) is
         // slower, not wrong: worker 0 is this thread, and without waiters
         // the workers carry every request out themselves.
-        for _ in 0..WAITERS {
+        for _ in 0..workers.waiters {
             let waiting = waiting.clone();
             if !spawn(s, "nbd-waiter", move || conn.waiter(waiting)) {
                 break;
