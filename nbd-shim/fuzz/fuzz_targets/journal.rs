@@ -171,13 +171,20 @@ fn walk(journal: &Journal, strict: bool, recovered_to: Option<Position>) {
             checkpoint = None;
         }
     };
+    passed(tail);
     let mut steps = 0u64;
     let end = loop {
-        passed(cursor.position());
         steps += 1;
         assert!(steps <= cap / RECORD_ALIGN + 1, "the walk from {tail:?} to {head:?} does not end");
         match cursor.next(&mut data) {
-            Ok(Some(h)) => check_record(&ring, cap, cursor.position().pos - h.footprint(), &h, &data),
+            Ok(Some(h)) => {
+                // Where the record starts: pads `next` skips (a wrap's, or a
+                // hole's that stands for no sequence number) move the
+                // cursor past more than the record.
+                let start = cursor.position().pos - h.footprint();
+                passed(Position { pos: start, seq: h.seq });
+                check_record(&ring, cap, start, &h, &data);
+            }
             Ok(None) => {
                 passed(cursor.position());
                 break Ok(cursor.position());
