@@ -135,6 +135,24 @@ pub struct Applied {
     pub updated_unix_ms: u64,
 }
 
+/// `<cache>/<vm>/apply-failure.toml`: the target's applier failed on the
+/// VM and retries it with backoff; for `tern status` at either site.
+/// Removed by the next pass that succeeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ApplyFailure {
+    pub version: u32,
+    /// The error, with its causes, as logged.
+    pub error: String,
+    /// Failures in a row, this one included.
+    pub attempts: u32,
+    pub first_failed_unix_ms: u64,
+    pub failed_unix_ms: u64,
+    /// When the applier tries the VM again (0: not at all; `tern apply
+    /// --once` does not retry).
+    pub retry_unix_ms: u64,
+}
+
 /// `<cache>/<vm>/fence.toml`: the VM failed over at the target site. The
 /// source stops shipping when it sees it, and the applier applies nothing
 /// more for the VM: the failed-over disks are the VM now.
@@ -217,6 +235,15 @@ impl CacheDir {
 
     pub fn applied_path(&self) -> PathBuf {
         self.root.join("applied.toml")
+    }
+
+    pub fn apply_failure_path(&self) -> PathBuf {
+        self.root.join("apply-failure.toml")
+    }
+
+    /// The applier's last failure on this VM, if it is failing.
+    pub fn read_apply_failure(&self) -> io::Result<Option<Result<ApplyFailure, String>>> {
+        read_small_toml(&self.apply_failure_path())
     }
 
     pub fn segments_dir(&self) -> PathBuf {

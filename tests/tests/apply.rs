@@ -448,3 +448,52 @@ fn a_silent_source_or_a_target_clock_a_day_ahead_expires_no_point() {
     let after = apply_a_day_later();
     assert!(before.iter().all(|id| after.contains(id)), "points expired by the target's clock: {before:?} → {after:?}");
 }
+
+/// Issue 18 (item 2): one failure used to stop applying a VM until `tern
+/// apply` was restarted, the source showing its last state forever. The
+/// daemon retries with backoff, and `tern status` shows the error until a
+/// pass succeeds.
+#[test]
+fn a_failing_vm_is_retried_with_backoff_and_status_shows_the_error_meanwhile() {
+    use std::time::{Duration, Instant};
+    let (vm, _) = vm_with_tagged_history(2);
+    let target = vm.dir.path().join("target");
+    let failure_file = vm.cache_dir().join("apply-failure.toml");
+    let log = vm.dir.path().join("apply.log");
+    // The first two batches fail (EIO): tries at 0 s, 1 s, then 3 s succeeds.
+    let daemon = tern_command(&[("TERN_FAILPOINTS", "apply:batch-written=eio@1;apply:batch-written=eio@2")])
+        .args(["apply", "--cache"])
+        .arg(vm.dir.path().join("cache"))
+        .arg("--target")
+        .arg(&target)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn tern apply");
+    let daemon = Served::adopt(daemon, log, "tern apply");
+    let start = Instant::now();
+    while !failure_file.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no failure published:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = vm.tern().args(["status", "vm1"]).output().expect("tern status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(!status.status.success(), "a VM whose applier fails is unhealthy: {text}");
+    assert!(text.contains("vm1: error") && text.contains("the target's applier failed"), "{text}");
+    assert!(text.contains("Input/output error"), "the error itself is shown: {text}");
+
+    let head = vm.ship_report()["last_shipped_seq"].as_u64().expect("shipped seq");
+    while failure_file.exists()
+        || !target.join("vm1/replica/checkpoint.toml").exists()
+        || checkpoint_seq(&target) < head
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "the VM was not retried:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = daemon.stop();
+    assert!(log.contains("trying again in 1s") && log.contains("trying again in 2s"), "{log}");
+    assert!(log.contains("applying again after 2 failed attempt(s)"), "{log}");
+    assert_files_equal(&target.join("vm1/replica/disk0.img"), &vm.image);
+    let status = vm.tern().args(["status", "vm1", "--json"]).output().expect("tern status");
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert!(json[0]["last_error"].is_null(), "{json}");
+}

@@ -43,6 +43,7 @@ struct StreamReplaced;
 const READ_AHEAD: u64 = 128 << 20;
 
 mod batch;
+mod failing;
 mod read_ahead;
 
 #[derive(Debug, Clone)]
@@ -92,7 +93,7 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
         }
     }
     let mut appliers: BTreeMap<String, VmApplier> = BTreeMap::new();
-    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let mut failing = failing::FailingVms::default();
     loop {
         let names = match vm {
             Some(v) => vec![v.to_owned()],
@@ -100,34 +101,24 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
         };
         let mut progressed = false;
         for name in names {
-            if failed.contains_key(&name) || stop.load(Ordering::Acquire) {
+            if failing.waiting(&name, std::time::Instant::now()) || stop.load(Ordering::Acquire) {
                 continue;
             }
-            if !appliers.contains_key(&name) {
-                match VmApplier::open(cache, target, &name, options) {
-                    Ok(Some(a)) => {
-                        appliers.insert(name.clone(), a);
-                    }
-                    Ok(None) => continue, // no manifest yet: nothing shipped
-                    Err(e) => {
-                        log::error!("VM '{name}': {e:#}");
-                        failed.insert(name, format!("{e:#}"));
-                        continue;
-                    }
-                }
-            }
-            let applier = appliers.get_mut(&name).expect("inserted above");
-            match applier.step(&stop) {
-                Ok(n) => progressed |= n > 0,
-                Err(e) if e.is::<StreamReplaced>() => {
-                    log::info!("VM '{name}': the cache holds a new stream (re-protected or failed back); reopening");
-                    appliers.remove(&name);
+            let cache_dir = CacheDir::new(cache, &name);
+            match apply_pass(&mut appliers, cache, target, &name, options, &stop) {
+                Ok(n) => {
+                    progressed |= n > 0;
+                    failing.succeeded(&cache_dir, &name);
                 }
                 Err(e) => {
-                    let hint = crate::cmd::hint_for(&e).map(|h| format!(" ({h})")).unwrap_or_default();
-                    log::error!("VM '{name}': {e:#}; applying stops for this VM until `tern apply` is restarted{hint}");
                     appliers.remove(&name);
-                    failed.insert(name, format!("{e:#}"));
+                    let hint = crate::cmd::hint_for(&e).map(|h| format!(" ({h})")).unwrap_or_default();
+                    let wait = failing.failed(&cache_dir, &name, format!("{e:#}"), !options.once);
+                    if options.once {
+                        log::error!("VM '{name}': {e:#}{hint}");
+                    } else {
+                        log::error!("VM '{name}': {e:#}; trying again in {}s{hint}", wait.as_secs());
+                    }
                 }
             }
         }
@@ -138,10 +129,37 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    if let Some((name, e)) = failed.into_iter().next() {
+    if let Some((name, e)) = failing.first() {
         bail!("VM '{name}': {e}");
     }
     Ok(())
+}
+
+/// One pass of the applier of VM `name` (opened first if need be):
+/// records applied, 0 with nothing to do (or nothing shipped yet).
+fn apply_pass(
+    appliers: &mut BTreeMap<String, VmApplier>,
+    cache: &Path,
+    target: &Path,
+    name: &str,
+    options: &ApplyOptions,
+    stop: &AtomicBool,
+) -> Result<usize> {
+    if !appliers.contains_key(name) {
+        match VmApplier::open(cache, target, name, options)? {
+            Some(a) => appliers.insert(name.to_owned(), a),
+            None => return Ok(0), // no manifest yet: nothing shipped
+        };
+    }
+    let applier = appliers.get_mut(name).expect("inserted above");
+    match applier.step(stop) {
+        Err(e) if e.is::<StreamReplaced>() => {
+            log::info!("VM '{name}': the cache holds a new stream (re-protected or failed back); reopening");
+            appliers.remove(name);
+            Ok(1)
+        }
+        outcome => outcome,
+    }
 }
 
 /// Applies everything the cache holds for `vm` and takes a crash-consistent

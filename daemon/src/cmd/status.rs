@@ -178,6 +178,14 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         }
     });
     let cache_failing = ship.as_ref().and_then(|s| s.cache_failing.clone());
+    let apply_failing = cache.read_apply_failure().ok().flatten().and_then(Result::ok).map(|f| {
+        let retry = match f.retry_unix_ms.checked_sub(now_ns() / 1_000_000) {
+            _ if f.retry_unix_ms == 0 => "not retried (`tern apply --once`)".to_string(),
+            Some(ms) => format!("retrying in {}s", ms.div_ceil(1000)),
+            None => "retrying now".to_string(),
+        };
+        format!("the target's applier failed {} time(s) in a row, {retry}: {}", f.attempts, f.error)
+    });
     let resync_window_open = resync_window_open(&journal);
     let in_window = resync_window_open || dirty_bytes > 0;
     let fenced = cache.read_fence().ok().flatten().and_then(Result::ok);
@@ -187,7 +195,7 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         } else {
             State::FailedOverUncommitted
         }
-    } else if cache_failing.is_some() {
+    } else if cache_failing.is_some() || apply_failing.is_some() {
         State::Error
     } else if !ship_running && last_seq > tail.seq.saturating_sub(1) {
         State::Paused
@@ -227,7 +235,7 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         head_seq: last_seq,
         shipped_seq: ship.as_ref().map(|s| s.last_shipped_seq),
         applied_seq: applied.as_ref().map(|a| a.applied_seq),
-        last_error: cache_failing,
+        last_error: cache_failing.or(apply_failing),
     })
 }
 
