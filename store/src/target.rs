@@ -8,6 +8,8 @@
 //! <target>/<vm>/points/<id>/point.toml      written last, before the directory is renamed into place
 //! <target>/<vm>/points/.tmp-<id>/           a point being taken (never listed; removed on restart)
 //! <target>/<vm>/history/<old-vm-id>/        replica/ and points/ of a previous direction (re-protect)
+//! <target>/<vm>/point-request.toml          `tern failover --latest` asks the running applier for a point
+//! <target>/<vm>/point-answer.toml           ... and it answers (the point, or why there is none)
 //! ```
 
 use std::collections::BTreeMap;
@@ -20,6 +22,34 @@ use serde::{Deserialize, Serialize};
 
 /// Version of `checkpoint.toml` and `point.toml`.
 pub const TARGET_VERSION: u32 = 1;
+
+/// `point-request.toml`: `tern failover --latest` (or a failback) asks the
+/// `tern apply` that holds the replicas to apply everything the cache holds
+/// and take a point there. The applier answers a request it saw before it
+/// listed the cache's segments, so the point holds every segment that was
+/// there when the request was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PointRequest {
+    pub version: u32,
+    /// Chosen by the asker; the answer carries it back.
+    pub id: String,
+    pub requested_unix_ms: u64,
+}
+
+/// `point-answer.toml`: the applier's answer to the request `id`: the point
+/// at the newest applied state, or why there is none (inside a resync
+/// window, a failure).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PointAnswer {
+    pub version: u32,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
 
 /// `replica/checkpoint.toml`: the replicas hold exactly the records up to
 /// `applied_seq` (those after it may be partly there, un-fsynced; a restart
@@ -137,6 +167,24 @@ impl TargetDir {
 
     pub fn point_tmp_dir(&self, id: &str) -> PathBuf {
         self.points_dir().join(format!(".tmp-{id}"))
+    }
+
+    pub fn point_request_path(&self) -> PathBuf {
+        self.root.join("point-request.toml")
+    }
+
+    pub fn point_answer_path(&self) -> PathBuf {
+        self.root.join("point-answer.toml")
+    }
+
+    /// The pending request for a point at the newest applied state, if any.
+    pub fn read_point_request(&self) -> io::Result<Option<Result<PointRequest, String>>> {
+        crate::cache::read_small_toml(&self.point_request_path())
+    }
+
+    /// The running applier's answer to a point request, if any.
+    pub fn read_point_answer(&self) -> io::Result<Option<Result<PointAnswer, String>>> {
+        crate::cache::read_small_toml(&self.point_answer_path())
     }
 
     pub fn read_checkpoint(&self) -> Result<Option<Checkpoint>, String> {

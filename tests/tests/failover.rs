@@ -344,3 +344,69 @@ fn a_failover_killed_at_each_step_is_finished_by_running_it_again() {
     }
     assert!(vm.cache_dir().join("fence.toml").exists(), "the real failover fenced the source");
 }
+
+/// Issue 18 (item 1): with `tern ship` and `tern apply` running, a write
+/// acknowledged and already in the replica was missing from `failover
+/// --latest`, which took the newest periodic point (up to an interval
+/// old). --latest asks the running applier for a point at the newest
+/// applied state; --latest-point keeps the fast choice.
+#[test]
+fn latest_holds_a_write_already_applied_while_apply_runs_and_latest_point_does_not() {
+    use std::time::{Duration, Instant};
+    let vm =
+        TestVm::new(VmSpec { disk_size: 8 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let target = vm.dir.path().join("target");
+    let served = vm.serve(&[]);
+    let ship = vm.ship(&[]);
+    let log = vm.dir.path().join("apply.log");
+    let apply = tern_command(&[])
+        .args(["apply", "--cache"])
+        .arg(vm.dir.path().join("cache"))
+        .arg("--target")
+        .arg(&target)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn tern apply");
+    let apply = Served::adopt(apply, log, "tern apply");
+    let status = || json(&String::from_utf8_lossy(&vm.tern().args(["status", "--json"]).output().unwrap().stdout));
+    let caught_up = |what: &str| {
+        let start = Instant::now();
+        loop {
+            let s = &status()[0];
+            if s["applied_seq"].as_u64().is_some_and(|a| Some(a) >= s["head_seq"].as_u64()) && s["points"] != 0 {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "{what}: not applied within 60 s: {s}\n{}", apply.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    caught_up("the initial sync");
+    // Acknowledged and flushed (qemu-io flushes as it exits), then applied:
+    // RPO 0, but no point holds it (the interval is 5 minutes).
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 7 2M 64k", "-c", "flush"]));
+    caught_up("the write");
+    let newest_point = vm.points(&target).iter().map(|p| p["seq"].as_u64().unwrap()).max().unwrap();
+
+    let latest = json(&run(vm.tern().args(["failover", &vm.name, "--test", "--json"])));
+    assert_files_equal(std::path::Path::new(latest["disks"]["disk0"].as_str().unwrap()), &vm.image);
+    assert!(latest["seq"].as_u64().unwrap() > newest_point, "a new point at the applied state: {latest}");
+    let log = apply.log();
+    assert!(log.contains("answered a point request with point"), "{log}");
+
+    let fast = json(&run(vm.tern().args(["failover", &vm.name, "--test", "--latest-point", "--json"])));
+    assert_eq!(fast["point"], latest["point"], "the point --latest took is now the newest");
+    // Another write: --latest-point does not wait for it.
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 8 4M 64k", "-c", "flush"]));
+    caught_up("the second write");
+    let fast = json(&run(vm.tern().args(["failover", &vm.name, "--test", "--latest-point", "--json"])));
+    assert_eq!(fast["point"], latest["point"], "--latest-point takes no new point");
+    let disk = std::fs::read(fast["disks"]["disk0"].as_str().unwrap()).unwrap();
+    assert!(disk[4 << 20..(4 << 20) + 65536].iter().any(|&b| b != 8), "the second write is not in it");
+    let latest = json(&run(vm.tern().args(["failover", &vm.name, "--test", "--latest", "--json"])));
+    assert_files_equal(std::path::Path::new(latest["disks"]["disk0"].as_str().unwrap()), &vm.image);
+    let out = vm.tern().args(["failover", &vm.name, "--test", "--latest", "--latest-point"]).output().unwrap();
+    assert!(!out.status.success(), "--latest and --latest-point conflict");
+    drop(ship);
+    drop(served);
+    drop(apply);
+}

@@ -240,7 +240,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
                 &dir.join("target"),
                 &dir.join("cache"),
                 "vm1",
-                Some(&p.id),
+                &crate::cmd::failover::Choice::Point(p.id.clone()),
                 Some("drill"),
                 true,
             )?;

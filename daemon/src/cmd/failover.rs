@@ -23,12 +23,16 @@ pub struct Args {
     #[arg(long)]
     pub test: bool,
     /// The recovery point (an id from `tern points`).
-    #[arg(long, conflicts_with = "latest")]
+    #[arg(long, conflicts_with_all = ["latest", "latest_point"])]
     pub point: Option<String>,
-    /// Apply everything already in the cache, take a point there and use
-    /// it (the default).
-    #[arg(long)]
+    /// The newest data (the default): apply everything the cache holds
+    /// (asking a running `tern apply` to), take a point there and use it.
+    #[arg(long, conflicts_with = "latest_point")]
     pub latest: bool,
+    /// The newest point already taken: no waiting, but up to a point
+    /// interval older than --latest.
+    #[arg(long)]
+    pub latest_point: bool,
     /// Name of the failover directory (default: test-N).
     #[arg(long)]
     pub name: Option<String>,
@@ -90,6 +94,27 @@ pub struct CleanupArgs {
     pub target: Option<PathBuf>,
 }
 
+/// Which point a failover uses.
+#[derive(Debug, Clone)]
+pub enum Choice {
+    /// A point of the catalog, by id.
+    Point(String),
+    /// The newest data: everything the cache holds applied, a point there.
+    Latest,
+    /// The newest point of the catalog.
+    LatestPoint,
+}
+
+impl Args {
+    fn choice(&self) -> Choice {
+        match (&self.point, self.latest_point) {
+            (Some(id), _) => Choice::Point(id.clone()),
+            (None, true) => Choice::LatestPoint,
+            (None, false) => Choice::Latest,
+        }
+    }
+}
+
 /// The target site and cache store: given, or from the VM's vm.toml.
 fn sites(cli: &Cli, vm: &str, target: Option<&Path>, cache: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     validate_name("VM", vm)?;
@@ -124,7 +149,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let (target_root, cache_root) = sites(cli, &a.vm, a.target.as_deref(), a.cache.as_deref())?;
     let started = Instant::now();
     let f = if a.test {
-        make_failover(&target_root, &cache_root, &a.vm, a.point.as_deref(), a.name.as_deref(), true)?
+        make_failover(&target_root, &cache_root, &a.vm, &a.choice(), a.name.as_deref(), true)?
     } else {
         real_failover(&target_root, &cache_root, a)?
     };
@@ -205,7 +230,7 @@ fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Fail
     let target = TargetDir::new(target_root, vm);
     // Choose (for --latest: catch up and point) before fencing, so the
     // point holds everything the cache had.
-    let point = choose_point(&target, cache_root, target_root, vm, a.point.as_deref())?;
+    let point = choose_point(&target, cache_root, target_root, vm, &a.choice())?;
     write_fence(&cache, &manifest, previous.as_ref(), &point, false)?;
     let active = target.root().join("failover").join("active");
     if active.exists() {
@@ -215,7 +240,7 @@ fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Fail
         );
         std::fs::remove_dir_all(&active).with_context(|| format!("cannot remove {}", active.display()))?;
     }
-    make_failover(target_root, cache_root, vm, Some(&point.id), Some("active"), false)
+    make_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false)
 }
 
 /// Fences the VM's stream at `point`: the source ships nothing more (it
@@ -245,34 +270,40 @@ pub fn choose_point(
     cache_root: &Path,
     target_root: &Path,
     vm: &str,
-    point: Option<&str>,
+    choice: &Choice,
 ) -> Result<Point> {
-    match point {
-        Some(id) => target
+    match choice {
+        Choice::Point(id) => target
             .list_points()?
             .into_iter()
-            .find(|p| p.id == id)
+            .find(|p| &p.id == id)
             .with_context(|| format!("VM '{vm}' has no point '{id}'; `tern points {vm}` lists them")),
-        None => latest_point(cache_root, target_root, target, vm),
+        Choice::Latest => crate::apply::latest_applied_point(cache_root, target_root, vm),
+        Choice::LatestPoint => target.list_points()?.into_iter().max_by_key(|p| p.seq).with_context(|| {
+            format!(
+                "VM '{vm}' has no point yet at {}; --latest applies what the cache holds and takes one",
+                target.root().display()
+            )
+        }),
     }
 }
 
-/// Clones a point's disks (`point`, or the latest: see `latest_point`) into
+/// Clones the disks of the point `choice` names into
 /// `<target>/<vm>/failover/<name>/` with a launch script. A test failover
 /// leaves replication untouched.
 pub fn make_failover(
     target_root: &Path,
     cache_root: &Path,
     vm: &str,
-    point: Option<&str>,
+    choice: &Choice,
     name: Option<&str>,
     test: bool,
 ) -> Result<Failover> {
     let target = TargetDir::new(target_root, vm);
-    if point.is_some() && !target.root().is_dir() {
+    if !matches!(choice, Choice::Latest) && !target.root().is_dir() {
         bail!("{} does not exist: VM '{vm}' has no replica at this target site", target.root().display());
     }
-    let point = choose_point(&target, cache_root, target_root, vm, point)?;
+    let point = choose_point(&target, cache_root, target_root, vm, choice)?;
     let failovers = target.root().join("failover");
     tern_driver::vm::create_dir_durably(&failovers)?;
     let name = match name {
@@ -311,23 +342,6 @@ pub fn make_failover(
     std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
     tern_driver::vm::sync_dir(&failovers)?;
     Ok(Failover { name, dir, point, disks, copied })
-}
-
-/// `--latest`: catch up with the cache and point there; if `tern apply`
-/// runs (it holds the replicas), its newest point instead.
-fn latest_point(cache: &Path, target_root: &Path, target: &TargetDir, vm: &str) -> Result<Point> {
-    match crate::apply::catch_up_and_point(cache, target_root, vm) {
-        Ok(p) => Ok(p),
-        Err(e)
-            if e.downcast_ref::<tern_driver::Error>().is_some_and(|e| matches!(e, tern_driver::Error::Busy { .. })) =>
-        {
-            let newest = target.list_points()?.into_iter().max_by_key(|p| p.seq);
-            let p = newest.with_context(|| format!("{e}; and VM '{vm}' has no point yet"))?;
-            log::info!("`tern apply` is running for VM '{vm}'; using its newest point {} (seq {})", p.id, p.seq);
-            Ok(p)
-        }
-        Err(e) => Err(e),
-    }
 }
 
 fn launch_script(vm: &str, disks: &[(String, PathBuf)]) -> String {

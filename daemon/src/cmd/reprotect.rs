@@ -21,7 +21,7 @@ use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy, VmCo
 use tern_store::cache::{CacheDir, Manifest};
 use tern_store::target::{Point, TargetDir};
 
-use crate::cmd::failover::{choose_point, write_fence};
+use crate::cmd::failover::{choose_point, write_fence, Choice};
 use crate::Cli;
 use tern_driver::fail::{self, Failpoint};
 
@@ -238,15 +238,11 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     }
     let target = TargetDir::new(&a.target, &a.vm);
     let point = match (&previous, &a.point) {
-        (Some(f), None) if f.committed => choose_point(&target, &a.cache, &a.target, &a.vm, Some(&f.point))?,
-        (_, Some(id)) => choose_point(&target, &a.cache, &a.target, &a.vm, Some(id))?,
-        (_, None) => crate::apply::catch_up_and_point(&a.cache, &a.target, &a.vm).map_err(|e| {
-            if e.downcast_ref::<tern_driver::Error>().is_some_and(|e| matches!(e, tern_driver::Error::Busy { .. })) {
-                e.context("stop `tern apply` for this VM here first, so the failback holds everything the cache has (or name a --point)")
-            } else {
-                e
-            }
-        })?,
+        (Some(f), None) if f.committed => {
+            choose_point(&target, &a.cache, &a.target, &a.vm, &Choice::Point(f.point.clone()))?
+        }
+        (_, Some(id)) => choose_point(&target, &a.cache, &a.target, &a.vm, &Choice::Point(id.clone()))?,
+        (_, None) => choose_point(&target, &a.cache, &a.target, &a.vm, &Choice::Latest)?,
     };
     write_fence(&reverse, &manifest, previous.as_ref(), &point, true)?;
     log::info!("VM '{}': the failover site is fenced at point {} (seq {})", a.vm, point.id, point.seq);
