@@ -11,7 +11,8 @@
 //! - [`bitmap`]: the persistent dirty-region bitmap a write is marked in when
 //!   the ring is full (invariant 4, never block the VM).
 //! - [`image`]: the source image backend: positional I/O, `fdatasync`,
-//!   hole punching and allocation status.
+//!   hole punching and allocation status; [`image_lock`]: the locks that
+//!   keep two writers off one image, in qemu's scheme.
 //! - [`mirror`]: ties the above together for one VM, and recovers the
 //!   published tail after a crash.
 //! - [`vm`]: the protected VM's configuration (`vm.toml`) and where its files
@@ -26,6 +27,7 @@ pub mod clone;
 mod error;
 pub mod fail;
 pub mod image;
+pub mod image_lock;
 pub mod journal;
 pub mod mirror;
 pub mod range_lock;

@@ -126,6 +126,7 @@ impl Mirror {
         let mut disks = Vec::new();
         for (i, d) in config.disks.iter().enumerate() {
             let image = Image::open(&d.path)?;
+            crate::image_lock::lock_for_serving(image.file(), &d.path, &d.name)?;
             if image.size() != d.size {
                 return Err(Error::Invalid(format!(
                     "disk '{}' ({}) is {} bytes but was {} bytes when enabled; resizing a protected disk is not supported",

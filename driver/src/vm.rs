@@ -346,6 +346,53 @@ pub struct Enabled {
     pub initial_sync_bytes: Vec<u64>,
 }
 
+/// A file's identity: its device and inode (two paths, one file).
+fn file_id(path: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).map_err(|source| Error::Open { path: path.to_owned(), source })?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Every disk of the other VMs in `state`: (VM, disk, file identity). A
+/// VM whose `vm.toml` cannot be read, or whose image is gone, is skipped.
+fn protected_images(state: &Path, except: &str) -> Vec<(String, String, (u64, u64))> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(state) else { return out };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == except || validate_name("VM", &name).is_err() {
+            continue;
+        }
+        let Ok(config) = VmConfig::load(&e.path().join("vm.toml")) else { continue };
+        for d in config.disks {
+            if let Ok(id) = file_id(&d.path) {
+                out.push((config.name.clone(), d.name, id));
+            }
+        }
+    }
+    out
+}
+
+/// Refuses an image file in a format other than raw: tern mirrors the
+/// bytes a client writes, so a qcow2 (or VMDK, VHDX) file would be served
+/// as its container, not the disk inside. Block devices are raw.
+fn refuse_image_formats(image: &Image, disk: &str) -> Result<()> {
+    let mut head = [0u8; 8];
+    if image.size() < head.len() as u64 || image.read_at(&mut head, 0).is_err() {
+        return Ok(());
+    }
+    let format = match &head {
+        [b'Q', b'F', b'I', 0xfb, ..] => "qcow2",
+        [b'K', b'D', b'M', b'V', ..] => "VMDK",
+        b"vhdxfile" => "VHDX",
+        _ => return Ok(()),
+    };
+    let path = image.path().display();
+    Err(Error::Invalid(format!(
+        "disk '{disk}': {path} is a {format} image, not raw: tern protects raw images and block devices; convert it first (qemu-img convert -O raw {path} {path}.raw) and protect the raw file"
+    )))
+}
+
 /// Registers a VM: writes `vm.toml`, creates the journal and the dirty
 /// bitmaps, and marks every allocated region dirty (the initial sync, which
 /// the shipper carries out as a resync). Nothing is left half-made: files
@@ -378,8 +425,10 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
     let absolute = |p: &Path| -> Result<PathBuf> {
         std::path::absolute(p).map_err(|source| Error::Open { path: p.to_owned(), source })
     };
-    let mut disks = Vec::new();
+    let mut disks: Vec<DiskConfig> = Vec::new();
     let mut images = Vec::new();
+    let mut ids = Vec::new();
+    let protected = protected_images(state, &spec.name);
     for (name, path) in &spec.disks {
         validate_name("disk", name)?;
         let path = fs::canonicalize(path).map_err(|source| Error::Open { path: path.clone(), source })?;
@@ -388,6 +437,22 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
         if image.size() == 0 {
             return Err(Error::Invalid(format!("disk '{name}': {} is empty", path.display())));
         }
+        let id = file_id(&path)?;
+        if let Some(i) = ids.iter().position(|other| *other == id) {
+            return Err(Error::Invalid(format!(
+                "disks '{}' and '{name}' are the same file ({}): give each disk its own image",
+                disks[i].name,
+                path.display()
+            )));
+        }
+        ids.push(id);
+        if let Some((vm, disk)) = protected.iter().find(|(_, _, other)| *other == id).map(|(v, d, _)| (v, d)) {
+            return Err(Error::Invalid(format!(
+                "disk '{name}': {} is already protected as disk '{disk}' of VM '{vm}'; one image can be protected once (`tern disable {vm}` first to move it)",
+                path.display()
+            )));
+        }
+        refuse_image_formats(&image, name)?;
         let seed = match &spec.initial_sync {
             InitialSync::Compare { seeds } => seeds.get(name).cloned(),
             InitialSync::Allocated => None,
@@ -612,6 +677,40 @@ mod tests {
         enable_at(&vm1(d.path()), &spec(d.path(), vec![("disk0".into(), img.clone())])).unwrap();
         let err = enable_at(&vm1(d.path()), &spec(d.path(), vec![("disk0".into(), img)])).unwrap_err();
         assert!(err.to_string().contains("already enabled"), "{err}");
+    }
+
+    /// Issue 18 (item 5): one file as two disks, a file another VM
+    /// protects (also by another path: a hard link), and a qcow2 image.
+    #[test]
+    fn enable_refuses_a_file_twice_a_protected_file_and_a_qcow2_image() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("a.img");
+        File::create(&img).unwrap().set_len(1 << 20).unwrap();
+        let link = d.path().join("a-link.img");
+        fs::hard_link(&img, &link).unwrap();
+        let twice = vec![("disk0".into(), img.clone()), ("disk1".into(), link.clone())];
+        let err = enable_at(&vm1(d.path()), &spec(d.path(), twice)).unwrap_err().to_string();
+        assert!(err.contains("disks 'disk0' and 'disk1' are the same file"), "{err}");
+        assert!(!vm1(d.path()).dir().exists(), "nothing is left half-made");
+
+        enable_at(&vm1(d.path()), &spec(d.path(), vec![("disk0".into(), img)])).unwrap();
+        let mut other = spec(d.path(), vec![("boot".into(), link)]);
+        other.name = "vm2".into();
+        let vm2 = VmPaths::new(&d.path().join("state"), "vm2").unwrap().with_ring_dir(&d.path().join("rings"));
+        let err = enable_at(&vm2, &other).unwrap_err().to_string();
+        assert!(
+            err.contains("already protected as disk 'disk0' of VM 'vm1'") && err.contains("tern disable vm1"),
+            "{err}"
+        );
+
+        let qcow = d.path().join("b.qcow2");
+        let mut header = b"QFI\xfb\0\0\0\x03".to_vec();
+        header.resize(1 << 20, 0);
+        fs::write(&qcow, header).unwrap();
+        other.disks = vec![("disk0".into(), qcow)];
+        let err = enable_at(&vm2, &other).unwrap_err().to_string();
+        assert!(err.contains("is a qcow2 image, not raw") && err.contains("qemu-img convert -O raw"), "{err}");
+        assert!(!vm2.dir().exists());
     }
 
     #[test]

@@ -805,3 +805,47 @@ fn sorted(v: &[u64]) -> Vec<u64> {
     v.sort_unstable();
     v
 }
+
+/// Issue 18 (item 5): while `tern serve` serves an image, qemu's tools see
+/// its lock (as they see a running VM's), and a VM (here qemu-io) holding
+/// the image keeps `tern serve` from starting, named in the error.
+#[test]
+fn qemu_tools_see_the_serving_lock_and_serve_refuses_an_image_in_use() {
+    require("qemu-io");
+    let vm = vm(4 * MIB);
+    let image = vm.image.to_str().unwrap().to_owned();
+    let served = vm.serve(&[]);
+    let out = Command::new("qemu-io").args(["-f", "raw", &image, "-c", "write 0 4k"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Failed to get \"write\" lock"), "qemu-io: {err}");
+    // A copy would not be consistent: refused, as with a running VM's disk.
+    let copy = vm.dir.path().join("copy.img");
+    let out = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &image]).arg(&copy).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Failed to get shared \"write\" lock"), "qemu-img: {err}");
+    // Force share (read only) is still let in, and so is `info` (which
+    // force-shares in the qemu of Debian 12).
+    run(Command::new("qemu-img").args(["convert", "-U", "-f", "raw", "-O", "raw", &image]).arg(&copy));
+    run(Command::new("qemu-img").args(["info", "-f", "raw", &image]));
+    served.stop();
+
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "raw", &image, "-c", "sleep 60000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    let start = Instant::now();
+    let out = loop {
+        let out = vm.tern().args(["serve", &vm.name, "--listen", "unix:/nonexistent/x.sock"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if err.contains("held by") || start.elapsed() > Duration::from_secs(20) {
+            break err;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(out.contains(&format!("pid {} (qemu-io)", holder.id())) && out.contains("write lock"), "{out}");
+    let served = vm.serve(&[]);
+    served.stop();
+}
