@@ -410,3 +410,52 @@ fn latest_holds_a_write_already_applied_while_apply_runs_and_latest_point_does_n
     drop(served);
     drop(apply);
 }
+
+/// Issue 18 (item 3): running `tern failover` again before `tern commit`
+/// replaced the disk under the failed-over VM, which went on writing to a
+/// deleted file. It is refused while a process holds the disk, naming it.
+#[test]
+fn failover_again_is_refused_while_the_failed_over_disk_is_in_use() {
+    require("qemu-io");
+    let (vm, _) = protected_vm_with_a_tag();
+    let first = json(&run(vm.tern().args(["failover", &vm.name, "--json"])));
+    let disk = first["disks"]["disk0"].as_str().unwrap().to_string();
+    // The failed-over VM: qemu-io holding the disk open, read-write.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let qemu = Running(
+        Command::new("qemu-io")
+            .args(["-f", "raw", &disk, "-c", "sleep 60000"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io"),
+    );
+    let start = std::time::Instant::now();
+    while !has_open(qemu.0.id(), &disk) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "qemu-io never opened {disk}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let tag = vm.points(&vm.dir.path().join("target")).iter().find(|p| p["kind"] == "app").unwrap()["id"].clone();
+    let out = vm.tern().args(["failover", &vm.name, "--point", tag.as_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused while in use: {err}");
+    assert!(err.contains(&format!("pid {} (qemu-io)", qemu.0.id())) && err.contains("shut it down"), "{err}");
+    let fence = std::fs::read_to_string(vm.cache_dir().join("fence.toml")).unwrap();
+    assert!(fence.contains(first["point"].as_str().unwrap()), "the fence still names the first point: {fence}");
+    assert!(std::path::Path::new(&disk).exists(), "the disk in use stays");
+    drop(qemu);
+    let again = json(&run(vm.tern().args(["failover", &vm.name, "--point", tag.as_str().unwrap(), "--json"])));
+    assert_eq!(again["point"], tag);
+}
+
+/// Whether process `pid` holds `path` open.
+fn has_open(pid: u32, path: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == path)))
+        .unwrap_or(false)
+}

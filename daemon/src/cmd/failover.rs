@@ -230,9 +230,12 @@ fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Fail
     let target = TargetDir::new(target_root, vm);
     // Choose (for --latest: catch up and point) before fencing, so the
     // point holds everything the cache had.
+    let active = target.root().join("failover").join("active");
+    refuse_if_in_use(vm, &active)?;
     let point = choose_point(&target, cache_root, target_root, vm, &a.choice())?;
     write_fence(&cache, &manifest, previous.as_ref(), &point, false)?;
-    let active = target.root().join("failover").join("active");
+    // Checked again: a VM may have started on it while the point was made.
+    refuse_if_in_use(vm, &active)?;
     if active.exists() {
         log::warn!(
             "VM '{vm}': replacing the uncommitted failover in {} (its disks' changes are discarded)",
@@ -241,6 +244,24 @@ fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Fail
         std::fs::remove_dir_all(&active).with_context(|| format!("cannot remove {}", active.display()))?;
     }
     make_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false)
+}
+
+/// Refuses to replace the uncommitted failover's disks while a process
+/// (the failed-over VM) holds one open: it would go on writing to a
+/// deleted file, its writes lost without a word.
+fn refuse_if_in_use(vm: &str, active: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(active) else { return Ok(()) };
+    for e in entries.flatten() {
+        let holders = tern_driver::image_lock::holders(&e.path());
+        if !holders.is_empty() {
+            bail!(
+                "VM '{vm}': the failover's disk {} is in use by {}: the failed-over VM runs on it; shut it down before failing over to another point (or `tern commit {vm}` to keep this one)",
+                e.path().display(),
+                tern_driver::image_lock::describe(&holders)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Fences the VM's stream at `point`: the source ships nothing more (it
