@@ -40,6 +40,10 @@ pub enum Error {
     Poisoned { disk: String },
     #[error("the mirror is shutting down")]
     ShuttingDown,
+    /// The VM failed over at the target site: this source's writes would
+    /// be lost, so none is taken.
+    #[error("VM '{vm}' is fenced: {reason}; writes are refused")]
+    Fenced { vm: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -75,6 +79,7 @@ impl Error {
             Error::OutOfRange { .. } | Error::Invalid(_) => libc::EINVAL,
             Error::SlowZero { .. } => libc::EOPNOTSUPP,
             Error::ShuttingDown => libc::ESHUTDOWN,
+            Error::Fenced { .. } => libc::EPERM,
             Error::Format { .. } | Error::Config { .. } | Error::Busy { .. } | Error::Poisoned { .. } => libc::EIO,
         }
     }

@@ -94,6 +94,11 @@ pub struct Mirror {
     /// Set by a failed fdatasync or msync: the page cache may have dropped
     /// dirty data, so nothing more is acknowledged.
     poisoned: AtomicBool,
+    /// Why writes are refused: the VM failed over at the target site (see
+    /// [`Mirror::fence`]).
+    fenced: std::sync::OnceLock<String>,
+    /// Writes refused since the fence.
+    refused_writes: std::sync::atomic::AtomicU64,
     stats: MirrorStats,
     recovery: Option<RecoveryReport>,
     /// Whether a resync window may be open in the journal (see `resync`).
@@ -153,6 +158,8 @@ impl Mirror {
             disks,
             gate: RwLock::new(false),
             poisoned: AtomicBool::new(false),
+            fenced: std::sync::OnceLock::new(),
+            refused_writes: Default::default(),
             stats: MirrorStats::default(),
             recovery: None,
             window_open: AtomicBool::new(false),
@@ -380,6 +387,32 @@ impl Mirror {
         Ok(gate)
     }
 
+    /// Admits a request that changes a disk (or the journal): as
+    /// [`Mirror::enter`], and not fenced.
+    fn enter_to_change(&self, disk: usize) -> Result<std::sync::RwLockReadGuard<'_, bool>> {
+        let gate = self.enter(disk)?;
+        if let Some(reason) = self.fenced.get() {
+            self.refused_writes.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Fenced { vm: self.config.name.clone(), reason: reason.clone() });
+        }
+        Ok(gate)
+    }
+
+    /// From now on every write, zeroing, trim and tag is refused (EPERM
+    /// to the client): the VM failed over at the target, and anything
+    /// written here would be lost without a word. Reads and flushes go on,
+    /// so the VM can shut down. The first reason given stays.
+    pub fn fence(&self, reason: String) {
+        if self.fenced.set(reason.clone()).is_ok() {
+            log::error!("VM '{}' is fenced: {reason}; refusing every write from now on", self.config.name);
+        }
+    }
+
+    /// Whether [`Mirror::fence`] was called, and the writes refused since.
+    pub fn fenced(&self) -> Option<u64> {
+        self.fenced.get().map(|_| self.refused_writes.load(Ordering::Relaxed))
+    }
+
     fn check_range(&self, disk: usize, offset: u64, len: u64) -> Result<&Disk> {
         let d = self.disks.get(disk).ok_or_else(|| Error::Invalid(format!("no disk with index {disk}")))?;
         let size = d.image.size();
@@ -405,7 +438,7 @@ impl Mirror {
     }
 
     pub fn write(&self, disk: usize, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        let _gate = self.enter(disk)?;
+        let _gate = self.enter_to_change(disk)?;
         let d = self.check_range(disk, offset, data.len() as u64)?;
         let _range = d.lock.lock(offset, data.len() as u64);
         let published = self.publish(d, RecordKind::Write, offset, data.len() as u64, data);
@@ -418,7 +451,7 @@ impl Mirror {
     }
 
     pub fn zero(&self, disk: usize, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
-        let _gate = self.enter(disk)?;
+        let _gate = self.enter_to_change(disk)?;
         let d = self.check_range(disk, offset, len)?;
         let _range = d.lock.lock(offset, len);
         let published = self.publish(d, RecordKind::Zero, offset, len, &[]);
@@ -434,7 +467,7 @@ impl Mirror {
     /// zeroes where it cannot), so the replica can do the same and both
     /// read zeroes there.
     pub fn trim(&self, disk: usize, offset: u64, len: u64, fua: bool) -> Result<()> {
-        let _gate = self.enter(disk)?;
+        let _gate = self.enter_to_change(disk)?;
         let d = self.check_range(disk, offset, len)?;
         let _range = d.lock.lock(offset, len);
         let published = self.publish(d, RecordKind::Trim, offset, len, &[]);
@@ -480,6 +513,9 @@ impl Mirror {
         if !self.journaling || len == 0 || len > journal::MAX_RECORD_DATA as u64 {
             return None;
         }
+        if self.fenced.get().is_some() {
+            return None; // refused (and counted) by `write`
+        }
         let gate = self.enter(disk).ok()?;
         let d = self.check_range(disk, offset, len).ok()?;
         let range = d.lock.try_lock(offset, len)?;
@@ -492,7 +528,7 @@ impl Mirror {
     /// its sequence number, or `None` if the ring is in overflow (a tag
     /// inside a resync window could not become a consistent point).
     pub fn tag(&self, label: &str) -> Result<Option<u64>> {
-        let _gate = self.enter(0)?;
+        let _gate = self.enter_to_change(0)?;
         crate::tag::append(&self.journal, &self.tag_lock, label)
     }
 

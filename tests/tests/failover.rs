@@ -459,3 +459,46 @@ fn has_open(pid: u32, path: &str) -> bool {
         .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == path)))
         .unwrap_or(false)
 }
+
+/// Issue 18 (item 4): after a real failover a quiet source's `tern ship`
+/// ran on for over a minute, `tern serve` took writes that were then lost
+/// without a word, and started again on the fenced site. Ship now stops
+/// (exit 3) within seconds, writes get an error the client sees, and serve
+/// refuses to start, saying what to do.
+#[test]
+fn a_fenced_source_stops_shipping_within_seconds_refuses_writes_and_serve() {
+    use std::time::{Duration, Instant};
+    let (vm, _) = protected_vm_with_a_tag();
+    let served = vm.serve(&[]);
+    let mut ship = vm.ship(&[]);
+    std::thread::sleep(Duration::from_millis(500));
+    run(vm.tern().args(["failover", &vm.name]));
+    let fenced_at = Instant::now();
+    let status = loop {
+        if let Some(s) = ship.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(fenced_at.elapsed() < Duration::from_secs(10), "a quiet tern ship did not stop when fenced");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(3), "fenced shipper exit status");
+    // Within the fence check's second, the front-end refuses writes.
+    let refused = loop {
+        let out =
+            Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 9 0 4k"]).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if text.contains("Operation not permitted") {
+            break text;
+        }
+        assert!(fenced_at.elapsed() < Duration::from_secs(10), "writes are still taken: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(refused.contains("write failed"), "{refused}");
+    // Reads go on: the VM can shut down.
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "read 0 4k"]));
+    let log = served.stop();
+    assert!(log.contains("is fenced: it failed over at the target site to point"), "{log}");
+    let out = vm.tern().args(["serve", &vm.name]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is fenced") && err.contains("tern failback"), "{err}");
+}

@@ -2,9 +2,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tern_driver::vm::VmPaths;
+use tern_driver::vm::{VmConfig, VmPaths};
 use tern_driver::{Mirror, MirrorOptions};
 use tern_nbd::{Listen, Server, ServerOptions};
+use tern_store::cache::CacheDir;
 
 use crate::Cli;
 
@@ -44,6 +45,14 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         anyhow::bail!("--ublk is not available in this build yet; use NBD (the default)");
     }
     let paths = VmPaths::new(&cli.state, &a.vm)?;
+    let config = paths.load_config()?;
+    if let Some(reason) = fence_of(&config) {
+        anyhow::bail!(
+            "VM '{}' is fenced: {reason}. Anything written here would be lost, so this site serves it no more: the VM runs at the target site now; re-protect it there to replicate it back, then `tern failback {}` here",
+            a.vm,
+            a.vm
+        );
+    }
     let mirror = Arc::new(
         open_waiting(
             &paths,
@@ -94,6 +103,11 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         std::thread::Builder::new().name("resync".into()).spawn(move || resync_loop(&mirror))?
     };
 
+    {
+        let mirror = Arc::clone(&mirror);
+        std::thread::Builder::new().name("fence-watch".into()).spawn(move || watch_fence(&mirror, &config))?;
+    }
+
     let signal = signals.forever().next();
     log::info!("signal {signal:?}: stopping; finishing the requests in flight");
     server.disconnect_all();
@@ -103,6 +117,50 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
     let _ = resync.join();
     result
+}
+
+/// How often the cache is checked for a fence: a failover stops this
+/// site's writes within about this long.
+const FENCE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Why the VM is fenced, if the target site failed it over (its fence is
+/// in the cache). A cache that cannot be read tells nothing: not fenced.
+fn fence_of(config: &VmConfig) -> Option<String> {
+    match CacheDir::new(&config.cache, &config.name).read_fence() {
+        Ok(Some(Ok(f))) => Some(format!(
+            "it failed over at the target site to point {} (seq {}){}",
+            f.point,
+            f.seq,
+            if f.committed { ", committed" } else { "" }
+        )),
+        Ok(Some(Err(e))) => Some(format!("its fence in the cache is unreadable ({e})")),
+        _ => None,
+    }
+}
+
+/// Fences the mirror once the cache holds a fence, then logs the writes it
+/// refuses (at most every 10 s).
+fn watch_fence(mirror: &Mirror, config: &VmConfig) {
+    let mut logged = 0;
+    for tick in 0u64.. {
+        std::thread::sleep(FENCE_CHECK);
+        match mirror.fenced() {
+            None => {
+                if let Some(reason) = fence_of(config) {
+                    mirror.fence(reason);
+                }
+            }
+            Some(refused) if refused > logged && tick % 10 == 0 => {
+                log::error!(
+                    "VM '{}' is fenced: refused {} write(s) so far (the VM sees I/O errors); shut it down here",
+                    config.name,
+                    refused
+                );
+                logged = refused;
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 /// Opens the VM, waiting up to 10 s while another process holds it: `tern

@@ -208,6 +208,9 @@ pub fn run_with(
     let reader_done = AtomicBool::new(false);
     let stop_marker = SourceStopMarker::new(cache.clone(), config.id);
     let resync_idle = AtomicBool::new(false);
+    // The fence, as the status thread found it: a quiet source writes no
+    // segment (where the writer checks), yet must stop within seconds.
+    let fenced: std::sync::Mutex<Option<anyhow::Error>> = Default::default();
     let result = std::thread::scope(|s| -> Result<()> {
         for i in 0..workers {
             let (batches, to_writer) = (batches.clone(), to_writer.clone());
@@ -232,6 +235,14 @@ pub fn run_with(
                 if tick % 5 == 0 {
                     observer.report(&stats.publish(&journal), true);
                 }
+                if tick % 10 == 0 {
+                    if let Err(e) = writer::check_fence(&cache) {
+                        if e.is::<writer::Fenced>() {
+                            *fenced.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            stop.store(true, Ordering::Release);
+                        }
+                    }
+                }
                 observer.progress();
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -252,6 +263,10 @@ pub fn run_with(
         // cause of the reader's "workers stopped": report it first.
         written.and(reading)
     });
+    let result = match fenced.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(fence) => Err(fence),
+        None => result,
+    };
     // The writer is done: a source that stopped is now wholly shipped.
     let result = result.and_then(|()| stop_marker.update(&journal, &bitmaps, &stats));
     let report = if result.is_ok() { stats.publish(&journal) } else { stats.report(&journal) };
