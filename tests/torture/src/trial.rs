@@ -661,7 +661,10 @@ impl<'a> Trial<'a> {
                 && s["resync_window_open"] == false
                 && s["journal_mode"] == "journal"
                 && s["shipped_seq"].as_u64().is_some_and(|x| x >= head)
-                && s["applied_seq"].as_u64().is_some_and(|x| x >= head);
+                // No applied.toml before the first segment is applied: with
+                // nothing ever journaled (a disaster before the first
+                // write), there is nothing to apply.
+                && s["applied_seq"].as_u64().unwrap_or(0) >= head;
             if caught_up {
                 break;
             }
