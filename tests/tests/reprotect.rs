@@ -88,6 +88,10 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     vm.ship_once();
     assert!(vm.apply_with(&cache, &target, &[], &[]).status.success());
 
+    // Site A writes regions 32 and 96-97 after the last ship: acknowledged
+    // there, never in the cache, so not in the failover's point (a split
+    // brain the failback reports).
+    qemu_io(&vm.uri("disk0"), &["write -P 0x11 2M 64k".into(), "write -P 0x12 6M 128k".into()]);
     // Failover to B, committed.
     let f = json(&run(vm.tern().args(["failover", &vm.name, "--json"])));
     let b_disk = PathBuf::from(f["disks"]["disk0"].as_str().expect("disk"));
@@ -96,11 +100,8 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     assert!(!out.status.success() && err.contains("not committed") && err.contains("tern commit"), "{err}");
     run(vm.tern().args(["commit", &vm.name]));
 
-    // Both sides change: site A (fenced, still running) writes regions 32
-    // and 96-97; the failed-over VM, run from its disk at B (`failover
-    // --boot`), writes regions 32 and 160 before it is shut down for the
-    // re-protect.
-    qemu_io(&vm.uri("disk0"), &["write -P 0x11 2M 64k".into(), "write -P 0x12 6M 128k".into()]);
+    // The failed-over VM, run from its disk at B (`failover --boot`),
+    // writes regions 32 and 160 before it is shut down for the re-protect.
     served.stop();
     qemu_io(b_disk.to_str().unwrap(), &["write -P 0x21 2M 64k".into(), "write -P 0x22 10M 64k".into()]);
     let state_b = root.join("state-b");
@@ -169,13 +170,25 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     assert_files_equal(&target2.join("vm1/replica/disk0.img"), &b_disk);
 
     // Failback at A: A's disks become B's, B is fenced, and A protects
-    // towards B again.
+    // towards B again. First the split-brain report: what A wrote after
+    // the failover point is named, and not discarded without the flag.
+    let out = vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2).output();
+    let out = out.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("split brain")
+            && err.contains("disk 'disk0': 192.0 KiB in 2 region(s): 2097152+65536, 6291456+131072")
+            && err.contains("--discard-source-changes"),
+        "{err}"
+    );
+    assert!(!cache2.join("vm1/fence.toml").exists(), "a refused failback fences nothing");
     // A failback killed half-way is finished by running it again.
     for failpoint in ["failback:disks-restored", "failback:cache-retire", "failback:state-moved", "failback:enabled"] {
         let armed = format!("{failpoint}=kill");
         let out = vm
             .tern_env(&[("TERN_FAILPOINTS", &armed)])
-            .args(["failback", &vm.name, "--cache"])
+            .args(["failback", &vm.name, "--discard-source-changes", "--cache"])
             .arg(&cache2)
             .arg("--target")
             .arg(&target2)

@@ -167,6 +167,11 @@ pub struct FailbackArgs {
     /// the cache holds is lost.
     #[arg(long)]
     pub force: bool,
+    /// Fail back even though this site's disks changed after the failover
+    /// point (a split brain: the VM ran here too): those writes, which the
+    /// failback reports, are lost.
+    #[arg(long)]
+    pub discard_source_changes: bool,
 }
 
 /// `tern failback`, at the original site: fail the re-protected VM over
@@ -235,6 +240,9 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     if previous.is_none() {
         // The fence drops whatever the failover site ships after it.
         check_source_stopped(&reverse, &manifest, &a.vm, a.force)?;
+        // And the disks here are replaced: what this site wrote after it
+        // failed over is lost.
+        check_split_brain(&paths, &config, a.discard_source_changes)?;
     }
     let target = TargetDir::new(&a.target, &a.vm);
     let point = match (&previous, &a.point) {
@@ -322,6 +330,94 @@ fn check_source_stopped(cache: &CacheDir, manifest: &Manifest, vm: &str, force: 
     }
     bail!(
         "VM '{vm}' may still run at the failover site: {why}. Shut the VM down there and stop its `tern serve`, let its `tern ship` finish (it then records the clean stop), and fail back again; or fail back with --force to what the cache holds, losing any later write there"
+    )
+}
+
+/// Regions of each disk written here after the failover point, merged:
+/// records after the fence's sequence number the old direction shipped to
+/// its cache (never applied), records still in the journal, and regions
+/// marked dirty (written, never shipped).
+fn source_changes_since_failover(paths: &VmPaths, config: &VmConfig) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
+    let cache = CacheDir::new(&config.cache, &config.name);
+    let Some(fence) = cache.read_fence()?.transpose().map_err(anyhow::Error::msg)? else {
+        return Ok(BTreeMap::new()); // never failed over from here
+    };
+    let mut changed: Vec<Vec<(u64, u64)>> = vec![Vec::new(); config.disks.len()];
+    let mut note = |h: &tern_driver::journal::RecordHeader| {
+        if h.seq > fence.seq && h.kind.changes_disk() && (h.disk as usize) < changed.len() {
+            changed[h.disk as usize].push((h.offset, h.length as u64));
+        }
+    };
+    for (_, last, path) in cache.list_segments()? {
+        if last <= fence.seq {
+            continue;
+        }
+        let segment = tern_store::segment::Segment::read_file(&path, Some(*config.id.as_bytes()))
+            .with_context(|| format!("cannot read {} for what this site wrote after the failover", path.display()))?;
+        segment.records().for_each(|(h, _)| note(h));
+    }
+    let journal = paths.open_journal()?;
+    let mut cursor = journal.cursor(journal.tail());
+    let mut data = Vec::new();
+    while let Some(h) = cursor.next(&mut data).map_err(|e| {
+        anyhow::anyhow!("cannot read {} for what this site wrote after the failover: {e}", journal.path().display())
+    })? {
+        note(&h);
+    }
+    for (i, d) in config.disks.iter().enumerate() {
+        changed[i].extend(tern_driver::bitmap::DirtyBitmap::open(&paths.dirty(&d.name), d.size)?.dirty_ranges());
+    }
+    Ok(config.disks.iter().zip(changed).map(|(d, ranges)| (d.name.clone(), merge_ranges(ranges))).collect())
+}
+
+/// Sorted, overlapping and touching ranges joined.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|r| r.1 > 0);
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in ranges {
+        match out.last_mut() {
+            Some(last) if off <= last.0 + last.1 => last.1 = last.1.max(off + len - last.0),
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
+/// The split-brain report: refuses the failback while this site's disks
+/// changed after the failover point, unless `discard`.
+fn check_split_brain(paths: &VmPaths, config: &VmConfig, discard: bool) -> Result<()> {
+    let changes = source_changes_since_failover(paths, config)?;
+    let total: u64 = changes.values().flatten().map(|r| r.1).sum();
+    if total == 0 {
+        return Ok(());
+    }
+    let mut report = String::new();
+    for (disk, ranges) in &changes {
+        if ranges.is_empty() {
+            continue;
+        }
+        let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+        let shown: Vec<String> = ranges.iter().take(8).map(|(o, l)| format!("{o}+{l}")).collect();
+        report.push_str(&format!(
+            "\n  disk '{disk}': {} in {} region(s): {}{}",
+            Size(bytes).approx(),
+            ranges.len(),
+            shown.join(", "),
+            if ranges.len() > shown.len() { ", …" } else { "" }
+        ));
+    }
+    if discard {
+        log::warn!(
+            "VM '{}': --discard-source-changes: this site's writes after the failover point are discarded:{report}",
+            config.name
+        );
+        return Ok(());
+    }
+    bail!(
+        "VM '{}' was written at this site after it failed over (a split brain): {} the failback would discard:{report}\nThe failback replaces these disks with the failover site's point. If those writes matter, copy the disks aside first (cp --sparse=always); then fail back with --discard-source-changes",
+        config.name,
+        Size(total).approx()
     )
 }
 
