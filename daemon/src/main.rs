@@ -48,8 +48,8 @@ pub enum Command {
     Apply(cmd::apply::Args),
     /// List a VM's recovery points at the target site.
     Points(cmd::points::Args),
-    /// What each protected VM's replication is doing; non-zero exit when
-    /// one is unhealthy.
+    /// What each protected VM's replication is doing; exit 1 when one
+    /// needs attention (warning), 2 when one is not protected (critical).
     Status(cmd::status::Args),
     /// Clone a VM's disks as of a recovery point into their own directory
     /// (`--test`: replication goes on untouched).
@@ -126,6 +126,10 @@ fn main() -> ExitCode {
             eprintln!("tern: error: {e:#}");
             if let Some(hint) = cmd::hint_for(&e) {
                 eprintln!("tern: {hint}");
+            }
+            if let Some(u) = e.downcast_ref::<cmd::status::Unhealthy>() {
+                // Monitoring plugins' convention: 1 warning, 2 critical.
+                return ExitCode::from(u.health as u8);
             }
             if e.chain().any(|c| c.downcast_ref::<ship::Fenced>().is_some()) {
                 // systemd: RestartPreventExitStatus=3, a fenced shipper stays down.

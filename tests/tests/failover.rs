@@ -93,9 +93,9 @@ fn verify_finds_a_single_flipped_byte() {
 fn status_tells_paused_from_protected_and_exits_non_zero_when_unhealthy() {
     let vm =
         TestVm::new(VmSpec { disk_size: 8 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
-    // Enabled, nothing shipped, no shipper: paused, unhealthy.
+    // Enabled, nothing shipped, no shipper: paused, critical (exit 2).
     let out = vm.tern().args(["status", &vm.name, "--json"]).output().expect("status");
-    assert!(!out.status.success(), "a paused VM is unhealthy");
+    assert_eq!(out.status.code(), Some(2), "a paused VM is critical");
     let s = &json(&String::from_utf8_lossy(&out.stdout))[0];
     assert_eq!(s["state"], "paused", "{s}");
     assert!(s["dirty_bytes"].as_u64().unwrap() > 0, "{s}");
@@ -112,6 +112,48 @@ fn status_tells_paused_from_protected_and_exits_non_zero_when_unhealthy() {
     assert!(s["last_point_age_seconds"].as_f64().is_some(), "{s}");
     let text = run(vm.tern().args(["status"]));
     assert!(text.starts_with("vm1: protected · RPO 0s"), "{text}");
+    // The target's view: applied, nothing waiting, a point, ok.
+    let target = vm.dir.path().join("target");
+    let cache = vm.dir.path().join("cache");
+    let t = run(Command::new(tern_bin()).arg("status").arg("--target").arg(&target).arg("--cache").arg(&cache));
+    assert!(t.starts_with("vm1: ok · applied seq ") && t.contains("0 records waiting in the cache"), "{t}");
+    // A write shipped and not applied, no applier: a warning (exit 1).
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 3 0 64k"]));
+    served.stop();
+    vm.ship_once();
+    let out = Command::new(tern_bin())
+        .arg("status")
+        .arg("--target")
+        .arg(&target)
+        .arg("--cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("vm1: warning") && t.contains("1 records waiting") && t.contains("apply stopped"), "{t}");
+}
+
+/// Issue 18 (item 6): `tern status` said `protected`, exit 0, when nothing
+/// had ever reached the target. Protected means a recovery point exists.
+#[test]
+fn status_is_unprotected_and_critical_until_a_point_exists() {
+    let vm = TestVm::new(VmSpec { disk_size: 4 << 20, journal_size: "16MiB", ..Default::default() });
+    // An empty disk: nothing to sync, the shipper running and idle, no
+    // applier: nothing recoverable at the target.
+    let ship = vm.ship(&[]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = vm.tern().args(["status", &vm.name]).output().expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.starts_with("vm1: unprotected · RPO -"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vm1 (critical: no recovery point at the target yet)"), "{err}");
+    drop(ship);
+    let t = Command::new(tern_bin()).arg("status").arg("--target").arg(vm.dir.path().join("target")).output().unwrap();
+    assert_eq!(t.status.code(), Some(0), "no replica there yet: nothing to judge");
+    assert!(String::from_utf8_lossy(&t.stdout).contains("no replicas in"));
 }
 
 #[test]

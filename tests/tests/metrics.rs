@@ -128,7 +128,8 @@ fn the_metrics_file_tells_what_status_tells_and_is_only_ever_replaced_whole() {
             let s = read_prom(&prom);
             if get(&s, "tern_shipped_seq") == get(&s, "tern_journal_head_seq")
                 && value(&s, "tern_dirty_bytes") == 0.0
-                && state(&s) == "protected"
+                // Shipped, but no point at the target yet: not protected.
+                && state(&s) == "unprotected"
             {
                 break s;
             }

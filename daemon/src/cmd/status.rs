@@ -25,9 +25,40 @@ pub struct Args {
     pub vm: Option<String>,
     #[arg(long)]
     pub json: bool,
-    /// Unhealthy (non-zero exit) when the RPO is above this.
+    /// Critical (exit 2) when the RPO is above this.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     pub max_rpo: Duration,
+    /// A warning (exit 1) when the RPO is above this.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub warn_rpo: Duration,
+    /// The target site's view instead: per VM replicated into DIR, the
+    /// applied sequence, what waits in the cache, the last point and the
+    /// applier's last error.
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<std::path::PathBuf>,
+    /// With --target: the cache store the VMs are applied from (for what
+    /// waits, fences and the applier's errors).
+    #[arg(long, value_name = "DIR", requires = "target")]
+    pub cache: Option<std::path::PathBuf>,
+}
+
+/// How a VM fares, as monitoring plugins count: the exit status of `tern
+/// status` is the worst of its VMs'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    Ok = 0,
+    Warning = 1,
+    Critical = 2,
+}
+
+/// `tern status` found a VM in a warning or critical state: its exit
+/// status is the health's number.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct Unhealthy {
+    pub health: Health,
+    pub what: String,
 }
 
 /// A VM's replication state, as `tern status` and the metrics file name it.
@@ -35,6 +66,8 @@ pub struct Args {
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     InitialSync,
+    /// Nothing recoverable at the target yet: no recovery point.
+    Unprotected,
     Protected,
     TestFailover,
     Resyncing,
@@ -45,8 +78,9 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 8] = [
+    pub const ALL: [State; 9] = [
         State::InitialSync,
+        State::Unprotected,
         State::Protected,
         State::TestFailover,
         State::Resyncing,
@@ -59,6 +93,7 @@ impl State {
     pub fn name(self) -> &'static str {
         match self {
             State::InitialSync => "initial-sync",
+            State::Unprotected => "unprotected",
             State::Protected => "protected",
             State::TestFailover => "test-failover",
             State::Resyncing => "resyncing",
@@ -203,6 +238,8 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         State::InitialSync
     } else if in_window || journal.mode() == Mode::Overflow {
         State::Resyncing
+    } else if points.is_empty() {
+        State::Unprotected
     } else if test_failovers > 0 {
         State::TestFailover
     } else {
@@ -239,7 +276,53 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
     })
 }
 
+impl VmStatus {
+    /// Its health, and why when not ok.
+    pub fn health(&self, warn_rpo: Duration, max_rpo: Duration) -> (Health, Option<String>) {
+        let rpo = self.rpo_seconds;
+        match self.state {
+            State::Error | State::Paused => (Health::Critical, Some(self.state.name().into())),
+            State::Unprotected => (Health::Critical, Some("no recovery point at the target yet".into())),
+            _ if rpo.is_some_and(|r| r > max_rpo.as_secs_f64()) => (
+                Health::Critical,
+                Some(format!("RPO {:.0}s over {}", rpo.unwrap_or(0.0), humantime::format_duration(max_rpo))),
+            ),
+            State::InitialSync | State::Resyncing | State::FailedOver | State::FailedOverUncommitted => {
+                (Health::Warning, Some(self.state.name().into()))
+            }
+            _ if rpo.is_some_and(|r| r > warn_rpo.as_secs_f64()) => (
+                Health::Warning,
+                Some(format!("RPO {:.0}s over {}", rpo.unwrap_or(0.0), humantime::format_duration(warn_rpo))),
+            ),
+            State::Protected | State::TestFailover => (Health::Ok, None),
+        }
+    }
+}
+
+/// The worst health of `verdicts` (VM, health, why) as an error, if not ok.
+fn verdict(verdicts: Vec<(String, Health, Option<String>)>) -> Result<()> {
+    let worst = verdicts.iter().map(|v| v.1).max().unwrap_or(Health::Ok);
+    if worst == Health::Ok {
+        return Ok(());
+    }
+    let named: Vec<String> = verdicts
+        .into_iter()
+        .filter(|v| v.1 != Health::Ok)
+        .map(|(vm, h, why)| {
+            format!(
+                "{vm} ({}: {})",
+                if h == Health::Critical { "critical" } else { "warning" },
+                why.unwrap_or_default()
+            )
+        })
+        .collect();
+    Err(Unhealthy { health: worst, what: format!("not healthy: {}", named.join(", ")) }.into())
+}
+
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
+    if let Some(target) = &a.target {
+        return target_site(target, a.cache.as_deref(), a);
+    }
     let names: Vec<String> = match &a.vm {
         Some(v) => vec![v.clone()],
         None => {
@@ -264,11 +347,11 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         let config = paths.load_config()?;
         all.push(vm_status(&paths, &config, Shipper::FromFiles)?);
     }
-    let unhealthy: Vec<&VmStatus> = all
+    let verdicts: Vec<(String, Health, Option<String>)> = all
         .iter()
-        .filter(|s| {
-            matches!(s.state, State::Error | State::Paused)
-                || s.rpo_seconds.is_some_and(|r| r > a.max_rpo.as_secs_f64())
+        .map(|s| {
+            let (h, why) = s.health(a.warn_rpo, a.max_rpo);
+            (s.name.clone(), h, why)
         })
         .collect();
     if a.json {
@@ -295,9 +378,111 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             );
         }
     }
-    if !unhealthy.is_empty() {
-        let names: Vec<String> = unhealthy.iter().map(|s| format!("{} ({})", s.name, s.state.name())).collect();
-        bail!("unhealthy: {}", names.join(", "));
+    verdict(verdicts)
+}
+
+/// One VM as the target site sees it (`tern status --target`).
+#[derive(Debug, Serialize)]
+pub struct TargetStatus {
+    pub name: String,
+    pub health: Health,
+    /// The replicas hold every record up to this one.
+    pub applied_seq: Option<u64>,
+    /// Age of the newest applied write (source time).
+    pub applied_age_seconds: Option<f64>,
+    /// Records in the cache not applied yet (with --cache).
+    pub waiting_records: Option<u64>,
+    pub points: usize,
+    pub last_point_age_seconds: Option<f64>,
+    pub apply_running: bool,
+    /// The cache holds a fence: the VM failed over here (with --cache).
+    pub failed_over: bool,
+    /// The applier's failure on this VM, if it is failing (with --cache).
+    pub last_error: Option<String>,
+}
+
+fn target_site(target: &Path, cache: Option<&Path>, a: &Args) -> Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir(target)
+        .map_err(|e| anyhow::anyhow!("cannot list the target site {}: {e}", target.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("replica").is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| vm::validate_name("VM", n).is_ok() && a.vm.as_ref().is_none_or(|v| v == n))
+        .collect();
+    names.sort();
+    if let Some(vm) = &a.vm {
+        if names.is_empty() {
+            bail!("{} holds no replica of VM '{vm}'", target.display());
+        }
     }
-    Ok(())
+    let now = now_ns();
+    let mut all = Vec::new();
+    for name in names {
+        let dir = TargetDir::new(target, &name);
+        let checkpoint = dir.read_checkpoint().ok().flatten();
+        let points = dir.list_points().unwrap_or_default();
+        let cache_dir = cache.map(|c| CacheDir::new(c, &name));
+        let newest = cache_dir
+            .as_ref()
+            .and_then(|c| c.list_segments().ok())
+            .map(|s| s.iter().map(|(_, last, _)| *last).max().unwrap_or(0));
+        let applied = checkpoint.as_ref().map(|c| c.applied_seq);
+        let failure = cache_dir.as_ref().and_then(|c| c.read_apply_failure().ok().flatten()).and_then(Result::ok);
+        let failed_over = cache_dir.as_ref().is_some_and(|c| c.fence_path().exists());
+        let apply_running = holder_alive(&dir.root().join("apply.lock"));
+        let waiting = newest.map(|n| n.saturating_sub(applied.unwrap_or(0)));
+        let health = if failure.is_some() || points.is_empty() && !failed_over {
+            Health::Critical
+        } else if waiting.is_some_and(|w| w > 0) && !apply_running && !failed_over {
+            Health::Warning
+        } else {
+            Health::Ok
+        };
+        all.push(TargetStatus {
+            name,
+            health,
+            applied_seq: applied,
+            applied_age_seconds: checkpoint.as_ref().map(|c| now.saturating_sub(c.source_time_ns) as f64 / 1e9),
+            waiting_records: waiting,
+            points: points.len(),
+            last_point_age_seconds: points.iter().map(|p| p.time_ns).max().map(|t| now.saturating_sub(t) as f64 / 1e9),
+            apply_running,
+            failed_over,
+            last_error: failure.map(|f| format!("failed {} time(s) in a row: {}", f.attempts, f.error)),
+        });
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if all.is_empty() {
+        println!("no replicas in {}", target.display());
+    } else {
+        for s in &all {
+            let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}s"));
+            println!(
+                "{}: {} · applied seq {} (newest write {} old) · {} waiting in the cache · last point {} ago ({} points) · apply {}{}{}",
+                s.name,
+                match s.health {
+                    Health::Ok => "ok",
+                    Health::Warning => "warning",
+                    Health::Critical => "critical",
+                },
+                s.applied_seq.map_or("-".into(), |a| a.to_string()),
+                secs(s.applied_age_seconds),
+                s.waiting_records.map_or("? (no --cache)".into(), |w| format!("{w} records")),
+                secs(s.last_point_age_seconds),
+                s.points,
+                if s.apply_running { "running" } else { "stopped" },
+                if s.failed_over { " · failed over" } else { "" },
+                s.last_error.as_deref().map(|e| format!(" · error: {e}")).unwrap_or_default()
+            );
+        }
+    }
+    verdict(
+        all.into_iter()
+            .map(|s| {
+                let why = s.last_error.clone().or_else(|| (s.points == 0).then(|| "no recovery point".into()));
+                (s.name, s.health, why.or(Some("records wait and `tern apply` is not running".into())))
+            })
+            .collect(),
+    )
 }

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# bench-failover.sh — what choosing the failover's point costs (issue 18):
+# `tern failover --test --latest` (apply everything the cache holds, take a
+# point at the applied sequence, clone it) against `--latest-point` (clone
+# the newest point taken), with PENDING bytes shipped to the cache and not
+# yet applied; and --latest answered by a running `tern apply` (the point
+# request) with nothing pending.
+#
+# Setup: a btrfs loop filesystem (FS_SIZE) holding a DISK-sized sparse
+# image, the cache and the target; `tern serve` on it, the initial sync
+# shipped and applied. Per round and per size in PENDINGS: PENDING bytes
+# of random data written through the NBD export (nbdcopy), `tern ship
+# --once`, the page cache dropped, then timed: --latest-point, then
+# --latest (which applies the pending bytes). Then, with `tern apply`
+# running and the cache drained, --latest again (asking it).
+#
+# Usage (root: loop mount, drop_caches):
+#   scripts/bench-failover.sh
+#   PENDINGS="0 64m" ROUNDS=2 scripts/bench-failover.sh
+# Knobs [defaults]: PENDINGS ["0 64m 1g"], ROUNDS [3], DISK [4g],
+#   FS_SIZE [16G], WORK [/var/tmp/tern-bench-failover], TERN
+#   [target/release/tern; built first].
+# Output: one line per timed command, and a summary table (medians, with
+# the range) on stdout; everything in $WORK/results-<stamp>/.
+set -euo pipefail
+export LC_NUMERIC=C
+cd "$(dirname "$0")/.."
+PENDINGS=${PENDINGS-"0 64m 1g"}
+ROUNDS=${ROUNDS:-3}
+DISK=${DISK:-4g}
+FS_SIZE=${FS_SIZE:-16G}
+WORK=${WORK:-/var/tmp/tern-bench-failover}
+TERN_BIN=${TERN:-target/release/tern}
+
+log() { echo "[bench-failover $(date -u +%H:%M:%S)] $*" >&2; }
+die() { log "error: $*"; exit 1; }
+[[ $EUID -eq 0 ]] || die "run as root (loop mount, drop_caches)"
+for tool in nbdcopy mkfs.btrfs python3; do
+    command -v "$tool" >/dev/null || die "missing $tool: run scripts/install-deps.sh"
+done
+[[ -n ${TERN:-} ]] || cargo build --release >&2
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS=$WORK/results-$STAMP
+mkdir -p "$RESULTS"
+cp "$TERN_BIN" "$RESULTS/tern"
+T=$RESULTS/tern
+bytes() { numfmt --from=iec "${1^^}"; }
+
+MNT=$WORK/mnt
+cleanup() {
+    [[ -n ${SERVE:-} ]] && kill "$SERVE" 2>/dev/null && wait "$SERVE" 2>/dev/null
+    [[ -n ${APPLY:-} ]] && kill "$APPLY" 2>/dev/null && wait "$APPLY" 2>/dev/null
+    mountpoint -q "$MNT" && umount "$MNT"
+    rm -f "$WORK/fs.img"
+}
+trap cleanup EXIT
+mkdir -p "$MNT"
+truncate -s "$FS_SIZE" "$WORK/fs.img"
+mkfs.btrfs -q -f "$WORK/fs.img"
+mount -o loop "$WORK/fs.img" "$MNT"
+mkdir -p "$MNT/cache" "$MNT/target"
+truncate -s "$DISK" "$MNT/disk0.img"
+STATE=$MNT/state
+TS=("$T" --state "$STATE")
+"${TS[@]}" enable vm --disk "disk0=$MNT/disk0.img" --cache "$MNT/cache" --target "$MNT/target" \
+    --journal-size 256MiB >"$RESULTS/enable.log" 2>&1
+SOCK=$WORK/nbd.sock
+"${TS[@]}" serve vm --listen "unix:$SOCK" 2>"$RESULTS/serve.log" &
+SERVE=$!
+for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.1; done
+"${TS[@]}" ship vm --once 2>"$RESULTS/ship-initial.log"
+"$T" apply vm --once --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-initial.log"
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD)"
+    echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r); btrfs on a loop file on $(df --output=fstype "$WORK" | tail -1)"
+    echo "command: PENDINGS=\"$PENDINGS\" ROUNDS=$ROUNDS DISK=$DISK scripts/bench-failover.sh"
+} | tee "$RESULTS/run.txt" >&2
+
+# Seconds a command takes (its output to $RESULTS/<name>.{out,err}).
+timed() {
+    local name=$1
+    shift
+    local start end
+    start=$(date +%s.%N)
+    "$@" >"$RESULTS/$name.out" 2>"$RESULTS/$name.err" || die "$name failed: $(tail -3 "$RESULTS/$name.err")"
+    end=$(date +%s.%N)
+    python3 -c "print(f'{$end - $start:.3f}')"
+}
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+TSV=$RESULTS/failover.tsv
+echo -e "case\tpending\tround\tseconds" >"$TSV"
+n=0
+for r in $(seq "$ROUNDS"); do
+    for pending in $PENDINGS; do
+        n=$((n + 1))
+        if [[ $pending != 0 ]]; then
+            head -c "$(bytes "$pending")" /dev/urandom >"$WORK/pending.bin"
+            nbdcopy "$WORK/pending.bin" "nbd+unix:///disk0?socket=$SOCK"
+            rm -f "$WORK/pending.bin"
+        fi
+        "${TS[@]}" ship vm --once 2>>"$RESULTS/ship.log"
+        drop
+        s=$(timed "latest-point-$n" "${TS[@]}" failover vm --test --latest-point --name "lp$n")
+        log "--latest-point, $pending pending, round $r: ${s}s"
+        echo -e "latest-point\t$pending\t$r\t$s" >>"$TSV"
+        drop
+        s=$(timed "latest-$n" "${TS[@]}" failover vm --test --latest --name "l$n")
+        log "--latest, $pending pending, round $r: ${s}s"
+        echo -e "latest\t$pending\t$r\t$s" >>"$TSV"
+        "${TS[@]}" failover-cleanup vm "lp$n" >/dev/null
+        "${TS[@]}" failover-cleanup vm "l$n" >/dev/null
+    done
+done
+# --latest answered by a running applier, nothing pending.
+"$T" apply vm --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-daemon.log" &
+APPLY=$!
+sleep 2
+for r in $(seq "$ROUNDS"); do
+    n=$((n + 1))
+    s=$(timed "latest-asked-$n" "${TS[@]}" failover vm --test --latest --name "la$n")
+    log "--latest asking a running tern apply, round $r: ${s}s"
+    echo -e "latest (apply running)\t0\t$r\t$s" >>"$TSV"
+    "${TS[@]}" failover-cleanup vm "la$n" >/dev/null
+done
+
+python3 - "$TSV" <<'EOF' | tee "$RESULTS/summary.md"
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+keys = []
+for r in rows:
+    k = (r["case"], r["pending"])
+    if k not in keys:
+        keys.append(k)
+print("| failover --test | pending in the cache | median s | range s | runs |")
+print("|---|---|---|---|---|")
+for k in keys:
+    v = [float(r["seconds"]) for r in rows if (r["case"], r["pending"]) == k]
+    print(f"| --{k[0]} | {k[1]} | {statistics.median(v):.2f} | {min(v):.2f}–{max(v):.2f} | {len(v)} |")
+EOF
+log "results in $RESULTS"
