@@ -470,7 +470,11 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
         policy: spec.policy.clone(),
         disks,
     };
-    config.validate(&paths.config())?;
+    // Not yet a file: a bad setting is the command line's, not vm.toml's.
+    config.validate(&paths.config()).map_err(|e| match e {
+        Error::Config { reason, .. } => Error::Invalid(format!("VM '{}': {reason}", spec.name)),
+        other => other,
+    })?;
 
     create_dir_durably(state)?;
     let tmp = state.join(format!(".{}.enabling-{}", spec.name, std::process::id()));

@@ -497,3 +497,48 @@ fn a_failing_vm_is_retried_with_backoff_and_status_shows_the_error_meanwhile() {
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
     assert!(json[0]["last_error"].is_null(), "{json}");
 }
+
+/// Issue 18 (item 7): typos used to pass silently. `tern apply` for a VM
+/// the cache does not hold exited 0 printing nothing; `tern enable` took a
+/// cache store that does not exist; a bad setting blamed a vm.toml that
+/// was never written.
+#[test]
+fn typos_are_refused_with_what_exists() {
+    let (vm, _) = vm_with_tagged_history(1);
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &vm.dir.path().join("target"), &[], &[]);
+    assert!(out.status.success());
+    let out = tern_command(&[])
+        .args(["apply", "vm11", "--once", "--cache"])
+        .arg(vm.dir.path().join("cache"))
+        .arg("--target")
+        .arg(vm.dir.path().join("target"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("holds no VM 'vm11' (it holds: vm1)"), "{err}");
+
+    let d = vm.dir.path();
+    std::fs::write(d.join("other.img"), vec![0u8; 1 << 20]).unwrap();
+    let enable = |cache: &str, extra: &[&str]| {
+        tern_with_state(&d.join("state2"))
+            .args(["enable", "vm2", "--disk"])
+            .arg(format!("disk0={}", d.join("other.img").display()))
+            .arg("--cache")
+            .arg(d.join(cache))
+            .arg("--target")
+            .arg(d.join("target"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = enable("cahce", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cahce does not exist") && err.contains("--create"), "{err}");
+    assert!(!d.join("state2/vm2").exists());
+    let out = enable("cache", &["--interval", "1s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("interval") && !err.contains("vm.toml"), "{err}");
+    let out = enable("new-cache", &["--create"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(d.join("new-cache").is_dir());
+}

@@ -94,6 +94,17 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
             bail!("the {what} {} does not exist or is not a directory; create or mount it first", dir.display());
         }
     }
+    if let Some(v) = vm {
+        if !cache.join(v).is_dir() {
+            let there = vms_in(cache).unwrap_or_default();
+            let there = if there.is_empty() { "none yet".to_string() } else { there.join(", ") };
+            let what = format!("the cache store {} holds no VM '{v}' (it holds: {there})", cache.display());
+            if options.once {
+                bail!("{what}");
+            }
+            log::warn!("{what}; waiting for it to be shipped");
+        }
+    }
     let mut appliers: BTreeMap<String, VmApplier> = BTreeMap::new();
     let mut failing = failing::FailingVms::default();
     loop {

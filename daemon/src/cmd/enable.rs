@@ -34,9 +34,26 @@ pub struct Args {
     /// Bytes of disk one dirty-bitmap bit stands for.
     #[arg(long, default_value = "64KiB")]
     pub region_size: Size,
+    /// Create the cache store directory if it does not exist (otherwise a
+    /// missing one is refused: a typo would replicate nowhere).
+    #[arg(long)]
+    pub create: bool,
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
+    if !a.cache.is_dir() {
+        if a.create {
+            std::fs::create_dir_all(&a.cache)
+                .with_context(|| format!("cannot create the cache store {}", a.cache.display()))?;
+            log::info!("created the cache store {}", a.cache.display());
+        } else {
+            anyhow::bail!(
+                "cannot enable VM '{}': the cache store {} does not exist or is not a directory; mount or create it, or pass --create",
+                a.vm,
+                a.cache.display()
+            );
+        }
+    }
     let spec = EnableSpec {
         name: a.vm.clone(),
         disks: a.disks.clone(),
