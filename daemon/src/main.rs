@@ -11,6 +11,9 @@ mod cmd;
 mod metrics;
 mod ship;
 
+/// The state directory without --state or TERN_STATE.
+pub const DEFAULT_STATE: &str = "/var/lib/tern";
+
 /// tern replicates the disks of running VMs to a target site and fails them
 /// over to any recovery point.
 #[derive(Debug, Parser)]
@@ -18,7 +21,7 @@ mod ship;
 pub struct Cli {
     /// State directory holding every protected VM's vm.toml, journal and
     /// bitmaps.
-    #[arg(long, global = true, env = "TERN_STATE", default_value = "/var/lib/tern")]
+    #[arg(long, global = true, env = "TERN_STATE", default_value = DEFAULT_STATE)]
     pub state: PathBuf,
     /// More log output (-v: debug, -vv: trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

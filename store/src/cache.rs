@@ -29,6 +29,10 @@ pub struct Manifest {
     pub name: String,
     pub id: uuid::Uuid,
     pub policy: Policy,
+    /// The source's journal ring size in bytes (a re-protected direction
+    /// takes the same by default). Absent in manifests before 2026-12.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_size: Option<u64>,
     #[serde(rename = "disk")]
     pub disks: Vec<ManifestDisk>,
     /// Every epoch of the sequence stream, oldest first. A new epoch starts
@@ -72,6 +76,7 @@ impl Manifest {
             name: config.name.clone(),
             id: config.id,
             policy: config.policy.clone(),
+            journal_size: Some(config.journal.size.bytes()),
             disks: config
                 .disks
                 .iter()
@@ -311,6 +316,7 @@ mod tests {
             name: "vm1".into(),
             id: uuid::Uuid::from_bytes([7; 16]),
             policy: Policy::default(),
+            journal_size: None,
             disks: vec![ManifestDisk {
                 name: "root".into(),
                 size: 1 << 30,

@@ -119,6 +119,11 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
         .arg("--from-cache")
         .arg(&cache));
     assert!(reprotected.contains("only the regions that differ are sent"), "{reprotected}");
+    // Issue 18 (item 8): the hint names this site's state directory, and
+    // the new direction's journal is as large as the forward one's.
+    assert!(reprotected.contains(&format!("`tern --state {} serve vm1`", state_b.display())), "{reprotected}");
+    let config_b = std::fs::read_to_string(state_b.join("vm1/vm.toml")).expect("vm.toml at B");
+    assert!(config_b.contains("size = \"64MiB\""), "the forward direction's 64 MiB journal:\n{config_b}");
 
     // B ships back; A's applier seeds the replica from A's old disk and
     // answers the hash request.
@@ -128,6 +133,7 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("4 of 256 regions differ"), "regions 32, 96, 97 and 160 differ:\n{log}");
+    assert!(log.contains("starts from a seed") && !log.contains("host went down"), "{log}");
     let apply_log = std::fs::read_to_string(root.join("apply2.log")).unwrap();
     assert!(apply_log.contains("seeded from"), "{apply_log}");
     let cache2_vm = cache2.join(&vm.name);

@@ -976,6 +976,7 @@ mod tests {
             name: "vm1".into(),
             id,
             policy: tern_driver::vm::Policy::default(),
+            journal_size: None,
             disks: disks
                 .iter()
                 .map(|&(name, size)| ManifestDisk { name: name.into(), size, source: None, seed: None })

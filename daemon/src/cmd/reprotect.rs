@@ -52,9 +52,10 @@ pub struct ReprotectArgs {
     /// No seeds: the new replicas start empty and everything is sent.
     #[arg(long, conflicts_with = "seeds")]
     pub no_seed: bool,
-    /// Size of the new direction's journal ring.
-    #[arg(long, default_value = "1GiB")]
-    pub journal_size: Size,
+    /// Size of the new direction's journal ring (default: the failed-over
+    /// direction's, from its manifest; 1GiB if it does not say).
+    #[arg(long)]
+    pub journal_size: Option<Size>,
     /// Bytes of disk one dirty-bitmap bit (and one compared hash) stands
     /// for: the granularity of what the first sync re-sends. Smaller finds
     /// small scattered changes more exactly, for a larger hash exchange
@@ -134,7 +135,10 @@ pub fn reprotect(cli: &Cli, a: &ReprotectArgs) -> Result<()> {
         disks,
         cache: a.cache.clone(),
         target: a.target.clone(),
-        journal: JournalConfig { size: a.journal_size, region_size: a.region_size },
+        journal: JournalConfig {
+            size: a.journal_size.or(manifest.journal_size.map(Size)).unwrap_or(Size::gib(1)),
+            region_size: a.region_size,
+        },
         policy,
         initial_sync: initial_sync(seeds),
     };
@@ -570,8 +574,15 @@ fn report_enabled(cli: &Cli, config: &VmConfig, initial: &InitialSync) {
     };
     println!("VM '{}' protected towards {} (id {}): {how}", config.name, config.target.display(), config.id);
     let socket = VmPaths::new(&cli.state, &config.name).map(|p| p.nbd_socket()).unwrap_or_default();
+    // Pasted as shown, a command without this site's --state would act on
+    // the VM of the default state directory.
+    let tern = if cli.state == Path::new(crate::DEFAULT_STATE) {
+        "tern".to_string()
+    } else {
+        format!("tern --state {}", cli.state.display())
+    };
     println!(
-        "next: `tern serve {0}` and start the VM on {1}; `tern ship {0}`; at the target site, `tern apply --cache {2} --target {3}`",
+        "next: `{tern} serve {0}` and start the VM on {1}; `{tern} ship {0}`; at the target site, `tern apply --cache {2} --target {3}`",
         config.name,
         socket.display(),
         config.cache.display(),

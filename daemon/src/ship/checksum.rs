@@ -21,6 +21,26 @@ pub struct ChecksumResync {
     /// (name, source image path), in the VM's disk order.
     pub disks: Vec<(String, PathBuf)>,
     pub timeout: Duration,
+    /// Why the comparison runs, for the operator (see [`ChecksumResync::why`]).
+    pub why: &'static str,
+    /// When the wait was last reported (ms since the Unix epoch).
+    pub told_ms: std::sync::atomic::AtomicU64,
+}
+
+/// How often a wait for the target's answer is reported.
+const TELL_EVERY: Duration = Duration::from_secs(30);
+
+impl ChecksumResync {
+    /// The reason a stream compares checksums: its replica was seeded (a
+    /// re-protected or failed-back direction, in its first epoch) or the
+    /// host went down while the VM was served.
+    pub fn why(seeded_start: bool) -> &'static str {
+        if seeded_start {
+            "the replica at the target starts from a seed (a re-protected or failed-back direction)"
+        } else {
+            "the host went down while the VM was served"
+        }
+    }
 }
 
 impl ChecksumResync {
@@ -37,7 +57,8 @@ impl ChecksumResync {
             let path = self.cache.hash_request_path();
             tern_driver::vm::write_durably(&path, text.as_bytes())?;
             log::warn!(
-                "the host went down while the VM was served: asked the target for its replica's block hashes ({}); waiting up to {} for the answer, then a full resync",
+                "{}: asked the target for its replica's block hashes ({}), to send only the regions that differ; waiting up to {} for the answer, then a full resync",
+                self.why,
                 path.display(),
                 humantime::format_duration(self.timeout)
             );
@@ -67,6 +88,7 @@ impl ChecksumResync {
                 }
                 return self.done(journal, bitmaps);
             }
+            self.tell_waiting();
             return Ok(());
         }
         let (mut differ, mut total) = (0u64, 0u64);
@@ -107,6 +129,45 @@ impl ChecksumResync {
             let _ = std::fs::remove_file(self.cache.hashes_path(self.epoch, name));
         }
         Ok(())
+    }
+
+    /// Every [`TELL_EVERY`]: what the wait is for, and whether the target
+    /// answers at all (its applier's last report in the cache).
+    fn tell_waiting(&self) {
+        use std::sync::atomic::Ordering;
+        let now_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let told = self.told_ms.load(Ordering::Relaxed);
+        if told == 0 {
+            self.told_ms.store(now_ms, Ordering::Relaxed); // the request's own log line told
+            return;
+        }
+        if now_ms.saturating_sub(told) < TELL_EVERY.as_millis() as u64 {
+            return;
+        }
+        self.told_ms.store(now_ms, Ordering::Relaxed);
+        let applied = std::fs::read_to_string(self.cache.applied_path())
+            .ok()
+            .and_then(|t| toml::from_str::<tern_store::cache::Applied>(&t).ok());
+        let target = match applied {
+            Some(a) => {
+                let ago = now_ms.saturating_sub(a.updated_unix_ms) / 1000;
+                if ago < 60 {
+                    format!("the target's `tern apply` is running (reported {ago}s ago, at seq {}); it answers once it has applied the segments before the request", a.applied_seq)
+                } else {
+                    format!("the target's `tern apply` last reported {ago}s ago: is it running there?")
+                }
+            }
+            None => format!(
+                "no `tern apply` has reported for this VM yet: start it at the target site on {}",
+                self.cache.root().parent().unwrap_or(self.cache.root()).display()
+            ),
+        };
+        log::info!(
+            "waiting for the target's block hashes ({}, asked {} ago; a full resync after {}): {target}",
+            self.why,
+            humantime::format_duration(Duration::from_secs(self.asked_for().as_secs())),
+            humantime::format_duration(self.timeout)
+        );
     }
 
     /// How long ago the request was made (its file's age survives restarts).

@@ -173,6 +173,10 @@ pub fn run_with(
         epoch: resume.manifest.epoch().number,
         disks: config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect(),
         timeout: options.checksum_timeout,
+        why: checksum::ChecksumResync::why(
+            resume.manifest.epoch().number == 1 && config.disks.iter().any(|d| d.seed.is_some()),
+        ),
+        told_ms: Default::default(),
     };
     log::info!(
         "VM '{vm}': shipping journal {} to {} (epoch {}, from seq {}{})",
