@@ -256,6 +256,7 @@ mod tests {
             shipped_seq: Some(41),
             applied_seq: None,
             last_error: None,
+            ring_bytes: None,
         }
     }
 

@@ -249,6 +249,11 @@ impl VmPaths {
 
     /// The same VM, with live rings restored in `dir` (tests keep theirs in
     /// their own temporary directory).
+    /// Where this VM's live ring is restored when it has none.
+    pub fn ring_dir(&self) -> &Path {
+        &self.ring_dir
+    }
+
     pub fn with_ring_dir(mut self, dir: &Path) -> Self {
         self.ring_dir = dir.to_owned();
         self
@@ -536,6 +541,12 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
     };
     fs::rename(&tmp, paths.dir()).map_err(|source| Error::Create { path: paths.dir().to_owned(), source })?;
     sync_dir(state)?;
+    if crate::journal::live::link_path(&paths.journal()).exists() {
+        // The ring was made under the temporary name: opening it at the
+        // final one records its owner there (a sweep would otherwise take
+        // it for the ring of a removed VM).
+        paths.open_journal()?;
+    }
     Ok(Enabled { config, initial_sync_bytes: marked })
 }
 

@@ -246,3 +246,85 @@ fn stopping_with_unshipped_records_says_what_it_writes_and_how_long_it_took() {
     assert!(log.contains("journal records written in"), "the stop did not say how long it took:\n{log}");
     assert!(log.contains("front-end detached cleanly"), "{log}");
 }
+
+/// Issue 18 (item 9): a ring lives in tmpfs, outside its state directory;
+/// a state directory removed by hand left it in memory until reboot. Each
+/// ring names its owner; `tern enable` and `tern serve` free the rings
+/// whose owner is gone and that no process holds, and `tern status` names
+/// them and each VM's ring size.
+#[test]
+fn rings_whose_state_is_gone_are_named_by_status_and_freed_by_enable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let rings = d.join("rings");
+    for site in ["cache", "target"] {
+        std::fs::create_dir(d.join(site)).expect("site");
+    }
+    let tern = |state: &str| {
+        let mut c = tern_with_state(&d.join(state));
+        c.env("TERN_RING_DIR", &rings);
+        c
+    };
+    let enable = |state: &str, image: &str| {
+        // Data on the disk: enable opens the journal (the initial sync's
+        // window), which makes the ring.
+        std::fs::write(d.join(image), vec![7u8; 1 << 20]).expect("image");
+        let out = tern(state)
+            .args(["enable", "vm1", "--journal-size", "1MiB", "--disk"])
+            .arg(format!("disk0={}", d.join(image).display()))
+            .arg("--cache")
+            .arg(d.join("cache"))
+            .arg("--target")
+            .arg(d.join("target"))
+            .output()
+            .expect("enable");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let ring_files = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&rings)
+            .expect("rings")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".ring"))
+            .collect();
+        v.sort();
+        v
+    };
+    enable("a", "a.img");
+    enable("b", "b.img");
+    assert_eq!(ring_files().len(), 2);
+    let out = tern("b").args(["status", "vm1"]).output().expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ring 1.0 MiB in memory"), "{text}");
+
+    // A's state is removed by hand: status names its ring, enable frees it.
+    std::fs::remove_dir_all(d.join("a")).expect("rm state a");
+    let out = tern("b").args(["status", "vm1"]).output().expect("status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("orphaned journal ring") && err.contains(&format!("{}", d.join("a/vm1/journal").display())),
+        "{err}"
+    );
+    let log = enable("c", "c.img");
+    assert!(log.contains("freed 1.0 MiB of memory: the journal ring"), "{log}");
+    assert_eq!(ring_files().len(), 2, "b's and c's rings stay");
+
+    // A ring held open is never freed, whatever happened to its state.
+    let socket = d.join("b.sock");
+    let mut serve = tern("b")
+        .args(["serve", "vm1", "--listen"])
+        .arg(format!("unix:{}", socket.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::rename(d.join("b"), d.join("b-moved")).expect("move b");
+    let log = enable("d", "d.img");
+    assert!(!log.contains("freed"), "a ring in use stays: {log}");
+    assert_eq!(ring_files().len(), 3);
+    let _ = serve.kill();
+    let _ = serve.wait();
+}

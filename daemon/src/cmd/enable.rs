@@ -41,6 +41,8 @@ pub struct Args {
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
+    // Memory the rings of VMs removed by hand still hold is freed first.
+    tern_driver::journal::live::sweep_orphans(vm::VmPaths::new(&cli.state, &a.vm)?.ring_dir());
     if !a.cache.is_dir() {
         if a.create {
             std::fs::create_dir_all(&a.cache)

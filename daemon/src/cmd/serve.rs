@@ -45,6 +45,9 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         anyhow::bail!("--ublk is not available in this build yet; use NBD (the default)");
     }
     let paths = VmPaths::new(&cli.state, &a.vm)?;
+    // Rings of VMs whose state directory was removed by hand hold memory
+    // until reboot: free them.
+    tern_driver::journal::live::sweep_orphans(paths.ring_dir());
     let config = paths.load_config()?;
     if let Some(reason) = fence_of(&config) {
         anyhow::bail!(

@@ -137,6 +137,8 @@ pub struct VmStatus {
     pub shipped_seq: Option<u64>,
     pub applied_seq: Option<u64>,
     pub last_error: Option<String>,
+    /// Memory the journal's live ring holds (allocated bytes).
+    pub ring_bytes: Option<u64>,
 }
 
 /// Where the shipper's part of a status comes from.
@@ -273,6 +275,10 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         shipped_seq: ship.as_ref().map(|s| s.last_shipped_seq),
         applied_seq: applied.as_ref().map(|a| a.applied_seq),
         last_error: cache_failing.or(apply_failing),
+        ring_bytes: std::fs::metadata(journal.ring_path()).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        }),
     })
 }
 
@@ -347,6 +353,15 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         let config = paths.load_config()?;
         all.push(vm_status(&paths, &config, Shipper::FromFiles)?);
     }
+    let ring_dir = tern_driver::journal::live::default_ring_dir();
+    for ring in tern_driver::journal::live::list_rings(&ring_dir).into_iter().filter(|r| r.orphaned) {
+        eprintln!(
+            "tern: warning: orphaned journal ring {} holds {} of memory: its VM's state ({}) is gone; `tern serve` or `tern enable` frees it",
+            ring.path.display(),
+            Size(ring.bytes).approx(),
+            ring.owner.as_deref().unwrap_or(Path::new("?")).display()
+        );
+    }
     let verdicts: Vec<(String, Health, Option<String>)> = all
         .iter()
         .map(|s| {
@@ -362,13 +377,14 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         for s in &all {
             let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}s"));
             println!(
-                "{}: {} · RPO {} · journal {:.1}% ({}, {} pending) · {} to resync · last point {} ago ({} points) · serve {} · ship {}{}",
+                "{}: {} · RPO {} · journal {:.1}% ({}, {} pending, ring {} in memory) · {} to resync · last point {} ago ({} points) · serve {} · ship {}{}",
                 s.name,
                 s.state.name(),
                 secs(s.rpo_seconds),
                 s.journal_fill * 100.0,
                 s.journal_mode,
                 Size(s.pending_bytes).approx(),
+                s.ring_bytes.map_or("-".into(), |b| Size(b).approx()),
                 Size(s.dirty_bytes).approx(),
                 secs(s.last_point_age_seconds),
                 s.points,

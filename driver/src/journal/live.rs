@@ -68,13 +68,20 @@ pub(super) fn open_or_restore(
     // ring that is gone (a reboot) is replaced below.
     if let Some(target) = linked_ring(&link, &name) {
         match OpenOptions::new().read(true).write(true).open(&target) {
-            Ok(f) => return Ok((f, target)),
+            Ok(f) => {
+                // The state directory may have moved (enable builds it
+                // under a temporary name): the owner follows.
+                record_owner(&target, path)?;
+                return Ok((f, target));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(Error::Open { path: target, source }),
         }
     }
     prepare_dir(ring_dir)?;
     let ring_path = ring_dir.join(&name);
+    // Before the ring exists: a ring is never without its owner's name.
+    record_owner(&ring_path, path)?;
     let restored = match OpenOptions::new().read(true).write(true).open(&ring_path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => restore(durable, path, capacity, &ring_path)?,
@@ -199,12 +206,89 @@ pub fn retire(path: &Path) -> Result<()> {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::Remove { path: ring, source: e }),
             _ => {}
         }
+        let _ = fs::remove_file(owner_file(&ring));
     }
     match fs::remove_file(&link) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::Remove { path: link, source: e }),
         _ => {}
     }
     fs::remove_file(path).map_err(|source| Error::Remove { path: path.to_owned(), source })
+}
+
+/// The file beside a ring that names its owner: the durable journal's
+/// absolute path.
+fn owner_file(ring: &Path) -> PathBuf {
+    ring.with_extension("owner")
+}
+
+/// Records (if it changed) that `durable` owns `ring`.
+fn record_owner(ring: &Path, durable: &Path) -> Result<()> {
+    let owner = std::path::absolute(durable).map_err(|source| Error::Open { path: durable.to_owned(), source })?;
+    let file = owner_file(ring);
+    let text = owner.to_string_lossy().into_owned();
+    if fs::read_to_string(&file).is_ok_and(|t| t == text) {
+        return Ok(());
+    }
+    let tmp = file.with_extension(format!("owner.{}", std::process::id()));
+    fs::write(&tmp, &text)
+        .and_then(|()| fs::rename(&tmp, &file))
+        .map_err(|source| Error::Create { path: file.clone(), source })
+}
+
+/// A live ring in a ring directory, for `tern status` and the sweep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingFile {
+    pub path: PathBuf,
+    /// Memory it holds (allocated bytes).
+    pub bytes: u64,
+    /// The durable journal that owns it, if its owner file says.
+    pub owner: Option<PathBuf>,
+    /// Its owner is gone and no process holds it: memory nobody will free.
+    pub orphaned: bool,
+}
+
+/// The rings in `dir` (none if it does not exist).
+pub fn list_rings(dir: &Path) -> Vec<RingFile> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<RingFile> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ring"))
+        .filter_map(|path| {
+            let bytes = fs::metadata(&path).ok()?.blocks() * 512;
+            let owner = fs::read_to_string(owner_file(&path)).ok().map(PathBuf::from);
+            // The owner's durable file gone (its state directory removed)
+            // and no process with the ring open: nothing will open it again.
+            let orphaned = owner.as_ref().is_some_and(|o| !o.exists()) && crate::image_lock::holders(&path).is_empty();
+            Some(RingFile { path, bytes, owner, orphaned })
+        })
+        .collect();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// Removes the orphaned rings of `dir` (see [`RingFile::orphaned`]),
+/// logging each, and returns them. A ring whose owner is unknown (made by
+/// a tern before owners were recorded) is left alone.
+pub fn sweep_orphans(dir: &Path) -> Vec<RingFile> {
+    let mut freed = Vec::new();
+    for ring in list_rings(dir).into_iter().filter(|r| r.orphaned) {
+        match fs::remove_file(&ring.path) {
+            Ok(()) => {
+                let _ = fs::remove_file(owner_file(&ring.path));
+                log::warn!(
+                    "freed {} of memory: the journal ring {} of {}, whose state directory is gone",
+                    crate::units::Size(ring.bytes).approx(),
+                    ring.path.display(),
+                    ring.owner.as_deref().unwrap_or(Path::new("?")).display()
+                );
+                freed.push(ring);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot remove the orphaned journal ring {}: {e}", ring.path.display()),
+        }
+    }
+    freed
 }
 
 /// Where `link` points, if that is the ring named `name` (a ring of this
