@@ -330,6 +330,7 @@ fn an_open_waiting_for_the_lock_while_its_journal_is_retired_fails_and_restores_
     // What retire does, under the lock.
     open_failing_across(&path, &rings, || {
         std::fs::remove_file(&ring).unwrap();
+        std::fs::remove_file(ring.with_extension("owner")).unwrap();
         std::fs::remove_file(live::link_path(&path)).unwrap();
         std::fs::remove_file(&path).unwrap();
     });
