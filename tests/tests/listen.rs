@@ -2,6 +2,7 @@
 //! connection on standard input/output.
 
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use tern_system_tests::*;
@@ -49,4 +50,36 @@ fn stdio_mode_serves_one_connection_for_libnbd() {
     let header = run(vm.tern().args(["journal", "dump", "vm1", "--header"]));
     assert!(header.contains("flags 0x0"), "{header}");
     vm.assert_journal_reproduces_source();
+}
+
+/// Issue 18 (item 11): libvirt runs qemu as its own user. `--socket-group`
+/// and `--socket-mode` let it connect; by default only tern's user can.
+#[test]
+fn socket_group_and_mode_let_another_user_connect() {
+    require("setpriv");
+    require("qemu-io");
+    let vm = TestVm::new(VmSpec { disk_size: 1 << 20, journal_size: "16MiB", ..Default::default() });
+    let as_nobody = |vm: &TestVm| {
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "qemu-io", "-f", "raw", "-c", "read 0 4k"])
+            .arg(vm.uri("disk0"))
+            .output()
+            .expect("setpriv")
+    };
+    let served = vm.serve(&[]);
+    let mode = std::fs::metadata(&vm.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only tern's user by default");
+    assert!(!as_nobody(&vm).status.success(), "another user is kept out");
+    served.stop();
+    let served = vm.serve(&["--socket-group", "nogroup", "--socket-mode", "0660"]);
+    let meta = std::fs::metadata(&vm.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let out = as_nobody(&vm);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    served.stop();
+    let out = vm.tern().args(["serve", &vm.name, "--socket-mode", "rw"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a file mode"));
+    let out = vm.tern().args(["serve", &vm.name, "--socket-group", "no-such-group-here"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no group named 'no-such-group-here'"), "{err}");
 }

@@ -38,6 +38,36 @@ pub struct Args {
     /// trims; reads are not limited). Default: twice the CPUs.
     #[arg(long)]
     pub image_writers: Option<usize>,
+    /// Give the Unix sockets to this group (a hypervisor running as its own
+    /// user, such as libvirt's qemu, connects through it).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// The Unix sockets' permissions, in octal: connecting needs write
+    /// permission (0660 lets --socket-group in).
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not a file mode: give octal digits, such as 0660"))
+}
+
+/// Sets a Unix socket's group and mode as asked (`--socket-group`,
+/// `--socket-mode`).
+fn set_socket_access(path: &std::path::Path, group: Option<&str>, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(name) = group {
+        let group = nix::unistd::Group::from_name(name)
+            .with_context(|| format!("cannot look up group '{name}'"))?
+            .with_context(|| format!("no group named '{name}' (--socket-group)"))?;
+        nix::unistd::chown(path, None, Some(group.gid))
+            .with_context(|| format!("cannot give {} to group '{name}'", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {} to {mode:o}", path.display()))
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
@@ -95,6 +125,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let mut sockets = Vec::new();
     for listener in listeners {
         if let Some(p) = tern_nbd::server::socket_path(&listener) {
+            set_socket_access(p, a.socket_group.as_deref(), a.socket_mode)?;
             sockets.push(p.to_owned());
         }
         let server = Arc::clone(&server);
