@@ -189,6 +189,22 @@ pub struct SourceStopped {
     /// The last sequence number the source journaled, shipped and durable.
     pub seq: u64,
     pub unix_ms: u64,
+    /// The planned failover request this stop answers (its
+    /// `requested-unix-ms`, echoed: no clock of two sites is compared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_request: Option<u64>,
+}
+
+/// `<cache>/<vm>/planned-failover.toml`: `tern failover --planned` asks
+/// the source to stop: its `tern serve` refuses writes and exits cleanly,
+/// its `tern ship` ships the rest and writes `source-stopped.toml`; then
+/// the target fails over with nothing lost. Removed when the fence is
+/// written or the planned failover is called off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PlannedFailover {
+    pub version: u32,
+    pub requested_unix_ms: u64,
 }
 
 /// A small TOML file of the cache: `None` if it does not exist, the parse
@@ -240,6 +256,15 @@ impl CacheDir {
 
     pub fn applied_path(&self) -> PathBuf {
         self.root.join("applied.toml")
+    }
+
+    pub fn planned_failover_path(&self) -> PathBuf {
+        self.root.join("planned-failover.toml")
+    }
+
+    /// The planned failover's request to stop, if one is under way.
+    pub fn read_planned_failover(&self) -> io::Result<Option<Result<PlannedFailover, String>>> {
+        read_small_toml(&self.planned_failover_path())
     }
 
     pub fn apply_failure_path(&self) -> PathBuf {

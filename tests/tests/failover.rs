@@ -544,3 +544,61 @@ fn a_fenced_source_stops_shipping_within_seconds_refuses_writes_and_serve() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("is fenced") && err.contains("tern failback"), "{err}");
 }
+
+/// Issue 18 (item 10): a planned failover (a switchover) loses nothing: the
+/// source's `tern serve` stops taking writes and exits, its `tern ship`
+/// ships the rest, and the failed-over disk is the source byte for byte.
+#[test]
+fn a_planned_failover_stops_the_source_and_loses_nothing() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 8 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    vm.ship_once();
+    // Without a running shipper the source never answers: called off after
+    // the timeout (its stop recorded before the request does not count),
+    // and the source may serve again.
+    let out = vm.tern().args(["failover", &vm.name, "--planned", "--timeout", "1s"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("did not stop and ship everything") && err.contains("called off"),
+        "{err}"
+    );
+    assert!(!vm.cache_dir().join("planned-failover.toml").exists());
+    assert!(!vm.cache_dir().join("fence.toml").exists(), "nothing fenced");
+
+    let mut served = vm.serve(&[]);
+    let mut ship = vm.ship(&[]);
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &vm.uri("disk0"),
+        "-c",
+        "write -P 7 1M 256k",
+        "-c",
+        "write -P 8 5M 64k",
+    ]));
+    let out = json(&run(vm.tern().args(["failover", &vm.name, "--planned", "--json"])));
+    assert_eq!(out["planned"], true);
+    let disk = out["disks"]["disk0"].as_str().unwrap().to_string();
+    // Everything the source wrote, and it stopped cleanly on its own.
+    assert_files_equal(std::path::Path::new(&disk), &vm.image);
+    let status = exits_within(&mut served.child, 10).expect("tern serve exits on a planned failover");
+    assert!(status.success(), "a clean stop: {}", served.log());
+    assert!(served.log().contains("a planned failover was requested"), "{}", served.log());
+    let status = exits_within(&mut ship.child, 10).expect("tern ship stops at the fence");
+    assert_eq!(status.code(), Some(3));
+    assert!(!vm.cache_dir().join("planned-failover.toml").exists(), "the fence replaces the request");
+    let out = vm.tern().args(["serve", &vm.name]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is fenced"));
+}
+
+/// The child's exit status, if it exits within `secs`.
+fn exits_within(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(secs) {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return Some(s);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}

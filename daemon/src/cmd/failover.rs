@@ -33,6 +33,16 @@ pub struct Args {
     /// interval older than --latest.
     #[arg(long)]
     pub latest_point: bool,
+    /// A planned failover (a switchover), nothing lost: the source's `tern
+    /// serve` is asked to stop taking writes and exit, its `tern ship`
+    /// ships the rest, and the failover uses a point holding all of it.
+    /// Shut the VM down first.
+    #[arg(long, conflicts_with_all = ["test", "point", "latest_point"])]
+    pub planned: bool,
+    /// How long a planned failover waits for the source to stop and ship
+    /// everything before it is called off.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, requires = "planned")]
+    pub timeout: Duration,
     /// Name of the failover directory (default: test-N).
     #[arg(long)]
     pub name: Option<String>,
@@ -177,7 +187,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             f.disks.iter().map(|(n, p)| (n.clone(), p.display().to_string().into())).collect();
         let out = serde_json::json!({
             "name": f.name, "directory": f.dir.display().to_string(), "point": f.point.id, "seq": f.point.seq,
-            "time": time.to_string(), "test": a.test, "disks": disks,
+            "time": time.to_string(), "test": a.test, "planned": a.planned, "disks": disks,
             "clone": if f.copied { "copy" } else { "reflink" }, "ready_seconds": started.elapsed().as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -198,6 +208,12 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             println!("start it with {} (no network: isolated from production)", f.dir.join("launch.sh").display());
             println!("remove it with `tern failover-cleanup {} {}`", a.vm, f.name);
         } else {
+            if a.planned {
+                println!(
+                    "planned failover: nothing lost (RPO 0): the point holds everything the source wrote, up to seq {}",
+                    f.point.seq
+                );
+            }
             println!(
                 "the source is fenced (it ships nothing more); check the VM, then `tern commit {}` — until then `tern failover {}` may pick another point",
                 a.vm, a.vm
@@ -232,8 +248,23 @@ fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Fail
     // point holds everything the cache had.
     let active = target.root().join("failover").join("active");
     refuse_if_in_use(vm, &active)?;
+    let stopped_at = if a.planned { Some(stop_source(&cache, &manifest, vm, a.timeout)?) } else { None };
     let point = choose_point(&target, cache_root, target_root, vm, &a.choice())?;
+    if let Some(seq) = stopped_at {
+        if point.seq < seq {
+            bail!(
+                "VM '{vm}': the point taken ({}, seq {}) lacks what the source wrote up to seq {seq}: nothing is fenced; the source stays stopped ({} remains): run the planned failover again",
+                point.id,
+                point.seq,
+                cache.planned_failover_path().display()
+            );
+        }
+    }
     write_fence(&cache, &manifest, previous.as_ref(), &point, false)?;
+    if a.planned {
+        // The fence stops the source for good now.
+        let _ = std::fs::remove_file(cache.planned_failover_path());
+    }
     // Checked again: a VM may have started on it while the point was made.
     refuse_if_in_use(vm, &active)?;
     if active.exists() {
@@ -244,6 +275,55 @@ fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Fail
         std::fs::remove_dir_all(&active).with_context(|| format!("cannot remove {}", active.display()))?;
     }
     make_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false)
+}
+
+/// A planned failover's first half: asks the source to stop (its `tern
+/// serve` refuses writes and exits cleanly) and waits until its `tern ship`
+/// records that everything it journaled is in the cache. Returns that last
+/// sequence number. Called off (the request removed) if that does not
+/// happen within `timeout`.
+fn stop_source(cache: &CacheDir, manifest: &tern_store::cache::Manifest, vm: &str, timeout: Duration) -> Result<u64> {
+    let request = tern_store::cache::PlannedFailover {
+        version: 1,
+        requested_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    };
+    tern_driver::vm::write_durably(&cache.planned_failover_path(), toml::to_string(&request)?.as_bytes())?;
+    log::info!(
+        "VM '{vm}': planned failover: asked the source to stop ({}); waiting up to {} for it to ship everything",
+        cache.planned_failover_path().display(),
+        humantime::format_duration(timeout)
+    );
+    let started = Instant::now();
+    let mut told = started;
+    loop {
+        let newest = match cache.newest_segment()? {
+            Some(h) => h.map_err(|e| anyhow::anyhow!("{e}"))?.last_seq,
+            None => manifest.epoch().first_seq.saturating_sub(1),
+        };
+        if let Some(Ok(s)) = cache.read_source_stopped()? {
+            // Written for this request: a marker from before it may be
+            // stale (a front-end attached since, with no shipper to see it).
+            if s.vm_id == manifest.id && s.seq >= newest && s.planned_request == Some(request.requested_unix_ms) {
+                log::info!("VM '{vm}': the source stopped and shipped everything, up to seq {}", s.seq);
+                return Ok(s.seq);
+            }
+        }
+        if started.elapsed() >= timeout {
+            let _ = std::fs::remove_file(cache.planned_failover_path());
+            bail!(
+                "VM '{vm}': the source did not stop and ship everything within {} (the cache holds up to seq {newest}): is its `tern ship` running? The planned failover is called off and the source may serve again; or fail over unplanned with `tern failover {vm}`",
+                humantime::format_duration(timeout)
+            );
+        }
+        if told.elapsed() >= Duration::from_secs(5) {
+            log::info!(
+                "VM '{vm}': waiting {}s for the source: its `tern serve` stops within a second of the request, then its `tern ship` ships the rest and records the stop (the cache holds up to seq {newest})",
+                started.elapsed().as_secs()
+            );
+            told = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Refuses to replace the uncommitted failover's disks while a process

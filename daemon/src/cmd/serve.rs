@@ -79,6 +79,13 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     // until reboot: free them.
     tern_driver::journal::live::sweep_orphans(paths.ring_dir());
     let config = paths.load_config()?;
+    if CacheDir::new(&config.cache, &config.name).planned_failover_path().exists() {
+        anyhow::bail!(
+            "a planned failover of VM '{}' is under way (its request is in {}): this site serves it no more; wait for it to finish, or remove that file to call it off",
+            a.vm,
+            CacheDir::new(&config.cache, &config.name).planned_failover_path().display()
+        );
+    }
     if let Some(reason) = fence_of(&config) {
         anyhow::bail!(
             "VM '{}' is fenced: {reason}. Anything written here would be lost, so this site serves it no more: the VM runs at the target site now; re-protect it there to replicate it back, then `tern failback {}` here",
@@ -182,6 +189,16 @@ fn watch_fence(mirror: &Mirror, config: &VmConfig) {
             None => {
                 if let Some(reason) = fence_of(config) {
                     mirror.fence(reason);
+                } else if CacheDir::new(&config.cache, &config.name).planned_failover_path().exists() {
+                    // A planned failover: no write after this is acked,
+                    // then a clean stop (journal detached), after which
+                    // `tern ship` ships the rest and records the stop.
+                    mirror.fence("a planned failover to the target site is under way".into());
+                    log::warn!(
+                        "VM '{}': a planned failover was requested at the target site: stopping (shut the VM down)",
+                        config.name
+                    );
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
                 }
             }
             Some(refused) if refused > logged && tick % 10 == 0 => {

@@ -525,8 +525,9 @@ fn read_batches(
 struct SourceStopMarker {
     cache: CacheDir,
     vm_id: uuid::Uuid,
-    /// The seq the marker in the cache says, if there is one.
-    noted: std::cell::Cell<Option<u64>>,
+    /// The seq the marker in the cache says, if there is one, and the
+    /// planned failover request it answers.
+    noted: std::cell::Cell<Option<(u64, Option<u64>)>>,
 }
 
 impl SourceStopMarker {
@@ -535,8 +536,8 @@ impl SourceStopMarker {
         // removes it.
         let noted = match cache.read_source_stopped() {
             Ok(None) => None,
-            Ok(Some(Ok(m))) => Some(m.seq),
-            _ => Some(0),
+            Ok(Some(Ok(m))) => Some((m.seq, m.planned_request)),
+            _ => Some((0, None)),
         };
         SourceStopMarker { cache, vm_id, noted: std::cell::Cell::new(noted) }
     }
@@ -561,7 +562,10 @@ impl SourceStopMarker {
     }
 
     fn source_stopped(&self, seq: u64) -> Result<()> {
-        if self.noted.get() == Some(seq) {
+        // A planned failover waits for a marker that answers its request.
+        let planned =
+            self.cache.read_planned_failover().ok().flatten().and_then(Result::ok).map(|p| p.requested_unix_ms);
+        if self.noted.get() == Some((seq, planned)) {
             return Ok(());
         }
         let marker = tern_store::cache::SourceStopped {
@@ -570,11 +574,12 @@ impl SourceStopMarker {
             seq,
             unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
                 as u64,
+            planned_request: planned,
         };
         let path = self.cache.source_stopped_path();
         tern_driver::vm::write_durably(&path, toml::to_string(&marker)?.as_bytes())?;
         log::info!("VM '{}': the source stopped cleanly and everything up to seq {seq} is shipped", self.name());
-        self.noted.set(Some(seq));
+        self.noted.set(Some((seq, planned)));
         Ok(())
     }
 
