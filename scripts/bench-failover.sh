@@ -4,7 +4,10 @@
 # point at the applied sequence, clone it) against `--latest-point` (clone
 # the newest point taken), with PENDING bytes shipped to the cache and not
 # yet applied; and --latest answered by a running `tern apply` (the point
-# request) with nothing pending.
+# request) with nothing pending; and a planned failover (`--planned`) of
+# a VM that writes PLANNED_RATE (fio, 64 KiB random writes through the NBD
+# export, for PLANNED_SECONDS) until it shuts down, with `tern ship` and
+# `tern apply` running: from the command to the failed-over disk, RPO 0.
 #
 # Setup: a btrfs loop filesystem (FS_SIZE) holding a DISK-sized sparse
 # image, the cache and the target; `tern serve` on it, the initial sync
@@ -18,6 +21,7 @@
 #   scripts/bench-failover.sh
 #   PENDINGS="0 64m" ROUNDS=2 scripts/bench-failover.sh
 # Knobs [defaults]: PENDINGS ["0 64m 1g"], ROUNDS [3], DISK [4g],
+#   PLANNED_RATE [50m], PLANNED_SECONDS [20], MEASURE ["latest planned"],
 #   FS_SIZE [16G], WORK [/var/tmp/tern-bench-failover], TERN
 #   [target/release/tern; built first].
 # Output: one line per timed command, and a summary table (medians, with
@@ -31,11 +35,14 @@ DISK=${DISK:-4g}
 FS_SIZE=${FS_SIZE:-16G}
 WORK=${WORK:-/var/tmp/tern-bench-failover}
 TERN_BIN=${TERN:-target/release/tern}
+PLANNED_RATE=${PLANNED_RATE:-50m}
+PLANNED_SECONDS=${PLANNED_SECONDS:-20}
+MEASURE=${MEASURE-"latest planned"}
 
 log() { echo "[bench-failover $(date -u +%H:%M:%S)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 [[ $EUID -eq 0 ]] || die "run as root (loop mount, drop_caches)"
-for tool in nbdcopy mkfs.btrfs python3; do
+for tool in nbdcopy mkfs.btrfs python3 fio; do
     command -v "$tool" >/dev/null || die "missing $tool: run scripts/install-deps.sh"
 done
 [[ -n ${TERN:-} ]] || cargo build --release >&2
@@ -48,8 +55,8 @@ bytes() { numfmt --from=iec "${1^^}"; }
 
 MNT=$WORK/mnt
 cleanup() {
-    [[ -n ${SERVE:-} ]] && kill "$SERVE" 2>/dev/null && wait "$SERVE" 2>/dev/null
-    [[ -n ${APPLY:-} ]] && kill "$APPLY" 2>/dev/null && wait "$APPLY" 2>/dev/null
+    if [[ -n ${SERVE:-} ]]; then kill "$SERVE" 2>/dev/null; wait "$SERVE" 2>/dev/null; fi
+    if [[ -n ${APPLY:-} ]]; then kill "$APPLY" 2>/dev/null; wait "$APPLY" 2>/dev/null; fi
     mountpoint -q "$MNT" && umount "$MNT"
     rm -f "$WORK/fs.img"
 }
@@ -70,6 +77,9 @@ SERVE=$!
 for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.1; done
 "${TS[@]}" ship vm --once 2>"$RESULTS/ship-initial.log"
 "$T" apply vm --once --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-initial.log"
+# A first point for --latest-point (an empty disk's initial sync has none).
+"${TS[@]}" failover vm --test --latest --name warm-up >"$RESULTS/warm-up.log" 2>&1
+"${TS[@]}" failover-cleanup vm warm-up >/dev/null
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD)"
     echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r); btrfs on a loop file on $(df --output=fstype "$WORK" | tail -1)"
@@ -91,6 +101,7 @@ drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 TSV=$RESULTS/failover.tsv
 echo -e "case\tpending\tround\tseconds" >"$TSV"
 n=0
+if [[ " $MEASURE " == *" latest "* ]]; then
 for r in $(seq "$ROUNDS"); do
     for pending in $PENDINGS; do
         n=$((n + 1))
@@ -123,6 +134,42 @@ for r in $(seq "$ROUNDS"); do
     echo -e "latest (apply running)\t0\t$r\t$s" >>"$TSV"
     "${TS[@]}" failover-cleanup vm "la$n" >/dev/null
 done
+kill "$APPLY"; wait "$APPLY" 2>/dev/null || true; APPLY=
+fi
+
+# A planned failover of a VM writing PLANNED_RATE until it shuts down,
+# ship and apply running. Each round starts from a fresh VM (the failover
+# fences the one before).
+if [[ " $MEASURE " == *" planned "* ]]; then
+for r in $(seq "$ROUNDS"); do
+    if [[ -n ${SERVE:-} ]]; then kill "$SERVE" 2>/dev/null || true; wait "$SERVE" 2>/dev/null || true; SERVE=; fi
+    rm -rf "$STATE" "$MNT/cache/vm" "$MNT/target/vm" "$MNT/disk0.img"
+    truncate -s "$DISK" "$MNT/disk0.img"
+    "${TS[@]}" enable vm --disk "disk0=$MNT/disk0.img" --cache "$MNT/cache" --target "$MNT/target" \
+        --journal-size 256MiB >>"$RESULTS/enable.log" 2>&1
+    "${TS[@]}" serve vm --listen "unix:$SOCK" 2>"$RESULTS/serve-planned-$r.log" &
+    SERVE=$!
+    for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.1; done
+    "${TS[@]}" ship vm 2>"$RESULTS/ship-planned-$r.log" &
+    SHIP=$!
+    "$T" apply vm --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-planned-$r.log" &
+    APPLY=$!
+    fio --name=vm --ioengine=nbd --uri="nbd+unix:///disk0?socket=$SOCK" --rw=randwrite --bs=64k \
+        --iodepth=8 --rate="$PLANNED_RATE" --size="$DISK" --time_based --runtime="$PLANNED_SECONDS" \
+        --output="$RESULTS/fio-planned-$r.txt" >/dev/null 2>&1
+    # The VM has shut down: fail over, planned.
+    s=$(timed "planned-$r" "${TS[@]}" failover vm --planned --json)
+    wait "$SHIP" 2>/dev/null || true
+    wait "$SERVE" 2>/dev/null || true
+    SERVE=
+    seq=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['seq'])" "$RESULTS/planned-$r.out")
+    same=$(cmp -s "$MNT/disk0.img" "$MNT/target/vm/failover/active/disk0.img" && echo identical || echo DIFFERENT)
+    log "--planned after ${PLANNED_SECONDS}s at $PLANNED_RATE, round $r: ${s}s (seq $seq, failed-over disk vs source: $same)"
+    [[ $same == identical ]] || die "the planned failover's disk differs from the source"
+    echo -e "planned\t${PLANNED_RATE}/s for ${PLANNED_SECONDS}s\t$r\t$s" >>"$TSV"
+    kill "$APPLY"; wait "$APPLY" 2>/dev/null || true; APPLY=
+done
+fi
 
 python3 - "$TSV" <<'EOF' | tee "$RESULTS/summary.md"
 import csv, statistics, sys
@@ -132,7 +179,7 @@ for r in rows:
     k = (r["case"], r["pending"])
     if k not in keys:
         keys.append(k)
-print("| failover --test | pending in the cache | median s | range s | runs |")
+print("| tern failover | pending in the cache (or load) | median s | range s | runs |")
 print("|---|---|---|---|---|")
 for k in keys:
     v = [float(r["seconds"]) for r in rows if (r["case"], r["pending"]) == k]
