@@ -147,11 +147,13 @@ pub fn run_with_deadline(cmd: &mut Command, limit: Duration) -> Result<Output, S
     let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            forget_faketime(child.id());
             break s;
         }
         if started.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
+            forget_faketime(child.id());
             let stderr = t_err.join().unwrap_or_default();
             return Err(format!(
                 "hang: still running after {limit:?}; its log ends:\n{}",
@@ -161,6 +163,17 @@ pub fn run_with_deadline(cmd: &mut Command, limit: Duration) -> Result<Output, S
         std::thread::sleep(Duration::from_millis(10));
     };
     Ok(Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() })
+}
+
+/// Removes what libfaketime (preloaded into a process of `pid` that is
+/// now reaped) leaves behind when killed: it makes a shared memory object
+/// and a semaphore named by its pid and unlinks them only at a normal
+/// exit. Left, they pile up in /dev/shm (thousands over a long run), and a
+/// later `faketime` whose pid is reused fails with "sem_open: File exists".
+pub fn forget_faketime(pid: u32) {
+    for name in [format!("/dev/shm/faketime_shm_{pid}"), format!("/dev/shm/sem.faketime_sem_{pid}")] {
+        let _ = std::fs::remove_file(name);
+    }
 }
 
 /// The last `n` lines of a text.
@@ -180,12 +193,17 @@ pub struct Daemon {
 impl Daemon {
     /// Its exit status, if it has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        let status = self.child.try_wait().ok().flatten();
+        if status.is_some() {
+            forget_faketime(self.child.id());
+        }
+        status
     }
 
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        forget_faketime(self.child.id());
     }
 
     /// SIGTERM, then waits up to `limit`: its exit status, or an error
