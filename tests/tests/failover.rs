@@ -329,7 +329,11 @@ fn disable_refuses_while_served_or_behind_then_frees_the_ring_and_keeps_the_repl
     assert!(vm.state.join(&vm.name).join("vm.toml").exists(), "a refused disable removes nothing");
 
     vm.ship_once();
-    let rings = || std::fs::read_dir(vm.ring_dir()).map(|d| d.count()).unwrap_or(0);
+    let rings = || {
+        std::fs::read_dir(vm.ring_dir())
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".ring")).count())
+            .unwrap_or(0)
+    };
     assert_eq!(rings(), 1, "the VM's ring is in memory");
     let out = run(vm.tern().args(["disable", &vm.name]));
     assert!(out.contains(&format!("disabled VM '{}'", vm.name)), "{out}");
