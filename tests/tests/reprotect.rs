@@ -220,6 +220,8 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
         "a rerun must not overwrite: {err}"
     );
     assert_files_equal(&vm.image, &b_disk);
+    let b_disk_copy = root.join("b-disk-at-failback.img");
+    std::fs::copy(&b_disk, &b_disk_copy).expect("copy B's disk");
     let out = tern_at(&state_b).args(["ship", &vm.name, "--once"]).output().unwrap();
     assert_eq!(out.status.code(), Some(3), "the failover site is fenced after failback");
 
@@ -238,12 +240,27 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     assert!(vm.apply_with(&cache, &target, &["--keep-segments"], &[]).status.success());
     assert_files_equal(&target.join("vm1/replica/disk0.img"), &vm.image);
     run(vm.tern().args(["verify", &vm.name]));
-    let history: Vec<_> = std::fs::read_dir(target.join("vm1/history")).expect("history").collect();
-    assert_eq!(history.len(), 1, "the old direction's replica and points are kept aside");
+    let mut history: Vec<String> = std::fs::read_dir(target.join("vm1/history"))
+        .expect("history")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    history.sort();
+    assert_eq!(history.len(), 2, "the old direction's replica and points, and the seeds, are kept aside: {history:?}");
+    // Issue 18 (item 8): the failover's disks that seeded the replicas do
+    // not stay in failover/active after the failback.
+    assert!(!target.join("vm1/failover/active").exists(), "failover/active is moved aside after the failback");
+    let seeded = history.iter().find(|h| h.starts_with("seeded-")).expect("history/seeded-<id>");
+    assert_files_equal(&target.join("vm1/history").join(seeded).join("failover-active/disk0.img"), &b_disk_copy);
     let status = json(&run(vm.tern().args(["status", &vm.name, "--json"])));
     assert_eq!(status[0]["state"], "protected", "{status}");
     // The old direction's journal ring (memory) went with its state.
-    let rings: Vec<_> = std::fs::read_dir(vm.ring_dir()).expect("ring dir").flatten().map(|e| e.file_name()).collect();
+    let rings: Vec<_> = std::fs::read_dir(vm.ring_dir())
+        .expect("ring dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".ring"))
+        .collect();
     let id = std::fs::read_to_string(vm.state.join("vm1/vm.toml")).expect("vm.toml");
     assert_eq!(rings.len(), 1, "one journal ring, the new direction's: {rings:?}");
     assert!(id.contains(&rings[0].to_string_lossy()[..36]), "{rings:?} is not the ring of\n{id}");

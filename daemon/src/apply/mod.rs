@@ -319,6 +319,48 @@ fn retire_previous_stream(target: &TargetDir, old_id: &uuid::Uuid) -> Result<()>
     Ok(())
 }
 
+/// After a failback, the new stream's replicas here were seeded from the
+/// disks the VM ran on at this site (`failover/active/`): once every
+/// replica exists, that directory is the old failover's, and moves to
+/// `history/seeded-<stream id>/failover-active` (a rename: nothing is
+/// lost; the operator removes history when done with it). Left where it is
+/// while a process (a VM) still holds one of its disks.
+fn retire_seeding_failover(target: &TargetDir, manifest: &Manifest) -> Result<()> {
+    let active = target.root().join("failover").join("active");
+    let seeds_there = !manifest.disks.is_empty()
+        && manifest.disks.iter().all(|d| d.seed.as_ref().is_some_and(|s| target.seed_path(s).starts_with(&active)));
+    if !seeds_there || !active.is_dir() {
+        return Ok(());
+    }
+    if manifest.disks.iter().any(|d| !target.replica_path(&d.name).exists()) {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(&active)?.flatten() {
+        let holders = tern_driver::image_lock::holders(&e.path());
+        if !holders.is_empty() {
+            log::warn!(
+                "VM '{}': {} seeded the replicas but is still in use by {}: left in place",
+                manifest.name,
+                active.display(),
+                tern_driver::image_lock::describe(&holders)
+            );
+            return Ok(());
+        }
+    }
+    let to = target.root().join("history").join(format!("seeded-{}", manifest.id));
+    tern_driver::vm::create_dir_durably(&to)?;
+    let to = to.join("failover-active");
+    std::fs::rename(&active, &to).with_context(|| format!("cannot move {} to {}", active.display(), to.display()))?;
+    tern_driver::vm::sync_dir(&target.root().join("failover"))?;
+    log::info!(
+        "VM '{}': the failed-back failover's disks in {} seeded the replicas; moved them to {} (remove it when no longer needed)",
+        manifest.name,
+        active.display(),
+        to.display()
+    );
+    Ok(())
+}
+
 /// Starts a replica as a clone of `seed` (a re-protected stream: the old
 /// version of the disk), published by rename only when complete.
 fn seed_replica(target: &TargetDir, disk: &str, seed: &Path, replica: &Path, size: u64) -> Result<()> {
@@ -458,6 +500,7 @@ impl VmApplier {
             }
             replicas.push(image);
         }
+        retire_seeding_failover(&target, &manifest)?;
         let removed = target.remove_partial_points()?;
         if removed > 0 {
             log::info!("VM '{name}': removed {removed} half-taken point(s) a previous run left");
