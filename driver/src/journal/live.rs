@@ -84,7 +84,14 @@ pub(super) fn open_or_restore(
     record_owner(&ring_path, path)?;
     let restored = match OpenOptions::new().read(true).write(true).open(&ring_path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => restore(durable, path, capacity, &ring_path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match restore(durable, path, capacity, &ring_path) {
+            Ok(f) => f,
+            Err(e) => {
+                // No ring: no owner to name.
+                let _ = fs::remove_file(owner_file(&ring_path));
+                return Err(e);
+            }
+        },
         Err(source) => return Err(Error::Open { path: ring_path, source }),
     };
     // Point the link at it: a new link, then rename over the old one.
