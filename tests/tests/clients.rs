@@ -834,15 +834,21 @@ fn qemu_tools_see_the_serving_lock_and_serve_refuses_an_image_in_use() {
         .stdout(Stdio::null())
         .spawn()
         .expect("qemu-io");
+    // Once qemu-io holds the image (and a moment for its lock), one serve:
+    // it waits 10 s for a busy VM, then says who holds it.
     let start = Instant::now();
-    let out = loop {
-        let out = vm.tern().args(["serve", &vm.name, "--listen", "unix:/nonexistent/x.sock"]).output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        if err.contains("held by") || start.elapsed() > Duration::from_secs(20) {
-            break err;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let held = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == vm.image)))
+            .unwrap_or(false)
     };
+    while !held(holder.id()) {
+        assert!(start.elapsed() < Duration::from_secs(20), "qemu-io never opened the image");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = vm.tern().args(["serve", &vm.name, "--listen", "unix:/nonexistent/x.sock"]).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stderr).into_owned();
     let _ = holder.kill();
     let _ = holder.wait();
     assert!(out.contains(&format!("pid {} (qemu-io)", holder.id())) && out.contains("write lock"), "{out}");
