@@ -230,6 +230,7 @@ chmod +x "$IR/init"
 step "tern enable + serve"
 IMG=$D/disk0.img
 truncate -s 256M "$IMG"
+mkdir -p "$D/cache" "$D/target"
 "$TERN" -q --state "$D/state" enable vm1 --disk "disk0=$IMG" --cache "$D/cache" --target "$D/target" \
     --journal-size 1GiB || die "tern enable failed"
 cp --sparse=always "$IMG" "$D/original.img"
