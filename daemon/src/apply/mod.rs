@@ -1050,6 +1050,34 @@ mod tests {
         std::fs::write(cache.segment_path(header.first_seq, header.last_seq), bytes).unwrap();
     }
 
+    /// Issue 18 (item 1): inside a resync window there is no consistent
+    /// point at the newest data: `--latest` says so and names the newest
+    /// consistent point instead.
+    #[test]
+    fn latest_inside_a_resync_window_names_the_newest_consistent_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+        let cache = CacheDir::new(&cache_root, "vm1");
+        std::fs::create_dir_all(cache.root()).unwrap();
+        std::fs::create_dir_all(&target_root).unwrap();
+        let id = uuid::Uuid::from_bytes([7; 16]);
+        let write_manifest = |m: &Manifest| std::fs::write(cache.manifest_path(), toml::to_string(m).unwrap()).unwrap();
+        write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]));
+        write_segment(&cache, id, 1, 1, 0, 4096, 1);
+        let first = catch_up_and_point(&cache_root, &target_root, "vm1").expect("a point at seq 1");
+        assert_eq!(first.seq, 1);
+        // Records 2..4 were lost at the source (a host crash): epoch 2
+        // starts at seq 5 inside a resync window.
+        write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1), (2, 5)]));
+        write_segment(&cache, id, 2, 5, 8192, 4096, 2);
+        let err = format!("{:#}", catch_up_and_point(&cache_root, &target_root, "vm1").unwrap_err());
+        assert!(err.contains("inside a resync window at seq 5"), "{err}");
+        assert!(err.contains(&format!("the newest consistent point is {} (seq 1)", first.id)), "{err}");
+        assert!(err.contains("--latest-point"), "{err}");
+        let points = TargetDir::new(&target_root, "vm1").list_points().unwrap();
+        assert_eq!(points.len(), 1, "no point inside the window");
+    }
+
     #[test]
     fn a_manifest_whose_disks_change_under_a_running_applier_is_refused() {
         let dir = tempfile::tempdir().unwrap();
