@@ -6,7 +6,8 @@
 #
 # Needs root (apt, /var/cache). The Debian 6.12 kernel from bookworm-backports
 # is downloaded once and unpacked under /var/cache/tern-vm (TERN_VM_CACHE).
-# See docs in /work/shared/VM-HARNESS.md for what is known to work here.
+# The guest boots under software emulation (no KVM needed) in seconds: a
+# busybox initramfs, the VM's disk a virtio-blk drive on tern's export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
