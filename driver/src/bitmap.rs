@@ -55,10 +55,10 @@ impl DirtyBitmap {
         let regions = disk_size.div_ceil(region_size as u64);
         let create_err = |source| Error::Create { path: path.to_owned(), source };
         let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(create_err)?;
-        crate::journal::preallocate(&f, HEADER_SIZE as u64 + regions.div_ceil(64) * 8).map_err(create_err)?;
+        crate::fs::preallocate(&f, HEADER_SIZE as u64 + regions.div_ceil(64) * 8).map_err(create_err)?;
         f.write_all(&encode_header(region_size, disk_size, regions)).map_err(create_err)?;
         f.sync_all().map_err(|source| Error::Sync { path: path.to_owned(), source })?;
-        crate::vm::sync_parent_dir(path)?;
+        crate::fs::sync_parent_dir(path)?;
         Ok(())
     }
 

@@ -26,6 +26,7 @@ pub mod checksum;
 pub mod clone;
 mod error;
 pub mod fail;
+pub mod fs;
 pub mod image;
 pub mod image_lock;
 pub mod journal;

@@ -119,7 +119,7 @@ impl Mirror {
     pub fn open(paths: &VmPaths, options: MirrorOptions) -> Result<Self> {
         let config = paths.load_config()?;
         let frontend_lock =
-            crate::vm::lock_exclusive(&paths.frontend_lock(), &format!("VM '{}'", config.name), "`tern serve`")?;
+            crate::fs::lock_exclusive(&paths.frontend_lock(), &format!("VM '{}'", config.name), "`tern serve`")?;
         let journal = paths.open_journal()?;
         if journal.vm_id() != *config.id.as_bytes() {
             return Err(Error::Format {

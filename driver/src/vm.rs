@@ -1,13 +1,14 @@
 //! A protected VM: its configuration (`<state>/<vm>/vm.toml`), where its
 //! files live, and `enable`, which creates them.
 
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::bitmap::{DirtyBitmap, DEFAULT_REGION_SIZE};
+use crate::fs::{create_dir_durably, sync_dir, write_durably};
 use crate::image::Image;
 use crate::journal::Journal;
 use crate::units::Size;
@@ -550,84 +551,10 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
     Ok(Enabled { config, initial_sync_bytes: marked })
 }
 
-/// Writes a small file durably: temporary file, fsync, rename, fsync of the
-/// directory.
-pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(|source| Error::Create { path: tmp.clone(), source })?;
-    f.write_all(bytes).map_err(|source| Error::Write { path: tmp.clone(), offset: 0, len: bytes.len(), source })?;
-    f.sync_all().map_err(|source| Error::Sync { path: tmp.clone(), source })?;
-    fs::rename(&tmp, path).map_err(|source| Error::Create { path: path.to_owned(), source })?;
-    sync_parent_dir(path)
-}
-
-/// Takes an exclusive `flock` on `path` and writes our pid into it, so the
-/// next process to try names the holder. `what` is the thing being locked
-/// and `role` who normally holds it, for the error message.
-pub fn lock_exclusive(path: &Path, what: &str, role: &str) -> Result<File> {
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| Error::Open { path: path.to_owned(), source })?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let holder = fs::read_to_string(path).unwrap_or_default();
-        return Err(Error::Busy {
-            what: format!("{what} ({})", path.display()),
-            holder: format!("{role}, pid {}", holder.trim()),
-        });
-    }
-    f.set_len(0).map_err(|source| Error::Write { path: path.to_owned(), offset: 0, len: 0, source })?;
-    writeln!(f, "{}", std::process::id()).map_err(|source| Error::Write {
-        path: path.to_owned(),
-        offset: 0,
-        len: 0,
-        source,
-    })?;
-    Ok(f)
-}
-
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|source| Error::Sync { path: dir.to_owned(), source })
-}
-
-/// Creates `dir` and whatever parents it lacks, each made durable in its
-/// parent: files made durable inside a directory whose own entry a power
-/// cut can take away are not durable. The parent of `dir` is fsynced even
-/// when `dir` existed (a process that died between creating it and that
-/// fsync left it visible but not durable); a clean directory's fsync costs
-/// next to nothing.
-pub fn create_dir_durably(dir: &Path) -> Result<()> {
-    if !dir.is_dir() {
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
-            create_dir_durably(parent)?;
-        }
-        match fs::create_dir(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
-            Err(source) => return Err(Error::Create { path: dir.to_owned(), source }),
-        }
-    }
-    sync_parent_dir(dir)
-}
-
-pub fn sync_parent_dir(path: &Path) -> Result<()> {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
-        _ => sync_dir(Path::new(".")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     /// `vm1`'s paths under `<dir>/state`, its live rings in `<dir>/rings`.
     fn vm1(dir: &Path) -> VmPaths {

@@ -172,7 +172,7 @@ impl CacheDir {
             Err(e) => return Err(format!("{}: {e}", self.hash_request_path().display())),
         };
         let dir = self.root().join("hashes");
-        tern_driver::vm::create_dir_durably(&dir).map_err(|e| e.with_causes())?;
+        tern_driver::fs::create_dir_durably(&dir).map_err(|e| e.with_causes())?;
         for (name, image) in disks {
             let hashes = region_hashes(image, request.region_size).map_err(|e| e.to_string())?;
             let file = BlockHashes {
@@ -184,7 +184,7 @@ impl CacheDir {
                 hashes,
             };
             let path = self.hashes_path(request.epoch, name);
-            tern_driver::vm::write_durably(&path, &file.encode()).map_err(|e| e.with_causes())?;
+            tern_driver::fs::write_durably(&path, &file.encode()).map_err(|e| e.with_causes())?;
         }
         Ok(Some(request.epoch))
     }

@@ -17,9 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use tern_driver::clone::{clone_file, CloneMethod};
+use tern_driver::fs::write_durably;
 use tern_driver::image::Image;
 use tern_driver::journal::{self, RecordKind};
-use tern_driver::vm::write_durably;
 use tern_store::cache::{Applied, CacheDir, Manifest};
 use tern_store::segment::{Segment, SegmentError};
 use tern_store::target::{
@@ -298,7 +298,7 @@ fn withdraw_point_request(dir: &TargetDir, request: &PointRequest) {
 /// the VM's directory.
 fn retire_previous_stream(target: &TargetDir, old_id: &uuid::Uuid) -> Result<()> {
     let history = target.history_dir(old_id);
-    tern_driver::vm::create_dir_durably(&history)?;
+    tern_driver::fs::create_dir_durably(&history)?;
     // The replicas last: their checkpoint is what makes the next start
     // retire again, so a crash half-way through is finished then (a
     // directory already in history/ was moved before the crash).
@@ -307,10 +307,10 @@ fn retire_previous_stream(target: &TargetDir, old_id: &uuid::Uuid) -> Result<()>
         if dir.exists() && !to.exists() {
             std::fs::rename(&dir, &to).with_context(|| format!("cannot move {} to {}", dir.display(), to.display()))?;
         }
-        tern_driver::vm::create_dir_durably(&dir)?;
+        tern_driver::fs::create_dir_durably(&dir)?;
         tern_driver::clone::prefer_in_place_writes(&dir)?;
     }
-    tern_driver::vm::sync_dir(target.root())?;
+    tern_driver::fs::sync_dir(target.root())?;
     log::warn!(
         "{}: a new replication stream starts here; the previous one's replicas and points were moved to {} (remove it when no longer needed)",
         target.root().display(),
@@ -348,10 +348,10 @@ fn retire_seeding_failover(target: &TargetDir, manifest: &Manifest) -> Result<()
         }
     }
     let to = target.root().join("history").join(format!("seeded-{}", manifest.id));
-    tern_driver::vm::create_dir_durably(&to)?;
+    tern_driver::fs::create_dir_durably(&to)?;
     let to = to.join("failover-active");
     std::fs::rename(&active, &to).with_context(|| format!("cannot move {} to {}", active.display(), to.display()))?;
-    tern_driver::vm::sync_dir(&target.root().join("failover"))?;
+    tern_driver::fs::sync_dir(&target.root().join("failover"))?;
     log::info!(
         "VM '{}': the failed-back failover's disks in {} seeded the replicas; moved them to {} (remove it when no longer needed)",
         manifest.name,
@@ -382,7 +382,7 @@ fn seed_replica(target: &TargetDir, disk: &str, seed: &Path, replica: &Path, siz
     std::fs::rename(&tmp, replica)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), replica.display()))?;
     if let Some(parent) = replica.parent() {
-        tern_driver::vm::sync_dir(parent)?;
+        tern_driver::fs::sync_dir(parent)?;
     }
     log::info!(
         "disk '{disk}': replica {} seeded from {} ({}); a checksum comparison decides what is sent",
@@ -437,15 +437,15 @@ impl VmApplier {
         let target = TargetDir::new(target_root, name);
         // Durable in their parents: a checkpoint in a directory a power cut
         // takes away lets pruned segments go missing for good.
-        tern_driver::vm::create_dir_durably(target.root())?;
-        let lock = tern_driver::vm::lock_exclusive(
+        tern_driver::fs::create_dir_durably(target.root())?;
+        let lock = tern_driver::fs::lock_exclusive(
             &target.root().join("apply.lock"),
             &format!("the replicas of VM '{name}'"),
             "`tern apply`",
         )?;
         for dir in [target.replica_dir(), target.points_dir()] {
             if !dir.exists() {
-                tern_driver::vm::create_dir_durably(&dir)?;
+                tern_driver::fs::create_dir_durably(&dir)?;
                 // Before any replica or point exists in it: new files inherit.
                 tern_driver::clone::prefer_in_place_writes(&dir)?;
             }
@@ -916,7 +916,7 @@ impl VmApplier {
         write_durably(&tmp.join("point.toml"), toml::to_string(&point)?.as_bytes())?;
         let dir = self.target.point_dir(&id);
         std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
-        tern_driver::vm::sync_dir(&self.target.points_dir())?;
+        tern_driver::fs::sync_dir(&self.target.points_dir())?;
         log::info!(
             "VM '{}': {}-consistent point {id} at seq {seq} (source time {}), {} in {:.1?}",
             self.name,

@@ -6,7 +6,7 @@
 use anyhow::{bail, Context, Result};
 use tern_driver::bitmap::DirtyBitmap;
 use tern_driver::units::Size;
-use tern_driver::vm::{self, VmPaths};
+use tern_driver::vm::VmPaths;
 
 use crate::cmd::status::{dirty_bytes, vm_status, Shipper};
 use crate::Cli;
@@ -29,9 +29,9 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let config = paths.load_config()?;
     let what = format!("VM '{}'", a.vm);
     // Held until the state is gone, so neither can start in between.
-    let _frontend = vm::lock_exclusive(&paths.frontend_lock(), &what, "`tern serve`")
+    let _frontend = tern_driver::fs::lock_exclusive(&paths.frontend_lock(), &what, "`tern serve`")
         .with_context(|| format!("stop `tern serve` for {what} (and the VM using its disks) before disabling it"))?;
-    let _consumer = vm::lock_exclusive(&paths.consumer_lock(), &what, "`tern ship`")
+    let _consumer = tern_driver::fs::lock_exclusive(&paths.consumer_lock(), &what, "`tern ship`")
         .with_context(|| format!("stop `tern ship` for {what} before disabling it"))?;
     let status = vm_status(&paths, &config, Shipper::FromFiles)?;
     // Not `status.dirty_bytes`: status skips a bitmap it cannot read, which
@@ -69,7 +69,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     std::fs::rename(paths.dir(), &tombstone)
         .with_context(|| format!("cannot move {} out of the way", paths.dir().display()))?;
     let cleaned = (|| -> Result<()> {
-        vm::sync_parent_dir(paths.dir())?;
+        tern_driver::fs::sync_parent_dir(paths.dir())?;
         tern_driver::journal::live::retire(&paths.moved_to(&tombstone).journal())?;
         std::fs::remove_dir_all(&tombstone).with_context(|| format!("cannot remove {}", tombstone.display()))
     })();

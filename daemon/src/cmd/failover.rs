@@ -83,7 +83,7 @@ pub fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
         return Ok(());
     }
     fence.committed = true;
-    tern_driver::vm::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
+    tern_driver::fs::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
     let dir = TargetDir::new(&target_root, &a.vm).root().join("failover").join("active");
     println!(
         "VM '{}': failover to point {} (seq {}) committed; it runs from {}; re-protect it to replicate it back",
@@ -287,7 +287,7 @@ fn stop_source(cache: &CacheDir, manifest: &tern_store::cache::Manifest, vm: &st
         version: 1,
         requested_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
     };
-    tern_driver::vm::write_durably(&cache.planned_failover_path(), toml::to_string(&request)?.as_bytes())?;
+    tern_driver::fs::write_durably(&cache.planned_failover_path(), toml::to_string(&request)?.as_bytes())?;
     log::info!(
         "VM '{vm}': planned failover: asked the source to stop ({}); waiting up to {} for it to ship everything",
         cache.planned_failover_path().display(),
@@ -362,7 +362,7 @@ pub fn write_fence(
         committed,
     };
     fail::hit(Failpoint::FailoverFenceWrite)?;
-    tern_driver::vm::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
+    tern_driver::fs::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
     Ok(fence)
 }
 
@@ -406,7 +406,7 @@ pub fn make_failover(
     }
     let point = choose_point(&target, cache_root, target_root, vm, choice)?;
     let failovers = target.root().join("failover");
-    tern_driver::vm::create_dir_durably(&failovers)?;
+    tern_driver::fs::create_dir_durably(&failovers)?;
     let name = match name {
         Some(n) => {
             validate_name("failover", n)?;
@@ -431,7 +431,7 @@ pub fn make_failover(
         disks.push((disk.clone(), dir.join(file)));
     }
     fail::hit(Failpoint::FailoverDisksCloned)?;
-    tern_driver::vm::write_durably(&tmp.join("launch.sh"), launch_script(vm, &disks).as_bytes())?;
+    tern_driver::fs::write_durably(&tmp.join("launch.sh"), launch_script(vm, &disks).as_bytes())?;
     set_executable(&tmp.join("launch.sh"))?;
     let info = format!(
         "version = 1\nvm = \"{vm}\"\npoint = \"{}\"\nseq = {}\nkind = \"{}\"\ntest = {test}\n",
@@ -439,9 +439,9 @@ pub fn make_failover(
         point.seq,
         point.kind.name()
     );
-    tern_driver::vm::write_durably(&tmp.join("failover.toml"), info.as_bytes())?;
+    tern_driver::fs::write_durably(&tmp.join("failover.toml"), info.as_bytes())?;
     std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
-    tern_driver::vm::sync_dir(&failovers)?;
+    tern_driver::fs::sync_dir(&failovers)?;
     Ok(Failover { name, dir, point, disks, copied })
 }
 

@@ -188,10 +188,11 @@ pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     restore_interrupted_failback(&cli.state, &a.vm, paths.dir())?;
     let config = paths.load_config()?;
     // Nothing may serve or ship the old disks while they are replaced.
-    let _frontend = vm::lock_exclusive(&paths.frontend_lock(), &format!("VM '{}'", a.vm), "a front-end")
+    let _frontend = tern_driver::fs::lock_exclusive(&paths.frontend_lock(), &format!("VM '{}'", a.vm), "a front-end")
         .context("stop `tern serve` (and the VM) for this VM before failing back")?;
-    let _consumer = vm::lock_exclusive(&paths.consumer_lock(), &format!("VM '{}'", a.vm), "a journal consumer")
-        .context("stop `tern ship` for this VM before failing back")?;
+    let _consumer =
+        tern_driver::fs::lock_exclusive(&paths.consumer_lock(), &format!("VM '{}'", a.vm), "a journal consumer")
+            .context("stop `tern ship` for this VM before failing back")?;
     let reverse = CacheDir::new(&a.cache, &a.vm);
     let manifest = read_manifest(&reverse, &a.vm)?;
     for d in &config.disks {
@@ -438,7 +439,7 @@ fn retire_cache_dir(cache_root: &Path, vm: &str, old_id: &uuid::Uuid) -> Result<
     }
     let gone = cache_root.join(format!(".{vm}.retired-{old_id}"));
     std::fs::rename(old.root(), &gone).with_context(|| format!("cannot retire {}", old.root().display()))?;
-    vm::sync_dir(cache_root)?;
+    tern_driver::fs::sync_dir(cache_root)?;
     std::fs::remove_dir_all(&gone).with_context(|| format!("cannot remove {}", gone.display()))?;
     Ok(())
 }
@@ -556,7 +557,7 @@ fn restore_disks(config: &VmConfig, target: &TargetDir, point: &Point) -> Result
         std::fs::rename(&tmp, &d.path)
             .with_context(|| format!("cannot rename {} over {}", tmp.display(), d.path.display()))?;
         if let Some(dir) = d.path.parent() {
-            vm::sync_dir(dir)?;
+            tern_driver::fs::sync_dir(dir)?;
         }
         log::info!("disk '{}': {} now holds point {} ({})", d.name, d.path.display(), point.id, method.name());
     }

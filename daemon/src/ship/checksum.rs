@@ -55,7 +55,7 @@ impl ChecksumResync {
         if !asked {
             let text = toml::to_string(&request)?;
             let path = self.cache.hash_request_path();
-            tern_driver::vm::write_durably(&path, text.as_bytes())?;
+            tern_driver::fs::write_durably(&path, text.as_bytes())?;
             log::warn!(
                 "{}: asked the target for its replica's block hashes ({}), to send only the regions that differ; waiting up to {} for the answer, then a full resync",
                 self.why,

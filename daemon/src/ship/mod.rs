@@ -152,7 +152,7 @@ pub fn run_with(
     let config = paths.load_config()?;
     let vm = config.name.clone();
     let _consumer =
-        tern_driver::vm::lock_exclusive(&paths.consumer_lock(), &format!("the journal of VM '{vm}'"), "`tern ship`")?;
+        tern_driver::fs::lock_exclusive(&paths.consumer_lock(), &format!("the journal of VM '{vm}'"), "`tern ship`")?;
     let journal = paths.open_journal()?;
     if journal.vm_id() != *config.id.as_bytes() {
         bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
@@ -577,7 +577,7 @@ impl SourceStopMarker {
             planned_request: planned,
         };
         let path = self.cache.source_stopped_path();
-        tern_driver::vm::write_durably(&path, toml::to_string(&marker)?.as_bytes())?;
+        tern_driver::fs::write_durably(&path, toml::to_string(&marker)?.as_bytes())?;
         log::info!("VM '{}': the source stopped cleanly and everything up to seq {seq} is shipped", self.name());
         self.noted.set(Some((seq, planned)));
         Ok(())
@@ -589,7 +589,7 @@ impl SourceStopMarker {
         }
         let path = self.cache.source_stopped_path();
         match std::fs::remove_file(&path) {
-            Ok(()) => tern_driver::vm::sync_parent_dir(&path)?,
+            Ok(()) => tern_driver::fs::sync_parent_dir(&path)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
         }

@@ -109,7 +109,7 @@ fn write_segment_once(cache: &CacheDir, header: &SegmentHeader, bytes: &[u8]) ->
     ensure_vm_dir(cache)?;
     let dir = cache.segments_dir();
     // Durable in its parent before any segment in it counts as shipped.
-    tern_driver::vm::create_dir_durably(&dir).map_err(|e| io::Error::other(e.with_causes()))?;
+    tern_driver::fs::create_dir_durably(&dir).map_err(|e| io::Error::other(e.with_causes()))?;
     let tmp = cache.temp_path(header.first_seq, header.last_seq);
     let path = cache.segment_path(header.first_seq, header.last_seq);
     let result = (|| {
@@ -136,7 +136,7 @@ pub fn write_manifest(cache: &CacheDir, manifest: &Manifest) -> io::Result<()> {
     let text = toml::to_string(manifest).map_err(io::Error::other)?;
     let text = format!("# tern cache manifest: written by `tern ship`, read by `tern apply`\n{text}");
     fail::hit(Failpoint::ShipManifestWrite)?;
-    tern_driver::vm::write_durably(&cache.manifest_path(), text.as_bytes())
+    tern_driver::fs::write_durably(&cache.manifest_path(), text.as_bytes())
         .map_err(|e| io::Error::other(e.with_causes()))
 }
 

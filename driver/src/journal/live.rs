@@ -20,7 +20,8 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::format::{HEADER_SIZE, OFF_HEAD, OFF_TAIL};
-use super::ring::{preallocate, FileLock, Position};
+use super::ring::Position;
+use crate::fs::{preallocate, FileLock};
 use crate::{Error, Result};
 
 /// The environment variable that chooses where live rings are restored.
@@ -100,7 +101,7 @@ pub(super) fn open_or_restore(
     std::os::unix::fs::symlink(&ring_path, &tmp_link)
         .and_then(|()| fs::rename(&tmp_link, &link))
         .map_err(|source| Error::Create { path: link.clone(), source })?;
-    crate::vm::sync_parent_dir(&link)?;
+    crate::fs::sync_parent_dir(&link)?;
     Ok((restored, ring_path))
 }
 

@@ -11,6 +11,7 @@ use portable_atomic::AtomicU128;
 
 use super::format::*;
 use super::RecordKind;
+use crate::fs::{preallocate, FileLock};
 use crate::{Error, Result};
 
 /// A place in the ring: a byte position and the sequence number of the
@@ -159,7 +160,7 @@ impl Journal {
         f.write_all_at(&start, OFF_HEAD as u64 + 8).map_err(create_err)?;
         f.write_all_at(&start, OFF_TAIL as u64 + 8).map_err(create_err)?;
         f.sync_all().map_err(|source| Error::Sync { path: path.to_owned(), source })?;
-        crate::vm::sync_parent_dir(path)?;
+        crate::fs::sync_parent_dir(path)?;
         Ok(())
     }
 
@@ -1234,17 +1235,6 @@ impl Cursor<'_> {
     }
 }
 
-/// Allocates a file's blocks (`fallocate`), falling back to `set_len` on
-/// filesystems that cannot (tmpfs before 5.x, some network filesystems).
-pub(crate) fn preallocate(f: &File, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    match nix::fcntl::fallocate(f.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len as i64) {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EOPNOTSUPP) => f.set_len(len),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Reads and validates the immutable part of a journal header.
 fn read_fields(f: &File, path: &Path) -> Result<HeaderFields> {
     use std::os::unix::fs::FileExt;
@@ -1256,37 +1246,6 @@ fn read_fields(f: &File, path: &Path) -> Result<HeaderFields> {
         reason: format!("file is only {len} bytes"),
     })?;
     HeaderFields::decode(&head, len).map_err(|reason| Error::Format { path: path.to_owned(), what: "journal", reason })
-}
-
-/// An exclusive `flock` on the durable file, held while syncing or
-/// restoring the live ring; released on drop.
-pub(super) struct FileLock<'a>(&'a File);
-
-impl<'a> FileLock<'a> {
-    pub(super) fn exclusive(f: &'a File, path: &Path) -> Result<Self> {
-        use std::os::fd::AsRawFd;
-        loop {
-            // SAFETY: flock on a descriptor `f` keeps open; no memory is involved.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(FileLock(f));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::Invalid(format!(
-                    "cannot lock the journal {} (flock: {e}); its filesystem must support flock",
-                    path.display()
-                )));
-            }
-        }
-    }
-}
-
-impl Drop for FileLock<'_> {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: as in `exclusive`.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
 }
 
 /// A record whose data its producer writes straight into the ring: a
