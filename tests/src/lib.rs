@@ -284,6 +284,22 @@ impl TestVm {
         self.dir.path().join("cache").join(&self.name)
     }
 
+    /// `tern apply` running as a daemon from this VM's cache into its
+    /// target, with `env` (see [`tern_command`]); its log is `apply.log`.
+    pub fn apply_daemon(&self, env: &[(&str, &str)]) -> Served {
+        let log = self.dir.path().join("apply.log");
+        let child = tern_command(env)
+            .args(["apply", "--cache"])
+            .arg(self.dir.path().join("cache"))
+            .arg("--target")
+            .arg(self.dir.path().join("target"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn tern apply");
+        Served { child, log, what: "tern apply" }
+    }
+
     /// `tern apply --once` for this VM from `cache` into `target`, with
     /// extra arguments and environment; returns the raw output.
     pub fn apply_with(&self, cache: &Path, target: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {

@@ -459,17 +459,8 @@ fn a_failing_vm_is_retried_with_backoff_and_status_shows_the_error_meanwhile() {
     let (vm, _) = vm_with_tagged_history(2);
     let target = vm.dir.path().join("target");
     let failure_file = vm.cache_dir().join("apply-failure.toml");
-    let log = vm.dir.path().join("apply.log");
     // The first two batches fail (EIO): tries at 0 s, 1 s, then 3 s succeeds.
-    let daemon = tern_command(&[("TERN_FAILPOINTS", "apply:batch-written=eio@1;apply:batch-written=eio@2")])
-        .args(["apply", "--cache"])
-        .arg(vm.dir.path().join("cache"))
-        .arg("--target")
-        .arg(&target)
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("spawn tern apply");
-    let daemon = Served::adopt(daemon, log, "tern apply");
+    let daemon = vm.apply_daemon(&[("TERN_FAILPOINTS", "apply:batch-written=eio@1;apply:batch-written=eio@2")]);
     let start = Instant::now();
     while !failure_file.exists() {
         assert!(start.elapsed() < Duration::from_secs(30), "no failure published:\n{}", daemon.log());

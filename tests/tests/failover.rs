@@ -404,16 +404,7 @@ fn latest_holds_a_write_already_applied_while_apply_runs_and_latest_point_does_n
     let target = vm.dir.path().join("target");
     let served = vm.serve(&[]);
     let ship = vm.ship(&[]);
-    let log = vm.dir.path().join("apply.log");
-    let apply = tern_command(&[])
-        .args(["apply", "--cache"])
-        .arg(vm.dir.path().join("cache"))
-        .arg("--target")
-        .arg(&target)
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("spawn tern apply");
-    let apply = Served::adopt(apply, log, "tern apply");
+    let apply = vm.apply_daemon(&[]);
     let status = || json(&String::from_utf8_lossy(&vm.tern().args(["status", "--json"]).output().unwrap().stdout));
     let caught_up = |what: &str| {
         let start = Instant::now();
