@@ -25,11 +25,12 @@
 #![no_main]
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "scratch.rs"]
+mod scratch;
 use tern_driver::journal::RecordKind;
 use tern_driver::units::Size;
 use tern_driver::vm::{self, EnableSpec, JournalConfig, VmPaths};
@@ -40,7 +41,6 @@ const PREFIX: &str = "tern-nbd-fuzz-";
 /// The image's size (scripts/fuzz-seeds.py knows it too).
 const DISK_SIZE: u64 = 1 << 20;
 
-static DIR: OnceLock<PathBuf> = OnceLock::new();
 static SERVERS: OnceLock<Servers> = OnceLock::new();
 
 struct Servers {
@@ -57,9 +57,9 @@ fuzz_target!(|data: &[u8]| {
     if mode & 1 == 0 {
         s.single.serve_streams(client, std::io::sink(), &|| {}, &|| Ok(()), "fuzz");
     } else {
-        let before = threads();
+        let before = scratch::threads();
         s.threaded.serve_streams(client, std::io::sink(), &|| {}, &|| Ok(()), "fuzz");
-        wait_for_threads(before);
+        scratch::wait_for_threads(before);
     }
     ship_and_reset(&s.mirror);
 });
@@ -115,36 +115,9 @@ fn consume(mirror: &Mirror) {
     journal.set_tail(end);
 }
 
-/// `transmission::serve` runs its workers in `std::thread::scope`, whose
-/// implicit join returns once a worker's closure is done but before the
-/// thread has run its thread-local destructors and exited
-/// (rust-lang/rust#116179, documented as intended by #149482). libFuzzer's
-/// leak check right after the input would then report what those
-/// destructors are about to free (the thread's `Thread` handle, glibc's
-/// TLS-destructor node): wait until the workers are really gone.
-fn wait_for_threads(before: usize) {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while threads() > before && Instant::now() < deadline {
-        std::thread::yield_now();
-    }
-}
-
-/// Threads of this process (0 without /proc, which disables the wait).
-fn threads() -> usize {
-    fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
-}
-
 fn setup() -> Servers {
-    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    sweep_stale(&base);
-    let dir = base.join(format!("{PREFIX}{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create the fuzz directory");
-    DIR.set(dir.clone()).expect("setup runs once");
-    // SAFETY: `atexit` only records the function pointer; `remove_dir` is an
-    // `extern "C" fn()` that ignores every error (a panic in it would abort,
-    // never unwind into C) and uses only `DIR`, a static that outlives it.
-    unsafe { libc::atexit(remove_dir) };
+    let dir = scratch::fresh_dir(PREFIX, "");
+    scratch::remove_at_exit(&dir);
 
     let image = dir.join("disk0.img");
     fs::File::create(&image).and_then(|f| f.set_len(DISK_SIZE)).expect("create the image");
@@ -172,24 +145,5 @@ fn setup() -> Servers {
         single: Server::new(Arc::clone(&mirror), single),
         threaded: Server::new(Arc::clone(&mirror), threaded),
         mirror,
-    }
-}
-
-extern "C" fn remove_dir() {
-    if let Some(dir) = DIR.get() {
-        let _ = fs::remove_dir_all(dir);
-    }
-}
-
-/// Removes the directories of earlier fuzzing processes that died without
-/// running their exit handler (a crash, a timeout, a kill).
-fn sweep_stale(base: &Path) {
-    let Ok(entries) = fs::read_dir(base) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) else { continue };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = fs::remove_dir_all(e.path());
-        }
     }
 }

@@ -38,9 +38,11 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "scratch.rs"]
+mod scratch;
 use tern_driver::journal::format::{
     busy_word, commit_word, HeaderFields, HEADER_SIZE, OFF_BOOT_ID, OFF_FLAGS, OFF_HEAD, OFF_TAIL, RECORD_ALIGN,
     RECORD_HEADER_SIZE,
@@ -79,15 +81,15 @@ fuzz_target!(
     |data: &[u8]| {
         let vm = VM.get_or_init(|| {
             let vm = Vm::new("vm");
-            remember_for_exit(&vm.dir);
+            scratch::remove_at_exit(&vm.dir);
             vm
         });
         let Some((&mode, rest)) = data.split_first() else { return };
         let file = build_file(mode, rest);
-        let before = threads();
+        let before = scratch::threads();
         vm.reboot_with(&file);
         check_open(vm, expected_recovery(&file));
-        wait_for_threads(before);
+        scratch::wait_for_threads(before);
     }
 );
 
@@ -286,11 +288,7 @@ impl Vm {
     /// Enables a VM `name` with a 1 MiB sparse disk and a 16 KiB journal in
     /// a directory of its own (in /dev/shm), with the fixed id.
     fn new(name: &str) -> Vm {
-        let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-        sweep_stale(&base);
-        let dir = base.join(format!("{PREFIX}{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create the fuzz directory");
+        let dir = scratch::fresh_dir(PREFIX, &format!("-{name}"));
         let image = dir.join("disk0.img");
         fs::File::create(&image).and_then(|f| f.set_len(DISK_SIZE)).expect("create the image");
         let paths = VmPaths::new(&dir.join("state"), name).expect("VM paths").with_ring_dir(&dir.join("rings"));
@@ -489,53 +487,4 @@ fn consume(j: &Journal) {
     let mut data = Vec::new();
     while let Ok(Some(_)) = c.next(&mut data) {}
     j.set_tail(c.position());
-}
-
-// ---- process housekeeping ------------------------------------------------------
-
-static DIR: OnceLock<PathBuf> = OnceLock::new();
-
-fn remember_for_exit(dir: &Path) {
-    if DIR.set(dir.to_owned()).is_ok() {
-        // SAFETY: `atexit` only records the function pointer; `remove_dir`
-        // is an `extern "C" fn()` that ignores every error (a panic in it
-        // would abort, never unwind into C) and uses only `DIR`, a static
-        // that outlives it.
-        unsafe { libc::atexit(remove_dir) };
-    }
-}
-
-extern "C" fn remove_dir() {
-    if let Some(dir) = DIR.get() {
-        let _ = fs::remove_dir_all(dir);
-    }
-}
-
-/// Removes the directories of earlier fuzzing processes that died without
-/// running their exit handler (a crash, a timeout, a kill).
-fn sweep_stale(base: &Path) {
-    let Ok(entries) = fs::read_dir(base) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) else { continue };
-        let pid = rest.split('-').next().unwrap_or("");
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-/// `Mirror::open` starts a thread that pre-faults the ring and ends on its
-/// own; libFuzzer's leak check right after the input would report what its
-/// exit is about to free. Wait until it is gone.
-fn wait_for_threads(before: usize) {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while threads() > before && Instant::now() < deadline {
-        std::thread::yield_now();
-    }
-}
-
-/// Threads of this process (0 without /proc, which disables the wait).
-fn threads() -> usize {
-    fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
 }
