@@ -152,6 +152,12 @@ pub fn render(s: &VmStatus, up: bool, now_unix_secs: f64) -> String {
     family("tern_journal_fill_ratio", "gauge", "Fraction of the journal ring in use (0 to 1).", &float(s.journal_fill));
     family("tern_journal_head_seq", "gauge", "Sequence number of the newest journaled record.", &int(s.head_seq));
     family(
+        "tern_journal_ring_bytes",
+        "gauge",
+        "Memory the journal's live ring holds (allocated bytes, in tmpfs).",
+        &one(s.ring_bytes.map(Value::Int)),
+    );
+    family(
         "tern_pending_bytes",
         "gauge",
         "Bytes journaled and not yet shipped to the cache store.",

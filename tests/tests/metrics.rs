@@ -139,6 +139,11 @@ fn the_metrics_file_tells_what_status_tells_and_is_only_ever_replaced_whole() {
     };
     assert_eq!(value(&running, "tern_up"), 1.0, "tern ship runs");
     assert_eq!(value(&running, "tern_pending_bytes"), 0.0);
+    assert_eq!(
+        value(&running, "tern_journal_ring_bytes"),
+        (64 << 20) as f64 + 4096.0,
+        "the 64 MiB ring and its header page"
+    );
     assert!(value(&running, "tern_journal_head_seq") >= 3.0, "three writes and the initial sync: {running:#?}");
     assert!(value(&running, "tern_segments_shipped_total") >= 1.0, "{running:#?}");
     assert!(value(&running, "tern_ship_bytes_in_total") >= (16 << 20) as f64, "the initial sync alone: {running:#?}");
