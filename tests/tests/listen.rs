@@ -79,7 +79,13 @@ fn socket_group_and_mode_let_another_user_connect() {
     served.stop();
     let out = vm.tern().args(["serve", &vm.name, "--socket-mode", "rw"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a file mode"));
-    let out = vm.tern().args(["serve", &vm.name, "--socket-group", "no-such-group-here"]).output().unwrap();
+    let out = vm
+        .tern()
+        .args(["serve", &vm.name, "--socket-group", "no-such-group-here", "--listen"])
+        .arg(format!("unix:{}", vm.socket.display()))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no group named 'no-such-group-here'"), "{err}");
+    assert!(!vm.socket.exists(), "a serve that failed leaves no socket behind");
 }
