@@ -52,6 +52,21 @@ pub enum Health {
     Critical = 2,
 }
 
+impl Health {
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+        }
+    }
+}
+
+/// A duration in whole seconds for the text output ("-" when unknown).
+fn seconds(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.0}s"))
+}
+
 /// `tern status` found a VM in a warning or critical state: its exit
 /// status is the health's number.
 #[derive(Debug, thiserror::Error)]
@@ -314,13 +329,7 @@ fn verdict(verdicts: Vec<(String, Health, Option<String>)>) -> Result<()> {
     let named: Vec<String> = verdicts
         .into_iter()
         .filter(|v| v.1 != Health::Ok)
-        .map(|(vm, h, why)| {
-            format!(
-                "{vm} ({}: {})",
-                if h == Health::Critical { "critical" } else { "warning" },
-                why.unwrap_or_default()
-            )
-        })
+        .map(|(vm, h, why)| format!("{vm} ({}: {})", h.name(), why.unwrap_or_default()))
         .collect();
     Err(Unhealthy { health: worst, what: format!("not healthy: {}", named.join(", ")) }.into())
 }
@@ -375,18 +384,17 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         println!("no protected VMs in {}", cli.state.display());
     } else {
         for s in &all {
-            let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}s"));
             println!(
                 "{}: {} · RPO {} · journal {:.1}% ({}, {} pending, ring {} in memory) · {} to resync · last point {} ago ({} points) · serve {} · ship {}{}",
                 s.name,
                 s.state.name(),
-                secs(s.rpo_seconds),
+                seconds(s.rpo_seconds),
                 s.journal_fill * 100.0,
                 s.journal_mode,
                 Size(s.pending_bytes).approx(),
                 s.ring_bytes.map_or("-".into(), |b| Size(b).approx()),
                 Size(s.dirty_bytes).approx(),
-                secs(s.last_point_age_seconds),
+                seconds(s.last_point_age_seconds),
                 s.points,
                 if s.serve_running { "running" } else { "stopped" },
                 if s.ship_running { "running" } else { "stopped" },
@@ -473,19 +481,14 @@ fn target_site(target: &Path, cache: Option<&Path>, a: &Args) -> Result<()> {
         println!("no replicas in {}", target.display());
     } else {
         for s in &all {
-            let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}s"));
             println!(
                 "{}: {} · applied seq {} (newest write {} old) · {} waiting in the cache · last point {} ago ({} points) · apply {}{}{}",
                 s.name,
-                match s.health {
-                    Health::Ok => "ok",
-                    Health::Warning => "warning",
-                    Health::Critical => "critical",
-                },
+                s.health.name(),
                 s.applied_seq.map_or("-".into(), |a| a.to_string()),
-                secs(s.applied_age_seconds),
+                seconds(s.applied_age_seconds),
                 s.waiting_records.map_or("? (no --cache)".into(), |w| format!("{w} records")),
-                secs(s.last_point_age_seconds),
+                seconds(s.last_point_age_seconds),
                 s.points,
                 if s.apply_running { "running" } else { "stopped" },
                 if s.failed_over { " · failed over" } else { "" },
