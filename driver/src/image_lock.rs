@@ -18,7 +18,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
@@ -117,6 +117,16 @@ pub fn holders(path: &Path) -> Vec<Holder> {
         }
     }
     out
+}
+
+/// The first file in `dir` a process holds open, with its holders: a VM
+/// still running on a directory's disks. `None` when none is (or `dir`
+/// cannot be read).
+pub fn first_in_use(dir: &Path) -> Option<(PathBuf, Vec<Holder>)> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let holders = holders(&e.path());
+        (!holders.is_empty()).then(|| (e.path(), holders))
+    })
 }
 
 /// "pid 123 (qemu-system-x86)", joined; "another process" for none found.

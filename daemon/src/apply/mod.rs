@@ -220,17 +220,15 @@ fn retire_seeding_failover(target: &TargetDir, manifest: &Manifest) -> Result<()
     if manifest.disks.iter().any(|d| !target.replica_path(&d.name).exists()) {
         return Ok(());
     }
-    for e in std::fs::read_dir(&active)?.flatten() {
-        let holders = tern_driver::image_lock::holders(&e.path());
-        if !holders.is_empty() {
-            log::warn!(
-                "VM '{}': {} seeded the replicas but is still in use by {}: left in place",
-                manifest.name,
-                active.display(),
-                tern_driver::image_lock::describe(&holders)
-            );
-            return Ok(());
-        }
+    if let Some((disk, holders)) = tern_driver::image_lock::first_in_use(&active) {
+        log::warn!(
+            "VM '{}': {} seeded the replicas but {} is still in use by {}: left in place; move it aside by hand once that VM is shut down",
+            manifest.name,
+            active.display(),
+            disk.display(),
+            tern_driver::image_lock::describe(&holders)
+        );
+        return Ok(());
     }
     let to = target.root().join("history").join(format!("seeded-{}", manifest.id));
     tern_driver::fs::create_dir_durably(&to)?;

@@ -330,16 +330,12 @@ fn stop_source(cache: &CacheDir, manifest: &tern_store::cache::Manifest, vm: &st
 /// (the failed-over VM) holds one open: it would go on writing to a
 /// deleted file, its writes lost without a word.
 fn refuse_if_in_use(vm: &str, active: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(active) else { return Ok(()) };
-    for e in entries.flatten() {
-        let holders = tern_driver::image_lock::holders(&e.path());
-        if !holders.is_empty() {
-            bail!(
-                "VM '{vm}': the failover's disk {} is in use by {}: the failed-over VM runs on it; shut it down before failing over to another point (or `tern commit {vm}` to keep this one)",
-                e.path().display(),
-                tern_driver::image_lock::describe(&holders)
-            );
-        }
+    if let Some((disk, holders)) = tern_driver::image_lock::first_in_use(active) {
+        bail!(
+            "VM '{vm}': the failover's disk {} is in use by {}: the failed-over VM runs on it; shut it down before failing over to another point (or `tern commit {vm}` to keep this one)",
+            disk.display(),
+            tern_driver::image_lock::describe(&holders)
+        );
     }
     Ok(())
 }
