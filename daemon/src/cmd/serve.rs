@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tern_driver::vm::{VmConfig, VmPaths};
+use tern_driver::vm::VmPaths;
 use tern_driver::{Mirror, MirrorOptions};
 use tern_nbd::{Listen, Server, ServerOptions};
 use tern_store::cache::CacheDir;
@@ -79,14 +79,15 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     // until reboot: free them.
     tern_driver::journal::live::sweep_orphans(paths.ring_dir());
     let config = paths.load_config()?;
-    if CacheDir::new(&config.cache, &config.name).planned_failover_path().exists() {
+    let cache = CacheDir::new(&config.cache, &config.name);
+    if cache.planned_failover_path().exists() {
         anyhow::bail!(
             "a planned failover of VM '{}' is under way (its request is in {}): this site serves it no more; wait for it to finish, or remove that file to call it off",
             a.vm,
-            CacheDir::new(&config.cache, &config.name).planned_failover_path().display()
+            cache.planned_failover_path().display()
         );
     }
-    if let Some(reason) = fence_of(&config) {
+    if let Some(reason) = fence_of(&cache) {
         anyhow::bail!(
             "VM '{}' is fenced: {reason}. Anything written here would be lost, so this site serves it no more: the VM runs at the target site now; re-protect it there to replicate it back, then `tern failback {}` here",
             a.vm,
@@ -146,7 +147,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
 
     {
         let mirror = Arc::clone(&mirror);
-        std::thread::Builder::new().name("fence-watch".into()).spawn(move || watch_fence(&mirror, &config))?;
+        std::thread::Builder::new().name("fence-watch".into()).spawn(move || watch_fence(&mirror, &cache))?;
     }
 
     let signal = signals.forever().next();
@@ -166,8 +167,8 @@ const FENCE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the VM is fenced, if the target site failed it over (its fence is
 /// in the cache). A cache that cannot be read tells nothing: not fenced.
-fn fence_of(config: &VmConfig) -> Option<String> {
-    match CacheDir::new(&config.cache, &config.name).read_fence() {
+fn fence_of(cache: &CacheDir) -> Option<String> {
+    match cache.read_fence() {
         Ok(Some(Ok(f))) => Some(format!(
             "it failed over at the target site to point {} (seq {}){}",
             f.point,
@@ -181,22 +182,23 @@ fn fence_of(config: &VmConfig) -> Option<String> {
 
 /// Fences the mirror once the cache holds a fence, then logs the writes it
 /// refuses (at most every 10 s).
-fn watch_fence(mirror: &Mirror, config: &VmConfig) {
+fn watch_fence(mirror: &Mirror, cache: &CacheDir) {
+    let vm = &mirror.config().name;
     let mut logged = 0;
     for tick in 0u64.. {
         std::thread::sleep(FENCE_CHECK);
         match mirror.fenced() {
             None => {
-                if let Some(reason) = fence_of(config) {
+                if let Some(reason) = fence_of(cache) {
                     mirror.fence(reason);
-                } else if CacheDir::new(&config.cache, &config.name).planned_failover_path().exists() {
+                } else if cache.planned_failover_path().exists() {
                     // A planned failover: no write after this is acked,
                     // then a clean stop (journal detached), after which
                     // `tern ship` ships the rest and records the stop.
                     mirror.fence("a planned failover to the target site is under way".into());
                     log::warn!(
                         "VM '{}': a planned failover was requested at the target site: stopping (shut the VM down)",
-                        config.name
+                        vm
                     );
                     let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
                 }
@@ -204,7 +206,7 @@ fn watch_fence(mirror: &Mirror, config: &VmConfig) {
             Some(refused) if refused > logged && tick % 10 == 0 => {
                 log::error!(
                     "VM '{}' is fenced: refused {} write(s) so far (the VM sees I/O errors); shut it down here",
-                    config.name,
+                    vm,
                     refused
                 );
                 logged = refused;
