@@ -20,7 +20,7 @@ mod tests;
 pub use format::RecordHeader;
 pub use format::{FLAG_ATTACHED, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA, RESYNC_CLOSE, RESYNC_OPEN};
 pub use ring::{
-    BusyRecord, Cursor, InPlaceRecord, Journal, Mode, NewRecord, Position, ReadOutcome, RecoveryReport,
+    BusyRecord, Cursor, InPlaceRecord, Journal, Mode, NewRecord, Position, ReadOutcome, RecordError, RecoveryReport,
     SEQ_JUMP_AFTER_DISCARD,
 };
 
