@@ -1,3 +1,6 @@
+//! The block layer's one error type, [`Error`], and the errno each variant
+//! becomes at a front-end.
+
 use std::io;
 use std::path::PathBuf;
 

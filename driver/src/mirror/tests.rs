@@ -1,3 +1,6 @@
+//! Unit tests of the mirror: writes journaled before they reach the image,
+//! overflow into the bitmaps, resync, and recovery after crashes.
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
