@@ -1,3 +1,6 @@
+//! Unit and property tests of the segment format: round trips, and every
+//! kind of damage refused with the offset named.
+
 use super::*;
 use proptest::collection::vec;
 use proptest::prelude::*;
