@@ -8,8 +8,13 @@ use clap::{Parser, Subcommand};
 
 mod apply;
 mod cmd;
+mod failover;
+mod hint;
 mod metrics;
+mod reprotect;
 mod ship;
+mod status;
+mod verify;
 
 /// The state directory without --state or TERN_STATE.
 pub const DEFAULT_STATE: &str = "/var/lib/tern";
@@ -127,7 +132,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: what happened, through every cause.
             eprintln!("tern: error: {e:#}");
-            if let Some(hint) = cmd::hint_for(&e) {
+            if let Some(hint) = hint::for_error(&e) {
                 eprintln!("tern: {hint}");
             }
             if let Some(u) = e.downcast_ref::<cmd::status::Unhealthy>() {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::cmd::status::{State, VmStatus};
+use crate::status::{State, VmStatus};
 
 /// `<metrics-dir>/tern-<vm>.prom` and how writing it last went.
 #[derive(Debug)]

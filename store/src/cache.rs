@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tern_driver::vm::{validate_name, Policy, VmConfig};
 
+use crate::file::{read_toml, read_with, FileError};
 use crate::segment::{self, SegmentError, SegmentHeader};
 
 /// Version of `manifest.toml` this tern writes and reads.
@@ -96,9 +97,9 @@ impl Manifest {
     }
 
     /// Parses and validates a manifest (untrusted: it comes from the cache).
-    pub fn parse(path: &Path, text: &str) -> Result<Self, String> {
-        let m: Manifest = toml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
-        let bad = |why: String| format!("{}: {why}", path.display());
+    pub fn parse(path: &Path, text: &str) -> Result<Self, FileError> {
+        let bad = |reason: String| FileError::Damaged { path: path.to_owned(), reason };
+        let m: Manifest = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         if m.version != MANIFEST_VERSION {
             return Err(bad(format!("version {} is not supported (this tern reads {MANIFEST_VERSION})", m.version)));
         }
@@ -207,16 +208,6 @@ pub struct PlannedFailover {
     pub requested_unix_ms: u64,
 }
 
-/// A small TOML file of the cache: `None` if it does not exist, the parse
-/// error (naming the file) as `Some(Err)`.
-pub(crate) fn read_small_toml<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<Result<T, String>>> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// One VM's directory in the cache store.
 #[derive(Debug, Clone)]
 pub struct CacheDir {
@@ -241,8 +232,8 @@ impl CacheDir {
     }
 
     /// The fence, if the VM failed over.
-    pub fn read_fence(&self) -> io::Result<Option<Result<Fence, String>>> {
-        read_small_toml(&self.fence_path())
+    pub fn read_fence(&self) -> Result<Option<Fence>, FileError> {
+        read_toml(&self.fence_path())
     }
 
     pub fn source_stopped_path(&self) -> PathBuf {
@@ -250,8 +241,8 @@ impl CacheDir {
     }
 
     /// The source's clean-stop marker, if it left one.
-    pub fn read_source_stopped(&self) -> io::Result<Option<Result<SourceStopped, String>>> {
-        read_small_toml(&self.source_stopped_path())
+    pub fn read_source_stopped(&self) -> Result<Option<SourceStopped>, FileError> {
+        read_toml(&self.source_stopped_path())
     }
 
     pub fn applied_path(&self) -> PathBuf {
@@ -263,8 +254,8 @@ impl CacheDir {
     }
 
     /// The planned failover's request to stop, if one is under way.
-    pub fn read_planned_failover(&self) -> io::Result<Option<Result<PlannedFailover, String>>> {
-        read_small_toml(&self.planned_failover_path())
+    pub fn read_planned_failover(&self) -> Result<Option<PlannedFailover>, FileError> {
+        read_toml(&self.planned_failover_path())
     }
 
     pub fn apply_failure_path(&self) -> PathBuf {
@@ -272,8 +263,8 @@ impl CacheDir {
     }
 
     /// The applier's last failure on this VM, if it is failing.
-    pub fn read_apply_failure(&self) -> io::Result<Option<Result<ApplyFailure, String>>> {
-        read_small_toml(&self.apply_failure_path())
+    pub fn read_apply_failure(&self) -> Result<Option<ApplyFailure>, FileError> {
+        read_toml(&self.apply_failure_path())
     }
 
     pub fn segments_dir(&self) -> PathBuf {
@@ -289,13 +280,13 @@ impl CacheDir {
     }
 
     /// The manifest, or `None` if there is none yet.
-    pub fn read_manifest(&self) -> io::Result<Option<Result<Manifest, String>>> {
+    pub fn read_manifest(&self) -> Result<Option<Manifest>, FileError> {
         let path = self.manifest_path();
-        match fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(Manifest::parse(&path, &text))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        read_with(&path, |bytes| match Manifest::parse(&path, &String::from_utf8_lossy(bytes)) {
+            Ok(m) => Ok(m),
+            Err(FileError::Damaged { reason, .. }) => Err(reason),
+            Err(e) => Err(e.to_string()),
+        })
     }
 
     /// The segment files, in sequence order, by name (not opened). Other
@@ -370,8 +361,8 @@ mod tests {
             ("seed = \"failover/active/root.img\"", "seed = \"../../etc/shadow\""),
         ] {
             assert!(text.contains(from), "{from}");
-            let err = Manifest::parse(p, &text.replace(from, to)).unwrap_err();
-            assert!(err.starts_with("/c/vm1/manifest.toml: "), "{err}");
+            let err = Manifest::parse(p, &text.replace(from, to)).unwrap_err().to_string();
+            assert!(err.starts_with("/c/vm1/manifest.toml is damaged: "), "{err}");
         }
         assert!(Manifest::parse(p, &format!("{text}\nextra = 1\n")).is_err());
     }

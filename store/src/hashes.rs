@@ -19,9 +19,6 @@
 //! differs at the crash keeps differing in bytes no later write covers, and
 //! the replica receives every later write anyway.
 
-use std::fs;
-use std::io;
-
 use serde::{Deserialize, Serialize};
 use tern_driver::image::Image;
 
@@ -142,18 +139,13 @@ impl CacheDir {
     }
 
     /// The pending request, if any.
-    pub fn read_hash_request(&self) -> io::Result<Option<Result<HashRequest, String>>> {
-        crate::cache::read_small_toml(&self.hash_request_path())
+    pub fn read_hash_request(&self) -> Result<Option<HashRequest>, crate::file::FileError> {
+        crate::file::read_toml(&self.hash_request_path())
     }
 
     /// The target's answer for one disk, `None` while it has not come.
-    pub fn read_hashes(&self, epoch: u64, disk: &str) -> io::Result<Option<Result<BlockHashes, String>>> {
-        let path = self.hashes_path(epoch, disk);
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(BlockHashes::decode(&b).map_err(|e| format!("{}: {e}", path.display())))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+    pub fn read_hashes(&self, epoch: u64, disk: &str) -> Result<Option<BlockHashes>, crate::file::FileError> {
+        crate::file::read_with(&self.hashes_path(epoch, disk), BlockHashes::decode)
     }
 
     /// Target side: answers the pending request with the hashes of the
@@ -167,9 +159,9 @@ impl CacheDir {
         applied_seq: u64,
     ) -> Result<Option<u64>, String> {
         let request = match self.read_hash_request() {
-            Ok(Some(r)) => r?,
+            Ok(Some(r)) => r,
             Ok(None) => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", self.hash_request_path().display())),
+            Err(e) => return Err(e.to_string()),
         };
         let dir = self.root().join("hashes");
         tern_driver::fs::create_dir_durably(&dir).map_err(|e| e.with_causes())?;
@@ -193,6 +185,7 @@ impl CacheDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn sample() -> BlockHashes {
         BlockHashes {

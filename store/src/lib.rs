@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod file;
 pub mod hashes;
 pub mod segment;
 pub mod target;

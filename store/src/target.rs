@@ -178,13 +178,13 @@ impl TargetDir {
     }
 
     /// The pending request for a point at the newest applied state, if any.
-    pub fn read_point_request(&self) -> io::Result<Option<Result<PointRequest, String>>> {
-        crate::cache::read_small_toml(&self.point_request_path())
+    pub fn read_point_request(&self) -> Result<Option<PointRequest>, crate::file::FileError> {
+        crate::file::read_toml(&self.point_request_path())
     }
 
     /// The running applier's answer to a point request, if any.
-    pub fn read_point_answer(&self) -> io::Result<Option<Result<PointAnswer, String>>> {
-        crate::cache::read_small_toml(&self.point_answer_path())
+    pub fn read_point_answer(&self) -> Result<Option<PointAnswer>, crate::file::FileError> {
+        crate::file::read_toml(&self.point_answer_path())
     }
 
     pub fn read_checkpoint(&self) -> Result<Option<Checkpoint>, String> {

@@ -67,7 +67,7 @@ pub fn latest_applied_point(cache: &Path, target: &Path, vm: &str) -> Result<Poi
         // each second (the applier may have stopped).
         let until = std::time::Instant::now() + Duration::from_secs(1);
         while std::time::Instant::now() < until {
-            if let Some(Ok(answer)) = dir.read_point_answer()? {
+            if let Some(answer) = dir.read_point_answer().or_else(FileError::damaged_as_none)? {
                 if answer.id == request.id {
                     let _ = std::fs::remove_file(dir.point_answer_path());
                     return match (answer.point, answer.error) {
@@ -81,7 +81,7 @@ pub fn latest_applied_point(cache: &Path, target: &Path, vm: &str) -> Result<Poi
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if let Some(Ok(failure)) = cache_dir.read_apply_failure()? {
+        if let Some(failure) = cache_dir.read_apply_failure().or_else(FileError::damaged_as_none)? {
             if failure.failed_unix_ms >= request.requested_unix_ms {
                 withdraw_point_request(&dir, &request);
                 bail!(
@@ -118,7 +118,7 @@ fn is_busy(e: &anyhow::Error) -> bool {
 /// Removes the request if it is still `request` (another asker may have
 /// replaced it).
 fn withdraw_point_request(dir: &TargetDir, request: &PointRequest) {
-    if let Ok(Some(Ok(r))) = dir.read_point_request() {
+    if let Ok(Some(r)) = dir.read_point_request() {
         if r.id == request.id {
             let _ = std::fs::remove_file(dir.point_request_path());
         }
@@ -130,15 +130,15 @@ impl VmApplier {
     /// holds the replicas).
     pub(super) fn point_request(&self) -> Option<PointRequest> {
         match self.target.read_point_request() {
-            Ok(Some(Ok(r))) => Some(r),
+            Ok(Some(r)) => Some(r),
             Ok(None) => None,
-            Ok(Some(Err(e))) => {
-                log::warn!("VM '{}': ignoring a damaged point request: {e}", self.name);
+            Err(e @ FileError::Damaged { .. }) => {
+                log::warn!("VM '{}': ignoring a point request: {e}", self.name);
                 let _ = std::fs::remove_file(self.target.point_request_path());
                 None
             }
             Err(e) => {
-                log::warn!("VM '{}': cannot read {}: {e}", self.name, self.target.point_request_path().display());
+                log::warn!("VM '{}': {e:#}", self.name);
                 None
             }
         }

@@ -21,6 +21,7 @@ use tern_driver::fs::write_durably;
 use tern_driver::image::Image;
 use tern_driver::journal::{self, RecordKind};
 use tern_store::cache::{Applied, CacheDir, Manifest};
+use tern_store::file::FileError;
 use tern_store::segment::{Segment, SegmentError};
 use tern_store::target::{
     expired_points, stream_now, Checkpoint, Point, PointAnswer, PointKind, PointRequest, TargetDir, TARGET_VERSION,
@@ -47,7 +48,11 @@ const READ_AHEAD: u64 = 128 << 20;
 mod batch;
 mod failing;
 mod latest;
+mod points;
 mod read_ahead;
+mod seed;
+
+use seed::{retire_previous_stream, retire_seeding_failover, seed_replica};
 
 pub use latest::latest_applied_point;
 
@@ -128,7 +133,7 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
                 }
                 Err(e) => {
                     appliers.remove(&name);
-                    let hint = crate::cmd::hint_for(&e).map(|h| format!(" ({h})")).unwrap_or_default();
+                    let hint = crate::hint::for_error(&e).map(|h| format!(" ({h})")).unwrap_or_default();
                     let wait = failing.failed(&cache_dir, &name, format!("{e:#}"), !options.once);
                     if options.once {
                         log::error!("VM '{name}': {e:#}{hint}");
@@ -178,104 +183,6 @@ fn apply_pass(
     }
 }
 
-/// Moves a previous stream's replicas and points to `history/<old-id>/`
-/// (renames: instant, and nothing is lost), so a new stream can start in
-/// the VM's directory.
-fn retire_previous_stream(target: &TargetDir, old_id: &uuid::Uuid) -> Result<()> {
-    let history = target.history_dir(old_id);
-    tern_driver::fs::create_dir_durably(&history)?;
-    // The replicas last: their checkpoint is what makes the next start
-    // retire again, so a crash half-way through is finished then (a
-    // directory already in history/ was moved before the crash).
-    for (dir, name) in [(target.points_dir(), "points"), (target.replica_dir(), "replica")] {
-        let to = history.join(name);
-        if dir.exists() && !to.exists() {
-            std::fs::rename(&dir, &to).with_context(|| format!("cannot move {} to {}", dir.display(), to.display()))?;
-        }
-        tern_driver::fs::create_dir_durably(&dir)?;
-        tern_driver::clone::prefer_in_place_writes(&dir)?;
-    }
-    tern_driver::fs::sync_dir(target.root())?;
-    log::warn!(
-        "{}: a new replication stream starts here; the previous one's replicas and points were moved to {} (remove it when no longer needed)",
-        target.root().display(),
-        history.display()
-    );
-    Ok(())
-}
-
-/// After a failback, the new stream's replicas here were seeded from the
-/// disks the VM ran on at this site (`failover/active/`): once every
-/// replica exists, that directory is the old failover's, and moves to
-/// `history/seeded-<stream id>/failover-active` (a rename: nothing is
-/// lost; the operator removes history when done with it). Left where it is
-/// while a process (a VM) still holds one of its disks.
-fn retire_seeding_failover(target: &TargetDir, manifest: &Manifest) -> Result<()> {
-    let active = target.root().join("failover").join("active");
-    let seeds_there = !manifest.disks.is_empty()
-        && manifest.disks.iter().all(|d| d.seed.as_ref().is_some_and(|s| target.seed_path(s).starts_with(&active)));
-    if !seeds_there || !active.is_dir() {
-        return Ok(());
-    }
-    if manifest.disks.iter().any(|d| !target.replica_path(&d.name).exists()) {
-        return Ok(());
-    }
-    if let Some((disk, holders)) = tern_driver::image_lock::first_in_use(&active) {
-        log::warn!(
-            "VM '{}': {} seeded the replicas but {} is still in use by {}: left in place; move it aside by hand once that VM is shut down",
-            manifest.name,
-            active.display(),
-            disk.display(),
-            tern_driver::image_lock::describe(&holders)
-        );
-        return Ok(());
-    }
-    let to = target.root().join("history").join(format!("seeded-{}", manifest.id));
-    tern_driver::fs::create_dir_durably(&to)?;
-    let to = to.join("failover-active");
-    std::fs::rename(&active, &to).with_context(|| format!("cannot move {} to {}", active.display(), to.display()))?;
-    tern_driver::fs::sync_dir(&target.root().join("failover"))?;
-    log::info!(
-        "VM '{}': the failed-back failover's disks in {} seeded the replicas; moved them to {} (remove it when no longer needed)",
-        manifest.name,
-        active.display(),
-        to.display()
-    );
-    Ok(())
-}
-
-/// Starts a replica as a clone of `seed` (a re-protected stream: the old
-/// version of the disk), published by rename only when complete.
-fn seed_replica(target: &TargetDir, disk: &str, seed: &Path, replica: &Path, size: u64) -> Result<()> {
-    let seed_size = std::fs::metadata(seed)
-        .with_context(|| {
-            format!(
-                "disk '{disk}': the replica's seed {} cannot be read at this target site ({}); make the old disk available at that path, or re-protect with --seed naming where it is, or with --no-seed (a full initial sync)",
-                seed.display(),
-                target.root().display()
-            )
-        })?
-        .len();
-    if seed_size != size {
-        bail!("disk '{disk}': the seed {} is {seed_size} bytes, the disk {size}", seed.display());
-    }
-    let tmp = replica.with_extension("img.seeding");
-    let _ = std::fs::remove_file(&tmp);
-    let method = clone_file(seed, &tmp)?;
-    std::fs::rename(&tmp, replica)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), replica.display()))?;
-    if let Some(parent) = replica.parent() {
-        tern_driver::fs::sync_dir(parent)?;
-    }
-    log::info!(
-        "disk '{disk}': replica {} seeded from {} ({}); a checksum comparison decides what is sent",
-        replica.display(),
-        seed.display(),
-        if method == CloneMethod::Reflink { "reflink" } else { "copy" }
-    );
-    Ok(())
-}
-
 /// VM directories of the cache store that have a manifest.
 fn vms_in(cache: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
@@ -313,10 +220,7 @@ struct VmApplier {
 impl VmApplier {
     fn open(cache_root: &Path, target_root: &Path, name: &str, options: &ApplyOptions) -> Result<Option<Self>> {
         let cache = CacheDir::new(cache_root, name);
-        let manifest = match cache.read_manifest()? {
-            Some(m) => m.map_err(anyhow::Error::msg)?,
-            None => return Ok(None),
-        };
+        let Some(manifest) = cache.read_manifest()? else { return Ok(None) };
         let target = TargetDir::new(target_root, name);
         // Durable in their parents: a checkpoint in a directory a power cut
         // takes away lets pruned segments go missing for good.
@@ -421,8 +325,8 @@ impl VmApplier {
     /// crash point, and when the cache has no more. App points flush the
     /// batch first.
     fn step(&mut self, stop: &AtomicBool) -> Result<usize> {
-        match self.cache.read_manifest()? {
-            Some(Ok(m)) if m.id == self.manifest.id => {}
+        match self.cache.read_manifest().or_else(FileError::damaged_as_none)? {
+            Some(m) if m.id == self.manifest.id => {}
             // Another stream took the VM's name over (after `tern failback`
             // the old one is removed from the cache, a new one starts):
             // applying stops here and restarts from its manifest.
@@ -431,7 +335,14 @@ impl VmApplier {
         // Read before the segments are listed: the point answering it then
         // holds every segment the cache had when it was asked for.
         let request = self.point_request();
-        if self.cache.read_fence()?.is_some() {
+        // A damaged fence is a fence still: applying past it could
+        // overwrite what the failed-over VM runs on.
+        let fenced = match self.cache.read_fence() {
+            Ok(fence) => fence.is_some(),
+            Err(FileError::Damaged { .. }) => true,
+            Err(e) => return Err(e.into()),
+        };
+        if fenced {
             // Failed over: the failed-over disks are the VM now, and
             // whatever the old source still ships is not applied.
             if let Some(r) = request {
@@ -508,7 +419,7 @@ impl VmApplier {
     /// VM's disks never change, and applying records checked against
     /// other sizes would extend a replica, or take points that miss disks.
     fn reread_manifest(&mut self) -> Result<()> {
-        let Some(Ok(m)) = self.cache.read_manifest()? else { return Ok(()) };
+        let Some(m) = self.cache.read_manifest().or_else(FileError::damaged_as_none)? else { return Ok(()) };
         if m.id != self.manifest.id {
             return Err(StreamReplaced.into());
         }
@@ -679,67 +590,6 @@ impl VmApplier {
         Ok(())
     }
 
-    /// Clones every replica (as applied up to `seq`) into a new point
-    /// directory, writes its `point.toml`, and renames it into the
-    /// catalog: a point is listed complete or not at all.
-    fn take_point(&mut self, seq: u64, epoch: u64, time_ns: u64, kind: PointKind, label: Option<String>) -> Result<()> {
-        let id = Point::make_id(seq, kind);
-        if self.target.point_dir(&id).exists() {
-            return Ok(()); // taken before a restart
-        }
-        let tmp = self.target.point_tmp_dir(&id);
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        // The replicas' data first (part of applying, not of the point), so
-        // the time logged is the clone's own.
-        for image in &self.replicas {
-            image.sync_data()?;
-        }
-        let started = std::time::Instant::now();
-        let mut disks = BTreeMap::new();
-        let mut method = CloneMethod::Reflink;
-        for (d, image) in self.manifest.disks.iter().zip(&self.replicas) {
-            let file = format!("{}.img", d.name);
-            if clone_file(image.path(), &tmp.join(&file))? == CloneMethod::Copy {
-                method = CloneMethod::Copy;
-            }
-            disks.insert(d.name.clone(), file);
-        }
-        fail::hit(Failpoint::ApplyPointCloned)?;
-        if method == CloneMethod::Copy && !self.warned_copy {
-            log::warn!(
-                "VM '{}': {} cannot share extents (no reflink): points are full copies, slow and space-hungry; put the target on btrfs or xfs",
-                self.name,
-                self.target.root().display()
-            );
-            self.warned_copy = true;
-        }
-        let point = Point {
-            version: TARGET_VERSION,
-            id: id.clone(),
-            seq,
-            epoch,
-            time_ns,
-            kind,
-            label,
-            clone: method.name().into(),
-            disks,
-        };
-        write_durably(&tmp.join("point.toml"), toml::to_string(&point)?.as_bytes())?;
-        let dir = self.target.point_dir(&id);
-        std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
-        tern_driver::fs::sync_dir(&self.target.points_dir())?;
-        log::info!(
-            "VM '{}': {}-consistent point {id} at seq {seq} (source time {}), {} in {:.1?}",
-            self.name,
-            kind.name(),
-            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(time_ns)),
-            method.name(),
-            started.elapsed()
-        );
-        Ok(())
-    }
-
     /// Deletes applied segments (after the checkpoint is durable), always
     /// leaving the newest: the shipper resumes from it.
     fn prune_segments(&self) -> Result<()> {
@@ -775,7 +625,7 @@ impl VmApplier {
     /// After a host crash at the source: publish the replicas' block hashes
     /// once it asks.
     fn answer_hash_request(&self) -> Result<()> {
-        let Some(Ok(request)) = self.cache.read_hash_request()? else { return Ok(()) };
+        let Some(request) = self.cache.read_hash_request().or_else(FileError::damaged_as_none)? else { return Ok(()) };
         // Only once the replica holds everything shipped before the crash
         // (it is in the crash's epoch): an answer from further back would
         // call a region equal that a later old-epoch segment then changes.
@@ -798,137 +648,7 @@ impl VmApplier {
         );
         Ok(())
     }
-
-    /// Deletes the points retention no longer keeps, ages measured on the
-    /// stream's clock (see [`stream_now`]).
-    fn thin_points(&self) -> Result<()> {
-        let points = self.target.list_points()?;
-        let policy = &self.manifest.policy;
-        let now = stream_now(&self.checkpoint, &points);
-        for id in expired_points(&points, now, policy.keep_all, policy.retention) {
-            let dir = self.target.point_dir(&id);
-            // Renamed out of the catalog first: never a half-deleted point.
-            fail::hit(Failpoint::ApplyPointExpire)?;
-            let doomed: PathBuf = self.target.points_dir().join(format!(".tmp-expired-{id}"));
-            std::fs::rename(&dir, &doomed).with_context(|| format!("cannot retire point {}", dir.display()))?;
-            std::fs::remove_dir_all(&doomed)?;
-            log::info!("VM '{}': point {id} expired (retention)", self.name);
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tern_driver::journal::RecordHeader;
-    use tern_store::cache::{Epoch, ManifestDisk, MANIFEST_VERSION};
-    use tern_store::segment::{Compression, Encoder, SegmentBuilder};
-
-    fn manifest(id: uuid::Uuid, disks: &[(&str, u64)], epochs: &[(u64, u64)]) -> Manifest {
-        Manifest {
-            version: MANIFEST_VERSION,
-            name: "vm1".into(),
-            id,
-            policy: tern_driver::vm::Policy::default(),
-            journal_size: None,
-            disks: disks
-                .iter()
-                .map(|&(name, size)| ManifestDisk { name: name.into(), size, source: None, seed: None })
-                .collect(),
-            epochs: epochs
-                .iter()
-                .map(|&(number, first_seq)| Epoch { number, first_seq, reason: "test".into() })
-                .collect(),
-        }
-    }
-
-    /// A segment of one write of `len` bytes of `byte` at `offset` of disk 0.
-    fn write_segment(cache: &CacheDir, id: uuid::Uuid, epoch: u64, seq: u64, offset: u64, len: usize, byte: u8) {
-        let mut b = SegmentBuilder::new(*id.as_bytes(), epoch, seq);
-        let h = RecordHeader {
-            seq,
-            offset,
-            time_ns: 1,
-            length: len as u32,
-            data_len: len as u32,
-            disk: 0,
-            kind: RecordKind::Write,
-            flags: 0,
-        };
-        b.push(&h, &vec![byte; len]).unwrap();
-        let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
-        std::fs::create_dir_all(cache.segments_dir()).unwrap();
-        std::fs::write(cache.segment_path(header.first_seq, header.last_seq), bytes).unwrap();
-    }
-
-    /// Issue 18 (item 1): inside a resync window there is no consistent
-    /// point at the newest data: `--latest` says so and names the newest
-    /// consistent point instead.
-    #[test]
-    fn latest_inside_a_resync_window_names_the_newest_consistent_point() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
-        let cache = CacheDir::new(&cache_root, "vm1");
-        std::fs::create_dir_all(cache.root()).unwrap();
-        std::fs::create_dir_all(&target_root).unwrap();
-        let id = uuid::Uuid::from_bytes([7; 16]);
-        let write_manifest = |m: &Manifest| std::fs::write(cache.manifest_path(), toml::to_string(m).unwrap()).unwrap();
-        write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]));
-        write_segment(&cache, id, 1, 1, 0, 4096, 1);
-        let first = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect("a point at seq 1");
-        assert_eq!(first.seq, 1);
-        // Records 2..4 were lost at the source (a host crash): epoch 2
-        // starts at seq 5 inside a resync window.
-        write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1), (2, 5)]));
-        write_segment(&cache, id, 2, 5, 8192, 4096, 2);
-        let err = format!("{:#}", latest::catch_up_and_point(&cache_root, &target_root, "vm1").unwrap_err());
-        assert!(err.contains("inside a resync window at seq 5"), "{err}");
-        assert!(err.contains(&format!("the newest consistent point is {} (seq 1)", first.id)), "{err}");
-        assert!(err.contains("--latest-point"), "{err}");
-        let points = TargetDir::new(&target_root, "vm1").list_points().unwrap();
-        assert_eq!(points.len(), 1, "no point inside the window");
-    }
-
-    #[test]
-    fn a_manifest_whose_disks_change_under_a_running_applier_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
-        let cache = CacheDir::new(&cache_root, "vm1");
-        std::fs::create_dir_all(cache.root()).unwrap();
-        let id = uuid::Uuid::from_bytes([9; 16]);
-        let write_manifest = |m: &Manifest| std::fs::write(cache.manifest_path(), toml::to_string(m).unwrap()).unwrap();
-        write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]));
-        write_segment(&cache, id, 1, 1, 0, 4096, 1);
-        let options = ApplyOptions { once: true, keep_segments: true, ..Default::default() };
-        let mut applier = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
-        let stop = AtomicBool::new(false);
-        assert_eq!(applier.step(&stop).unwrap(), 1);
-        // The cache now claims a larger disk (and a new epoch, so the
-        // applier re-reads it), and a write past the replica's end.
-        write_manifest(&manifest(id, &[("disk0", 2 << 20)], &[(1, 1), (2, 100)]));
-        write_segment(&cache, id, 2, 100, 1536 << 10, 4096, 2);
-        let err = applier.step(&stop).expect_err("a disk that changed size must be refused");
-        assert!(format!("{err:#}").contains("disk"), "{err:#}");
-        let replica = TargetDir::new(&target_root, "vm1").replica_path("disk0");
-        assert_eq!(std::fs::metadata(replica).unwrap().len(), 1 << 20, "the replica was extended");
-    }
-
-    #[test]
-    fn retiring_a_stream_interrupted_half_way_finishes_without_mixing_old_points_in() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = TargetDir::new(dir.path(), "vm1");
-        let old = uuid::Uuid::from_bytes([4; 16]);
-        std::fs::create_dir_all(target.point_dir("10")).unwrap();
-        std::fs::create_dir_all(target.replica_dir()).unwrap();
-        std::fs::write(target.checkpoint_path(), "old").unwrap();
-        // The crash came after the points were moved, before the replicas.
-        std::fs::create_dir_all(target.history_dir(&old)).unwrap();
-        std::fs::rename(target.points_dir(), target.history_dir(&old).join("points")).unwrap();
-        retire_previous_stream(&target, &old).unwrap();
-        assert!(target.history_dir(&old).join("points/10").is_dir(), "the old points stay in history");
-        assert!(target.history_dir(&old).join("replica/checkpoint.toml").is_file());
-        assert!(target.list_points().unwrap().is_empty() && !target.checkpoint_path().exists());
-        assert!(target.points_dir().is_dir() && target.replica_dir().is_dir());
-    }
-}
+mod tests;

@@ -1,3 +1,6 @@
+//! `tern apply`: its arguments, the signals that stop it, and the start
+//! of the applier ([`crate::apply::run`]) at the target site.
+
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

@@ -132,7 +132,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
         std::thread::spawn(move || {
             let mut rpos = Vec::new();
             while !stop.load(Ordering::Acquire) {
-                if let Ok(s) = crate::cmd::status::vm_status(&paths, &config, crate::cmd::status::Shipper::FromFiles) {
+                if let Ok(s) = crate::status::vm_status(&paths, &config, crate::status::Shipper::FromFiles) {
                     rpos.extend(s.rpo_seconds);
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -214,7 +214,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     crate::apply::run(&cache_root, &target_root, Some("vm1"), &options, Arc::new(AtomicBool::new(false)))?;
     stop_sampler.store(true, Ordering::Release);
     let rpos = sampler.join().map_err(|_| anyhow::anyhow!("the sampler thread panicked"))?;
-    let rpo_now = crate::cmd::status::vm_status(&paths, &enabled.config, crate::cmd::status::Shipper::FromFiles)?
+    let rpo_now = crate::status::vm_status(&paths, &enabled.config, crate::status::Shipper::FromFiles)?
         .rpo_seconds
         .unwrap_or(f64::NAN);
     let target = tern_store::target::TargetDir::new(&target_root, "vm1");
@@ -236,11 +236,11 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let (failover_same, failover_line) = match app {
         Some(p) => {
             let started = Instant::now();
-            let f = crate::cmd::failover::make_failover(
+            let f = crate::failover::make_failover(
                 &dir.join("target"),
                 &dir.join("cache"),
                 "vm1",
-                &crate::cmd::failover::Choice::Point(p.id.clone()),
+                &crate::failover::Choice::Point(p.id.clone()),
                 Some("drill"),
                 true,
             )?;
@@ -263,7 +263,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     // 7. Verify: the replica against the source, region by region.
     let sources = vec![("disk0".to_string(), image.clone())];
     let replica_dir = target.replica_dir();
-    let differing: u64 = crate::cmd::verify::compare(&sources, &replica_dir, 64 << 10)?
+    let differing: u64 = crate::verify::compare(&sources, &replica_dir, 64 << 10)?
         .iter()
         .flat_map(|(_, ranges)| ranges.iter().map(|(s, e)| e - s))
         .sum();

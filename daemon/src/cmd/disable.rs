@@ -8,7 +8,7 @@ use tern_driver::bitmap::DirtyBitmap;
 use tern_driver::units::Size;
 use tern_driver::vm::VmPaths;
 
-use crate::cmd::status::{dirty_bytes, vm_status, Shipper};
+use crate::status::{dirty_bytes, vm_status, Shipper};
 use crate::Cli;
 
 #[derive(Debug, clap::Args)]

@@ -1,3 +1,7 @@
+//! `tern enable`: its arguments (disks, cache, target, journal size and
+//! policy) turned into an [`tern_driver::vm::EnableSpec`], and what it
+//! prints about the initial sync to come.
+
 use std::path::PathBuf;
 use std::time::Duration;
 

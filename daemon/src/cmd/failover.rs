@@ -1,17 +1,16 @@
-//! `tern failover --test` and `tern failover-cleanup`: a VM's disks as of a
-//! recovery point, cloned into their own directory with a launch script,
-//! while replication goes on untouched.
+//! `tern failover`, `tern commit` and `tern failover-cleanup`: their
+//! arguments, the sites they act on, and what they print. The work is in
+//! [`crate::failover`].
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tern_driver::fail::{self, Failpoint};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
-use tern_driver::clone::{clone_file, CloneMethod};
+use anyhow::{Context, Result};
 use tern_driver::vm::{validate_name, VmPaths};
-use tern_store::cache::{CacheDir, Fence};
-use tern_store::target::{Point, TargetDir};
+use tern_store::cache::CacheDir;
+use tern_store::target::TargetDir;
 
+use crate::failover::{make_failover, real_failover, Choice};
 use crate::Cli;
 
 #[derive(Debug, clap::Args)]
@@ -73,17 +72,11 @@ pub struct CommitArgs {
 /// `tern commit`: the failover stands; no other point may be chosen.
 pub fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
     let (target_root, cache_root) = sites(cli, &a.vm, a.target.as_deref(), a.cache.as_deref())?;
-    let cache = CacheDir::new(&cache_root, &a.vm);
-    let Some(fence) = cache.read_fence()? else {
-        bail!("VM '{}' has not failed over: there is nothing to commit (`tern failover {}` first)", a.vm, a.vm);
-    };
-    let mut fence = fence.map_err(anyhow::Error::msg)?;
-    if fence.committed {
+    let (fence, already) = crate::failover::commit(&CacheDir::new(&cache_root, &a.vm), &a.vm)?;
+    if already {
         println!("VM '{}': the failover to point {} was already committed", a.vm, fence.point);
         return Ok(());
     }
-    fence.committed = true;
-    tern_driver::fs::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
     let dir = TargetDir::new(&target_root, &a.vm).root().join("failover").join("active");
     println!(
         "VM '{}': failover to point {} (seq {}) committed; it runs from {}; re-protect it to replicate it back",
@@ -103,18 +96,6 @@ pub struct CleanupArgs {
     #[arg(long)]
     pub target: Option<PathBuf>,
 }
-
-/// Which point a failover uses.
-#[derive(Debug, Clone)]
-pub enum Choice {
-    /// A point of the catalog, by id.
-    Point(String),
-    /// The newest data: everything the cache holds applied, a point there.
-    Latest,
-    /// The newest point of the catalog.
-    LatestPoint,
-}
-
 impl Args {
     fn choice(&self) -> Choice {
         match (&self.point, self.latest_point) {
@@ -144,24 +125,13 @@ fn sites(cli: &Cli, vm: &str, target: Option<&Path>, cache: Option<&Path>) -> Re
     Ok((target, cache))
 }
 
-/// A failover's directory, made by [`make_failover`].
-pub struct Failover {
-    pub name: String,
-    pub dir: PathBuf,
-    pub point: Point,
-    /// Disk name → the failover's image of it.
-    pub disks: Vec<(String, PathBuf)>,
-    /// The target could not reflink: the disks are full copies.
-    pub copied: bool,
-}
-
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let (target_root, cache_root) = sites(cli, &a.vm, a.target.as_deref(), a.cache.as_deref())?;
     let started = Instant::now();
     let f = if a.test {
         make_failover(&target_root, &cache_root, &a.vm, &a.choice(), a.name.as_deref(), true)?
     } else {
-        real_failover(&target_root, &cache_root, a)?
+        real_failover(&target_root, &cache_root, &a.vm, &a.choice(), a.planned.then_some(a.timeout))?
     };
     if a.boot {
         let log = f.dir.join("console.log");
@@ -223,263 +193,9 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The real failover: fence the source off through the cache (it stops
-/// shipping, and the applier applies nothing more for the VM), then clone
-/// the point into `failover/active/`. Before `tern commit`, running it again
-/// replaces that directory with another point's disks.
-fn real_failover(target_root: &Path, cache_root: &Path, a: &Args) -> Result<Failover> {
-    let vm = a.vm.as_str();
-    let cache = CacheDir::new(cache_root, vm);
-    let previous = cache.read_fence()?.transpose().map_err(anyhow::Error::msg)?;
-    if let Some(f) = &previous {
-        if f.committed {
-            bail!(
-                "VM '{vm}' failed over to point {} and that was committed: it runs from the target now; re-protect it to replicate it back",
-                f.point
-            );
-        }
-    }
-    let manifest = cache
-        .read_manifest()?
-        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped here", cache.root().display()))?
-        .map_err(anyhow::Error::msg)?;
-    let target = TargetDir::new(target_root, vm);
-    // Choose (for --latest: catch up and point) before fencing, so the
-    // point holds everything the cache had.
-    let active = target.root().join("failover").join("active");
-    refuse_if_in_use(vm, &active)?;
-    let stopped_at = if a.planned { Some(stop_source(&cache, &manifest, vm, a.timeout)?) } else { None };
-    let point = choose_point(&target, cache_root, target_root, vm, &a.choice())?;
-    if let Some(seq) = stopped_at {
-        if point.seq < seq {
-            bail!(
-                "VM '{vm}': the point taken ({}, seq {}) lacks what the source wrote up to seq {seq}: nothing is fenced; the source stays stopped ({} remains): run the planned failover again",
-                point.id,
-                point.seq,
-                cache.planned_failover_path().display()
-            );
-        }
-    }
-    write_fence(&cache, &manifest, previous.as_ref(), &point, false)?;
-    if a.planned {
-        // The fence stops the source for good now.
-        let _ = std::fs::remove_file(cache.planned_failover_path());
-    }
-    // Checked again: a VM may have started on it while the point was made.
-    refuse_if_in_use(vm, &active)?;
-    if active.exists() {
-        log::warn!(
-            "VM '{vm}': replacing the uncommitted failover in {} (its disks' changes are discarded)",
-            active.display()
-        );
-        std::fs::remove_dir_all(&active).with_context(|| format!("cannot remove {}", active.display()))?;
-    }
-    make_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false)
-}
-
-/// A planned failover's first half: asks the source to stop (its `tern
-/// serve` refuses writes and exits cleanly) and waits until its `tern ship`
-/// records that everything it journaled is in the cache. Returns that last
-/// sequence number. Called off (the request removed) if that does not
-/// happen within `timeout`.
-fn stop_source(cache: &CacheDir, manifest: &tern_store::cache::Manifest, vm: &str, timeout: Duration) -> Result<u64> {
-    let request = tern_store::cache::PlannedFailover {
-        version: 1,
-        requested_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-    };
-    tern_driver::fs::write_durably(&cache.planned_failover_path(), toml::to_string(&request)?.as_bytes())?;
-    log::info!(
-        "VM '{vm}': planned failover: asked the source to stop ({}); waiting up to {} for it to ship everything",
-        cache.planned_failover_path().display(),
-        humantime::format_duration(timeout)
-    );
-    let started = Instant::now();
-    let mut told = started;
-    loop {
-        let newest = match cache.newest_segment()? {
-            Some(h) => h.map_err(|e| anyhow::anyhow!("{e}"))?.last_seq,
-            None => manifest.epoch().first_seq.saturating_sub(1),
-        };
-        if let Some(Ok(s)) = cache.read_source_stopped()? {
-            // Written for this request: a marker from before it may be
-            // stale (a front-end attached since, with no shipper to see it).
-            if s.vm_id == manifest.id && s.seq >= newest && s.planned_request == Some(request.requested_unix_ms) {
-                log::info!("VM '{vm}': the source stopped and shipped everything, up to seq {}", s.seq);
-                return Ok(s.seq);
-            }
-        }
-        if started.elapsed() >= timeout {
-            let _ = std::fs::remove_file(cache.planned_failover_path());
-            bail!(
-                "VM '{vm}': the source did not stop and ship everything within {} (the cache holds up to seq {newest}): is its `tern ship` running? The planned failover is called off and the source may serve again; or fail over unplanned with `tern failover {vm}`",
-                humantime::format_duration(timeout)
-            );
-        }
-        if told.elapsed() >= Duration::from_secs(5) {
-            log::info!(
-                "VM '{vm}': waiting {}s for the source: its `tern serve` stops within a second of the request, then its `tern ship` ships the rest and records the stop (the cache holds up to seq {newest})",
-                started.elapsed().as_secs()
-            );
-            told = Instant::now();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Refuses to replace the uncommitted failover's disks while a process
-/// (the failed-over VM) holds one open: it would go on writing to a
-/// deleted file, its writes lost without a word.
-fn refuse_if_in_use(vm: &str, active: &Path) -> Result<()> {
-    if let Some((disk, holders)) = tern_driver::image_lock::first_in_use(active) {
-        bail!(
-            "VM '{vm}': the failover's disk {} is in use by {}: the failed-over VM runs on it; shut it down before failing over to another point (or `tern commit {vm}` to keep this one)",
-            disk.display(),
-            tern_driver::image_lock::describe(&holders)
-        );
-    }
-    Ok(())
-}
-
-/// Fences the VM's stream at `point`: the source ships nothing more (it
-/// sees the fence) and no applier applies anything more for it.
-pub fn write_fence(
-    cache: &CacheDir,
-    manifest: &tern_store::cache::Manifest,
-    previous: Option<&Fence>,
-    point: &Point,
-    committed: bool,
-) -> Result<Fence> {
-    let fence = Fence {
-        version: 1,
-        epoch: previous.map_or(manifest.epoch().number + 1, |f| f.epoch),
-        point: point.id.clone(),
-        seq: point.seq,
-        failed_over_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-        committed,
-    };
-    fail::hit(Failpoint::FailoverFenceWrite)?;
-    tern_driver::fs::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
-    Ok(fence)
-}
-
-pub fn choose_point(
-    target: &TargetDir,
-    cache_root: &Path,
-    target_root: &Path,
-    vm: &str,
-    choice: &Choice,
-) -> Result<Point> {
-    match choice {
-        Choice::Point(id) => target
-            .list_points()?
-            .into_iter()
-            .find(|p| &p.id == id)
-            .with_context(|| format!("VM '{vm}' has no point '{id}'; `tern points {vm}` lists them")),
-        Choice::Latest => crate::apply::latest_applied_point(cache_root, target_root, vm),
-        Choice::LatestPoint => target.list_points()?.into_iter().max_by_key(|p| p.seq).with_context(|| {
-            format!(
-                "VM '{vm}' has no point yet at {}; --latest applies what the cache holds and takes one",
-                target.root().display()
-            )
-        }),
-    }
-}
-
-/// Clones the disks of the point `choice` names into
-/// `<target>/<vm>/failover/<name>/` with a launch script. A test failover
-/// leaves replication untouched.
-pub fn make_failover(
-    target_root: &Path,
-    cache_root: &Path,
-    vm: &str,
-    choice: &Choice,
-    name: Option<&str>,
-    test: bool,
-) -> Result<Failover> {
-    let target = TargetDir::new(target_root, vm);
-    if !matches!(choice, Choice::Latest) && !target.root().is_dir() {
-        bail!("{} does not exist: VM '{vm}' has no replica at this target site", target.root().display());
-    }
-    let point = choose_point(&target, cache_root, target_root, vm, choice)?;
-    let failovers = target.root().join("failover");
-    tern_driver::fs::create_dir_durably(&failovers)?;
-    let name = match name {
-        Some(n) => {
-            validate_name("failover", n)?;
-            n.to_owned()
-        }
-        None => (1..).map(|i| format!("test-{i}")).find(|n| !failovers.join(n).exists()).expect("a free name"),
-    };
-    if test && name == "active" {
-        bail!("'active' is the name of the real failover's directory; pick another --name");
-    }
-    let dir = failovers.join(&name);
-    if dir.exists() {
-        bail!("{} exists: pick another --name, or remove it with `tern failover-cleanup {vm} {name}`", dir.display());
-    }
-    let tmp = failovers.join(format!(".tmp-{name}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut disks = Vec::new();
-    let mut copied = false;
-    for (disk, file) in &point.disks {
-        copied |= clone_file(&target.point_dir(&point.id).join(file), &tmp.join(file))? == CloneMethod::Copy;
-        disks.push((disk.clone(), dir.join(file)));
-    }
-    fail::hit(Failpoint::FailoverDisksCloned)?;
-    tern_driver::fs::write_durably(&tmp.join("launch.sh"), launch_script(vm, &disks).as_bytes())?;
-    set_executable(&tmp.join("launch.sh"))?;
-    let info = format!(
-        "version = 1\nvm = \"{vm}\"\npoint = \"{}\"\nseq = {}\nkind = \"{}\"\ntest = {test}\n",
-        point.id,
-        point.seq,
-        point.kind.name()
-    );
-    tern_driver::fs::write_durably(&tmp.join("failover.toml"), info.as_bytes())?;
-    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
-    tern_driver::fs::sync_dir(&failovers)?;
-    Ok(Failover { name, dir, point, disks, copied })
-}
-
-fn launch_script(vm: &str, disks: &[(String, PathBuf)]) -> String {
-    let drives: Vec<String> = disks
-        .iter()
-        .map(|(_, p)| format!("    -drive file={},format=raw,if=virtio,cache=none \\\n", p.display()))
-        .collect();
-    format!(
-        "#!/bin/sh\n# Test failover of VM '{vm}', made by `tern failover --test`.\n# No network (-nic none): isolated from production. Adjust memory, CPUs and\n# firmware to the VM's own settings.\nexec qemu-system-x86_64 -name {vm}-test -m 2048 -smp 2 \\\n{}    -nic none -display none -serial mon:stdio \"$@\"\n",
-        drives.concat()
-    )
-}
-
-fn set_executable(p: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
-    Ok(())
-}
-
 pub fn cleanup(cli: &Cli, a: &CleanupArgs) -> Result<()> {
     let (target_root, _) = sites(cli, &a.vm, a.target.as_deref(), None)?;
-    validate_name("failover", &a.name)?;
-    let failovers = TargetDir::new(&target_root, &a.vm).root().join("failover");
-    let dir = failovers.join(&a.name);
-    if !dir.join("failover.toml").is_file() {
-        let existing: Vec<String> = std::fs::read_dir(&failovers)
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
-        bail!(
-            "VM '{}' has no failover named '{}' in {} (there: {})",
-            a.vm,
-            a.name,
-            failovers.display(),
-            if existing.is_empty() { "none".to_string() } else { existing.join(", ") }
-        );
-    }
-    let info = std::fs::read_to_string(dir.join("failover.toml")).unwrap_or_default();
-    if info.lines().any(|l| l.trim() == "test = false") {
-        bail!("'{}' is VM '{}''s real failover, not a test: it is not removed by failover-cleanup", a.name, a.vm);
-    }
-    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    let dir = crate::failover::remove_test(&target_root, &a.vm, &a.name)?;
     println!("removed test failover '{}' of VM '{}' ({})", a.name, a.vm, dir.display());
     Ok(())
 }

@@ -1,3 +1,7 @@
+//! `tern journal dump|dirty|replay`: a VM's journal and bitmaps read
+//! offline, for support and for the tests' oracle (replaying a journal onto
+//! copies of the disks).
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};

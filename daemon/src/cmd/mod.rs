@@ -22,20 +22,3 @@ pub fn parse_onto(s: &str) -> Result<(String, std::path::PathBuf), String> {
         _ => Err(format!("{s:?}: expected NAME=PATH, as in disk0=/var/lib/images/vm1.img")),
     }
 }
-
-/// What to do about the system errors an operator meets most, found
-/// anywhere in an error's chain of causes (the error itself names the file).
-pub fn hint_for(e: &anyhow::Error) -> Option<&'static str> {
-    let errno = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error))?;
-    match errno {
-        nix::libc::ENOSPC | nix::libc::EDQUOT => Some(
-            "the filesystem named above is full: free space there (at a target site, `tern points` shows what old points hold; retention removes expired ones) and run the command again",
-        ),
-        nix::libc::EROFS => Some("the filesystem named above is mounted read-only: remount it read-write"),
-        nix::libc::EACCES | nix::libc::EPERM => {
-            Some("permission denied on the path named above: run tern as the user that owns it (usually root)")
-        }
-        nix::libc::EIO => Some("the storage under the path named above reported an I/O error: check the device (dmesg)"),
-        _ => None,
-    }
-}

@@ -1,3 +1,6 @@
+//! `tern points`: the recovery points of a VM at the target site, from its
+//! catalog, as text or JSON.
+
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 

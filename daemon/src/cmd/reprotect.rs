@@ -1,29 +1,15 @@
-//! `tern reprotect` and `tern failback`: after a failover, replicate the VM
-//! back the other way, and later return it to its original site.
-//!
-//! Both start a new replication stream (a new VM id) whose replica at the
-//! far site is *seeded* with the version of the disks already there — the
-//! old source images for a re-protect, the disks the VM ran on at the
-//! failover site for a failback — and whose first step is the checksum
-//! comparison a host crash uses: the target hashes its seeded replica, the
-//! source re-sends only the regions that differ. One mechanism (resync)
-//! again, so "only the changed blocks travel" is the same code as every
-//! other catch-up.
+//! `tern reprotect` and `tern failback`: their arguments and what they
+//! print; the work is [`crate::reprotect`].
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use tern_driver::clone::clone_file;
+use anyhow::Result;
 use tern_driver::units::Size;
-use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy, VmConfig, VmPaths};
-use tern_store::cache::{CacheDir, Manifest};
-use tern_store::target::{Point, TargetDir};
+use tern_driver::vm::{InitialSync, VmConfig, VmPaths};
 
-use crate::cmd::failover::{choose_point, write_fence, Choice};
+use crate::reprotect::{Failback, FailedBack, Reprotect};
 use crate::Cli;
-use tern_driver::fail::{self, Failpoint};
 
 #[derive(Debug, clap::Args)]
 pub struct ReprotectArgs {
@@ -74,79 +60,23 @@ pub struct ReprotectArgs {
 /// `failover/active/`) towards `--target`, seeding the replicas there from
 /// the old source images.
 pub fn reprotect(cli: &Cli, a: &ReprotectArgs) -> Result<()> {
-    vm::validate_name("VM", &a.vm)?;
-    let from_cache = CacheDir::new(&a.from_cache, &a.vm);
-    let fence = from_cache
-        .read_fence()?
-        .with_context(|| {
-            format!(
-                "VM '{}' has not failed over (no {}): `tern failover {}` and `tern commit {}` come before a re-protect",
-                a.vm,
-                from_cache.fence_path().display(),
-                a.vm,
-                a.vm
-            )
-        })?
-        .map_err(anyhow::Error::msg)?;
-    if !fence.committed {
-        bail!(
-            "VM '{}' failed over to point {} but that is not committed: check the VM, run `tern commit {}`, then re-protect",
-            a.vm,
-            fence.point,
-            a.vm
-        );
-    }
-    let manifest = read_manifest(&from_cache, &a.vm)?;
-    let active = TargetDir::new(&a.from_target, &a.vm).root().join("failover").join("active");
-    refuse_running_qemu(&active, &a.vm)?;
-    let mut disks = Vec::new();
-    for d in &manifest.disks {
-        let path = active.join(format!("{}.img", d.name));
-        if !path.is_file() {
-            bail!(
-                "disk '{}' of the failed-over VM is not at {} (is --from-target the site it failed over at?)",
-                d.name,
-                path.display()
-            );
-        }
-        disks.push((d.name.clone(), path));
-    }
-    let mut seeds = BTreeMap::new();
-    if !a.no_seed {
-        for d in &manifest.disks {
-            if let Some(source) = &d.source {
-                seeds.insert(d.name.clone(), source.clone());
-            }
-        }
-        for (name, path) in &a.seeds {
-            if !manifest.disks.iter().any(|d| &d.name == name) {
-                bail!("--seed {name}={}: VM '{}' has no disk '{name}'", path.display(), a.vm);
-            }
-            seeds.insert(name.clone(), path.clone());
-        }
-    }
-    let policy = Policy {
-        interval: a.interval.unwrap_or(manifest.policy.interval),
-        retention: a.retention.unwrap_or(manifest.policy.retention),
-        ..manifest.policy.clone()
-    };
-    let spec = EnableSpec {
-        name: a.vm.clone(),
-        disks,
-        cache: a.cache.clone(),
-        target: a.target.clone(),
-        journal: JournalConfig {
-            size: a.journal_size.or(manifest.journal_size.map(Size)).unwrap_or(Size::gib(1)),
+    let (config, initial) = crate::reprotect::reprotect(
+        &cli.state,
+        &Reprotect {
+            vm: &a.vm,
+            cache: &a.cache,
+            target: &a.target,
+            from_target: &a.from_target,
+            from_cache: &a.from_cache,
+            seeds: &a.seeds,
+            no_seed: a.no_seed,
+            journal_size: a.journal_size,
             region_size: a.region_size,
+            interval: a.interval,
+            retention: a.retention,
         },
-        policy,
-        initial_sync: initial_sync(seeds),
-    };
-    fail::hit(Failpoint::ReprotectEnable)?;
-    let enabled = vm::enable(&cli.state, &spec).with_context(|| {
-        format!("cannot re-protect VM '{}' (at the failed-over site, use a --state of its own)", a.vm)
-    })?;
-    report_enabled(cli, &enabled.config, &spec.initial_sync);
+    )?;
+    report_enabled(cli, &config, &initial);
     Ok(())
 }
 
@@ -184,382 +114,32 @@ pub struct FailbackArgs {
 /// seeding the replica there from the disks it ran on.
 pub fn failback(cli: &Cli, a: &FailbackArgs) -> Result<()> {
     let started = Instant::now();
-    let paths = VmPaths::new(&cli.state, &a.vm)?;
-    restore_interrupted_failback(&cli.state, &a.vm, paths.dir())?;
-    let config = paths.load_config()?;
-    // Nothing may serve or ship the old disks while they are replaced.
-    let _frontend = tern_driver::fs::lock_exclusive(&paths.frontend_lock(), &format!("VM '{}'", a.vm), "a front-end")
-        .context("stop `tern serve` (and the VM) for this VM before failing back")?;
-    let _consumer =
-        tern_driver::fs::lock_exclusive(&paths.consumer_lock(), &format!("VM '{}'", a.vm), "a journal consumer")
-            .context("stop `tern ship` for this VM before failing back")?;
-    let reverse = CacheDir::new(&a.cache, &a.vm);
-    let manifest = read_manifest(&reverse, &a.vm)?;
-    for d in &config.disks {
-        match manifest.disks.iter().find(|m| m.name == d.name) {
-            Some(m) if m.size == d.size => {}
-            _ => bail!(
-                "{} does not hold disk '{}' of {} bytes: is --cache the re-protected direction of this VM?",
-                reverse.manifest_path().display(),
-                d.name,
-                d.size
-            ),
-        }
-        let meta = std::fs::metadata(&d.path).with_context(|| format!("cannot read {}", d.path.display()))?;
-        if !meta.is_file() {
-            bail!(
-                "disk '{}' is {}, not an image file: failback writes image files only; copy the point onto the device yourself",
-                d.name,
-                d.path.display()
-            );
-        }
-    }
-    // The point: a failback that stopped half-way uses the point it fenced.
-    let previous = reverse.read_fence()?.transpose().map_err(anyhow::Error::msg)?;
-    if let Some(f) = previous.as_ref().filter(|f| f.committed) {
-        // A finished failback enabled the VM afresh after fencing: running
-        // it again would overwrite the disks, and every write since, with
-        // the old point.
-        let enabled_ms = std::fs::metadata(paths.config())
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as u64);
-        if enabled_ms > f.failed_over_unix_ms {
-            if finish_failback_cleanup(&cli.state, &config.cache, &a.vm, &config.id)? {
-                println!(
-                    "VM '{}' already failed back to point {}; finished the clean-up an interrupted run left",
-                    a.vm, f.point
-                );
-                return Ok(());
-            }
-            bail!(
-                "VM '{}' already failed back to point {} ({} was written after {}): its disks here hold that point and the original direction is protected again; nothing to do",
-                a.vm,
-                f.point,
-                paths.config().display(),
-                reverse.fence_path().display()
-            );
-        }
-    }
-    if previous.is_none() {
-        // The fence drops whatever the failover site ships after it.
-        check_source_stopped(&reverse, &manifest, &a.vm, a.force)?;
-        // And the disks here are replaced: what this site wrote after it
-        // failed over is lost.
-        check_split_brain(&paths, &config, a.discard_source_changes)?;
-    }
-    let target = TargetDir::new(&a.target, &a.vm);
-    let point = match (&previous, &a.point) {
-        (Some(f), None) if f.committed => {
-            choose_point(&target, &a.cache, &a.target, &a.vm, &Choice::Point(f.point.clone()))?
-        }
-        (_, Some(id)) => choose_point(&target, &a.cache, &a.target, &a.vm, &Choice::Point(id.clone()))?,
-        (_, None) => choose_point(&target, &a.cache, &a.target, &a.vm, &Choice::Latest)?,
+    let request = Failback {
+        vm: &a.vm,
+        cache: &a.cache,
+        target: &a.target,
+        point: a.point.as_deref(),
+        force: a.force,
+        discard_source_changes: a.discard_source_changes,
     };
-    write_fence(&reverse, &manifest, previous.as_ref(), &point, true)?;
-    log::info!("VM '{}': the failover site is fenced at point {} (seq {})", a.vm, point.id, point.seq);
-    restore_disks(&config, &target, &point)?;
-    fail::hit(Failpoint::FailbackDisksRestored)?;
-    // A new stream in the original direction. Its replica there starts as
-    // the disks the VM ran on at the failover site.
-    let seeds: BTreeMap<String, PathBuf> = config
-        .disks
-        .iter()
-        .map(|d| (d.name.clone(), Path::new("failover/active").join(format!("{}.img", d.name))))
-        .collect();
-    let spec = EnableSpec {
-        name: a.vm.clone(),
-        disks: config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect(),
-        cache: config.cache.clone(),
-        target: config.target.clone(),
-        journal: config.journal.clone(),
-        policy: config.policy.clone(),
-        initial_sync: initial_sync(seeds),
-    };
-    // The old direction's stream in the cache ended with the failover (its
-    // fence would stop the new one, which ships to the same place): retired
-    // before the new direction exists.
-    fail::hit(Failpoint::FailbackCacheRetire)?;
-    retire_cache_dir(&config.cache, &a.vm, &config.id)?;
-    let retired = cli.state.join(format!(".{}.failed-back-{}", a.vm, config.id));
-    std::fs::rename(paths.dir(), &retired).with_context(|| format!("cannot move {} aside", paths.dir().display()))?;
-    fail::hit(Failpoint::FailbackStateMoved)?;
-    let enabled = match vm::enable(&cli.state, &spec) {
-        Ok(e) => e,
-        Err(e) => {
-            let _ = std::fs::rename(&retired, paths.dir());
-            return Err(anyhow::Error::new(e).context(format!("cannot protect VM '{}' again", a.vm)));
-        }
-    };
-    fail::hit(Failpoint::FailbackEnabled)?;
-    finish_failback_cleanup(&cli.state, &config.cache, &a.vm, &enabled.config.id)?;
-    println!(
-        "VM '{}' failed back to point {} (seq {}) in {:.2?}: its disks at this site hold that point",
-        a.vm,
-        point.id,
-        point.seq,
-        started.elapsed()
-    );
-    report_enabled(cli, &enabled.config, &spec.initial_sync);
-    println!(
-        "at the failover site: stop the VM and its `tern serve`/`tern ship` (they are fenced) and remove its state there"
-    );
-    Ok(())
-}
-
-/// Requires that the VM at the failover site stopped cleanly and shipped
-/// everything (its `tern ship` says so in `source-stopped.toml`), unless
-/// `force`: the fence drops whatever it ships later.
-fn check_source_stopped(cache: &CacheDir, manifest: &Manifest, vm: &str, force: bool) -> Result<()> {
-    let newest = match cache.newest_segment()? {
-        Some(h) => h.map_err(|e| anyhow::anyhow!("{e}"))?.last_seq,
-        None => manifest.epoch().first_seq.saturating_sub(1),
-    };
-    let path = cache.source_stopped_path();
-    let why = match cache.read_source_stopped()? {
-        Some(Ok(s)) if s.vm_id == manifest.id && s.seq >= newest => return Ok(()),
-        Some(Ok(s)) if s.vm_id == manifest.id => format!(
-            "it recorded a clean stop at seq {}, but the cache holds records up to seq {newest} shipped since: it runs again",
-            s.seq
+    match crate::reprotect::failback(&cli.state, &request)? {
+        FailedBack::CleanupFinished { point } => println!(
+            "VM '{}' already failed back to point {point}; finished the clean-up an interrupted run left",
+            a.vm
         ),
-        Some(Ok(s)) => format!("{} belongs to another stream (id {})", path.display(), s.vm_id),
-        Some(Err(e)) => e,
-        None => format!("it has recorded no clean stop in {} (the cache holds records up to seq {newest})", path.display()),
-    };
-    if force {
-        log::warn!(
-            "VM '{vm}': --force: failing back to what the cache holds although {why}; any write made at the failover site after seq {newest} is lost"
-        );
-        return Ok(());
-    }
-    bail!(
-        "VM '{vm}' may still run at the failover site: {why}. Shut the VM down there and stop its `tern serve`, let its `tern ship` finish (it then records the clean stop), and fail back again; or fail back with --force to what the cache holds, losing any later write there"
-    )
-}
-
-/// Regions of each disk written here after the failover point, merged:
-/// records after the fence's sequence number the old direction shipped to
-/// its cache (never applied), records still in the journal, and regions
-/// marked dirty (written, never shipped).
-fn source_changes_since_failover(paths: &VmPaths, config: &VmConfig) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
-    let cache = CacheDir::new(&config.cache, &config.name);
-    let Some(fence) = cache.read_fence()?.transpose().map_err(anyhow::Error::msg)? else {
-        return Ok(BTreeMap::new()); // never failed over from here
-    };
-    let mut changed: Vec<Vec<(u64, u64)>> = vec![Vec::new(); config.disks.len()];
-    let mut note = |h: &tern_driver::journal::RecordHeader| {
-        if h.seq > fence.seq && h.kind.changes_disk() && (h.disk as usize) < changed.len() {
-            changed[h.disk as usize].push((h.offset, h.length as u64));
+        FailedBack::Done { point, config, initial } => {
+            println!(
+                "VM '{}' failed back to point {} (seq {}) in {:.2?}: its disks at this site hold that point",
+                a.vm,
+                point.id,
+                point.seq,
+                started.elapsed()
+            );
+            report_enabled(cli, &config, &initial);
+            println!(
+                "at the failover site: stop the VM and its `tern serve`/`tern ship` (they are fenced) and remove its state there"
+            );
         }
-    };
-    for (_, last, path) in cache.list_segments()? {
-        if last <= fence.seq {
-            continue;
-        }
-        let segment = tern_store::segment::Segment::read_file(&path, Some(*config.id.as_bytes()))
-            .with_context(|| format!("cannot read {} for what this site wrote after the failover", path.display()))?;
-        segment.records().for_each(|(h, _)| note(h));
-    }
-    let journal = paths.open_journal()?;
-    let mut cursor = journal.cursor(journal.tail());
-    let mut data = Vec::new();
-    while let Some(h) = cursor.next(&mut data).map_err(|e| {
-        anyhow::anyhow!("cannot read {} for what this site wrote after the failover: {e}", journal.path().display())
-    })? {
-        note(&h);
-    }
-    for (i, d) in config.disks.iter().enumerate() {
-        changed[i].extend(tern_driver::bitmap::DirtyBitmap::open(&paths.dirty(&d.name), d.size)?.dirty_ranges());
-    }
-    Ok(config.disks.iter().zip(changed).map(|(d, ranges)| (d.name.clone(), merge_ranges(ranges))).collect())
-}
-
-/// Sorted, overlapping and touching ranges joined.
-fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.retain(|r| r.1 > 0);
-    ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (off, len) in ranges {
-        match out.last_mut() {
-            Some(last) if off <= last.0 + last.1 => last.1 = last.1.max(off + len - last.0),
-            _ => out.push((off, len)),
-        }
-    }
-    out
-}
-
-/// The split-brain report: refuses the failback while this site's disks
-/// changed after the failover point, unless `discard`.
-fn check_split_brain(paths: &VmPaths, config: &VmConfig, discard: bool) -> Result<()> {
-    let changes = source_changes_since_failover(paths, config)?;
-    let total: u64 = changes.values().flatten().map(|r| r.1).sum();
-    if total == 0 {
-        return Ok(());
-    }
-    let mut report = String::new();
-    for (disk, ranges) in &changes {
-        if ranges.is_empty() {
-            continue;
-        }
-        let bytes: u64 = ranges.iter().map(|r| r.1).sum();
-        let shown: Vec<String> = ranges.iter().take(8).map(|(o, l)| format!("{o}+{l}")).collect();
-        report.push_str(&format!(
-            "\n  disk '{disk}': {} in {} region(s): {}{}",
-            Size(bytes).approx(),
-            ranges.len(),
-            shown.join(", "),
-            if ranges.len() > shown.len() { ", …" } else { "" }
-        ));
-    }
-    if discard {
-        log::warn!(
-            "VM '{}': --discard-source-changes: this site's writes after the failover point are discarded:{report}",
-            config.name
-        );
-        return Ok(());
-    }
-    bail!(
-        "VM '{}' was written at this site after it failed over (a split brain): {} the failback would discard:{report}\nThe failback replaces these disks with the failover site's point. If those writes matter, copy the disks aside first (cp --sparse=always); then fail back with --discard-source-changes",
-        config.name,
-        Size(total).approx()
-    )
-}
-
-/// Moves the old direction's stream out of `<cache>/<vm>` and removes it,
-/// if it is there (its manifest names `old_id`, or it has none).
-fn retire_cache_dir(cache_root: &Path, vm: &str, old_id: &uuid::Uuid) -> Result<()> {
-    let old = CacheDir::new(cache_root, vm);
-    if !old.root().exists() {
-        return Ok(());
-    }
-    match old.read_manifest()? {
-        Some(Ok(m)) if m.id != *old_id => return Ok(()), // a newer stream's already
-        _ => {}
-    }
-    let gone = cache_root.join(format!(".{vm}.retired-{old_id}"));
-    std::fs::rename(old.root(), &gone).with_context(|| format!("cannot retire {}", old.root().display()))?;
-    tern_driver::fs::sync_dir(cache_root)?;
-    std::fs::remove_dir_all(&gone).with_context(|| format!("cannot remove {}", gone.display()))?;
-    Ok(())
-}
-
-/// The clean-up after the new direction is enabled, idempotent, so a rerun
-/// finishes what a killed failback left: the old direction's stream in the
-/// cache (a fence there would stop the new one for good), a half-removed
-/// one, and the old state and its journal ring. Whether it found anything
-/// to do.
-fn finish_failback_cleanup(state: &Path, cache_root: &Path, vm: &str, current_id: &uuid::Uuid) -> Result<bool> {
-    let mut did = false;
-    let cache = CacheDir::new(cache_root, vm);
-    if cache.fence_path().exists() {
-        match cache.read_manifest()? {
-            Some(Ok(m)) if m.id == *current_id => {}
-            Some(Ok(m)) => {
-                retire_cache_dir(cache_root, vm, &m.id)?;
-                did = true;
-            }
-            _ => {
-                retire_cache_dir(cache_root, vm, &uuid::Uuid::nil())?;
-                did = true;
-            }
-        }
-    }
-    for (dir, prefix) in [(cache_root, format!(".{vm}.retired-")), (state, format!(".{vm}.failed-back-"))] {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
-        for e in entries.flatten() {
-            if !e.file_name().to_string_lossy().starts_with(&prefix) {
-                continue;
-            }
-            did = true;
-            let retired = e.path();
-            // The old direction's journal ring is in memory, outside its
-            // state directory; kept when that fails: its journal.ring link
-            // is what names the ring.
-            let journal = retired.join("journal");
-            if journal.exists() {
-                if let Err(e) = tern_driver::journal::live::retire(&journal) {
-                    log::warn!(
-                        "cannot remove the old direction's journal: {}; kept {}: remove the file its link {} names (in memory), then that directory",
-                        e.with_causes(),
-                        retired.display(),
-                        tern_driver::journal::live::link_path(&journal).display()
-                    );
-                    continue;
-                }
-            }
-            std::fs::remove_dir_all(&retired).with_context(|| format!("cannot remove {}", retired.display()))?;
-        }
-    }
-    Ok(did)
-}
-
-/// A failback that stopped between moving the VM's state aside and
-/// enabling it again left it under a hidden name: put it back, so running
-/// `tern failback` again finishes the job.
-fn restore_interrupted_failback(state: &Path, vm: &str, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        return Ok(());
-    }
-    let prefix = format!(".{vm}.failed-back-");
-    let Ok(entries) = std::fs::read_dir(state) else { return Ok(()) };
-    for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with(&prefix) && e.path().join("vm.toml").is_file() {
-            std::fs::rename(e.path(), dir).with_context(|| format!("cannot restore {}", e.path().display()))?;
-            log::warn!("VM '{vm}': an interrupted failback left its state in {}; restored", e.path().display());
-            break;
-        }
-    }
-    Ok(())
-}
-
-fn initial_sync(seeds: BTreeMap<String, PathBuf>) -> InitialSync {
-    if seeds.is_empty() {
-        InitialSync::Allocated
-    } else {
-        InitialSync::Compare { seeds }
-    }
-}
-
-fn read_manifest(cache: &CacheDir, vm: &str) -> Result<Manifest> {
-    cache
-        .read_manifest()?
-        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped there", cache.root().display()))?
-        .map_err(anyhow::Error::msg)
-}
-
-/// A VM started by `tern failover --boot` writes to its disks directly,
-/// past any journal: protecting them then would miss its writes.
-fn refuse_running_qemu(active: &Path, vm: &str) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(active.join("qemu.pid")) else { return Ok(()) };
-    let Ok(pid) = text.trim().parse::<i32>() else { return Ok(()) };
-    // A live qemu: a zombie has an empty command line, and a reused pid
-    // another program's.
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains("qemu") {
-        bail!(
-            "VM '{vm}' runs from {} directly (qemu pid {pid}): its writes would bypass the journal; shut it down, re-protect, then start it on `tern serve`'s export",
-            active.display()
-        );
-    }
-    Ok(())
-}
-
-/// Puts the point's disks where the VM's own disks are: each a clone,
-/// made beside the image and renamed over it only when complete.
-fn restore_disks(config: &VmConfig, target: &TargetDir, point: &Point) -> Result<()> {
-    for d in &config.disks {
-        let file = point.disks.get(&d.name).with_context(|| format!("point {} has no disk '{}'", point.id, d.name))?;
-        let from = target.point_dir(&point.id).join(file);
-        let tmp = d.path.with_extension("tern-failback");
-        let _ = std::fs::remove_file(&tmp);
-        let method = clone_file(&from, &tmp)?;
-        std::fs::rename(&tmp, &d.path)
-            .with_context(|| format!("cannot rename {} over {}", tmp.display(), d.path.display()))?;
-        if let Some(dir) = d.path.parent() {
-            tern_driver::fs::sync_dir(dir)?;
-        }
-        log::info!("disk '{}': {} now holds point {} ({})", d.name, d.path.display(), point.id, method.name());
     }
     Ok(())
 }

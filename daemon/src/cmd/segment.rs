@@ -146,10 +146,8 @@ fn open_cache_dir(dir: &Path) -> Result<(CacheDir, tern_store::cache::Manifest)>
     };
     let cache = CacheDir::new(store, vm);
     let manifest = cache
-        .read_manifest()
-        .with_context(|| format!("cannot read {}", cache.manifest_path().display()))?
-        .with_context(|| format!("{} has no manifest.toml: not a tern cache directory", dir.display()))?
-        .map_err(anyhow::Error::msg)?;
+        .read_manifest()?
+        .with_context(|| format!("{} has no manifest.toml: not a tern cache directory", dir.display()))?;
     Ok((cache, manifest))
 }
 

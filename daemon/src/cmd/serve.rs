@@ -1,3 +1,7 @@
+//! `tern serve`: the NBD front-end of a VM — its socket and permissions,
+//! the mirror it serves, the resync thread, and the watch that fences the
+//! mirror once the VM failed over at the target site.
+
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -169,13 +173,15 @@ const FENCE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// in the cache). A cache that cannot be read tells nothing: not fenced.
 fn fence_of(cache: &CacheDir) -> Option<String> {
     match cache.read_fence() {
-        Ok(Some(Ok(f))) => Some(format!(
+        Ok(Some(f)) => Some(format!(
             "it failed over at the target site to point {} (seq {}){}",
             f.point,
             f.seq,
             if f.committed { ", committed" } else { "" }
         )),
-        Ok(Some(Err(e))) => Some(format!("its fence in the cache is unreadable ({e})")),
+        Err(e @ tern_store::file::FileError::Damaged { .. }) => {
+            Some(format!("its fence in the cache is unreadable ({e})"))
+        }
         _ => None,
     }
 }

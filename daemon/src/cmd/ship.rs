@@ -1,3 +1,7 @@
+//! `tern ship`: its arguments, the signals that stop it, and how it
+//! reports (progress bar or log lines, metrics file); the shipping itself
+//! is [`crate::ship`].
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;

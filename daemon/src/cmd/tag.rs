@@ -1,3 +1,6 @@
+//! `tern tag`: an application-consistent marker appended to a VM's
+//! journal, which the target turns into a named point.
+
 use anyhow::{bail, Result};
 use tern_driver::vm::VmPaths;
 

@@ -12,6 +12,7 @@ use tern_driver::image::Image;
 use tern_driver::journal::{self, Journal};
 use tern_driver::units::Size;
 use tern_store::cache::CacheDir;
+use tern_store::file::FileError;
 use tern_store::hashes::{region_hashes, HashRequest};
 
 pub struct ChecksumResync {
@@ -51,7 +52,8 @@ impl ChecksumResync {
     pub fn poll(&self, journal: &Journal, bitmaps: &[DirtyBitmap]) -> Result<()> {
         let region_size = bitmaps[0].region_size();
         let request = HashRequest { version: 1, epoch: self.epoch, region_size };
-        let asked = matches!(self.cache.read_hash_request()?, Some(Ok(r)) if r == request);
+        let asked =
+            matches!(self.cache.read_hash_request().or_else(FileError::damaged_as_none)?, Some(r) if r == request);
         if !asked {
             let text = toml::to_string(&request)?;
             let path = self.cache.hash_request_path();
@@ -66,14 +68,13 @@ impl ChecksumResync {
         let mut answers = Vec::new();
         for (name, _) in &self.disks {
             match self.cache.read_hashes(self.epoch, name)? {
-                Some(Ok(h)) if h.vm_id == self.vm_id && h.epoch == self.epoch && h.region_size == region_size => {
+                Some(h) if h.vm_id == self.vm_id && h.epoch == self.epoch && h.region_size == region_size => {
                     answers.push(h)
                 }
-                Some(Ok(_)) => anyhow::bail!(
+                Some(_) => anyhow::bail!(
                     "{}: the answer is for another VM, epoch or region size",
                     self.cache.hashes_path(self.epoch, name).display()
                 ),
-                Some(Err(e)) => anyhow::bail!("{e}"),
                 None => break,
             }
         }

@@ -15,7 +15,9 @@
 //! only lets the ring fill, and the front-end falls back to its bitmaps.
 
 mod checksum;
+mod resync;
 mod stats;
+mod stop_marker;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +33,12 @@ use tern_driver::{Mirror, MirrorOptions, ResyncStep};
 use tern_store::cache::{CacheDir, Epoch, Manifest};
 use tern_store::segment::{self, Compression, Encoder, SegmentBuilder, SegmentHeader};
 
-pub use stats::{ProgressMode, Report, Stats};
+use resync::drive_resync;
+use stop_marker::SourceStopMarker;
+
+pub use stats::{ProgressMode, Stats};
+
+use crate::status::Report;
 pub use writer::Fenced;
 
 /// How a ship run behaves.
@@ -79,7 +86,7 @@ struct Observer<'a> {
 impl Observer<'_> {
     /// `running` is false for the last word as the run ends.
     fn report(&self, report: &Report, running: bool) {
-        use crate::cmd::status::{vm_status, Shipper, State};
+        use crate::status::{vm_status, Shipper, State};
         match vm_status(self.paths, self.config, Shipper::Live { report, running }) {
             Ok(s) => {
                 self.metrics.publish(&s, running);
@@ -90,7 +97,7 @@ impl Observer<'_> {
     }
 
     fn progress(&self) {
-        use crate::cmd::status::{dirty_bytes, resync_window_open};
+        use crate::status::{dirty_bytes, resync_window_open};
         let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         progress.update(
             dirty_bytes(self.bitmaps),
@@ -207,7 +214,7 @@ pub fn run_with(
 
     let workers = options.workers.max(1);
     let (to_workers, batches) = bounded::<Batch>(workers * 2);
-    let (to_writer, sealed) = bounded::<Result<Sealed, String>>(workers * 2);
+    let (to_writer, sealed) = bounded::<Result<Sealed>>(workers * 2);
     let compression = Compression::Zstd { level: config.policy.compression_level };
     let reader_done = AtomicBool::new(false);
     let stop_marker = SourceStopMarker::new(cache.clone(), config.id);
@@ -317,11 +324,10 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
         );
     }
     let mut tail = journal.tail();
-    let mut manifest =
-        match cache.read_manifest().with_context(|| format!("cannot read {}", cache.manifest_path().display()))? {
-            Some(m) => m.map_err(anyhow::Error::msg)?,
-            None => Manifest::for_vm(config, tail.seq),
-        };
+    let mut manifest = match cache.read_manifest()? {
+        Some(m) => m,
+        None => Manifest::for_vm(config, tail.seq),
+    };
     if manifest.id != config.id {
         bail!(
             "{} belongs to VM id {}, but VM '{vm}' is id {}: the cache holds another VM of the same name; move it away or point --cache elsewhere",
@@ -519,89 +525,6 @@ fn read_batches(
     }
 }
 
-/// The cache's clean-stop marker (`source-stopped.toml`), kept true by the
-/// reader: written once the source's front-end has detached and all it
-/// journaled is shipped, removed as soon as it runs again.
-struct SourceStopMarker {
-    cache: CacheDir,
-    vm_id: uuid::Uuid,
-    /// The seq the marker in the cache says, if there is one, and the
-    /// planned failover request it answers.
-    noted: std::cell::Cell<Option<(u64, Option<u64>)>>,
-}
-
-impl SourceStopMarker {
-    fn new(cache: CacheDir, vm_id: uuid::Uuid) -> Self {
-        // Unreadable counts as present: the first word on it rewrites or
-        // removes it.
-        let noted = match cache.read_source_stopped() {
-            Ok(None) => None,
-            Ok(Some(Ok(m))) => Some((m.seq, m.planned_request)),
-            _ => Some((0, None)),
-        };
-        SourceStopMarker { cache, vm_id, noted: std::cell::Cell::new(noted) }
-    }
-
-    /// Writes or removes the marker as the journal says: detached, every
-    /// sequence number it handed out durable in the cache, nothing dirty,
-    /// no window open (the replica consistent there).
-    fn update(&self, journal: &Journal, bitmaps: &[DirtyBitmap], stats: &Stats) -> Result<()> {
-        let flags = journal.flags();
-        if flags & journal::FLAG_ATTACHED != 0 {
-            return self.source_runs();
-        }
-        let shipped = stats.last_shipped();
-        if shipped + 1 == journal.head().seq
-            && flags & journal::FLAG_CHECKSUM_RESYNC == 0
-            && !journal.window_open()
-            && bitmaps.iter().all(|b| b.dirty_count() == 0)
-        {
-            self.source_stopped(shipped)?;
-        }
-        Ok(())
-    }
-
-    fn source_stopped(&self, seq: u64) -> Result<()> {
-        // A planned failover waits for a marker that answers its request.
-        let planned =
-            self.cache.read_planned_failover().ok().flatten().and_then(Result::ok).map(|p| p.requested_unix_ms);
-        if self.noted.get() == Some((seq, planned)) {
-            return Ok(());
-        }
-        let marker = tern_store::cache::SourceStopped {
-            version: 1,
-            vm_id: self.vm_id,
-            seq,
-            unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
-                as u64,
-            planned_request: planned,
-        };
-        let path = self.cache.source_stopped_path();
-        tern_driver::fs::write_durably(&path, toml::to_string(&marker)?.as_bytes())?;
-        log::info!("VM '{}': the source stopped cleanly and everything up to seq {seq} is shipped", self.name());
-        self.noted.set(Some((seq, planned)));
-        Ok(())
-    }
-
-    fn source_runs(&self) -> Result<()> {
-        if self.noted.get().is_none() {
-            return Ok(());
-        }
-        let path = self.cache.source_stopped_path();
-        match std::fs::remove_file(&path) {
-            Ok(()) => tern_driver::fs::sync_parent_dir(&path)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
-        }
-        self.noted.set(None);
-        Ok(())
-    }
-
-    fn name(&self) -> String {
-        self.cache.root().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-    }
-}
-
 /// Whether the cursor has passed the head as it was when `--once` started.
 fn caught_up(cursor: &tern_driver::journal::Cursor<'_>, target: Position) -> bool {
     cursor.position().seq >= target.seq
@@ -609,11 +532,11 @@ fn caught_up(cursor: &tern_driver::journal::Cursor<'_>, target: Position) -> boo
 
 /// A compression worker. A failure goes to the writer, which stops the
 /// run with it (it would otherwise wait forever for that batch).
-fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sender<Result<Sealed, String>>) {
+fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sender<Result<Sealed>>) {
     let mut encoder = match Encoder::new(compression) {
         Ok(e) => e,
         Err(e) => {
-            let _ = to_writer.send(Err(format!("cannot set up zstd: {e}")));
+            let _ = to_writer.send(Err(anyhow::Error::new(e).context("cannot set up zstd")));
             return;
         }
     };
@@ -621,7 +544,7 @@ fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sende
         let sealed = encoder
             .encode(&b.builder)
             .map(|(header, bytes)| Sealed { number: b.number, header, bytes, end: b.end, oldest_ns: b.oldest_ns })
-            .map_err(|e| format!("cannot encode the segment of seqs from {}: {e}", b.builder.first_seq()));
+            .with_context(|| format!("cannot encode the segment of seqs from {}", b.builder.first_seq()));
         let failed = sealed.is_err();
         if to_writer.send(sealed).is_err() || failed {
             return;
@@ -633,13 +556,13 @@ fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sende
 fn write_in_order(
     writer: &writer::CacheWriter,
     journal: &Journal,
-    sealed: Receiver<Result<Sealed, String>>,
+    sealed: Receiver<Result<Sealed>>,
     stats: &Stats,
 ) -> Result<()> {
     let mut waiting = std::collections::BTreeMap::new();
     let mut next = 0u64;
     for s in sealed {
-        let s = s.map_err(anyhow::Error::msg)?;
+        let s = s?;
         waiting.insert(s.number, s);
         while let Some(s) = waiting.remove(&next) {
             writer.write_segment(&s.header, &s.bytes)?;
@@ -652,96 +575,4 @@ fn write_in_order(
         bail!("segments {:?} were encoded but an earlier one never arrived", waiting.keys().collect::<Vec<_>>());
     }
     Ok(())
-}
-
-/// Re-sends dirty regions when no front-end runs (then nobody else can),
-/// and turns a pending checksum resync into dirty marks. While `tern
-/// serve` runs, its own resync thread does the re-sending.
-fn drive_resync(
-    paths: &VmPaths,
-    checksum: &checksum::ChecksumResync,
-    journal: &Journal,
-    bitmaps: &[DirtyBitmap],
-    reader_done: &AtomicBool,
-    idle: &AtomicBool,
-    stop: &AtomicBool,
-) {
-    while !reader_done.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
-        if journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
-            if let Err(e) = checksum.poll(journal, bitmaps) {
-                log::error!("checksum resync: {e:#}; retrying in 5s");
-                std::thread::sleep(Duration::from_secs(5));
-                continue;
-            }
-        }
-        let dirty = bitmaps.iter().any(|b| b.dirty_count() > 0);
-        let attached = journal.flags() & journal::FLAG_ATTACHED != 0;
-        // A window the last front-end left open (it stopped before closing
-        // it) is closed by the next front-end's first step.
-        if !dirty && !attached && !journal.window_open() {
-            idle.store(true, Ordering::Release);
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        match Mirror::open(paths, MirrorOptions::default()) {
-            Ok(mirror) => {
-                idle.store(false, Ordering::Release);
-                let result = resync_for_a_while(&mirror, reader_done, stop);
-                wait_for_the_shipper(journal, reader_done, stop);
-                // Detach cleanly even after an error (an attached journal
-                // means a crash to the next front-end).
-                let shutdown = mirror.shutdown();
-                if let Err(e) = result.and(shutdown) {
-                    log::error!("resync of VM '{}' failed: {e:#}; retrying in 5s", mirror.config().name);
-                    std::thread::sleep(Duration::from_secs(5));
-                }
-                // A front-end that is starting waits for the lock: let it in.
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(tern_driver::Error::Busy { .. }) => {
-                // `tern serve` runs and resyncs itself; `--once` waits for
-                // the bitmaps to empty and the window to close.
-                idle.store(true, Ordering::Release);
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => {
-                log::error!("cannot open VM for resync: {e}; retrying in 5s");
-                std::thread::sleep(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Waits (3 s at most) until this process's shipper has taken nearly all
-/// the records in the ring. Detaching writes whatever it has not taken to
-/// the durable journal, at disk speed: after two seconds of resync,
-/// gigabytes about to be shipped anyway (an initial sync of 2 GiB spent
-/// 6.9 s of its 8.9 s so). Bounded, since a `tern serve` that is starting
-/// waits 10 s for the VM.
-fn wait_for_the_shipper(journal: &Journal, reader_done: &AtomicBool, stop: &AtomicBool) {
-    let until = Instant::now() + Duration::from_secs(3);
-    while journal.unconsumed_bytes() > 64 << 20
-        && Instant::now() < until
-        && !reader_done.load(Ordering::Acquire)
-        && !stop.load(Ordering::Acquire)
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Runs resync steps for up to two seconds (then the front-end lock is
-/// released for a moment, so `tern serve` can start).
-fn resync_for_a_while(mirror: &Mirror, reader_done: &AtomicBool, stop: &AtomicBool) -> tern_driver::Result<ResyncStep> {
-    let until = Instant::now() + Duration::from_secs(2);
-    loop {
-        let step = mirror.resync_step(8 << 20)?;
-        match step {
-            ResyncStep::Idle => return Ok(step),
-            ResyncStep::Progress { .. } => {}
-            ResyncStep::WaitingForRoom | ResyncStep::AwaitingChecksum => std::thread::sleep(Duration::from_millis(2)),
-        }
-        if Instant::now() >= until || reader_done.load(Ordering::Acquire) || stop.load(Ordering::Acquire) {
-            return Ok(step);
-        }
-    }
 }

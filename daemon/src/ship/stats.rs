@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use tern_driver::journal::Journal;
 use tern_driver::units::Size;
 use tern_store::segment::SegmentHeader;
+
+use crate::status::Report;
 
 #[derive(Debug)]
 pub struct Stats {
@@ -35,32 +36,6 @@ struct Inner {
     /// For the rate: bytes in at the last publish, and when.
     rate_mark: Option<(u64, Instant)>,
     rate: f64,
-}
-
-/// `ship.json`. Read back by `tern status`: a field missing from an older
-/// file reads as its default.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Report {
-    pub pid: u32,
-    pub updated_unix_ms: u64,
-    pub running_secs: f64,
-    pub journal_fill: f64,
-    pub pending_bytes: u64,
-    pub pending_records: u64,
-    pub segments_shipped: u64,
-    pub records_shipped: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub compression_ratio: f64,
-    pub ship_rate_mb_s: f64,
-    pub last_shipped_seq: u64,
-    pub last_shipped_unix_ms: u64,
-    pub lag_p50_ms: f64,
-    pub lag_p99_ms: f64,
-    pub lag_max_ms: f64,
-    pub cache_errors: u64,
-    pub cache_failing: Option<String>,
 }
 
 fn now_ns() -> u64 {

@@ -62,7 +62,6 @@ pub struct Fenced {
 /// Fails with [`Fenced`] if the target fenced this VM off.
 pub fn check_fence(cache: &CacheDir) -> Result<()> {
     if let Some(fence) = cache.read_fence()? {
-        let fence = fence.map_err(anyhow::Error::msg)?;
         let vm = cache.root().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         return Err(Fenced { vm, point: fence.point, seq: fence.seq }.into());
     }

@@ -1,0 +1,111 @@
+//! The applier's unit tests: segments written by hand into a temporary
+//! cache, applied onto temporary replicas.
+
+use super::*;
+use tern_driver::journal::RecordHeader;
+use tern_store::cache::{Epoch, ManifestDisk, MANIFEST_VERSION};
+use tern_store::segment::{Compression, Encoder, SegmentBuilder};
+
+fn manifest(id: uuid::Uuid, disks: &[(&str, u64)], epochs: &[(u64, u64)]) -> Manifest {
+    Manifest {
+        version: MANIFEST_VERSION,
+        name: "vm1".into(),
+        id,
+        policy: tern_driver::vm::Policy::default(),
+        journal_size: None,
+        disks: disks
+            .iter()
+            .map(|&(name, size)| ManifestDisk { name: name.into(), size, source: None, seed: None })
+            .collect(),
+        epochs: epochs.iter().map(|&(number, first_seq)| Epoch { number, first_seq, reason: "test".into() }).collect(),
+    }
+}
+
+/// A segment of one write of `len` bytes of `byte` at `offset` of disk 0.
+fn write_segment(cache: &CacheDir, id: uuid::Uuid, epoch: u64, seq: u64, offset: u64, len: usize, byte: u8) {
+    let mut b = SegmentBuilder::new(*id.as_bytes(), epoch, seq);
+    let h = RecordHeader {
+        seq,
+        offset,
+        time_ns: 1,
+        length: len as u32,
+        data_len: len as u32,
+        disk: 0,
+        kind: RecordKind::Write,
+        flags: 0,
+    };
+    b.push(&h, &vec![byte; len]).unwrap();
+    let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
+    std::fs::create_dir_all(cache.segments_dir()).unwrap();
+    std::fs::write(cache.segment_path(header.first_seq, header.last_seq), bytes).unwrap();
+}
+
+/// Issue 18 (item 1): inside a resync window there is no consistent
+/// point at the newest data: `--latest` says so and names the newest
+/// consistent point instead.
+#[test]
+fn latest_inside_a_resync_window_names_the_newest_consistent_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+    let cache = CacheDir::new(&cache_root, "vm1");
+    std::fs::create_dir_all(cache.root()).unwrap();
+    std::fs::create_dir_all(&target_root).unwrap();
+    let id = uuid::Uuid::from_bytes([7; 16]);
+    let write_manifest = |m: &Manifest| std::fs::write(cache.manifest_path(), toml::to_string(m).unwrap()).unwrap();
+    write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]));
+    write_segment(&cache, id, 1, 1, 0, 4096, 1);
+    let first = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect("a point at seq 1");
+    assert_eq!(first.seq, 1);
+    // Records 2..4 were lost at the source (a host crash): epoch 2
+    // starts at seq 5 inside a resync window.
+    write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1), (2, 5)]));
+    write_segment(&cache, id, 2, 5, 8192, 4096, 2);
+    let err = format!("{:#}", latest::catch_up_and_point(&cache_root, &target_root, "vm1").unwrap_err());
+    assert!(err.contains("inside a resync window at seq 5"), "{err}");
+    assert!(err.contains(&format!("the newest consistent point is {} (seq 1)", first.id)), "{err}");
+    assert!(err.contains("--latest-point"), "{err}");
+    let points = TargetDir::new(&target_root, "vm1").list_points().unwrap();
+    assert_eq!(points.len(), 1, "no point inside the window");
+}
+
+#[test]
+fn a_manifest_whose_disks_change_under_a_running_applier_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+    let cache = CacheDir::new(&cache_root, "vm1");
+    std::fs::create_dir_all(cache.root()).unwrap();
+    let id = uuid::Uuid::from_bytes([9; 16]);
+    let write_manifest = |m: &Manifest| std::fs::write(cache.manifest_path(), toml::to_string(m).unwrap()).unwrap();
+    write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]));
+    write_segment(&cache, id, 1, 1, 0, 4096, 1);
+    let options = ApplyOptions { once: true, keep_segments: true, ..Default::default() };
+    let mut applier = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+    let stop = AtomicBool::new(false);
+    assert_eq!(applier.step(&stop).unwrap(), 1);
+    // The cache now claims a larger disk (and a new epoch, so the
+    // applier re-reads it), and a write past the replica's end.
+    write_manifest(&manifest(id, &[("disk0", 2 << 20)], &[(1, 1), (2, 100)]));
+    write_segment(&cache, id, 2, 100, 1536 << 10, 4096, 2);
+    let err = applier.step(&stop).expect_err("a disk that changed size must be refused");
+    assert!(format!("{err:#}").contains("disk"), "{err:#}");
+    let replica = TargetDir::new(&target_root, "vm1").replica_path("disk0");
+    assert_eq!(std::fs::metadata(replica).unwrap().len(), 1 << 20, "the replica was extended");
+}
+
+#[test]
+fn retiring_a_stream_interrupted_half_way_finishes_without_mixing_old_points_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = TargetDir::new(dir.path(), "vm1");
+    let old = uuid::Uuid::from_bytes([4; 16]);
+    std::fs::create_dir_all(target.point_dir("10")).unwrap();
+    std::fs::create_dir_all(target.replica_dir()).unwrap();
+    std::fs::write(target.checkpoint_path(), "old").unwrap();
+    // The crash came after the points were moved, before the replicas.
+    std::fs::create_dir_all(target.history_dir(&old)).unwrap();
+    std::fs::rename(target.points_dir(), target.history_dir(&old).join("points")).unwrap();
+    retire_previous_stream(&target, &old).unwrap();
+    assert!(target.history_dir(&old).join("points/10").is_dir(), "the old points stay in history");
+    assert!(target.history_dir(&old).join("replica/checkpoint.toml").is_file());
+    assert!(target.list_points().unwrap().is_empty() && !target.checkpoint_path().exists());
+    assert!(target.points_dir().is_dir() && target.replica_dir().is_dir());
+}

@@ -1,0 +1,88 @@
+//! The cache's clean-stop marker, `source-stopped.toml`: the shipper's
+//! word that the source's front-end detached and everything it journaled
+//! is in the cache — what a failback and a planned failover wait for
+//! before they fence the source.
+
+use super::*;
+
+/// The cache's clean-stop marker (`source-stopped.toml`), kept true by the
+/// reader: written once the source's front-end has detached and all it
+/// journaled is shipped, removed as soon as it runs again.
+pub(super) struct SourceStopMarker {
+    cache: CacheDir,
+    vm_id: uuid::Uuid,
+    /// The seq the marker in the cache says, if there is one, and the
+    /// planned failover request it answers.
+    noted: std::cell::Cell<Option<(u64, Option<u64>)>>,
+}
+
+impl SourceStopMarker {
+    pub(super) fn new(cache: CacheDir, vm_id: uuid::Uuid) -> Self {
+        // Unreadable counts as present: the first word on it rewrites or
+        // removes it.
+        let noted = match cache.read_source_stopped() {
+            Ok(None) => None,
+            Ok(Some(m)) => Some((m.seq, m.planned_request)),
+            _ => Some((0, None)),
+        };
+        SourceStopMarker { cache, vm_id, noted: std::cell::Cell::new(noted) }
+    }
+
+    /// Writes or removes the marker as the journal says: detached, every
+    /// sequence number it handed out durable in the cache, nothing dirty,
+    /// no window open (the replica consistent there).
+    pub(super) fn update(&self, journal: &Journal, bitmaps: &[DirtyBitmap], stats: &Stats) -> Result<()> {
+        let flags = journal.flags();
+        if flags & journal::FLAG_ATTACHED != 0 {
+            return self.source_runs();
+        }
+        let shipped = stats.last_shipped();
+        if shipped + 1 == journal.head().seq
+            && flags & journal::FLAG_CHECKSUM_RESYNC == 0
+            && !journal.window_open()
+            && bitmaps.iter().all(|b| b.dirty_count() == 0)
+        {
+            self.source_stopped(shipped)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn source_stopped(&self, seq: u64) -> Result<()> {
+        // A planned failover waits for a marker that answers its request.
+        let planned = self.cache.read_planned_failover().ok().flatten().map(|p| p.requested_unix_ms);
+        if self.noted.get() == Some((seq, planned)) {
+            return Ok(());
+        }
+        let marker = tern_store::cache::SourceStopped {
+            version: 1,
+            vm_id: self.vm_id,
+            seq,
+            unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+                as u64,
+            planned_request: planned,
+        };
+        let path = self.cache.source_stopped_path();
+        tern_driver::fs::write_durably(&path, toml::to_string(&marker)?.as_bytes())?;
+        log::info!("VM '{}': the source stopped cleanly and everything up to seq {seq} is shipped", self.name());
+        self.noted.set(Some((seq, planned)));
+        Ok(())
+    }
+
+    pub(super) fn source_runs(&self) -> Result<()> {
+        if self.noted.get().is_none() {
+            return Ok(());
+        }
+        let path = self.cache.source_stopped_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => tern_driver::fs::sync_parent_dir(&path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        }
+        self.noted.set(None);
+        Ok(())
+    }
+
+    pub(super) fn name(&self) -> String {
+        self.cache.root().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+}
