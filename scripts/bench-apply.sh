@@ -28,9 +28,10 @@
 # Knobs: TARGET_FS ["btrfs xfs"], ROUNDS [5], APPLY_DATA [1g], FS_SIZE [24G], WORK
 #   [/var/tmp/tern-bench-apply], TERN [target/release/tern].
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+cd "$BENCH_ROOT"
 
-TERN_SET=${TERN:-}
 TERN=${TERN:-target/release/tern}
 WORK=${WORK:-/var/tmp/tern-bench-apply}
 TARGET_FS=${TARGET_FS:-"btrfs xfs"}
@@ -45,31 +46,23 @@ fi
 
 ROUNDS=${ROUNDS:-5}
 
-log() { echo "[bench-apply] $*" >&2; }
-[[ $EUID -eq 0 ]] || { log "run as root (loop mounts)"; exit 1; }
-for tool in fio filefrag mkfs.btrfs mkfs.xfs qemu-io; do
-    command -v "$tool" >/dev/null || { log "missing $tool: run scripts/install-deps.sh"; exit 1; }
-done
-[[ -n "${TERN_SET:-}" ]] || cargo build --release -q
+need_root "loop mounts"
+need_tools fio filefrag mkfs.btrfs mkfs.xfs qemu-io
+build_tern
+need_tern
 
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-RESULTS="$WORK/results-$STAMP"
-mkdir -p "$RESULTS"
-# What was measured: the tree and the binary.
-{ git rev-parse HEAD; git status --porcelain; sha256sum "$TERN"; uname -r; } >"$RESULTS/version.txt" 2>&1
+make_results
+# What was measured: the tree, the binary, the tools.
+fingerprint "$RESULTS/version.txt" fio mkfs.btrfs mkfs.xfs qemu-io filefrag
 SERVE_PID=""
-MOUNTS=()
 # The source VMs' journal rings (memory): each is dropped once its VM's
 # cache is made, so four 4 GiB rings never crowd the page cache.
 export TERN_RING_DIR=/dev/shm/tern-bench-apply
-cleanup() {
-    [[ -n "$SERVE_PID" ]] && kill "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null
-    rm -rf "$TERN_RING_DIR"
-    for m in "${MOUNTS[@]}"; do umount "$m" 2>/dev/null || true; done
-    # Fully allocated, 24 GiB each: never left behind (unless still mounted).
-    for fs in $TARGET_FS; do mountpoint -q "$WORK/mnt-$fs" || rm -f "$WORK/$fs.img"; done
-}
-trap cleanup EXIT
+on_exit 'stop_pid "$SERVE_PID"'
+on_exit 'rm -rf "$TERN_RING_DIR"'
+on_exit umount_loops
+# Fully allocated, 24 GiB each: never left behind (unless still mounted).
+on_exit 'for fs in $TARGET_FS; do mountpoint -q "$WORK/mnt-$fs" || rm -f "$WORK/$fs.img"; done'
 
 # make_cache NAME DISK_SIZE FIO_ARGS... -> a source VM $WORK/src-NAME whose
 # cache holds what fio wrote (journal big enough, shipped once at the end).
@@ -82,11 +75,11 @@ make_cache() {
         --target "$src/target" --journal-size 4GiB >/dev/null
     "$TERN" --state "$src/state" -q serve vm --listen "unix:$src/nbd.sock" 2>>"$src/serve.log" &
     SERVE_PID=$!
-    for _ in $(seq 100); do [[ -S "$src/nbd.sock" ]] && break; sleep 0.1; done
+    wait_for_socket "$src/nbd.sock" 10 "$src/serve.log" "$SERVE_PID" || die "tern serve is not listening ($src)"
     fio --name=w --ioengine=nbd --uri="nbd+unix:///disk0?socket=$src/nbd.sock" --thread \
         --refill_buffers --buffer_compress_percentage=50 "$@" --output="$src/fio.txt" >/dev/null
     "$TERN" --state "$src/state" -q tag vm bench-point >/dev/null
-    kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true; SERVE_PID=""
+    stop_pid "$SERVE_PID"; SERVE_PID=""
     "$TERN" --state "$src/state" -q ship vm --once
     # Only the cache is used from here: the journal file and the source
     # image would hold gigabytes of disk for nothing.
@@ -110,24 +103,23 @@ apply_run() {
     drop_caches
     [[ $input == warm ]] && cat "$WORK/src-$name/cache/vm/segments/"* >/dev/null
     local used_before; used_before=$(df -B1 --output=used "$mnt" | tail -1)
-    local t0 t1
-    t0=$(date +%s.%N)
+    local t0=$EPOCHREALTIME wall
     "$TERN" apply --cache "$WORK/src-$name/cache" --target "$target" vm --once --keep-segments 2>"$log"
     sync
-    t1=$(date +%s.%N)
+    wall=$(since "$t0")
     local used_after; used_after=$(df -B1 --output=used "$mnt" | tail -1)
     local extents; extents=$(filefrag "$target/vm/replica/disk0.img" | awk '{print $2}')
-    python3 - "$WORK/src-$name/fio.txt" "$log" "$fs" "$name" "$round" "$(echo "$t1 - $t0" | bc)" "$extents" \
+    bench_py - "$WORK/src-$name/fio.txt" "$log" "$fs" "$name" "$round" "$wall" "$extents" \
         "$(( used_after - used_before ))" "$input" >>"$RESULTS/apply.tsv" <<'PY'
 import re, sys
+from benchlib import applied_points
 fio, log, fs, name, rnd, wall, extents, space, source = sys.argv[1:]
 m = re.search(r"WRITE: bw=.*?io=([\d.]+)([KMGT]i?B)", open(fio).read())
 mult = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40, "kB": 1e3, "MB": 1e6, "GB": 1e9}
 applied = int(float(m.group(1)) * mult[m.group(2)])
-unit = {"s": 1, "ms": 1e-3, "µs": 1e-6, "ns": 1e-9}
-points = re.findall(r"-consistent point \S+ at seq \d+ \(source time [^)]*\), (\S+) in ([\d.]+)(s|ms|µs|ns)", open(log).read())
-point_s = sum(float(v) * unit[u] for _, v, u in points)
-last_point, clone = (f"{points[-1][1]}{points[-1][2]}", points[-1][0]) if points else ("-", "-")
+points = applied_points(open(log).read())
+point_s = sum(s for _, s, _ in points)
+last_point, clone = (points[-1][2], points[-1][0]) if points else ("-", "-")
 if source == "cold":
     name += ", segments on disk"
 print(f"{fs}\t{name}\t{rnd}\t{wall}\t{point_s:.3f}\t{applied}\t{last_point}\t{clone}\t{extents}\t{space}")
@@ -163,11 +155,12 @@ raw_random() {
 }
 raw_row() {
     local fs="$1" round="$2"
-    python3 - "$RESULTS/raw-$APPLY_DATA-$fs-$round.json" "$RESULTS/raw-$DISK-$fs-$round.json" \
+    bench_py - "$RESULTS/raw-$APPLY_DATA-$fs-$round.json" "$RESULTS/raw-$DISK-$fs-$round.json" \
         "$RESULTS/rawrand-$fs-$round.json" "$fs" "$round" >>"$RESULTS/raw.tsv" <<'PY'
-import json, sys
+import sys
+from benchlib import fio_job
 def mbps(path):
-    j = json.load(open(path))["jobs"][0]["write"]
+    j = fio_job(path)["write"]
     return j["io_bytes"] / (j["runtime"] / 1000) / 1e6
 print(f"{sys.argv[4]}\t{sys.argv[5]}\t{mbps(sys.argv[1]):.0f}\t{mbps(sys.argv[2]):.0f}\t{mbps(sys.argv[3]):.0f}")
 PY
@@ -183,10 +176,6 @@ settle() {
     drop_caches
     fio --name=settle --filename="$mnt/settle.dat" --rw=write --bs=1M --size=1g --end_fsync=1 --fallocate=none >/dev/null
     rm -f "$mnt/settle.dat"; sync
-}
-
-drop_caches() {
-    sync; echo 3 >/proc/sys/vm/drop_caches
 }
 
 log "making the caches (fio through tern serve, then tern ship --once)"
@@ -212,15 +201,13 @@ for round in $(seq "$ROUNDS"); do
         # make whichever run first writes a region pay for allocating it
         # there too (the raw runs come last and would find it done).
         rm -f "$img"; fallocate -l "$FS_SIZE" "$img"
-        "mkfs.$fs" -q -f -K "$img" >/dev/null
-        # No discard: btrfs would otherwise discard what a deleted settle
-        # or raw file freed while the next run is timed, and the loop
-        # device would punch it out of the image.
-        mkdir -p "$mnt"; mount -o loop,nodiscard "$img" "$mnt"; MOUNTS+=("$mnt")
+        # No discard (mkfs -K, mount -o nodiscard): btrfs would otherwise
+        # discard what a deleted settle or raw file freed while the next
+        # run is timed, and the loop device would punch it out of the image.
+        loop_fs "$fs" "$img" "$mnt" nodiscard -K
         # Warm and cold take turns at going first: the first run of a group
         # has measured slower here, whichever it was.
-        inputs="warm cold"
-        (( round % 2 == 0 )) && inputs="cold warm"
+        inputs=$(rotate $((round - 1)) warm cold)
         settle "$mnt"
         for input in $inputs; do
             log "$fs round $round: tern apply --once (random, segments $input)"
@@ -242,27 +229,24 @@ for round in $(seq "$ROUNDS"); do
             log "$fs round $round: tern apply --once ($run, segments warm)"
             apply_run "$run" "$fs" "$mnt" "$round" warm
         done
-        umount "$mnt"; rm -f "$img"
+        umount_loop "$mnt"; rm -f "$img"
     done
 done
 
-python3 - "$RESULTS" <<'EOF' | tee "$RESULTS/summary.md"
-import csv, statistics, sys
+bench_py - "$RESULTS" <<'EOF' | tee "$RESULTS/summary.md"
+import sys
+from benchlib import median, median_spread as span, read_tsv, unique
 d = sys.argv[1]
-raw = {(r["fs"], r["round"]): r for r in csv.DictReader(open(f"{d}/raw.tsv"), delimiter="\t")}
-rows = list(csv.DictReader(open(f"{d}/apply.tsv"), delimiter="\t"))
-def span(xs, unit=""):
-    if len(xs) == 1:
-        return f"{xs[0]:.0f}{unit}"
-    return f"{statistics.median(xs):.0f}{unit} ({min(xs):.0f}–{max(xs):.0f})"
+raw = {(r["fs"], r["round"]): r for r in read_tsv(f"{d}/raw.tsv")}
+rows = read_tsv(f"{d}/apply.tsv")
 print("Apply MB/s = record data / (wall time to `sync` − time taking points); medians over rounds (range).")
 print("Ratios are taken within each round, then their median. Segments are in the page cache unless marked.")
 print()
 print("| fs | run | applied | rounds | apply MB/s | raw seq MB/s, as much data | apply / raw seq | raw random 4 KiB MB/s | "
       "apply / raw random | points took | last round: point | replica extents | space used by apply + points |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-for fs in dict.fromkeys(r["fs"] for r in rows):
-    for run in dict.fromkeys(r["run"] for r in rows if r["fs"] == fs):
+for fs in unique(r["fs"] for r in rows):
+    for run in unique(r["run"] for r in rows if r["fs"] == fs):
         rs = [r for r in rows if r["fs"] == fs and r["run"] == run]
         mbps = [int(r["bytes"]) / (float(r["wall"]) - float(r["point_s"])) / 1e6 for r in rs]
         # The raw sequential write of as much data as the run applied
@@ -275,7 +259,7 @@ for fs in dict.fromkeys(r["fs"] for r in rows):
         points = [float(r["point_s"]) for r in rs]
         last = rs[-1]
         print(f"| {fs} | {run} | {int(last['bytes']) / 2**20:.0f} MiB | {len(rs)} | {span(mbps)} | {span(seq)} | "
-              f"{span(vs_seq, '%')} | {span(rand)} | {span(vs_rand, '%')} | {statistics.median(points):.2f} s | "
+              f"{span(vs_seq, unit='%')} | {span(rand)} | {span(vs_rand, unit='%')} | {median(points):.2f} s | "
               f"{last['point']} ({last['clone']}) | {last['extents']} | {int(last['space']) / 2**20:.0f} MiB |")
 EOF
 log "results in $RESULTS"

@@ -27,76 +27,64 @@
 # Output: one line per timed command, and a summary table (medians, with
 # the range) on stdout; everything in $WORK/results-<stamp>/.
 set -euo pipefail
-export LC_NUMERIC=C
-cd "$(dirname "$0")/.."
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+cd "$BENCH_ROOT"
 PENDINGS=${PENDINGS-"0 64m 1g"}
 ROUNDS=${ROUNDS:-3}
 DISK=${DISK:-4g}
 FS_SIZE=${FS_SIZE:-16G}
 WORK=${WORK:-/var/tmp/tern-bench-failover}
-TERN_BIN=${TERN:-target/release/tern}
+TERN=${TERN:-target/release/tern}
 PLANNED_RATE=${PLANNED_RATE:-50m}
 PLANNED_SECONDS=${PLANNED_SECONDS:-20}
 MEASURE=${MEASURE-"latest planned"}
 
-log() { echo "[bench-failover $(date -u +%H:%M:%S)] $*" >&2; }
-die() { log "error: $*"; exit 1; }
-[[ $EUID -eq 0 ]] || die "run as root (loop mount, drop_caches)"
-for tool in nbdcopy mkfs.btrfs python3 fio; do
-    command -v "$tool" >/dev/null || die "missing $tool: run scripts/install-deps.sh"
-done
-[[ -n ${TERN:-} ]] || cargo build --release >&2
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-RESULTS=$WORK/results-$STAMP
-mkdir -p "$RESULTS"
-cp "$TERN_BIN" "$RESULTS/tern"
-T=$RESULTS/tern
-bytes() { numfmt --from=iec "${1^^}"; }
+BENCH_LOG=utc
+need_root "loop mount, drop_caches"
+need_tools nbdcopy mkfs.btrfs python3 fio bc
+build_tern
+need_tern
+make_results
+tern_snapshot "$RESULTS/tern"
+fingerprint "$RESULTS/version.txt" fio nbdcopy mkfs.btrfs
 
 MNT=$WORK/mnt
-cleanup() {
-    if [[ -n ${SERVE:-} ]]; then kill "$SERVE" 2>/dev/null; wait "$SERVE" 2>/dev/null; fi
-    if [[ -n ${APPLY:-} ]]; then kill "$APPLY" 2>/dev/null; wait "$APPLY" 2>/dev/null; fi
-    mountpoint -q "$MNT" && umount "$MNT"
-    rm -f "$WORK/fs.img"
-}
-trap cleanup EXIT
-mkdir -p "$MNT"
+on_exit 'stop_pid "${SERVE:-}"'
+on_exit 'stop_pid "${APPLY:-}"'
+on_exit umount_loops
+on_exit 'rm -f "$WORK/fs.img"'
 truncate -s "$FS_SIZE" "$WORK/fs.img"
-mkfs.btrfs -q -f "$WORK/fs.img"
-mount -o loop "$WORK/fs.img" "$MNT"
+loop_fs btrfs "$WORK/fs.img" "$MNT"
 mkdir -p "$MNT/cache" "$MNT/target"
 truncate -s "$DISK" "$MNT/disk0.img"
 STATE=$MNT/state
-TS=("$T" --state "$STATE")
+TS=("$TERN" --state "$STATE")
 "${TS[@]}" enable vm --disk "disk0=$MNT/disk0.img" --cache "$MNT/cache" --target "$MNT/target" \
     --journal-size 256MiB >"$RESULTS/enable.log" 2>&1
 SOCK=$WORK/nbd.sock
 "${TS[@]}" serve vm --listen "unix:$SOCK" 2>"$RESULTS/serve.log" &
 SERVE=$!
-for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.1; done
+wait_for_socket "$SOCK" 10 "$RESULTS/serve.log" "$SERVE" || die "tern serve is not listening"
 "${TS[@]}" ship vm --once 2>"$RESULTS/ship-initial.log"
-"$T" apply vm --once --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-initial.log"
+"$TERN" apply vm --once --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-initial.log"
 # A first point for --latest-point (an empty disk's initial sync has none).
 "${TS[@]}" failover vm --test --latest --name warm-up >"$RESULTS/warm-up.log" 2>&1
 "${TS[@]}" failover-cleanup vm warm-up >/dev/null
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD)"
-    echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r); btrfs on a loop file on $(df --output=fstype "$WORK" | tail -1)"
+    echo "machine: $(machine_desc); btrfs on a loop file on $(df --output=fstype "$WORK" | tail -1)"
     echo "command: PENDINGS=\"$PENDINGS\" ROUNDS=$ROUNDS DISK=$DISK scripts/bench-failover.sh"
 } | tee "$RESULTS/run.txt" >&2
 
-# Seconds a command takes (its output to $RESULTS/<name>.{out,err}).
-timed() {
+# run NAME CMD...: CMD timed, its output to $RESULTS/NAME.{out,err}; S = its
+# seconds (3 decimals). Dies if it fails.
+run() {
     local name=$1
     shift
-    local start end
-    start=$(date +%s.%N)
-    "$@" >"$RESULTS/$name.out" 2>"$RESULTS/$name.err" || die "$name failed: $(tail -3 "$RESULTS/$name.err")"
-    end=$(date +%s.%N)
-    python3 -c "print(f'{$end - $start:.3f}')"
+    timed "$RESULTS/$name.out" "$RESULTS/$name.err" "$@" || die "$name failed: $(tail -3 "$RESULTS/$name.err")"
+    S=$(printf '%.3f' "$T_WALL")
 }
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 TSV=$RESULTS/failover.tsv
 echo -e "case\tpending\tround\tseconds" >"$TSV"
@@ -111,30 +99,30 @@ for r in $(seq "$ROUNDS"); do
             rm -f "$WORK/pending.bin"
         fi
         "${TS[@]}" ship vm --once 2>>"$RESULTS/ship.log"
-        drop
-        s=$(timed "latest-point-$n" "${TS[@]}" failover vm --test --latest-point --name "lp$n")
-        log "--latest-point, $pending pending, round $r: ${s}s"
-        echo -e "latest-point\t$pending\t$r\t$s" >>"$TSV"
-        drop
-        s=$(timed "latest-$n" "${TS[@]}" failover vm --test --latest --name "l$n")
-        log "--latest, $pending pending, round $r: ${s}s"
-        echo -e "latest\t$pending\t$r\t$s" >>"$TSV"
+        drop_caches
+        run "latest-point-$n" "${TS[@]}" failover vm --test --latest-point --name "lp$n"
+        log "--latest-point, $pending pending, round $r: ${S}s"
+        echo -e "latest-point\t$pending\t$r\t$S" >>"$TSV"
+        drop_caches
+        run "latest-$n" "${TS[@]}" failover vm --test --latest --name "l$n"
+        log "--latest, $pending pending, round $r: ${S}s"
+        echo -e "latest\t$pending\t$r\t$S" >>"$TSV"
         "${TS[@]}" failover-cleanup vm "lp$n" >/dev/null
         "${TS[@]}" failover-cleanup vm "l$n" >/dev/null
     done
 done
 # --latest answered by a running applier, nothing pending.
-"$T" apply vm --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-daemon.log" &
+"$TERN" apply vm --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-daemon.log" &
 APPLY=$!
 sleep 2
 for r in $(seq "$ROUNDS"); do
     n=$((n + 1))
-    s=$(timed "latest-asked-$n" "${TS[@]}" failover vm --test --latest --name "la$n")
-    log "--latest asking a running tern apply, round $r: ${s}s"
-    echo -e "latest (apply running)\t0\t$r\t$s" >>"$TSV"
+    run "latest-asked-$n" "${TS[@]}" failover vm --test --latest --name "la$n"
+    log "--latest asking a running tern apply, round $r: ${S}s"
+    echo -e "latest (apply running)\t0\t$r\t$S" >>"$TSV"
     "${TS[@]}" failover-cleanup vm "la$n" >/dev/null
 done
-kill "$APPLY"; wait "$APPLY" 2>/dev/null || true; APPLY=
+stop_pid "$APPLY"; APPLY=
 fi
 
 # A planned failover of a VM writing PLANNED_RATE until it shuts down,
@@ -142,47 +130,43 @@ fi
 # fences the one before).
 if [[ " $MEASURE " == *" planned "* ]]; then
 for r in $(seq "$ROUNDS"); do
-    if [[ -n ${SERVE:-} ]]; then kill "$SERVE" 2>/dev/null || true; wait "$SERVE" 2>/dev/null || true; SERVE=; fi
+    stop_pid "${SERVE:-}"; SERVE=
     rm -rf "$STATE" "$MNT/cache/vm" "$MNT/target/vm" "$MNT/disk0.img"
     truncate -s "$DISK" "$MNT/disk0.img"
     "${TS[@]}" enable vm --disk "disk0=$MNT/disk0.img" --cache "$MNT/cache" --target "$MNT/target" \
         --journal-size 256MiB >>"$RESULTS/enable.log" 2>&1
     "${TS[@]}" serve vm --listen "unix:$SOCK" 2>"$RESULTS/serve-planned-$r.log" &
     SERVE=$!
-    for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.1; done
+    wait_for_socket "$SOCK" 10 "$RESULTS/serve-planned-$r.log" "$SERVE" || die "tern serve is not listening"
     "${TS[@]}" ship vm 2>"$RESULTS/ship-planned-$r.log" &
     SHIP=$!
-    "$T" apply vm --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-planned-$r.log" &
+    "$TERN" apply vm --cache "$MNT/cache" --target "$MNT/target" 2>"$RESULTS/apply-planned-$r.log" &
     APPLY=$!
     fio --name=vm --ioengine=nbd --uri="nbd+unix:///disk0?socket=$SOCK" --rw=randwrite --bs=64k \
         --iodepth=8 --rate="$PLANNED_RATE" --size="$DISK" --time_based --runtime="$PLANNED_SECONDS" \
         --output="$RESULTS/fio-planned-$r.txt" >/dev/null 2>&1
     # The VM has shut down: fail over, planned.
-    s=$(timed "planned-$r" "${TS[@]}" failover vm --planned --json)
+    run "planned-$r" "${TS[@]}" failover vm --planned --json
     wait "$SHIP" 2>/dev/null || true
     wait "$SERVE" 2>/dev/null || true
     SERVE=
-    seq=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['seq'])" "$RESULTS/planned-$r.out")
+    seq=$(json_get "$RESULTS/planned-$r.out" seq)
     same=$(cmp -s "$MNT/disk0.img" "$MNT/target/vm/failover/active/disk0.img" && echo identical || echo DIFFERENT)
-    log "--planned after ${PLANNED_SECONDS}s at $PLANNED_RATE, round $r: ${s}s (seq $seq, failed-over disk vs source: $same)"
+    log "--planned after ${PLANNED_SECONDS}s at $PLANNED_RATE, round $r: ${S}s (seq $seq, failed-over disk vs source: $same)"
     [[ $same == identical ]] || die "the planned failover's disk differs from the source"
-    echo -e "planned\t${PLANNED_RATE}/s for ${PLANNED_SECONDS}s\t$r\t$s" >>"$TSV"
-    kill "$APPLY"; wait "$APPLY" 2>/dev/null || true; APPLY=
+    echo -e "planned\t${PLANNED_RATE}/s for ${PLANNED_SECONDS}s\t$r\t$S" >>"$TSV"
+    stop_pid "$APPLY"; APPLY=
 done
 fi
 
-python3 - "$TSV" <<'EOF' | tee "$RESULTS/summary.md"
-import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-keys = []
-for r in rows:
-    k = (r["case"], r["pending"])
-    if k not in keys:
-        keys.append(k)
+bench_py - "$TSV" <<'EOF' | tee "$RESULTS/summary.md"
+import sys
+from benchlib import median, read_tsv, spread, unique
+rows = read_tsv(sys.argv[1])
 print("| tern failover | pending in the cache (or load) | median s | range s | runs |")
 print("|---|---|---|---|---|")
-for k in keys:
+for k in unique((r["case"], r["pending"]) for r in rows):
     v = [float(r["seconds"]) for r in rows if (r["case"], r["pending"]) == k]
-    print(f"| --{k[0]} | {k[1]} | {statistics.median(v):.2f} | {min(v):.2f}–{max(v):.2f} | {len(v)} |")
+    print(f"| --{k[0]} | {k[1]} | {median(v):.2f} | {spread(v, lambda x: f'{x:.2f}')} | {len(v)} |")
 EOF
 log "results in $RESULTS"

@@ -21,22 +21,19 @@
 # random bytes, unix socket). A run whose journal overflowed is reported as
 # such and left out: it would measure the bitmap, not the journal.
 set -euo pipefail
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
 
-REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORKLOADS="${WORKLOADS:-seq-write randwrite-qd1 randwrite-qd32 4conn-qd8}"
 PAIRS="${PAIRS:-5}"
 RUNTIME="${RUNTIME:-3}"
 RAMP="${RAMP:-1}"
 RING="${RING:-12GiB}"
 WORK="${WORK:-/var/tmp/tern-bench-journal}"
-TERN="${TERN:-$REPO_ROOT/target/release/tern}"
+TERN="${TERN:-$BENCH_ROOT/target/release/tern}"
 
-log() { echo "[bench-journal $(date +%H:%M:%S)] $*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-command -v fio >/dev/null || die "fio is not installed (scripts/install-deps.sh)"
-fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no 'nbd' ioengine"
-[[ -x $TERN ]] || die "$TERN is missing: cargo build --release"
+need_fio_nbd
+need_tern
 
 declare -A FIO_ARGS=(
     [seq-write]="--rw=write --bs=1M --iodepth=8 --numjobs=1"
@@ -52,12 +49,10 @@ RUN="$WORK/run"
 IMG="$WORK/image.raw"
 export TERN_RING_DIR="/dev/shm/tern-bench-journal-$$"
 mkdir -p "$RESULTS"
+fingerprint "$RESULTS/version.txt" fio
 SERVER_PID=""
-cleanup() {
-    [[ -n $SERVER_PID ]] && { kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }
-    rm -rf "$RUN" "$TERN_RING_DIR"
-}
-trap cleanup EXIT
+on_exit 'stop_pid "$SERVER_PID"'
+on_exit 'rm -rf "$RUN" "$TERN_RING_DIR"'
 
 if [[ ! -f $IMG ]]; then
     log "making a 2 GiB image of random bytes: $IMG"
@@ -80,13 +75,11 @@ one_run() {
     [[ $variant == nojournal ]] && extra=(--no-journal)
     "$TERN" --state "$RUN/state" serve bench --listen "unix:$RUN/sock" "${extra[@]}" 2>"$out.serve.log" &
     SERVER_PID=$!
-    for _ in $(seq 600); do [[ -S $RUN/sock ]] && break; sleep 0.1; done
-    [[ -S $RUN/sock ]] || die "tern serve did not listen; see $out.serve.log"
+    wait_for_socket "$RUN/sock" 60 "$out.serve.log" "$SERVER_PID" || die "tern serve did not listen; see $out.serve.log"
     # The ring is mapped in the background after the socket is up; the
     # run measures the steady state, not those first seconds.
     if [[ ${#extra[@]} -eq 0 ]]; then
-        for _ in $(seq 1200); do grep -q "journal ring mapped" "$out.serve.log" && break; sleep 0.1; done
-        grep -q "journal ring mapped" "$out.serve.log" ||
+        wait_for_log "$out.serve.log" "journal ring mapped" 120 ||
             log "warning: the ring was not mapped within 120 s; this run includes the mapping ($out.serve.log)"
     fi
     # shellcheck disable=SC2086
@@ -99,10 +92,10 @@ one_run() {
         "$TERN" --state "$RUN/state" journal dump bench --header 2>/dev/null | grep -q "mode Overflow"; then
         overflowed=1
     fi
-    python3 - "$out.json" "$overflowed" >"$out.result" <<'EOF'
-import json, sys
-text = open(sys.argv[1]).read()
-job = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+    bench_py - "$out.json" "$overflowed" >"$out.result" <<'EOF'
+import sys
+from benchlib import fio_job
+job = fio_job(sys.argv[1])["write"]
 print(round(job["iops"]), job["clat_ns"]["percentile"]["99.000000"] // 1000, sys.argv[2])
 EOF
 }
@@ -113,9 +106,7 @@ for w in $WORKLOADS; do
     for p in $(seq "$PAIRS"); do
         # Which goes first alternates, so neither always runs right after
         # the other's teardown.
-        order="journal nojournal"
-        ((p % 2 == 0)) && order="nojournal journal"
-        for v in $order; do
+        for v in $(rotate $((p - 1)) journal nojournal); do
             one_run "$v" "$w" "$RESULTS/$w-$p-$v"
             read -r iops p99 ovf <"$RESULTS/$w-$p-$v.result"
             printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$p" "$v" "$iops" "$p99" "$ovf" >>"$TSV"
@@ -126,14 +117,15 @@ for w in $WORKLOADS; do
     done
 done
 
-python3 - "$TSV" "$RESULTS/summary.md" "$RING" "$RUNTIME" "$RAMP" <<'EOF'
-import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+bench_py - "$TSV" "$RESULTS/summary.md" "$RING" "$RUNTIME" "$RAMP" <<'EOF'
+import sys
+from benchlib import median, read_tsv, unique
+rows = read_tsv(sys.argv[1])
 out = open(sys.argv[2], "w")
 out.write(f"journal ring {sys.argv[3]}, no consumer; {sys.argv[4]} s per run after {sys.argv[5]} s ramp\n\n")
 out.write("| workload | journal IOPS (median) | no journal IOPS (median) | journal cost, median of pairs | pairs (journal / no journal) | p99 µs journal / no journal |\n")
 out.write("|---|---:|---:|---:|---|---|\n")
-for w in dict.fromkeys(r["workload"] for r in rows):
+for w in unique(r["workload"] for r in rows):
     pairs = {}
     for r in rows:
         if r["workload"] == w:
@@ -144,11 +136,11 @@ for w in dict.fromkeys(r["workload"] for r in rows):
         continue
     j = [int(p["journal"]["iops"]) for p in good]
     n = [int(p["nojournal"]["iops"]) for p in good]
-    cost = statistics.median(1 - a / b for a, b in zip(j, n))
-    pj = statistics.median(int(p["journal"]["p99_us"]) for p in good)
-    pn = statistics.median(int(p["nojournal"]["p99_us"]) for p in good)
+    cost = median(1 - a / b for a, b in zip(j, n))
+    pj = median(int(p["journal"]["p99_us"]) for p in good)
+    pn = median(int(p["nojournal"]["p99_us"]) for p in good)
     listing = " · ".join(f"{a:,}/{b:,}" for a, b in zip(j, n))
-    out.write(f"| {w} | {statistics.median(j):,.0f} | {statistics.median(n):,.0f} | {cost:.0%} | {listing} | {pj:,.0f} / {pn:,.0f} |\n")
+    out.write(f"| {w} | {median(j):,.0f} | {median(n):,.0f} | {cost:.0%} | {listing} | {pj:,.0f} / {pn:,.0f} |\n")
 out.close()
 print(open(sys.argv[2]).read())
 EOF

@@ -6,28 +6,21 @@
       (incompressible, never-zero-block) data: D/C chunks of C bytes spread
       evenly over the image (chunk i at i * floor(S/C / (D/C)) * C). With
       D == S the image is fully dense. fsynced at the end.
-  size S
-      S in bytes.
   failover-json FILE
       "READY_SECONDS POINT CLONE" from `tern failover --json` output.
   summary RESULTS_DIR
       Markdown tables from RESULTS_DIR/rto.tsv and initial-sync.tsv (medians
       with min-max over runs), on stdout.
 
-Sizes take k/m/g/t suffixes (binary: 1g = 2^30).
+Sizes take k/m/g/t suffixes (binary: 1g = 2^30). What the bench scripts
+share (sizes, medians, TSV and JSON reading) is in lib/benchlib.py.
 """
-import csv
 import os
-import statistics
 import sys
 
-
-def parse_size(s):
-    s = s.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    if s and s[-1] in mult:
-        return int(float(s[:-1]) * mult[s[-1]])
-    return int(s)
+sys.dont_write_bytecode = True  # no __pycache__ in the tree
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from benchlib import applied_points, load_json, median as med, parse_size, read_tsv, spread  # noqa: E402
 
 
 def fill(argv):
@@ -60,19 +53,13 @@ def fill(argv):
 
 
 def failover_json(argv):
-    import json
-
-    j = json.load(open(argv[0]))
+    j = load_json(argv[0])
     ready = f"{j['ready_seconds']:.4f}" if "ready_seconds" in j else "-"
     print(ready, j["point"], j.get("clone", "-"))
 
 
-def med(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
 def fmt_s(x):
-    if x != x:  # nan
+    if x is None:
         return "–"
     if 0 < x < 0.01:
         return f"{x:.3f}"
@@ -80,14 +67,7 @@ def fmt_s(x):
 
 
 def rng(xs):
-    return f"{fmt_s(min(xs))}–{fmt_s(max(xs))}" if xs else "–"
-
-
-def read_tsv(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+    return spread(xs, fmt_s)
 
 
 def human_bytes(n):
@@ -101,17 +81,12 @@ def human_bytes(n):
 def logged_point_s(path):
     """Seconds `tern apply` logged for the point a --latest failover took
     ("… point … reflink in 13ms"), or None."""
-    import re
-
     try:
         text = open(path).read()
     except OSError:
         return None
-    m = re.findall(r"point \S+ at seq \d+ \(source time [^)]*\), \w+ in ([0-9.]+)(ns|µs|us|ms|s)\b", text)
-    if not m:
-        return None
-    v, u = m[-1]
-    return float(v) * {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}[u]
+    points = applied_points(text)
+    return points[-1][1] if points else None
 
 
 def summary(argv):
@@ -181,8 +156,7 @@ def summary(argv):
 
 
 def main():
-    cmds = {"fill": fill, "summary": summary, "size": lambda a: print(parse_size(a[0])),
-            "failover-json": failover_json}
+    cmds = {"fill": fill, "summary": summary, "failover-json": failover_json}
     if len(sys.argv) < 2 or sys.argv[1] not in cmds:
         sys.exit(__doc__)
     cmds[sys.argv[1]](sys.argv[2:])

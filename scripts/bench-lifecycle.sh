@@ -46,10 +46,11 @@
 #   IS_SIZE [20g], IS_DATA [1g], IS_ROUNDS [3], IS_TARGET_FS [btrfs],
 #   NAIVE_PIECE [4g], MAX_LOAD [1.5] (wait for the 1-min load average to
 #   drop below it before each measurement, at most LOAD_WAIT [1800] s; and
-#   before each timed run while a rustc runs), BUILD [1] (`cargo build
-#   --release` first, retried while another build holds the tree; the
-#   existing binary if it keeps failing), TERN [target/release/tern] (copied
-#   into the results dir so a rebuild cannot swap it mid-run), WORK
+#   before each timed run while a rustc runs), BUILD [1] (unless TERN is
+#   given, `cargo build --release` first, retried while another build holds
+#   the tree; the existing binary if it keeps failing), TERN
+#   [target/release/tern] (copied into the results dir so a rebuild cannot
+#   swap it mid-run), WORK
 #   [/var/tmp/tern-bench-lifecycle], KEEP [0] (keep images and loop fs),
 #   MIN_FREE [4g] (stop before a step would leave less free on WORK's disk),
 #   DROP_CACHES [1] (drop the page cache before each timed run; 0: only sync).
@@ -63,10 +64,10 @@
 # Output: $WORK/results-<stamp>/ with rto.tsv, rto-setup.tsv,
 #   initial-sync.tsv, every command's output, and summary.md (also on stdout).
 set -euo pipefail
-export LC_NUMERIC=C
-cd "$(dirname "$0")/.."
-REPO=$PWD
-HELPER="$REPO/scripts/bench-lifecycle.py"
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+cd "$BENCH_ROOT"
+HELPER="$BENCH_ROOT/scripts/bench-lifecycle.py"
 
 if [[ "${QUICK:-0}" == 1 ]]; then   # smoke-test sizes, unless set explicitly
     : "${RTO_IMAGES=dense-256m sparse-2g frag-256m}" "${COPY_IMAGES=dense-256m}" "${SPARSE_DATA=256m}"
@@ -92,45 +93,31 @@ NAIVE_PIECE=${NAIVE_PIECE:-4g}
 MAX_LOAD=${MAX_LOAD:-1.5}
 LOAD_WAIT=${LOAD_WAIT:-1800}
 BUILD=${BUILD:-1}
-TERN_BIN=${TERN:-target/release/tern}
+TERN=${TERN:-target/release/tern}
 WORK=${WORK:-/var/tmp/tern-bench-lifecycle}
 KEEP=${KEEP:-0}
 MIN_FREE=${MIN_FREE:-4g}
 DROP_CACHES=${DROP_CACHES:-1}
 
-log() { echo "[bench-lifecycle $(date -u +%H:%M:%S)] $*" >&2; }
-die() { log "error: $*"; exit 1; }
-[[ $EUID -eq 0 ]] || die "run as root (loop mounts, drop_caches)"
-for tool in fio filefrag mkfs.btrfs mkfs.xfs mkfs.ext4 python3 bc fstrim; do
-    command -v "$tool" >/dev/null || die "missing $tool: run scripts/install-deps.sh"
-done
-
-bytes() { python3 "$HELPER" size "$1"; }
+BENCH_LOG=utc
+need_root "loop mounts, drop_caches"
+need_tools fio filefrag mkfs.btrfs mkfs.xfs mkfs.ext4 python3 bc fstrim
 
 # ---------------------------------------------------------------------------
 # The binary, the run's record
 # ---------------------------------------------------------------------------
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-RESULTS="$WORK/results-$STAMP"
-mkdir -p "$RESULTS"
-if [[ "$BUILD" == 1 ]]; then
-    for attempt in 1 2 3 4 5; do
-        if cargo build --release >"$RESULTS/build.log" 2>&1; then break; fi
-        log "cargo build --release failed (attempt $attempt; another engineer mid-edit?), see $RESULTS/build.log"
-        [[ $attempt == 5 ]] && { log "using the existing $TERN_BIN"; break; }
-        sleep 60
-    done
-fi
-[[ -x "$TERN_BIN" ]] || die "no tern binary at $TERN_BIN"
-cp "$TERN_BIN" "$RESULTS/tern"
-TERN="$RESULTS/tern"
+make_results
+if [[ "$BUILD" == 1 ]]; then build_tern "$RESULTS/build.log" 5; fi
+need_tern
+tern_snapshot "$RESULTS/tern"
+fingerprint "$RESULTS/version.txt" fio filefrag mkfs.btrfs mkfs.xfs mkfs.ext4
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "git: $(git rev-parse --short HEAD) ($(git log -1 --format=%s | cut -c1-80))"
     echo "tree: $(git status --porcelain -- '*.rs' Cargo.toml Cargo.lock | wc -l) modified Rust/Cargo files at build time"
     git status --porcelain -- '*.rs' Cargo.toml Cargo.lock | sed 's/^/  /'
-    echo "binary: $TERN_BIN, built $(date -u -r "$TERN_BIN" '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$TERN" | cut -c1-16)"
-    echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r), $(df -h --output=source,fstype "$WORK" | tail -1)"
+    echo "binary: $TERN_SRC, built $(date -u -r "$TERN_SRC" '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$TERN" | cut -c1-16)"
+    echo "machine: $(machine_desc), $(df -h --output=source,fstype "$WORK" | tail -1)"
     echo "command: MEASURE=\"$MEASURE\" RTO_FS=\"$RTO_FS\" RTO_IMAGES=\"$RTO_IMAGES\" COPY_FS=\"$COPY_FS\" COPY_IMAGES=\"$COPY_IMAGES\" RUNS=$RUNS COPY_RUNS=$COPY_RUNS PENDING=$PENDING DROP_CACHES=$DROP_CACHES SPARSE_DATA=$SPARSE_DATA FRAG_DATA=$FRAG_DATA IS_SIZE=$IS_SIZE IS_DATA=$IS_DATA IS_ROUNDS=$IS_ROUNDS scripts/bench-lifecycle.sh"
 } >"$RESULTS/run.txt"
 cat "$RESULTS/run.txt" >&2
@@ -142,24 +129,20 @@ cat "$RESULTS/run.txt" >&2
 # the end: deleting a state directory by hand does not free them.
 export TERN_RING_DIR="/dev/shm/tern-bench-lifecycle-$$"
 SERVE_PID=""
-MOUNTS=()
-cleanup() {
-    rm -rf "$TERN_RING_DIR"
-    if [[ -n "$SERVE_PID" ]]; then kill "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; fi
+on_exit 'rm -rf "$TERN_RING_DIR"'
+on_exit 'stop_pid "$SERVE_PID"'
+on_exit umount_loops
+# The loop filesystems' images, and the work directories (KEEP=1: kept).
+remove_work() {
+    [[ "$KEEP" != 1 ]] || return 0
     local m
-    for m in "${MOUNTS[@]}"; do
-        umount "$m" 2>/dev/null || true
-        [[ "$KEEP" == 1 ]] || rm -f "$m.img"
+    for m in "${BENCH_MOUNTS[@]}"; do rm -f "$m.img"; done
+    for m in "$WORK"/rto-* "$WORK"/is-* "$WORK/initial-sync"; do
+        mountpoint -q "$m" 2>/dev/null || rm -rf "$m"
     done
-    if [[ "$KEEP" != 1 ]]; then
-        for m in "$WORK"/rto-* "$WORK"/is-* "$WORK/initial-sync"; do
-            mountpoint -q "$m" 2>/dev/null || rm -rf "$m"
-        done
-    fi
 }
-trap cleanup EXIT
+on_exit remove_work
 
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 # Before each timed run: the page cache dropped (DROP_CACHES=1, the default:
 # a target host that has not read the replica's metadata lately), or only
 # flushed (DROP_CACHES=0: warm, as right after `tern apply` wrote it).
@@ -196,16 +179,6 @@ wait_no_build() {
     return 0
 }
 
-# timed OUT ERR CMD... : runs CMD, output to OUT/ERR; T_WALL = wall seconds.
-T_WALL=0
-timed() {
-    local out="$1" err="$2"; shift 2
-    local t0=$EPOCHREALTIME rc=0
-    "$@" >"$out" 2>"$err" || rc=$?
-    T_WALL=$(echo "$EPOCHREALTIME - $t0" | bc)
-    return $rc
-}
-
 # A file's extent records (`filefrag -v`): what a clone walks. Plain
 # `filefrag` counts physically discontiguous runs, so a sparse file whose
 # data sits in one run on disk counts as 1 however many holes it has.
@@ -218,20 +191,12 @@ mount_fs() {
     MNT="$WORK/$name"
     umount "$MNT" 2>/dev/null || true
     rm -f "$MNT.img"; truncate -s "$FS_SIZE" "$MNT.img"
-    case "$fs" in
-        ext4) mkfs.ext4 -q -F "$MNT.img" ;;
-        btrfs+C) mkfs.btrfs -q -f "$MNT.img" >/dev/null ;;
-        *) "mkfs.$fs" -q -f "$MNT.img" >/dev/null ;;
-    esac
-    mkdir -p "$MNT"; mount -o loop "$MNT.img" "$MNT"; MOUNTS+=("$MNT")
+    loop_fs "${fs%+C}" "$MNT.img" "$MNT"   # btrfs+C: btrfs
 }
 umount_fs() {
     local mnt="$1"
-    umount "$mnt"
+    umount_loop "$mnt"
     [[ "$KEEP" == 1 ]] || { rm -f "$mnt.img"; rmdir "$mnt"; }
-    local m keep=()
-    for m in "${MOUNTS[@]}"; do [[ "$m" == "$mnt" ]] || keep+=("$m"); done
-    MOUNTS=("${keep[@]}")
 }
 
 # make_image NAME PATH -> the source image; echoes "size data" in bytes.
@@ -255,12 +220,11 @@ write_pending() {
     rm -f "$sock"
     "$TERN" --state "$d/state" -q serve vm --listen "unix:$sock" 2>>"$d/serve.log" &
     SERVE_PID=$!
-    local i
-    for i in $(seq 100); do [[ -S "$sock" ]] && break; sleep 0.1; done
+    wait_for_socket "$sock" 10 "$d/serve.log" "$SERVE_PID" || die "tern serve is not listening ($d)"
     fio --name=pending --ioengine=nbd --uri="nbd+unix:///disk0?socket=$sock" --thread \
         --rw=randwrite --bs="$bs" --iodepth=16 --size="$disk_bytes" --io_size="$amount" --norandommap \
         --randrepeat=0 --refill_buffers --output="$d/fio-pending.txt" >/dev/null
-    kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true; SERVE_PID=""
+    stop_pid "$SERVE_PID"; SERVE_PID=""
     "$TERN" --state "$d/state" -q ship vm --once 2>>"$d/ship.log"
 }
 
@@ -450,8 +414,8 @@ measure_initial_sync() {
             "$(grep -o '[0-9.]*[KMGT]iB of allocated data marked' "$out/enable-$round.err" || true)"
         timed "$out/ship-$round.out" "$out/ship-$round.err" $T ship vm --once
         local bin bout seg
-        bin=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_in"])' "$d/state/vm/ship.json")
-        bout=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_out"])' "$d/state/vm/ship.json")
+        bin=$(json_get "$d/state/vm/ship.json" bytes_in)
+        bout=$(json_get "$d/state/vm/ship.json" bytes_out)
         seg=$(du -s -B1 --apparent-size "$d/cache/vm/segments" | cut -f1)
         is_record "tern ship --once (initial sync, segments to the ext4 disk)" "$round" "$T_WALL" "$bin" "$seg" \
             "$data_b" "ship.json bytes_out $bout, $(ls "$d/cache/vm/segments" | wc -l) segments"

@@ -39,6 +39,9 @@
 # Exit status is non-zero if any server start or fio run failed (the
 # benchmark carries on regardless so one flaky run doesn't waste the rest).
 set -euo pipefail
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+BENCH_ERROR=ERROR
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -46,24 +49,11 @@ set -euo pipefail
 
 # Record which knobs the caller set explicitly *before* applying defaults, so
 # the summary can print the exact command that reproduces this run.
-KNOBS=(SYSTEMS WORKLOADS RUNTIME RAMP ROUNDS WORK TERN TERN_JOURNAL_SIZE TERN_RING_SIZE TERN_RING_SIZE_4K
-       NBDKIT_THREADS FRESH_IMAGE DROP_CACHES PIN_DIRTY)
-# Shell-quote for display: bare if safe, else single quotes (readable,
-# unlike printf %q's backslashes).
-shq() {
-    if [[ "$1" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then printf '%s' "$1"
-    else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-CMDLINE=""
-for k in "${KNOBS[@]}"; do
-    if [[ -n "${!k+x}" ]]; then CMDLINE+="$k=$(shq "${!k}") "; fi
-done
-CMDLINE+="scripts/bench-nbd.sh"
-for a in "$@"; do CMDLINE+=" $(shq "$a")"; done
+CMDLINE=$(knob_command scripts/bench-nbd.sh SYSTEMS WORKLOADS RUNTIME RAMP ROUNDS WORK TERN TERN_JOURNAL_SIZE \
+    TERN_RING_SIZE TERN_RING_SIZE_4K NBDKIT_THREADS FRESH_IMAGE DROP_CACHES PIN_DIRTY -- "$@")
 
 # Paths like target/release/tern are relative to the repo root.
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO_ROOT"
+cd "$BENCH_ROOT"
 
 SYSTEMS="${SYSTEMS:-tern tern-nojournal qemu-nbd nbdkit}"
 ALL_WORKLOADS="seq-write randwrite-qd1 randwrite-qd32 randread-qd32 randrw-70-30 4conn-qd8"
@@ -86,9 +76,6 @@ EXPORT=disk0                 # export name, identical for every server
 IMG_BYTES=$((2 * 1024 * 1024 * 1024))
 IMG="$WORK/disk.img"
 SOCK_WAIT=30                 # seconds to wait for a server's socket
-
-log() { printf '[bench-nbd %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
 
 [[ "$RUNTIME" =~ ^[0-9]+$ && "$RUNTIME" -gt 0 ]] || die "RUNTIME must be a positive integer (got '$RUNTIME')"
 [[ "$RAMP" =~ ^[0-9]+$ ]] || die "RAMP must be a non-negative integer (got '$RAMP')"
@@ -116,10 +103,9 @@ done
 # ---------------------------------------------------------------------------
 # Preflight: tools, system selection
 # ---------------------------------------------------------------------------
-command -v fio >/dev/null || die "fio not found"
 [[ -x "$PY" ]] || die "$PY not found (needed to parse fio JSON)"
 # fio must be built with the libnbd engine; `--enghelp=nbd` fails otherwise.
-fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no 'nbd' ioengine (install fio built with libnbd)"
+need_fio_nbd
 # nbdinfo is used to prove each server really serves the export before fio runs.
 HAVE_NBDINFO=0; command -v nbdinfo >/dev/null && HAVE_NBDINFO=1
 
@@ -142,7 +128,7 @@ for s in $SYSTEMS; do
     SELECTED+=("$s")
 done
 ((${#SELECTED[@]} > 0)) || die "no runnable systems selected (SYSTEMS='$SYSTEMS')"
-if [[ "$TERN" != /* ]]; then TERN="$REPO_ROOT/$TERN"; fi  # absolute, for logs
+if [[ "$TERN" != /* ]]; then TERN="$BENCH_ROOT/$TERN"; fi  # absolute, for logs
 
 RUN_ID="$(date +%Y%m%d-%H%M%S)"
 RESULTS="$WORK/results/$RUN_ID"
@@ -154,6 +140,7 @@ MANIFEST="$RESULTS/manifest.tsv"   # round system workload status file
 # time, its ring removed with its state.
 export TERN_RING_DIR="/dev/shm/tern-bench-nbd-$$"
 : >"$MANIFEST"
+fingerprint "$RESULTS/version.txt" fio qemu-nbd nbdkit nbdinfo
 
 # ---------------------------------------------------------------------------
 # Server lifecycle. Only one server runs at a time; its pid is in SERVER_PID.
@@ -165,27 +152,16 @@ OVERFLOWED=0
 SHIP_PID=""                  # tern's journal consumer (`tern ship`), for the journal-on system
 
 stop_server() {
-    if [[ -n "$SHIP_PID" ]]; then
-        kill -TERM "$SHIP_PID" 2>/dev/null || true
-        wait "$SHIP_PID" 2>/dev/null || true
-        SHIP_PID=""
-    fi
+    stop_pid "$SHIP_PID"
+    SHIP_PID=""
     [[ -n "$SERVER_PID" ]] || return 0
     local pid="$SERVER_PID"
     SERVER_PID=""
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        # Give it 120 s to shut down cleanly, as tern-serve@.service does
-        # (TimeoutStopSec): tern writes the records no consumer took to
-        # its durable journal first, gigabytes after tern-ring's 1 MiB
-        # writes. Then insist.
-        for _ in $(seq 1200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "WARNING: $SERVER_NAME (pid $pid) ignored SIGTERM for 120 s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
+    # Give it 120 s to shut down cleanly, as tern-serve@.service does
+    # (TimeoutStopSec): tern writes the records no consumer took to its
+    # durable journal first, gigabytes after tern-ring's 1 MiB writes.
+    # Then insist.
+    stop_pid "$pid" "$SERVER_NAME" 120
     # What its shutdown left dirty is not the next run's to write back.
     sync
     # A journal that overflowed stopped journaling: those figures would not
@@ -239,62 +215,31 @@ restore_dirty_thresholds() {
 }
 DIRTY_PINNED="not pinned"
 
-# Never leave a server behind, whatever way we exit.
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [[ -n "$FIO_PID" ]] && kill -0 "$FIO_PID" 2>/dev/null; then
-        log "cleanup: stopping fio (pid $FIO_PID)"
-        kill -TERM "$FIO_PID" 2>/dev/null || true   # timeout relays it to fio
-        wait "$FIO_PID" 2>/dev/null || true
-    fi
-    if [[ -n "$SERVER_PID" ]]; then
-        log "cleanup: stopping $SERVER_NAME (pid $SERVER_PID)"
-        stop_server
-    fi
-    rm -rf "$TERN_RING_DIR"
-    restore_dirty_thresholds || log "WARNING: could not restore the dirty-page settings: $DIRTY_SAVED (bytes ratio background_bytes background_ratio)"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM
+# Never leave a server behind, whatever way we exit (fio: timeout relays
+# the signal to it).
+on_exit '[[ -z $FIO_PID ]] || { log "cleanup: stopping fio (pid $FIO_PID)"; stop_pid "$FIO_PID"; }'
+on_exit '[[ -z $SERVER_PID ]] || { log "cleanup: stopping $SERVER_NAME (pid $SERVER_PID)"; stop_server; }'
+on_exit 'rm -rf "$TERN_RING_DIR"'
+on_exit 'restore_dirty_thresholds || log "WARNING: could not restore the dirty-page settings: $DIRTY_SAVED (bytes ratio background_bytes background_ratio)"'
+trap_interrupts
 
 # Wait for the server's unix socket, then check the export is reachable and
 # has the expected size. Returns non-zero (with a message) on failure.
 wait_ready() {
     local sock="$1" logf="$2" uri
     uri="nbd+unix:///$EXPORT?socket=$sock"
-    local deadline=$((SECONDS + SOCK_WAIT))
-    while [[ ! -S "$sock" ]]; do
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            log "$SERVER_NAME exited before creating $sock; last log lines:"
-            tail -n 20 "$logf" >&2 || true
-            return 1
-        fi
-        if ((SECONDS >= deadline)); then
-            log "$SERVER_NAME did not create $sock within ${SOCK_WAIT}s; last log lines:"
-            tail -n 20 "$logf" >&2 || true
-            return 1
-        fi
-        sleep 0.1
-    done
+    wait_for_socket "$sock" "$SOCK_WAIT" "$logf" "$SERVER_PID" "$SERVER_NAME" || return 1
     case "$SERVER_NAME" in
         tern | tern-ring | tern-overflow)
             # tern maps its journal ring in the background once listening;
             # measure the steady state, not those first seconds.
-            local n
-            for n in $(seq 1200); do grep -q "journal ring mapped" "$logf" && break; sleep 0.1; done
-            grep -q "journal ring mapped" "$logf" ||
+            wait_for_log "$logf" "journal ring mapped" 120 ||
                 log "warning: $SERVER_NAME did not map its ring within 120 s; this run includes the mapping ($logf)" ;;
     esac
     if ((HAVE_NBDINFO)); then
-        # The socket can appear slightly before accept() works; retry briefly.
-        local size="" i
-        for i in $(seq 50); do
-            size="$(timeout 10 nbdinfo --size "$uri" 2>>"$logf")" && break
-            size=""; sleep 0.1
-        done
-        if [[ -z "$size" ]]; then
+        # The socket can appear slightly before accept() works; retried.
+        local size
+        if ! size=$(export_size "$uri" "$logf"); then
             log "$SERVER_NAME: socket exists but export '$EXPORT' is not reachable via $uri"
             tail -n 20 "$logf" >&2 || true
             return 1
@@ -404,13 +349,11 @@ fi
 # ---------------------------------------------------------------------------
 # Environment description for the summary header.
 # ---------------------------------------------------------------------------
-ver() { "$@" 2>&1 | head -n1 || true; }
-CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)"
-[[ -n "$CPU_MODEL" ]] || CPU_MODEL="$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n1 || true)"
+CPU_MODEL="$(cpu_model)"
 TERN_VER="n/a"
 if [[ -x "$TERN" ]]; then
     TERN_VER="$(timeout 5 "$TERN" --version 2>/dev/null | head -n1 || true)"
-    TERN_GIT="$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo uncommitted)"
+    TERN_GIT="$(git -C "$BENCH_ROOT" rev-parse --short HEAD 2>/dev/null || echo uncommitted)"
     TERN_VER="${TERN_VER:-tern} (git $TERN_GIT)"
 fi
 if [[ "$PIN_DIRTY" == 1 ]]; then pin_dirty_thresholds; fi
@@ -419,9 +362,9 @@ if [[ "$PIN_DIRTY" == 1 ]]; then pin_dirty_thresholds; fi
     echo "nproc=$(nproc)"
     echo "kernel=$(uname -r)"
     echo "cpu=$CPU_MODEL"
-    echo "fio=$(ver fio --version)"
-    echo "qemu_nbd=$(command -v qemu-nbd >/dev/null && ver qemu-nbd --version || echo n/a)"
-    echo "nbdkit=$(command -v nbdkit >/dev/null && ver nbdkit --version || echo n/a)"
+    echo "fio=$(tool_version fio)"
+    echo "qemu_nbd=$(tool_version qemu-nbd)"
+    echo "nbdkit=$(tool_version nbdkit)"
     echo "tern=$TERN_VER"
     echo "command=$CMDLINE"
     echo "systems=${SELECTED[*]}"
@@ -440,19 +383,17 @@ if [[ "$PIN_DIRTY" == 1 ]]; then pin_dirty_thresholds; fi
 # the (noisy) machine don't systematically favour whoever runs first.
 # ---------------------------------------------------------------------------
 FAILURES=0
-N=${#SELECTED[@]}
 log "systems: ${SELECTED[*]}; workloads: $WORKLOADS; ${ROUNDS} round(s) × ${RUNTIME}s (+${RAMP}s ramp)"
 log "results: $RESULTS"
 
 for ((r = 1; r <= ROUNDS; r++)); do
-    for ((i = 0; i < N; i++)); do
-        sys="${SELECTED[$(((r - 1 + i) % N))]}"
+    for sys in $(rotate $((r - 1)) "${SELECTED[@]}"); do
         dir="$RUNTMP/r$r-$sys"
         rm -rf "$dir"; mkdir -p "$dir"
         slog="$LOGS/r$r-$sys-server.log"
 
         if [[ "$DROP_CACHES" == 1 ]]; then
-            sync; echo 3 >/proc/sys/vm/drop_caches || log "WARNING: could not drop caches"
+            drop_caches || log "WARNING: could not drop caches"
         fi
 
         log "round $r/$ROUNDS: starting $sys"
@@ -533,15 +474,12 @@ done
 # ---------------------------------------------------------------------------
 # Summary: medians over rounds, Markdown + JSON.
 # ---------------------------------------------------------------------------
-"$PY" - "$RESULTS" "$WORK" <<'PYEOF'
-import json, os, statistics, sys
+bench_py - "$RESULTS" "$WORK" <<'PYEOF'
+import os, sys
+from benchlib import fio_job, median as med, read_env, spread, write_summary
 
 results, work = sys.argv[1], sys.argv[2]
-meta = {}
-with open(os.path.join(results, "meta.env")) as f:
-    for line in f:
-        k, _, v = line.rstrip("\n").partition("=")
-        meta[k] = v
+meta = read_env(os.path.join(results, "meta.env"))
 systems = meta["systems"].split()
 workloads = meta["workloads"].split()
 DESC = {
@@ -553,26 +491,13 @@ DESC = {
     "4conn-qd8": "4 KiB rand write, 4 conns × QD8",
 }
 
-def load_fio(path):
-    # fio occasionally prints non-JSON notes before the object; skip them.
-    with open(path) as f:
-        text = f.read()
-    start = text.find("{")
-    if start < 0:
-        raise ValueError("no JSON object in fio output")
-    return json.loads(text[start:])
-
 def pct(side, p):
     perc = side.get("clat_ns", {}).get("percentile") or {}
     v = perc.get(p)
     return None if v is None else v / 1000.0  # ns -> µs
 
 def extract(path):
-    data = load_fio(path)
-    jobs = data.get("jobs") or []
-    if not jobs:
-        raise ValueError("no jobs in fio output")
-    job = jobs[0]  # group_reporting => one aggregated entry
+    job = fio_job(path)  # group_reporting => one aggregated entry
     if job.get("error"):
         raise ValueError(f"fio job error {job['error']}")
     rd, wr = job["read"], job["write"]
@@ -601,10 +526,6 @@ with open(os.path.join(results, "manifest.tsv")) as f:
             except Exception as e:  # keep going; mark as failed
                 run["status"] = f"parse-failed: {e}"
         runs.append(run)
-
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
 
 KEYS = ["mibps", "iops", "read_iops", "write_iops",
         "read_p50_us", "read_p99_us", "write_p50_us", "write_p99_us"]
@@ -672,7 +593,7 @@ if rounds > 1:
         row = [wl]
         for s in systems:
             c = summary[wl][s]
-            row.append("–" if c["iops_min"] is None else f"{c['iops_min']:,.0f} – {c['iops_max']:,.0f}")
+            row.append(spread([c["iops_min"], c["iops_max"]], lambda v: f"{v:,.0f}", " – "))
         lines.append("| " + " | ".join(row) + " |")
 bad = [r for r in runs if r["status"] != "ok"]
 if bad:
@@ -680,12 +601,7 @@ if bad:
     lines.append("Failed runs: " + ", ".join(f"r{r['round']} {r['system']} {r['workload']} ({r['status']})" for r in bad))
 md = "\n".join(lines) + "\n"
 
-out_json = {"meta": meta, "summary": summary, "runs": runs}
-for d in (work, results):
-    with open(os.path.join(d, "summary.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(d, "summary.json"), "w") as f:
-        json.dump(out_json, f, indent=2)
+write_summary(md, {"meta": meta, "summary": summary, "runs": runs}, (work, results))
 sys.stdout.write(md)
 PYEOF
 

@@ -22,31 +22,28 @@
 #   [/var/tmp/tern-bench-reprotect], TERN [target/release/tern].
 # Output: $WORK/results-<stamp>/reprotect.tsv and summary.md (also stdout).
 set -euo pipefail
-export LC_NUMERIC=C
-cd "$(dirname "$0")/.."
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+cd "$BENCH_ROOT"
 RP_FS=${RP_FS-"btrfs xfs"}
 RP_SIZE=${RP_SIZE:-2g}
 RP_PERCENT=${RP_PERCENT:-1}
 RP_CASES=${RP_CASES-"64k:64k 4k:64k 4k:4k"}
 FS_SIZE=${FS_SIZE:-16G}
 WORK=${WORK:-/var/tmp/tern-bench-reprotect}
-TERN_BIN=${TERN:-target/release/tern}
+TERN=${TERN:-target/release/tern}
 HELPER=scripts/bench-lifecycle.py
 
-log() { echo "[bench-reprotect $(date -u +%H:%M:%S)] $*" >&2; }
-die() { log "error: $*"; exit 1; }
-[[ $EUID -eq 0 ]] || die "run as root (loop mounts, drop_caches)"
-[[ -x "$TERN_BIN" ]] || die "no tern binary at $TERN_BIN: cargo build --release"
-bytes() { python3 "$HELPER" size "$1"; }
+BENCH_LOG=utc
+need_root "loop mounts, drop_caches"
+need_tern
 
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-RESULTS="$WORK/results-$STAMP"
-mkdir -p "$RESULTS"
-cp "$TERN_BIN" "$RESULTS/tern"
-TERN="$RESULTS/tern"
+make_results
+tern_snapshot "$RESULTS/tern"
+fingerprint "$RESULTS/version.txt" mkfs.btrfs mkfs.xfs
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD)"
-    echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
+    echo "machine: $(machine_desc)"
     echo "command: RP_FS=\"$RP_FS\" RP_SIZE=$RP_SIZE RP_PERCENT=$RP_PERCENT RP_CASES=\"$RP_CASES\" scripts/bench-reprotect.sh"
 } >"$RESULTS/run.txt"
 cat "$RESULTS/run.txt" >&2
@@ -56,22 +53,10 @@ cat "$RESULTS/run.txt" >&2
 export TERN_RING_DIR="/dev/shm/tern-bench-reprotect-$$"
 MNT=""
 APPLY_PID=""
-cleanup() {
-    rm -rf "$TERN_RING_DIR"
-    [[ -n "$APPLY_PID" ]] && { kill "$APPLY_PID" 2>/dev/null || true; wait "$APPLY_PID" 2>/dev/null || true; }
-    [[ -n "$MNT" ]] && { umount "$MNT" 2>/dev/null || true; rm -f "$MNT.img"; }
-}
-trap cleanup EXIT
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-T_WALL=0
-timed() {
-    local out="$1" err="$2" t0=$EPOCHREALTIME rc=0
-    shift 2
-    "$@" >"$out" 2>"$err" || rc=$?
-    T_WALL=$(echo "$EPOCHREALTIME - $t0" | bc)
-    return $rc
-}
-json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+on_exit 'rm -rf "$TERN_RING_DIR"'
+on_exit 'stop_pid "$APPLY_PID"'
+on_exit umount_loops
+on_exit '[[ -z $MNT ]] || rm -f "$MNT.img"'
 
 # change_disk PATH COUNT CHUNK PART: random bytes into COUNT distinct
 # CHUNK-aligned blocks of PATH, from one seeded permutation split in two:
@@ -99,8 +84,7 @@ one_case() {
     MNT="$WORK/mnt"
     umount "$MNT" 2>/dev/null || true
     rm -f "$MNT.img"; truncate -s "$FS_SIZE" "$MNT.img"
-    "mkfs.$fs" -q -f "$MNT.img" >/dev/null
-    mkdir -p "$MNT"; mount -o loop "$MNT.img" "$MNT"
+    loop_fs "$fs" "$MNT.img" "$MNT"
     local d="$MNT" size_b chunk_b
     size_b=$(bytes "$RP_SIZE"); chunk_b=$(bytes "$chunk")
     mkdir -p "$d/a" "$d/cache" "$d/target" "$d/cache2" "$d/target2"
@@ -108,7 +92,7 @@ one_case() {
     "$TERN" --state "$d/state-a" -q enable vm --disk "disk0=$d/a/disk0.img" --cache "$d/cache" --target "$d/target"
     "$TERN" --state "$d/state-a" -q ship vm --once 2>>"$d/ship-a.log"
     local full_out
-    full_out=$(json_field "$d/state-a/vm/ship.json" bytes_out)
+    full_out=$(json_get "$d/state-a/vm/ship.json" bytes_out)
     "$TERN" -q apply --cache "$d/cache" --target "$d/target" vm --once 2>>"$d/apply-a.log"
     "$TERN" --state "$d/state-a" -q failover vm >/dev/null
     "$TERN" --state "$d/state-a" -q commit vm >/dev/null
@@ -126,7 +110,7 @@ one_case() {
     timed "$RESULTS/ship.out" "$RESULTS/ship-back-$fs-$chunk-$region.log" "$TERN" --state "$d/state-b" ship vm \
         --once --checksum-timeout 30m || die "the first sync back failed"
     local t_ship=$T_WALL
-    kill "$APPLY_PID"; wait "$APPLY_PID" 2>/dev/null || true; APPLY_PID=""
+    stop_pid "$APPLY_PID"; APPLY_PID=""
     timed "$RESULTS/apply.out" "$RESULTS/apply.err" "$TERN" apply --keep-segments --once --cache "$d/cache2" \
         --target "$d/target2" vm || die "applying the sync back failed"
     local t_apply=$T_WALL
@@ -134,12 +118,12 @@ one_case() {
         || die "$fs $chunk:$region: the replica back differs from the failed-over disk"
     local differ sent segments
     differ=$(grep -o '[0-9]* of [0-9]* regions differ' "$RESULTS/ship-back-$fs-$chunk-$region.log" | head -1 | cut -d' ' -f1)
-    sent=$(json_field "$d/state-b/vm/ship.json" bytes_in)
+    sent=$(json_get "$d/state-b/vm/ship.json" bytes_in)
     segments=$(du -sb --apparent-size "$d/cache2/vm/segments" | cut -f1)
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$fs" "$size_b" "$chunk_b" "$(bytes "$region")" \
         "$changed" "$differ" "$sent" "$segments" "$full_out" "$t_reprotect" "$t_ship" "$t_apply" >>"$TSV"
     log "$fs $RP_SIZE, ${RP_PERCENT}% changed in $chunk pieces, region $region: changed $changed B, $differ regions differ, sent $sent B ($segments B of segments; the full copy was $full_out B compressed); reprotect ${t_reprotect}s, first sync ${t_ship}s, apply ${t_apply}s"
-    umount "$MNT"; rm -f "$MNT.img"; MNT=""
+    umount_loop "$MNT"; rm -f "$MNT.img"; MNT=""
 }
 
 for fs in $RP_FS; do
@@ -148,9 +132,10 @@ for fs in $RP_FS; do
     done
 done
 
-python3 - "$TSV" <<'PY' | tee "$RESULTS/summary.md"
-import csv, sys
-rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+bench_py - "$TSV" <<'PY' | tee "$RESULTS/summary.md"
+import sys
+from benchlib import read_tsv
+rows = read_tsv(sys.argv[1])
 mib = lambda b: f"{int(b) / 2**20:,.1f} MiB"
 print("| fs | changed | pieces | region | regions differ | sent (uncompressed) | sent / changed | segments (compressed) | full copy (compressed) | reprotect | first sync | apply |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -22,12 +22,12 @@
       handed back to its host (free page reporting) is backed again before
       a timed run, instead of being faulted back inside it.
 
-  bench-ship.py get FILE KEY
-      Prints one top-level value of a JSON file (nothing if missing).
-
   bench-ship.py summary RESULTS_DIR WORK_DIR
       Reads what bench-ship.sh left in RESULTS_DIR and writes summary.md and
       summary.json there (and a copy in WORK_DIR); prints the Markdown.
+
+What the bench scripts share (medians, JSON and meta.env reading) is in
+lib/benchlib.py.
 """
 import argparse
 import json
@@ -35,11 +35,14 @@ import os
 import random
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
+
+sys.dont_write_bytecode = True  # no __pycache__ in the tree
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from benchlib import fnum, maybe_json, median as med, read_env, write_summary  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -238,36 +241,6 @@ def cmd_make_zeroes(a):
 # ---------------------------------------------------------------------------
 # summary
 # ---------------------------------------------------------------------------
-def load_json(path):
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        return None
-    start = text.find("{")  # fio may print notes before its JSON
-    if start < 0:
-        return None
-    try:
-        return json.loads(text[start:])
-    except ValueError:
-        return None
-
-
-def read_meta(results):
-    meta = {}
-    with open(os.path.join(results, "meta.env")) as f:
-        for line in f:
-            k, _, v = line.rstrip("\n").partition("=")
-            meta[k] = v
-    return meta
-
-
-def fnum(v, nd=1, unit=""):
-    if v is None:
-        return "–"
-    return f"{v:,.{nd}f}{unit}"
-
-
 def thread_class(comm):
     if comm.startswith("ship-zstd"):
         return "zstd workers"
@@ -286,7 +259,7 @@ def tput_run(kind, dataset, level, threads, rnd, status, d, results, meta):
     """One throughput run's figures."""
     row = {"kind": kind, "dataset": dataset, "level": level, "threads": threads, "round": rnd,
            "status": status, "dir": os.path.relpath(d, results)}
-    run = load_json(os.path.join(d, "run.json"))
+    run = maybe_json(os.path.join(d, "run.json"))
     size = int(meta.get(f"size_{dataset}", "0") or 0)
     if not run or status != "ok":
         return row
@@ -296,7 +269,7 @@ def tput_run(kind, dataset, level, threads, rnd, status, d, results, meta):
     if run.get("machine_busy_s") is not None:
         row["machine_other_s"] = max(0.0, run["machine_busy_s"] - cpu)
     if kind == "tern":
-        ship = load_json(os.path.join(d, "ship.json"))
+        ship = maybe_json(os.path.join(d, "ship.json"))
         if not ship:
             return row
         bi, bo = ship["bytes_in"], ship["bytes_out"]
@@ -329,11 +302,6 @@ DISTURBED_PCT = 25
 
 MEDIAN_KEYS = ["wall_s", "user_s", "sys_s", "maxrss_mb", "machine_other_s", "bytes_in", "bytes_out",
                "ratio", "segments", "records", "mb_s", "cpu_s_per_gb", "cache_bytes"]
-
-
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
 
 
 def tput_rows(results, meta):
@@ -392,7 +360,7 @@ def lag_rows(results):
                 continue
             _, rate, status, d = parts
             row = {"rate": rate, "status": status, "dir": os.path.relpath(d, results)}
-            fio = load_json(os.path.join(d, "fio.json"))
+            fio = maybe_json(os.path.join(d, "fio.json"))
             if fio and fio.get("jobs"):
                 job = fio["jobs"][0]
                 w = job["write"]
@@ -403,7 +371,7 @@ def lag_rows(results):
                 if perc.get("99.000000") is not None:
                     row["fio_clat_p99_ms"] = perc["99.000000"] / 1e6
                 row["fio_cpu_pct"] = job.get("usr_cpu", 0) + job.get("sys_cpu", 0)
-            ship = load_json(os.path.join(d, "ship.json"))
+            ship = maybe_json(os.path.join(d, "ship.json"))
             if ship:
                 row.update(lag_p50_ms=ship["lag_p50_ms"], lag_p99_ms=ship["lag_p99_ms"],
                            lag_max_ms=ship["lag_max_ms"], ratio=ship["compression_ratio"],
@@ -464,7 +432,7 @@ def lag_rows(results):
 
 def cmd_summary(a):
     results, work = a.results, a.work
-    meta = read_meta(results)
+    meta = read_env(os.path.join(results, "meta.env"))
     tput, tput_runs = tput_rows(results, meta)
     lag = lag_rows(results)
     L = []
@@ -646,11 +614,7 @@ def cmd_summary(a):
     md = "\n".join(L) + "\n"
     data = {"meta": meta, "throughput": tput, "throughput_runs": tput_runs, "lag": lag,
             "log_problems": problems}
-    for d in (results, work):
-        with open(os.path.join(d, "summary.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(d, "summary.json"), "w") as f:
-            json.dump(data, f, indent=2)
+    write_summary(md, data, (results, work))
     sys.stdout.write(md)
     return 0
 
@@ -660,13 +624,6 @@ def cmd_prefault(a):
         b = bytearray(a.bytes)  # calloc: mapped lazily, nothing touched yet
         b[::4096] = b"\x01" * len(range(0, a.bytes, 4096))
         del b
-    return 0
-
-
-def cmd_get(a):
-    v = load_json(a.file)
-    if v is not None and v.get(a.key) is not None:
-        print(v[a.key])
     return 0
 
 
@@ -693,9 +650,6 @@ def main():
     z.add_argument("--out", required=True)
     pf = sub.add_parser("prefault")
     pf.add_argument("bytes", type=int)
-    g = sub.add_parser("get")
-    g.add_argument("file")
-    g.add_argument("key")
     m = sub.add_parser("summary")
     m.add_argument("results")
     m.add_argument("work")
@@ -706,7 +660,7 @@ def main():
         if not a.cmd:
             ap.error("run: no command")
         return cmd_run(a)
-    return {"prefault": cmd_prefault, "get": cmd_get, "sample": cmd_sample, "make-zeroes": cmd_make_zeroes, "summary": cmd_summary}[a.what](a)
+    return {"prefault": cmd_prefault, "sample": cmd_sample, "make-zeroes": cmd_make_zeroes, "summary": cmd_summary}[a.what](a)
 
 
 if __name__ == "__main__":

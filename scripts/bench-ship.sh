@@ -60,7 +60,9 @@
 # $WORK/summary.md (and the run dir), machine-readable summary.json.
 # Exit status is non-zero if any run failed (the benchmark carries on).
 set -euo pipefail
-export LC_NUMERIC=C           # a dot in $EPOCHREALTIME and in printf
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+BENCH_ERROR=ERROR
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -68,22 +70,11 @@ export LC_NUMERIC=C           # a dot in $EPOCHREALTIME and in printf
 
 # Record the knobs the caller set *before* defaults, so the summary can
 # print the exact command that reproduces this run.
-KNOBS=(PARTS DATASETS LEVELS SIZE ROUNDS WORKERS RATES RUNTIME FIO_BS FIO_IODEPTH
-       FIO_COMPRESS LAG_LEVEL DRAIN_TIMEOUT ZEROES_RANDOM_PCT VERIFY QUICK WORK
-       TERN JOURNAL_SIZE FRESH_DATA DROP_CACHES PREFAULT)
-shq() {
-    if [[ "$1" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then printf '%s' "$1"
-    else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-CMDLINE=""
-for k in "${KNOBS[@]}"; do
-    if [[ -n "${!k+x}" ]]; then CMDLINE+="$k=$(shq "${!k}") "; fi
-done
-CMDLINE+="scripts/bench-ship.sh"
-for a in "$@"; do CMDLINE+=" $(shq "$a")"; done
+CMDLINE=$(knob_command scripts/bench-ship.sh PARTS DATASETS LEVELS SIZE ROUNDS WORKERS RATES RUNTIME \
+    FIO_BS FIO_IODEPTH FIO_COMPRESS LAG_LEVEL DRAIN_TIMEOUT ZEROES_RANDOM_PCT VERIFY QUICK WORK TERN \
+    JOURNAL_SIZE FRESH_DATA DROP_CACHES PREFAULT -- "$@")
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO_ROOT"
+cd "$BENCH_ROOT"
 
 QUICK="${QUICK:-0}"
 if [[ "$QUICK" == 1 ]]; then
@@ -115,32 +106,17 @@ DROP_CACHES="${DROP_CACHES:-0}"
 PREFAULT="${PREFAULT:-}"
 
 PY=/usr/bin/python3          # stdlib only; avoid pyenv shims and venvs
-HELPER="$REPO_ROOT/scripts/bench-ship.py"
+HELPER="$BENCH_ROOT/scripts/bench-ship.py"
 EXPORT=disk0                 # the disk's name, also its NBD export name
 VM=bench
 SOCK_WAIT=30
 
-log() { printf '[bench-ship %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-# SIZE -> bytes: N, NKiB, NMiB, NGiB (K/M/G accepted as binary too).
-to_bytes() {
-    local v="$1" n unit
-    [[ "$v" =~ ^([0-9]+)(KiB|MiB|GiB|K|M|G)?$ ]] || return 1
-    n="${BASH_REMATCH[1]}"; unit="${BASH_REMATCH[2]}"
-    case "$unit" in
-        "") echo "$n" ;;
-        KiB|K) echo $((n << 10)) ;;
-        MiB|M) echo $((n << 20)) ;;
-        GiB|G) echo $((n << 30)) ;;
-    esac
-}
-SIZE_BYTES="$(to_bytes "$SIZE")" || die "SIZE must be like 2GiB or 256MiB (got '$SIZE')"
+SIZE_BYTES="$(bytes "$SIZE")" || die "SIZE must be like 2GiB or 256MiB (got '$SIZE')"
 ((SIZE_BYTES >= (64 << 20) && SIZE_BYTES % (1 << 20) == 0)) || die "SIZE must be a multiple of 1MiB, at least 64MiB"
 SIZE_MIB=$((SIZE_BYTES >> 20))
-JOURNAL_BYTES="$(to_bytes "$JOURNAL_SIZE")" || die "JOURNAL_SIZE must be like 1GiB or 512MiB (got '$JOURNAL_SIZE')"
+JOURNAL_BYTES="$(bytes "$JOURNAL_SIZE")" || die "JOURNAL_SIZE must be like 1GiB or 512MiB (got '$JOURNAL_SIZE')"
 if [[ -z "$PREFAULT" ]]; then PREFAULT_BYTES=$((JOURNAL_BYTES + SIZE_BYTES))
-else PREFAULT_BYTES="$(to_bytes "$PREFAULT")" || die "PREFAULT must be like 3GiB or 0 (got '$PREFAULT')"; fi
+else PREFAULT_BYTES="$(bytes "$PREFAULT")" || die "PREFAULT must be like 3GiB or 0 (got '$PREFAULT')"; fi
 [[ "$RUNTIME" =~ ^[0-9]+$ && "$RUNTIME" -gt 0 ]] || die "RUNTIME must be a positive integer (got '$RUNTIME')"
 [[ "$WORKERS" =~ ^[0-9]+$ && "$WORKERS" -gt 0 ]] || die "WORKERS must be a positive integer (got '$WORKERS')"
 [[ "$ROUNDS" =~ ^[0-9]+$ && "$ROUNDS" -gt 0 ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
@@ -167,16 +143,13 @@ has_part() { [[ " $PARTS " == *" $1 "* ]]; }
 # ---------------------------------------------------------------------------
 [[ -x "$PY" ]] || die "$PY not found"
 [[ -f "$HELPER" ]] || die "$HELPER not found"
-if [[ "$TERN" != /* ]]; then TERN="$REPO_ROOT/$TERN"; fi
-[[ -x "$TERN" ]] || die "tern binary '$TERN' not found (cargo build --release, or set TERN=)"
-command -v zstd >/dev/null || die "zstd not found (scripts/install-deps.sh)"
-if has_part lag; then
-    command -v fio >/dev/null || die "fio not found (scripts/install-deps.sh)"
-    fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no 'nbd' ioengine (install fio built with libnbd)"
-fi
+if [[ "$TERN" != /* ]]; then TERN="$BENCH_ROOT/$TERN"; fi
+need_tern
+need_tools zstd
+if has_part lag; then need_fio_nbd; fi
 if has_part lag || [[ " $DATASETS " == *" usr "* ]]; then
-    command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 not found (scripts/install-deps.sh)"
-    [[ $(id -u) == 0 ]] || die "building the usr image needs root (loop mount)"
+    need_tools mkfs.ext4
+    need_root "building the usr image: a loop mount"
 fi
 HAVE_NBDINFO=0; command -v nbdinfo >/dev/null && HAVE_NBDINFO=1
 
@@ -192,9 +165,8 @@ WORK_DISK="$(basename "$(findmnt -no SOURCE --target "$WORK" 2>/dev/null || true
 grep -qw -- "$WORK_DISK" /proc/diskstats 2>/dev/null || WORK_DISK=""
 # Measure a snapshot of the binary: a `cargo build` during the run must not
 # swap it underneath (the version line below is read from the same copy).
-cp "$TERN" "$RUNS/tern"
-TERN_SRC="$TERN"
-TERN="$RUNS/tern"
+tern_snapshot "$RUNS/tern"
+fingerprint "$RESULTS/version.txt" zstd fio mkfs.ext4
 MANIFEST="$RESULTS/manifest.tsv"
 : >"$MANIFEST"
 FAILURES=0
@@ -209,23 +181,6 @@ RUN_PID=""                   # a measured run (helper → tern ship --once or zs
 FIO_PID=""
 SAMPLER_PID=""
 SAMPLER_STOP=""
-MOUNTED=""
-
-# stop_pid PID NAME [SECONDS]: SIGTERM, wait, then SIGKILL.
-stop_pid() {
-    local pid="$1" name="$2" secs="${3:-30}"
-    [[ -n "$pid" ]] || return 0
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        local i
-        for ((i = 0; i < secs * 10; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "WARNING: $name (pid $pid) ignored SIGTERM for ${secs}s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
-}
 
 stop_sampler() {
     [[ -n "$SAMPLER_PID" ]] || return 0
@@ -237,28 +192,19 @@ stop_sampler() {
 # The VMs' journal rings (memory) in a directory of this run's, removed at
 # the end: deleting a state directory by hand does not free them.
 export TERN_RING_DIR="/dev/shm/tern-bench-ship-$$"
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    rm -rf "$TERN_RING_DIR"
-    if [[ -n "$FIO_PID" ]]; then log "cleanup: stopping fio"; stop_pid "$FIO_PID" fio 10; fi
-    if [[ -n "$RUN_PID" ]]; then log "cleanup: stopping the measured run"; stop_pid "$RUN_PID" "measured run" 10; fi
-    stop_sampler
-    if [[ -n "$SHIP_PID" ]]; then log "cleanup: stopping tern ship"; stop_pid "$SHIP_PID" "tern ship"; fi
-    if [[ -n "$SERVE_PID" ]]; then log "cleanup: stopping tern serve"; stop_pid "$SERVE_PID" "tern serve"; fi
-    if [[ -n "$MOUNTED" ]]; then
-        log "cleanup: unmounting $MOUNTED"
-        umount "$MOUNTED" 2>/dev/null || umount -l "$MOUNTED" 2>/dev/null || true
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM
+on_exit 'rm -rf "$TERN_RING_DIR"'
+on_exit '[[ -z $FIO_PID ]] || { log "cleanup: stopping fio"; stop_pid "$FIO_PID" fio 10; }'
+on_exit '[[ -z $RUN_PID ]] || { log "cleanup: stopping the measured run"; stop_pid "$RUN_PID" "measured run" 10; }'
+on_exit stop_sampler
+on_exit '[[ -z $SHIP_PID ]] || { log "cleanup: stopping tern ship"; stop_pid "$SHIP_PID" "tern ship" 30; }'
+on_exit '[[ -z $SERVE_PID ]] || { log "cleanup: stopping tern serve"; stop_pid "$SERVE_PID" "tern serve" 30; }'
+on_exit '((${#BENCH_MOUNTS[@]} == 0)) || { log "cleanup: unmounting ${BENCH_MOUNTS[*]}"; umount_loops; }'
+trap_interrupts
 
 # Before every timed run: the page cache as asked, memory backed by the host.
 before_timed_run() {
     if [[ "$DROP_CACHES" == 1 ]]; then
-        sync; echo 3 >/proc/sys/vm/drop_caches || log "WARNING: could not drop caches"
+        drop_caches || log "WARNING: could not drop caches"
     fi
     "$PY" "$HELPER" prefault "$PREFAULT_BYTES" || log "WARNING: prefault of $PREFAULT_BYTES bytes failed"
 }
@@ -270,11 +216,9 @@ dataset_path() { echo "$DATA/$1-${SIZE_MIB}MiB.img"; }
 
 make_usr() {
     local out="$1" tmp="$1.tmp" mnt="$DATA/mnt" blog="$LOGS/make-usr.log"
-    rm -f "$tmp"; mkdir -p "$mnt"
+    rm -f "$tmp"
     truncate -s "$SIZE_BYTES" "$tmp"
-    mkfs.ext4 -q -F -L tern-bench "$tmp" >>"$blog" 2>&1 || die "mkfs.ext4 failed (see $blog)"
-    mount -o loop "$tmp" "$mnt" || die "cannot loop-mount $tmp"
-    MOUNTED="$mnt"
+    loop_fs ext4 "$tmp" "$mnt" "" -L tern-bench 2>>"$blog" || die "mkfs.ext4 or the loop mount of $tmp failed (see $blog)"
     # Fills the file system; running out of space is the expected end.
     if cp -a /usr "$mnt/" 2>>"$blog"; then
         log "  /usr fit entirely"
@@ -284,7 +228,7 @@ make_usr() {
         log "  copy stopped when the file system filled up ($((other)) other cp errors; see $blog)"
     fi
     df -B1 --output=used,size "$mnt" | tail -n1 >"$out.df"
-    umount "$mnt"; MOUNTED=""
+    umount_loop "$mnt"
     # Fully allocated (free space written as real zero bytes), so `tern
     # enable` marks the whole image and tern ships the very bytes zstd reads.
     cp --sparse=never "$tmp" "$out.full"
@@ -330,7 +274,7 @@ dataset_desc() {
 }
 
 # jget FILE KEY: a top-level value of a JSON file (empty if missing).
-jget() { "$PY" "$HELPER" get "$1" "$2" 2>/dev/null || true; }
+jget() { json_get "$1" "$2" 2>/dev/null || true; }
 
 # ---------------------------------------------------------------------------
 # tern helpers
@@ -415,11 +359,10 @@ zstd_run() {
 # ---------------------------------------------------------------------------
 # Environment description for the summary header.
 # ---------------------------------------------------------------------------
-ver() { "$@" 2>&1 | head -n1 || true; }
-CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)"
+CPU_MODEL="$(cpu_model)"
 TERN_VER="$(timeout 5 "$TERN" --version 2>/dev/null | head -n1 || true)"
-TERN_GIT="$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-git -C "$REPO_ROOT" diff --quiet HEAD -- . ':!scripts' 2>/dev/null || TERN_GIT+="+dirty"
+TERN_GIT="$(git -C "$BENCH_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git -C "$BENCH_ROOT" diff --quiet HEAD -- . ':!scripts' 2>/dev/null || TERN_GIT+="+dirty"
 FIO_OPTS="--ioengine=nbd --rw=randwrite --bs=$FIO_BS --iodepth=$FIO_IODEPTH --rate=<rate> --time_based --runtime=$RUNTIME --buffer_compress_percentage=$FIO_COMPRESS --refill_buffers --size=$SIZE_BYTES"
 {
     echo "date=$(date -Iseconds)"
@@ -429,8 +372,8 @@ FIO_OPTS="--ioengine=nbd --rw=randwrite --bs=$FIO_BS --iodepth=$FIO_IODEPTH --ra
     echo "mem=$(free -g | awk '/^Mem:/ {print $2 " GiB"}')"
     echo "tern=${TERN_VER:-tern} (git $TERN_GIT, $TERN_SRC built $(date -r "$TERN_SRC" '+%F %T'))"
     echo "loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "zstd=$(ver zstd --version | sed 's/^\*\** *//; s/ *\**$//')"
-    echo "fio=$(command -v fio >/dev/null && ver fio --version || echo n/a)"
+    echo "zstd=$(tool_version zstd | sed 's/^\*\** *//; s/ *\**$//')"
+    echo "fio=$(tool_version fio)"
     echo "command=$CMDLINE"
     echo "parts=$PARTS"
     echo "datasets=$DATASETS"
@@ -493,18 +436,10 @@ fi
 # ---------------------------------------------------------------------------
 # wait_ready SOCK LOG: the socket exists and the export answers.
 wait_ready() {
-    local sock="$1" logf="$2" deadline=$((SECONDS + SOCK_WAIT))
-    while [[ ! -S "$sock" ]]; do
-        kill -0 "$SERVE_PID" 2>/dev/null || { log "tern serve exited early; see $logf"; tail -n 10 "$logf" >&2; return 1; }
-        ((SECONDS < deadline)) || { log "tern serve made no socket in ${SOCK_WAIT}s"; return 1; }
-        sleep 0.1
-    done
+    local sock="$1" logf="$2" size
+    wait_for_socket "$sock" "$SOCK_WAIT" "$logf" "$SERVE_PID" || return 1
     if ((HAVE_NBDINFO)); then
-        local size="" i
-        for i in $(seq 50); do
-            size="$(timeout 10 nbdinfo --size "nbd+unix:///$EXPORT?socket=$sock" 2>>"$logf")" && break
-            size=""; sleep 0.1
-        done
+        size=$(export_size "nbd+unix:///$EXPORT?socket=$sock" "$logf") || size=""
         [[ "$size" == "$SIZE_BYTES" ]] || { log "export size '$size', expected $SIZE_BYTES"; return 1; }
     fi
 }
@@ -589,9 +524,9 @@ if has_part lag; then
             ((drained)) || log "  WARNING: the ring did not drain within ${DRAIN_TIMEOUT}s"
             sleep 1   # one more sample after the drain
             stop_sampler
-            stop_pid "$SHIP_PID" "tern ship"; SHIP_PID=""
+            stop_pid "$SHIP_PID" "tern ship" 30; SHIP_PID=""
         fi
-        stop_pid "$SERVE_PID" "tern serve"; SERVE_PID=""
+        stop_pid "$SERVE_PID" "tern serve" 30; SERVE_PID=""
         cp "$state/$VM/ship.json" "$dir/ship.json" 2>/dev/null || true
         "$TERN" --state "$state" journal dump "$VM" --header >"$dir/journal-header.txt" 2>&1 || true
         if grep -q "mode Overflow" "$dir/journal-header.txt" || grep -q "took no more records" "$serve_log"; then

@@ -4,12 +4,15 @@
 # checks that it exists). systemd-analyze exits 0 on warnings, so any
 # output counts as a failure here.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+cd "$BENCH_ROOT"
+BENCH_NAME=check-units.sh BENCH_LOG=plain BENCH_ERROR=""   # check-units.sh: ...
 TERN=${TERN:-$PWD/target/release/tern}
-[[ -x $TERN ]] || { echo "check-units.sh: build tern first ($TERN)" >&2; exit 1; }
-command -v systemd-analyze >/dev/null || { echo "check-units.sh: systemd-analyze missing" >&2; exit 1; }
+need_tern
+need_tools systemd-analyze
 dir=$(mktemp -d)
-trap 'rm -rf "$dir"' EXIT
+on_exit 'rm -rf "$dir"'
 for unit in dist/systemd/*.service; do
     name=$(basename "$unit")
     name=${name/@.service/@vm1.service}   # a template is checked as an instance
@@ -17,7 +20,7 @@ for unit in dist/systemd/*.service; do
 done
 out=$(systemd-analyze verify "$dir"/*.service 2>&1) || { echo "$out" >&2; exit 1; }
 if [[ -n $out ]]; then
-    echo "check-units.sh: systemd-analyze verify complained:" >&2
+    log "systemd-analyze verify complained:"
     echo "$out" >&2
     exit 1
 fi

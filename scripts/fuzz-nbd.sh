@@ -36,8 +36,11 @@
 # Exit status: non-zero if a build failed or any target found a crash,
 # panic, timeout or out-of-memory (every target runs regardless).
 set -euo pipefail
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+BENCH_NAME=fuzz-nbd.sh BENCH_LOG=plain BENCH_ERROR=""   # fuzz-nbd.sh: ...
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$BENCH_ROOT"
 ROOT=$PWD
 FUZZ_DIR=$ROOT/nbd-shim/fuzz
 
@@ -56,18 +59,17 @@ for arg in "$@"; do
             exit 0
             ;;
         *)
-            echo "fuzz-nbd.sh: unknown argument '$arg' (try --help)" >&2
+            log "unknown argument '$arg' (try --help)"
             exit 2
             ;;
     esac
 done
 
 if ! cargo "+$FUZZ_TOOLCHAIN" --version >/dev/null 2>&1; then
-    echo "fuzz-nbd.sh: no '$FUZZ_TOOLCHAIN' toolchain; install it with: rustup toolchain install $FUZZ_TOOLCHAIN" >&2
-    exit 1
+    die "no '$FUZZ_TOOLCHAIN' toolchain; install it with: rustup toolchain install $FUZZ_TOOLCHAIN"
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "fuzz-nbd.sh: installing cargo-fuzz" >&2
+    log "installing cargo-fuzz"
     cargo install cargo-fuzz --locked
 fi
 
@@ -82,7 +84,7 @@ fi
 if command -v python3 >/dev/null; then
     python3 scripts/fuzz-seeds.py
 else
-    echo "fuzz-nbd.sh: no python3; using the seeds already in $FUZZ_DIR/seeds" >&2
+    log "no python3; using the seeds already in $FUZZ_DIR/seeds"
 fi
 
 fuzz build
@@ -93,7 +95,7 @@ fuzz build
 seeds_from_target() { # target, environment variable, a seed that shows they exist
     local dir=$FUZZ_DIR/seeds/$1
     if ! compgen -G "$dir/$3" >/dev/null; then
-        echo "fuzz-nbd.sh: writing the $1 target's seeds to $dir" >&2
+        log "writing the $1 target's seeds to $dir"
         env "$2=$dir" bash -c 'cd "$0/nbd-shim" && cargo "+$1" fuzz run "$2" -- -runs=0' \
             "$ROOT" "$FUZZ_TOOLCHAIN" "$1"
     fi
@@ -132,6 +134,5 @@ for target in $FUZZ_TARGETS; do
 done
 
 if ((${#failed[@]})); then
-    echo "fuzz-nbd.sh: crashes found in: ${failed[*]}" >&2
-    exit 1
+    die "crashes found in: ${failed[*]}"
 fi

@@ -3,9 +3,10 @@
 # need, then the gates: format, lints, unit tests, end-to-end tests against
 # real clients, a VM booted from tern's export, and the fuzz targets' build.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-step() { printf '\n=== %s\n' "$*"; }
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+cd "$BENCH_ROOT"
+BENCH_STEP_GAP=1   # step: an empty line before each
 
 step "dependencies"
 scripts/install-deps.sh
@@ -22,7 +23,7 @@ cargo build --release --workspace
 step "tests (unit and end-to-end)"
 # Release mode: the end-to-end tests push real I/O through tern.
 results=$(mktemp)
-trap 'rm -f "$results"' EXIT
+on_exit 'rm -f "$results"'
 cargo test --release --workspace 2>&1 | tee "$results"
 passed=$(awk '/^test result:/ { n += $4 } END { print n + 0 }' "$results")
 failed=$(awk '/^test result:/ { n += $6 } END { print n + 0 }' "$results")

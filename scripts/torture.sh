@@ -26,15 +26,13 @@
 # ends with: torture: <trials> trials, <kills> kills, <faults> faults,
 # <violations> violations. Exits non-zero on any violation.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+cd "$BENCH_ROOT"
+BENCH_NAME=torture.sh BENCH_LOG=plain BENCH_ERROR=""   # torture.sh: ...
 
-if [[ $(id -u) != 0 ]]; then
-    echo "torture.sh: run as root (the power-cut trials mount FUSE filesystems)" >&2
-    exit 1
-fi
-for tool in faketime fusermount3; do
-    command -v "$tool" >/dev/null || { echo "torture.sh: $tool is missing: run scripts/install-deps.sh" >&2; exit 1; }
-done
+need_root "the power-cut trials mount FUSE filesystems"
+need_tools faketime fusermount3
 [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || true
 
 tern=$(scripts/build-failpoints.sh)

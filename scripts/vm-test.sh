@@ -9,16 +9,16 @@
 # The guest boots under software emulation (no KVM needed) in seconds: a
 # busybox initramfs, the VM's disk a virtio-blk drive on tern's export.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
+cd "$BENCH_ROOT"
 REPO=$PWD
 START=$(date +%s.%N)
+BENCH_LOG=plain BENCH_ERROR=FAIL   # vm-test: FAIL: ...
 
 CACHE=${TERN_VM_CACHE:-/var/cache/tern-vm}
 TERN=$REPO/target/release/tern
 QEMU_TIMEOUT=${TERN_VM_TIMEOUT:-300}
-
-step() { printf '=== %s\n' "$*"; }
-die() { printf 'vm-test: FAIL: %s\n' "$*" >&2; exit 1; }
 
 # --- 1. host packages -------------------------------------------------------
 step "host packages"
@@ -88,22 +88,17 @@ moddir=$(find "$kroot/" -maxdepth 4 -type d -path "*/lib/modules/$kver" | head -
 echo "kernel $kver (cached in $(readlink -f "$kroot"))"
 
 step "build tern"
-cargo build --release --quiet || die "cargo build --release failed"
-[[ -x $TERN ]] || die "no $TERN after the build"
+BENCH_TERN_GIVEN=""   # always built: TERN is no knob here
+build_tern
+need_tern
 
 # --- scratch directory, cleaned up on exit ----------------------------------
 D=$(mktemp -d /tmp/tern-vm.XXXXXX)
 # The journal's live ring in memory, as in production; removed with $D.
 export TERN_RING_DIR="/dev/shm/${D##*/}.rings"
 SERVE_PID=""
-cleanup() {
-    if [[ -n $SERVE_PID ]] && kill -0 "$SERVE_PID" 2>/dev/null; then
-        kill "$SERVE_PID" 2>/dev/null || true
-        wait "$SERVE_PID" 2>/dev/null || true
-    fi
-    if [[ ${TERN_VM_KEEP:-0} == 1 ]]; then echo "kept $D and $TERN_RING_DIR"; else rm -rf "$D" "$TERN_RING_DIR"; fi
-}
-trap cleanup EXIT
+on_exit 'stop_pid "$SERVE_PID"'
+on_exit 'if [[ ${TERN_VM_KEEP:-0} == 1 ]]; then echo "kept $D and $TERN_RING_DIR"; else rm -rf "$D" "$TERN_RING_DIR"; fi'
 
 # --- 3. initramfs -----------------------------------------------------------
 step "initramfs"
@@ -237,12 +232,7 @@ mkdir -p "$D/cache" "$D/target"
 cp --sparse=always "$IMG" "$D/original.img"
 "$TERN" --state "$D/state" serve vm1 --listen "unix:$D/nbd.sock" >"$D/serve.log" 2>&1 &
 SERVE_PID=$!
-for _ in $(seq 100); do
-    [[ -S $D/nbd.sock ]] && break
-    kill -0 "$SERVE_PID" 2>/dev/null || { cat "$D/serve.log"; die "tern serve exited early"; }
-    sleep 0.1
-done
-[[ -S $D/nbd.sock ]] || die "tern serve did not create $D/nbd.sock"
+wait_for_socket "$D/nbd.sock" 10 "$D/serve.log" "$SERVE_PID" || die "tern serve is not listening on $D/nbd.sock"
 
 step "boot the VM (tcg, timeout ${QEMU_TIMEOUT}s)"
 qrc=0
