@@ -10,8 +10,8 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 use tern_driver::units::Size;
 
+use super::Cli;
 use crate::apply::{self, ApplyOptions};
-use crate::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -18,7 +18,7 @@ use tern_driver::{Mirror, MirrorOptions};
 use tern_nbd::client::Client;
 use tern_nbd::{Listen, Server, ServerOptions};
 
-use crate::Cli;
+use super::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -8,8 +8,8 @@ use tern_driver::bitmap::DirtyBitmap;
 use tern_driver::units::Size;
 use tern_driver::vm::VmPaths;
 
+use super::Cli;
 use crate::status::{dirty_bytes, vm_status, Shipper};
-use crate::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

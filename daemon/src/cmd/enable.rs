@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use tern_driver::units::Size;
 use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy};
 
-use crate::Cli;
+use super::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -10,8 +10,8 @@ use tern_driver::vm::{validate_name, VmPaths};
 use tern_store::cache::CacheDir;
 use tern_store::target::TargetDir;
 
+use super::Cli;
 use crate::failover::{make_failover, real_failover, Choice};
-use crate::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -11,7 +11,7 @@ use tern_driver::journal::{Journal, Position, RecordKind};
 use tern_driver::mirror::apply_record;
 use tern_driver::vm::VmPaths;
 
-use crate::Cli;
+use super::Cli;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {

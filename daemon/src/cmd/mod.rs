@@ -1,4 +1,10 @@
-//! One module per subcommand: its arguments and what it does.
+//! The command line: [`Cli`], its global options and subcommands, and
+//! one module per subcommand — its arguments, a call into the modules
+//! beside `cmd/`, and what it prints.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod demo;
@@ -20,5 +26,106 @@ pub fn parse_onto(s: &str) -> Result<(String, std::path::PathBuf), String> {
     match s.split_once('=') {
         Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_owned(), path.into())),
         _ => Err(format!("{s:?}: expected NAME=PATH, as in disk0=/var/lib/images/vm1.img")),
+    }
+}
+
+/// The state directory without --state or TERN_STATE.
+pub const DEFAULT_STATE: &str = "/var/lib/tern";
+
+/// tern replicates the disks of running VMs to a target site and fails them
+/// over to any recovery point.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// State directory holding every protected VM's vm.toml, journal and
+    /// bitmaps.
+    #[arg(long, global = true, env = "TERN_STATE", default_value = DEFAULT_STATE)]
+    pub state: PathBuf,
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Protect a VM: record its disks, create its journal and bitmaps, and
+    /// mark all allocated data for the initial sync.
+    Enable(enable::Args),
+    /// Stop protecting a VM here: remove its state and journal ring (its
+    /// disks, cache segments, replica and points stay).
+    Disable(disable::Args),
+    /// Present the VM's disks over NBD, journaling every write.
+    Serve(serve::Args),
+    /// Drain the VM's journal into compressed segments in the cache store.
+    Ship(ship::Args),
+    /// Insert an app-consistent marker: the target takes a named point there.
+    Tag(tag::Args),
+    /// At the target site: replay segments onto replicas, take recovery points.
+    Apply(apply::Args),
+    /// List a VM's recovery points at the target site.
+    Points(points::Args),
+    /// What each protected VM's replication is doing; exit 1 when one
+    /// needs attention (warning), 2 when one is not protected (critical).
+    Status(status::Args),
+    /// Clone a VM's disks as of a recovery point into their own directory
+    /// (`--test`: replication goes on untouched).
+    Failover(failover::Args),
+    /// Make a failover final: no other point may be chosen any more.
+    Commit(failover::CommitArgs),
+    /// Remove a test failover's directory.
+    FailoverCleanup(failover::CleanupArgs),
+    /// After a committed failover: replicate the failed-over VM back towards
+    /// the original site, sending only what differs from the old disks.
+    Reprotect(reprotect::ReprotectArgs),
+    /// At the original site: return a re-protected VM here and protect it
+    /// in the original direction again.
+    Failback(reprotect::FailbackArgs),
+    /// Compare source disks with the replica or a point, by block hashes.
+    Verify(verify::Args),
+    /// Inspect or check segment files of the cache store offline.
+    #[command(subcommand)]
+    Segment(segment::Command),
+    /// The whole story in a temporary directory: protect a disk, write
+    /// through NBD, and prove the journal rebuilds it.
+    Demo(demo::Args),
+    /// Inspect a VM's journal offline (support and testing).
+    #[command(subcommand)]
+    Journal(journal::Command),
+    /// List the failpoints the crash tests can arm (TERN_FAILPOINTS), and
+    /// whether this build has them.
+    #[command(hide = true)]
+    Failpoints,
+}
+
+/// Runs the subcommand `cli` names.
+pub fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Enable(a) => enable::run(cli, a),
+        Command::Disable(a) => disable::run(cli, a),
+        Command::Serve(a) => serve::run(cli, a),
+        Command::Journal(c) => journal::run(cli, c),
+        Command::Ship(a) => ship::run(cli, a),
+        Command::Segment(c) => segment::run(cli, c),
+        Command::Tag(a) => tag::run(cli, a),
+        Command::Apply(a) => apply::run(cli, a),
+        Command::Points(a) => points::run(cli, a),
+        Command::Failover(a) => failover::run(cli, a),
+        Command::FailoverCleanup(a) => failover::cleanup(cli, a),
+        Command::Commit(a) => failover::commit(cli, a),
+        Command::Reprotect(a) => reprotect::reprotect(cli, a),
+        Command::Failback(a) => reprotect::failback(cli, a),
+        Command::Verify(a) => verify::run(cli, a),
+        Command::Status(a) => status::run(cli, a),
+        Command::Demo(a) => demo::run(cli, a),
+        Command::Failpoints => {
+            println!("# failpoints {}", if tern_driver::fail::ENABLED { "compiled in" } else { "not in this build" });
+            tern_driver::fail::Failpoint::ALL.iter().for_each(|p| println!("{}", p.name()));
+            Ok(())
+        }
     }
 }

@@ -8,7 +8,7 @@ use anyhow::Result;
 use tern_driver::vm::VmPaths;
 use tern_store::target::TargetDir;
 
-use crate::Cli;
+use super::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

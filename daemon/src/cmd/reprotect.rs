@@ -8,8 +8,8 @@ use anyhow::Result;
 use tern_driver::units::Size;
 use tern_driver::vm::{InitialSync, VmConfig, VmPaths};
 
+use super::Cli;
 use crate::reprotect::{Failback, FailedBack, Reprotect};
-use crate::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct ReprotectArgs {
@@ -157,7 +157,7 @@ fn report_enabled(cli: &Cli, config: &VmConfig, initial: &InitialSync) {
     let socket = VmPaths::new(&cli.state, &config.name).map(|p| p.nbd_socket()).unwrap_or_default();
     // Pasted as shown, a command without this site's --state would act on
     // the VM of the default state directory.
-    let tern = if cli.state == Path::new(crate::DEFAULT_STATE) {
+    let tern = if cli.state == Path::new(super::DEFAULT_STATE) {
         "tern".to_string()
     } else {
         format!("tern --state {}", cli.state.display())

@@ -8,7 +8,7 @@ use tern_driver::mirror::apply_record;
 use tern_store::cache::CacheDir;
 use tern_store::segment::{self, Compression, Segment};
 
-use crate::Cli;
+use super::Cli;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {

@@ -11,7 +11,7 @@ use tern_driver::{Mirror, MirrorOptions};
 use tern_nbd::{Listen, Server, ServerOptions};
 use tern_store::cache::CacheDir;
 
-use crate::Cli;
+use super::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tern_driver::vm::VmPaths;
 
+use super::Cli;
 use crate::ship::{self, ProgressMode, Reporting, ShipOptions};
-use crate::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -9,8 +9,8 @@ use anyhow::Result;
 use tern_driver::units::Size;
 use tern_driver::vm::{self, VmPaths};
 
+use super::Cli;
 use crate::status::{target_statuses, vm_status, Health, Shipper};
-use crate::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

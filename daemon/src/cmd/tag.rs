@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use tern_driver::vm::VmPaths;
 
-use crate::Cli;
+use super::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -8,8 +8,8 @@ use tern_driver::units::Size;
 use tern_driver::vm::VmPaths;
 use tern_store::target::TargetDir;
 
+use super::Cli;
 use crate::verify::compare;
-use crate::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
