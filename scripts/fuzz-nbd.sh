@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fuzz-nbd.sh — runs the cargo-fuzz targets of tern (nbd-shim/fuzz/):
+# fuzz-nbd.sh — runs the cargo-fuzz targets of tern (fuzz/):
 #   connection  a whole NBD connection (handshake + transmission) in front
 #               of a real mirror, the fuzzer's bytes being the client's side
 #               (after a byte that picks the server's threads); the journal
@@ -25,14 +25,14 @@
 #   FUZZ_TOOLCHAIN rustup toolchain cargo-fuzz builds with [nightly]
 #
 # Needs a nightly toolchain (sanitizers); installs cargo-fuzz if missing.
-# The corpus grows in nbd-shim/fuzz/corpus/<target>/, seeded from
-# nbd-shim/fuzz/seeds/<target>/: scripts/fuzz-seeds.py writes those of
+# The corpus grows in fuzz/corpus/<target>/, seeded from
+# fuzz/seeds/<target>/: scripts/fuzz-seeds.py writes those of
 # connection and request; the journal and segment targets write theirs
 # (real files made by the code that writes them) when theirs are missing.
-# Each target uses nbd-shim/fuzz/<target>.dict as its dictionary if there
-# is one, else nbd.dict. Crashes land in nbd-shim/fuzz/artifacts/<target>/,
+# Each target uses fuzz/<target>.dict as its dictionary if there
+# is one, else nbd.dict. Crashes land in fuzz/artifacts/<target>/,
 # and the libFuzzer output of each run in
-# nbd-shim/fuzz/target/fuzz-<target>.log.
+# fuzz/target/fuzz-<target>.log.
 # Exit status: non-zero if a build failed or any target found a crash,
 # panic, timeout or out-of-memory (every target runs regardless).
 set -euo pipefail
@@ -42,7 +42,7 @@ BENCH_NAME=fuzz-nbd.sh BENCH_LOG=plain BENCH_ERROR=""   # fuzz-nbd.sh: ...
 
 cd "$BENCH_ROOT"
 ROOT=$PWD
-FUZZ_DIR=$ROOT/nbd-shim/fuzz
+FUZZ_DIR=$ROOT/fuzz
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 FUZZ_TARGETS=${FUZZ_TARGETS:-connection request segment journal}
@@ -74,7 +74,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 # cargo-fuzz looks for ./fuzz, so run it from the crate it fuzzes.
-fuzz() { (cd "$ROOT/nbd-shim" && cargo "+$FUZZ_TOOLCHAIN" fuzz "$@"); }
+fuzz() { (cd "$ROOT" && cargo "+$FUZZ_TOOLCHAIN" fuzz "$@"); }
 
 if ((build_only)); then
     fuzz build
@@ -96,7 +96,7 @@ seeds_from_target() { # target, environment variable, a seed that shows they exi
     local dir=$FUZZ_DIR/seeds/$1
     if ! compgen -G "$dir/$3" >/dev/null; then
         log "writing the $1 target's seeds to $dir"
-        env "$2=$dir" bash -c 'cd "$0/nbd-shim" && cargo "+$1" fuzz run "$2" -- -runs=0' \
+        env "$2=$dir" bash -c 'cd "$0" && cargo "+$1" fuzz run "$2" -- -runs=0' \
             "$ROOT" "$FUZZ_TOOLCHAIN" "$1"
     fi
 }

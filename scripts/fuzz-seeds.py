@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """fuzz-seeds.py -- writes the seed corpus of tern-nbd's fuzz targets.
 
-Usage: scripts/fuzz-seeds.py [OUT_DIR]   (default: nbd-shim/fuzz/seeds)
+Usage: scripts/fuzz-seeds.py [OUT_DIR]   (default: fuzz/seeds)
 
 Writes OUT_DIR/connection/*.bin (a byte choosing the server, then the
 whole client side of an NBD connection, as fuzz_targets/connection.rs
@@ -176,7 +176,7 @@ def write(out, target, seeds):
 
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "nbd-shim", "fuzz", "seeds")
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "fuzz", "seeds")
     write(out, "connection", connection_seeds())
     write(out, "request", request_seeds())
 
