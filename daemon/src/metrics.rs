@@ -170,6 +170,30 @@ pub fn render(s: &VmStatus, up: bool, now_unix_secs: f64) -> String {
         &int(s.dirty_bytes),
     );
     family(
+        "tern_backlog_bytes",
+        "gauge",
+        "Bytes waiting to be shipped: journaled and unshipped, plus marked for resync.",
+        &int(s.backlog_bytes),
+    );
+    family(
+        "tern_backlog_eta_seconds",
+        "gauge",
+        "Seconds until the backlog is shipped at the current rate (absent while nothing ships).",
+        &one(s.backlog_eta_seconds.map(Value::Float)),
+    );
+    family(
+        "tern_ship_upload_bytes_per_second",
+        "gauge",
+        "Bytes per second sent to the cache store (segments as stored), over the last second or so.",
+        &one(s.upload_rate_mb_s.map(|r| Value::Float(r * 1e6))),
+    );
+    family(
+        "tern_ship_max_rate_bytes_per_second",
+        "gauge",
+        "The running shipper's bandwidth limit (absent when it has none).",
+        &one(s.max_rate_bytes_per_second.map(Value::Int)),
+    );
+    family(
         "tern_shipped_seq",
         "gauge",
         "Sequence number of the newest record durable in the cache store.",
@@ -252,6 +276,10 @@ mod tests {
             serve_running: true,
             ship_running: true,
             ship_rate_mb_s: Some(1.0),
+            upload_rate_mb_s: Some(0.5),
+            max_rate_bytes_per_second: Some(2_000_000),
+            backlog_bytes: 4096,
+            backlog_eta_seconds: Some(0.004096),
             ship_lag_p99_ms: Some(250.0),
             compression_ratio: Some(2.0),
             segments_shipped: Some(3),
@@ -296,6 +324,10 @@ mod tests {
         assert_eq!(get("tern_ship_lag_p99_seconds{vm=\"vm1\"}"), Some("0.25"));
         assert_eq!(get("tern_rpo_seconds{vm=\"vm1\"}"), Some("0"));
         assert_eq!(get("tern_last_update_timestamp_seconds{vm=\"vm1\"}"), Some("1.5"));
+        assert_eq!(get("tern_ship_upload_bytes_per_second{vm=\"vm1\"}"), Some("500000"));
+        assert_eq!(get("tern_ship_max_rate_bytes_per_second{vm=\"vm1\"}"), Some("2000000"));
+        assert_eq!(get("tern_backlog_bytes{vm=\"vm1\"}"), Some("4096"));
+        assert_eq!(get("tern_backlog_eta_seconds{vm=\"vm1\"}"), Some("0.004096"));
         assert!(!text.contains("tern_last_point_age_seconds"), "no catalog: no family, not even its HELP");
         assert!(!text.contains("tern_applied_seq"));
         assert_eq!(text.matches("# HELP ").count(), text.matches("# TYPE ").count());

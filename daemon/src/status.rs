@@ -54,7 +54,15 @@ pub struct Report {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub compression_ratio: f64,
+    /// Journal data shipped per second (before compression), over the
+    /// last second or so.
     pub ship_rate_mb_s: f64,
+    /// Bytes sent to the cache store per second (segments as stored).
+    pub upload_rate_mb_s: f64,
+    /// The run's bandwidth limit, if any.
+    pub max_rate_bytes_per_second: Option<u64>,
+    /// Time the writer waited for the bandwidth limit, in all.
+    pub throttled_seconds: f64,
     pub last_shipped_seq: u64,
     pub last_shipped_unix_ms: u64,
     pub lag_p50_ms: f64,
@@ -129,6 +137,15 @@ pub struct VmStatus {
     pub serve_running: bool,
     pub ship_running: bool,
     pub ship_rate_mb_s: Option<f64>,
+    /// Bytes per second sent to the cache store (segments as stored).
+    pub upload_rate_mb_s: Option<f64>,
+    /// The running shipper's bandwidth limit, bytes per second.
+    pub max_rate_bytes_per_second: Option<u64>,
+    /// What waits to be shipped: journaled and unshipped, plus dirty.
+    pub backlog_bytes: u64,
+    /// When the backlog is shipped at the current rate (0: nothing waits;
+    /// none while nothing ships).
+    pub backlog_eta_seconds: Option<f64>,
     pub ship_lag_p99_ms: Option<f64>,
     pub compression_ratio: Option<f64>,
     /// Counters of the newest `tern ship` run (they start at 0 with each).
@@ -226,6 +243,7 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         };
         format!("the target's applier failed {} time(s) in a row, {retry}: {}", f.attempts, f.error)
     });
+    let backlog_bytes = (head.pos - tail.pos) + dirty_bytes;
     let resync_window_open = resync_window_open(&journal);
     let in_window = resync_window_open || dirty_bytes > 0;
     let fenced = cache.read_fence().ok().flatten();
@@ -268,6 +286,13 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         serve_running,
         ship_running,
         ship_rate_mb_s: ship.as_ref().map(|s| s.ship_rate_mb_s).filter(|_| ship_running),
+        upload_rate_mb_s: ship.as_ref().map(|s| s.upload_rate_mb_s).filter(|_| ship_running),
+        max_rate_bytes_per_second: ship.as_ref().and_then(|s| s.max_rate_bytes_per_second).filter(|_| ship_running),
+        backlog_bytes,
+        backlog_eta_seconds: backlog_eta(
+            backlog_bytes,
+            ship.as_ref().map(|s| s.ship_rate_mb_s).filter(|_| ship_running),
+        ),
         ship_lag_p99_ms: ship.as_ref().map(|s| s.lag_p99_ms),
         compression_ratio: ship.as_ref().map(|s| s.compression_ratio),
         segments_shipped: ship.as_ref().map(|s| s.segments_shipped),
@@ -283,6 +308,16 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
             m.blocks() * 512
         }),
     })
+}
+
+/// Seconds until `backlog` bytes are shipped at `rate_mb_s` (journal data
+/// per second): 0 with nothing waiting, none while nothing ships.
+fn backlog_eta(backlog: u64, rate_mb_s: Option<f64>) -> Option<f64> {
+    match rate_mb_s {
+        _ if backlog == 0 => Some(0.0),
+        Some(r) if r > 0.0 => Some(backlog as f64 / (r * 1e6)),
+        _ => None,
+    }
 }
 
 impl VmStatus {

@@ -11,7 +11,7 @@ use crate::bitmap::{DirtyBitmap, DEFAULT_REGION_SIZE};
 use crate::fs::{create_dir_durably, sync_dir, write_durably};
 use crate::image::Image;
 use crate::journal::Journal;
-use crate::units::Size;
+use crate::units::{Rate, Size};
 use crate::{Error, Result};
 
 /// The version of `vm.toml` this tern writes and reads.
@@ -83,6 +83,11 @@ pub struct Policy {
     /// writes are few. Default: 250ms.
     #[serde(with = "humantime_serde")]
     pub segment_age: Duration,
+    /// Bytes per second `tern ship` may send to the cache store (segments,
+    /// as stored); `None`: as fast as it can. `tern ship --max-rate`
+    /// overrides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<Rate>,
 }
 
 impl Default for Policy {
@@ -94,7 +99,18 @@ impl Default for Policy {
             compression_level: 1,
             segment_size: Size::mib(8),
             segment_age: Duration::from_millis(250),
+            max_rate: None,
         }
+    }
+}
+
+/// A bandwidth limit tern can keep: below 64KB/s one 8MiB segment takes
+/// minutes and the RPO goes with it; above 100GB/s it limits nothing.
+pub fn check_max_rate(rate: Rate) -> std::result::Result<(), String> {
+    if (64_000..=100_000_000_000).contains(&rate.bytes_per_second()) {
+        Ok(())
+    } else {
+        Err(format!("max-rate {rate} must be between 64KB/s and 100GB/s"))
     }
 }
 
@@ -193,6 +209,9 @@ impl VmConfig {
         }
         if self.policy.segment_age < Duration::from_millis(1) || self.policy.segment_age > Duration::from_secs(600) {
             return Err(bad("policy segment-age must be between 1ms and 10m".into()));
+        }
+        if let Some(rate) = self.policy.max_rate {
+            check_max_rate(rate).map_err(bad)?;
         }
         // Builds with failpoints (the torture suite's) take points faster,
         // so a trial of seconds has several.

@@ -583,3 +583,97 @@ fn a_tag_killed_before_publishing_never_stops_the_stream() {
     ship_once_within(&vm, Duration::from_secs(30));
     vm.assert_cache_reproduces_source();
 }
+
+#[test]
+fn max_rate_holds_the_shipper_to_the_limit_and_ship_json_says_so() {
+    // 24 MiB of random bytes: three segments of 8 MiB that do not compress.
+    let vm =
+        TestVm::new(VmSpec { disk_size: 24 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let started = Instant::now();
+    vm.ship_once_with(&["--max-rate", "4MB/s"]);
+    let took = started.elapsed();
+    // At 4 MB/s the third segment may start once the first two (16.8 MB,
+    // 4.2 s) are paid for but one second: not before 3.2 s. Unlimited,
+    // this takes well under a second here.
+    assert!(took >= Duration::from_millis(3_100), "24 MiB at 4 MB/s shipped in {took:?}");
+    let report = vm.ship_report();
+    assert_eq!(report["max_rate_bytes_per_second"].as_u64(), Some(4_000_000), "{report}");
+    let throttled = report["throttled_seconds"].as_f64().unwrap_or(0.0);
+    assert!(throttled >= 2.5, "the writer waited {throttled} s for the limit: {report}");
+    vm.assert_cache_reproduces_source();
+}
+
+#[test]
+fn the_policy_limit_comes_from_enable_and_the_command_line_lifts_it() {
+    let vm = TestVm::new(VmSpec { disk_size: 4 << 20, ..Default::default() });
+    let image = vm.dir.path().join("disk2.img");
+    std::fs::File::create(&image).and_then(|f| f.set_len(4 << 20)).expect("image");
+    let enable = |name: &str, rate: &str| {
+        vm.tern()
+            .args(["enable", name, "--cache"])
+            .arg(vm.dir.path().join("cache"))
+            .arg("--target")
+            .arg(vm.dir.path().join("target"))
+            .arg("--disk")
+            .arg(format!("disk0={}", image.display()))
+            .args(["--max-rate", rate])
+            .output()
+            .expect("run tern enable")
+    };
+    // Too slow to be a limit tern can keep: refused, naming the setting.
+    let out = enable("vm2", "10KB/s");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max-rate 10KB/s must be between 64KB/s and 100GB/s"), "{err}");
+    // Ambiguous units (bits or bytes?) are refused too.
+    let out = enable("vm2", "100Mb/s");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"), "{out:?}");
+
+    let out = enable("vm2", "100Mbit/s");
+    assert!(out.status.success(), "{out:?}");
+    let toml = std::fs::read_to_string(vm.state.join("vm2").join("vm.toml")).expect("vm.toml");
+    assert!(toml.contains("max-rate = \"12500KB/s\""), "{toml}");
+
+    let ship = |args: &[&str]| {
+        let mut cmd = vm.tern();
+        cmd.args(["ship", "vm2", "--once"]).args(args);
+        let out = cmd.output().expect("run tern ship");
+        assert!(out.status.success(), "{out:?}");
+        let text = std::fs::read_to_string(vm.state.join("vm2").join("ship.json")).expect("ship.json");
+        serde_json::from_str::<serde_json::Value>(&text).expect("json")
+    };
+    assert_eq!(ship(&[])["max_rate_bytes_per_second"].as_u64(), Some(12_500_000));
+    assert!(ship(&["--max-rate", "unlimited"])["max_rate_bytes_per_second"].is_null());
+    assert_eq!(ship(&["--max-rate", "2MiB/s"])["max_rate_bytes_per_second"].as_u64(), Some(2 << 20));
+}
+
+#[test]
+fn status_shows_a_throttled_shipper_its_limit_backlog_and_eta() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 24 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let ship = vm.ship(&["--max-rate", "1MB/s"]);
+    // The first segment goes at once (the bucket's second), then the
+    // limit holds the rest back: about 17 s of backlog at 1 MB/s.
+    let status = || {
+        let out = vm.tern().args(["status", "vm1", "--json"]).output().expect("tern status");
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+        all[0].clone()
+    };
+    wait_for("a shipped segment and a measured rate", Duration::from_secs(30), || {
+        let s = status();
+        s["segments_shipped"].as_u64().unwrap_or(0) > 0 && s["ship_rate_mb_s"].as_f64().unwrap_or(0.0) > 0.0
+    });
+    let s = status();
+    assert_eq!(s["ship_running"], true, "{s}");
+    assert_eq!(s["max_rate_bytes_per_second"].as_u64(), Some(1_000_000), "{s}");
+    let backlog = s["backlog_bytes"].as_u64().unwrap_or(0);
+    assert!(backlog > 4 << 20, "most of 24 MiB still waits: {s}");
+    let eta = s["backlog_eta_seconds"].as_f64().expect("an ETA while it ships");
+    assert!(eta > 1.0, "{s}");
+    // (Exit 1: an initial sync is a warning.)
+    let out = vm.tern().args(["status", "vm1"]).output().expect("tern status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(limit 1MB/s)") && text.contains("shipped in"), "{text}");
+    ship.stop();
+}

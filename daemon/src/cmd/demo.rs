@@ -117,7 +117,12 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     let stop_ship = Arc::new(AtomicBool::new(false));
     let shipper = {
         let (paths, stop) = (paths.clone(), Arc::clone(&stop_ship));
-        let options = crate::ship::ShipOptions { once: false, workers: 2, checksum_timeout: Duration::from_secs(60) };
+        let options = crate::ship::ShipOptions {
+            once: false,
+            workers: 2,
+            checksum_timeout: Duration::from_secs(60),
+            max_rate: None,
+        };
         std::thread::spawn(move || crate::ship::run(&paths, &options, stop))
     };
     let stop_apply = Arc::new(AtomicBool::new(false));
@@ -191,7 +196,8 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     //    whatever it left, as `tern ship --once` would.
     stop_ship.store(true, Ordering::Release);
     let stats = shipper.join().map_err(|_| anyhow::anyhow!("the shipper thread panicked"))??;
-    let options = crate::ship::ShipOptions { once: true, workers: 2, checksum_timeout: Duration::from_secs(60) };
+    let options =
+        crate::ship::ShipOptions { once: true, workers: 2, checksum_timeout: Duration::from_secs(60), max_rate: None };
     let last = crate::ship::run(&paths, &options, Arc::new(AtomicBool::new(false)))?;
     let journal = paths.open_journal()?;
     let (r, l) = (stats.report(&journal), last.report(&journal));

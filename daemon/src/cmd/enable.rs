@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tern_driver::units::Size;
+use tern_driver::units::{Rate, Size};
 use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy};
 
 use super::Cli;
@@ -38,6 +38,11 @@ pub struct Args {
     /// Bytes of disk one dirty-bitmap bit stands for.
     #[arg(long, default_value = "64KiB")]
     pub region_size: Size,
+    /// The most `tern ship` may send to the cache store, in bytes per
+    /// second of segments as stored (e.g. 50MB/s, 100Mbit/s): kept in the
+    /// VM's policy; `tern ship --max-rate` overrides it. Default: no limit.
+    #[arg(long, value_name = "RATE")]
+    pub max_rate: Option<Rate>,
     /// Create the cache store directory if it does not exist (otherwise a
     /// missing one is refused: a typo would replicate nowhere).
     #[arg(long)]
@@ -66,7 +71,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         cache: a.cache.clone(),
         target: a.target.clone(),
         journal: JournalConfig { size: a.journal_size, region_size: a.region_size },
-        policy: Policy { interval: a.interval, retention: a.retention, ..Policy::default() },
+        policy: Policy { interval: a.interval, retention: a.retention, max_rate: a.max_rate, ..Policy::default() },
         initial_sync: InitialSync::Allocated,
     };
     let done = vm::enable(&cli.state, &spec).with_context(|| format!("cannot enable VM '{}'", a.vm))?;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
+use tern_driver::units::RateLimit;
 use tern_driver::vm::VmPaths;
 
 use super::Cli;
@@ -39,6 +40,11 @@ pub struct Args {
     /// standard error is not a terminal (on a terminal: a progress bar).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub progress_interval: std::time::Duration,
+    /// The most this run may send to the cache store, in bytes per second
+    /// of segments as stored (e.g. 50MB/s, 100Mbit/s), or `unlimited`.
+    /// Default: the VM's policy (`tern enable --max-rate`), else no limit.
+    #[arg(long, value_name = "RATE")]
+    pub max_rate: Option<RateLimit>,
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
@@ -49,7 +55,10 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handlers")?;
     }
     let workers = a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).clamp(1, 64);
-    let options = ShipOptions { once: a.once, workers, checksum_timeout: a.checksum_timeout };
+    if let Some(RateLimit(Some(rate))) = a.max_rate {
+        tern_driver::vm::check_max_rate(rate).map_err(|e| anyhow::anyhow!("--max-rate: {e}"))?;
+    }
+    let options = ShipOptions { once: a.once, workers, checksum_timeout: a.checksum_timeout, max_rate: a.max_rate };
     let reporting = Reporting {
         metrics_dir: a.metrics_dir.clone(),
         progress: if std::io::stderr().is_terminal() {

@@ -49,6 +49,21 @@ pub struct Unhealthy {
     pub what: String,
 }
 
+/// "running, 12.3 MB/s to the cache (limit 50MB/s)", or "stopped".
+fn ship_state(s: &crate::status::VmStatus) -> String {
+    if !s.ship_running {
+        return "stopped".into();
+    }
+    let mut out = "running".to_string();
+    if let Some(up) = s.upload_rate_mb_s {
+        out.push_str(&format!(", {up:.1} MB/s to the cache"));
+    }
+    if let Some(limit) = s.max_rate_bytes_per_second {
+        out.push_str(&format!(" (limit {})", tern_driver::units::Rate(limit)));
+    }
+    out
+}
+
 /// The worst health of `verdicts` (VM, health, why) as an error, if not ok.
 fn verdict(verdicts: Vec<(String, Health, Option<String>)>) -> Result<()> {
     let worst = verdicts.iter().map(|v| v.1).max().unwrap_or(Health::Ok);
@@ -114,7 +129,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     } else {
         for s in &all {
             println!(
-                "{}: {} · RPO {} · journal {:.1}% ({}, {} pending, ring {} in memory) · {} to resync · last point {} ago ({} points) · serve {} · ship {}{}",
+                "{}: {} · RPO {} · journal {:.1}% ({}, {} pending, ring {} in memory) · {} to resync · backlog {}{} · last point {} ago ({} points) · serve {} · ship {}{}",
                 s.name,
                 s.state.name(),
                 seconds(s.rpo_seconds),
@@ -123,10 +138,15 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
                 Size(s.pending_bytes).approx(),
                 s.ring_bytes.map_or("-".into(), |b| Size(b).approx()),
                 Size(s.dirty_bytes).approx(),
+                Size(s.backlog_bytes).approx(),
+                match s.backlog_eta_seconds {
+                    Some(eta) if s.backlog_bytes > 0 => format!(" (shipped in {})", seconds(Some(eta))),
+                    _ => String::new(),
+                },
                 seconds(s.last_point_age_seconds),
                 s.points,
                 if s.serve_running { "running" } else { "stopped" },
-                if s.ship_running { "running" } else { "stopped" },
+                ship_state(s),
                 s.last_error.as_deref().map(|e| format!(" · error: {e}")).unwrap_or_default()
             );
         }

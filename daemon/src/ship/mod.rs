@@ -18,6 +18,7 @@ mod checksum;
 mod resync;
 mod stats;
 mod stop_marker;
+mod throttle;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tern_driver::bitmap::DirtyBitmap;
 use tern_driver::journal::{self, Journal, Position, RecordHeader};
+use tern_driver::units::RateLimit;
 use tern_driver::vm::{VmConfig, VmPaths};
 use tern_driver::{Mirror, MirrorOptions, ResyncStep};
 use tern_store::cache::{CacheDir, Epoch, Manifest};
@@ -51,6 +53,8 @@ pub struct ShipOptions {
     /// After a host crash, how long to wait for the target's block hashes
     /// before falling back to a full resync.
     pub checksum_timeout: Duration,
+    /// The bandwidth limit of this run; `None`: the VM's policy's.
+    pub max_rate: Option<RateLimit>,
 }
 
 /// What a ship run shows besides `ship.json`.
@@ -165,12 +169,22 @@ pub fn run_with(
         bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
     }
     let cache = CacheDir::new(&config.cache, &vm);
-    let stats = Arc::new(Stats::new(paths.dir().join("ship.json")));
+    // The run's limit, else the policy's.
+    let max_rate = options.max_rate.map_or(config.policy.max_rate, |RateLimit(r)| r);
+    if let Some(rate) = max_rate {
+        log::info!("VM '{vm}': sending at most {rate} to the cache store");
+    }
+    let stats = Arc::new(Stats::new(paths.dir().join("ship.json"), max_rate));
     writer::check_fence(&cache)?;
     wait_for_host_crash_recovery(paths, &journal, &stop)?;
     let resume = resume(&config, &cache, &journal, &stats, &stop)?;
-    let writer =
-        writer::CacheWriter::new(cache.clone(), resume.manifest.clone(), Arc::clone(&stats), Arc::clone(&stop));
+    let writer = writer::CacheWriter::new(
+        cache.clone(),
+        resume.manifest.clone(),
+        Arc::clone(&stats),
+        Arc::clone(&stop),
+        max_rate,
+    );
     let bitmaps: Vec<DirtyBitmap> =
         config.disks.iter().map(|d| DirtyBitmap::open(&paths.dirty(&d.name), d.size)).collect::<Result<_, _>>()?;
     let target = journal.head();

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tern_driver::journal::Journal;
-use tern_driver::units::Size;
+use tern_driver::units::{Rate, Size};
 use tern_store::segment::SegmentHeader;
 
 use crate::status::Report;
@@ -24,6 +24,10 @@ pub struct Stats {
     last_shipped_seq: AtomicU64,
     last_shipped_ns: AtomicU64,
     cache_errors: AtomicU64,
+    /// The bandwidth limit of the run, bytes per second.
+    max_rate: Option<Rate>,
+    /// Time the writer waited for the bandwidth limit, in microseconds.
+    throttled_us: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -33,9 +37,10 @@ struct Inner {
     /// durable in the cache), in microseconds; the last 100,000.
     lags_us: Vec<u64>,
     last_error: Option<String>,
-    /// For the rate: bytes in at the last publish, and when.
-    rate_mark: Option<(u64, Instant)>,
+    /// For the rates: bytes in and out at the last publish, and when.
+    rate_mark: Option<(u64, u64, Instant)>,
     rate: f64,
+    upload_rate: f64,
 }
 
 fn now_ns() -> u64 {
@@ -43,8 +48,10 @@ fn now_ns() -> u64 {
 }
 
 impl Stats {
-    pub fn new(path: PathBuf) -> Self {
+    pub fn new(path: PathBuf, max_rate: Option<Rate>) -> Self {
         Stats {
+            max_rate,
+            throttled_us: AtomicU64::new(0),
             path,
             started: Instant::now(),
             segments: AtomicU64::new(0),
@@ -88,6 +95,11 @@ impl Stats {
         }
     }
 
+    /// The writer waited `d` for the bandwidth limit.
+    pub fn throttled(&self, d: Duration) {
+        self.throttled_us.fetch_add(d.as_micros() as u64, Ordering::AcqRel);
+    }
+
     pub fn cache_error(&self, what: String) {
         self.cache_errors.fetch_add(1, Ordering::AcqRel);
         self.inner().last_error = Some(what);
@@ -104,12 +116,14 @@ impl Stats {
         let mut inner = self.inner();
         let now = Instant::now();
         match inner.rate_mark {
-            Some((bytes, at)) if now.duration_since(at).as_secs_f64() >= 1.0 => {
-                inner.rate = (bytes_in - bytes) as f64 / now.duration_since(at).as_secs_f64() / 1e6;
-                inner.rate_mark = Some((bytes_in, now));
+            Some((was_in, was_out, at)) if now.duration_since(at).as_secs_f64() >= 1.0 => {
+                let secs = now.duration_since(at).as_secs_f64();
+                inner.rate = (bytes_in - was_in) as f64 / secs / 1e6;
+                inner.upload_rate = (bytes_out - was_out) as f64 / secs / 1e6;
+                inner.rate_mark = Some((bytes_in, bytes_out, now));
             }
             Some(_) => {}
-            None => inner.rate_mark = Some((bytes_in, now)),
+            None => inner.rate_mark = Some((bytes_in, bytes_out, now)),
         }
         let mut lags = inner.lags_us.clone();
         lags.sort_unstable();
@@ -130,6 +144,9 @@ impl Stats {
             bytes_out,
             compression_ratio: if bytes_out > 0 { bytes_in as f64 / bytes_out as f64 } else { 0.0 },
             ship_rate_mb_s: inner.rate,
+            upload_rate_mb_s: inner.upload_rate,
+            max_rate_bytes_per_second: self.max_rate.map(|r| r.bytes_per_second()),
+            throttled_seconds: self.throttled_us.load(Ordering::Acquire) as f64 / 1e6,
             last_shipped_seq: self.last_shipped_seq.load(Ordering::Acquire),
             last_shipped_unix_ms: self.last_shipped_ns.load(Ordering::Acquire) / 1_000_000,
             lag_p50_ms: pct(0.50),

@@ -12,13 +12,15 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use tern_driver::units::Rate;
 use tern_store::cache::{CacheDir, Manifest};
 use tern_store::segment::SegmentHeader;
 
+use super::throttle::Throttle;
 use super::Stats;
 use tern_driver::fail::{self, Failpoint};
 
@@ -27,16 +29,29 @@ pub struct CacheWriter {
     manifest: Manifest,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
+    /// The bandwidth limit, if any (only the writer thread sends).
+    throttle: Option<Mutex<Throttle>>,
 }
 
 impl CacheWriter {
-    pub fn new(cache: CacheDir, manifest: Manifest, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Self {
-        CacheWriter { cache, manifest, stats, stop }
+    pub fn new(
+        cache: CacheDir,
+        manifest: Manifest,
+        stats: Arc<Stats>,
+        stop: Arc<AtomicBool>,
+        max_rate: Option<Rate>,
+    ) -> Self {
+        CacheWriter { cache, manifest, stats, stop, throttle: max_rate.map(|r| Mutex::new(Throttle::new(r))) }
     }
 
     /// Writes one segment durably, retrying with backoff until it is done
-    /// or the process is asked to stop.
+    /// or the process is asked to stop; first waits as long as the
+    /// bandwidth limit asks.
     pub fn write_segment(&self, header: &SegmentHeader, bytes: &[u8]) -> Result<()> {
+        if let Some(throttle) = &self.throttle {
+            let waited = throttle.lock().unwrap_or_else(|p| p.into_inner()).wait_for(bytes.len() as u64, &self.stop);
+            self.stats.throttled(waited);
+        }
         check_fence(&self.cache)?;
         let what = format!("write segment {}", self.cache.segment_path(header.first_seq, header.last_seq).display());
         retrying(&what, &self.stats, &self.stop, || {
