@@ -14,6 +14,7 @@ PACKAGES=(
     faketime        # clock skew in the torture suite and the retention test
     util-linux      # losetup
     zstd            # and its CLI, the peer in scripts/bench-ship.sh
+    rsync           # --bwlimit, the peer in scripts/bench-rate.sh
     python3         # the benchmarks' summaries (stdlib only)
     systemd         # systemd-analyze, to verify the unit files
 )
