@@ -586,16 +586,15 @@ fn a_tag_killed_before_publishing_never_stops_the_stream() {
 
 #[test]
 fn max_rate_holds_the_shipper_to_the_limit_and_ship_json_says_so() {
-    // 24 MiB of random bytes: three segments of 8 MiB that do not compress.
+    // 12 MiB of random bytes, which do not compress.
     let vm =
-        TestVm::new(VmSpec { disk_size: 24 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+        TestVm::new(VmSpec { disk_size: 12 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
     let started = Instant::now();
     vm.ship_once_with(&["--max-rate", "4MB/s"]);
     let took = started.elapsed();
-    // At 4 MB/s the third segment may start once the first two (16.8 MB,
-    // 4.2 s) are paid for but one second: not before 3.2 s. Unlimited,
-    // this takes well under a second here.
-    assert!(took >= Duration::from_millis(3_100), "24 MiB at 4 MB/s shipped in {took:?}");
+    // 12.6 MB at 4 MB/s: not before 3.1 s. Unlimited, this takes well
+    // under a second here.
+    assert!(took >= Duration::from_millis(3_100), "12 MiB at 4 MB/s shipped in {took:?}");
     let report = vm.ship_report();
     assert_eq!(report["max_rate_bytes_per_second"].as_u64(), Some(4_000_000), "{report}");
     let throttled = report["throttled_seconds"].as_f64().unwrap_or(0.0);
@@ -653,8 +652,8 @@ fn status_shows_a_throttled_shipper_its_limit_backlog_and_eta() {
     let vm =
         TestVm::new(VmSpec { disk_size: 24 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
     let ship = vm.ship(&["--max-rate", "1MB/s"]);
-    // The first segment goes at once (the bucket's second), then the
-    // limit holds the rest back: about 17 s of backlog at 1 MB/s.
+    // The first segment goes at once, then the limit holds the rest back:
+    // about 25 s in all at 1 MB/s.
     let status = || {
         let out = vm.tern().args(["status", "vm1", "--json"]).output().expect("tern status");
         let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");

@@ -579,9 +579,12 @@ fn write_in_order(
         let s = s?;
         waiting.insert(s.number, s);
         while let Some(s) = waiting.remove(&next) {
+            let started = Instant::now();
             writer.write_segment(&s.header, &s.bytes)?;
             journal.set_tail(s.end);
             stats.segment_shipped(&s.header, s.bytes.len() as u64, s.oldest_ns);
+            // Shipped: the bandwidth limit holds back the next one only.
+            writer.pace(s.bytes.len(), started);
             next += 1;
         }
     }

@@ -13,7 +13,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use tern_driver::units::Rate;
@@ -45,13 +45,8 @@ impl CacheWriter {
     }
 
     /// Writes one segment durably, retrying with backoff until it is done
-    /// or the process is asked to stop; first waits as long as the
-    /// bandwidth limit asks.
+    /// or the process is asked to stop.
     pub fn write_segment(&self, header: &SegmentHeader, bytes: &[u8]) -> Result<()> {
-        if let Some(throttle) = &self.throttle {
-            let waited = throttle.lock().unwrap_or_else(|p| p.into_inner()).wait_for(bytes.len() as u64, &self.stop);
-            self.stats.throttled(waited);
-        }
         check_fence(&self.cache)?;
         let what = format!("write segment {}", self.cache.segment_path(header.first_seq, header.last_seq).display());
         retrying(&what, &self.stats, &self.stop, || {
@@ -62,6 +57,15 @@ impl CacheWriter {
             }
             write_segment_once(&self.cache, header, bytes)
         })
+    }
+
+    /// After a segment of `bytes` whose write began at `started`: sleeps
+    /// as long as the bandwidth limit asks before the next may be sent.
+    pub fn pace(&self, bytes: usize, started: Instant) {
+        if let Some(throttle) = &self.throttle {
+            let waited = throttle.lock().unwrap_or_else(|p| p.into_inner()).pay(bytes as u64, started, &self.stop);
+            self.stats.throttled(waited);
+        }
     }
 }
 
