@@ -452,6 +452,11 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
     };
     let mut disks: Vec<DiskConfig> = Vec::new();
     let mut images = Vec::new();
+    if let InitialSync::Compare { seeds } = &spec.initial_sync {
+        if let Some(name) = seeds.keys().find(|s| !spec.disks.iter().any(|(d, _)| d == *s)) {
+            return Err(Error::Invalid(format!("a seed names disk '{name}', but VM '{}' has no such disk", spec.name)));
+        }
+    }
     let mut ids = Vec::new();
     let protected = protected_images(state, &spec.name);
     for (name, path) in &spec.disks {

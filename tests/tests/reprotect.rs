@@ -1,6 +1,8 @@
 //! Re-protect and failback, end to end: fail over, change both sides,
 //! replicate back sending only the differing regions, fail back, and the
-//! original direction runs again — again sending only what differs.
+//! original direction runs again — again sending only what differs. And
+//! the same seeding for a first protection (`tern enable --seed`), from a
+//! copy of the disk carried to the target by other means.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -286,4 +288,61 @@ fn reprotect_and_failback_refuse_what_they_cannot_do() {
     let err = String::from_utf8_lossy(&out.as_ref().unwrap().stderr).into_owned();
     assert!(err.contains("stop `tern serve`"), "{err}");
     served.stop();
+}
+
+#[test]
+fn enable_with_a_seed_carried_to_the_target_sends_only_what_changed_since() {
+    let root = tempfile::Builder::new().prefix("tern-seed-").tempdir_in(test_root()).expect("tempdir");
+    let root = root.path();
+    let (state, cache, target) = (root.join("state"), root.join("cache"), root.join("target"));
+    std::fs::create_dir_all(&cache).expect("cache");
+    std::fs::create_dir_all(target.join("carried")).expect("target");
+    // A 16 MiB disk of random bytes, copied to the target site (a shipped
+    // drive), then changed in regions 10 and 200 before it is protected.
+    let disk = root.join("disk0.img");
+    let mut bytes = vec![0u8; 16 << 20];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut bytes[..]);
+    std::fs::write(&disk, &bytes).expect("disk");
+    let carried = target.join("carried/disk0.img");
+    std::fs::copy(&disk, &carried).expect("carried copy");
+    for region in [10u64, 200] {
+        let at = (region * REGION + 100) as usize;
+        bytes[at..at + 4096].fill(0x5a);
+    }
+    std::fs::write(&disk, &bytes).expect("changed disk");
+    let enable = |seed: &str| {
+        tern_at(&state)
+            .args(["enable", "vm1", "--cache"])
+            .arg(&cache)
+            .arg("--target")
+            .arg(&target)
+            .arg("--disk")
+            .arg(format!("disk0={}", disk.display()))
+            .args(["--journal-size", "64MiB", "--seed", seed])
+            .output()
+            .expect("tern enable")
+    };
+    // A seed for a disk the VM does not have, or one climbing out of the
+    // VM's target directory: refused, naming it.
+    let out = enable("disk9=/srv/x.img");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("disk 'disk9'"), "{out:?}");
+    let out = enable("disk0=../../etc/shadow");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("without '..'"), "{out:?}");
+    let out = enable(&format!("disk0={}", carried.display()));
+    assert!(out.status.success(), "{out:?}");
+
+    let applier = apply_daemon(&cache, &target, &root.join("apply.log"));
+    let out = tern_at(&state).args(["ship", "vm1", "--once", "--checksum-timeout", "10m"]).output().unwrap();
+    stop(applier);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("2 of 256 regions differ"), "regions 10 and 200 differ:\n{log}");
+    assert_eq!(resync_bytes(|| tern_at(&state), &cache.join("vm1")), 2 * REGION, "exactly the changed regions travel");
+    let apply_log = std::fs::read_to_string(root.join("apply.log")).unwrap();
+    assert!(apply_log.contains("seeded from"), "{apply_log}");
+    // The rest applied: the replica is the source, byte for byte.
+    run(tern_at(&state).args(["apply", "--once", "--cache"]).arg(&cache).arg("--target").arg(&target));
+    assert_files_equal(&target.join("vm1/replica/disk0.img"), &disk);
+    // The seed itself is the operator's and stays as it was.
+    assert!(std::fs::metadata(&carried).is_ok());
 }

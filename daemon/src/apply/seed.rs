@@ -78,7 +78,7 @@ pub(super) fn seed_replica(target: &TargetDir, disk: &str, seed: &Path, replica:
     let seed_size = std::fs::metadata(seed)
         .with_context(|| {
             format!(
-                "disk '{disk}': the replica's seed {} cannot be read at this target site ({}); make the old disk available at that path, or re-protect with --seed naming where it is, or with --no-seed (a full initial sync)",
+                "disk '{disk}': the replica's seed {} cannot be read at this target site ({}); make the disk's copy available at that path (the --seed of `tern enable` or `tern reprotect` named it), or protect the VM again without one (a full initial sync)",
                 seed.display(),
                 target.root().display()
             )

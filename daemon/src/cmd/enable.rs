@@ -43,6 +43,14 @@ pub struct Args {
     /// VM's policy; `tern ship --max-rate` overrides it. Default: no limit.
     #[arg(long, value_name = "RATE")]
     pub max_rate: Option<Rate>,
+    /// A copy of a disk already at the target site to start its replica
+    /// from, as NAME=PATH (absolute at the target, or relative to
+    /// `<target>/<vm>/`): a copy carried there by other means (a shipped
+    /// drive, an earlier rsync). The first sync then compares block hashes
+    /// and sends only the regions that differ; `tern apply` must run at the
+    /// target to answer. Repeat per disk; a disk without one starts empty.
+    #[arg(long = "seed", value_name = "NAME=PATH", value_parser = crate::cmd::parse_onto)]
+    pub seeds: Vec<(String, PathBuf)>,
     /// Create the cache store directory if it does not exist (otherwise a
     /// missing one is refused: a typo would replicate nowhere).
     #[arg(long)]
@@ -72,18 +80,34 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         target: a.target.clone(),
         journal: JournalConfig { size: a.journal_size, region_size: a.region_size },
         policy: Policy { interval: a.interval, retention: a.retention, max_rate: a.max_rate, ..Policy::default() },
-        initial_sync: InitialSync::Allocated,
+        initial_sync: if a.seeds.is_empty() {
+            InitialSync::Allocated
+        } else {
+            InitialSync::Compare { seeds: a.seeds.iter().cloned().collect() }
+        },
     };
     let done = vm::enable(&cli.state, &spec).with_context(|| format!("cannot enable VM '{}'", a.vm))?;
     let total: u64 = done.initial_sync_bytes.iter().sum();
-    log::info!(
-        "VM '{}' enabled (id {}): {} disk(s), journal {}, {} of allocated data marked for the initial sync",
-        done.config.name,
-        done.config.id,
-        done.config.disks.len(),
-        done.config.journal.size,
-        Size(total)
-    );
+    if a.seeds.is_empty() {
+        log::info!(
+            "VM '{}' enabled (id {}): {} disk(s), journal {}, {} of allocated data marked for the initial sync",
+            done.config.name,
+            done.config.id,
+            done.config.disks.len(),
+            done.config.journal.size,
+            Size(total)
+        );
+    } else {
+        log::info!(
+            "VM '{}' enabled (id {}): {} disk(s), journal {}; the replicas at {} start from the seeds ({}) and only the regions that differ are sent: run `tern apply` there to answer the hash comparison",
+            done.config.name,
+            done.config.id,
+            done.config.disks.len(),
+            done.config.journal.size,
+            done.config.target.display(),
+            a.seeds.iter().map(|(d, p)| format!("{d}={}", p.display())).collect::<Vec<_>>().join(", ")
+        );
+    }
     println!(
         "enabled {}: next, start `tern serve {}` and point the VM at {}",
         done.config.name,
