@@ -134,8 +134,25 @@ impl Encoder {
         Ok(Encoder { compression, zstd })
     }
 
-    /// The complete file bytes of the segment, and its header. Fails with
-    /// `InvalidInput` for an empty builder or unknown window flags.
+    /// Changes the zstd level of the segments encoded next (an encoder
+    /// made without compression stays so). Fails with `InvalidInput` for a
+    /// level outside [`ZSTD_LEVELS`].
+    pub fn set_level(&mut self, level: i32) -> io::Result<()> {
+        let Some(c) = &mut self.zstd else { return Ok(()) };
+        if !ZSTD_LEVELS.contains(&level) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("zstd level {level} out of range")));
+        }
+        if self.compression != (Compression::Zstd { level }) {
+            c.set_compression_level(level)?;
+            self.compression = Compression::Zstd { level };
+        }
+        Ok(())
+    }
+
+    /// The complete file bytes of the segment, and its header. A payload
+    /// zstd cannot make smaller (random or already compressed data) is
+    /// stored as is, so the target spends nothing decompressing it. Fails
+    /// with `InvalidInput` for an empty builder or unknown window flags.
     pub fn encode(&mut self, b: &SegmentBuilder) -> io::Result<(SegmentHeader, Vec<u8>)> {
         if b.is_empty() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "cannot encode a segment without records"));
@@ -151,12 +168,18 @@ impl Encoder {
         let mut out = Vec::with_capacity(payload_at + stored_max + TRAILER_SIZE);
         out.resize(HEADER_SIZE, 0);
         out.extend_from_slice(&b.index);
+        let mut compression = self.compression;
         match &mut self.zstd {
             None => out.extend_from_slice(&b.data),
             Some(c) => {
                 out.resize(payload_at + stored_max, 0);
                 let n = c.compress_to_buffer(&b.data, &mut out[payload_at..])?;
                 out.truncate(payload_at + n);
+                if n >= b.data.len() {
+                    out.truncate(payload_at);
+                    out.extend_from_slice(&b.data);
+                    compression = Compression::None;
+                }
             }
         }
         let header = SegmentHeader {
@@ -166,7 +189,7 @@ impl Encoder {
             last_seq: b.next_seq - 1,
             record_count: b.record_count,
             window: b.window,
-            compression: self.compression,
+            compression,
             payload_len: b.data.len() as u64,
             stored_len: (out.len() - payload_at) as u64,
             created_ns: now_ns(),

@@ -236,7 +236,13 @@ proptest! {
             prop_assert_eq!(header.last_seq, last_seq);
             prop_assert_eq!(header.record_count as usize, records.len());
             prop_assert_eq!(header.window, window);
-            prop_assert_eq!(header.compression, compression);
+            // zstd is asked for, but a payload it cannot shrink is stored
+            // as is.
+            if header.compression != compression {
+                prop_assert_eq!(compression, ZSTD1);
+                prop_assert_eq!(header.compression, Compression::None);
+                prop_assert_eq!(header.stored_len, payload_len);
+            }
             prop_assert_eq!(header.payload_len, payload_len);
             prop_assert_eq!(header.file_len(), bytes.len() as u64);
             prop_assert_eq!(segment.len(), records.len());
@@ -795,4 +801,36 @@ fn junk_file_names_are_none() {
     for name in ["x", "1-2.tmp", "0001-", "", "-", "1-2", &long, &plus, &tmp, &backwards] {
         assert_eq!(parse_file_name(name), None, "{name:?}");
     }
+}
+
+#[test]
+fn a_payload_zstd_cannot_shrink_is_stored_as_is_and_levels_change_between_segments() {
+    // xorshift: bytes zstd cannot shrink.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let random: Vec<u8> = (0..64 << 10)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let text = b"tern tern tern ".repeat(4096);
+    let mut encoder = Encoder::new(ZSTD1).unwrap();
+    let segment = |data: &[u8]| {
+        let mut b = SegmentBuilder::new(VM, 1, 1);
+        b.push(&write(1, 0, 0, data), data).unwrap();
+        b
+    };
+    let (h, bytes) = encoder.encode(&segment(&random)).unwrap();
+    assert_eq!(h.compression, Compression::None);
+    assert_eq!(h.stored_len, random.len() as u64);
+    assert_eq!(Segment::decode(&bytes, Some(VM)).unwrap().payload(), &random[..]);
+    let (h, _) = encoder.encode(&segment(&text)).unwrap();
+    assert_eq!(h.compression, ZSTD1);
+    encoder.set_level(-5).unwrap();
+    let (h, bytes) = encoder.encode(&segment(&text)).unwrap();
+    assert_eq!(h.compression, Compression::Zstd { level: -5 });
+    assert_eq!(Segment::decode(&bytes, Some(VM)).unwrap().payload(), &text[..]);
+    assert!(encoder.set_level(23).is_err());
 }
