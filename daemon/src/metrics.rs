@@ -194,6 +194,12 @@ pub fn render(s: &VmStatus, up: bool, now_unix_secs: f64) -> String {
         &one(s.max_rate_bytes_per_second.map(Value::Int)),
     );
     family(
+        "tern_ship_compression_level",
+        "gauge",
+        "The zstd level the running shipper compresses segments with (it moves when the policy makes it adaptive).",
+        &one(s.compression_level.map(|l| Value::Float(l.into()))),
+    );
+    family(
         "tern_shipped_seq",
         "gauge",
         "Sequence number of the newest record durable in the cache store.",
@@ -278,6 +284,8 @@ mod tests {
             ship_rate_mb_s: Some(1.0),
             upload_rate_mb_s: Some(0.5),
             max_rate_bytes_per_second: Some(2_000_000),
+            compression_level: Some(-3),
+            compression_adaptive: Some(true),
             backlog_bytes: 4096,
             backlog_eta_seconds: Some(0.004096),
             ship_lag_p99_ms: Some(250.0),
@@ -327,6 +335,7 @@ mod tests {
         assert_eq!(get("tern_ship_upload_bytes_per_second{vm=\"vm1\"}"), Some("500000"));
         assert_eq!(get("tern_ship_max_rate_bytes_per_second{vm=\"vm1\"}"), Some("2000000"));
         assert_eq!(get("tern_backlog_bytes{vm=\"vm1\"}"), Some("4096"));
+        assert_eq!(get("tern_ship_compression_level{vm=\"vm1\"}"), Some("-3"));
         assert_eq!(get("tern_backlog_eta_seconds{vm=\"vm1\"}"), Some("0.004096"));
         assert!(!text.contains("tern_last_point_age_seconds"), "no catalog: no family, not even its HELP");
         assert!(!text.contains("tern_applied_seq"));

@@ -63,6 +63,11 @@ pub struct Report {
     pub max_rate_bytes_per_second: Option<u64>,
     /// Time the writer waited for the bandwidth limit, in all.
     pub throttled_seconds: f64,
+    /// The zstd level segments are compressed with now.
+    pub compression_level: i32,
+    /// Whether that level follows the bottleneck (policy
+    /// compression-min/-max).
+    pub compression_adaptive: bool,
     pub last_shipped_seq: u64,
     pub last_shipped_unix_ms: u64,
     pub lag_p50_ms: f64,
@@ -141,6 +146,9 @@ pub struct VmStatus {
     pub upload_rate_mb_s: Option<f64>,
     /// The running shipper's bandwidth limit, bytes per second.
     pub max_rate_bytes_per_second: Option<u64>,
+    /// The running shipper's zstd level, and whether it adapts.
+    pub compression_level: Option<i32>,
+    pub compression_adaptive: Option<bool>,
     /// What waits to be shipped: journaled and unshipped, plus dirty.
     pub backlog_bytes: u64,
     /// When the backlog is shipped at the current rate (0: nothing waits;
@@ -288,6 +296,8 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         ship_rate_mb_s: ship.as_ref().map(|s| s.ship_rate_mb_s).filter(|_| ship_running),
         upload_rate_mb_s: ship.as_ref().map(|s| s.upload_rate_mb_s).filter(|_| ship_running),
         max_rate_bytes_per_second: ship.as_ref().and_then(|s| s.max_rate_bytes_per_second).filter(|_| ship_running),
+        compression_level: ship.as_ref().map(|s| s.compression_level).filter(|_| ship_running),
+        compression_adaptive: ship.as_ref().map(|s| s.compression_adaptive).filter(|_| ship_running),
         backlog_bytes,
         backlog_eta_seconds: backlog_eta(
             backlog_bytes,

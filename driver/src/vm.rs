@@ -74,8 +74,16 @@ pub struct Policy {
     #[serde(with = "humantime_serde")]
     pub keep_all: Duration,
     /// zstd level segments are compressed with (negative: zstd's fast
-    /// levels). Default: 1.
+    /// levels); with `compression-min` and `compression-max`, the level
+    /// `tern ship` starts at. Default: 1.
     pub compression_level: i32,
+    /// With `compression-max`: the level follows the bottleneck between
+    /// these two (lower while the CPU holds the shipper back, higher while
+    /// the link does). Default: none (a fixed level).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression_min: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression_max: Option<i32>,
     /// `tern ship` cuts a segment at this many bytes of record data...
     /// Default: 8MiB.
     pub segment_size: Size,
@@ -97,6 +105,8 @@ impl Default for Policy {
             retention: Duration::from_secs(24 * 3600),
             keep_all: Duration::from_secs(2 * 3600),
             compression_level: 1,
+            compression_min: None,
+            compression_max: None,
             segment_size: Size::mib(8),
             segment_age: Duration::from_millis(250),
             max_rate: None,
@@ -200,6 +210,22 @@ impl VmConfig {
                 "policy compression-level {} is not a zstd level (-7 to 22)",
                 self.policy.compression_level
             )));
+        }
+        match (self.policy.compression_min, self.policy.compression_max) {
+            (None, None) => {}
+            (Some(min), Some(max)) if (-7..=22).contains(&min) && min <= max && max <= 22 => {
+                if !(min..=max).contains(&self.policy.compression_level) {
+                    return Err(bad(format!(
+                        "policy compression-level {} is outside compression-min..compression-max ({min}..{max})",
+                        self.policy.compression_level
+                    )));
+                }
+            }
+            (min, max) => {
+                return Err(bad(format!(
+                    "policy compression-min and compression-max go together, as zstd levels with min <= max in -7..22 (got {min:?} and {max:?})"
+                )))
+            }
         }
         if !(4096..=64 << 20).contains(&self.policy.segment_size.bytes()) {
             return Err(bad(format!(

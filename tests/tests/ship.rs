@@ -676,3 +676,70 @@ fn status_shows_a_throttled_shipper_its_limit_backlog_and_eta() {
     assert!(text.contains("(limit 1MB/s)") && text.contains("shipped in"), "{text}");
     ship.stop();
 }
+
+#[test]
+fn adaptive_compression_climbs_while_the_link_holds_the_shipper_back() {
+    let vm = TestVm::new(VmSpec { disk_size: 4 << 20, ..Default::default() });
+    let image = vm.dir.path().join("disk2.img");
+    make_random_image(&image, 32 << 20);
+    let enable = |compression: &str| {
+        vm.tern()
+            .args(["enable", "vm2", "--cache"])
+            .arg(vm.dir.path().join("cache"))
+            .arg("--target")
+            .arg(vm.dir.path().join("target"))
+            .arg("--disk")
+            .arg(format!("disk0={}", image.display()))
+            .args(["--journal-size", "64MiB", "--compression", compression])
+            .output()
+            .expect("run tern enable")
+    };
+    let out = enable("6..-3");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("compression-min and compression-max"), "{out:?}");
+    let out = enable("-3..6");
+    assert!(out.status.success(), "{out:?}");
+    let toml = std::fs::read_to_string(vm.state.join("vm2/vm.toml")).expect("vm.toml");
+    assert!(toml.contains("compression-min = -3") && toml.contains("compression-max = 6"), "{toml}");
+
+    // 32 MiB at 2 MB/s: the writer is busy (sending, or waiting for the
+    // limit) all the time while the workers idle: the level goes up, one
+    // step a second, from 1 towards 6.
+    let log = vm.dir.path().join("ship2.log");
+    let child = vm
+        .tern()
+        .args(["ship", "vm2", "--max-rate", "2MB/s"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("tern ship");
+    let ship = Served::adopt(child, log, "tern ship");
+    let report = || -> serde_json::Value {
+        std::fs::read_to_string(vm.state.join("vm2/ship.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    };
+    wait_for("the compression level to climb to 4", Duration::from_secs(30), || {
+        report()["compression_level"].as_i64().unwrap_or(0) >= 4
+    });
+    assert_eq!(report()["compression_adaptive"], true);
+    let out = vm.tern().args(["status", "vm2"]).output().expect("tern status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("adaptive"), "{text}");
+    ship.stop();
+}
+
+/// An image of `size` random bytes (which zstd cannot shrink).
+fn make_random_image(path: &std::path::Path, size: usize) {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, bytes).expect("image");
+}

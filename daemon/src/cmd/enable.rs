@@ -43,6 +43,12 @@ pub struct Args {
     /// VM's policy; `tern ship --max-rate` overrides it. Default: no limit.
     #[arg(long, value_name = "RATE")]
     pub max_rate: Option<Rate>,
+    /// zstd compression of the segments: a level (-7 to 22; negative levels
+    /// are zstd's fast ones), or MIN..MAX to let the level follow the
+    /// bottleneck between them: lower while the CPU holds the shipper
+    /// back, higher while the link does (e.g. -5..9). Default: 1.
+    #[arg(long, value_name = "LEVEL|MIN..MAX", value_parser = parse_compression, allow_hyphen_values = true)]
+    pub compression: Option<(i32, Option<(i32, i32)>)>,
     /// A copy of a disk already at the target site to start its replica
     /// from, as NAME=PATH (absolute at the target, or relative to
     /// `<target>/<vm>/`): a copy carried there by other means (a shipped
@@ -55,6 +61,21 @@ pub struct Args {
     /// missing one is refused: a typo would replicate nowhere).
     #[arg(long)]
     pub create: bool,
+}
+
+/// `--compression 3`: a fixed level; `--compression -5..9`: adaptive
+/// between the two, starting at level 1 (or the nearer end).
+fn parse_compression(s: &str) -> Result<(i32, Option<(i32, i32)>), String> {
+    let level = |t: &str| {
+        t.trim().parse::<i32>().map_err(|_| format!("{s:?}: expected a zstd level like 3, or MIN..MAX like -5..9"))
+    };
+    match s.split_once("..") {
+        None => Ok((level(s)?, None)),
+        Some((min, max)) => {
+            let (min, max) = (level(min)?, level(max)?);
+            Ok((1.clamp(min, max.max(min)), Some((min, max))))
+        }
+    }
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
@@ -79,7 +100,15 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         cache: a.cache.clone(),
         target: a.target.clone(),
         journal: JournalConfig { size: a.journal_size, region_size: a.region_size },
-        policy: Policy { interval: a.interval, retention: a.retention, max_rate: a.max_rate, ..Policy::default() },
+        policy: Policy {
+            interval: a.interval,
+            retention: a.retention,
+            max_rate: a.max_rate,
+            compression_level: a.compression.map_or(1, |c| c.0),
+            compression_min: a.compression.and_then(|c| c.1).map(|r| r.0),
+            compression_max: a.compression.and_then(|c| c.1).map(|r| r.1),
+            ..Policy::default()
+        },
         initial_sync: if a.seeds.is_empty() {
             InitialSync::Allocated
         } else {

@@ -61,6 +61,10 @@ fn ship_state(s: &crate::status::VmStatus) -> String {
     if let Some(limit) = s.max_rate_bytes_per_second {
         out.push_str(&format!(" (limit {})", tern_driver::units::Rate(limit)));
     }
+    if let Some(level) = s.compression_level {
+        let how = if s.compression_adaptive == Some(true) { ", adaptive" } else { "" };
+        out.push_str(&format!(", zstd level {level}{how}"));
+    }
     out
 }
 

@@ -14,6 +14,7 @@
 //! Nothing here can stall or fail the VM's I/O: a slow or failing cache
 //! only lets the ring fill, and the front-end falls back to its bitmaps.
 
+mod adaptive;
 mod checksum;
 mod resync;
 mod stats;
@@ -230,6 +231,27 @@ pub fn run_with(
     let (to_workers, batches) = bounded::<Batch>(workers * 2);
     let (to_writer, sealed) = bounded::<Result<Sealed>>(workers * 2);
     let compression = Compression::Zstd { level: config.policy.compression_level };
+    // The level in use: fixed, or following the bottleneck.
+    let load = adaptive::Load::default();
+    let adaptive = match (config.policy.compression_min, config.policy.compression_max) {
+        (Some(min), Some(max)) => {
+            log::info!(
+                "VM '{vm}': compression follows the bottleneck between zstd levels {min} and {max}, from {}",
+                config.policy.compression_level
+            );
+            Some(adaptive::Adaptive::new(
+                config.policy.compression_level,
+                min,
+                max,
+                workers,
+                config.policy.segment_size.bytes(),
+            ))
+        }
+        _ => None,
+    };
+    let fixed_level = std::sync::atomic::AtomicI32::new(config.policy.compression_level);
+    let level = adaptive.as_ref().map_or(&fixed_level, |a| &a.level);
+    stats.set_compression(config.policy.compression_level, adaptive.is_some());
     let reader_done = AtomicBool::new(false);
     let stop_marker = SourceStopMarker::new(cache.clone(), config.id);
     let resync_idle = AtomicBool::new(false);
@@ -238,15 +260,15 @@ pub fn run_with(
     let fenced: std::sync::Mutex<Option<anyhow::Error>> = Default::default();
     let result = std::thread::scope(|s| -> Result<()> {
         for i in 0..workers {
-            let (batches, to_writer) = (batches.clone(), to_writer.clone());
+            let (batches, to_writer, load) = (batches.clone(), to_writer.clone(), &load);
             std::thread::Builder::new()
                 .name(format!("ship-zstd-{i}"))
-                .spawn_scoped(s, move || compress(compression, batches, to_writer))?;
+                .spawn_scoped(s, move || compress(compression, level, load, batches, to_writer))?;
         }
         drop((batches, to_writer));
         let writing = std::thread::Builder::new()
             .name("ship-writer".into())
-            .spawn_scoped(s, || write_in_order(&writer, &journal, sealed, &stats))?;
+            .spawn_scoped(s, || write_in_order(&writer, &journal, sealed, &stats, &load))?;
         std::thread::Builder::new().name("ship-resync".into()).spawn_scoped(s, || {
             drive_resync(paths, &checksum, &journal, &bitmaps, &reader_done, &resync_idle, &stop)
         })?;
@@ -256,6 +278,13 @@ pub fn run_with(
             for tick in 0u64.. {
                 if reader_done.load(Ordering::Acquire) {
                     break;
+                }
+                if tick % 10 == 0 {
+                    if let Some(a) = adaptive.as_ref() {
+                        let backlog = journal.unconsumed_bytes()
+                            + bitmaps.iter().map(|b| b.dirty_count() * b.region_size()).sum::<u64>();
+                        stats.set_compression(a.tick(&load, backlog), true);
+                    }
                 }
                 if tick % 5 == 0 {
                     observer.report(&stats.publish(&journal), true);
@@ -546,7 +575,13 @@ fn caught_up(cursor: &tern_driver::journal::Cursor<'_>, target: Position) -> boo
 
 /// A compression worker. A failure goes to the writer, which stops the
 /// run with it (it would otherwise wait forever for that batch).
-fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sender<Result<Sealed>>) {
+fn compress(
+    compression: Compression,
+    level: &std::sync::atomic::AtomicI32,
+    load: &adaptive::Load,
+    batches: Receiver<Batch>,
+    to_writer: Sender<Result<Sealed>>,
+) {
     let mut encoder = match Encoder::new(compression) {
         Ok(e) => e,
         Err(e) => {
@@ -555,10 +590,13 @@ fn compress(compression: Compression, batches: Receiver<Batch>, to_writer: Sende
         }
     };
     for b in batches {
+        let started = Instant::now();
         let sealed = encoder
-            .encode(&b.builder)
+            .set_level(level.load(Ordering::Acquire))
+            .and_then(|()| encoder.encode(&b.builder))
             .map(|(header, bytes)| Sealed { number: b.number, header, bytes, end: b.end, oldest_ns: b.oldest_ns })
             .with_context(|| format!("cannot encode the segment of seqs from {}", b.builder.first_seq()));
+        load.compressed(started.elapsed());
         let failed = sealed.is_err();
         if to_writer.send(sealed).is_err() || failed {
             return;
@@ -572,6 +610,7 @@ fn write_in_order(
     journal: &Journal,
     sealed: Receiver<Result<Sealed>>,
     stats: &Stats,
+    load: &adaptive::Load,
 ) -> Result<()> {
     let mut waiting = std::collections::BTreeMap::new();
     let mut next = 0u64;
@@ -580,11 +619,13 @@ fn write_in_order(
         waiting.insert(s.number, s);
         while let Some(s) = waiting.remove(&next) {
             let started = Instant::now();
+            load.send_begins();
             writer.write_segment(&s.header, &s.bytes)?;
             journal.set_tail(s.end);
             stats.segment_shipped(&s.header, s.bytes.len() as u64, s.oldest_ns);
             // Shipped: the bandwidth limit holds back the next one only.
             writer.pace(s.bytes.len(), started);
+            load.send_ends();
             next += 1;
         }
     }

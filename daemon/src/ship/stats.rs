@@ -28,6 +28,9 @@ pub struct Stats {
     max_rate: Option<Rate>,
     /// Time the writer waited for the bandwidth limit, in microseconds.
     throttled_us: AtomicU64,
+    /// The zstd level in use, and whether it follows the bottleneck.
+    compression_level: std::sync::atomic::AtomicI32,
+    adaptive: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -52,6 +55,8 @@ impl Stats {
         Stats {
             max_rate,
             throttled_us: AtomicU64::new(0),
+            compression_level: Default::default(),
+            adaptive: Default::default(),
             path,
             started: Instant::now(),
             segments: AtomicU64::new(0),
@@ -93,6 +98,12 @@ impl Stats {
             }
             inner.lags_us.push(now.saturating_sub(oldest_ns) / 1000);
         }
+    }
+
+    /// The zstd level in use, and whether it follows the bottleneck.
+    pub fn set_compression(&self, level: i32, adaptive: bool) {
+        self.compression_level.store(level, Ordering::Release);
+        self.adaptive.store(adaptive, Ordering::Release);
     }
 
     /// The writer waited `d` for the bandwidth limit.
@@ -147,6 +158,8 @@ impl Stats {
             upload_rate_mb_s: inner.upload_rate,
             max_rate_bytes_per_second: self.max_rate.map(|r| r.bytes_per_second()),
             throttled_seconds: self.throttled_us.load(Ordering::Acquire) as f64 / 1e6,
+            compression_level: self.compression_level.load(Ordering::Acquire),
+            compression_adaptive: self.adaptive.load(Ordering::Acquire),
             last_shipped_seq: self.last_shipped_seq.load(Ordering::Acquire),
             last_shipped_unix_ms: self.last_shipped_ns.load(Ordering::Acquire) / 1_000_000,
             lag_p50_ms: pct(0.50),
