@@ -35,7 +35,10 @@
 #   FIO_IODEPTH    fio iodepth [8]
 #   FIO_COMPRESS   fio --buffer_compress_percentage, with --refill_buffers [70]
 #                  (70% of each 512-byte chunk zeroes: zstd ratio ≈ 3, like /usr)
-#   LAG_LEVEL      compression level of the lag VM [first of LEVELS]
+#   LAG_LEVEL      compression level of the lag VM [first of LEVELS], or
+#                  MIN..MAX for adaptive compression between the two
+#   LAG_STRESS     stress-ng arguments for a competing CPU load during the
+#                  lag part, e.g. "--cpu 2 --cpu-load 50" [none]
 #   DRAIN_TIMEOUT  seconds to wait after fio for the ring to drain [120]
 #   ZEROES_RANDOM_PCT  share of random 4 KiB blocks in the zeroes data set [5]
 #   VERIFY         `tern segment verify` every throughput run's cache (untimed) [1]
@@ -71,7 +74,7 @@ BENCH_ERROR=ERROR
 # Record the knobs the caller set *before* defaults, so the summary can
 # print the exact command that reproduces this run.
 CMDLINE=$(knob_command scripts/bench-ship.sh PARTS DATASETS LEVELS SIZE ROUNDS WORKERS RATES RUNTIME \
-    FIO_BS FIO_IODEPTH FIO_COMPRESS LAG_LEVEL DRAIN_TIMEOUT ZEROES_RANDOM_PCT VERIFY QUICK WORK TERN \
+    FIO_BS FIO_IODEPTH FIO_COMPRESS LAG_LEVEL LAG_STRESS DRAIN_TIMEOUT ZEROES_RANDOM_PCT VERIFY QUICK WORK TERN \
     JOURNAL_SIZE FRESH_DATA DROP_CACHES PREFAULT -- "$@")
 
 cd "$BENCH_ROOT"
@@ -122,11 +125,12 @@ else PREFAULT_BYTES="$(bytes "$PREFAULT")" || die "PREFAULT must be like 3GiB or
 [[ "$ROUNDS" =~ ^[0-9]+$ && "$ROUNDS" -gt 0 ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
 PEER_THREADS="1"; ((WORKERS > 1)) && PEER_THREADS+=" $WORKERS"
 [[ "$DRAIN_TIMEOUT" =~ ^[0-9]+$ ]] || die "DRAIN_TIMEOUT must be an integer (got '$DRAIN_TIMEOUT')"
-for l in $LEVELS $LAG_LEVEL; do
+for l in $LEVELS ${LAG_LEVEL%..*} ${LAG_LEVEL#*..}; do
     if ! [[ "$l" =~ ^-?[0-9]+$ ]] || ((l < -7 || l > 19)); then
         die "levels must be integers from -7 to 19 (got '$l'; zstd needs --ultra above 19)"
     fi
 done
+[[ -z ${LAG_STRESS:-} ]] || need_tools stress-ng
 for p in $PARTS; do
     [[ "$p" == throughput || "$p" == lag ]] || die "unknown part '$p' (known: throughput lag)"
 done
@@ -290,8 +294,16 @@ new_vm() {
     "${cmd[@]}" >>"$logf" 2>&1 || return 1
     local toml="$dir/state/$VM/vm.toml"
     grep -q '^compression-level = ' "$toml" || { echo "no compression-level in $toml" >>"$logf"; return 1; }
-    sed -i "s/^compression-level = .*/compression-level = $level/" "$toml"
-    echo "+ set compression-level = $level in $toml" >>"$logf"
+    if [[ $level == *..* ]]; then
+        # Adaptive: from level 1 (or the nearer end) between MIN and MAX.
+        local min=${level%..*} max=${level#*..} start=1
+        ((start < min)) && start=$min
+        ((start > max)) && start=$max
+        sed -i "s/^compression-level = .*/compression-level = $start\ncompression-min = $min\ncompression-max = $max/" "$toml"
+    else
+        sed -i "s/^compression-level = .*/compression-level = $level/" "$toml"
+    fi
+    echo "+ set compression $level in $toml" >>"$logf"
 }
 
 # tern_run DATASET DISK LEVEL ROUND: a fresh VM on DISK, `tern ship --once`.
@@ -461,6 +473,14 @@ if has_part lag; then
         die "lag: initial sync (tern ship --once) failed (log: $slog)"
     log "  initial sync: $(grep -o "shipped .*" "$slog" | tail -n1)"
 
+    STRESS_PID=""
+    if [[ -n ${LAG_STRESS:-} ]]; then
+        log "lag: a competing load, stress-ng $LAG_STRESS"
+        # shellcheck disable=SC2086
+        stress-ng $LAG_STRESS --timeout 0 >"$LOGS/stress-ng.log" 2>&1 &
+        STRESS_PID=$!
+        on_exit 'stop_pid "$STRESS_PID"'
+    fi
     for rate in $RATES; do
         name="lag-$rate"
         dir="$RESULTS/lag/$rate"

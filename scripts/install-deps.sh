@@ -15,6 +15,7 @@ PACKAGES=(
     util-linux      # losetup
     zstd            # and its CLI, the peer in scripts/bench-ship.sh
     rsync           # --bwlimit, the peer in scripts/bench-rate.sh
+    stress-ng       # a competing CPU load in scripts/bench-ship.sh (LAG_STRESS)
     python3         # the benchmarks' summaries (stdlib only)
     systemd         # systemd-analyze, to verify the unit files
 )
