@@ -97,8 +97,10 @@ pub fn next_level(level: i32, min: i32, max: i32, segment_size: u64, s: &Sample)
     } else if s.cpu > 0.9 {
         // Keeping up, but only just: the CPU is about to hold it back.
         -1
-    } else if s.link > 0.8 && s.cpu < 0.6 {
-        // Keeping up with CPU to spare while the link is busy: send less.
+    } else if s.link > 0.8 && s.cpu < 0.6 && s.backlog > segment_size {
+        // Keeping up, but segments queue for a busy link while the CPU has
+        // time to spare: send less. (With nothing queued a higher level
+        // would only add compression time to the lag.)
         1
     } else {
         0
@@ -203,19 +205,21 @@ mod tests {
         // A shrinking backlog is not "behind", even a large one.
         assert_eq!(next_level(3, -5, 9, SEG, &sample(0.5, 0.5, 50 * SEG, 60 * SEG)), 3);
         assert_eq!(next_level(3, -5, 9, SEG, &sample(0.95, 0.2, 0, 0)), 2);
-        assert_eq!(next_level(3, -5, 9, SEG, &sample(0.3, 0.9, 0, 0)), 4);
+        assert_eq!(next_level(3, -5, 9, SEG, &sample(0.3, 0.9, 2 * SEG, 3 * SEG)), 4);
+        // A busy link with nothing queued: no reason to spend CPU.
+        assert_eq!(next_level(3, -5, 9, SEG, &sample(0.3, 0.9, 0, 0)), 3);
     }
 
     #[test]
     fn the_controller_moves_once_a_second_from_what_the_threads_reported() {
         let load = Load::default();
         let a = Adaptive::new(1, -5, 9, 2, SEG);
-        assert_eq!(a.tick(&load, 0), 1, "the first tick only takes its bearings");
+        assert_eq!(a.tick(&load, 2 * SEG), 1, "the first tick only takes its bearings");
         // The writer has been sending (or waiting) the whole time, the
         // workers idled.
         load.send_begins();
         std::thread::sleep(Duration::from_millis(600));
-        assert_eq!(a.tick(&load, 0), 2);
-        assert_eq!(a.tick(&load, 0), 2, "not again within half a second");
+        assert_eq!(a.tick(&load, 2 * SEG), 2);
+        assert_eq!(a.tick(&load, 2 * SEG), 2, "not again within half a second");
     }
 }
