@@ -5,8 +5,11 @@
 //! looks at what held it back — the workers compressing, or the writer
 //! sending (and waiting for `--max-rate`) — and at the backlog, and moves
 //! the level one step: down while the CPU is the bottleneck, up while the
-//! link is. Incompressible payloads are stored as is whatever the level
-//! (see `Encoder::encode`).
+//! link is. A contended CPU makes every thread look busy, the writer's
+//! too, so the workers' CPU time is compared with their wall time: a
+//! worker that ran for much less than it took was starved of the CPU, and
+//! then the level never goes up. Incompressible payloads are stored as is
+//! whatever the level (see `Encoder::encode`).
 
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -16,8 +19,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Load {
     epoch: Instant,
-    /// Nanoseconds the compression workers spent compressing, in all.
+    /// Nanoseconds the compression workers spent compressing, in all: wall
+    /// time, and the time their threads actually ran.
     compress_ns: AtomicU64,
+    compress_cpu_ns: AtomicU64,
     /// Nanoseconds the writer spent writing segments and waiting for the
     /// bandwidth limit, in all, not counting the send under way...
     send_ns: AtomicU64,
@@ -32,6 +37,7 @@ impl Default for Load {
         Load {
             epoch: Instant::now(),
             compress_ns: AtomicU64::new(0),
+            compress_cpu_ns: AtomicU64::new(0),
             send_ns: AtomicU64::new(0),
             sending_since_ns: AtomicU64::new(0),
         }
@@ -39,8 +45,10 @@ impl Default for Load {
 }
 
 impl Load {
-    pub fn compressed(&self, d: Duration) {
-        self.compress_ns.fetch_add(d.as_nanos() as u64, Ordering::AcqRel);
+    /// A worker compressed for `wall`, of which its thread ran `cpu`.
+    pub fn compressed(&self, wall: Duration, cpu: Duration) {
+        self.compress_ns.fetch_add(wall.as_nanos() as u64, Ordering::AcqRel);
+        self.compress_cpu_ns.fetch_add(cpu.min(wall).as_nanos() as u64, Ordering::AcqRel);
     }
 
     /// The writer begins a segment (its write, then the limit's wait).
@@ -60,12 +68,22 @@ impl Load {
 
     /// Nanoseconds spent compressing and sending so far, the send under
     /// way included.
-    fn totals(&self) -> (u64, u64) {
+    fn totals(&self) -> (u64, u64, u64) {
         let since = self.sending_since_ns.load(Ordering::Acquire);
         let now = self.epoch.elapsed().as_nanos() as u64;
         let under_way = if since > 0 { now.saturating_sub(since) } else { 0 };
-        (self.compress_ns.load(Ordering::Acquire), self.send_ns.load(Ordering::Acquire) + under_way)
+        (
+            self.compress_ns.load(Ordering::Acquire),
+            self.compress_cpu_ns.load(Ordering::Acquire),
+            self.send_ns.load(Ordering::Acquire) + under_way,
+        )
     }
+}
+
+/// The CPU time the calling thread has run (for a worker's share of it).
+pub fn thread_cpu_time() -> Duration {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
 }
 
 /// One second of the shipper, as the controller sees it.
@@ -73,6 +91,9 @@ impl Load {
 pub struct Sample {
     /// Share of the workers' time spent compressing (0 to 1).
     pub cpu: f64,
+    /// Share of that compressing time the workers' threads did not run:
+    /// the CPU was busy with something else (0 to 1).
+    pub starved: f64,
     /// Share of the writer's time spent sending or throttled (0 to 1).
     pub link: f64,
     /// Bytes waiting to be shipped now, and a second ago.
@@ -85,8 +106,11 @@ pub struct Sample {
 pub fn next_level(level: i32, min: i32, max: i32, segment_size: u64, s: &Sample) -> i32 {
     // Behind: more than two segments wait and the pile is not shrinking.
     let behind = s.backlog > 2 * segment_size && s.backlog >= s.backlog_before;
+    // The CPU is contended: the workers ran for well under the time they
+    // took. Every thread then looks busy, the writer's too.
+    let starved = s.starved > 0.3 && s.cpu > 0.2;
     let step = if behind {
-        if s.cpu > s.link && s.cpu > 0.5 {
+        if starved || (s.cpu > s.link && s.cpu > 0.5) {
             -1
         } else if s.link > s.cpu && s.link > 0.5 {
             1
@@ -94,10 +118,10 @@ pub fn next_level(level: i32, min: i32, max: i32, segment_size: u64, s: &Sample)
             // Neither: the reader or the resync holds it back.
             0
         }
-    } else if s.cpu > 0.9 {
+    } else if s.cpu > 0.9 || starved && s.cpu > 0.5 {
         // Keeping up, but only just: the CPU is about to hold it back.
         -1
-    } else if s.link > 0.8 && s.cpu < 0.6 && s.backlog > segment_size {
+    } else if s.link > 0.8 && s.cpu < 0.6 && !starved && s.backlog > segment_size {
         // Keeping up, but segments queue for a busy link while the CPU has
         // time to spare: send less. (With nothing queued a higher level
         // would only add compression time to the lag.)
@@ -112,6 +136,16 @@ pub fn next_level(level: i32, min: i32, max: i32, segment_size: u64, s: &Sample)
     next
 }
 
+/// The counters and the backlog at one tick.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    at: Instant,
+    compress: u64,
+    compress_cpu: u64,
+    send: u64,
+    backlog: u64,
+}
+
 /// The controller: the level in use (the workers read it for each batch)
 /// and what it last saw.
 #[derive(Debug)]
@@ -123,7 +157,7 @@ pub struct Adaptive {
     segment_size: u64,
     /// When the last tick was, and the counters and backlog then (only
     /// the status thread ticks).
-    last: Mutex<Option<(Instant, u64, u64, u64)>>,
+    last: Mutex<Option<Reading>>,
 }
 
 impl Adaptive {
@@ -142,16 +176,18 @@ impl Adaptive {
     /// when the last second says so. Returns the level in use.
     pub fn tick(&self, load: &Load, backlog: u64) -> i32 {
         let now = Instant::now();
-        let (c, w) = load.totals();
+        let (c, c_cpu, w) = load.totals();
         let level = self.level.load(Ordering::Acquire);
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, c0, w0, backlog_before)) = *last {
+        if let Some(Reading { at, compress: c0, compress_cpu: c_cpu0, send: w0, backlog: backlog_before }) = *last {
             let secs = now.duration_since(at).as_secs_f64();
             if secs < 0.5 {
                 return level;
             }
+            let compressing = (c - c0) as f64;
             let sample = Sample {
-                cpu: ((c - c0) as f64 / 1e9 / secs / self.workers as f64).min(1.0),
+                cpu: (compressing / 1e9 / secs / self.workers as f64).min(1.0),
+                starved: if compressing > 0.0 { 1.0 - (c_cpu - c_cpu0) as f64 / compressing } else { 0.0 },
                 link: ((w - w0) as f64 / 1e9 / secs).min(1.0),
                 backlog,
                 backlog_before,
@@ -162,7 +198,7 @@ impl Adaptive {
                 self.level.store(next, Ordering::Release);
             }
         }
-        *last = Some((now, c, w, backlog));
+        *last = Some(Reading { at: now, compress: c, compress_cpu: c_cpu, send: w, backlog });
         self.level.load(Ordering::Acquire)
     }
 }
@@ -174,7 +210,7 @@ mod tests {
     const SEG: u64 = 8 << 20;
 
     fn sample(cpu: f64, link: f64, backlog: u64, before: u64) -> Sample {
-        Sample { cpu, link, backlog, backlog_before: before }
+        Sample { cpu, starved: 0.0, link, backlog, backlog_before: before }
     }
 
     #[test]
@@ -191,6 +227,18 @@ mod tests {
         assert_eq!(next_level(1, -5, 9, SEG, &s), 2);
         assert_eq!(next_level(-1, -5, 9, SEG, &s), 1);
         assert_eq!(next_level(9, -5, 9, SEG, &s), 9, "never above the policy's maximum");
+    }
+
+    #[test]
+    fn a_starved_cpu_makes_the_writer_look_busy_too_and_the_level_goes_down() {
+        // Behind, the writer "busier" than the workers, but the workers ran
+        // for only half the time they took: the CPU is the bottleneck.
+        let s = Sample { starved: 0.5, ..sample(0.6, 0.9, 100 * SEG, 100 * SEG) };
+        assert_eq!(next_level(3, -5, 9, SEG, &s), 2);
+        // Keeping up with segments queued for a busy writer: no step up
+        // while the CPU is contended.
+        let s = Sample { starved: 0.5, ..sample(0.4, 0.9, 2 * SEG, 3 * SEG) };
+        assert_eq!(next_level(3, -5, 9, SEG, &s), 3);
     }
 
     #[test]

@@ -591,12 +591,13 @@ fn compress(
     };
     for b in batches {
         let started = Instant::now();
+        let cpu_before = adaptive::thread_cpu_time();
         let sealed = encoder
             .set_level(level.load(Ordering::Acquire))
             .and_then(|()| encoder.encode(&b.builder))
             .map(|(header, bytes)| Sealed { number: b.number, header, bytes, end: b.end, oldest_ns: b.oldest_ns })
             .with_context(|| format!("cannot encode the segment of seqs from {}", b.builder.first_seq()));
-        load.compressed(started.elapsed());
+        load.compressed(started.elapsed(), adaptive::thread_cpu_time().saturating_sub(cpu_before));
         let failed = sealed.is_err();
         if to_writer.send(sealed).is_err() || failed {
             return;
