@@ -732,14 +732,7 @@ fn adaptive_compression_climbs_while_the_link_holds_the_shipper_back() {
 
 /// An image of `size` random bytes (which zstd cannot shrink).
 fn make_random_image(path: &std::path::Path, size: usize) {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let bytes: Vec<u8> = (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut bytes = vec![0u8; size];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut bytes[..]);
     std::fs::write(path, bytes).expect("image");
 }

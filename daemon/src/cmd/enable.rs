@@ -117,26 +117,22 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     };
     let done = vm::enable(&cli.state, &spec).with_context(|| format!("cannot enable VM '{}'", a.vm))?;
     let total: u64 = done.initial_sync_bytes.iter().sum();
-    if a.seeds.is_empty() {
-        log::info!(
-            "VM '{}' enabled (id {}): {} disk(s), journal {}, {} of allocated data marked for the initial sync",
-            done.config.name,
-            done.config.id,
-            done.config.disks.len(),
-            done.config.journal.size,
-            Size(total)
-        );
+    let initial_sync = if a.seeds.is_empty() {
+        format!("{} of allocated data marked for the initial sync", Size(total))
     } else {
-        log::info!(
-            "VM '{}' enabled (id {}): {} disk(s), journal {}; the replicas at {} start from the seeds ({}) and only the regions that differ are sent: run `tern apply` there to answer the hash comparison",
-            done.config.name,
-            done.config.id,
-            done.config.disks.len(),
-            done.config.journal.size,
+        format!(
+            "the replicas at {} start from the seeds ({}) and only the regions that differ are sent: run `tern apply` there to answer the hash comparison",
             done.config.target.display(),
             a.seeds.iter().map(|(d, p)| format!("{d}={}", p.display())).collect::<Vec<_>>().join(", ")
-        );
-    }
+        )
+    };
+    log::info!(
+        "VM '{}' enabled (id {}): {} disk(s), journal {}; {initial_sync}",
+        done.config.name,
+        done.config.id,
+        done.config.disks.len(),
+        done.config.journal.size
+    );
     println!(
         "enabled {}: next, start `tern serve {}` and point the VM at {}",
         done.config.name,
