@@ -346,3 +346,27 @@ fn enable_with_a_seed_carried_to_the_target_sends_only_what_changed_since() {
     // The seed itself is the operator's and stays as it was.
     assert!(std::fs::metadata(&carried).is_ok());
 }
+
+#[test]
+fn an_initial_sync_cut_off_mid_way_resumes_without_sending_anything_twice() {
+    // 24 MiB of random bytes shipped at 4 MB/s, and the shipper (which runs
+    // the resync itself: no `tern serve`) killed after two seconds, as a
+    // cut link or a crashed host process would leave it.
+    let vm =
+        TestVm::new(VmSpec { disk_size: 24 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let ship = vm.ship(&["--max-rate", "4MB/s"]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    ship.kill9();
+    let cache_vm = vm.cache_dir();
+    let before = resync_bytes(|| vm.tern(), &cache_vm);
+    assert!(before > 0 && before < 24 << 20, "part of the sync arrived before the cut: {before} bytes");
+    eprintln!("resync bytes in the cache at the cut: {before}");
+    // The restart ships the rest: what arrived is not sent again.
+    vm.ship_once();
+    let total = resync_bytes(|| vm.tern(), &cache_vm);
+    assert!(
+        (24 << 20..=(24 << 20) + 4 * REGION).contains(&total),
+        "the whole disk once (a region the cut caught mid-step may go twice): {total} bytes of resync records"
+    );
+    vm.assert_cache_reproduces_source();
+}
