@@ -281,8 +281,7 @@ pub fn run_with(
                 }
                 if tick % 10 == 0 {
                     if let Some(a) = adaptive.as_ref() {
-                        let backlog = journal.unconsumed_bytes()
-                            + bitmaps.iter().map(|b| b.dirty_count() * b.region_size()).sum::<u64>();
+                        let backlog = journal.unconsumed_bytes() + crate::status::dirty_bytes(&bitmaps);
                         stats.set_compression(a.tick(&load, backlog), true);
                     }
                 }
@@ -545,7 +544,7 @@ fn read_batches(
                     return Ok(());
                 }
                 if options.once && last_progress_log.elapsed() > Duration::from_secs(5) {
-                    let dirty: u64 = bitmaps.iter().map(|b| b.dirty_count() * b.region_size()).sum();
+                    let dirty = crate::status::dirty_bytes(bitmaps);
                     log::info!(
                         "waiting: shipped up to seq {}, {} still dirty, resync window {}",
                         cursor.position().seq - 1,
