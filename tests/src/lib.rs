@@ -236,18 +236,8 @@ impl TestVm {
             .spawn()
             .expect("spawn tern serve");
         let mut served = Served { child, log, what: "tern serve" };
-        let start = Instant::now();
-        while UnixStream::connect(&self.socket).is_err() {
-            if let Ok(Some(status)) = served.child.try_wait() {
-                panic!("tern serve exited ({status}) before listening:\n{}", served.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "tern serve did not listen within 30 s:\n{}",
-                served.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = served.log.clone();
+        wait_listening(&self.socket, &mut served.child, || std::fs::read_to_string(&log).unwrap_or_default());
         served
     }
 
@@ -385,6 +375,24 @@ impl TestVm {
 
 /// The directory tests make their VMs in (`TERN_TEST_DIR`, default the
 /// system temporary directory).
+/// Waits (30 s at most) until `server` listens on the unix socket `socket`;
+/// panics, with `log()`, if it exits or never does.
+pub fn wait_listening(socket: &Path, server: &mut Child, log: impl Fn() -> String) {
+    let start = Instant::now();
+    while UnixStream::connect(socket).is_err() {
+        if let Ok(Some(status)) = server.try_wait() {
+            panic!("the server exited ({status}) before listening on {}:\n{}", socket.display(), log());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the server did not listen on {} within 30 s:\n{}",
+            socket.display(),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn test_root() -> PathBuf {
     std::env::var_os("TERN_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
 }

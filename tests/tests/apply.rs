@@ -346,9 +346,7 @@ fn all_disks_of_a_vm_are_in_every_point_at_the_same_sequence() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("serve");
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_listening(&socket, &mut serve, String::new);
     // The initial sync done (serve re-sends, ship waits for the window to close).
     run(tern().args(["ship", "vm1", "--once"]));
     let uri = |disk: &str| format!("nbd+unix:///{disk}?socket={}", socket.display());

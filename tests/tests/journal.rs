@@ -318,9 +318,7 @@ fn rings_whose_state_is_gone_are_named_by_status_and_freed_by_enable() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("serve");
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_listening(&socket, &mut serve, String::new);
     std::fs::rename(d.join("b"), d.join("b-moved")).expect("move b");
     let log = enable("d", "d.img");
     assert!(!log.contains("freed"), "a ring in use stays: {log}");

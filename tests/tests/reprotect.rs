@@ -151,12 +151,8 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
         .stderr(std::fs::File::create(&serve_b_log).expect("log"))
         .spawn()
         .expect("serve b");
-    let serve_b = Served::adopt(serve_b, serve_b_log, "tern serve at B");
-    let start = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(&socket_b).is_err() {
-        assert!(start.elapsed().as_secs() < 30, "serve at B did not listen");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut serve_b = Served::adopt(serve_b, serve_b_log.clone(), "tern serve at B");
+    wait_listening(&socket_b, &mut serve_b.child, || std::fs::read_to_string(&serve_b_log).unwrap_or_default());
     qemu_io(&format!("nbd+unix:///disk0?socket={}", socket_b.display()), &["write -P 0x23 14M 64k".into()]);
     // A failback while the VM still runs at B would fence it and drop its
     // later writes: refused until B records a clean stop.
