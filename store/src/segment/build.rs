@@ -140,7 +140,10 @@ impl Encoder {
     pub fn set_level(&mut self, level: i32) -> io::Result<()> {
         let Some(c) = &mut self.zstd else { return Ok(()) };
         if !ZSTD_LEVELS.contains(&level) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("zstd level {level} out of range")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("zstd level {level} out of range {}..={}", ZSTD_LEVELS.start(), ZSTD_LEVELS.end()),
+            ));
         }
         if self.compression != (Compression::Zstd { level }) {
             c.set_compression_level(level)?;
