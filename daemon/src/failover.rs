@@ -13,8 +13,9 @@ use anyhow::{bail, Context, Result};
 use tern_driver::clone::{clone_file, CloneMethod};
 use tern_driver::fail::{self, Failpoint};
 use tern_driver::vm::validate_name;
-use tern_store::cache::{CacheDir, Fence};
+use tern_store::cache::{CacheDir, Fence, FENCE, PLANNED_FAILOVER};
 use tern_store::file::FileError;
+use tern_store::object::Store;
 use tern_store::target::{Point, TargetDir};
 
 /// Which point a failover uses.
@@ -45,12 +46,12 @@ pub struct Failover {
 /// replaces that directory with another point's disks.
 pub fn real_failover(
     target_root: &Path,
-    cache_root: &Path,
+    cache_root: &Store,
     vm: &str,
     choice: &Choice,
     planned: Option<Duration>,
 ) -> Result<Failover> {
-    let cache = CacheDir::new(cache_root, vm);
+    let cache = crate::cache::for_vm(cache_root, vm)?;
     let previous = cache.read_fence()?;
     if let Some(f) = &previous {
         if f.committed {
@@ -62,7 +63,7 @@ pub fn real_failover(
     }
     let manifest = cache
         .read_manifest()?
-        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped here", cache.root().display()))?;
+        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped here", cache.describe()))?;
     let target = TargetDir::new(target_root, vm);
     // Choose (for --latest: catch up and point) before fencing, so the
     // point holds everything the cache had.
@@ -79,14 +80,14 @@ pub fn real_failover(
                 "VM '{vm}': the point taken ({}, seq {}) lacks what the source wrote up to seq {seq}: nothing is fenced; the source stays stopped ({} remains): run the planned failover again",
                 point.id,
                 point.seq,
-                cache.planned_failover_path().display()
+                cache.location(PLANNED_FAILOVER)
             );
         }
     }
     write_fence(&cache, &manifest, previous.as_ref(), &point, false)?;
     if planned.is_some() {
         // The fence stops the source for good now.
-        let _ = std::fs::remove_file(cache.planned_failover_path());
+        let _ = cache.remove(PLANNED_FAILOVER);
     }
     // Checked again: a VM may have started on it while the point was made.
     refuse_if_in_use(vm, &active)?;
@@ -110,16 +111,20 @@ fn stop_source(cache: &CacheDir, manifest: &tern_store::cache::Manifest, vm: &st
         version: 1,
         requested_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
     };
-    tern_driver::fs::write_durably(&cache.planned_failover_path(), toml::to_string(&request)?.as_bytes())?;
+    cache.write_toml(
+        PLANNED_FAILOVER,
+        &request,
+        "tern failover --planned: the source is asked to stop and ship the rest",
+    )?;
     log::info!(
         "VM '{vm}': planned failover: asked the source to stop ({}); waiting up to {} for it to ship everything",
-        cache.planned_failover_path().display(),
+        cache.location(PLANNED_FAILOVER),
         humantime::format_duration(timeout)
     );
     let started = Instant::now();
     let mut told = started;
     loop {
-        let newest = match cache.newest_segment()? {
+        let newest = match cache.newest_segment(Some(*manifest.id.as_bytes()))? {
             Some(h) => h.map_err(|e| anyhow::anyhow!("{e}"))?.last_seq,
             None => manifest.epoch().first_seq.saturating_sub(1),
         };
@@ -132,7 +137,7 @@ fn stop_source(cache: &CacheDir, manifest: &tern_store::cache::Manifest, vm: &st
             }
         }
         if started.elapsed() >= timeout {
-            let _ = std::fs::remove_file(cache.planned_failover_path());
+            let _ = cache.remove(PLANNED_FAILOVER);
             bail!(
                 "VM '{vm}': the source did not stop and ship everything within {} (the cache holds up to seq {newest}): is its `tern ship` running? The planned failover is called off and the source may serve again; or fail over unplanned with `tern failover {vm}`",
                 humantime::format_duration(timeout)
@@ -181,13 +186,13 @@ pub fn write_fence(
         committed,
     };
     fail::hit(Failpoint::FailoverFenceWrite)?;
-    tern_driver::fs::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
+    cache.write_toml(FENCE, &fence, "the VM failed over at the target site: the source ships nothing more")?;
     Ok(fence)
 }
 
 pub fn choose_point(
     target: &TargetDir,
-    cache_root: &Path,
+    cache_root: &Store,
     target_root: &Path,
     vm: &str,
     choice: &Choice,
@@ -213,7 +218,7 @@ pub fn choose_point(
 /// leaves replication untouched.
 pub fn make_failover(
     target_root: &Path,
-    cache_root: &Path,
+    cache_root: &Store,
     vm: &str,
     choice: &Choice,
     name: Option<&str>,
@@ -291,7 +296,7 @@ pub fn commit(cache: &CacheDir, vm: &str) -> Result<(Fence, bool)> {
         return Ok((fence, true));
     }
     fence.committed = true;
-    tern_driver::fs::write_durably(&cache.fence_path(), toml::to_string(&fence)?.as_bytes())?;
+    cache.write_toml(FENCE, &fence, "the VM failed over at the target site: the source ships nothing more")?;
     Ok((fence, false))
 }
 

@@ -8,6 +8,7 @@ use clap::Parser;
 use cmd::Cli;
 
 mod apply;
+mod cache;
 mod cmd;
 mod failover;
 mod hint;

@@ -20,8 +20,11 @@ use tern_driver::clone::clone_file;
 use tern_driver::fail::{self, Failpoint};
 use tern_driver::units::Size;
 use tern_driver::vm::{self, EnableSpec, InitialSync, JournalConfig, Policy, VmConfig, VmPaths};
-use tern_store::cache::{CacheDir, Manifest};
+use tern_store::cache::{
+    CacheDir, Manifest, APPLIED, APPLY_FAILURE, FENCE, MANIFEST, PLANNED_FAILOVER, SEGMENTS, SOURCE_STOPPED,
+};
 use tern_store::file::FileError;
+use tern_store::object::Store;
 use tern_store::target::{Point, TargetDir};
 
 use crate::failover::{choose_point, write_fence, Choice};
@@ -72,12 +75,12 @@ pub enum FailedBack {
 /// and how its initial sync goes.
 pub fn reprotect(state: &Path, a: &Reprotect<'_>) -> Result<(VmConfig, InitialSync)> {
     vm::validate_name("VM", a.vm)?;
-    let from_cache = CacheDir::new(a.from_cache, a.vm);
+    let from_cache = crate::cache::for_vm(&crate::cache::open_store(a.from_cache)?, a.vm)?;
     let fence = from_cache.read_fence()?.with_context(|| {
         format!(
             "VM '{}' has not failed over (no {}): `tern failover {}` and `tern commit {}` come before a re-protect",
             a.vm,
-            from_cache.fence_path().display(),
+            from_cache.location(FENCE),
             a.vm,
             a.vm
         )
@@ -128,6 +131,7 @@ pub fn reprotect(state: &Path, a: &Reprotect<'_>) -> Result<(VmConfig, InitialSy
         name: a.vm.to_owned(),
         disks,
         cache: a.cache.to_owned(),
+        key: crate::cache::key_file_for(a.vm),
         target: a.target.to_owned(),
         journal: JournalConfig {
             size: a.journal_size.or(manifest.journal_size.map(Size)).unwrap_or(Size::gib(1)),
@@ -157,14 +161,15 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
     let _consumer =
         tern_driver::fs::lock_exclusive(&paths.consumer_lock(), &format!("VM '{}'", a.vm), "a journal consumer")
             .context("stop `tern ship` for this VM before failing back")?;
-    let reverse = CacheDir::new(a.cache, a.vm);
+    let reverse_store = crate::cache::open_store(a.cache)?;
+    let reverse = crate::cache::for_vm(&reverse_store, a.vm)?;
     let manifest = read_manifest(&reverse, a.vm)?;
     for d in &config.disks {
         match manifest.disks.iter().find(|m| m.name == d.name) {
             Some(m) if m.size == d.size => {}
             _ => bail!(
                 "{} does not hold disk '{}' of {} bytes: is --cache the re-protected direction of this VM?",
-                reverse.manifest_path().display(),
+                reverse.location(MANIFEST),
                 d.name,
                 d.size
             ),
@@ -198,7 +203,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
                 a.vm,
                 f.point,
                 paths.config().display(),
-                reverse.fence_path().display()
+                reverse.location(FENCE)
             );
         }
     }
@@ -215,7 +220,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
         (_, Some(id)) => Choice::Point(id.to_owned()),
         (_, None) => Choice::Latest,
     };
-    let point = choose_point(&target, a.cache, a.target, a.vm, &choice)?;
+    let point = choose_point(&target, &reverse_store, a.target, a.vm, &choice)?;
     write_fence(&reverse, &manifest, previous.as_ref(), &point, true)?;
     log::info!("VM '{}': the failover site is fenced at point {} (seq {})", a.vm, point.id, point.seq);
     restore_disks(&config, &target, &point)?;
@@ -231,6 +236,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
         name: a.vm.to_owned(),
         disks: config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect(),
         cache: config.cache.clone(),
+        key: config.key.clone(),
         target: config.target.clone(),
         journal: config.journal.clone(),
         policy: config.policy.clone(),
@@ -240,7 +246,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
     // fence would stop the new one, which ships to the same place): retired
     // before the new direction exists.
     fail::hit(Failpoint::FailbackCacheRetire)?;
-    retire_cache_dir(&config.cache, a.vm, &config.id)?;
+    retire_cache_dir(&crate::cache::open_store(&config.cache)?, a.vm, &config.id)?;
     let retired = state.join(format!(".{}.failed-back-{}", a.vm, config.id));
     std::fs::rename(paths.dir(), &retired).with_context(|| format!("cannot move {} aside", paths.dir().display()))?;
     fail::hit(Failpoint::FailbackStateMoved)?;
@@ -260,21 +266,21 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
 /// everything (its `tern ship` says so in `source-stopped.toml`), unless
 /// `force`: the fence drops whatever it ships later.
 fn check_source_stopped(cache: &CacheDir, manifest: &Manifest, vm: &str, force: bool) -> Result<()> {
-    let newest = match cache.newest_segment()? {
+    let newest = match cache.newest_segment(Some(*manifest.id.as_bytes()))? {
         Some(h) => h.map_err(|e| anyhow::anyhow!("{e}"))?.last_seq,
         None => manifest.epoch().first_seq.saturating_sub(1),
     };
-    let path = cache.source_stopped_path();
+    let path = cache.location(SOURCE_STOPPED);
     let why = match cache.read_source_stopped() {
         Ok(Some(s)) if s.vm_id == manifest.id && s.seq >= newest => return Ok(()),
         Ok(Some(s)) if s.vm_id == manifest.id => format!(
             "it recorded a clean stop at seq {}, but the cache holds records up to seq {newest} shipped since: it runs again",
             s.seq
         ),
-        Ok(Some(s)) => format!("{} belongs to another stream (id {})", path.display(), s.vm_id),
+        Ok(Some(s)) => format!("{path} belongs to another stream (id {})", s.vm_id),
         Err(e @ FileError::Damaged { .. }) => e.to_string(),
         Err(e) => return Err(e.into()),
-        Ok(None) => format!("it has recorded no clean stop in {} (the cache holds records up to seq {newest})", path.display()),
+        Ok(None) => format!("it has recorded no clean stop in {path} (the cache holds records up to seq {newest})"),
     };
     if force {
         log::warn!(
@@ -292,7 +298,7 @@ fn check_source_stopped(cache: &CacheDir, manifest: &Manifest, vm: &str, force: 
 /// its cache (never applied), records still in the journal, and regions
 /// marked dirty (written, never shipped).
 fn source_changes_since_failover(paths: &VmPaths, config: &VmConfig) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
-    let cache = CacheDir::new(&config.cache, &config.name);
+    let cache = crate::cache::for_source(config)?;
     let Some(fence) = cache.read_fence()? else {
         return Ok(BTreeMap::new()); // never failed over from here
     };
@@ -302,12 +308,13 @@ fn source_changes_since_failover(paths: &VmPaths, config: &VmConfig) -> Result<B
             changed[h.disk as usize].push((h.offset, h.length as u64));
         }
     };
-    for (_, last, path) in cache.list_segments()? {
-        if last <= fence.seq {
+    for l in cache.list_segments()? {
+        if l.last_seq <= fence.seq {
             continue;
         }
-        let segment = tern_store::segment::Segment::read_file(&path, Some(*config.id.as_bytes()))
-            .with_context(|| format!("cannot read {} for what this site wrote after the failover", path.display()))?;
+        let segment = cache
+            .read_segment(l.first_seq, l.last_seq, Some(*config.id.as_bytes()))
+            .with_context(|| format!("cannot read {} for what this site wrote after the failover", l.location))?;
         segment.records().for_each(|(h, _)| note(h));
     }
     let journal = paths.open_journal()?;
@@ -377,17 +384,34 @@ fn check_split_brain(paths: &VmPaths, config: &VmConfig, discard: bool) -> Resul
 
 /// Moves the old direction's stream out of `<cache>/<vm>` and removes it,
 /// if it is there (its manifest names `old_id`, or it has none).
-fn retire_cache_dir(cache_root: &Path, vm: &str, old_id: &uuid::Uuid) -> Result<()> {
-    let old = CacheDir::new(cache_root, vm);
-    if !old.root().exists() {
-        return Ok(());
-    }
-    match old.read_manifest().or_else(FileError::damaged_as_none)? {
+fn retire_cache_dir(store: &Store, vm: &str, old_id: &uuid::Uuid) -> Result<()> {
+    let old = CacheDir::new(store, vm);
+    match old.read_manifest().or_else(|e| match e {
+        // Sealed with a key not at hand here: whose stream it is cannot be
+        // told; the fence says it is the old one's to retire.
+        FileError::Damaged { .. } => Ok(None),
+        e => Err(e),
+    })? {
         Some(m) if m.id != *old_id => return Ok(()), // a newer stream's already
         _ => {}
     }
+    let Some(cache_root) = store.as_dir() else {
+        // An object store has no rename: the objects go one by one, the
+        // fence last (a rerun finds it and finishes).
+        let removed = store.delete_all(&format!("{vm}/{SEGMENTS}"))?;
+        for name in [MANIFEST, SOURCE_STOPPED, PLANNED_FAILOVER, APPLIED, APPLY_FAILURE] {
+            old.remove(name)?;
+        }
+        store.delete_all(vm)?;
+        log::info!("retired the old direction's stream in {} ({removed} segment(s))", old.describe());
+        return Ok(());
+    };
+    let dir = cache_root.join(vm);
+    if !dir.exists() {
+        return Ok(());
+    }
     let gone = cache_root.join(format!(".{vm}.retired-{old_id}"));
-    std::fs::rename(old.root(), &gone).with_context(|| format!("cannot retire {}", old.root().display()))?;
+    std::fs::rename(&dir, &gone).with_context(|| format!("cannot retire {}", dir.display()))?;
     tern_driver::fs::sync_dir(cache_root)?;
     std::fs::remove_dir_all(&gone).with_context(|| format!("cannot remove {}", gone.display()))?;
     Ok(())
@@ -398,10 +422,11 @@ fn retire_cache_dir(cache_root: &Path, vm: &str, old_id: &uuid::Uuid) -> Result<
 /// cache (a fence there would stop the new one for good), a half-removed
 /// one, and the old state and its journal ring. Whether it found anything
 /// to do.
-fn finish_failback_cleanup(state: &Path, cache_root: &Path, vm: &str, current_id: &uuid::Uuid) -> Result<bool> {
+fn finish_failback_cleanup(state: &Path, cache_location: &Path, vm: &str, current_id: &uuid::Uuid) -> Result<bool> {
     let mut did = false;
+    let cache_root = &crate::cache::open_store(cache_location)?;
     let cache = CacheDir::new(cache_root, vm);
-    if cache.fence_path().exists() {
+    if cache.exists(FENCE)? {
         match cache.read_manifest().or_else(FileError::damaged_as_none)? {
             Some(m) if m.id == *current_id => {}
             Some(m) => {
@@ -414,7 +439,8 @@ fn finish_failback_cleanup(state: &Path, cache_root: &Path, vm: &str, current_id
             }
         }
     }
-    for (dir, prefix) in [(cache_root, format!(".{vm}.retired-")), (state, format!(".{vm}.failed-back-"))] {
+    let local_cache = cache_root.as_dir().map(|d| (d, format!(".{vm}.retired-")));
+    for (dir, prefix) in local_cache.into_iter().chain([(state, format!(".{vm}.failed-back-"))]) {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
         for e in entries.flatten() {
             if !e.file_name().to_string_lossy().starts_with(&prefix) {
@@ -473,7 +499,7 @@ fn initial_sync(seeds: BTreeMap<String, PathBuf>) -> InitialSync {
 fn read_manifest(cache: &CacheDir, vm: &str) -> Result<Manifest> {
     cache
         .read_manifest()?
-        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped there", cache.root().display()))
+        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped there", cache.describe()))
 }
 
 /// A VM started by `tern failover --boot` writes to its disks directly,

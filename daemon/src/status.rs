@@ -15,6 +15,7 @@ use tern_driver::bitmap::DirtyBitmap;
 use tern_driver::journal::{self, Journal, Mode};
 use tern_driver::vm::{self, VmConfig, VmPaths};
 use tern_store::cache::{Applied, CacheDir};
+use tern_store::object::Store;
 use tern_store::target::TargetDir;
 
 /// How a VM fares, as monitoring plugins count: the exit status of `tern
@@ -217,9 +218,9 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         ),
         Shipper::Live { report, running } => (Some(report.clone()), running),
     };
-    let cache = CacheDir::new(&config.cache, &config.name);
-    let applied: Option<Applied> =
-        std::fs::read_to_string(cache.applied_path()).ok().and_then(|t| toml::from_str(&t).ok());
+    let cache =
+        crate::cache::for_source(config).unwrap_or_else(|_| CacheDir::new(&Store::dir(&config.cache), &config.name));
+    let applied: Option<Applied> = cache.read_applied().ok().flatten();
     let target = TargetDir::new(&config.target, &config.name);
     let points = target.list_points().unwrap_or_default();
     let newest_point = points.iter().map(|p| p.time_ns).max();
@@ -375,7 +376,7 @@ pub struct TargetStatus {
 
 /// Every replica in the target site `target` (only `only` when given), with
 /// what waits for it in `cache` when given.
-pub fn target_statuses(target: &Path, cache: Option<&Path>, only: Option<&str>) -> Result<Vec<TargetStatus>> {
+pub fn target_statuses(target: &Path, cache: Option<&Store>, only: Option<&str>) -> Result<Vec<TargetStatus>> {
     let mut names: Vec<String> = std::fs::read_dir(target)
         .map_err(|e| anyhow::anyhow!("cannot list the target site {}: {e}", target.display()))?
         .filter_map(|e| e.ok())
@@ -399,10 +400,10 @@ pub fn target_statuses(target: &Path, cache: Option<&Path>, only: Option<&str>) 
         let newest = cache_dir
             .as_ref()
             .and_then(|c| c.list_segments().ok())
-            .map(|s| s.iter().map(|(_, last, _)| *last).max().unwrap_or(0));
+            .map(|s| s.iter().map(|l| l.last_seq).max().unwrap_or(0));
         let applied = checkpoint.as_ref().map(|c| c.applied_seq);
         let failure = cache_dir.as_ref().and_then(|c| c.read_apply_failure().ok().flatten());
-        let failed_over = cache_dir.as_ref().is_some_and(|c| c.fence_path().exists());
+        let failed_over = cache_dir.as_ref().is_some_and(|c| c.exists(tern_store::cache::FENCE).unwrap_or(false));
         let apply_running = holder_alive(&dir.root().join("apply.lock"));
         let waiting = newest.map(|n| n.saturating_sub(applied.unwrap_or(0)));
         let health = if failure.is_some() || points.is_empty() && !failed_over {

@@ -32,8 +32,13 @@ pub struct VmConfig {
     /// A unique id, written into the journal and every segment so files of
     /// different VMs are never mixed up.
     pub id: uuid::Uuid,
-    /// The cache store (a directory) segments are shipped to.
+    /// The cache store segments are shipped to: a directory, or
+    /// `s3://bucket/prefix` / `az://container/prefix`.
     pub cache: PathBuf,
+    /// The key file segments and the manifest are sealed with (`tern
+    /// keygen`); none: checksummed only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
     /// The target site directory replicas and points live in.
     pub target: PathBuf,
     #[serde(default)]
@@ -187,7 +192,7 @@ impl VmConfig {
             }
         }
         for (what, p) in [("cache", &self.cache), ("target", &self.target)] {
-            if !p.is_absolute() {
+            if !(p.is_absolute() || what == "cache" && is_store_url(p)) {
                 return Err(bad(format!("{what} path {} is not absolute", p.display())));
             }
         }
@@ -370,10 +375,18 @@ pub struct EnableSpec {
     /// `(name, path)` of each disk.
     pub disks: Vec<(String, PathBuf)>,
     pub cache: PathBuf,
+    /// The sealing key file, if any.
+    pub key: Option<PathBuf>,
     pub target: PathBuf,
     pub journal: JournalConfig,
     pub policy: Policy,
     pub initial_sync: InitialSync,
+}
+
+/// Whether a cache location names an object store (`s3://…`, `az://…`)
+/// rather than a directory.
+pub fn is_store_url(location: &Path) -> bool {
+    location.to_str().is_some_and(|s| s.contains("://"))
 }
 
 /// How the target's replica is brought level with the source at first.
@@ -520,7 +533,8 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
         version: CONFIG_VERSION,
         name: spec.name.clone(),
         id: uuid::Uuid::new_v4(),
-        cache: absolute(&spec.cache)?,
+        cache: if is_store_url(&spec.cache) { spec.cache.clone() } else { absolute(&spec.cache)? },
+        key: spec.key.as_deref().map(absolute).transpose()?,
         target: absolute(&spec.target)?,
         journal: spec.journal.clone(),
         policy: spec.policy.clone(),
@@ -616,6 +630,7 @@ mod tests {
             name: "vm1".into(),
             disks,
             cache: dir.join("cache"),
+            key: None,
             target: dir.join("target"),
             journal: JournalConfig { size: Size::kib(64), ..Default::default() },
             policy: Policy::default(),

@@ -3,8 +3,11 @@
 //! ```text
 //! <cache>/<vm>/manifest.toml          what the target needs to build replicas (below)
 //! <cache>/<vm>/segments/<first>-<last> segment files, 20-digit zero-padded seqs (sort = seq order)
-//! <cache>/<vm>/segments/.<name>.tmp    a segment being written (never read)
+//! <cache>/<vm>/segments/.<name>.tmp    a segment being written (a directory store; never read)
 //! ```
+//!
+//! `<cache>` is a directory, or a bucket and prefix ([`crate::object`]):
+//! the names are the same in both.
 //!
 //! The applier may delete segments it has applied, but always leaves the
 //! newest: it tells a restarted shipper where the stream stands.
@@ -16,8 +19,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tern_driver::vm::{validate_name, Policy, VmConfig};
 
-use crate::file::{read_toml, read_with, FileError};
-use crate::segment::{self, SegmentError, SegmentHeader};
+use crate::file::FileError;
+use crate::object::{Put, Stage, Store, StoreError, Version};
+use crate::seal::{self, Binding, Key, SealError};
+use crate::segment::{self, Segment, SegmentError, SegmentHeader};
 
 /// Version of `manifest.toml` this tern writes and reads.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -208,118 +213,328 @@ pub struct PlannedFailover {
     pub requested_unix_ms: u64,
 }
 
-/// One VM's directory in the cache store.
+/// The names of a VM's objects below `<cache>/<vm>/`.
+pub const MANIFEST: &str = "manifest.toml";
+pub const FENCE: &str = "fence.toml";
+pub const SOURCE_STOPPED: &str = "source-stopped.toml";
+pub const APPLIED: &str = "applied.toml";
+pub const PLANNED_FAILOVER: &str = "planned-failover.toml";
+pub const APPLY_FAILURE: &str = "apply-failure.toml";
+pub const SEGMENTS: &str = "segments";
+
+/// A segment as listed: its range (from its name), size and location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub size: u64,
+    /// Where it is, for messages: a path or a URL.
+    pub location: String,
+}
+
+/// One VM's part of the cache store: `<cache>/<vm>/` in a directory, the
+/// objects under `<prefix>/<vm>/` in a bucket. With a key, segments and
+/// the manifest are sealed ([`crate::seal`]).
 #[derive(Debug, Clone)]
 pub struct CacheDir {
-    root: PathBuf,
+    store: Store,
+    vm: String,
+    key: Option<Key>,
 }
 
 impl CacheDir {
-    pub fn new(cache: &Path, vm: &str) -> Self {
-        CacheDir { root: cache.join(vm) }
+    pub fn new(store: &Store, vm: &str) -> Self {
+        CacheDir { store: store.clone(), vm: vm.to_string(), key: None }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Segments and the manifest sealed with `key` (and refused unsealed).
+    pub fn sealed_with(mut self, key: Option<Key>) -> Self {
+        self.key = key;
+        self
     }
 
-    pub fn manifest_path(&self) -> PathBuf {
-        self.root.join("manifest.toml")
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
-    pub fn fence_path(&self) -> PathBuf {
-        self.root.join("fence.toml")
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Where the VM's objects are: `<cache>/<vm>` or `s3://…/<vm>`.
+    pub fn describe(&self) -> String {
+        self.store.location(&self.vm)
+    }
+
+    /// Where one of the VM's objects is, for messages.
+    pub fn location(&self, name: &str) -> String {
+        self.store.location(&self.object_key(name))
+    }
+
+    fn object_key(&self, name: &str) -> String {
+        format!("{}/{name}", self.vm)
+    }
+
+    /// The object `name`, decoded by `decode`; `None` if there is none.
+    pub fn read_with<T>(
+        &self,
+        name: &str,
+        decode: impl FnOnce(&[u8]) -> Result<T, String>,
+    ) -> Result<Option<T>, FileError> {
+        let location = PathBuf::from(self.location(name));
+        match self.store.get(&self.object_key(name)) {
+            Ok(Some(object)) => {
+                decode(&object.bytes).map(Some).map_err(|reason| FileError::Damaged { path: location, reason })
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(FileError::from_store(location, e)),
+        }
+    }
+
+    /// A small TOML object; `None` if there is none.
+    pub fn read_toml<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, FileError> {
+        self.read_with(name, crate::file::decode_toml)
+    }
+
+    /// Writes a small TOML object whole, replacing any, with a first-line
+    /// comment saying who writes it.
+    pub fn write_toml<T: Serialize>(&self, name: &str, value: &T, comment: &str) -> Result<(), StoreError> {
+        let text = toml::to_string(value).expect("tern's files serialize");
+        self.put(name, format!("# {comment}\n{text}").as_bytes(), Put::Overwrite)
+    }
+
+    pub fn put(&self, name: &str, bytes: &[u8], mode: Put) -> Result<(), StoreError> {
+        self.store.put(&self.object_key(name), bytes, mode)
+    }
+
+    /// Removes the object; one not there is not an error.
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        self.store.delete(&self.object_key(name))
+    }
+
+    pub fn exists(&self, name: &str) -> Result<bool, StoreError> {
+        self.store.exists(&self.object_key(name))
+    }
+
+    /// When the object was last written (by the store's clock).
+    pub fn modified_unix_ms(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.store.modified_unix_ms(&self.object_key(name))
     }
 
     /// The fence, if the VM failed over.
     pub fn read_fence(&self) -> Result<Option<Fence>, FileError> {
-        read_toml(&self.fence_path())
-    }
-
-    pub fn source_stopped_path(&self) -> PathBuf {
-        self.root.join("source-stopped.toml")
+        self.read_toml(FENCE)
     }
 
     /// The source's clean-stop marker, if it left one.
     pub fn read_source_stopped(&self) -> Result<Option<SourceStopped>, FileError> {
-        read_toml(&self.source_stopped_path())
-    }
-
-    pub fn applied_path(&self) -> PathBuf {
-        self.root.join("applied.toml")
-    }
-
-    pub fn planned_failover_path(&self) -> PathBuf {
-        self.root.join("planned-failover.toml")
+        self.read_toml(SOURCE_STOPPED)
     }
 
     /// The planned failover's request to stop, if one is under way.
     pub fn read_planned_failover(&self) -> Result<Option<PlannedFailover>, FileError> {
-        read_toml(&self.planned_failover_path())
-    }
-
-    pub fn apply_failure_path(&self) -> PathBuf {
-        self.root.join("apply-failure.toml")
+        self.read_toml(PLANNED_FAILOVER)
     }
 
     /// The applier's last failure on this VM, if it is failing.
     pub fn read_apply_failure(&self) -> Result<Option<ApplyFailure>, FileError> {
-        read_toml(&self.apply_failure_path())
+        self.read_toml(APPLY_FAILURE)
     }
 
-    pub fn segments_dir(&self) -> PathBuf {
-        self.root.join("segments")
-    }
-
-    pub fn segment_path(&self, first_seq: u64, last_seq: u64) -> PathBuf {
-        self.segments_dir().join(segment::file_name(first_seq, last_seq))
-    }
-
-    pub fn temp_path(&self, first_seq: u64, last_seq: u64) -> PathBuf {
-        self.segments_dir().join(format!(".{}.tmp", segment::file_name(first_seq, last_seq)))
+    /// The target's progress, if it published any.
+    pub fn read_applied(&self) -> Result<Option<Applied>, FileError> {
+        self.read_toml(APPLIED)
     }
 
     /// The manifest, or `None` if there is none yet.
     pub fn read_manifest(&self) -> Result<Option<Manifest>, FileError> {
-        let path = self.manifest_path();
-        read_with(&path, |bytes| match Manifest::parse(&path, &String::from_utf8_lossy(bytes)) {
-            Ok(m) => Ok(m),
-            Err(FileError::Damaged { reason, .. }) => Err(reason),
-            Err(e) => Err(e.to_string()),
-        })
+        Ok(self.read_manifest_versioned()?.map(|(m, _)| m))
     }
 
-    /// The segment files, in sequence order, by name (not opened). Other
-    /// files are ignored.
-    pub fn list_segments(&self) -> io::Result<Vec<(u64, u64, PathBuf)>> {
-        let mut out = Vec::new();
-        for entry in crate::dir_entries(&self.segments_dir())? {
-            if let Some((first, last)) = entry.file_name().to_str().and_then(segment::parse_file_name) {
-                out.push((first, last, entry.path()));
+    /// The manifest and its version, for a compare-and-swap update.
+    pub fn read_manifest_versioned(&self) -> Result<Option<(Manifest, Version)>, FileError> {
+        let location = PathBuf::from(self.location(MANIFEST));
+        let object = match self.store.get(&self.object_key(MANIFEST)) {
+            Ok(Some(object)) => object,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(FileError::from_store(location, e)),
+        };
+        let damaged = |reason: String| FileError::Damaged { path: location.clone(), reason };
+        let text = match (&self.key, seal::is_sealed(&object.bytes)) {
+            (Some(key), _) => key.open(&object.bytes, &self.manifest_binding()).map_err(|e| damaged(e.to_string()))?,
+            (None, true) => return Err(damaged(SealError::NoKey.to_string())),
+            (None, false) => object.bytes,
+        };
+        Manifest::parse(&location, &String::from_utf8_lossy(&text)).map(|m| Some((m, object.version)))
+    }
+
+    /// Writes the manifest (sealed, with a key): `Put::Create` for a new
+    /// stream, `Put::Replace` with the version read to add an epoch.
+    pub fn write_manifest(&self, manifest: &Manifest, mode: Put) -> Result<(), StoreError> {
+        let text = toml::to_string(manifest).expect("a manifest serializes");
+        let text = format!("# tern cache manifest: written by `tern ship`, read by `tern apply`\n{text}");
+        let bytes = match &self.key {
+            Some(key) => key.seal(text.as_bytes(), &self.manifest_binding()),
+            None => text.into_bytes(),
+        };
+        self.put(MANIFEST, &bytes, mode)
+    }
+
+    fn manifest_binding(&self) -> Binding<'_> {
+        Binding { kind: seal::Kind::Manifest, epoch: 0, first_seq: 0, last_seq: 0, owner: self.vm.as_bytes() }
+    }
+
+    /// The segments, in sequence order, by name (not opened). Other
+    /// objects are ignored.
+    pub fn list_segments(&self) -> Result<Vec<Listed>, StoreError> {
+        let prefix = self.object_key(SEGMENTS);
+        Ok(self
+            .store
+            .list(&prefix)?
+            .into_iter()
+            .filter_map(|l| {
+                let (first_seq, last_seq) = segment::parse_file_name(&l.name)?;
+                let location = self.store.location(&format!("{prefix}/{}", l.name));
+                Some(Listed { first_seq, last_seq, size: l.size, location })
+            })
+            .collect())
+    }
+
+    fn segment_key(&self, first_seq: u64, last_seq: u64) -> String {
+        self.object_key(&format!("{SEGMENTS}/{}", segment::file_name(first_seq, last_seq)))
+    }
+
+    /// Where a segment is, for messages.
+    pub fn segment_location(&self, first_seq: u64, last_seq: u64) -> String {
+        self.store.location(&self.segment_key(first_seq, last_seq))
+    }
+
+    /// Stores a built segment create-only (sealed, with a key). Another
+    /// segment of the same name holding the same records counts as this
+    /// one (a restarted shipper sending again what it had sent); other
+    /// records under the name are refused — two shippers on one stream.
+    pub fn write_segment(
+        &self,
+        header: &SegmentHeader,
+        bytes: &[u8],
+        stage: &mut dyn FnMut(Stage) -> io::Result<()>,
+    ) -> Result<(), StoreError> {
+        let key = self.segment_key(header.first_seq, header.last_seq);
+        let sealed;
+        let object = match &self.key {
+            Some(k) => {
+                sealed =
+                    k.seal(bytes, &segment_binding(header.epoch, header.first_seq, header.last_seq, &header.vm_id));
+                &sealed[..]
             }
+            None => bytes,
+        };
+        match self.store.put_staged(&key, object, Put::Create, stage) {
+            Err(StoreError::Exists { location }) => {
+                let mine = Segment::decode(bytes, None).ok();
+                let theirs = self.read_segment(header.first_seq, header.last_seq, Some(header.vm_id)).ok();
+                match (mine, theirs) {
+                    (Some(a), Some(b)) if a.header.epoch == b.header.epoch && a.same_records(&b) => {
+                        log::info!("{location} was already shipped with the same records");
+                        Ok(())
+                    }
+                    _ => Err(StoreError::Exists { location }),
+                }
+            }
+            other => other,
         }
-        out.sort();
-        Ok(out)
+    }
+
+    /// Reads, opens (with a key) and decodes one segment.
+    pub fn read_segment(
+        &self,
+        first_seq: u64,
+        last_seq: u64,
+        expect_vm: Option<[u8; 16]>,
+    ) -> Result<Segment, SegmentError> {
+        let location = PathBuf::from(self.segment_location(first_seq, last_seq));
+        let bytes = self.read_segment_bytes(first_seq, last_seq, expect_vm)?;
+        Segment::decode(&bytes, expect_vm).map_err(|e| e.with_path(&location))
+    }
+
+    /// Only the header of one segment (the whole object is read from a
+    /// bucket or when sealed).
+    pub fn read_segment_header(
+        &self,
+        first_seq: u64,
+        last_seq: u64,
+        vm_id: Option<[u8; 16]>,
+    ) -> Result<SegmentHeader, SegmentError> {
+        match (self.store.as_dir(), &self.key) {
+            (Some(_), None) => segment::read_header(Path::new(&self.segment_location(first_seq, last_seq))),
+            _ => self.read_segment(first_seq, last_seq, vm_id).map(|s| s.header),
+        }
+    }
+
+    fn read_segment_bytes(
+        &self,
+        first_seq: u64,
+        last_seq: u64,
+        vm_id: Option<[u8; 16]>,
+    ) -> Result<Vec<u8>, SegmentError> {
+        let location = PathBuf::from(self.segment_location(first_seq, last_seq));
+        let fail = |reason: String| SegmentError::at(0, reason).with_path(&location);
+        let object = match self.store.get(&self.segment_key(first_seq, last_seq)) {
+            Ok(Some(object)) => object.bytes,
+            Ok(None) => return Err(fail("gone (removed since it was listed)".into())),
+            Err(e) => return Err(fail(crate::file::with_causes(&e))),
+        };
+        match (&self.key, seal::is_sealed(&object)) {
+            (Some(key), _) => {
+                // The epoch is in clear (and under the tag): the segment
+                // must open as exactly where its name and epoch put it.
+                let epoch = seal::sealed_epoch(&object).unwrap_or(0);
+                let vm = vm_id.ok_or_else(|| fail("a sealed segment needs the VM's id to open".into()))?;
+                key.open(&object, &segment_binding(epoch, first_seq, last_seq, &vm)).map_err(|e| fail(e.to_string()))
+            }
+            (None, true) => Err(fail(SealError::NoKey.to_string())),
+            (None, false) => Ok(object),
+        }
+    }
+
+    /// Removes one (applied) segment.
+    pub fn remove_segment(&self, first_seq: u64, last_seq: u64) -> Result<(), StoreError> {
+        self.store.delete(&self.segment_key(first_seq, last_seq))
     }
 
     /// The header of the newest segment, if any.
-    pub fn newest_segment(&self) -> io::Result<Option<Result<SegmentHeader, SegmentError>>> {
-        Ok(self.list_segments()?.last().map(|(_, _, p)| segment::read_header(p)))
+    pub fn newest_segment(
+        &self,
+        vm_id: Option<[u8; 16]>,
+    ) -> Result<Option<Result<SegmentHeader, SegmentError>>, StoreError> {
+        Ok(self.list_segments()?.last().map(|l| self.read_segment_header(l.first_seq, l.last_seq, vm_id)))
     }
 
-    /// Removes segments a crashed writer left half-written. Returns how many.
+    /// Removes segments a crashed writer left half-written in a directory
+    /// store (an object store never shows a partial object). Returns how
+    /// many.
     pub fn remove_temporaries(&self) -> io::Result<usize> {
+        let Some(root) = self.store.as_dir() else { return Ok(0) };
+        let dir = root.join(&self.vm).join(SEGMENTS);
         let mut n = 0;
-        for entry in crate::dir_entries(&self.segments_dir())? {
+        for entry in crate::dir_entries(&dir)? {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.starts_with('.') && name.ends_with(".tmp") {
-                fs::remove_file(self.segments_dir().join(&*name))?;
+                fs::remove_file(dir.join(&*name))?;
                 n += 1;
             }
         }
         Ok(n)
     }
+}
+
+fn segment_binding(epoch: u64, first_seq: u64, last_seq: u64, vm_id: &[u8; 16]) -> Binding<'_> {
+    Binding { kind: seal::Kind::Segment, epoch, first_seq, last_seq, owner: vm_id }
 }
 
 #[cfg(test)]
@@ -370,17 +585,47 @@ mod tests {
     #[test]
     fn listing_ignores_temporaries_and_junk_and_sorts_by_seq() {
         let dir = tempfile::tempdir().unwrap();
-        let c = CacheDir::new(dir.path(), "vm1");
+        let c = CacheDir::new(&Store::dir(dir.path()), "vm1");
         assert!(c.list_segments().unwrap().is_empty());
-        fs::create_dir_all(c.segments_dir()).unwrap();
+        let segments = dir.path().join("vm1").join(SEGMENTS);
+        fs::create_dir_all(&segments).unwrap();
         for (a, b) in [(11, 20), (1, 10), (21, 21)] {
-            fs::write(c.segment_path(a, b), b"x").unwrap();
+            fs::write(segments.join(segment::file_name(a, b)), b"x").unwrap();
         }
-        fs::write(c.temp_path(22, 30), b"x").unwrap();
-        fs::write(c.segments_dir().join("notes.txt"), b"x").unwrap();
-        let firsts: Vec<u64> = c.list_segments().unwrap().iter().map(|s| s.0).collect();
+        let tmp = segments.join(format!(".{}.tmp", segment::file_name(22, 30)));
+        fs::write(&tmp, b"x").unwrap();
+        fs::write(segments.join("notes.txt"), b"x").unwrap();
+        let firsts: Vec<u64> = c.list_segments().unwrap().iter().map(|s| s.first_seq).collect();
         assert_eq!(firsts, [1, 11, 21]);
+        assert_eq!(
+            c.list_segments().unwrap()[0].location,
+            segments.join(segment::file_name(1, 10)).display().to_string()
+        );
         assert_eq!(c.remove_temporaries().unwrap(), 1);
-        assert!(!c.temp_path(22, 30).exists());
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn a_sealed_cache_refuses_plain_objects_and_a_plain_one_sealed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::dir(dir.path());
+        let key_path = dir.path().join("vm1.key");
+        Key::generate(&key_path).unwrap();
+        let sealed = CacheDir::new(&store, "vm1").sealed_with(Some(Key::load(&key_path).unwrap()));
+        let plain = CacheDir::new(&store, "vm1");
+        let mut m = manifest();
+        m.name = "vm1".into();
+        sealed.write_manifest(&m, Put::Create).unwrap();
+        assert_eq!(sealed.read_manifest().unwrap().unwrap(), m);
+        let e = plain.read_manifest().unwrap_err().to_string();
+        assert!(e.contains("manifest.toml is damaged") && e.contains("no key was given"), "{e}");
+        // Another VM's sealed manifest, moved under this name: refused.
+        let other = CacheDir::new(&store, "vm2").sealed_with(Some(Key::load(&key_path).unwrap()));
+        let bytes = fs::read(dir.path().join("vm1/manifest.toml")).unwrap();
+        fs::create_dir_all(dir.path().join("vm2")).unwrap();
+        fs::write(dir.path().join("vm2/manifest.toml"), bytes).unwrap();
+        assert!(other.read_manifest().unwrap_err().to_string().contains("does not authenticate"));
+        plain.write_manifest(&m, Put::Overwrite).unwrap();
+        assert!(sealed.read_manifest().unwrap_err().to_string().contains("not sealed"));
     }
 }

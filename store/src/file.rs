@@ -24,6 +24,12 @@ pub enum FileError {
 }
 
 impl FileError {
+    /// A store's failure to read `path`, as a [`FileError::Unreadable`].
+    pub fn from_store(path: PathBuf, e: crate::object::StoreError) -> Self {
+        let kind = e.io_error().map_or(io::ErrorKind::Other, io::Error::kind);
+        FileError::Unreadable { path, source: io::Error::new(kind, with_causes(&e)) }
+    }
+
     pub fn path(&self) -> &Path {
         match self {
             FileError::Unreadable { path, .. } | FileError::Damaged { path, .. } => path,
@@ -55,10 +61,24 @@ pub(crate) fn read_with<T>(
 
 /// A small TOML file; `None` if it does not exist.
 pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, FileError> {
-    read_with(path, |bytes| {
-        let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
-        toml::from_str(text).map_err(|e| e.to_string())
-    })
+    read_with(path, decode_toml)
+}
+
+pub(crate) fn decode_toml<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
+    toml::from_str(text).map_err(|e| e.to_string())
+}
+
+/// An error and its causes on one line.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 #[cfg(test)]

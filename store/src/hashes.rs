@@ -129,29 +129,29 @@ impl BlockHashes {
     }
 }
 
+/// `<cache>/<vm>/hash-request.toml`.
+pub const HASH_REQUEST: &str = "hash-request.toml";
+
+/// The name of one disk's answer below `<cache>/<vm>/`.
+pub fn hashes_name(epoch: u64, disk: &str) -> String {
+    format!("hashes/epoch-{epoch}.{disk}")
+}
+
 impl CacheDir {
-    pub fn hash_request_path(&self) -> std::path::PathBuf {
-        self.root().join("hash-request.toml")
-    }
-
-    pub fn hashes_path(&self, epoch: u64, disk: &str) -> std::path::PathBuf {
-        self.root().join("hashes").join(format!("epoch-{epoch}.{disk}"))
-    }
-
     /// The pending request, if any.
     pub fn read_hash_request(&self) -> Result<Option<HashRequest>, crate::file::FileError> {
-        crate::file::read_toml(&self.hash_request_path())
+        self.read_toml(HASH_REQUEST)
     }
 
     /// The target's answer for one disk, `None` while it has not come.
     pub fn read_hashes(&self, epoch: u64, disk: &str) -> Result<Option<BlockHashes>, crate::file::FileError> {
-        crate::file::read_with(&self.hashes_path(epoch, disk), BlockHashes::decode)
+        self.read_with(&hashes_name(epoch, disk), BlockHashes::decode)
     }
 
     /// Target side: answers the pending request with the hashes of the
-    /// replica images (`replicas` in the manifest's disk order), written
-    /// as temporary files and renamed, so the source never reads half of
-    /// one. Returns the epoch answered, or `None` if nothing was asked.
+    /// replica images (`replicas` in the manifest's disk order), each
+    /// written whole, so the source never reads half of one. Returns the
+    /// epoch answered, or `None` if nothing was asked.
     pub fn answer_hash_request(
         &self,
         vm_id: [u8; 16],
@@ -163,8 +163,6 @@ impl CacheDir {
             Ok(None) => return Ok(None),
             Err(e) => return Err(e.to_string()),
         };
-        let dir = self.root().join("hashes");
-        tern_driver::fs::create_dir_durably(&dir).map_err(|e| e.with_causes())?;
         for (name, image) in disks {
             let hashes = region_hashes(image, request.region_size).map_err(|e| e.to_string())?;
             let file = BlockHashes {
@@ -175,8 +173,8 @@ impl CacheDir {
                 applied_seq,
                 hashes,
             };
-            let path = self.hashes_path(request.epoch, name);
-            tern_driver::fs::write_durably(&path, &file.encode()).map_err(|e| e.with_causes())?;
+            self.put(&hashes_name(request.epoch, name), &file.encode(), crate::object::Put::Overwrite)
+                .map_err(|e| crate::file::with_causes(&e))?;
         }
         Ok(Some(request.epoch))
     }

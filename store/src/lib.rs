@@ -5,6 +5,8 @@
 pub mod cache;
 pub mod file;
 pub mod hashes;
+pub mod object;
+pub mod seal;
 pub mod segment;
 pub mod target;
 

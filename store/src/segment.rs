@@ -295,7 +295,7 @@ pub struct SegmentError {
 }
 
 impl SegmentError {
-    fn at(offset: usize, reason: impl Into<String>) -> Self {
+    pub(crate) fn at(offset: usize, reason: impl Into<String>) -> Self {
         SegmentError { path: None, offset: offset as u64, reason: reason.into() }
     }
 
@@ -303,7 +303,7 @@ impl SegmentError {
         SegmentError { path: Some(path.to_owned()), offset: 0, reason: format!("{what}: {e}") }
     }
 
-    fn with_path(mut self, path: &Path) -> Self {
+    pub(crate) fn with_path(mut self, path: &Path) -> Self {
         self.path = Some(path.to_owned());
         self
     }
@@ -426,6 +426,12 @@ impl Segment {
             .read_to_end(&mut bytes)
             .map_err(|e| SegmentError::io(path, "cannot read", e))?;
         Segment::decode(&bytes, expect_vm).map_err(|e| e.with_path(path))
+    }
+
+    /// Whether two segments hold the same records (as their index says:
+    /// each record's header and data checksum), however compressed.
+    pub fn same_records(&self, other: &Segment) -> bool {
+        self.records == other.records
     }
 
     /// The records in sequence order, each with its data.

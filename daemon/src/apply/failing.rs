@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tern_store::cache::{ApplyFailure, CacheDir};
+use tern_store::cache::{ApplyFailure, CacheDir, APPLY_FAILURE};
 
 /// The first retry's wait; each failure in a row doubles it.
 pub const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -63,7 +63,7 @@ impl FailingVms {
         if let Some(f) = self.vms.remove(vm) {
             log::info!("VM '{vm}': applying again after {} failed attempt(s)", f.failure.attempts);
         }
-        if cache.apply_failure_path().exists() {
+        if cache.exists(APPLY_FAILURE).unwrap_or(true) {
             publish(cache, vm, None);
         }
     }
@@ -77,19 +77,12 @@ impl FailingVms {
 /// Writes (or with `None` removes) the VM's failure file; a failure to do
 /// so is logged, never fatal: it is a report, not state.
 fn publish(cache: &CacheDir, vm: &str, failure: Option<&ApplyFailure>) {
-    let path = cache.apply_failure_path();
     let done = match failure {
-        Some(f) => toml::to_string(f).map_err(std::io::Error::other).and_then(|t| {
-            let tmp = path.with_extension("toml.tmp");
-            std::fs::write(&tmp, t).and_then(|()| std::fs::rename(&tmp, &path))
-        }),
-        None => match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        },
+        Some(f) => cache.write_toml(APPLY_FAILURE, f, "tern apply failing on this VM; removed when it applies again"),
+        None => cache.remove(APPLY_FAILURE),
     };
     if let Err(e) = done {
-        log::warn!("VM '{vm}': cannot update {}: {e}", path.display());
+        log::warn!("VM '{vm}': cannot update the failure report: {e:#}");
     }
 }
 

@@ -11,10 +11,10 @@ use super::*;
 /// point at the newest applied record, or finds the one there. Fails if
 /// another `tern apply` holds the replicas (see [`latest_applied_point`]),
 /// or if the replica is inside a resync window there.
-pub fn catch_up_and_point(cache: &Path, target: &Path, vm: &str) -> Result<Point> {
+pub fn catch_up_and_point(cache: &Store, target: &Path, vm: &str) -> Result<Point> {
     let options = ApplyOptions { once: true, ..ApplyOptions::default() };
     let mut applier = VmApplier::open(cache, target, vm, &options)?
-        .with_context(|| format!("the cache {} holds nothing for VM '{vm}'", cache.display()))?;
+        .with_context(|| format!("the cache {} holds nothing for VM '{vm}'", cache.describe()))?;
     // One pass: what the cache holds now (a source still shipping must not
     // keep the failover waiting).
     let stop = AtomicBool::new(false);
@@ -30,7 +30,7 @@ pub const POINT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// `tern apply` holds the replicas, asks it (`point-request.toml`) and
 /// waits for its answer, saying what it waits for; if that applier stops
 /// meanwhile, applies itself after all.
-pub fn latest_applied_point(cache: &Path, target: &Path, vm: &str) -> Result<Point> {
+pub fn latest_applied_point(cache: &Store, target: &Path, vm: &str) -> Result<Point> {
     let dir = TargetDir::new(target, vm);
     let cache_dir = CacheDir::new(cache, vm);
     let started = std::time::Instant::now();
@@ -57,7 +57,7 @@ pub fn latest_applied_point(cache: &Path, target: &Path, vm: &str) -> Result<Poi
                 write_durably(&dir.point_request_path(), toml::to_string(&request)?.as_bytes())?;
                 log::info!(
                     "VM '{vm}': `tern apply` is running and holds the replicas; asked it to apply everything in {} and take a point there",
-                    cache_dir.root().display()
+                    cache_dir.describe()
                 );
                 asked = Some(request.clone());
                 request
@@ -100,7 +100,7 @@ pub fn latest_applied_point(cache: &Path, target: &Path, vm: &str) -> Result<Poi
         }
         if told.elapsed() >= Duration::from_secs(5) {
             let applied = dir.read_checkpoint().ok().flatten().map_or(0, |c| c.applied_seq);
-            let newest = cache_dir.list_segments().ok().and_then(|s| s.iter().map(|(_, last, _)| *last).max());
+            let newest = cache_dir.list_segments().ok().and_then(|s| s.iter().map(|l| l.last_seq).max());
             log::info!(
                 "VM '{vm}': waiting {}s for `tern apply` to apply what the cache holds (replicas at seq {applied}{}) and take a point",
                 waited.as_secs(),

@@ -22,6 +22,7 @@ use tern_driver::image::Image;
 use tern_driver::journal::{self, RecordKind};
 use tern_store::cache::{Applied, CacheDir, Manifest};
 use tern_store::file::FileError;
+use tern_store::object::Store;
 use tern_store::segment::{Segment, SegmentError};
 use tern_store::target::{
     expired_points, stream_now, Checkpoint, Point, PointAnswer, PointKind, PointRequest, TargetDir, TARGET_VERSION,
@@ -96,17 +97,22 @@ fn now_ns() -> u64 {
 }
 
 /// Applies every VM in `cache` (or the one named) until stopped, or once.
-pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions, stop: Arc<AtomicBool>) -> Result<()> {
-    for (what, dir) in [("cache store", cache), ("target site", target)] {
-        if !dir.is_dir() {
-            bail!("the {what} {} does not exist or is not a directory; create or mount it first", dir.display());
-        }
+pub fn run(
+    cache: &Store,
+    target: &Path,
+    vm: Option<&str>,
+    options: &ApplyOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    if !target.is_dir() {
+        bail!("the target site {} does not exist or is not a directory; create or mount it first", target.display());
     }
+    cache.check().context("the cache store is not usable")?;
     if let Some(v) = vm {
-        if !cache.join(v).is_dir() {
+        if !CacheDir::new(cache, v).exists(tern_store::cache::MANIFEST)? {
             let there = vms_in(cache).unwrap_or_default();
             let there = if there.is_empty() { "none yet".to_string() } else { there.join(", ") };
-            let what = format!("the cache store {} holds no VM '{v}' (it holds: {there})", cache.display());
+            let what = format!("the cache store {} holds no VM '{v}' (it holds: {there})", cache.describe());
             if options.once {
                 bail!("{what}");
             }
@@ -160,7 +166,7 @@ pub fn run(cache: &Path, target: &Path, vm: Option<&str>, options: &ApplyOptions
 /// records applied, 0 with nothing to do (or nothing shipped yet).
 fn apply_pass(
     appliers: &mut BTreeMap<String, VmApplier>,
-    cache: &Path,
+    cache: &Store,
     target: &Path,
     name: &str,
     options: &ApplyOptions,
@@ -183,17 +189,16 @@ fn apply_pass(
     }
 }
 
-/// VM directories of the cache store that have a manifest.
-fn vms_in(cache: &Path) -> Result<Vec<String>> {
+/// VMs of the cache store that have a manifest.
+fn vms_in(cache: &Store) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(cache).with_context(|| format!("cannot list {}", cache.display()))? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if tern_driver::vm::validate_name("VM", &name).is_ok() && entry.path().join("manifest.toml").is_file() {
+    for name in cache.list_dirs("")? {
+        if tern_driver::vm::validate_name("VM", &name).is_ok()
+            && CacheDir::new(cache, &name).exists(tern_store::cache::MANIFEST)?
+        {
             out.push(name);
         }
     }
-    out.sort();
     Ok(out)
 }
 
@@ -218,8 +223,8 @@ struct VmApplier {
 }
 
 impl VmApplier {
-    fn open(cache_root: &Path, target_root: &Path, name: &str, options: &ApplyOptions) -> Result<Option<Self>> {
-        let cache = CacheDir::new(cache_root, name);
+    fn open(cache_root: &Store, target_root: &Path, name: &str, options: &ApplyOptions) -> Result<Option<Self>> {
+        let cache = crate::cache::for_vm(cache_root, name)?;
         let Some(manifest) = cache.read_manifest()? else { return Ok(None) };
         let target = TargetDir::new(target_root, name);
         // Durable in their parents: a checkpoint in a directory a power cut
@@ -294,7 +299,7 @@ impl VmApplier {
         }
         log::info!(
             "VM '{name}': applying {} onto {} from seq {} (epoch {})",
-            cache.segments_dir().display(),
+            cache.location(tern_store::cache::SEGMENTS),
             target.root().display(),
             checkpoint.applied_seq + 1,
             checkpoint.epoch
@@ -352,11 +357,12 @@ impl VmApplier {
         }
         let mut applied = 0;
         let todo: Vec<_> =
-            self.cache.list_segments()?.into_iter().filter(|(_, last, _)| *last > self.cur.applied_seq).collect();
+            self.cache.list_segments()?.into_iter().filter(|l| l.last_seq > self.cur.applied_seq).collect();
         let vm_id = *self.manifest.id.as_bytes();
+        let reader = self.cache.clone();
         std::thread::scope(|scope| -> Result<()> {
             // Dropped when this returns, which stops the reader.
-            let segments = read_ahead::spawn(scope, todo, vm_id, READ_AHEAD);
+            let segments = read_ahead::spawn(scope, reader, todo, vm_id, READ_AHEAD);
             for (first, last, path, segment) in segments {
                 if last <= self.cur.applied_seq {
                     continue;
@@ -427,7 +433,7 @@ impl VmApplier {
         if disks(&m) != disks(&self.manifest) {
             return Err(Refused(format!(
                 "{} now lists disks {:?}, but the replicas are of disks {:?}: a protected VM's disks cannot change (a damaged or foreign manifest); the replica stays at seq {}; repair the manifest, then restart `tern apply`",
-                self.cache.manifest_path().display(),
+                self.cache.location(tern_store::cache::MANIFEST),
                 disks(&m),
                 disks(&self.manifest),
                 self.cur.applied_seq
@@ -482,7 +488,7 @@ impl VmApplier {
         &mut self,
         first: u64,
         last: u64,
-        path: &Path,
+        path: &str,
         segment: Result<Segment, SegmentError>,
     ) -> Result<()> {
         let at = self.cur.applied_seq;
@@ -496,17 +502,13 @@ impl VmApplier {
         if (h.first_seq, h.last_seq) != (first, last) || h.last_seq <= at {
             return Err(refuse(format!(
                 "{}: holds seqs {}..={}, which its name or the replica's position (seq {at}) contradicts",
-                path.display(),
-                h.first_seq,
-                h.last_seq
+                path, h.first_seq, h.last_seq
             )));
         }
         if h.epoch < self.cur.epoch {
             return Err(refuse(format!(
                 "{}: segment of epoch {}, but the replica is already in epoch {} (a stale source shipped it)",
-                path.display(),
-                h.epoch,
-                self.cur.epoch
+                path, h.epoch, self.cur.epoch
             )));
         }
         let mut in_window = self.cur.in_window;
@@ -516,11 +518,11 @@ impl VmApplier {
             if !starts_epoch {
                 return Err(refuse(format!(
                     "{}: starts at seq {}, but seqs {}..{} are missing from {} (a gap)",
-                    path.display(),
+                    path,
                     h.first_seq,
                     at + 1,
                     h.first_seq - 1,
-                    self.cache.segments_dir().display()
+                    self.cache.location(tern_store::cache::SEGMENTS)
                 )));
             }
             log::warn!(
@@ -543,11 +545,7 @@ impl VmApplier {
             if r.kind.changes_disk() && !fits {
                 return Err(refuse(format!(
                     "{}: record seq {} writes {}+{} on disk {}, outside the VM's disks",
-                    path.display(),
-                    r.seq,
-                    r.offset,
-                    r.length,
-                    r.disk
+                    path, r.seq, r.offset, r.length, r.disk
                 )));
             }
         }
@@ -572,7 +570,7 @@ impl VmApplier {
                             r.seq
                         );
                     } else {
-                        self.write_batch().with_context(|| format!("applying {}", path.display()))?;
+                        self.write_batch().with_context(|| format!("applying {}", path))?;
                         self.take_point(r.seq, h.epoch, r.time_ns, PointKind::App, Some(label))?;
                     }
                 }
@@ -594,10 +592,9 @@ impl VmApplier {
     /// leaving the newest: the shipper resumes from it.
     fn prune_segments(&self) -> Result<()> {
         let list = self.cache.list_segments()?;
-        for (_, last, path) in list.iter().take(list.len().saturating_sub(1)) {
-            if *last <= self.checkpoint.applied_seq {
-                std::fs::remove_file(path)
-                    .with_context(|| format!("cannot remove applied segment {}", path.display()))?;
+        for l in list.iter().take(list.len().saturating_sub(1)) {
+            if l.last_seq <= self.checkpoint.applied_seq {
+                self.cache.remove_segment(l.first_seq, l.last_seq).context("cannot remove an applied segment")?;
             }
         }
         Ok(())
@@ -611,14 +608,10 @@ impl VmApplier {
             source_time_ns: self.checkpoint.source_time_ns,
             updated_unix_ms: now_ns() / 1_000_000,
         };
-        let path = self.cache.applied_path();
-        let tmp = path.with_extension("toml.tmp");
-        let written = toml::to_string(&applied)
-            .map_err(std::io::Error::other)
-            .and_then(|t| std::fs::write(&tmp, t))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            log::warn!("VM '{}': cannot write {}: {e}", self.name, path.display());
+        if let Err(e) =
+            self.cache.write_toml(tern_store::cache::APPLIED, &applied, "tern apply's progress, for the source's RPO")
+        {
+            log::warn!("VM '{}': {e:#}", self.name);
         }
     }
 
@@ -632,7 +625,10 @@ impl VmApplier {
         if self.checkpoint.epoch < request.epoch {
             return Ok(());
         }
-        if self.manifest.disks.iter().all(|d| self.cache.hashes_path(request.epoch, &d.name).exists()) {
+        let answered = |d: &tern_store::cache::ManifestDisk| {
+            self.cache.exists(&tern_store::hashes::hashes_name(request.epoch, &d.name))
+        };
+        if self.manifest.disks.iter().map(answered).collect::<Result<Vec<bool>, _>>()?.into_iter().all(|a| a) {
             return Ok(());
         }
         let disks: Vec<(&str, &Image)> =

@@ -4,16 +4,16 @@
 //! waits, plus the segment the reader holds while it waits for room (so a
 //! segment larger than the budget still passes).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::Scope;
 
 use crossbeam_channel::Receiver;
+use tern_store::cache::{CacheDir, Listed};
 use tern_store::segment::{Segment, SegmentError};
 
-/// A segment as listed in the cache (first seq, last seq, file), and what
-/// reading it gave.
-pub type ReadSegment = (u64, u64, PathBuf, Result<Segment, SegmentError>);
+/// A segment as listed in the cache (first seq, last seq, location), and
+/// what reading it gave.
+pub type ReadSegment = (u64, u64, String, Result<Segment, SegmentError>);
 
 /// Decoded bytes waiting (and whether the applier has gone), and the
 /// wake-up for the reader when either changes.
@@ -29,7 +29,8 @@ struct Queued {
 /// iterator stops the reader (after the segment it is reading).
 pub fn spawn<'scope>(
     scope: &'scope Scope<'scope, '_>,
-    todo: Vec<(u64, u64, PathBuf)>,
+    cache: CacheDir,
+    todo: Vec<Listed>,
     vm_id: [u8; 16],
     budget: u64,
 ) -> Taken {
@@ -37,8 +38,8 @@ pub fn spawn<'scope>(
     let waiting: Budget = Arc::new((Mutex::new(Queued::default()), Condvar::new()));
     let reader_waiting = Arc::clone(&waiting);
     scope.spawn(move || {
-        for (first, last, path) in todo {
-            let segment = Segment::read_file(&path, Some(vm_id));
+        for Listed { first_seq: first, last_seq: last, location: path, .. } in todo {
+            let segment = cache.read_segment(first, last, Some(vm_id));
             let size = segment.as_ref().map_or(0, |s| s.header.payload_len);
             let (lock, freed) = &*reader_waiting;
             let mut queued = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,7 +104,7 @@ mod tests {
     const VM: [u8; 16] = [7; 16];
 
     /// Segment `i` (seqs i+1..=i+1): one 64 KiB write of byte `i`.
-    fn write_segments(dir: &std::path::Path, n: u64) -> Vec<(u64, u64, PathBuf)> {
+    fn write_segments(cache: &CacheDir, n: u64) -> Vec<Listed> {
         (0..n)
             .map(|i| {
                 let seq = i + 1;
@@ -120,24 +121,25 @@ mod tests {
                 };
                 let mut b = SegmentBuilder::new(VM, 1, seq);
                 b.push(&h, &data).expect("push");
-                let (_, bytes) = Encoder::new(Compression::None).expect("encoder").encode(&b).expect("encode");
-                let path = dir.join(format!("segment-{seq}"));
-                std::fs::write(&path, bytes).expect("write segment");
-                (seq, seq, path)
+                let (header, bytes) = Encoder::new(Compression::None).expect("encoder").encode(&b).expect("encode");
+                cache.write_segment(&header, &bytes, &mut |_| Ok(())).expect("write segment");
             })
-            .collect()
+            .for_each(drop);
+        cache.list_segments().expect("list")
     }
 
     #[test]
     fn segments_come_in_order_with_their_errors_and_at_most_the_budget_ahead() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let todo = write_segments(dir.path(), 6);
-        std::fs::write(&todo[3].2, b"not a segment").expect("damage one");
+        let cache = CacheDir::new(&tern_store::object::Store::dir(dir.path()), "vm1");
+        let todo = write_segments(&cache, 6);
+        std::fs::write(&todo[3].location, b"not a segment").expect("damage one");
         std::thread::scope(|scope| {
             // A budget below one segment: one segment is read ahead of the
             // one being applied, never two.
-            let mut segments = spawn(scope, todo.clone(), VM, 1);
-            for (i, (first, last, path)) in todo.iter().enumerate() {
+            let mut segments = spawn(scope, cache.clone(), todo.clone(), VM, 1);
+            for (i, listed) in todo.iter().enumerate() {
+                let (first, last, path) = (&listed.first_seq, &listed.last_seq, &listed.location);
                 let (f, l, p, segment) = segments.next().expect("every segment comes");
                 assert_eq!((f, l, &p), (*first, *last, path));
                 match segment {
@@ -146,7 +148,7 @@ mod tests {
                         let (h, data) = s.records().next().expect("a record");
                         assert_eq!((h.seq, data[0]), (*first, i as u8));
                     }
-                    Err(e) => assert!(i == 3 && e.to_string().contains("segment-4"), "{e}"),
+                    Err(e) => assert!(i == 3 && e.to_string().contains(&todo[3].location), "{e}"),
                 }
                 std::thread::sleep(std::time::Duration::from_millis(30));
                 // (A damaged segment holds no bytes: the next may come
@@ -162,10 +164,11 @@ mod tests {
     #[test]
     fn dropping_the_segments_stops_the_reader() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let todo = write_segments(dir.path(), 20);
+        let cache = CacheDir::new(&tern_store::object::Store::dir(dir.path()), "vm1");
+        let todo = write_segments(&cache, 20);
         // The scope returns only once the reader has stopped.
         std::thread::scope(|scope| {
-            let mut segments = spawn(scope, todo, VM, 1);
+            let mut segments = spawn(scope, cache.clone(), todo, VM, 1);
             assert!(segments.next().is_some());
         });
     }

@@ -36,8 +36,7 @@ fn write_segment(cache: &CacheDir, id: uuid::Uuid, epoch: u64, seq: u64, offset:
     };
     b.push(&h, &vec![byte; len]).unwrap();
     let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
-    std::fs::create_dir_all(cache.segments_dir()).unwrap();
-    std::fs::write(cache.segment_path(header.first_seq, header.last_seq), bytes).unwrap();
+    cache.write_segment(&header, &bytes, &mut |_| Ok(())).unwrap();
 }
 
 /// Issue 18 (item 1): inside a resync window there is no consistent
@@ -47,11 +46,12 @@ fn write_segment(cache: &CacheDir, id: uuid::Uuid, epoch: u64, seq: u64, offset:
 fn latest_inside_a_resync_window_names_the_newest_consistent_point() {
     let dir = tempfile::tempdir().unwrap();
     let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+    std::fs::create_dir_all(&cache_root).unwrap();
+    let cache_root = Store::dir(&cache_root);
     let cache = CacheDir::new(&cache_root, "vm1");
-    std::fs::create_dir_all(cache.root()).unwrap();
     std::fs::create_dir_all(&target_root).unwrap();
     let id = uuid::Uuid::from_bytes([7; 16]);
-    let write_manifest = |m: &Manifest| std::fs::write(cache.manifest_path(), toml::to_string(m).unwrap()).unwrap();
+    let write_manifest = |m: &Manifest| cache.write_manifest(m, tern_store::object::Put::Overwrite).unwrap();
     write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]));
     write_segment(&cache, id, 1, 1, 0, 4096, 1);
     let first = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect("a point at seq 1");
@@ -72,10 +72,11 @@ fn latest_inside_a_resync_window_names_the_newest_consistent_point() {
 fn a_manifest_whose_disks_change_under_a_running_applier_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+    std::fs::create_dir_all(&cache_root).unwrap();
+    let cache_root = Store::dir(&cache_root);
     let cache = CacheDir::new(&cache_root, "vm1");
-    std::fs::create_dir_all(cache.root()).unwrap();
     let id = uuid::Uuid::from_bytes([9; 16]);
-    let write_manifest = |m: &Manifest| std::fs::write(cache.manifest_path(), toml::to_string(m).unwrap()).unwrap();
+    let write_manifest = |m: &Manifest| cache.write_manifest(m, tern_store::object::Put::Overwrite).unwrap();
     write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]));
     write_segment(&cache, id, 1, 1, 0, 4096, 1);
     let options = ApplyOptions { once: true, keep_segments: true, ..Default::default() };

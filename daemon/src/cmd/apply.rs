@@ -15,7 +15,8 @@ use crate::apply::{self, ApplyOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The cache store segments arrive in.
+    /// The cache store segments arrive in: a directory,
+    /// s3://BUCKET/PREFIX or az://CONTAINER/PREFIX.
     #[arg(long)]
     pub cache: PathBuf,
     /// The target site: replicas and points go to <target>/<vm>/.
@@ -62,5 +63,5 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
         batch_limit: a.batch_size.0 as usize,
         sync_limit: a.sync_every.0 as usize,
     };
-    apply::run(&a.cache, &a.target, a.vm.as_deref(), &options, stop)
+    apply::run(&crate::cache::open_store(&a.cache)?, &a.target, a.vm.as_deref(), &options, stop)
 }

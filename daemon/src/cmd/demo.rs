@@ -80,6 +80,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
             name: "vm1".into(),
             disks: vec![("disk0".into(), image.clone())],
             cache: dir.join("cache"),
+            key: None,
             target: dir.join("target"),
             journal: JournalConfig { size: Size::mib(512), ..Default::default() },
             policy: Policy::default(),
@@ -113,6 +114,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     // Ship and apply run beside the workload, as their services would; a
     // sampler watches the RPO `tern status` reports.
     let cache_root = dir.join("cache");
+    let cache_store = tern_store::object::Store::dir(&cache_root);
     let target_root = dir.join("target");
     let stop_ship = Arc::new(AtomicBool::new(false));
     let shipper = {
@@ -127,7 +129,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     };
     let stop_apply = Arc::new(AtomicBool::new(false));
     let applier = {
-        let (cache, target, stop) = (cache_root.clone(), target_root.clone(), Arc::clone(&stop_apply));
+        let (cache, target, stop) = (cache_store.clone(), target_root.clone(), Arc::clone(&stop_apply));
         let options = crate::apply::ApplyOptions::default();
         std::thread::spawn(move || crate::apply::run(&cache, &target, Some("vm1"), &options, stop))
     };
@@ -217,7 +219,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
     stop_apply.store(true, Ordering::Release);
     applier.join().map_err(|_| anyhow::anyhow!("the applier thread panicked"))??;
     let options = crate::apply::ApplyOptions { once: true, ..Default::default() };
-    crate::apply::run(&cache_root, &target_root, Some("vm1"), &options, Arc::new(AtomicBool::new(false)))?;
+    crate::apply::run(&cache_store, &target_root, Some("vm1"), &options, Arc::new(AtomicBool::new(false)))?;
     stop_sampler.store(true, Ordering::Release);
     let rpos = sampler.join().map_err(|_| anyhow::anyhow!("the sampler thread panicked"))?;
     let rpo_now = crate::status::vm_status(&paths, &enabled.config, crate::status::Shipper::FromFiles)?
@@ -244,7 +246,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
             let started = Instant::now();
             let f = crate::failover::make_failover(
                 &dir.join("target"),
-                &dir.join("cache"),
+                &cache_store,
                 "vm1",
                 &crate::failover::Choice::Point(p.id.clone()),
                 Some("drill"),

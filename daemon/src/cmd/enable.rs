@@ -19,7 +19,9 @@ pub struct Args {
     /// device). Repeat for each disk; NAME becomes its NBD export name.
     #[arg(long = "disk", value_name = "NAME=PATH", required = true, value_parser = crate::cmd::parse_onto)]
     pub disks: Vec<(String, PathBuf)>,
-    /// The cache store directory segments are shipped to.
+    /// The cache store segments are shipped to: a directory,
+    /// s3://BUCKET/PREFIX (credentials and endpoint from AWS_*), or
+    /// az://CONTAINER/PREFIX (from AZURE_STORAGE_*).
     #[arg(long)]
     pub cache: PathBuf,
     /// The target site directory replicas and recovery points live in.
@@ -81,7 +83,12 @@ fn parse_compression(s: &str) -> Result<(i32, Option<(i32, i32)>), String> {
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     // Memory the rings of VMs removed by hand still hold is freed first.
     tern_driver::journal::live::sweep_orphans(vm::VmPaths::new(&cli.state, &a.vm)?.ring_dir());
-    if !a.cache.is_dir() {
+    if vm::is_store_url(&a.cache) {
+        // A missing bucket or refused credentials fail here, not in a
+        // shipper's retry loop later.
+        let store = crate::cache::open_store(&a.cache)?;
+        store.check().with_context(|| format!("cannot enable VM '{}'", a.vm))?;
+    } else if !a.cache.is_dir() {
         if a.create {
             std::fs::create_dir_all(&a.cache)
                 .with_context(|| format!("cannot create the cache store {}", a.cache.display()))?;
@@ -94,10 +101,14 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             );
         }
     }
+    if let Some(key) = &cli.key {
+        tern_store::seal::Key::load(key).with_context(|| format!("cannot enable VM '{}' sealed", a.vm))?;
+    }
     let spec = EnableSpec {
         name: a.vm.clone(),
         disks: a.disks.clone(),
         cache: a.cache.clone(),
+        key: cli.key.clone(),
         target: a.target.clone(),
         journal: JournalConfig { size: a.journal_size, region_size: a.region_size },
         policy: Policy {

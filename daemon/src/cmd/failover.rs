@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use tern_driver::vm::{validate_name, VmPaths};
-use tern_store::cache::CacheDir;
+use tern_store::object::Store;
 use tern_store::target::TargetDir;
 
 use super::Cli;
@@ -72,7 +72,7 @@ pub struct CommitArgs {
 /// `tern commit`: the failover stands; no other point may be chosen.
 pub fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
     let (target_root, cache_root) = sites(cli, &a.vm, a.target.as_deref(), a.cache.as_deref())?;
-    let (fence, already) = crate::failover::commit(&CacheDir::new(&cache_root, &a.vm), &a.vm)?;
+    let (fence, already) = crate::failover::commit(&crate::cache::for_vm(&cache_root, &a.vm)?, &a.vm)?;
     if already {
         println!("VM '{}': the failover to point {} was already committed", a.vm, fence.point);
         return Ok(());
@@ -107,7 +107,7 @@ impl Args {
 }
 
 /// The target site and cache store: given, or from the VM's vm.toml.
-fn sites(cli: &Cli, vm: &str, target: Option<&Path>, cache: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+fn sites(cli: &Cli, vm: &str, target: Option<&Path>, cache: Option<&Path>) -> Result<(PathBuf, Store)> {
     validate_name("VM", vm)?;
     let config = || {
         VmPaths::new(&cli.state, vm)?
@@ -122,7 +122,7 @@ fn sites(cli: &Cli, vm: &str, target: Option<&Path>, cache: Option<&Path>) -> Re
         Some(c) => c.to_owned(),
         None => config().map(|c| c.cache).unwrap_or_default(),
     };
-    Ok((target, cache))
+    Ok((target, crate::cache::open_store(&cache)?))
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {

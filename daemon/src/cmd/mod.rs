@@ -29,6 +29,24 @@ pub fn parse_onto(s: &str) -> Result<(String, std::path::PathBuf), String> {
     }
 }
 
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Where to write the key (it must not exist).
+    pub file: PathBuf,
+}
+
+fn keygen(a: &KeygenArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    tern_store::seal::Key::generate(&a.file).with_context(|| {
+        format!("cannot write a new key to {} (it must not exist; its directory must)", a.file.display())
+    })?;
+    println!(
+        "wrote a new key to {}: copy it to the target site over a channel you trust (never through the cache store)",
+        a.file.display()
+    );
+    Ok(())
+}
+
 /// The state directory without --state or TERN_STATE.
 pub const DEFAULT_STATE: &str = "/var/lib/tern";
 
@@ -47,12 +65,28 @@ pub struct Cli {
     /// Only warnings and errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// The key file (`tern keygen`) segments and manifests are sealed
+    /// with: `enable` records it for the VM's shipper; at the target site
+    /// `apply`, `failover` and the rest open them with it.
+    #[arg(long, global = true, env = "TERN_KEY", conflicts_with = "keys")]
+    pub key: Option<PathBuf>,
+    /// At the target site: a directory holding each sealed VM's key as
+    /// <vm>.key.
+    #[arg(long, global = true, env = "TERN_KEYS")]
+    pub keys: Option<PathBuf>,
+    /// Trust the CA certificates in this PEM file for HTTPS to the object
+    /// store, besides the system's.
+    #[arg(long, global = true, env = "TERN_CA")]
+    pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write a new 256-bit sealing key to a file (mode 0600), for `tern
+    /// enable --key` at the source and `tern apply --key` at the target.
+    Keygen(KeygenArgs),
     /// Protect a VM: record its disks, create its journal and bitmaps, and
     /// mark all allocated data for the initial sync.
     Enable(enable::Args),
@@ -104,7 +138,16 @@ pub enum Command {
 
 /// Runs the subcommand `cli` names.
 pub fn run(cli: &Cli) -> anyhow::Result<()> {
+    if let Some(ca) = &cli.ca {
+        tern_store::object::set_ca_file(ca);
+    }
+    crate::cache::set_keys(match (&cli.key, &cli.keys) {
+        (Some(file), _) => crate::cache::Keys::File(file.clone()),
+        (None, Some(dir)) => crate::cache::Keys::Dir(dir.clone()),
+        (None, None) => crate::cache::Keys::None,
+    });
     match &cli.command {
+        Command::Keygen(a) => keygen(a),
         Command::Enable(a) => enable::run(cli, a),
         Command::Disable(a) => disable::run(cli, a),
         Command::Serve(a) => serve::run(cli, a),

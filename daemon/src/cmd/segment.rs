@@ -118,21 +118,17 @@ fn verify_dir(dir: &Path) -> Result<usize> {
     let (cache, manifest) = open_cache_dir(dir)?;
     let mut expected: Option<u64> = None;
     let list = cache.list_segments()?;
-    for (first, last, path) in &list {
-        let seg = Segment::read_file(path, Some(*manifest.id.as_bytes()))?;
+    for l in &list {
+        let (first, last, path) = (&l.first_seq, &l.last_seq, &l.location);
+        let seg = cache.read_segment(*first, *last, Some(*manifest.id.as_bytes()))?;
         if (seg.header.first_seq, seg.header.last_seq) != (*first, *last) {
-            bail!(
-                "{}: holds seqs {}..={}, not what its name says",
-                path.display(),
-                seg.header.first_seq,
-                seg.header.last_seq
-            );
+            bail!("{}: holds seqs {}..={}, not what its name says", path, seg.header.first_seq, seg.header.last_seq);
         }
         if let Some(e) = expected {
             let epoch_starts_here =
                 manifest.epochs.iter().any(|ep| ep.first_seq == *first && ep.number == seg.header.epoch);
             if *first != e && !epoch_starts_here {
-                bail!("{}: starts at seq {first}, but the previous segment ended at {} (a gap)", path.display(), e - 1);
+                bail!("{}: starts at seq {first}, but the previous segment ended at {} (a gap)", path, e - 1);
             }
         }
         expected = Some(last + 1);
@@ -144,7 +140,7 @@ fn open_cache_dir(dir: &Path) -> Result<(CacheDir, tern_store::cache::Manifest)>
     let (Some(store), Some(vm)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else {
         bail!("{} is not a <cache>/<vm> directory", dir.display());
     };
-    let cache = CacheDir::new(store, vm);
+    let cache = crate::cache::for_vm(&crate::cache::open_store(store)?, vm)?;
     let manifest = cache
         .read_manifest()?
         .with_context(|| format!("{} has no manifest.toml: not a tern cache directory", dir.display()))?;
@@ -180,7 +176,7 @@ fn replay(dir: &Path, onto: &[(String, PathBuf)], answer_hashes: bool, until_seq
             let Some(image) = copy else { bail!("--answer-hashes needs a copy of every disk; '{}' has none", d.name) };
             disks.push((d.name.as_str(), image));
         }
-        let last_seq = cache.list_segments()?.last().map_or(0, |s| s.1);
+        let last_seq = cache.list_segments()?.last().map_or(0, |s| s.last_seq);
         match cache.answer_hash_request(*manifest.id.as_bytes(), &disks, last_seq).map_err(anyhow::Error::msg)? {
             Some(epoch) => {
                 println!("answered the source's block-hash request for epoch {epoch} (replica at seq {last_seq})")
@@ -201,14 +197,15 @@ pub fn replay_cache(
     until_seq: u64,
 ) -> Result<(u64, u64)> {
     let (mut records, mut segments) = (0u64, 0u64);
-    for (_, _, path) in cache.list_segments()? {
-        let seg = Segment::read_file(&path, Some(*manifest.id.as_bytes()))?;
+    for l in cache.list_segments()? {
+        let path = &l.location;
+        let seg = cache.read_segment(l.first_seq, l.last_seq, Some(*manifest.id.as_bytes()))?;
         for (h, data) in seg.records().take_while(|(h, _)| h.seq <= until_seq) {
             if let Some(Some(image)) = copies.get(h.disk as usize) {
                 let mut h = *h;
                 h.disk = 0;
                 apply_record(std::slice::from_ref(image), &h, data)
-                    .with_context(|| format!("replaying seq {} of {}", h.seq, path.display()))?;
+                    .with_context(|| format!("replaying seq {} of {}", h.seq, path))?;
                 records += h.kind.changes_disk() as u64;
             }
         }

@@ -9,7 +9,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use tern_driver::vm::VmPaths;
 use tern_driver::{Mirror, MirrorOptions};
 use tern_nbd::{Listen, Server, ServerOptions};
-use tern_store::cache::CacheDir;
+use tern_store::cache::{CacheDir, PLANNED_FAILOVER};
 
 use super::Cli;
 
@@ -83,12 +83,12 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     // until reboot: free them.
     tern_driver::journal::live::sweep_orphans(paths.ring_dir());
     let config = paths.load_config()?;
-    let cache = CacheDir::new(&config.cache, &config.name);
-    if cache.planned_failover_path().exists() {
+    let cache = crate::cache::for_source(&config)?;
+    if cache.exists(PLANNED_FAILOVER).unwrap_or(false) {
         anyhow::bail!(
             "a planned failover of VM '{}' is under way (its request is in {}): this site serves it no more; wait for it to finish, or remove that file to call it off",
             a.vm,
-            cache.planned_failover_path().display()
+            cache.location(PLANNED_FAILOVER)
         );
     }
     if let Some(reason) = fence_of(&cache) {
@@ -197,7 +197,7 @@ fn watch_fence(mirror: &Mirror, cache: &CacheDir) {
             None => {
                 if let Some(reason) = fence_of(cache) {
                     mirror.fence(reason);
-                } else if cache.planned_failover_path().exists() {
+                } else if cache.exists(PLANNED_FAILOVER).unwrap_or(false) {
                     // A planned failover: no write after this is acked,
                     // then a clean stop (journal detached), after which
                     // `tern ship` ships the rest and records the stop.

@@ -159,7 +159,8 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
 }
 
 fn target_site(target: &Path, cache: Option<&Path>, a: &Args) -> Result<()> {
-    let all = target_statuses(target, cache, a.vm.as_deref())?;
+    let store = cache.map(crate::cache::open_store).transpose()?;
+    let all = target_statuses(target, store.as_ref(), a.vm.as_deref())?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&all)?);
     } else if all.is_empty() {

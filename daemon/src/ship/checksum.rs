@@ -13,6 +13,7 @@ use tern_driver::journal::{self, Journal};
 use tern_driver::units::Size;
 use tern_store::cache::CacheDir;
 use tern_store::file::FileError;
+use tern_store::hashes::{hashes_name, HASH_REQUEST};
 use tern_store::hashes::{region_hashes, HashRequest};
 
 pub struct ChecksumResync {
@@ -55,13 +56,16 @@ impl ChecksumResync {
         let asked =
             matches!(self.cache.read_hash_request().or_else(FileError::damaged_as_none)?, Some(r) if r == request);
         if !asked {
-            let text = toml::to_string(&request)?;
-            let path = self.cache.hash_request_path();
-            tern_driver::fs::write_durably(&path, text.as_bytes())?;
+            let path = self.cache.location(HASH_REQUEST);
+            self.cache.write_toml(
+                HASH_REQUEST,
+                &request,
+                "tern ship asks the target for its replica's block hashes",
+            )?;
             log::warn!(
                 "{}: asked the target for its replica's block hashes ({}), to send only the regions that differ; waiting up to {} for the answer, then a full resync",
                 self.why,
-                path.display(),
+                path,
                 humantime::format_duration(self.timeout)
             );
         }
@@ -73,7 +77,7 @@ impl ChecksumResync {
                 }
                 Some(_) => anyhow::bail!(
                     "{}: the answer is for another VM, epoch or region size",
-                    self.cache.hashes_path(self.epoch, name).display()
+                    self.cache.location(&hashes_name(self.epoch, name))
                 ),
                 None => break,
             }
@@ -125,9 +129,9 @@ impl ChecksumResync {
         }
         journal.clear_flags(journal::FLAG_CHECKSUM_RESYNC);
         journal.sync()?;
-        let _ = std::fs::remove_file(self.cache.hash_request_path());
+        let _ = self.cache.remove(HASH_REQUEST);
         for (name, _) in &self.disks {
-            let _ = std::fs::remove_file(self.cache.hashes_path(self.epoch, name));
+            let _ = self.cache.remove(&hashes_name(self.epoch, name));
         }
         Ok(())
     }
@@ -146,9 +150,7 @@ impl ChecksumResync {
             return;
         }
         self.told_ms.store(now_ms, Ordering::Relaxed);
-        let applied = std::fs::read_to_string(self.cache.applied_path())
-            .ok()
-            .and_then(|t| toml::from_str::<tern_store::cache::Applied>(&t).ok());
+        let applied = self.cache.read_applied().ok().flatten();
         let target = match applied {
             Some(a) => {
                 let ago = now_ms.saturating_sub(a.updated_unix_ms) / 1000;
@@ -160,7 +162,7 @@ impl ChecksumResync {
             }
             None => format!(
                 "no `tern apply` has reported for this VM yet: start it at the target site on {}",
-                self.cache.root().parent().unwrap_or(self.cache.root()).display()
+                self.cache.store().describe()
             ),
         };
         log::info!(
@@ -171,12 +173,15 @@ impl ChecksumResync {
         );
     }
 
-    /// How long ago the request was made (its file's age survives restarts).
+    /// How long ago the request was made (its object's age survives
+    /// restarts; by the store's clock against ours, so a store clock far
+    /// ahead delays the full-resync fallback, one behind hastens it).
     fn asked_for(&self) -> Duration {
-        std::fs::metadata(self.cache.hash_request_path())
-            .and_then(|m| m.modified())
+        let now_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.cache
+            .modified_unix_ms(HASH_REQUEST)
             .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .unwrap_or(Duration::ZERO)
+            .flatten()
+            .map_or(Duration::ZERO, |t| Duration::from_millis(now_ms.saturating_sub(t)))
     }
 }

@@ -169,7 +169,7 @@ pub fn run_with(
     if journal.vm_id() != *config.id.as_bytes() {
         bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
     }
-    let cache = CacheDir::new(&config.cache, &vm);
+    let cache = crate::cache::for_source(&config)?;
     // The run's limit, else the policy's.
     let max_rate = options.max_rate.map_or(config.policy.max_rate, |RateLimit(r)| r);
     if let Some(rate) = max_rate {
@@ -203,7 +203,7 @@ pub fn run_with(
     log::info!(
         "VM '{vm}': shipping journal {} to {} (epoch {}, from seq {}{})",
         journal.path().display(),
-        cache.root().display(),
+        cache.describe(),
         resume.manifest.epoch().number,
         journal.tail().seq,
         if options.once {
@@ -350,20 +350,11 @@ fn wait_for_host_crash_recovery(paths: &VmPaths, journal: &Journal, stop: &Atomi
 /// starts.
 fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats, stop: &AtomicBool) -> Result<Resume> {
     let vm = &config.name;
-    let cache_root = config.cache.as_path();
-    if !cache_root.is_dir() {
-        bail!(
-            "the cache store {} does not exist or is not a directory; create it (or mount it) and start `tern ship {vm}` again",
-            cache_root.display()
-        );
-    }
-    let removed =
-        cache.remove_temporaries().with_context(|| format!("cannot clean {}", cache.segments_dir().display()))?;
+    cache.store().check().with_context(|| format!("cannot ship VM '{vm}'; then start `tern ship {vm}` again"))?;
+    let segments = cache.location(tern_store::cache::SEGMENTS);
+    let removed = cache.remove_temporaries().with_context(|| format!("cannot clean {segments}"))?;
     if removed > 0 {
-        log::info!(
-            "VM '{vm}': removed {removed} half-written segment(s) a previous run left in {}",
-            cache.segments_dir().display()
-        );
+        log::info!("VM '{vm}': removed {removed} half-written segment(s) a previous run left in {segments}");
     }
     let mut tail = journal.tail();
     let mut manifest = match cache.read_manifest()? {
@@ -373,12 +364,12 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
     if manifest.id != config.id {
         bail!(
             "{} belongs to VM id {}, but VM '{vm}' is id {}: the cache holds another VM of the same name; move it away or point --cache elsewhere",
-            cache.manifest_path().display(),
+            cache.location(tern_store::cache::MANIFEST),
             manifest.id,
             config.id
         );
     }
-    let newest = match cache.newest_segment()? {
+    let newest = match cache.newest_segment(Some(*config.id.as_bytes()))? {
         Some(h) => Some(h.context("the newest segment in the cache is damaged; move it away to re-ship it")?),
         None => None,
     };
@@ -409,7 +400,7 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
         last_shipped = tail.seq - 1;
         in_window = true;
     }
-    writer::retrying("write the manifest", stats, stop, || writer::write_manifest(cache, &manifest))?;
+    writer::retrying("write the manifest", stats, stop, || writer::publish_manifest(cache, &manifest))?;
     if tail.seq <= last_shipped {
         // The previous run died after a segment became durable and before
         // it moved the tail: skip what the cache already has.

@@ -4,6 +4,7 @@
 //! before they fence the source.
 
 use super::*;
+use tern_store::cache::SOURCE_STOPPED;
 
 /// The cache's clean-stop marker (`source-stopped.toml`), kept true by the
 /// reader: written once the source's front-end has detached and all it
@@ -61,8 +62,7 @@ impl SourceStopMarker {
                 as u64,
             planned_request: planned,
         };
-        let path = self.cache.source_stopped_path();
-        tern_driver::fs::write_durably(&path, toml::to_string(&marker)?.as_bytes())?;
+        self.cache.write_toml(SOURCE_STOPPED, &marker, "tern ship: the source stopped cleanly, everything shipped")?;
         log::info!("VM '{}': the source stopped cleanly and everything up to seq {seq} is shipped", self.name());
         self.noted.set(Some((seq, planned)));
         Ok(())
@@ -72,17 +72,12 @@ impl SourceStopMarker {
         if self.noted.get().is_none() {
             return Ok(());
         }
-        let path = self.cache.source_stopped_path();
-        match std::fs::remove_file(&path) {
-            Ok(()) => tern_driver::fs::sync_parent_dir(&path)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
-        }
+        self.cache.remove(SOURCE_STOPPED)?;
         self.noted.set(None);
         Ok(())
     }
 
     pub(super) fn name(&self) -> String {
-        self.cache.root().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        self.cache.vm().to_string()
     }
 }

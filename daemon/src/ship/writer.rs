@@ -1,23 +1,23 @@
 //! Durable writes into the cache store, retried until they succeed.
 //!
-//! A segment is written as `.<name>.tmp`, fsynced, renamed, and the
-//! directory fsynced: it appears complete and durable or not at all
-//! (invariant 5). Any failure — ENOSPC, EIO, a failed fsync, the directory
+//! A segment is stored whole and create-only ([`CacheDir::write_segment`]:
+//! in a directory `.<name>.tmp`, fsynced, linked, the directory fsynced;
+//! in a bucket one conditional PUT): it appears complete and durable or
+//! not at all (invariant 5), and never over another. Any failure — ENOSPC, EIO, a failed fsync, the directory
 //! gone — throws the attempt away (after a failed fsync the page cache may
 //! have dropped the data, so nothing written is trusted) and the whole
 //! segment is written again after a backoff. The records stay in the ring
 //! meanwhile; the VM's I/O never waits for this.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::path::Path;
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use tern_driver::units::Rate;
-use tern_store::cache::{CacheDir, Manifest};
+use tern_store::cache::{CacheDir, Manifest, MANIFEST};
+use tern_store::object::{Put, Stage, StoreError};
 use tern_store::segment::SegmentHeader;
 
 use super::throttle::Throttle;
@@ -47,16 +47,29 @@ impl CacheWriter {
     /// Writes one segment durably, retrying with backoff until it is done
     /// or the process is asked to stop.
     pub fn write_segment(&self, header: &SegmentHeader, bytes: &[u8]) -> Result<()> {
-        check_fence(&self.cache)?;
-        let what = format!("write segment {}", self.cache.segment_path(header.first_seq, header.last_seq).display());
+        let what = format!("write segment {}", self.cache.segment_location(header.first_seq, header.last_seq));
+        let mut fenced = None;
         retrying(&what, &self.stats, &self.stop, || {
+            // The fence is read again at every attempt: a store that cannot
+            // be read now (down, unreachable) is retried like a failed
+            // write, never taken for "not fenced" nor allowed to stop the
+            // writer.
+            match check_fence(&self.cache) {
+                Ok(()) => {}
+                Err(e) if e.is::<Fenced>() => {
+                    fenced = Some(e);
+                    return Ok(());
+                }
+                Err(e) => return Err(io::Error::other(format!("{e:#}"))),
+            }
             // The manifest goes first: a cache emptied by an operator (or a
             // store that came back empty) must never hold segments without it.
-            if !self.cache.manifest_path().exists() {
-                write_manifest(&self.cache, &self.manifest)?;
+            if !self.cache.exists(MANIFEST).map_err(store_io_error)? {
+                write_manifest(&self.cache, &self.manifest, Put::Create)?;
             }
             write_segment_once(&self.cache, header, bytes)
-        })
+        })?;
+        fenced.map_or(Ok(()), Err)
     }
 
     /// After a segment of `bytes` whose write began at `started`: sleeps
@@ -81,8 +94,7 @@ pub struct Fenced {
 /// Fails with [`Fenced`] if the target fenced this VM off.
 pub fn check_fence(cache: &CacheDir) -> Result<()> {
     if let Some(fence) = cache.read_fence()? {
-        let vm = cache.root().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        return Err(Fenced { vm, point: fence.point, seq: fence.seq }.into());
+        return Err(Fenced { vm: cache.vm().to_string(), point: fence.point, seq: fence.seq }.into());
     }
     Ok(())
 }
@@ -124,55 +136,50 @@ pub fn retrying(
 }
 
 fn write_segment_once(cache: &CacheDir, header: &SegmentHeader, bytes: &[u8]) -> io::Result<()> {
-    ensure_vm_dir(cache)?;
-    let dir = cache.segments_dir();
-    // Durable in its parent before any segment in it counts as shipped.
-    tern_driver::fs::create_dir_durably(&dir).map_err(|e| io::Error::other(e.with_causes()))?;
-    let tmp = cache.temp_path(header.first_seq, header.last_seq);
-    let path = cache.segment_path(header.first_seq, header.last_seq);
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        fail::hit(Failpoint::ShipSegmentWritten)?;
-        fail::hit(Failpoint::ShipSegmentSync)?;
-        f.sync_data()?;
-        fail::hit(Failpoint::ShipSegmentSynced)?;
-        fs::rename(&tmp, &path)?;
-        sync_dir(&dir)?;
-        fail::hit(Failpoint::ShipSegmentRenamed)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    cache
+        .write_segment(header, bytes, &mut |stage| match stage {
+            Stage::Written => {
+                fail::hit(Failpoint::ShipSegmentWritten)?;
+                fail::hit(Failpoint::ShipSegmentSync)
+            }
+            Stage::Synced => fail::hit(Failpoint::ShipSegmentSynced),
+            Stage::Published => fail::hit(Failpoint::ShipSegmentRenamed),
+        })
+        .map_err(store_io_error)
 }
 
-/// Writes `<cache>/<vm>/manifest.toml` durably.
-pub fn write_manifest(cache: &CacheDir, manifest: &Manifest) -> io::Result<()> {
-    ensure_vm_dir(cache)?;
-    let text = toml::to_string(manifest).map_err(io::Error::other)?;
-    let text = format!("# tern cache manifest: written by `tern ship`, read by `tern apply`\n{text}");
+/// Writes `<cache>/<vm>/manifest.toml` durably: created for a new stream
+/// (never over another's), replaced only over the version read.
+pub fn write_manifest(cache: &CacheDir, manifest: &Manifest, mode: Put) -> io::Result<()> {
     fail::hit(Failpoint::ShipManifestWrite)?;
-    tern_driver::fs::write_durably(&cache.manifest_path(), text.as_bytes())
-        .map_err(|e| io::Error::other(e.with_causes()))
+    cache.write_manifest(manifest, mode).map_err(store_io_error)
 }
 
-/// Creates `<cache>/<vm>/`, but never the cache store itself: if that is
-/// gone (an unmounted share), writing into a fresh directory in its place
-/// would hide segments from the real store.
-fn ensure_vm_dir(cache: &CacheDir) -> io::Result<()> {
-    let store = cache.root().parent().unwrap_or(Path::new("/"));
-    if !store.is_dir() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("the cache store {} is missing", store.display())));
-    }
-    match fs::create_dir(cache.root()) {
-        Ok(()) => sync_dir(store),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
+/// Makes the cache's manifest `manifest`: created if there is none,
+/// replaced by compare-and-swap over the version just read (another
+/// writer in between makes the attempt fail and the next one re-read),
+/// left alone if it already says the same. Never replaces another VM's.
+pub fn publish_manifest(cache: &CacheDir, manifest: &Manifest) -> io::Result<()> {
+    let current = cache.read_manifest_versioned().map_err(io::Error::other)?;
+    match current {
+        None => write_manifest(cache, manifest, Put::Create),
+        Some((m, _)) if m == *manifest => Ok(()),
+        Some((m, _)) if m.id != manifest.id => Err(io::Error::other(format!(
+            "{} now belongs to VM id {}, not this VM's {}: another stream took the name",
+            cache.location(MANIFEST),
+            m.id,
+            manifest.id
+        ))),
+        Some((_, version)) => write_manifest(cache, manifest, Put::Replace(version)),
     }
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+/// A store failure as the io::Error the retry loop reports (ENOSPC and
+/// EDQUOT keep their errno for the hints; the caller's message names the
+/// object).
+pub fn store_io_error(e: StoreError) -> io::Error {
+    match e {
+        StoreError::Io { source, .. } => source,
+        e => io::Error::other(format!("{:#}", anyhow::Error::new(e))),
+    }
 }

@@ -40,6 +40,7 @@ fn setup_in(base: &Path, disk_size: u64, journal: u64, region: u64) -> Setup {
             name: "vm".into(),
             disks: vec![("disk0".into(), image.clone())],
             cache: dir.path().join("cache"),
+            key: None,
             target: dir.path().join("target"),
             journal: JournalConfig { size: Size(journal), region_size: Size(region) },
             policy: Policy::default(),
