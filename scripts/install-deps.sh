@@ -18,6 +18,9 @@ PACKAGES=(
     stress-ng       # a competing CPU load in scripts/bench-ship.sh (LAG_STRESS)
     python3         # the benchmarks' summaries (stdlib only)
     systemd         # systemd-analyze, to verify the unit files
+    python3-venv    # SeaweedFS from PyPI (scripts/stores.sh)
+    nodejs          # Azurite and the Azure SDK from npm (scripts/stores.sh)
+    curl            # scripts/stores.sh: is the store up?
 )
 
 missing=()
@@ -32,6 +35,11 @@ if ((${#missing[@]})); then
     echo "install-deps: installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# npm: Debian's package, unless the nodejs installed brings its own
+# (NodeSource's does, and conflicts with Debian's).
+if ! command -v npm >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
 fi
 # nbdfuse needs the FUSE device (present on a normal host; load it if not).
 [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || true

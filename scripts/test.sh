@@ -11,6 +11,12 @@ BENCH_STEP_GAP=1   # step: an empty line before each
 step "dependencies"
 scripts/install-deps.sh
 
+step "object stores for the two-site tests (SeaweedFS, Azurite: scripts/stores.sh)"
+scripts/stores.sh install
+scripts/stores.sh start
+on_exit 'scripts/stores.sh stop'
+eval "$(scripts/stores.sh env)"
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

@@ -6,6 +6,8 @@
 //! that `scripts/test.sh` builds first, and the real clients it installs.
 #![deny(unsafe_code)]
 
+pub mod stores;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -124,6 +126,13 @@ pub struct VmSpec {
     /// file; `disk_size`, `random_content` and `image_dir` are ignored, and
     /// no copy of it is kept as the oracle's start (`original` is absent).
     pub device: Option<PathBuf>,
+    /// The cache store, if not the test's own `cache` directory: an
+    /// `s3://` or `az://` location ([`stores`]).
+    pub cache: Option<String>,
+    /// `tern enable --key`: segments sealed with this key file.
+    pub key: Option<PathBuf>,
+    /// Environment for every `tern` of this VM (another store's endpoint).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for VmSpec {
@@ -135,6 +144,9 @@ impl Default for VmSpec {
             random_content: false,
             image_dir: None,
             device: None,
+            cache: None,
+            key: None,
+            env: Vec::new(),
         }
     }
 }
@@ -165,6 +177,8 @@ pub struct TestVm {
     /// A copy of the image as it was when enabled: the oracle's start.
     pub original: PathBuf,
     pub socket: PathBuf,
+    /// Set for every `tern` command of this VM ([`VmSpec::env`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl TestVm {
@@ -187,11 +201,15 @@ impl TestVm {
         for site in ["cache", "target"] {
             std::fs::create_dir(dir.path().join(site)).expect("create site directory");
         }
-        let vm = TestVm { name: "vm1".into(), state, image, original, socket, dir };
-        run(vm
-            .tern()
+        let vm = TestVm { name: "vm1".into(), state, image, original, socket, dir, env: spec.env.clone() };
+        let cache = spec.cache.clone().map_or_else(|| vm.dir.path().join("cache"), PathBuf::from);
+        let mut enable = vm.tern();
+        if let Some(key) = &spec.key {
+            enable.arg("--key").arg(key);
+        }
+        run(enable
             .args(["enable", "vm1", "--cache"])
-            .arg(vm.dir.path().join("cache"))
+            .arg(cache)
             .arg("--target")
             .arg(vm.dir.path().join("target"))
             .arg("--disk")
@@ -202,13 +220,16 @@ impl TestVm {
 
     /// A `tern` command with this VM's state directory.
     pub fn tern(&self) -> Command {
-        tern_with_state(&self.state)
+        let mut c = tern_with_state(&self.state);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
     }
 
     /// [`TestVm::tern`] with `env` set (see [`tern_command`]).
     pub fn tern_env(&self, env: &[(&str, &str)]) -> Command {
         let mut c = tern_command(env);
         c.arg("--state").arg(&self.state).env("TERN_RING_DIR", ring_dir_of(&self.state));
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
