@@ -109,7 +109,9 @@ pub fn run(
     }
     cache.check().context("the cache store is not usable")?;
     if let Some(v) = vm {
-        if !CacheDir::new(cache, v).exists(tern_store::cache::MANIFEST)? {
+        // Not there, or not readable yet (a share still mounting, a store
+        // still starting): waited for below, as before, not fatal.
+        if !CacheDir::new(cache, v).exists(tern_store::cache::MANIFEST).unwrap_or(false) {
             let there = vms_in(cache).unwrap_or_default();
             let there = if there.is_empty() { "none yet".to_string() } else { there.join(", ") };
             let what = format!("the cache store {} holds no VM '{v}' (it holds: {there})", cache.describe());
