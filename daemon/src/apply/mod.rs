@@ -358,8 +358,7 @@ impl VmApplier {
             return Ok(0);
         }
         let mut applied = 0;
-        let todo: Vec<_> =
-            self.cache.list_segments()?.into_iter().filter(|l| l.last_seq > self.cur.applied_seq).collect();
+        let todo = self.segments_to_apply()?;
         let vm_id = *self.manifest.id.as_bytes();
         let reader = self.cache.clone();
         std::thread::scope(|scope| -> Result<()> {
@@ -588,6 +587,35 @@ impl VmApplier {
         self.cur.in_window = in_window;
         self.cur.source_time_ns = source_time;
         Ok(())
+    }
+
+    /// The listed segments past the applied position. A listing that
+    /// shows a gap is taken again before any segment is refused for it: a
+    /// listing made while the shipper publishes may show a segment without
+    /// the one before it (readdir in hash order, or a paged bucket list,
+    /// returns names created during the listing or not, each on its own).
+    /// Segments are published in order, so a second listing, begun after
+    /// the first ended, holds every segment before the newest the first
+    /// one saw.
+    fn segments_to_apply(&self) -> Result<Vec<tern_store::cache::Listed>> {
+        let list = || -> Result<Vec<_>> {
+            Ok(self.cache.list_segments()?.into_iter().filter(|l| l.last_seq > self.cur.applied_seq).collect())
+        };
+        let todo = list()?;
+        let mut expected = self.cur.applied_seq + 1;
+        for l in &todo {
+            let epoch_starts = self.manifest.epochs.iter().any(|e| e.first_seq == l.first_seq);
+            if l.first_seq > expected && !epoch_starts {
+                log::debug!(
+                    "VM '{}': the listing shows seqs {expected}..{} missing; listing again",
+                    self.name,
+                    l.first_seq - 1
+                );
+                return list();
+            }
+            expected = expected.max(l.last_seq + 1);
+        }
+        Ok(todo)
     }
 
     /// Deletes applied segments (after the checkpoint is durable), always
