@@ -130,6 +130,7 @@ fn setup() -> Servers {
             name: "vm".into(),
             disks: vec![("disk0".into(), image)],
             cache: dir.join("cache"),
+            key: None,
             target: dir.join("target"),
             // The smallest ring: an input of 16 KiB of writes overflows it.
             journal: JournalConfig { size: Size::kib(16), region_size: Size::kib(4) },

@@ -298,6 +298,7 @@ impl Vm {
                 name: name.into(),
                 disks: vec![("disk0".into(), image)],
                 cache: dir.join("cache"),
+                key: None,
                 target: dir.join("target"),
                 journal: JournalConfig { size: Size(CAPACITY), region_size: Size::kib(4) },
                 policy: Default::default(),
