@@ -38,8 +38,10 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 /// How long the store's client retries a transient failure before the
-/// call fails (the caller then backs off and retries the whole step).
-pub const RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+/// call fails (the caller then backs off, logs what to check and retries
+/// the whole step): short, so that an outage shows in the log and in
+/// `tern status` within seconds rather than hiding in the client.
+pub const RETRY_TIMEOUT: Duration = Duration::from_secs(10);
 /// One request's limit, connection included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -230,7 +232,7 @@ impl Store {
             allow_http("AWS_ALLOW_HTTP") || allow_http("AZURE_ALLOW_HTTP") || allow_http("AZURE_STORAGE_USE_EMULATOR"),
         );
         let retry = object_store::RetryConfig {
-            max_retries: 8,
+            max_retries: 5,
             retry_timeout: RETRY_TIMEOUT,
             backoff: object_store::BackoffConfig {
                 init_backoff: Duration::from_millis(100),

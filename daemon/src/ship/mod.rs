@@ -176,6 +176,7 @@ pub fn run_with(
         log::info!("VM '{vm}': sending at most {rate} to the cache store");
     }
     let stats = Arc::new(Stats::new(paths.dir().join("ship.json"), max_rate));
+    wait_for_store(&cache, &stats, &stop)?;
     writer::check_fence(&cache)?;
     wait_for_host_crash_recovery(paths, &journal, &stop)?;
     let resume = resume(&config, &cache, &journal, &stats, &stop)?;
@@ -345,12 +346,36 @@ fn wait_for_host_crash_recovery(paths: &VmPaths, journal: &Journal, stop: &Atomi
     Ok(())
 }
 
+/// Waits until the cache store answers: a store down or unreachable at
+/// start (a restart during an outage) is waited out with backoff, as a
+/// failed write is later; one that cannot work (missing, credentials
+/// refused) fails at once, saying what to fix.
+fn wait_for_store(cache: &CacheDir, stats: &Stats, stop: &AtomicBool) -> Result<()> {
+    let vm = cache.vm();
+    let mut permanent = None;
+    writer::retrying(&format!("reach the cache store {}", cache.store().describe()), stats, stop, || {
+        match cache.store().check() {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_permanent() => {
+                permanent = Some(e);
+                Ok(())
+            }
+            Err(e) => Err(writer::store_io_error(e)),
+        }
+    })?;
+    match permanent {
+        Some(e) => {
+            Err(anyhow::Error::new(e).context(format!("cannot ship VM '{vm}'; then start `tern ship {vm}` again")))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Reads the manifest and the newest segment, reconciles them with the
 /// ring's tail, and writes the manifest when it is new or a new epoch
 /// starts.
 fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats, stop: &AtomicBool) -> Result<Resume> {
     let vm = &config.name;
-    cache.store().check().with_context(|| format!("cannot ship VM '{vm}'; then start `tern ship {vm}` again"))?;
     let segments = cache.location(tern_store::cache::SEGMENTS);
     let removed = cache.remove_temporaries().with_context(|| format!("cannot clean {segments}"))?;
     if removed > 0 {
