@@ -6,6 +6,7 @@
 //! that `scripts/test.sh` builds first, and the real clients it installs.
 #![deny(unsafe_code)]
 
+pub mod proxy;
 pub mod stores;
 
 use std::io::{Read, Write};

@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tern_store::object::Put;
+use tern_system_tests::proxy::FaultProxy;
 use tern_system_tests::stores::{self, require_stores};
 use tern_system_tests::*;
 
@@ -282,4 +283,76 @@ fn the_store_killed_mid_upload_and_back_later_loses_nothing() {
     assert_files_equal(&vm.image, &replica(&target));
     let log = std::fs::read_to_string(vm.dir.path().join("ship.log")).unwrap();
     assert!(log.contains("succeeded after"), "the shipper said it recovered: {log}");
+}
+
+#[test]
+fn a_cut_link_a_throttling_store_and_lost_answers_lose_nothing() {
+    require_stores();
+    let upstream: std::net::SocketAddr = "127.0.0.1:8333".parse().unwrap();
+    let proxy = FaultProxy::start(upstream);
+    let cache = stores::s3("tern-test");
+    let env = vec![("AWS_ENDPOINT_URL".to_string(), proxy.endpoint())];
+    let vm = TestVm::new(VmSpec { disk_size: 16 * MIB, cache: Some(cache.clone()), env, ..Default::default() });
+    let served = vm.serve(&[]);
+    let ship = vm.ship(&[]);
+    write_through_nbd(&vm, 0, 20);
+    // The link is cut for 30 s while the VM writes on: every write is
+    // acknowledged (the journal and the bitmap absorb them).
+    proxy.cut(true);
+    let cut_at = Instant::now();
+    let mut round = 20;
+    while cut_at.elapsed() < Duration::from_secs(30) {
+        write_through_nbd(&vm, round, 5);
+        round += 5;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    proxy.cut(false);
+    // The store throttles: five requests answered 503 SlowDown.
+    proxy.slow_down(5);
+    write_through_nbd(&vm, round, 10);
+    // A PUT reaches the store but its answer is lost: the retry finds the
+    // object there, reads it back and counts it written.
+    proxy.lose_put_answers(1);
+    write_through_nbd(&vm, round + 10, 10);
+    let waited = Instant::now();
+    while proxy.slowed() < 5 || proxy.lost() < 1 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "slowed {} lost {}: {}",
+            proxy.slowed(),
+            proxy.lost(),
+            std::fs::read_to_string(vm.dir.path().join("ship.log")).unwrap_or_default()
+        );
+        write_through_nbd(&vm, round + 20, 1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    served.stop();
+    let log = ship.stop();
+    vm.ship_once();
+    let target = vm.dir.path().join("target");
+    let out = apply_once(&vm, &cache, &target, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_files_equal(&vm.image, &replica(&target));
+    assert!(log.contains("cannot write segment") || log.contains("cannot"), "the outage was logged: {log}");
+    assert!(log.contains("succeeded after"), "and its end: {log}");
+    assert!(
+        log.contains("already written with the same content") || log.contains("already shipped with the same records"),
+        "the lost answer was settled by reading back: {log}"
+    );
+}
+
+#[test]
+fn a_create_whose_answer_is_lost_is_settled_by_reading_it_back() {
+    require_stores();
+    let proxy = FaultProxy::start("127.0.0.1:8333".parse().unwrap());
+    let location = stores::s3("tern-test");
+    let store = stores::open_at(&proxy.endpoint(), &location);
+    proxy.lose_put_answers(1);
+    store.put("vm1/segments/a", b"one", Put::Create).expect("settled by reading back");
+    assert_eq!(proxy.lost(), 1, "the answer was lost");
+    assert_eq!(store.get("vm1/segments/a").unwrap().unwrap().bytes, b"one");
+    // Another writer's bytes under the name are not ours: refused.
+    proxy.lose_put_answers(1);
+    let e = store.put("vm1/segments/a", b"two", Put::Create).unwrap_err();
+    assert!(e.to_string().contains("already exists with other content"), "{e}");
 }
