@@ -539,10 +539,7 @@ impl Store {
                 out
             }
             Inner::Remote(r) => {
-                let path = r.object_path(prefix);
-                let listed = runtime()
-                    .block_on(r.store.list_with_delimiter(Some(&path)))
-                    .map_err(|source| self.remote("list", prefix, source))?;
+                let listed = self.list_below(r, prefix)?;
                 listed
                     .objects
                     .into_iter()
@@ -581,16 +578,21 @@ impl Store {
                 out
             }
             Inner::Remote(r) => {
-                let path = r.object_path(prefix);
-                let listed = runtime()
-                    .block_on(r.store.list_with_delimiter(Some(&path)))
-                    .map_err(|source| self.remote("list", prefix, source))?;
+                let listed = self.list_below(r, prefix)?;
                 listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect()
             }
         };
         out.retain(|n| !n.starts_with('.'));
         out.sort();
         Ok(out)
+    }
+
+    /// One level of a bucket below `prefix`: its objects and its
+    /// "directories" (common prefixes), every page of them.
+    fn list_below(&self, r: &Remote, prefix: &str) -> Result<object_store::ListResult, StoreError> {
+        runtime()
+            .block_on(r.store.list_with_delimiter(Some(&r.object_path(prefix))))
+            .map_err(|source| self.remote("list", prefix, source))
     }
 
     /// Removes every object below `prefix`; returns how many.
