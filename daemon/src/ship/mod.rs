@@ -534,7 +534,7 @@ fn read_batches(
             oldest = None;
         }
         if record.is_some() {
-            stop_marker.source_runs()?;
+            stop_marker.source_runs();
         }
         match record {
             Some(h) if full || (old && !builder.is_empty()) => pending = Some(h),
@@ -549,7 +549,12 @@ fn read_batches(
             }
             None if stopping => return Ok(()),
             None => {
-                stop_marker.update(journal, bitmaps, stats)?;
+                // While running, a store that fails now is tried again at
+                // the next idle moment; the run's last update (after the
+                // writer) reports a failure.
+                if let Err(e) = stop_marker.update(journal, bitmaps, stats) {
+                    log::warn!("VM '{}': {e:#}; trying again", config.name);
+                }
                 if options.once
                     && caught_up(&cursor, target)
                     && !in_window

@@ -15,6 +15,9 @@ pub(super) struct SourceStopMarker {
     /// The seq the marker in the cache says, if there is one, and the
     /// planned failover request it answers.
     noted: std::cell::Cell<Option<(u64, Option<u64>)>>,
+    /// Removing the marker failed and was logged; not logged again until
+    /// it succeeds.
+    remove_failing: std::cell::Cell<bool>,
 }
 
 impl SourceStopMarker {
@@ -26,7 +29,7 @@ impl SourceStopMarker {
             Ok(Some(m)) => Some((m.seq, m.planned_request)),
             _ => Some((0, None)),
         };
-        SourceStopMarker { cache, vm_id, noted: std::cell::Cell::new(noted) }
+        SourceStopMarker { cache, vm_id, noted: std::cell::Cell::new(noted), remove_failing: Default::default() }
     }
 
     /// Writes or removes the marker as the journal says: detached, every
@@ -35,7 +38,8 @@ impl SourceStopMarker {
     pub(super) fn update(&self, journal: &Journal, bitmaps: &[DirtyBitmap], stats: &Stats) -> Result<()> {
         let flags = journal.flags();
         if flags & journal::FLAG_ATTACHED != 0 {
-            return self.source_runs();
+            self.source_runs();
+            return Ok(());
         }
         let shipped = stats.last_shipped();
         if shipped + 1 == journal.head().seq
@@ -68,13 +72,25 @@ impl SourceStopMarker {
         Ok(())
     }
 
-    pub(super) fn source_runs(&self) -> Result<()> {
+    /// The source writes again: its stop marker goes. A store that fails
+    /// now is tried again at the next record (the marker stays noted);
+    /// meanwhile a marker left behind cannot mislead a failback, which
+    /// finds newer segments than its seq and takes the source as running.
+    pub(super) fn source_runs(&self) {
         if self.noted.get().is_none() {
-            return Ok(());
+            return;
         }
-        self.cache.remove(SOURCE_STOPPED)?;
-        self.noted.set(None);
-        Ok(())
+        match self.cache.remove(SOURCE_STOPPED) {
+            Ok(()) => {
+                self.noted.set(None);
+                self.remove_failing.set(false);
+            }
+            // Once per outage: it is tried at every record meanwhile.
+            Err(e) if !self.remove_failing.replace(true) => {
+                log::warn!("VM '{}': {e:#}; trying again at each write", self.name())
+            }
+            Err(_) => {}
+        }
     }
 
     pub(super) fn name(&self) -> String {
