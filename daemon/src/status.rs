@@ -220,10 +220,23 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
     };
     let cache =
         crate::cache::for_source(config).unwrap_or_else(|_| CacheDir::new(&Store::dir(&config.cache), &config.name));
-    let applied: Option<Applied> = cache.read_applied().ok().flatten();
+    // What the cache says of the target; a cache that cannot be read is
+    // said, not taken for "nothing applied yet".
+    let mut cache_unreadable = None;
+    let applied: Option<Applied> = cache.read_applied().unwrap_or_else(|e| {
+        cache_unreadable = Some(format!("cannot read the cache store: {e:#}"));
+        None
+    });
     let target = TargetDir::new(&config.target, &config.name);
-    let points = target.list_points().unwrap_or_default();
-    let newest_point = points.iter().map(|p| p.time_ns).max();
+    // The catalog itself when the target directory is on this host, else
+    // what the applier published with its progress (two sites).
+    let (point_count, newest_point) = if target.root().is_dir() {
+        let points = target.list_points().unwrap_or_default();
+        (points.len(), points.iter().map(|p| p.time_ns).max())
+    } else {
+        let a = applied.as_ref();
+        (a.and_then(|a| a.points).unwrap_or(0) as usize, a.and_then(|a| a.newest_point_ns))
+    };
     let test_failovers = std::fs::read_dir(target.root().join("failover"))
         .map(|d| {
             // `active` is the real failover's directory, not a test.
@@ -243,7 +256,7 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
             now_ns().saturating_sub(a.source_time_ns) as f64 / 1e9
         }
     });
-    let cache_failing = ship.as_ref().and_then(|s| s.cache_failing.clone());
+    let cache_failing = ship.as_ref().and_then(|s| s.cache_failing.clone()).or(cache_unreadable);
     let apply_failing = cache.read_apply_failure().ok().flatten().map(|f| {
         let retry = match f.retry_unix_ms.checked_sub(now_ns() / 1_000_000) {
             _ if f.retry_unix_ms == 0 => "not retried (`tern apply --once`)".to_string(),
@@ -266,11 +279,11 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         State::Error
     } else if !ship_running && last_seq > tail.seq.saturating_sub(1) {
         State::Paused
-    } else if in_window && points.is_empty() {
+    } else if in_window && point_count == 0 {
         State::InitialSync
     } else if in_window || journal.mode() == Mode::Overflow {
         State::Resyncing
-    } else if points.is_empty() {
+    } else if point_count == 0 {
         State::Unprotected
     } else if test_failovers > 0 {
         State::TestFailover
@@ -290,7 +303,7 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
         dirty_bytes,
         resync_window_open,
         last_point_age_seconds: newest_point.map(|t| now_ns().saturating_sub(t) as f64 / 1e9),
-        points: points.len(),
+        points: point_count,
         test_failovers,
         serve_running,
         ship_running,

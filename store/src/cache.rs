@@ -144,6 +144,13 @@ pub struct Applied {
     /// Source time of the newest applied record, ns since the Unix epoch.
     pub source_time_ns: u64,
     pub updated_unix_ms: u64,
+    /// Recovery points in the target's catalog, and the source time of the
+    /// newest: the source site's `tern status` reads them here when the
+    /// target directory is on another host. Absent before 2026-12-06.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_point_ns: Option<u64>,
 }
 
 /// `<cache>/<vm>/apply-failure.toml`: the target's applier failed on the

@@ -79,6 +79,15 @@ fn the_whole_lifecycle_runs_through_an_s3_bucket() {
     assert_eq!(status[0]["rpo_seconds"].as_f64(), Some(0.0), "the target's progress is read from the bucket: {status}");
     let points = vm.points(&target);
     let app = points.iter().find(|p| p["kind"] == "app").expect("an app point for the tag");
+    // The source host of two sites has no target directory: its status
+    // learns the points from what the applier published in the bucket.
+    let elsewhere = vm.dir.path().join("target-at-the-other-site");
+    std::fs::rename(&target, &elsewhere).unwrap();
+    let status = json(&run(vm.tern().args(["status", "vm1", "--json"])));
+    std::fs::rename(&elsewhere, &target).unwrap();
+    assert_eq!(status[0]["points"].as_u64(), Some(points.len() as u64), "{status}");
+    assert_eq!(status[0]["state"], "protected", "{status}");
+    assert!(status[0]["last_point_age_seconds"].as_f64().is_some(), "{status}");
 
     // A test failover from the app point, then the real one: the fence
     // goes into the bucket and the source stops at it.

@@ -631,12 +631,15 @@ impl VmApplier {
     }
 
     fn publish_applied(&self) {
+        let points = self.target.list_points().ok();
         let applied = Applied {
             version: 1,
             epoch: self.checkpoint.epoch,
             applied_seq: self.checkpoint.applied_seq,
             source_time_ns: self.checkpoint.source_time_ns,
             updated_unix_ms: now_ns() / 1_000_000,
+            points: points.as_ref().map(|p| p.len() as u64),
+            newest_point_ns: points.as_ref().and_then(|p| p.iter().map(|p| p.time_ns).max()),
         };
         if let Err(e) =
             self.cache.write_toml(tern_store::cache::APPLIED, &applied, "tern apply's progress, for the source's RPO")
