@@ -113,18 +113,31 @@ fn serve(client: TcpStream, upstream: std::net::SocketAddr, f: &Arc<Faults>) {
     let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
     let (f_up, lose_up) = (Arc::clone(f), Arc::clone(&lose));
     let up = std::thread::spawn(move || {
+        // The stream so far, as far as a request line can reach back: a
+        // request starts the connection or follows a CRLF, and a read may
+        // split it anywhere.
+        let mut seen: Vec<u8> = b"\r\n".to_vec();
         pump(client, server, |chunk| {
-            // A request's head: at a read's start, or after the previous
-            // request's end in the same read.
-            if (chunk.starts_with(b"PUT /") || chunk.windows(7).any(|w| w == b"\r\nPUT /"))
-                && f_up.lose_put_answers.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
-            {
-                lose_up.store(true, Ordering::Release);
+            if f_up.cut.load(Ordering::Acquire) {
+                return false;
             }
+            let from = seen.len();
+            seen.extend_from_slice(chunk);
+            let starts = seen.windows(7).skip(from.saturating_sub(6)).filter(|w| *w == b"\r\nPUT /").count();
+            for _ in 0..starts {
+                if f_up.lose_put_answers.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
+                {
+                    lose_up.store(true, Ordering::Release);
+                }
+            }
+            seen.drain(..seen.len().saturating_sub(6));
             true
         })
     });
     pump(s2, c2, |_| {
+        if f.cut.load(Ordering::Acquire) {
+            return false;
+        }
         if lose.load(Ordering::Acquire) {
             f.lost.fetch_add(1, Ordering::AcqRel);
             return false;
