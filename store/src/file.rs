@@ -26,8 +26,7 @@ pub enum FileError {
 impl FileError {
     /// A store's failure to read `path`, as a [`FileError::Unreadable`].
     pub fn from_store(path: PathBuf, e: crate::object::StoreError) -> Self {
-        let kind = e.io_error().map_or(io::ErrorKind::Other, io::Error::kind);
-        FileError::Unreadable { path, source: io::Error::new(kind, with_causes(&e)) }
+        FileError::Unreadable { path, source: e.into_io_error() }
     }
 
     pub fn path(&self) -> &Path {

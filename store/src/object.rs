@@ -79,7 +79,7 @@ pub struct Listed {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// [`Put::Create`] found the object there, holding other bytes.
-    #[error("{location} already exists with other content")]
+    #[error("{location} already exists with other content: another writer uses the name (two sources shipping under one VM name into one cache?); stop the other, or give this one its own cache")]
     Exists { location: String },
     /// [`Put::Replace`] found the object changed (or gone) since it was read.
     #[error("{location} was changed by someone else since it was read")]
@@ -122,12 +122,13 @@ impl StoreError {
         }
     }
 
-    /// The filesystem's or the client's own error, when there is one: for
-    /// callers that recognise ENOSPC or EDQUOT.
-    pub fn io_error(&self) -> Option<&io::Error> {
+    /// As an io::Error: the filesystem's own (ENOSPC and EDQUOT keep
+    /// their errno for the hints; the caller's message names the object),
+    /// else the whole account of the failure.
+    pub fn into_io_error(self) -> io::Error {
         match self {
-            StoreError::Io { source, .. } => Some(source),
-            _ => None,
+            StoreError::Io { source, .. } => source,
+            e => io::Error::other(crate::file::with_causes(&e)),
         }
     }
 }

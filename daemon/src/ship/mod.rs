@@ -360,7 +360,7 @@ fn wait_for_store(cache: &CacheDir, stats: &Stats, stop: &AtomicBool) -> Result<
                 permanent = Some(e);
                 Ok(())
             }
-            Err(e) => Err(writer::store_io_error(e)),
+            Err(e) => Err(e.into_io_error()),
         }
     })?;
     match permanent {

@@ -64,7 +64,7 @@ impl CacheWriter {
             }
             // The manifest goes first: a cache emptied by an operator (or a
             // store that came back empty) must never hold segments without it.
-            if !self.cache.exists(MANIFEST).map_err(store_io_error)? {
+            if !self.cache.exists(MANIFEST).map_err(StoreError::into_io_error)? {
                 write_manifest(&self.cache, &self.manifest, Put::Create)?;
             }
             write_segment_once(&self.cache, header, bytes)
@@ -126,7 +126,7 @@ pub fn retrying(
                     bail!("cannot {what}: {e}; stopping with it unshipped (the journal keeps the records)");
                 }
                 log::warn!(
-                    "cache store: cannot {what}: {e}; retrying in {delay:?} (attempt {failures}; check the cache's space and mount; the journal holds the records meanwhile)"
+                    "cache store: cannot {what}: {e}; retrying in {delay:?} (attempt {failures}; check the cache store: a directory's space and mount, a bucket's endpoint, credentials and link; the journal holds the records meanwhile)"
                 );
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(10));
@@ -145,14 +145,14 @@ fn write_segment_once(cache: &CacheDir, header: &SegmentHeader, bytes: &[u8]) ->
             Stage::Synced => fail::hit(Failpoint::ShipSegmentSynced),
             Stage::Published => fail::hit(Failpoint::ShipSegmentRenamed),
         })
-        .map_err(store_io_error)
+        .map_err(StoreError::into_io_error)
 }
 
 /// Writes `<cache>/<vm>/manifest.toml` durably: created for a new stream
 /// (never over another's), replaced only over the version read.
 pub fn write_manifest(cache: &CacheDir, manifest: &Manifest, mode: Put) -> io::Result<()> {
     fail::hit(Failpoint::ShipManifestWrite)?;
-    cache.write_manifest(manifest, mode).map_err(store_io_error)
+    cache.write_manifest(manifest, mode).map_err(StoreError::into_io_error)
 }
 
 /// Makes the cache's manifest `manifest`: created if there is none,
@@ -171,15 +171,5 @@ pub fn publish_manifest(cache: &CacheDir, manifest: &Manifest) -> io::Result<()>
             manifest.id
         ))),
         Some((_, version)) => write_manifest(cache, manifest, Put::Replace(version)),
-    }
-}
-
-/// A store failure as the io::Error the retry loop reports (ENOSPC and
-/// EDQUOT keep their errno for the hints; the caller's message names the
-/// object).
-pub fn store_io_error(e: StoreError) -> io::Error {
-    match e {
-        StoreError::Io { source, .. } => source,
-        e => io::Error::other(format!("{:#}", anyhow::Error::new(e))),
     }
 }
