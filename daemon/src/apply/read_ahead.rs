@@ -105,26 +105,24 @@ mod tests {
 
     /// Segment `i` (seqs i+1..=i+1): one 64 KiB write of byte `i`.
     fn write_segments(cache: &CacheDir, n: u64) -> Vec<Listed> {
-        (0..n)
-            .map(|i| {
-                let seq = i + 1;
-                let data = vec![i as u8; 65536];
-                let h = RecordHeader {
-                    seq,
-                    offset: 0,
-                    time_ns: seq,
-                    length: 65536,
-                    data_len: 65536,
-                    disk: 0,
-                    kind: RecordKind::Write,
-                    flags: 0,
-                };
-                let mut b = SegmentBuilder::new(VM, 1, seq);
-                b.push(&h, &data).expect("push");
-                let (header, bytes) = Encoder::new(Compression::None).expect("encoder").encode(&b).expect("encode");
-                cache.write_segment(&header, &bytes, &mut |_| Ok(())).expect("write segment");
-            })
-            .for_each(drop);
+        for i in 0..n {
+            let seq = i + 1;
+            let data = vec![i as u8; 65536];
+            let h = RecordHeader {
+                seq,
+                offset: 0,
+                time_ns: seq,
+                length: 65536,
+                data_len: 65536,
+                disk: 0,
+                kind: RecordKind::Write,
+                flags: 0,
+            };
+            let mut b = SegmentBuilder::new(VM, 1, seq);
+            b.push(&h, &data).expect("push");
+            let (header, bytes) = Encoder::new(Compression::None).expect("encoder").encode(&b).expect("encode");
+            cache.write_segment(&header, &bytes, &mut |_| Ok(())).expect("write segment");
+        }
         cache.list_segments().expect("list")
     }
 
