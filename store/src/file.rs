@@ -26,7 +26,7 @@ pub enum FileError {
 impl FileError {
     /// A store's failure to read `path`, as a [`FileError::Unreadable`].
     pub fn from_store(path: PathBuf, e: crate::object::StoreError) -> Self {
-        FileError::Unreadable { path, source: e.into_io_error() }
+        FileError::Unreadable { path, source: e.into_cause() }
     }
 
     pub fn path(&self) -> &Path {

@@ -131,6 +131,15 @@ impl StoreError {
             e => io::Error::other(crate::file::with_causes(&e)),
         }
     }
+
+    /// Why the request failed, without the "cannot <do> <object>" around
+    /// it: for a caller whose own error names the object.
+    pub fn into_cause(self) -> io::Error {
+        match self {
+            StoreError::Remote { error, .. } => io::Error::other(remote_reason(&error)),
+            e => e.into_io_error(),
+        }
+    }
 }
 
 /// The shortest true account of a remote failure: what kind of refusal,
@@ -155,6 +164,12 @@ fn remote_reason(e: &object_store::Error) -> String {
         object_store::Error::Precondition { .. } => "a precondition failed",
         object_store::Error::AlreadyExists { .. } => "already exists",
         _ => "",
+    };
+    // The client's own timeout says only "deadline has elapsed".
+    let innermost = if innermost.contains("deadline has elapsed") {
+        "timed out waiting for the store (is it reachable from this host?)".to_string()
+    } else {
+        innermost
     };
     match (kind, code) {
         ("", Some(code)) => code.to_string(),
