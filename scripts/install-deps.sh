@@ -21,6 +21,7 @@ PACKAGES=(
     python3-venv    # SeaweedFS from PyPI (scripts/stores.sh)
     nodejs          # Azurite and the Azure SDK from npm (scripts/stores.sh)
     curl            # scripts/stores.sh: is the store up?
+    iptables ethtool iproute2   # the emulated WAN (tests/src/wan.rs): NFQUEUE, loss, no offloads, tbf
 )
 
 missing=()

@@ -8,6 +8,7 @@
 
 pub mod proxy;
 pub mod stores;
+pub mod wan;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -39,7 +40,7 @@ pub fn tern_bin() -> PathBuf {
 
 /// A binary of the workspace: `$env` if set, else the release (or debug)
 /// build, else a failure saying how to build it.
-fn workspace_bin(name: &str, env: &str, build: &str) -> PathBuf {
+pub(crate) fn workspace_bin(name: &str, env: &str, build: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
@@ -89,6 +90,24 @@ pub fn crashfs_bin() -> PathBuf {
     workspace_bin("tern-crashfs", "TERN_CRASHFS_BIN", "cargo build --release --workspace")
 }
 
+/// `cmd` run in the network namespace `netns` (`ip netns exec`, which
+/// execs it: the child is the program itself), or as it is.
+pub fn in_netns(netns: Option<&str>, cmd: Command) -> Command {
+    let Some(ns) = netns else { return cmd };
+    let mut wrapped = Command::new("ip");
+    wrapped.args(["netns", "exec", ns]).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        wrapped.current_dir(d);
+    }
+    wrapped
+}
+
 /// Fails the test with an actionable message when a client is missing.
 pub fn require(tool: &str) {
     let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
@@ -134,6 +153,9 @@ pub struct VmSpec {
     pub key: Option<PathBuf>,
     /// Environment for every `tern` of this VM (another store's endpoint).
     pub env: Vec<(String, String)>,
+    /// The network namespace every `tern` of this VM runs in (the source
+    /// host of [`wan::Wan`]).
+    pub netns: Option<String>,
 }
 
 impl Default for VmSpec {
@@ -148,6 +170,7 @@ impl Default for VmSpec {
             cache: None,
             key: None,
             env: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -180,6 +203,8 @@ pub struct TestVm {
     pub socket: PathBuf,
     /// Set for every `tern` command of this VM ([`VmSpec::env`]).
     pub env: Vec<(String, String)>,
+    /// Where every `tern` command of this VM runs ([`VmSpec::netns`]).
+    pub netns: Option<String>,
 }
 
 impl TestVm {
@@ -202,7 +227,16 @@ impl TestVm {
         for site in ["cache", "target"] {
             std::fs::create_dir(dir.path().join(site)).expect("create site directory");
         }
-        let vm = TestVm { name: "vm1".into(), state, image, original, socket, dir, env: spec.env.clone() };
+        let vm = TestVm {
+            name: "vm1".into(),
+            state,
+            image,
+            original,
+            socket,
+            dir,
+            env: spec.env.clone(),
+            netns: spec.netns.clone(),
+        };
         let cache = spec.cache.clone().map_or_else(|| vm.dir.path().join("cache"), PathBuf::from);
         let mut enable = vm.tern();
         if let Some(key) = &spec.key {
@@ -223,7 +257,7 @@ impl TestVm {
     pub fn tern(&self) -> Command {
         let mut c = tern_with_state(&self.state);
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
-        c
+        in_netns(self.netns.as_deref(), c)
     }
 
     /// [`TestVm::tern`] with `env` set (see [`tern_command`]).
@@ -231,7 +265,7 @@ impl TestVm {
         let mut c = tern_command(env);
         c.arg("--state").arg(&self.state).env("TERN_RING_DIR", ring_dir_of(&self.state));
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
-        c
+        in_netns(self.netns.as_deref(), c)
     }
 
     /// The directory the VM's journal ring lives in (see [`tern_with_state`]).
@@ -395,8 +429,19 @@ impl TestVm {
     }
 }
 
-/// The directory tests make their VMs in (`TERN_TEST_DIR`, default the
-/// system temporary directory).
+/// `count` writes of 64 KiB through the NBD export `disk0` at `socket`,
+/// write `i` of a pattern of its own at an offset of its own (`first` picks
+/// up where an earlier call stopped); the client sees each acknowledged.
+pub fn write_patterns(socket: &Path, first: u64, count: u64) {
+    const CMD_WRITE: u16 = 1;
+    let mut c = RawClient::connect(socket, "disk0");
+    for i in first..first + count {
+        let data: Vec<u8> = (0..65536u32).map(|b| (b as u64 * 31 + i * 7) as u8).collect();
+        let offset = (i * 3 * 65536) % (c.size - 65536);
+        assert_eq!(c.call(CMD_WRITE, 0, offset, 65536, &data).error, 0, "write {i} acknowledged");
+    }
+}
+
 /// Waits (30 s at most) until `server` listens on the unix socket `socket`;
 /// panics, with `log()`, if it exits or never does.
 pub fn wait_listening(socket: &Path, server: &mut Child, log: impl Fn() -> String) {
@@ -415,6 +460,8 @@ pub fn wait_listening(socket: &Path, server: &mut Child, log: impl Fn() -> Strin
     }
 }
 
+/// The directory tests make their VMs in (`TERN_TEST_DIR`, default the
+/// system temporary directory).
 pub fn test_root() -> PathBuf {
     std::env::var_os("TERN_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
 }

@@ -47,17 +47,25 @@ fn unique() -> String {
 pub struct PrivateSeaweed {
     dir: std::path::PathBuf,
     port: u16,
+    /// The network namespace it runs in (the WAN's store host), if any.
+    netns: Option<String>,
     child: Option<std::process::Child>,
 }
 
 impl PrivateSeaweed {
     /// Starts `weed mini` with its S3 endpoint on 127.0.0.1:`port` and
     /// its other listeners on `port` + 1..6 and + 10000..10006, bucket
-    /// tern-test, the shared instance's credentials.
+    /// tern-test and tern-reverse, the shared instance's credentials.
     pub fn start(dir: &Path, port: u16) -> Self {
+        Self::start_in(dir, port, None)
+    }
+
+    /// [`PrivateSeaweed::start`] inside the network namespace `netns`
+    /// (listening on all its addresses), or in ours.
+    pub fn start_in(dir: &Path, port: u16, netns: Option<String>) -> Self {
         require_stores();
         std::fs::create_dir_all(dir).expect("weed dir");
-        let mut s = PrivateSeaweed { dir: dir.to_owned(), port, child: None };
+        let mut s = PrivateSeaweed { dir: dir.to_owned(), port, netns, child: None };
         s.restart();
         s
     }
@@ -82,10 +90,19 @@ impl PrivateSeaweed {
         .expect("s3 config");
         let p = |offset: u16| (self.port + offset).to_string();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("weed.log")).expect("log");
-        let child = std::process::Command::new(weed)
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, &weed]);
+                c
+            }
+            None => std::process::Command::new(&weed),
+        };
+        let bind = if self.netns.is_some() { "-ip.bind=0.0.0.0" } else { "-ip.bind=127.0.0.1" };
+        let child = command
             .arg("mini")
             .arg(format!("-dir={}", self.dir.display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false", "-bucket=tern-test"])
+            .args(["-ip=127.0.0.1", bind, "-admin.ui=false", "-webdav=false", "-bucket=tern-test,tern-reverse"])
             .arg(format!("-s3.config={}", config.display()))
             .args(["-s3.port", &p(0), "-s3.port.grpc", &p(10000), "-s3.port.iceberg=0", "-s3.port.lance=0"])
             .args(["-master.port", &p(1), "-master.port.grpc", &p(10001)])
@@ -97,6 +114,22 @@ impl PrivateSeaweed {
             .spawn()
             .expect("start weed mini");
         self.child = Some(child);
+        if let Some(ns) = &self.netns {
+            // Out of our reach: asked from inside its namespace.
+            let probe = std::process::Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(crate::wan::wan_bin())
+                .args(["probe", &self.endpoint(), "s3://tern-test/probe"])
+                .output()
+                .expect("run tern-wan probe");
+            assert!(
+                probe.status.success(),
+                "SeaweedFS in {ns} did not come up ({}): {}",
+                String::from_utf8_lossy(&probe.stderr),
+                self.dir.join("weed.log").display()
+            );
+            return;
+        }
         let started = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(

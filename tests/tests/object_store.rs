@@ -14,19 +14,7 @@ use tern_system_tests::proxy::FaultProxy;
 use tern_system_tests::stores::{self, require_stores};
 use tern_system_tests::*;
 
-const CMD_WRITE: u16 = 1;
 const MIB: u64 = 1 << 20;
-
-/// `count` writes of 64 KiB, each of its own pattern, through the VM's
-/// NBD export; the client sees each acknowledged.
-fn write_through_nbd(vm: &TestVm, first: u64, count: u64) {
-    let mut c = RawClient::connect(&vm.socket, "disk0");
-    for i in first..first + count {
-        let data: Vec<u8> = (0..65536u32).map(|b| (b as u64 * 31 + i * 7) as u8).collect();
-        let offset = (i * 3 * 65536) % (c.size - 65536);
-        assert_eq!(c.call(CMD_WRITE, 0, offset, 65536, &data).error, 0, "write {i} acknowledged");
-    }
-}
 
 fn apply_once(vm: &TestVm, cache: &str, target: &Path, extra: &[&str]) -> std::process::Output {
     Command::new(tern_bin())
@@ -57,7 +45,7 @@ fn the_whole_lifecycle_runs_through_an_s3_bucket() {
     });
     let target = vm.dir.path().join("target");
     let served = vm.serve(&[]);
-    write_through_nbd(&vm, 0, 40);
+    write_patterns(&vm.socket, 0, 40);
     vm.ship_once();
     let out = apply_once(&vm, &cache, &target, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -70,7 +58,7 @@ fn the_whole_lifecycle_runs_through_an_s3_bucket() {
     assert_eq!(segments.len(), 1, "applied segments are deleted, all but the newest: {segments:?}");
 
     // More writes while it runs, a tag, and the status at the source.
-    write_through_nbd(&vm, 40, 20);
+    write_patterns(&vm.socket, 40, 20);
     run(vm.tern().args(["tag", "vm1", "before-failover"]));
     vm.ship_once();
     let out = apply_once(&vm, &cache, &target, &[]);
@@ -121,7 +109,7 @@ fn sealed_segments_in_azure_blob_open_only_unaltered_with_the_right_key() {
     let served = vm.serve(&[]);
     // Three segments: each ship --once ends one.
     for round in 0..3 {
-        write_through_nbd(&vm, round * 10, 10);
+        write_patterns(&vm.socket, round * 10, 10);
         vm.ship_once();
     }
     drop(served);
@@ -188,7 +176,7 @@ fn another_vms_sealed_segment_moved_into_a_stream_is_refused() {
     let (a, b) = (TestVm::new(spec()), TestVm::new(VmSpec { cache: Some(b_location.clone()), ..spec() }));
     for vm in [&a, &b] {
         let served = vm.serve(&[]);
-        write_through_nbd(vm, 0, 5);
+        write_patterns(&vm.socket, 0, 5);
         drop(served);
         vm.ship_once();
     }
@@ -257,12 +245,12 @@ fn the_store_killed_mid_upload_and_back_later_loses_nothing() {
         TestVm::new(VmSpec { disk_size: 16 * MIB, cache: Some(cache.clone()), env: env.clone(), ..Default::default() });
     let served = vm.serve(&[]);
     let ship = vm.ship(&[]);
-    write_through_nbd(&vm, 0, 30);
+    write_patterns(&vm.socket, 0, 30);
     std::thread::sleep(Duration::from_secs(1));
     // The store dies while segments are going up; the VM writes on: its
     // writes are acknowledged (the journal and the bitmap absorb them).
     weed.kill9();
-    write_through_nbd(&vm, 30, 60);
+    write_patterns(&vm.socket, 30, 60);
     let waited = Instant::now();
     let failing = loop {
         // (Exit 2: no point at the target yet; the report is what counts.)
@@ -276,7 +264,7 @@ fn the_store_killed_mid_upload_and_back_later_loses_nothing() {
     };
     assert!(failing.contains(&cache), "the error names the store: {failing}");
     weed.restart();
-    write_through_nbd(&vm, 90, 10);
+    write_patterns(&vm.socket, 90, 10);
     served.stop();
     ship.stop();
     vm.ship_once();
@@ -304,25 +292,25 @@ fn a_cut_link_a_throttling_store_and_lost_answers_lose_nothing() {
     let vm = TestVm::new(VmSpec { disk_size: 16 * MIB, cache: Some(cache.clone()), env, ..Default::default() });
     let served = vm.serve(&[]);
     let ship = vm.ship(&[]);
-    write_through_nbd(&vm, 0, 20);
+    write_patterns(&vm.socket, 0, 20);
     // The link is cut for 30 s while the VM writes on: every write is
     // acknowledged (the journal and the bitmap absorb them).
     proxy.cut(true);
     let cut_at = Instant::now();
     let mut round = 20;
     while cut_at.elapsed() < Duration::from_secs(30) {
-        write_through_nbd(&vm, round, 5);
+        write_patterns(&vm.socket, round, 5);
         round += 5;
         std::thread::sleep(Duration::from_millis(500));
     }
     proxy.cut(false);
     // The store throttles: five requests answered 503 SlowDown.
     proxy.slow_down(5);
-    write_through_nbd(&vm, round, 10);
+    write_patterns(&vm.socket, round, 10);
     // A PUT reaches the store but its answer is lost: the retry finds the
     // object there, reads it back and counts it written.
     proxy.lose_put_answers(1);
-    write_through_nbd(&vm, round + 10, 10);
+    write_patterns(&vm.socket, round + 10, 10);
     let waited = Instant::now();
     while proxy.slowed() < 5 || proxy.lost() < 1 {
         assert!(
@@ -332,7 +320,7 @@ fn a_cut_link_a_throttling_store_and_lost_answers_lose_nothing() {
             proxy.lost(),
             std::fs::read_to_string(vm.dir.path().join("ship.log")).unwrap_or_default()
         );
-        write_through_nbd(&vm, round + 20, 1);
+        write_patterns(&vm.socket, round + 20, 1);
         std::thread::sleep(Duration::from_millis(200));
     }
     served.stop();
