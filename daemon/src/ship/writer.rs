@@ -54,7 +54,17 @@ impl CacheWriter {
             // be read now (down, unreachable) is retried like a failed
             // write, never taken for "not fenced" nor allowed to stop the
             // writer.
-            match check_fence(&self.cache) {
+            //
+            // The manifest goes first: a cache emptied by an operator (or a
+            // store that came back empty) must never hold segments without
+            // it. Both are asked at once: on a bucket each question costs a
+            // round trip, and across a WAN a second one in turn cost an
+            // eighth of the link (scripts/bench-wan.sh).
+            let (fence, manifest_exists) = std::thread::scope(|s| {
+                let manifest = s.spawn(|| self.cache.exists(MANIFEST));
+                (check_fence(&self.cache), manifest.join().expect("a store call does not panic"))
+            });
+            match fence {
                 Ok(()) => {}
                 Err(e) if e.is::<Fenced>() => {
                     fenced = Some(e);
@@ -62,9 +72,7 @@ impl CacheWriter {
                 }
                 Err(e) => return Err(io::Error::other(format!("{e:#}"))),
             }
-            // The manifest goes first: a cache emptied by an operator (or a
-            // store that came back empty) must never hold segments without it.
-            if !self.cache.exists(MANIFEST).map_err(StoreError::into_io_error)? {
+            if !manifest_exists.map_err(StoreError::into_io_error)? {
                 write_manifest(&self.cache, &self.manifest, Put::Create)?;
             }
             write_segment_once(&self.cache, header, bytes)
