@@ -162,6 +162,25 @@ impl Drop for PrivateSeaweed {
     }
 }
 
+/// Runs `commands` in `weed shell` against the shared SeaweedFS (what
+/// its operator would type: buckets, quotas); returns what it printed.
+pub fn weed_shell(commands: &str) -> String {
+    require_stores();
+    let weed = std::env::var("TERN_TEST_WEED").unwrap_or_else(|_| "/opt/tern-weed/bin/weed".into());
+    let mut shell = std::process::Command::new(weed)
+        .args(["shell", "-master=127.0.0.1:9333"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start weed shell");
+    use std::io::Write;
+    shell.stdin.take().expect("stdin").write_all(format!("{commands}\n").as_bytes()).expect("weed shell input");
+    let out = shell.wait_with_output().expect("weed shell");
+    assert!(out.status.success(), "weed shell failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
 /// [`open`] against another S3 endpoint than the environment's. (The
 /// endpoint is read from the environment at open; tests run in parallel,
 /// so it is passed by a variable the store reads first.)

@@ -353,3 +353,65 @@ fn a_create_whose_answer_is_lost_is_settled_by_reading_it_back() {
     let e = store.put("vm1/segments/a", b"two", Put::Create).unwrap_err();
     assert!(e.to_string().contains("already exists with other content"), "{e}");
 }
+
+/// A full store is absorbed like a full disk. SeaweedFS enforces a bucket
+/// quota by making the bucket read-only (its PUTs then fail with
+/// InternalError): the VM's writes go on, `tern ship` keeps retrying and
+/// `tern status` says what fails, and once the operator makes room
+/// everything arrives, nothing lost.
+#[test]
+fn a_bucket_over_its_quota_is_absorbed_like_a_full_disk() {
+    let bucket = format!("tern-quota-{}", std::process::id());
+    stores::weed_shell(&format!("s3.bucket.create -name {bucket}"));
+    let cache = format!("s3://{bucket}/t");
+    let vm = TestVm::new(VmSpec {
+        disk_size: 8 * MIB,
+        random_content: true,
+        cache: Some(cache.clone()),
+        ..Default::default()
+    });
+    let target = vm.dir.path().join("target");
+    let served = vm.serve(&[]);
+    vm.ship_once(); // 8 MiB of random bytes: over a 1 MB quota
+    stores::weed_shell(&format!("s3.bucket.quota -name={bucket} -op=set -sizeMB=1"));
+    // The store learns its usage from its volumes' periodic reports.
+    let started = Instant::now();
+    while !stores::weed_shell("s3.bucket.quota.enforce -apply")
+        .contains(&format!("changing bucket {bucket} to read only"))
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "SeaweedFS never enforced the quota on {bucket}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    let shipper = vm.ship(&[]);
+    write_patterns(&vm.socket, 0, 40); // acknowledged while the store refuses
+    let started = Instant::now();
+    let failing = loop {
+        // (Non-zero while not healthy, like a monitoring plugin.)
+        let out = vm.tern().args(["status", "vm1", "--json"]).output().expect("tern status");
+        let status = json(&String::from_utf8_lossy(&out.stdout));
+        if status[0]["last_error"].as_str().is_some_and(|e| e.contains(&bucket)) {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "status never showed the full store: {status}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(failing[0]["cache_errors"].as_u64() > Some(0), "{failing}");
+    assert!(failing[0]["pending_bytes"].as_u64() > Some(0), "the journal holds what is not stored: {failing}");
+    write_patterns(&vm.socket, 40, 10);
+
+    // Room again: the quota lifted (which also lifts read-only).
+    stores::weed_shell(&format!("s3.bucket.quota -name={bucket} -op=remove"));
+    let started = Instant::now();
+    while !shipper.log().contains("succeeded after") {
+        assert!(started.elapsed() < Duration::from_secs(60), "the shipper never recovered:\n{}", shipper.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(served);
+    shipper.stop();
+    vm.ship_once(); // whatever the stopped shipper left
+    let out = apply_once(&vm, &cache, &target, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_files_equal(&vm.image, &replica(&target));
+    stores::weed_shell(&format!("s3.bucket.delete -name {bucket}"));
+}
