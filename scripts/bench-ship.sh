@@ -39,6 +39,13 @@
 #                  MIN..MAX for adaptive compression between the two
 #   LAG_STRESS     stress-ng arguments for a competing CPU load during the
 #                  lag part, e.g. "--cpu 2 --cpu-load 50" [none]
+#   LAG_CACHE      the lag VM's cache store, e.g. s3://tern-test/lag [its own directory]
+#   LAG_NETNS      network namespace the lag VM's tern commands run in (the
+#                  source host of scripts/bench-wan.sh's emulated WAN) [none]
+#   LAG_SHIP_ARGS  extra `tern ship` arguments in the lag part, e.g.
+#                  "--max-rate 5MB/s" [none]
+#   LAG_ENABLE_ARGS  extra `tern enable` arguments for the lag VM, e.g.
+#                  "--segment-size 32MiB" [none]
 #   DRAIN_TIMEOUT  seconds to wait after fio for the ring to drain [120]
 #   ZEROES_RANDOM_PCT  share of random 4 KiB blocks in the zeroes data set [5]
 #   VERIFY         `tern segment verify` every throughput run's cache (untimed) [1]
@@ -74,7 +81,7 @@ BENCH_ERROR=ERROR
 # Record the knobs the caller set *before* defaults, so the summary can
 # print the exact command that reproduces this run.
 CMDLINE=$(knob_command scripts/bench-ship.sh PARTS DATASETS LEVELS SIZE ROUNDS WORKERS RATES RUNTIME \
-    FIO_BS FIO_IODEPTH FIO_COMPRESS LAG_LEVEL LAG_STRESS DRAIN_TIMEOUT ZEROES_RANDOM_PCT VERIFY QUICK WORK TERN \
+    FIO_BS FIO_IODEPTH FIO_COMPRESS LAG_LEVEL LAG_STRESS LAG_CACHE LAG_NETNS LAG_SHIP_ARGS LAG_ENABLE_ARGS DRAIN_TIMEOUT ZEROES_RANDOM_PCT VERIFY QUICK WORK TERN \
     JOURNAL_SIZE FRESH_DATA DROP_CACHES PREFAULT -- "$@")
 
 cd "$BENCH_ROOT"
@@ -283,13 +290,23 @@ jget() { json_get "$1" "$2" 2>/dev/null || true; }
 # ---------------------------------------------------------------------------
 # tern helpers
 # ---------------------------------------------------------------------------
-# new_vm DIR DISK LEVEL LOG: fresh state/cache/target under DIR, a VM on DISK.
+# The lag part's tern commands: in LAG_NETNS if set (`ip netns exec` execs
+# tern, so a background one's $! is tern's pid).
+LAG_TERN=("$TERN")
+[[ -z ${LAG_NETNS:-} ]] || LAG_TERN=(ip netns exec "$LAG_NETNS" "$TERN")
+read -r -a LAG_SHIP_EXTRA <<<"${LAG_SHIP_ARGS:-}"
+ENABLE_EXTRA=() # set for the lag VM: LAG_ENABLE_ARGS
+
+# new_vm DIR DISK LEVEL LOG [CACHE [TERN...]]: fresh state/cache/target
+# under DIR, a VM on DISK (its cache CACHE if given, enabled by TERN...).
 new_vm() {
-    local dir="$1" disk="$2" level="$3" logf="$4"
+    local dir="$1" disk="$2" level="$3" logf="$4" cache="${5:-$1/cache}"
+    local tern=("${@:6}")
+    ((${#tern[@]})) || tern=("$TERN")
     rm -rf "$dir/state" "$dir/cache" "$dir/target"
     mkdir -p "$dir/state" "$dir/cache" "$dir/target"
-    local cmd=("$TERN" --state "$dir/state" enable "$VM" --disk "$EXPORT=$disk"
-               --cache "$dir/cache" --target "$dir/target" --journal-size "$JOURNAL_SIZE")
+    local cmd=("${tern[@]}" --state "$dir/state" enable "$VM" --disk "$EXPORT=$disk"
+               --cache "$cache" --target "$dir/target" --journal-size "$JOURNAL_SIZE" "${ENABLE_EXTRA[@]}")
     echo "+ ${cmd[*]}" >>"$logf"
     "${cmd[@]}" >>"$logf" 2>&1 || return 1
     local toml="$dir/state/$VM/vm.toml"
@@ -466,10 +483,12 @@ if has_part lag; then
     log "lag: copying the usr data set to $disk, enabling, initial sync"
     cp --sparse=never "$(dataset_path usr)" "$disk"
     sync "$disk"
-    new_vm "$vmdir" "$disk" "$LAG_LEVEL" "$slog" || die "lag: tern enable failed (log: $slog)"
+    read -r -a ENABLE_EXTRA <<<"${LAG_ENABLE_ARGS:-}"
+    new_vm "$vmdir" "$disk" "$LAG_LEVEL" "$slog" "${LAG_CACHE:-$vmdir/cache}" "${LAG_TERN[@]}" ||
+        die "lag: tern enable failed (log: $slog)"
     state="$vmdir/state"
-    echo "+ $TERN --state $state ship $VM --once --workers $WORKERS" >>"$slog"
-    "$TERN" --state "$state" ship "$VM" --once --workers "$WORKERS" >>"$slog" 2>&1 ||
+    echo "+ ${LAG_TERN[*]} --state $state ship $VM --once --workers $WORKERS" >>"$slog"
+    "${LAG_TERN[@]}" --state "$state" ship "$VM" --once --workers "$WORKERS" >>"$slog" 2>&1 ||
         die "lag: initial sync (tern ship --once) failed (log: $slog)"
     log "  initial sync: $(grep -o "shipped .*" "$slog" | tail -n1)"
 
@@ -494,20 +513,20 @@ if has_part lag; then
 
         # Catch up with anything a previous rate left (an overflow's dirty
         # regions), so every rate starts from an empty ring.
-        "$TERN" --state "$state" ship "$VM" --once --workers "$WORKERS" >>"$slog" 2>&1 ||
+        "${LAG_TERN[@]}" --state "$state" ship "$VM" --once --workers "$WORKERS" >>"$slog" 2>&1 ||
             log "  WARNING: catch-up before $rate failed (log: $slog)"
         rm -f "$state/$VM/ship.json"
         before_timed_run
 
         log "lag at fio --rate=$rate for ${RUNTIME}s"
-        echo "+ $TERN --state $state serve $VM --listen unix:$sock" >>"$serve_log"
-        "$TERN" --state "$state" serve "$VM" --listen "unix:$sock" >>"$serve_log" 2>&1 &
+        echo "+ ${LAG_TERN[*]} --state $state serve $VM --listen unix:$sock" >>"$serve_log"
+        "${LAG_TERN[@]}" --state "$state" serve "$VM" --listen "unix:$sock" >>"$serve_log" 2>&1 &
         SERVE_PID=$!
         if ! wait_ready "$sock" "$serve_log"; then
             status=serve-failed
         else
-            echo "+ $TERN --state $state ship $VM --workers $WORKERS" >>"$ship_log"
-            "$TERN" --state "$state" ship "$VM" --workers "$WORKERS" >>"$ship_log" 2>&1 &
+            echo "+ ${LAG_TERN[*]} --state $state ship $VM --workers $WORKERS ${LAG_SHIP_EXTRA[*]}" >>"$ship_log"
+            "${LAG_TERN[@]}" --state "$state" ship "$VM" --workers "$WORKERS" "${LAG_SHIP_EXTRA[@]}" >>"$ship_log" 2>&1 &
             SHIP_PID=$!
             SAMPLER_STOP="$dir/.stop"; rm -f "$SAMPLER_STOP"
             "$PY" "$HELPER" sample --out "$dir/samples.jsonl" --stop "$SAMPLER_STOP" \

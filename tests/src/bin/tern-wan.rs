@@ -28,8 +28,11 @@ fn main() {
         ["delay", "--ms", ms] => delay_line(Duration::from_millis(ms.parse().expect("--ms N"))),
         ["probe", endpoint, location] => probe(endpoint, location),
         ["up", tag] => up(tag),
+        ["requests", endpoint, location, size] => requests(endpoint, location, size.parse().expect("SIZE in bytes")),
         _ => {
-            eprintln!("usage: tern-wan delay --ms N | probe ENDPOINT LOCATION | up TAG");
+            eprintln!(
+                "usage: tern-wan delay --ms N | probe ENDPOINT LOCATION | up TAG | requests ENDPOINT LOCATION SIZE"
+            );
             std::process::exit(2);
         }
     };
@@ -88,6 +91,33 @@ fn probe(endpoint: &str, location: &str) -> std::io::Result<()> {
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
+}
+
+/// What one request of each kind costs against the store: 10 GETs of a
+/// missing object (the fence check), 10 HEADs (the manifest check), 10
+/// create-only PUTs of SIZE bytes, timed one after another as the
+/// shipper makes them.
+fn requests(endpoint: &str, location: &str, size: usize) -> std::io::Result<()> {
+    use tern_store::object::Put;
+    let store = tern_store::object::Store::open_with_endpoint(Path::new(location), endpoint)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let payload: Vec<u8> = (0..size).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3]).collect();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    for round in 0..10 {
+        let t = Instant::now();
+        store.get("probe/absent").map_err(|e| std::io::Error::other(e.to_string()))?;
+        let get = ms(t);
+        let t = Instant::now();
+        store.exists("probe/absent").map_err(|e| std::io::Error::other(e.to_string()))?;
+        let head = ms(t);
+        let t = Instant::now();
+        store
+            .put(&format!("probe/{round}-{}", std::process::id()), &payload, Put::Create)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let put = ms(t);
+        println!("get {get:.0} ms, head {head:.0} ms, put {put:.0} ms ({:.1} MB/s)", size as f64 / put / 1000.0);
+    }
+    Ok(())
 }
 
 fn up(tag: &str) -> std::io::Result<()> {
