@@ -156,6 +156,13 @@ fn sealed_segments_in_azure_blob_open_only_unaltered_with_the_right_key() {
             "{what}: the replica stays at the first segment: {checkpoint}"
         );
     }
+    // Deleted: the third segment is refused as the one after a gap, the
+    // missing seqs named.
+    store.delete(&name(1)).unwrap();
+    let out = apply_once(&vm, &cache, &target, &key_flag);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "applied across a deleted segment");
+    assert!(err.contains(&segments[2].name) && err.contains("are missing"), "a deleted segment: {err}");
     // Repaired, everything applies and the replica is the source.
     store.put(&name(1), &good, Put::Overwrite).unwrap();
     let out = apply_once(&vm, &cache, &target, &key_flag);
