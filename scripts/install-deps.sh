@@ -5,6 +5,8 @@ set -euo pipefail
 
 PACKAGES=(
     qemu-utils      # qemu-img, qemu-io, qemu-nbd
+    qemu-system-x86 # failover --boot (tests/tests/failover.rs) and scripts/vm-test.sh
+    busybox-static cpio xz-utils     # the guest's initramfs (scripts/vm-test.sh)
     nbdkit          # a peer NBD server for the benchmarks
     libnbd-bin      # nbdinfo, nbdcopy, nbdfuse, nbdsh
     python3-libnbd
