@@ -139,23 +139,6 @@ impl Wan {
         format!("http://10.77.{net}.2:{STORE_PORT}")
     }
 
-    /// `program` run on a site (`ip netns exec`, which execs it: the child
-    /// is the program itself).
-    pub fn command(&self, site: Option<Site>, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns(site)]).arg(program);
-        c
-    }
-
-    /// Cuts a site off the store (every packet either way dropped, as
-    /// when a WAN link fails: connections hang, nothing is refused), or
-    /// restores it.
-    pub fn set_cut(&self, site: Site, cut: bool) {
-        let op = if cut { "-I" } else { "-D" };
-        in_ns(&self.ns(Some(site)), &["iptables", op, "INPUT", "-i", "wan0", "-j", "DROP"]);
-        in_ns(&self.ns(Some(site)), &["iptables", op, "OUTPUT", "-o", "wan0", "-j", "DROP"]);
-    }
-
     /// The source host gone: every process in its namespace killed and
     /// the namespace deleted (its link with it).
     pub fn destroy_source(&mut self) {
