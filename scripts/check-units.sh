@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# check-units.sh — `systemd-analyze verify` of tern's unit files
-# (dist/systemd/), with ExecStart pointed at the built binary (verify
-# checks that it exists). systemd-analyze exits 0 on warnings, so any
-# output counts as a failure here.
+# check-units.sh — `systemd-analyze verify` of tern's units as
+# scripts/install.sh installs them (into a scratch root): the templates as
+# instances, and tern-apply@ with the mounts drop-in `install.sh apply`
+# writes. ExecStart is pointed at the built binary (verify checks that it
+# exists). systemd-analyze exits 0 on warnings, so any output counts as a
+# failure here.
 set -euo pipefail
 # shellcheck source=lib/bench.sh
 source "$(dirname "$0")/lib/bench.sh"
@@ -11,17 +13,20 @@ BENCH_NAME=check-units.sh BENCH_LOG=plain BENCH_ERROR=""   # check-units.sh: ...
 TERN=${TERN:-$PWD/target/release/tern}
 need_tern
 need_tools systemd-analyze
-dir=$(mktemp -d)
-on_exit 'rm -rf "$dir"'
-for unit in dist/systemd/*.service; do
-    name=$(basename "$unit")
-    name=${name/@.service/@vm1.service}   # a template is checked as an instance
-    sed "s|/usr/local/bin/tern|$TERN|" "$unit" >"$dir/$name"
-done
-out=$(systemd-analyze verify "$dir"/*.service 2>&1) || { echo "$out" >&2; exit 1; }
+root=$(mktemp -d)
+on_exit 'rm -rf "$root"'
+ROOT=$root TERN=$TERN scripts/install.sh 2>/dev/null
+ROOT=$root scripts/install.sh apply site-a --cache /srv/tern/cache --target /srv/tern/target 2>/dev/null
+units=$root/etc/systemd/system
+sed -i "s|/usr/local/bin/tern|$TERN|" "$units"/*.service
+grep -q '^RequiresMountsFor=/srv/tern/target /srv/tern/cache$' "$units/tern-apply@site-a.service.d/mounts.conf" ||
+    die "install.sh apply wrote no RequiresMountsFor for the target and the cache"
+[[ $(stat -c %a "$root/etc/tern/apply/site-a.env") == 600 ]] || die "install.sh apply left site-a.env readable by others"
+instances=(tern-serve@vm1.service tern-ship@vm1.service tern-apply@site-a.service)
+out=$(SYSTEMD_UNIT_PATH=$units: systemd-analyze verify "${instances[@]}" 2>&1) || { echo "$out" >&2; exit 1; }
 if [[ -n $out ]]; then
     log "systemd-analyze verify complained:"
     echo "$out" >&2
     exit 1
 fi
-echo "check-units.sh: $(ls "$dir" | wc -l) unit files verified"
+echo "check-units.sh: ${#instances[@]} units as installed verified (${instances[*]})"
