@@ -7,6 +7,7 @@ PACKAGES=(
     qemu-utils      # qemu-img, qemu-io, qemu-nbd
     qemu-system-x86 # failover --boot (tests/tests/failover.rs) and scripts/vm-test.sh
     busybox-static cpio xz-utils     # the guest's initramfs (scripts/vm-test.sh)
+    nbd-client      # the guest's kernel NBD client (scripts/vm-test.sh kernel-nbd)
     nbdkit          # a peer NBD server for the benchmarks
     libnbd-bin      # nbdinfo, nbdcopy, nbdfuse, nbdsh
     python3-libnbd

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# End-to-end proof with a real VM: a Linux guest whose only disk is tern's NBD
-# export writes a known pattern, makes an ext4 filesystem and writes files on
-# it; then the journal, replayed onto a copy of the original image, must
-# reproduce the image byte for byte, and e2fsck must accept the image.
+# End-to-end proof with real VMs: a Linux guest (software emulation, no KVM)
+# writes a known pattern to a disk that is tern's, makes an ext4 filesystem
+# and writes files on it; then the journal, replayed onto a copy of the
+# original image, must reproduce the image byte for byte, and e2fsck must
+# accept the image. Scenarios, each printing `TERN-VM-OK <name>`:
+#
+#   nbd         the guest's virtio disk is tern's NBD export, through
+#               qemu's own NBD client on the host
+#   kernel-nbd  the guest's kernel nbd driver (nbd-client) attaches to
+#               `tern serve` on the host over TCP (qemu user networking:
+#               the host is 10.0.2.2); afterwards the host ships and
+#               applies, and the replica must equal the image
+#
+# Usage: scripts/vm-test.sh [SCENARIO...]   (all when none is named)
 #
 # Needs root (apt, /var/cache). The Debian 6.12 kernel from bookworm-backports
 # is downloaded once and unpacked under /var/cache/tern-vm (TERN_VM_CACHE).
-# The guest boots under software emulation (no KVM needed) in seconds: a
-# busybox initramfs, the VM's disk a virtio-blk drive on tern's export.
+# The guest boots in seconds: a busybox initramfs with the few modules and
+# tools the scenarios need.
 set -euo pipefail
 # shellcheck source=lib/bench.sh
 source "$(dirname "$0")/lib/bench.sh"
@@ -16,6 +26,13 @@ REPO=$PWD
 START=$(date +%s.%N)
 BENCH_LOG=plain BENCH_ERROR=FAIL   # vm-test: FAIL: ...
 
+ALL_SCENARIOS=(nbd kernel-nbd)
+SCENARIOS=("$@")
+((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_SCENARIOS[@]}")
+for s in "${SCENARIOS[@]}"; do
+    [[ " ${ALL_SCENARIOS[*]} " == *" $s "* ]] || die "unknown scenario '$s' (known: ${ALL_SCENARIOS[*]})"
+done
+
 CACHE=${TERN_VM_CACHE:-/var/cache/tern-vm}
 TERN=$REPO/target/release/tern
 QEMU_TIMEOUT=${TERN_VM_TIMEOUT:-300}
@@ -23,7 +40,7 @@ QEMU_TIMEOUT=${TERN_VM_TIMEOUT:-300}
 # --- 1. host packages -------------------------------------------------------
 step "host packages"
 need=()
-for p in qemu-system-x86 busybox-static cpio xz-utils e2fsprogs; do
+for p in qemu-system-x86 busybox-static cpio xz-utils e2fsprogs nbd-client; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' || need+=("$p")
 done
 if ((${#need[@]})); then
@@ -133,26 +150,32 @@ add_mod crc32c_generic optional
 add_mod crc32c_intel optional
 add_mod virtio_blk
 add_mod ext4
+add_mod virtio_net # kernel-nbd: the guest's network, and its nbd driver
+add_mod nbd
 echo "modules: ${order[*]}"
 
 cp /bin/busybox "$IR/bin/busybox"
 for a in $("$IR/bin/busybox" --list); do
     [[ $a == busybox ]] || ln -sf busybox "$IR/bin/$a"
 done
-# e2fsprogs, with their libraries.
+# copy_bin PATH: a host binary into the guest, with its libraries.
+copy_bin() {
+    cp "$1" "$IR/sbin/"
+    local l
+    for l in $(ldd "$1" | grep -o '/[^ ]*'); do
+        mkdir -p "$IR$(dirname "$l")"
+        cp -L "$l" "$IR$l"
+    done
+}
 HAVE_MKE2FS=0
 if [[ -x /sbin/mke2fs && -x /sbin/e2fsck ]]; then
     HAVE_MKE2FS=1
-    for b in /sbin/mke2fs /sbin/e2fsck; do
-        cp "$b" "$IR/sbin/"
-        for l in $(ldd "$b" | grep -o '/[^ ]*'); do
-            mkdir -p "$IR$(dirname "$l")"
-            cp -L "$l" "$IR$l"
-        done
-    done
+    copy_bin /sbin/mke2fs
+    copy_bin /sbin/e2fsck
     ln -sf mke2fs "$IR/sbin/mkfs.ext4"
     [[ -e /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$IR/etc/"
 fi
+copy_bin "$(command -v nbd-client)"
 echo "$HAVE_MKE2FS" >"$IR/etc/have-mke2fs"
 printf '%s\n' "${order[@]}" >"$IR/etc/modules"
 
@@ -163,10 +186,18 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 
+SCENARIO=nbd PORT=10809
+for w in $(cat /proc/cmdline); do
+    case $w in
+        tern.scenario=*) SCENARIO=${w#tern.scenario=} ;;
+        tern.port=*) PORT=${w#tern.port=} ;;
+    esac
+done
+
 # Carry a result out through isa-debug-exit (qemu exits with (v<<1)|1),
 # and power off in case the port is not there.
 finish() {
-    if [ "$1" = 0 ]; then echo TERN-VM-OK; else echo "TERN-VM-FAIL $2"; fi
+    if [ "$1" = 0 ]; then echo "TERN-VM-OK $SCENARIO"; else echo "TERN-VM-FAIL $SCENARIO: $2"; fi
     sync
     printf "\\$(printf %o "$1")" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
     poweroff -f
@@ -180,27 +211,43 @@ for m in $(cat /etc/modules); do
         *) insmod /lib/modules/$m.ko || fail "insmod $m" ;;
     esac
 done
-n=0
-while [ ! -b /dev/vda ]; do
-    n=$((n + 1)); [ $n -gt 100 ] && fail "no /dev/vda"; sleep 0.1
-done
-q=/sys/block/vda/queue
-echo "guest: /dev/vda is $(cat /sys/block/vda/size) sectors; discard_max $(cat $q/discard_max_bytes), write_zeroes_max $(cat $q/write_zeroes_max_bytes), write cache: $(cat $q/write_cache)"
+case $SCENARIO in
+    nbd) # qemu's NBD client on the host makes tern's export our virtio disk
+        DEV=/dev/vda
+        n=0
+        while [ ! -b $DEV ]; do
+            n=$((n + 1)); [ $n -gt 100 ] && fail "no $DEV"; sleep 0.1
+        done ;;
+    kernel-nbd) # our own nbd driver, to tern serve on the host
+        ip link set lo up
+        ip link set eth0 up || fail "no eth0"
+        ip addr add 10.0.2.15/24 dev eth0 || fail "address eth0"
+        DEV=/dev/nbd0
+        nbd-client -N disk0 10.0.2.2 "$PORT" $DEV >/tmp/nbd-client.log 2>&1 ||
+            { cat /tmp/nbd-client.log; fail "nbd-client to 10.0.2.2:$PORT"; }
+        n=0
+        while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
+            n=$((n + 1)); [ $n -gt 100 ] && fail "$DEV has no size"; sleep 0.1
+        done ;;
+    *) fail "unknown scenario" ;;
+esac
+q=/sys/block/${DEV#/dev/}/queue
+echo "guest: $DEV is $(cat /sys/block/${DEV#/dev/}/size) sectors; discard_max $(cat $q/discard_max_bytes), write_zeroes_max $(cat $q/write_zeroes_max_bytes), write cache: $(cat $q/write_cache)"
 
 # 1. A known pattern at 1 MiB, read back past the page cache.
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null || fail "make pattern"
-dd if=/tmp/pattern of=/dev/vda bs=1M seek=1 conv=fsync oflag=direct 2>/dev/null || fail "write pattern"
+dd if=/tmp/pattern of=$DEV bs=1M seek=1 conv=fsync oflag=direct 2>/dev/null || fail "write pattern"
 sync
 echo 3 > /proc/sys/vm/drop_caches
 want=$(sha256sum < /tmp/pattern)
-got=$(dd if=/dev/vda bs=1M skip=1 count=8 iflag=direct 2>/dev/null | sha256sum)
+got=$(dd if=$DEV bs=1M skip=1 count=8 iflag=direct 2>/dev/null | sha256sum)
 [ "$want" = "$got" ] || fail "pattern read back differs ($want vs $got)"
 echo "guest: 8 MiB pattern written at 1 MiB and read back: ${want%% *}"
 
 # 2. A filesystem.
 if [ "$(cat /etc/have-mke2fs)" = 1 ]; then
-    mkfs.ext4 -q -F /dev/vda || fail "mkfs.ext4"
-    mount -t ext4 /dev/vda /mnt || fail "mount ext4"
+    mkfs.ext4 -q -F $DEV || fail "mkfs.ext4"
+    mount -t ext4 $DEV /mnt || fail "mount ext4"
     mkdir -p /mnt/dir || fail "mkdir"
     echo "hello from the guest" > /mnt/hello.txt || fail "write hello"
     cp /tmp/pattern /mnt/dir/pattern || fail "copy pattern"
@@ -209,68 +256,98 @@ if [ "$(cat /etc/have-mke2fs)" = 1 ]; then
     sync
     umount /mnt || fail "umount"
     echo 3 > /proc/sys/vm/drop_caches
-    e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck in guest"; }
-    mount -t ext4 -o ro /dev/vda /mnt || fail "remount ext4"
+    e2fsck -fn $DEV >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck in guest"; }
+    mount -t ext4 -o ro $DEV /mnt || fail "remount ext4"
     [ "$(sha256sum < /mnt/dir/pattern)" = "$want" ] || fail "file pattern differs"
     [ "$(cat /mnt/dir/f49)" = "file 49" ] || fail "f49 differs"
     umount /mnt || fail "umount 2"
     echo "guest: ext4 made, 52 files written, fsck clean, read back"
 fi
 sync
+if [ "$SCENARIO" = kernel-nbd ]; then
+    nbd-client -d $DEV >/dev/null 2>&1 || fail "nbd-client -d"
+fi
 finish 0
 EOF
 chmod +x "$IR/init"
 (cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$D/ir.cpio.gz"
 
-# --- 4. tern and the VM ------------------------------------------------------
-step "tern enable + serve"
-IMG=$D/disk0.img
-truncate -s 256M "$IMG"
-mkdir -p "$D/cache" "$D/target"
-"$TERN" -q --state "$D/state" enable vm1 --disk "disk0=$IMG" --cache "$D/cache" --target "$D/target" \
-    --journal-size 1GiB || die "tern enable failed"
-cp --sparse=always "$IMG" "$D/original.img"
-"$TERN" --state "$D/state" serve vm1 --listen "unix:$D/nbd.sock" >"$D/serve.log" 2>&1 &
-SERVE_PID=$!
-wait_for_socket "$D/nbd.sock" 10 "$D/serve.log" "$SERVE_PID" || die "tern serve is not listening on $D/nbd.sock"
+# --- 4. per scenario: tern and the VM ----------------------------------------
+# run_scenario NAME: a fresh VM under $D/NAME served by tern, booted, checked.
+run_scenario() {
+    local name=$1 dir=$D/$1 port="" qrc=0 src=0
+    local img=$dir/disk0.img
+    mkdir -p "$dir/cache" "$dir/target"
+    step "$name: tern enable + serve"
+    truncate -s 256M "$img"
+    "$TERN" -q --state "$dir/state" enable vm1 --disk "disk0=$img" --cache "$dir/cache" --target "$dir/target" \
+        --journal-size 1GiB || die "$name: tern enable failed"
+    cp --sparse=always "$img" "$dir/original.img"
+    local listen=(--listen "unix:$dir/nbd.sock") vm=()
+    case $name in
+    nbd)
+        vm=(-nic none -drive "file=nbd+unix:///disk0?socket=$dir/nbd.sock,format=raw,if=virtio,cache=none,discard=unmap")
+        ;;
+    kernel-nbd)
+        # A free port on the host's loopback; the guest reaches it as
+        # 10.0.2.2 through qemu's user networking.
+        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        listen+=(--listen "tcp:127.0.0.1:$port")
+        vm=(-nic user,model=virtio-net-pci)
+        ;;
+    esac
+    "$TERN" --state "$dir/state" serve vm1 "${listen[@]}" >"$dir/serve.log" 2>&1 &
+    SERVE_PID=$!
+    wait_for_socket "$dir/nbd.sock" 10 "$dir/serve.log" "$SERVE_PID" || die "$name: tern serve is not listening"
 
-step "boot the VM (tcg, timeout ${QEMU_TIMEOUT}s)"
-qrc=0
-timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot -nic none \
-    -kernel "$vmlinuz" -initrd "$D/ir.cpio.gz" -append "console=ttyS0 quiet panic=-1" \
-    -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-    -drive "file=nbd+unix:///disk0?socket=$D/nbd.sock,format=raw,if=virtio,cache=none,discard=unmap" \
-    </dev/null >"$D/console.log" 2>&1 || qrc=$?
-grep -a '^guest:' "$D/console.log" | tr -d '\r' || true
-if ! grep -aq 'TERN-VM-OK' "$D/console.log"; then
-    echo "--- console (last 40 lines)"; tail -n 40 "$D/console.log"
-    echo "--- tern serve log (last 20 lines)"; tail -n 20 "$D/serve.log"
-    [[ $qrc == 124 ]] && die "the VM did not finish within ${QEMU_TIMEOUT}s"
-    die "the guest did not report TERN-VM-OK (qemu exit $qrc): $(grep -a 'TERN-VM-FAIL' "$D/console.log" | tr -d '\r' | head -n1)"
-fi
-# isa-debug-exit turns the guest's 0 into qemu's 1.
-[[ $qrc == 1 ]] || echo "note: qemu exited $qrc (expected 1 from isa-debug-exit)"
-echo "guest reported TERN-VM-OK (qemu exit $qrc)"
+    step "$name: boot the VM (tcg, timeout ${QEMU_TIMEOUT}s)"
+    timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot "${vm[@]}" \
+        -kernel "$vmlinuz" -initrd "$D/ir.cpio.gz" \
+        -append "console=ttyS0 quiet panic=-1 tern.scenario=$name${port:+ tern.port=$port}" \
+        -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+        </dev/null >"$dir/console.log" 2>&1 || qrc=$?
+    grep -a '^guest:' "$dir/console.log" | tr -d '\r' || true
+    if ! grep -aq "TERN-VM-OK $name" "$dir/console.log"; then
+        echo "--- console (last 40 lines)"; tail -n 40 "$dir/console.log"
+        echo "--- tern serve log (last 20 lines)"; tail -n 20 "$dir/serve.log"
+        [[ $qrc == 124 ]] && die "$name: the VM did not finish within ${QEMU_TIMEOUT}s"
+        die "$name: the guest did not report TERN-VM-OK (qemu exit $qrc): $(grep -a 'TERN-VM-FAIL' "$dir/console.log" | tr -d '\r' | head -n1)"
+    fi
+    # isa-debug-exit turns the guest's 0 into qemu's 1.
+    [[ $qrc == 1 ]] || echo "note: qemu exited $qrc (expected 1 from isa-debug-exit)"
+    echo "guest reported TERN-VM-OK $name (qemu exit $qrc)"
 
-step "stop tern serve"
-kill -TERM "$SERVE_PID"
-src=0
-wait "$SERVE_PID" || src=$?
-SERVE_PID=""
-if [[ $src != 0 ]]; then
-    tail -n 20 "$D/serve.log"
-    die "tern serve exited $src on SIGTERM (expected 0)"
-fi
+    step "$name: stop tern serve"
+    kill -TERM "$SERVE_PID"
+    wait "$SERVE_PID" || src=$?
+    SERVE_PID=""
+    if [[ $src != 0 ]]; then
+        tail -n 20 "$dir/serve.log"
+        die "$name: tern serve exited $src on SIGTERM (expected 0)"
+    fi
 
-step "check: journal replay reproduces the image"
-cp --sparse=always "$D/original.img" "$D/replayed.img"
-"$TERN" -q --state "$D/state" journal replay vm1 --from-start --onto "disk0=$D/replayed.img" ||
-    die "tern journal replay failed"
-cmp "$D/replayed.img" "$IMG" || die "the replayed copy differs from the image the VM wrote"
-echo "replayed copy == image ($(du -k --apparent-size "$IMG" | cut -f1) KiB, $(du -k "$IMG" | cut -f1) KiB allocated)"
-if [[ $HAVE_MKE2FS == 1 ]]; then
-    e2fsck -fn "$IMG" >"$D/fsck.log" 2>&1 || { cat "$D/fsck.log"; die "e2fsck -fn on the image failed"; }
-    echo "e2fsck -fn on the image: clean"
-fi
+    step "$name: check: journal replay reproduces the image"
+    cp --sparse=always "$dir/original.img" "$dir/replayed.img"
+    "$TERN" -q --state "$dir/state" journal replay vm1 --from-start --onto "disk0=$dir/replayed.img" ||
+        die "$name: tern journal replay failed"
+    cmp "$dir/replayed.img" "$img" || die "$name: the replayed copy differs from the image the VM wrote"
+    echo "replayed copy == image ($(du -k --apparent-size "$img" | cut -f1) KiB, $(du -k "$img" | cut -f1) KiB allocated)"
+    if [[ $HAVE_MKE2FS == 1 ]]; then
+        e2fsck -fn "$img" >"$dir/fsck.log" 2>&1 || { cat "$dir/fsck.log"; die "$name: e2fsck -fn on the image failed"; }
+        echo "e2fsck -fn on the image: clean"
+    fi
+    if [[ $name == kernel-nbd ]]; then
+        step "$name: check: shipped and applied, the replica is the image"
+        "$TERN" -q --state "$dir/state" ship vm1 --once || die "$name: tern ship --once failed"
+        "$TERN" -q apply --cache "$dir/cache" --target "$dir/target" vm1 --once || die "$name: tern apply --once failed"
+        cmp "$dir/target/vm1/replica/disk0.img" "$img" || die "$name: the replica differs from the image the VM wrote"
+        echo "replica == image"
+    fi
+    echo "TERN-VM-OK $name"
+}
+
+for s in "${SCENARIOS[@]}"; do
+    run_scenario "$s"
+done
 
 echo "vm-test: PASS in $(awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')s"
