@@ -33,6 +33,7 @@ pub mod journal;
 pub mod mirror;
 pub mod range_lock;
 pub mod tag;
+pub mod ublk;
 pub mod units;
 pub mod vm;
 

@@ -21,7 +21,11 @@ pub struct Args {
     /// stdio (one connection). Repeatable. Default: unix:<state>/<vm>/nbd.sock.
     #[arg(long)]
     pub listen: Vec<Listen>,
-    /// Present the disks over ublk (/dev/ublkbN) instead of NBD.
+    /// Present the disks as kernel block devices, /dev/ublkbN, through the
+    /// kernel's ublk driver (Linux 6.0 or later, `modprobe ublk_drv`),
+    /// instead of NBD (which it serves too if --listen is given). A `tern
+    /// serve --ublk` that dies leaves the devices in place with the VM's
+    /// I/O held; the next one re-attaches to them.
     #[arg(long)]
     pub ublk: bool,
     /// Do not journal writes: every region of every disk is marked for
@@ -75,9 +79,6 @@ fn set_socket_access(path: &std::path::Path, group: Option<&str>, mode: u32) -> 
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
-    if a.ublk {
-        anyhow::bail!("--ublk is not available in this build yet; use NBD (the default)");
-    }
     let paths = VmPaths::new(&cli.state, &a.vm)?;
     // Rings of VMs whose state directory was removed by hand hold memory
     // until reboot: free them.
@@ -110,6 +111,9 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     );
     if a.no_journal {
         log::warn!("journaling is OFF (--no-journal): every region of VM '{}' is marked for a full resync", a.vm);
+    }
+    if a.ublk && a.listen.is_empty() {
+        return serve_ublk(&paths, mirror, cache);
     }
     let threads = a.threads.unwrap_or_else(ServerOptions::default_threads).clamp(1, 256);
     let options = ServerOptions { threads, ..Default::default() };
@@ -161,6 +165,53 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }
+    let _ = resync.join();
+    result
+}
+
+/// The file recording the ublk device of each disk (one id a line), for a
+/// restarted `tern serve --ublk` to re-attach to.
+fn ublk_record(paths: &VmPaths) -> std::path::PathBuf {
+    paths.dir().join("ublk-devices")
+}
+
+/// `tern serve --ublk`: the disks as /dev/ublkbN until SIGTERM, then the
+/// devices removed and the journal detached.
+fn serve_ublk(paths: &VmPaths, mirror: Arc<Mirror>, cache: CacheDir) -> Result<()> {
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    // Devices a `tern serve --ublk` that died left behind, held for us.
+    let recorded: Vec<Option<i32>> = std::fs::read_to_string(ublk_record(paths))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().ok().filter(|id| std::path::Path::new(&format!("/dev/ublkc{id}")).exists()))
+        .collect();
+    let vm = mirror.config().name.clone();
+    let devices = tern_driver::ublk::serve(Arc::clone(&mirror), &recorded, |disk, id| {
+        let how = if recorded.get(disk).copied().flatten() == Some(id) { "re-attached to" } else { "as" };
+        log::info!(
+            "serving VM '{vm}' disk '{}' {how} {}",
+            mirror.disk_name(disk),
+            tern_driver::ublk::device_path(id).display()
+        );
+    })
+    .with_context(|| format!("cannot serve VM '{vm}' over ublk"))?;
+    let ids: String = devices.ids().iter().map(|id| format!("{id}\n")).collect();
+    tern_driver::fs::write_durably(&ublk_record(paths), ids.as_bytes())
+        .with_context(|| format!("cannot record the ublk devices in {}", ublk_record(paths).display()))?;
+    let resync = {
+        let mirror = Arc::clone(&mirror);
+        std::thread::Builder::new().name("resync".into()).spawn(move || resync_loop(&mirror))?
+    };
+    {
+        let mirror = Arc::clone(&mirror);
+        std::thread::Builder::new().name("fence-watch".into()).spawn(move || watch_fence(&mirror, &cache))?;
+    }
+    let signal = signals.forever().next();
+    log::info!("signal {signal:?}: removing the ublk devices of VM '{vm}'");
+    devices.remove();
+    let _ = std::fs::remove_file(ublk_record(paths));
+    let result = mirror.shutdown().context("clean shutdown failed");
     let _ = resync.join();
     result
 }
