@@ -8,6 +8,8 @@ PACKAGES=(
     qemu-system-x86 # failover --boot (tests/tests/failover.rs) and scripts/vm-test.sh
     busybox-static cpio xz-utils     # the guest's initramfs (scripts/vm-test.sh)
     nbd-client      # the guest's kernel NBD client (scripts/vm-test.sh kernel-nbd)
+    libclang-dev    # bindgen, for libublk's UAPI bindings (the ublk front-end)
+    binutils        # strip: tern for the guest of scripts/vm-test.sh ublk
     nbdkit          # a peer NBD server for the benchmarks
     libnbd-bin      # nbdinfo, nbdcopy, nbdfuse, nbdsh
     python3-libnbd

@@ -11,6 +11,11 @@
 #               `tern serve` on the host over TCP (qemu user networking:
 #               the host is 10.0.2.2); afterwards the host ships and
 #               applies, and the replica must equal the image
+#   ublk        tern itself runs in the guest: `tern serve --ublk` presents
+#               the disk (an image on the guest's virtio disk) as
+#               /dev/ublkb0; after the pattern, ext4 and files, `tern ship`
+#               in the guest writes the cache there, and the host applies
+#               it: the replica must equal the image and fsck clean
 #
 # Usage: scripts/vm-test.sh [SCENARIO...]   (all when none is named)
 #
@@ -26,7 +31,7 @@ REPO=$PWD
 START=$(date +%s.%N)
 BENCH_LOG=plain BENCH_ERROR=FAIL   # vm-test: FAIL: ...
 
-ALL_SCENARIOS=(nbd kernel-nbd)
+ALL_SCENARIOS=(nbd kernel-nbd ublk)
 SCENARIOS=("$@")
 ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_SCENARIOS[@]}")
 for s in "${SCENARIOS[@]}"; do
@@ -152,6 +157,7 @@ add_mod virtio_blk
 add_mod ext4
 add_mod virtio_net # kernel-nbd: the guest's network, and its nbd driver
 add_mod nbd
+add_mod ublk_drv # ublk: tern serve --ublk in the guest
 echo "modules: ${order[*]}"
 
 cp /bin/busybox "$IR/bin/busybox"
@@ -176,6 +182,8 @@ if [[ -x /sbin/mke2fs && -x /sbin/e2fsck ]]; then
     [[ -e /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$IR/etc/"
 fi
 copy_bin "$(command -v nbd-client)"
+copy_bin "$TERN" # ublk: tern runs in the guest (without its debug lines)
+strip -o "$IR/sbin/tern" "$TERN"
 echo "$HAVE_MKE2FS" >"$IR/etc/have-mke2fs"
 printf '%s\n' "${order[@]}" >"$IR/etc/modules"
 
@@ -229,6 +237,21 @@ case $SCENARIO in
         while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
             n=$((n + 1)); [ $n -gt 100 ] && fail "$DEV has no size"; sleep 0.1
         done ;;
+    ublk) # tern in the guest, its state and the image on the virtio disk
+        mkdir -p /work /dev/shm
+        mount -t tmpfs tmpfs /dev/shm || fail "tmpfs /dev/shm"
+        mount -t ext4 /dev/vda /work || fail "mount the work disk"
+        mkdir -p /work/cache /work/target
+        truncate -s 256M /work/disk0.img || fail "make the image"
+        tern -q --state /work/state enable vm1 --disk disk0=/work/disk0.img --cache /work/cache \
+            --target /work/target --journal-size 64MiB || fail "tern enable"
+        tern --state /work/state serve vm1 --ublk 2>/work/serve.log &
+        SERVE=$!
+        DEV=/dev/ublkb0
+        n=0
+        while [ ! -b $DEV ]; do
+            n=$((n + 1)); [ $n -gt 300 ] && { cat /work/serve.log; fail "no $DEV"; }; sleep 0.1
+        done ;;
     *) fail "unknown scenario" ;;
 esac
 q=/sys/block/${DEV#/dev/}/queue
@@ -267,6 +290,13 @@ sync
 if [ "$SCENARIO" = kernel-nbd ]; then
     nbd-client -d $DEV >/dev/null 2>&1 || fail "nbd-client -d"
 fi
+if [ "$SCENARIO" = ublk ]; then
+    kill -TERM $SERVE; wait $SERVE || { cat /work/serve.log; fail "tern serve --ublk exited non-zero"; }
+    [ ! -e $DEV ] || fail "$DEV is still there after tern serve stopped"
+    tern -q --state /work/state ship vm1 --once 2>>/work/serve.log || { cat /work/serve.log; fail "tern ship"; }
+    echo "guest: tern serve --ublk stopped, $DEV removed, shipped"
+    umount /work || fail "umount the work disk"
+fi
 finish 0
 EOF
 chmod +x "$IR/init"
@@ -278,6 +308,10 @@ run_scenario() {
     local name=$1 dir=$D/$1 port="" qrc=0 src=0
     local img=$dir/disk0.img
     mkdir -p "$dir/cache" "$dir/target"
+    if [[ $name == ublk ]]; then
+        run_ublk "$dir"
+        return
+    fi
     step "$name: tern enable + serve"
     truncate -s 256M "$img"
     "$TERN" -q --state "$dir/state" enable vm1 --disk "disk0=$img" --cache "$dir/cache" --target "$dir/target" \
@@ -344,6 +378,51 @@ run_scenario() {
         echo "replica == image"
     fi
     echo "TERN-VM-OK $name"
+}
+
+# boot NAME DIR QEMU-ARGS...: boots the guest for scenario NAME; dies
+# unless it reports TERN-VM-OK NAME.
+boot() {
+    local name=$1 dir=$2 qrc=0
+    shift 2
+    step "$name: boot the VM (tcg, timeout ${QEMU_TIMEOUT}s)"
+    timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 1024 -nographic -no-reboot "$@" \
+        -kernel "$vmlinuz" -initrd "$D/ir.cpio.gz" \
+        -append "console=ttyS0 quiet panic=-1 tern.scenario=$name" \
+        -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+        </dev/null >"$dir/console.log" 2>&1 || qrc=$?
+    grep -a '^guest:' "$dir/console.log" | tr -d '\r' || true
+    if ! grep -aq "TERN-VM-OK $name" "$dir/console.log"; then
+        echo "--- console (last 40 lines)"; tail -n 40 "$dir/console.log"
+        [[ $qrc == 124 ]] && die "$name: the VM did not finish within ${QEMU_TIMEOUT}s"
+        die "$name: the guest did not report TERN-VM-OK (qemu exit $qrc): $(grep -a 'TERN-VM-FAIL' "$dir/console.log" | tr -d '\r' | head -n1)"
+    fi
+    echo "guest reported TERN-VM-OK $name (qemu exit $qrc)"
+}
+
+# run_ublk DIR: the ublk scenario. The guest's virtio disk holds tern's
+# state, the image and the cache; the host reads them afterwards.
+run_ublk() {
+    local dir=$1 mnt=$1/mnt
+    truncate -s 1G "$dir/work.img"
+    mkfs.ext4 -q -F "$dir/work.img"
+    boot ublk "$dir" -nic none -drive "file=$dir/work.img,format=raw,if=virtio,cache=none"
+    step "ublk: check: the host applies the guest's cache, the replica is the image"
+    mkdir -p "$mnt"
+    mount -o loop "$dir/work.img" "$mnt" || die "ublk: cannot mount the guest's disk"
+    local why=""
+    if ! "$TERN" -q apply --cache "$mnt/cache" --target "$dir/target" vm1 --once; then
+        why="tern apply --once failed"
+    elif ! cmp "$dir/target/vm1/replica/disk0.img" "$mnt/disk0.img"; then
+        why="the replica differs from the image the guest wrote"
+    elif ! e2fsck -fn "$dir/target/vm1/replica/disk0.img" >"$dir/fsck.log" 2>&1; then
+        cat "$dir/fsck.log"
+        why="e2fsck -fn on the replica failed"
+    fi
+    umount "$mnt"
+    [[ -z $why ]] || die "ublk: $why"
+    echo "replica == image, e2fsck -fn clean"
+    echo "TERN-VM-OK ublk"
 }
 
 for s in "${SCENARIOS[@]}"; do

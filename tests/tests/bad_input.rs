@@ -285,3 +285,24 @@ fn handshake_limits_are_enforced_without_losing_sync() {
     assert_server_works(&vm, 0, 0);
     served.stop();
 }
+
+/// `tern serve --ublk` on a kernel without the ublk driver (this host's:
+/// the guest test `scripts/vm-test.sh ublk` runs it where there is one)
+/// fails at once with one line saying what to load, and leaves the VM
+/// servable over NBD.
+#[test]
+fn ublk_without_the_kernel_driver_says_what_to_load() {
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        eprintln!("this kernel has ublk: the guest test covers it");
+        return;
+    }
+    let vm = vm();
+    let out = vm.tern().args(["serve", "vm1", "--ublk"]).output().expect("tern serve --ublk");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("modprobe ublk_drv") && err.contains("Linux 6.0"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    let served = vm.serve(&[]);
+    assert_server_works(&vm, 0, 0);
+    drop(served);
+}
