@@ -16,6 +16,11 @@
 #               /dev/ublkb0; after the pattern, ext4 and files, `tern ship`
 #               in the guest writes the cache there, and the host applies
 #               it: the replica must equal the image and fsck clean
+#   ublk-restart  as ublk, but a shell loop writes 64 KiB blocks with
+#               O_DIRECT to /dev/ublkb0 while `tern serve --ublk` is killed
+#               with SIGKILL and started again, three times: no write may
+#               fail, every block must read back as written, and the
+#               replica applied on the host must equal the image
 #
 # Usage: scripts/vm-test.sh [SCENARIO...]   (all when none is named)
 #
@@ -31,7 +36,7 @@ REPO=$PWD
 START=$(date +%s.%N)
 BENCH_LOG=plain BENCH_ERROR=FAIL   # vm-test: FAIL: ...
 
-ALL_SCENARIOS=(nbd kernel-nbd ublk)
+ALL_SCENARIOS=(nbd kernel-nbd ublk ublk-restart)
 SCENARIOS=("$@")
 ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_SCENARIOS[@]}")
 for s in "${SCENARIOS[@]}"; do
@@ -219,6 +224,55 @@ for m in $(cat /etc/modules); do
         *) insmod /lib/modules/$m.ko || fail "insmod $m" ;;
     esac
 done
+# serve_ublk: tern serve --ublk in the background ($SERVE), until $DEV
+# answers.
+serve_ublk() {
+    tern --state /work/state serve vm1 --ublk 2>>/work/serve.log &
+    SERVE=$!
+    n=0
+    until [ -b $DEV ] && dd if=$DEV of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null; do
+        n=$((n + 1)); [ $n -gt 300 ] && { cat /work/serve.log; fail "no $DEV"; }; sleep 0.1
+    done
+}
+
+# restart_test: 200 blocks of 64 KiB written with O_DIRECT while tern
+# serve is killed and started again three times; each write must succeed
+# and each block read back as written.
+restart_test() {
+    i=0
+    while [ $i -lt 200 ]; do
+        dd if=/dev/urandom of=/tmp/b$i bs=64k count=1 2>/dev/null
+        i=$((i + 1))
+    done
+    (
+        i=0
+        while [ $i -lt 200 ]; do
+            dd if=/tmp/b$i of=$DEV bs=64k seek=$i count=1 oflag=direct conv=notrunc 2>/tmp/w.err ||
+                { echo "write $i failed: $(cat /tmp/w.err)"; exit 1; }
+            i=$((i + 1))
+        done
+    ) >/tmp/writer.log 2>&1 &
+    WRITER=$!
+    k=0
+    while [ $k -lt 3 ]; do
+        sleep 1
+        kill -9 $SERVE; wait $SERVE 2>/dev/null
+        [ -b $DEV ] || fail "$DEV went away with tern serve (restart $k)"
+        sleep 0.5
+        serve_ublk
+        k=$((k + 1))
+    done
+    wait $WRITER || { cat /tmp/writer.log; fail "a write failed across the restarts"; }
+    i=0
+    while [ $i -lt 200 ]; do
+        [ "$(dd if=$DEV bs=64k skip=$i count=1 iflag=direct 2>/dev/null | sha256sum)" = "$(sha256sum < /tmp/b$i)" ] ||
+            fail "block $i reads back other bytes"
+        i=$((i + 1))
+    done
+    grep -c "re-attached" /work/serve.log > /tmp/reattached
+    echo "guest: 200 writes across 3 kill -9 restarts of tern serve, none failed, all read back ($(cat /tmp/reattached) re-attached)"
+}
+
 case $SCENARIO in
     nbd) # qemu's NBD client on the host makes tern's export our virtio disk
         DEV=/dev/vda
@@ -237,7 +291,7 @@ case $SCENARIO in
         while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
             n=$((n + 1)); [ $n -gt 100 ] && fail "$DEV has no size"; sleep 0.1
         done ;;
-    ublk) # tern in the guest, its state and the image on the virtio disk
+    ublk | ublk-restart) # tern in the guest, its state and the image on the virtio disk
         mkdir -p /work /dev/shm
         mount -t tmpfs tmpfs /dev/shm || fail "tmpfs /dev/shm"
         mount -t ext4 /dev/vda /work || fail "mount the work disk"
@@ -245,18 +299,16 @@ case $SCENARIO in
         truncate -s 256M /work/disk0.img || fail "make the image"
         tern -q --state /work/state enable vm1 --disk disk0=/work/disk0.img --cache /work/cache \
             --target /work/target --journal-size 64MiB || fail "tern enable"
-        tern --state /work/state serve vm1 --ublk 2>/work/serve.log &
-        SERVE=$!
         DEV=/dev/ublkb0
-        n=0
-        while [ ! -b $DEV ]; do
-            n=$((n + 1)); [ $n -gt 300 ] && { cat /work/serve.log; fail "no $DEV"; }; sleep 0.1
-        done ;;
+        serve_ublk ;;
     *) fail "unknown scenario" ;;
 esac
 q=/sys/block/${DEV#/dev/}/queue
 echo "guest: $DEV is $(cat /sys/block/${DEV#/dev/}/size) sectors; discard_max $(cat $q/discard_max_bytes), write_zeroes_max $(cat $q/write_zeroes_max_bytes), write cache: $(cat $q/write_cache)"
 
+if [ "$SCENARIO" = ublk-restart ]; then
+    restart_test
+else
 # 1. A known pattern at 1 MiB, read back past the page cache.
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null || fail "make pattern"
 dd if=/tmp/pattern of=$DEV bs=1M seek=1 conv=fsync oflag=direct 2>/dev/null || fail "write pattern"
@@ -286,11 +338,12 @@ if [ "$(cat /etc/have-mke2fs)" = 1 ]; then
     umount /mnt || fail "umount 2"
     echo "guest: ext4 made, 52 files written, fsck clean, read back"
 fi
+fi
 sync
 if [ "$SCENARIO" = kernel-nbd ]; then
     nbd-client -d $DEV >/dev/null 2>&1 || fail "nbd-client -d"
 fi
-if [ "$SCENARIO" = ublk ]; then
+if [ "$SCENARIO" = ublk ] || [ "$SCENARIO" = ublk-restart ]; then
     kill -TERM $SERVE; wait $SERVE || { cat /work/serve.log; fail "tern serve --ublk exited non-zero"; }
     [ ! -e $DEV ] || fail "$DEV is still there after tern serve stopped"
     tern -q --state /work/state ship vm1 --once 2>>/work/serve.log || { cat /work/serve.log; fail "tern ship"; }
@@ -308,8 +361,8 @@ run_scenario() {
     local name=$1 dir=$D/$1 port="" qrc=0 src=0
     local img=$dir/disk0.img
     mkdir -p "$dir/cache" "$dir/target"
-    if [[ $name == ublk ]]; then
-        run_ublk "$dir"
+    if [[ $name == ublk* ]]; then
+        run_ublk "$name" "$dir"
         return
     fi
     step "$name: tern enable + serve"
@@ -403,26 +456,26 @@ boot() {
 # run_ublk DIR: the ublk scenario. The guest's virtio disk holds tern's
 # state, the image and the cache; the host reads them afterwards.
 run_ublk() {
-    local dir=$1 mnt=$1/mnt
+    local name=$1 dir=$2 mnt=$2/mnt
     truncate -s 1G "$dir/work.img"
     mkfs.ext4 -q -F "$dir/work.img"
-    boot ublk "$dir" -nic none -drive "file=$dir/work.img,format=raw,if=virtio,cache=none"
-    step "ublk: check: the host applies the guest's cache, the replica is the image"
+    boot "$name" "$dir" -nic none -drive "file=$dir/work.img,format=raw,if=virtio,cache=none"
+    step "$name: check: the host applies the guest's cache, the replica is the image"
     mkdir -p "$mnt"
-    mount -o loop "$dir/work.img" "$mnt" || die "ublk: cannot mount the guest's disk"
+    mount -o loop "$dir/work.img" "$mnt" || die "$name: cannot mount the guest's disk"
     local why=""
     if ! "$TERN" -q apply --cache "$mnt/cache" --target "$dir/target" vm1 --once; then
         why="tern apply --once failed"
     elif ! cmp "$dir/target/vm1/replica/disk0.img" "$mnt/disk0.img"; then
         why="the replica differs from the image the guest wrote"
-    elif ! e2fsck -fn "$dir/target/vm1/replica/disk0.img" >"$dir/fsck.log" 2>&1; then
+    elif [[ $name == ublk ]] && ! e2fsck -fn "$dir/target/vm1/replica/disk0.img" >"$dir/fsck.log" 2>&1; then
         cat "$dir/fsck.log"
         why="e2fsck -fn on the replica failed"
     fi
     umount "$mnt"
-    [[ -z $why ]] || die "ublk: $why"
-    echo "replica == image, e2fsck -fn clean"
-    echo "TERN-VM-OK ublk"
+    [[ -z $why ]] || die "$name: $why"
+    echo "replica == image$([[ $name == ublk ]] && echo ", e2fsck -fn clean")"
+    echo "TERN-VM-OK $name"
 }
 
 for s in "${SCENARIOS[@]}"; do
