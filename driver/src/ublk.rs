@@ -35,7 +35,7 @@ pub struct Devices {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// A ublk device of `disk`: `/dev/ublkb<id>`.
+/// The block device of ublk device `id`: `/dev/ublkb<id>`.
 pub fn device_path(id: i32) -> PathBuf {
     PathBuf::from(format!("/dev/ublkb{id}"))
 }

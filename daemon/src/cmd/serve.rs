@@ -148,15 +148,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         std::thread::Builder::new().name("nbd-accept".into()).spawn(move || server.accept_loop(listener))?;
     }
 
-    let resync = {
-        let mirror = Arc::clone(&mirror);
-        std::thread::Builder::new().name("resync".into()).spawn(move || resync_loop(&mirror))?
-    };
-
-    {
-        let mirror = Arc::clone(&mirror);
-        std::thread::Builder::new().name("fence-watch".into()).spawn(move || watch_fence(&mirror, &cache))?;
-    }
+    let resync = start_background(&mirror, cache)?;
 
     let signal = signals.forever().next();
     log::info!("signal {signal:?}: stopping; finishing the requests in flight");
@@ -167,6 +159,19 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
     let _ = resync.join();
     result
+}
+
+/// What runs beside either front-end: the resync thread (returned, to be
+/// joined after the mirror's shutdown) and the watch that fences the
+/// mirror once the VM failed over.
+fn start_background(mirror: &Arc<Mirror>, cache: CacheDir) -> Result<std::thread::JoinHandle<()>> {
+    let resync = {
+        let mirror = Arc::clone(mirror);
+        std::thread::Builder::new().name("resync".into()).spawn(move || resync_loop(&mirror))?
+    };
+    let mirror = Arc::clone(mirror);
+    std::thread::Builder::new().name("fence-watch".into()).spawn(move || watch_fence(&mirror, &cache))?;
+    Ok(resync)
 }
 
 /// The file recording the ublk device of each disk (one id a line), for a
@@ -199,14 +204,7 @@ fn serve_ublk(paths: &VmPaths, mirror: Arc<Mirror>, cache: CacheDir) -> Result<(
     let ids: String = devices.ids().iter().map(|id| format!("{id}\n")).collect();
     tern_driver::fs::write_durably(&ublk_record(paths), ids.as_bytes())
         .with_context(|| format!("cannot record the ublk devices in {}", ublk_record(paths).display()))?;
-    let resync = {
-        let mirror = Arc::clone(&mirror);
-        std::thread::Builder::new().name("resync".into()).spawn(move || resync_loop(&mirror))?
-    };
-    {
-        let mirror = Arc::clone(&mirror);
-        std::thread::Builder::new().name("fence-watch".into()).spawn(move || watch_fence(&mirror, &cache))?;
-    }
+    let resync = start_background(&mirror, cache)?;
     let signal = signals.forever().next();
     log::info!("signal {signal:?}: removing the ublk devices of VM '{vm}'");
     devices.remove();
