@@ -358,7 +358,7 @@ chmod +x "$IR/init"
 # --- 4. per scenario: tern and the VM ----------------------------------------
 # run_scenario NAME: a fresh VM under $D/NAME served by tern, booted, checked.
 run_scenario() {
-    local name=$1 dir=$D/$1 port="" qrc=0 src=0
+    local name=$1 dir=$D/$1 port="" src=0
     local img=$dir/disk0.img
     mkdir -p "$dir/cache" "$dir/target"
     if [[ $name == ublk* ]]; then
@@ -387,22 +387,8 @@ run_scenario() {
     SERVE_PID=$!
     wait_for_socket "$dir/nbd.sock" 10 "$dir/serve.log" "$SERVE_PID" || die "$name: tern serve is not listening"
 
-    step "$name: boot the VM (tcg, timeout ${QEMU_TIMEOUT}s)"
-    timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot "${vm[@]}" \
-        -kernel "$vmlinuz" -initrd "$D/ir.cpio.gz" \
-        -append "console=ttyS0 quiet panic=-1 tern.scenario=$name${port:+ tern.port=$port}" \
-        -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-        </dev/null >"$dir/console.log" 2>&1 || qrc=$?
-    grep -a '^guest:' "$dir/console.log" | tr -d '\r' || true
-    if ! grep -aq "TERN-VM-OK $name" "$dir/console.log"; then
-        echo "--- console (last 40 lines)"; tail -n 40 "$dir/console.log"
-        echo "--- tern serve log (last 20 lines)"; tail -n 20 "$dir/serve.log"
-        [[ $qrc == 124 ]] && die "$name: the VM did not finish within ${QEMU_TIMEOUT}s"
-        die "$name: the guest did not report TERN-VM-OK (qemu exit $qrc): $(grep -a 'TERN-VM-FAIL' "$dir/console.log" | tr -d '\r' | head -n1)"
-    fi
-    # isa-debug-exit turns the guest's 0 into qemu's 1.
-    [[ $qrc == 1 ]] || echo "note: qemu exited $qrc (expected 1 from isa-debug-exit)"
-    echo "guest reported TERN-VM-OK $name (qemu exit $qrc)"
+    BOOT_APPEND=${port:+tern.port=$port} boot "$name" "$dir" "${vm[@]}" ||
+        { echo "--- tern serve log (last 20 lines)"; tail -n 20 "$dir/serve.log"; die "$name: the guest failed"; }
 
     step "$name: stop tern serve"
     kill -TERM "$SERVE_PID"
@@ -433,23 +419,30 @@ run_scenario() {
     echo "TERN-VM-OK $name"
 }
 
-# boot NAME DIR QEMU-ARGS...: boots the guest for scenario NAME; dies
-# unless it reports TERN-VM-OK NAME.
+# boot NAME DIR QEMU-ARGS...: boots the guest for scenario NAME (kernel
+# command line plus $BOOT_APPEND); returns non-zero, after the console's
+# tail and why, unless it reports TERN-VM-OK NAME.
 boot() {
     local name=$1 dir=$2 qrc=0
     shift 2
     step "$name: boot the VM (tcg, timeout ${QEMU_TIMEOUT}s)"
     timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 1024 -nographic -no-reboot "$@" \
         -kernel "$vmlinuz" -initrd "$D/ir.cpio.gz" \
-        -append "console=ttyS0 quiet panic=-1 tern.scenario=$name" \
+        -append "console=ttyS0 quiet panic=-1 tern.scenario=$name ${BOOT_APPEND:-}" \
         -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
         </dev/null >"$dir/console.log" 2>&1 || qrc=$?
     grep -a '^guest:' "$dir/console.log" | tr -d '\r' || true
     if ! grep -aq "TERN-VM-OK $name" "$dir/console.log"; then
         echo "--- console (last 40 lines)"; tail -n 40 "$dir/console.log"
-        [[ $qrc == 124 ]] && die "$name: the VM did not finish within ${QEMU_TIMEOUT}s"
-        die "$name: the guest did not report TERN-VM-OK (qemu exit $qrc): $(grep -a 'TERN-VM-FAIL' "$dir/console.log" | tr -d '\r' | head -n1)"
+        if [[ $qrc == 124 ]]; then
+            log "$name: the VM did not finish within ${QEMU_TIMEOUT}s"
+        else
+            log "$name: the guest did not report TERN-VM-OK (qemu exit $qrc): $(grep -a 'TERN-VM-FAIL' "$dir/console.log" | tr -d '\r' | head -n1)"
+        fi
+        return 1
     fi
+    # isa-debug-exit turns the guest's 0 into qemu's 1.
+    [[ $qrc == 1 ]] || echo "note: qemu exited $qrc (expected 1 from isa-debug-exit)"
     echo "guest reported TERN-VM-OK $name (qemu exit $qrc)"
 }
 
@@ -459,7 +452,8 @@ run_ublk() {
     local name=$1 dir=$2 mnt=$2/mnt
     truncate -s 1G "$dir/work.img"
     mkfs.ext4 -q -F "$dir/work.img"
-    boot "$name" "$dir" -nic none -drive "file=$dir/work.img,format=raw,if=virtio,cache=none"
+    boot "$name" "$dir" -nic none -drive "file=$dir/work.img,format=raw,if=virtio,cache=none" ||
+        die "$name: the guest failed (its tern serve log is in the console above)"
     step "$name: check: the host applies the guest's cache, the replica is the image"
     mkdir -p "$mnt"
     mount -o loop "$dir/work.img" "$mnt" || die "$name: cannot mount the guest's disk"
