@@ -158,12 +158,11 @@ impl Devices {
     /// fails what is still queued, the queue threads end.
     pub fn remove(self) {
         for id in &self.ids {
-            match UblkCtrl::new_simple(*id) {
-                Ok(c) => {
-                    let _ = c.kill_dev();
-                    let _ = c.del_dev();
-                }
-                Err(e) => log::warn!("cannot remove /dev/ublkb{id}: {e:?}"),
+            let removed = UblkCtrl::new_simple(*id).and_then(|c| c.kill_dev().and_then(|_| c.del_dev()));
+            if let Err(e) = removed {
+                log::warn!(
+                    "cannot remove /dev/ublkb{id}: {e:?}; it stays until deleted (ublksrv's `ublk del -n {id}`, or a reboot); the next `tern serve --ublk` makes a new one"
+                );
             }
         }
         for t in self.threads {
