@@ -13,6 +13,7 @@ mod cmd;
 mod failover;
 mod hint;
 mod metrics;
+mod notify;
 mod reprotect;
 mod ship;
 mod status;

@@ -123,7 +123,9 @@ pub fn run(
     }
     let mut appliers: BTreeMap<String, VmApplier> = BTreeMap::new();
     let mut failing = failing::FailingVms::default();
+    crate::notify::ready(&format!("applying {} onto {}", cache.describe(), target.display()));
     loop {
+        crate::notify::watchdog();
         let names = match vm {
             Some(v) => vec![v.to_owned()],
             None => vms_in(cache)?,
@@ -371,6 +373,7 @@ impl VmApplier {
                 if stop.load(Ordering::Acquire) {
                     break;
                 }
+                crate::notify::watchdog();
                 let read = if first > self.cur.applied_seq + 1 {
                     // The manifest grows epochs; re-read it for this one.
                     self.reread_manifest().and_then(|()| self.read_segment(first, last, &path, segment))

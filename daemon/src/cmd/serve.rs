@@ -112,13 +112,16 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     if a.no_journal {
         log::warn!("journaling is OFF (--no-journal): every region of VM '{}' is marked for a full resync", a.vm);
     }
-    if a.ublk && a.listen.is_empty() {
-        return serve_ublk(&paths, mirror, cache);
-    }
     let threads = a.threads.unwrap_or_else(ServerOptions::default_threads).clamp(1, 256);
     let options = ServerOptions { threads, ..Default::default() };
     let server = Arc::new(Server::new(Arc::clone(&mirror), options));
-    let listen = if a.listen.is_empty() { vec![Listen::Unix(paths.nbd_socket())] } else { a.listen.clone() };
+    // NBD unless only ublk was asked for; both at once serve the same
+    // disks through the same mirror and journal.
+    let listen = match (a.listen.is_empty(), a.ublk) {
+        (false, _) => a.listen.clone(),
+        (true, false) => vec![Listen::Unix(paths.nbd_socket())],
+        (true, true) => Vec::new(),
+    };
 
     if listen.contains(&Listen::Stdio) {
         server.serve_stdio();
@@ -132,10 +135,19 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         let listener = Server::bind(l).with_context(|| format!("cannot listen on {l}"))?;
         listeners.push(listener);
     }
-    let exports: Vec<String> =
-        (0..mirror.disk_count()).map(|i| format!("{} ({} bytes)", mirror.disk_name(i), mirror.disk_size(i))).collect();
-    let addresses: Vec<String> = listen.iter().map(ToString::to_string).collect();
-    log::info!("serving VM '{}' on {}: exports {}", a.vm, addresses.join(", "), exports.join(", "));
+    let devices = if a.ublk { Some(start_ublk(&paths, &mirror)?) } else { None };
+    let mut serving: Vec<String> = devices
+        .as_ref()
+        .map(|d| d.ids().iter().map(|&id| tern_driver::ublk::device_path(id).display().to_string()).collect())
+        .unwrap_or_default();
+    if !listen.is_empty() {
+        let exports: Vec<String> = (0..mirror.disk_count())
+            .map(|i| format!("{} ({} bytes)", mirror.disk_name(i), mirror.disk_size(i)))
+            .collect();
+        let addresses: Vec<String> = listen.iter().map(ToString::to_string).collect();
+        log::info!("serving VM '{}' on {}: exports {}", a.vm, addresses.join(", "), exports.join(", "));
+        serving.extend(addresses);
+    }
     // Hand the bound listeners to accept threads, keeping the socket paths
     // to remove at exit.
     let mut sockets = Vec::new();
@@ -149,9 +161,16 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
 
     let resync = start_background(&mirror, cache)?;
+    crate::notify::ready(&format!("serving VM '{}' on {}", a.vm, serving.join(", ")));
 
     let signal = signals.forever().next();
     log::info!("signal {signal:?}: stopping; finishing the requests in flight");
+    crate::notify::stopping(&format!("stopping VM '{}': finishing the requests in flight", a.vm));
+    if let Some(devices) = devices {
+        log::info!("removing the ublk devices of VM '{}'", a.vm);
+        devices.remove();
+        let _ = std::fs::remove_file(ublk_record(&paths));
+    }
     server.disconnect_all();
     let result = mirror.shutdown().context("clean shutdown failed");
     for s in sockets {
@@ -161,9 +180,9 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     result
 }
 
-/// What runs beside either front-end: the resync thread (returned, to be
-/// joined after the mirror's shutdown) and the watch that fences the
-/// mirror once the VM failed over.
+/// What runs beside the front-ends: the resync thread (returned, to be
+/// joined after the mirror's shutdown; it pings systemd's watchdog) and
+/// the watch that fences the mirror once the VM failed over.
 fn start_background(mirror: &Arc<Mirror>, cache: CacheDir) -> Result<std::thread::JoinHandle<()>> {
     let resync = {
         let mirror = Arc::clone(mirror);
@@ -180,11 +199,9 @@ fn ublk_record(paths: &VmPaths) -> std::path::PathBuf {
     paths.dir().join("ublk-devices")
 }
 
-/// `tern serve --ublk`: the disks as /dev/ublkbN until SIGTERM, then the
-/// devices removed and the journal detached.
-fn serve_ublk(paths: &VmPaths, mirror: Arc<Mirror>, cache: CacheDir) -> Result<()> {
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+/// `tern serve --ublk`: the disks as /dev/ublkbN (re-attaching to those a
+/// killed `tern serve` left), recorded for the next one.
+fn start_ublk(paths: &VmPaths, mirror: &Arc<Mirror>) -> Result<tern_driver::ublk::Devices> {
     // Devices a `tern serve --ublk` that died left behind, held for us.
     let recorded: Vec<Option<i32>> = std::fs::read_to_string(ublk_record(paths))
         .unwrap_or_default()
@@ -192,7 +209,7 @@ fn serve_ublk(paths: &VmPaths, mirror: Arc<Mirror>, cache: CacheDir) -> Result<(
         .map(|l| l.trim().parse().ok().filter(|id| std::path::Path::new(&format!("/dev/ublkc{id}")).exists()))
         .collect();
     let vm = mirror.config().name.clone();
-    let devices = tern_driver::ublk::serve(Arc::clone(&mirror), &recorded, |disk, id| {
+    let devices = tern_driver::ublk::serve(Arc::clone(mirror), &recorded, |disk, id| {
         let how = if recorded.get(disk).copied().flatten() == Some(id) { "re-attached to" } else { "as" };
         log::info!(
             "serving VM '{vm}' disk '{}' {how} {}",
@@ -204,14 +221,7 @@ fn serve_ublk(paths: &VmPaths, mirror: Arc<Mirror>, cache: CacheDir) -> Result<(
     let ids: String = devices.ids().iter().map(|id| format!("{id}\n")).collect();
     tern_driver::fs::write_durably(&ublk_record(paths), ids.as_bytes())
         .with_context(|| format!("cannot record the ublk devices in {}", ublk_record(paths).display()))?;
-    let resync = start_background(&mirror, cache)?;
-    let signal = signals.forever().next();
-    log::info!("signal {signal:?}: removing the ublk devices of VM '{vm}'");
-    devices.remove();
-    let _ = std::fs::remove_file(ublk_record(paths));
-    let result = mirror.shutdown().context("clean shutdown failed");
-    let _ = resync.join();
-    result
+    Ok(devices)
 }
 
 /// How often the cache is checked for a fence: a failover stops this
@@ -297,6 +307,10 @@ fn resync_loop(mirror: &Mirror) {
     use std::time::Duration;
     use tern_driver::ResyncStep;
     loop {
+        // The watchdog's pings come from here, not from the fence watch: a
+        // store that hangs must not get the VM's front-end restarted, a
+        // mirror that does not turn (a wedged lock, the journal) must.
+        crate::notify::watchdog();
         match mirror.resync_step(8 << 20) {
             Ok(ResyncStep::Progress { .. }) => {}
             Ok(ResyncStep::Idle) => std::thread::sleep(Duration::from_millis(50)),

@@ -224,6 +224,7 @@ pub fn run_with(
         initial: AtomicBool::new(false),
     };
     log::info!("VM '{vm}': metrics in {}", observer.metrics.path().display());
+    crate::notify::ready(&format!("shipping VM '{vm}' to {}", cache.describe()));
     observer.report(&stats.publish(&journal), true);
     // What is dirty now is the start of a resync's total.
     observer.progress();
@@ -287,8 +288,15 @@ pub fn run_with(
                     }
                 }
                 if tick % 5 == 0 {
-                    observer.report(&stats.publish(&journal), true);
+                    let r = stats.publish(&journal);
+                    observer.report(&r, true);
+                    if tick % 50 == 0 {
+                        crate::notify::status(&ship_status(&vm, &r));
+                    }
                 }
+                // The watchdog: this loop (not the writer, which may wait
+                // minutes for a store that is down) must keep turning.
+                crate::notify::watchdog();
                 if tick % 10 == 0 {
                     if let Err(e) = writer::check_fence(&cache) {
                         if e.is::<writer::Fenced>() {
@@ -327,6 +335,21 @@ pub fn run_with(
     observer.finish(&report);
     result?;
     Ok(stats)
+}
+
+/// The shipper's line in `systemctl status`.
+fn ship_status(vm: &str, r: &crate::status::Report) -> String {
+    let size = |b: u64| tern_driver::units::Size(b).approx();
+    match &r.cache_failing {
+        Some(e) => format!("VM '{vm}': the cache store fails ({e}); {} pending", size(r.pending_bytes)),
+        None => format!(
+            "VM '{vm}': shipped up to seq {}, {} pending, lag p99 {:.0} ms, {:.1} MB/s to the store",
+            r.last_shipped_seq,
+            size(r.pending_bytes),
+            r.lag_p99_ms,
+            r.upload_rate_mb_s
+        ),
+    }
 }
 
 /// After a host crash the journal is still marked attached by the previous
