@@ -4,7 +4,8 @@
 # instances, and tern-apply@ with the mounts drop-in `install.sh apply`
 # writes. ExecStart is pointed at the built binary (verify checks that it
 # exists). systemd-analyze exits 0 on warnings, so any output counts as a
-# failure here.
+# failure here. Then each unit's hardening: its exposure score from
+# `systemd-analyze security` at most 5.0.
 set -euo pipefail
 # shellcheck source=lib/bench.sh
 source "$(dirname "$0")/lib/bench.sh"
@@ -29,4 +30,15 @@ if [[ -n $out ]]; then
     echo "$out" >&2
     exit 1
 fi
-echo "check-units.sh: ${#instances[@]} units as installed verified (${instances[*]})"
+# Hardening: systemd's own exposure score (0 best, 10 worst; 9.6 before
+# the units were hardened) must stay in its "OK" band.
+scores=()
+for i in "${instances[@]}"; do
+    cp "$units/${i%%@*}@.service" "$root/$i"
+    score=$(systemd-analyze security --offline=true --no-pager "$root/$i" 2>&1 |
+        sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
+    [[ -n $score ]] || die "systemd-analyze security gave no score for $i"
+    awk -v s="$score" 'BEGIN { exit !(s <= 5.0) }' || die "$i: exposure $score, above 5.0 (systemd-analyze security --offline=true)"
+    scores+=("$i $score")
+done
+echo "check-units.sh: ${#instances[@]} units as installed verified (${instances[*]}); exposure: $(IFS=,; echo "${scores[*]}")"
