@@ -15,14 +15,32 @@
 #               the disk (an image on the guest's virtio disk) as
 #               /dev/ublkb0; after the pattern, ext4 and files, `tern ship`
 #               in the guest writes the cache there, and the host applies
-#               it: the replica must equal the image and fsck clean
+#               it: the replica must equal the image and fsck clean; the
+#               host fails over (--test --latest) and a second guest finds
+#               the failed-over disk fsck clean and every file the first
+#               wrote with its checksum
 #   ublk-restart  as ublk, but a shell loop writes 64 KiB blocks with
 #               O_DIRECT to /dev/ublkb0 while `tern serve --ublk` is killed
 #               with SIGKILL and started again, three times: no write may
 #               fail, every block must read back as written, and the
 #               replica applied on the host must equal the image
+#   systemd     a Debian guest whose PID 1 is systemd (its root filesystem
+#               built once with mmdebstrap, cached): scripts/install.sh
+#               installs tern and its units, which run it (serve over ublk
+#               and NBD at once, ship, apply) with READY and watchdog
+#               pings; `systemctl kill -s KILL` of the front-end under fio
+#               loses nothing; `systemctl stop` is clean (tests/vm/systemd.sh)
 #
-# Usage: scripts/vm-test.sh [SCENARIO...]   (all when none is named)
+# Run only when named:
+#   bench       fio through /dev/ublkb0, the kernel's NBD client and the
+#               virtio disk in one Debian guest, and the writer's stall
+#               across kill -9 restarts (tests/vm/bench.sh; what
+#               scripts/bench-vm.sh runs)
+#
+# Usage: scripts/vm-test.sh [SCENARIO...]   (all but bench when none is named)
+#
+# TERN_VM_APPEND: more words for the guest's kernel command line (the bench
+# scenario's knobs: tern.rounds=, tern.runtime=, tern.restarts=).
 #
 # Needs root (apt, /var/cache). The Debian 6.12 kernel from bookworm-backports
 # is downloaded once and unpacked under /var/cache/tern-vm (TERN_VM_CACHE).
@@ -36,12 +54,15 @@ REPO=$PWD
 START=$(date +%s.%N)
 BENCH_LOG=plain BENCH_ERROR=FAIL   # vm-test: FAIL: ...
 
-ALL_SCENARIOS=(nbd kernel-nbd ublk ublk-restart)
+ALL_SCENARIOS=(nbd kernel-nbd ublk ublk-restart systemd)
 SCENARIOS=("$@")
 ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_SCENARIOS[@]}")
 for s in "${SCENARIOS[@]}"; do
-    [[ " ${ALL_SCENARIOS[*]} " == *" $s "* ]] || die "unknown scenario '$s' (known: ${ALL_SCENARIOS[*]})"
+    [[ " ${ALL_SCENARIOS[*]} bench " == *" $s "* ]] || die "unknown scenario '$s' (known: ${ALL_SCENARIOS[*]} bench)"
 done
+# Scenarios whose guest is Debian with systemd, not the busybox initramfs.
+DEBIAN_GUEST=0
+for s in "${SCENARIOS[@]}"; do [[ $s == systemd || $s == bench ]] && DEBIAN_GUEST=1; done
 
 CACHE=${TERN_VM_CACHE:-/var/cache/tern-vm}
 TERN=$REPO/target/release/tern
@@ -50,7 +71,7 @@ QEMU_TIMEOUT=${TERN_VM_TIMEOUT:-300}
 # --- 1. host packages -------------------------------------------------------
 step "host packages"
 need=()
-for p in qemu-system-x86 busybox-static cpio xz-utils e2fsprogs nbd-client; do
+for p in qemu-system-x86 qemu-utils busybox-static cpio xz-utils e2fsprogs nbd-client mmdebstrap; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' || need+=("$p")
 done
 if ((${#need[@]})); then
@@ -113,6 +134,32 @@ kver=${vmlinuz##*/vmlinuz-}
 moddir=$(find "$kroot/" -maxdepth 4 -type d -path "*/lib/modules/$kver" | head -n1)
 [[ -n $moddir ]] || die "no modules directory for $kver under $kroot"
 echo "kernel $kver (cached in $(readlink -f "$kroot"))"
+
+# --- 2b. the Debian root filesystem of the systemd and bench guests (cached) --
+# Bookworm, as the host (tern's libraries are the host's), with systemd as
+# PID 1 and what the guest scripts use. Its name carries ROOTFS_VERSION:
+# change the package list, bump it.
+ROOTFS_VERSION=1
+ROOTFS_PACKAGES=systemd,systemd-sysv,udev,kmod,e2fsprogs,fio,nbd-client,procps,util-linux
+rootfs=$CACHE/rootfs-bookworm-v$ROOTFS_VERSION.img
+if [[ $DEBIAN_GUEST == 1 && ! -e $rootfs ]]; then
+    step "Debian root filesystem (mmdebstrap, once)"
+    mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+    [[ -n $mirror ]] || mirror=$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list 2>/dev/null || true)
+    [[ -n $mirror ]] || die "no Debian mirror found in /etc/apt/sources.list{,.d} for mmdebstrap"
+    tree=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+    # The guest's fstab, hostname and a root without password (the console).
+    mmdebstrap --variant=minbase --include="$ROOTFS_PACKAGES" \
+        --customize-hook='echo "/dev/vda / ext4 rw,errors=remount-ro 0 1" > "$1/etc/fstab"' \
+        --customize-hook='echo tern-guest > "$1/etc/hostname"' \
+        --customize-hook='chroot "$1" passwd -d root' \
+        bookworm "$tree" "$mirror" >"$CACHE/mmdebstrap.log" 2>&1 ||
+        { tail -n 20 "$CACHE/mmdebstrap.log"; rm -rf "$tree"; die "mmdebstrap failed (log: $CACHE/mmdebstrap.log)"; }
+    mkfs.ext4 -q -F -L root -d "$tree" "$rootfs.tmp" 2G || { rm -rf "$tree"; die "mkfs.ext4 -d of the root filesystem failed"; }
+    rm -rf "$tree"
+    mv "$rootfs.tmp" "$rootfs"
+    echo "root filesystem: $rootfs"
+fi
 
 step "build tern"
 BENCH_TERN_GIVEN=""   # always built: TERN is no knob here
@@ -190,6 +237,15 @@ copy_bin "$(command -v nbd-client)"
 copy_bin "$TERN" # ublk: tern runs in the guest (without its debug lines)
 strip -o "$IR/sbin/tern" "$TERN"
 echo "$HAVE_MKE2FS" >"$IR/etc/have-mke2fs"
+# The Debian guests' harness (copied into their root by /init): the guest
+# scripts, tern, and what scripts/install.sh installs from a checkout.
+mkdir -p "$IR/harness/scripts/lib" "$IR/harness/dist" "$IR/harness/tests"
+ln "$IR/sbin/tern" "$IR/harness/tern"
+cp scripts/install.sh "$IR/harness/scripts/"
+cp scripts/lib/bench.sh "$IR/harness/scripts/lib/"
+cp -r dist/systemd "$IR/harness/dist/"
+cp README.md "$IR/harness/"
+cp -r tests/vm "$IR/harness/tests/"
 printf '%s\n' "${order[@]}" >"$IR/etc/modules"
 
 cat >"$IR/init" <<'EOF'
@@ -224,6 +280,43 @@ for m in $(cat /etc/modules); do
         *) insmod /lib/modules/$m.ko || fail "insmod $m" ;;
     esac
 done
+# The Debian guests: their root is the first virtio disk; the harness goes
+# into it, with a unit that runs the scenario's script once systemd is up.
+case $SCENARIO in
+    systemd | bench)
+        mkdir -p /newroot
+        mount -t ext4 /dev/vda /newroot || fail "mount the Debian root filesystem"
+        rm -rf /newroot/root/harness
+        cp -a /harness /newroot/root/harness || fail "copy the harness"
+        cat >/newroot/etc/systemd/system/tern-vm-test.service <<UNIT
+[Unit]
+Description=tern VM test: $SCENARIO
+After=basic.target
+[Service]
+Type=oneshot
+ExecStart=/root/harness/tests/vm/$SCENARIO.sh
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/ttyS0
+UNIT
+        mkdir -p /newroot/etc/systemd/system/multi-user.target.wants
+        # A getty on the console would hang up the script's output.
+        ln -sf /dev/null /newroot/etc/systemd/system/serial-getty@ttyS0.service
+        ln -sf ../tern-vm-test.service /newroot/etc/systemd/system/multi-user.target.wants/
+        umount /proc /sys
+        umount /dev 2>/dev/null
+        exec switch_root /newroot /sbin/init ;;
+    ublk-check) # the ublk scenario's second guest: the failed-over disk
+        # (vda) and the first guest's work disk (vdb, its checksums)
+        mkdir -p /work
+        mount -t ext4 -o ro /dev/vdb /work || fail "mount the first guest's work disk"
+        e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck -fn of the failed-over disk"; }
+        mount -t ext4 -o ro /dev/vda /mnt || fail "mount the failed-over disk"
+        (cd /mnt && sha256sum -c /work/sums) >/tmp/sums.log 2>&1 || { cat /tmp/sums.log; fail "files differ on the failed-over disk"; }
+        echo "guest: the failed-over disk: e2fsck -fn clean, all $(wc -l </work/sums) files with their checksums"
+        finish 0 ;;
+esac
+
 # serve_ublk: tern serve --ublk in the background ($SERVE), until $DEV
 # answers.
 serve_ublk() {
@@ -335,6 +428,10 @@ if [ "$(cat /etc/have-mke2fs)" = 1 ]; then
     mount -t ext4 -o ro $DEV /mnt || fail "remount ext4"
     [ "$(sha256sum < /mnt/dir/pattern)" = "$want" ] || fail "file pattern differs"
     [ "$(cat /mnt/dir/f49)" = "file 49" ] || fail "f49 differs"
+    # The ublk scenario's second guest checks these on the failed-over disk.
+    if [ "$SCENARIO" = ublk ]; then
+        (cd /mnt && sha256sum hello.txt dir/*) >/work/sums || fail "checksums"
+    fi
     umount /mnt || fail "umount 2"
     echo "guest: ext4 made, 52 files written, fsck clean, read back"
 fi
@@ -363,6 +460,10 @@ run_scenario() {
     mkdir -p "$dir/cache" "$dir/target"
     if [[ $name == ublk* ]]; then
         run_ublk "$name" "$dir"
+        return
+    fi
+    if [[ $name == systemd || $name == bench ]]; then
+        run_debian "$name" "$dir"
         return
     fi
     step "$name: tern enable + serve"
@@ -428,16 +529,16 @@ boot() {
     step "$name: boot the VM (tcg, timeout ${QEMU_TIMEOUT}s)"
     timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 1024 -nographic -no-reboot "$@" \
         -kernel "$vmlinuz" -initrd "$D/ir.cpio.gz" \
-        -append "console=ttyS0 quiet panic=-1 tern.scenario=$name ${BOOT_APPEND:-}" \
+        -append "console=ttyS0 quiet panic=-1 tern.scenario=$name ${BOOT_APPEND:-} ${TERN_VM_APPEND:-}" \
         -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-        </dev/null >"$dir/console.log" 2>&1 || qrc=$?
-    grep -a '^guest:' "$dir/console.log" | tr -d '\r' || true
-    if ! grep -aq "TERN-VM-OK $name" "$dir/console.log"; then
-        echo "--- console (last 40 lines)"; tail -n 40 "$dir/console.log"
+        </dev/null >"$dir/console-$name.log" 2>&1 || qrc=$?
+    grep -a '^guest:' "$dir/console-$name.log" | tr -d '\r' || true
+    if ! grep -aq "TERN-VM-OK $name" "$dir/console-$name.log"; then
+        echo "--- console (last 40 lines)"; tail -n 40 "$dir/console-$name.log"
         if [[ $qrc == 124 ]]; then
             log "$name: the VM did not finish within ${QEMU_TIMEOUT}s"
         else
-            log "$name: the guest did not report TERN-VM-OK (qemu exit $qrc): $(grep -a 'TERN-VM-FAIL' "$dir/console.log" | tr -d '\r' | head -n1)"
+            log "$name: the guest did not report TERN-VM-OK (qemu exit $qrc): $(grep -a 'TERN-VM-FAIL' "$dir/console-$name.log" | tr -d '\r' | head -n1)"
         fi
         return 1
     fi
@@ -466,10 +567,47 @@ run_ublk() {
         cat "$dir/fsck.log"
         why="e2fsck -fn on the replica failed"
     fi
+    local fo=""
+    if [[ -z $why && $name == ublk ]]; then
+        step "$name: check: a test failover, booted in a second guest"
+        if ! fo=$("$TERN" -q failover vm1 --test --latest --cache "$mnt/cache" --target "$dir/target" --json); then
+            why="tern failover --test --latest failed"
+        else
+            fo=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["disks"]["disk0"])' <<<"$fo")
+            echo "failed over: $fo"
+        fi
+    fi
     umount "$mnt"
     [[ -z $why ]] || die "$name: $why"
     echo "replica == image$([[ $name == ublk ]] && echo ", e2fsck -fn clean")"
+    if [[ -n $fo ]]; then
+        boot ublk-check "$dir" -nic none -drive "file=$fo,format=raw,if=virtio,cache=none,readonly=on" \
+            -drive "file=$dir/work.img,format=raw,if=virtio,cache=none,readonly=on" ||
+            die "$name: the second guest found the failed-over disk wrong"
+    fi
     echo "TERN-VM-OK $name"
+}
+
+# run_debian NAME DIR: a Debian guest (systemd as PID 1) on a copy-on-write
+# layer over the cached root filesystem, with a scratch disk (/dev/vdb)
+# and, for bench, a raw disk to measure directly (/dev/vdc). The guest's
+# script (tests/vm/NAME.sh) does the scenario and reports.
+run_debian() {
+    local name=$1 dir=$2
+    qemu-img create -q -f qcow2 -b "$rootfs" -F raw "$dir/root.qcow2"
+    # bench: its cache store keeps every segment (nothing applies them).
+    truncate -s "$([[ $name == bench ]] && echo 16G || echo 2G)" "$dir/scratch.img"
+    truncate -s 2G "$dir/raw.img"
+    local disks=(-drive "file=$dir/root.qcow2,format=qcow2,if=virtio,cache=unsafe"
+        -drive "file=$dir/scratch.img,format=raw,if=virtio,cache=none,aio=threads")
+    local mem=()
+    # bench: a 512 MiB journal ring in the guest's memory.
+    [[ $name != bench ]] || disks+=(-drive "file=$dir/raw.img,format=raw,if=virtio,cache=none,aio=threads") mem=(-m 2048)
+    boot "$name" "$dir" -nic none -smp 2 "${mem[@]}" "${disks[@]}" || die "$name: the guest failed"
+    if [[ $name == bench ]]; then
+        grep -a '^bench:' "$dir/console-$name.log" | tr -d '\r' >"$D/bench.txt" || true
+        [[ -n ${BENCH_OUT:-} ]] && cp "$D/bench.txt" "$BENCH_OUT"
+    fi
 }
 
 for s in "${SCENARIOS[@]}"; do
