@@ -48,6 +48,9 @@ pub enum Failpoint {
     /// tag: the tag is reserved, filled and its number made durable, not
     /// yet published.
     TagReserved,
+    /// tag --group: every member's group barrier is closed (their writes
+    /// wait), no group tag appended yet.
+    TagGroupBarrierClosed,
     /// ship: a batch of records is read from the ring.
     ShipBatchRead,
     /// ship: a segment's bytes are written to its temporary file.
@@ -102,6 +105,7 @@ impl Failpoint {
         Failpoint::ServeResyncPublished,
         Failpoint::JournalRecordsWritten,
         Failpoint::TagReserved,
+        Failpoint::TagGroupBarrierClosed,
         Failpoint::ShipBatchRead,
         Failpoint::ShipSegmentWritten,
         Failpoint::ShipSegmentSync,
@@ -133,6 +137,7 @@ impl Failpoint {
             Failpoint::ServeResyncPublished => "serve:resync-published",
             Failpoint::JournalRecordsWritten => "journal:records-written",
             Failpoint::TagReserved => "tag:reserved",
+            Failpoint::TagGroupBarrierClosed => "tag:group-barrier-closed",
             Failpoint::ShipBatchRead => "ship:batch-read",
             Failpoint::ShipSegmentWritten => "ship:segment-written",
             Failpoint::ShipSegmentSync => "ship:segment-sync",

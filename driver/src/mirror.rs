@@ -515,7 +515,7 @@ impl Mirror {
             d.bitmap.sync()?;
             d.image.sync_data()?;
         }
-        self.journal.clear_flags(journal::FLAG_ATTACHED);
+        self.journal.clear_flags(journal::FLAG_ATTACHED | journal::FLAG_BARRIER_AWARE);
         self.journal.sync()?;
         // Detached: another front-end (or `tern ship`'s offline resync) may
         // take the VM now, even while this object lives on.

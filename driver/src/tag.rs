@@ -101,11 +101,24 @@ fn flock(file: &File, path: &Path, how: i32) -> Result<()> {
 /// Appends a tag (see [`Journal::append_tag`]) under the tag lock at
 /// `lock_path`, noting its reservation there until it is published.
 pub fn append(journal: &Journal, lock_path: &Path, label: &str) -> Result<Option<u64>> {
+    append_locked(journal, lock_path, |note| journal.append_tag(label, note))
+}
+
+/// [`append`] for a group point's tag ([`Journal::append_group_tag`]).
+pub fn append_group(journal: &Journal, lock_path: &Path, description: &[u8]) -> Result<Option<u64>> {
+    append_locked(journal, lock_path, |note| journal.append_group_tag(description, note))
+}
+
+fn append_locked(
+    journal: &Journal,
+    lock_path: &Path,
+    append: impl FnOnce(&mut dyn FnMut(crate::journal::Position)) -> Result<Option<u64>>,
+) -> Result<Option<u64>> {
     let mut lock = TagLock::acquire(lock_path)?;
     // A reservation still noted is a dead tagger's: pad it first.
     reclaim(journal, &mut lock, lock_path)?;
     let mut noted = Ok(());
-    let seq = journal.append_tag(label, |at| noted = lock.note(Some(at), lock_path))?;
+    let seq = append(&mut |at| noted = lock.note(Some(at), lock_path))?;
     noted?;
     lock.note(None, lock_path)?;
     Ok(seq)

@@ -12,6 +12,7 @@
 //!                                                      head_seq's top bit set = overflow mode
 //!          @128: { u64 tail_pos | u64 tail_seq }        the consumer: one 16-byte atomic
 //!          @192: { u32 window | u32 flags | [u8;16] boot_id | u64 overflow_seq | u64 recoveries }
+//!          @256: { u64 barrier_pid | u64 barrier_deadline_ns }   the group barrier
 //!
 //! record = { u64 commit | u64 seq | u64 offset | u64 time_ns | u32 length
 //!          | u32 data_len | u16 disk | u8 kind | u8 flags | u32 crc32c | data[data_len] }
@@ -76,6 +77,11 @@ pub const OFF_FLAGS: usize = 196;
 pub const OFF_BOOT_ID: usize = 200;
 pub const OFF_OVERFLOW_SEQ: usize = 216;
 pub const OFF_RECOVERIES: usize = 224;
+/// The group barrier (see `ring/barrier.rs`): the pid holding it (0: open)
+/// and the CLOCK_MONOTONIC time (ns) after which producers open it
+/// themselves. Zero in journals from before groups, which is "open".
+pub const OFF_BARRIER: usize = 256;
+pub const OFF_BARRIER_DEADLINE: usize = 264;
 
 /// Record `flags` of a zero-length `Resync` record that opens a resync
 /// window: from here the replica is not consistent until the matching
@@ -91,6 +97,14 @@ pub const FLAG_ATTACHED: u32 = 1;
 /// may disagree on disk, so a checksum resync must compare source and
 /// replica (invariant 4). Cleared by the shipper once that resync is done.
 pub const FLAG_CHECKSUM_RESYNC: u32 = 2;
+/// `flags`: the attached front-end honours the group barrier (set and
+/// cleared with `FLAG_ATTACHED`; a front-end from before groups does not
+/// set it, and a group point refuses such a member).
+pub const FLAG_BARRIER_AWARE: u32 = 4;
+
+/// Record `flags` of a `Tag` record whose data is a group point (JSON, see
+/// docs/FORMATS.md), not a bare label.
+pub const TAG_GROUP: u8 = 1;
 
 /// The immutable part of the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +222,7 @@ impl RecordHeader {
         match (kind, h.flags) {
             (_, 0) => {}
             (RecordKind::Resync, RESYNC_OPEN | RESYNC_CLOSE) if h.length == 0 => {}
+            (RecordKind::Tag, TAG_GROUP) => {}
             (_, f) => return Err(format!("{} record with unknown flags {f:#x}", kind.name())),
         }
         Ok(h)

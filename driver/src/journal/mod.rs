@@ -18,7 +18,9 @@ mod ring;
 mod tests;
 
 pub use format::RecordHeader;
-pub use format::{FLAG_ATTACHED, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA, RESYNC_CLOSE, RESYNC_OPEN};
+pub use format::{
+    FLAG_ATTACHED, FLAG_BARRIER_AWARE, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA, RESYNC_CLOSE, RESYNC_OPEN, TAG_GROUP,
+};
 pub use ring::{
     BusyRecord, Cursor, InPlaceRecord, Journal, Mode, NewRecord, Position, ReadOutcome, RecordError, RecoveryReport,
     SEQ_JUMP_AFTER_DISCARD,

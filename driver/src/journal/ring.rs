@@ -21,6 +21,7 @@ use super::RecordKind;
 use crate::fs::{preallocate, FileLock};
 use crate::{Error, Result};
 
+mod barrier;
 mod consumer;
 mod durable;
 mod in_place;
@@ -418,6 +419,12 @@ impl Journal {
     /// no room for it yet (the ring stays in overflow).
     pub fn leave_overflow(&self, opener: &NewRecord) -> Option<u64> {
         self.append_with(opener, &[], true, commit_word).map(|(seq, _)| seq)
+    }
+
+    /// Whether the ring is in overflow mode now (writes go to the dirty
+    /// bitmaps; no consistent point can be cut until the resync is done).
+    pub fn overflowed(&self) -> bool {
+        in_overflow(self.head_word().load(Ordering::Acquire))
     }
 
     /// The head sequence number when the ring last overflowed.

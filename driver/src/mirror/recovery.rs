@@ -33,7 +33,7 @@ impl Mirror {
             }
         }
         self.journal.set_boot_id(boot);
-        self.journal.set_flags(journal::FLAG_ATTACHED);
+        self.journal.set_flags(journal::FLAG_ATTACHED | journal::FLAG_BARRIER_AWARE);
         self.journal.sync()?;
         Ok(())
     }

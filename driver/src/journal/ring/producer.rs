@@ -30,9 +30,22 @@ impl Journal {
         if label.is_empty() || label.len() > 256 || label.chars().any(char::is_control) {
             return Err(Error::Invalid(format!("a tag label must be 1 to 256 bytes of printable text, got {label:?}")));
         }
-        let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: label.len() as u32, flags: 0 };
-        let data = label.as_bytes();
-        let Some((at, pad)) = self.reserve(footprint(data.len()), false) else { return Ok(None) };
+        self.append_marker(0, label.as_bytes(), note)
+    }
+
+    /// [`Journal::append_tag`] for a group point: its description (JSON,
+    /// docs/FORMATS.md) as the data, flagged `TAG_GROUP`. Passes the group
+    /// barrier its caller holds.
+    pub fn append_group_tag(&self, description: &[u8], note: impl FnOnce(Position)) -> Result<Option<u64>> {
+        if description.is_empty() || description.len() > 64 << 10 {
+            return Err(Error::Invalid(format!("a group tag is 1 byte to 64 KiB, got {}", description.len())));
+        }
+        self.append_marker(TAG_GROUP, description, note)
+    }
+
+    fn append_marker(&self, flags: u8, data: &[u8], note: impl FnOnce(Position)) -> Result<Option<u64>> {
+        let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: data.len() as u32, flags };
+        let Some((at, pad)) = self.reserve_as(footprint(data.len()), false, true) else { return Ok(None) };
         if pad > 0 {
             self.write_record(at.pos, &RecordHeader::pad(at.seq, 0, pad), &[]);
         }
@@ -144,8 +157,13 @@ impl Journal {
     /// Reserves `total` bytes (plus the pad to the wrap, if the record
     /// would straddle it) and a sequence number with one CAS on the head.
     /// Fails in overflow mode, unless this reservation is the one that
-    /// leaves it.
+    /// leaves it. Waits while the group barrier is closed, unless this is
+    /// a tag (`barrier.rs`).
     pub(super) fn reserve(&self, total: u64, leave_overflow: bool) -> Option<(Position, u64)> {
+        self.reserve_as(total, leave_overflow, false)
+    }
+
+    pub(super) fn reserve_as(&self, total: u64, leave_overflow: bool, tag: bool) -> Option<(Position, u64)> {
         let cap = self.fields.capacity;
         if total > cap {
             return None;
@@ -155,6 +173,12 @@ impl Journal {
         loop {
             if in_overflow(cur) && !leave_overflow {
                 return None;
+            }
+            // After reading the head: see barrier.rs for why here.
+            if !tag && self.barrier_holder().is_some() {
+                self.pass_barrier();
+                cur = word.load(Ordering::Acquire);
+                continue;
             }
             let head = Position::unpack(cur);
             let slot = head.pos % cap;
