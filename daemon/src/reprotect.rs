@@ -67,7 +67,7 @@ pub enum FailedBack {
     CleanupFinished { point: String },
     /// The VM's disks here hold `point`, and it is protected again in the
     /// original direction (`config`), its replica seeded as `initial` says.
-    Done { point: Point, config: Box<VmConfig>, initial: InitialSync },
+    Done { point: Box<Point>, config: Box<VmConfig>, initial: InitialSync },
 }
 
 /// Protects the failed-over VM towards `a.target`, seeding the replicas
@@ -259,7 +259,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
     };
     fail::hit(Failpoint::FailbackEnabled)?;
     finish_failback_cleanup(state, &config.cache, a.vm, &enabled.config.id)?;
-    Ok(FailedBack::Done { point, config: Box::new(enabled.config), initial: spec.initial_sync })
+    Ok(FailedBack::Done { point: Box::new(point), config: Box::new(enabled.config), initial: spec.initial_sync })
 }
 
 /// Requires that the VM at the failover site stopped cleanly and shipped

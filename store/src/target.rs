@@ -104,6 +104,21 @@ pub struct Point {
     pub clone: String,
     /// Disk name → file name inside the point's directory.
     pub disks: BTreeMap<String, String>,
+    /// The group point this point is one member's part of (a `tern tag
+    /// --group` cut). Absent in points of no group, which read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<PointGroup>,
+}
+
+/// One member's share of a group point: the group point exists once every
+/// member has its point with the same `point` id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PointGroup {
+    pub group: String,
+    /// The group point's id, the same in every member.
+    pub point: String,
+    pub members: Vec<String>,
 }
 
 impl Point {
@@ -295,6 +310,7 @@ mod tests {
             label: None,
             clone: "reflink".into(),
             disks: BTreeMap::new(),
+            group: None,
         }
     }
 

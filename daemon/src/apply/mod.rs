@@ -25,7 +25,8 @@ use tern_store::file::FileError;
 use tern_store::object::Store;
 use tern_store::segment::{Segment, SegmentError};
 use tern_store::target::{
-    expired_points, stream_now, Checkpoint, Point, PointAnswer, PointKind, PointRequest, TargetDir, TARGET_VERSION,
+    expired_points, stream_now, Checkpoint, Point, PointAnswer, PointGroup, PointKind, PointRequest, TargetDir,
+    TARGET_VERSION,
 };
 
 use tern_driver::fail::{self, Failpoint};
@@ -395,7 +396,7 @@ impl VmApplier {
                     // crash in between takes it again after the restart.
                     self.flush()?;
                     let (seq, epoch, time) = (self.cur.applied_seq, self.cur.epoch, self.cur.source_time_ns);
-                    self.take_point(seq, epoch, time, PointKind::Crash, None)?;
+                    self.take_point(seq, epoch, time, PointKind::Crash, None, None)?;
                     self.cur.last_point_ns = time;
                     self.commit()?;
                 } else if self.batch.data_len() >= self.options.batch_limit {
@@ -566,16 +567,27 @@ impl VmApplier {
                 RecordKind::Resync if r.flags == journal::RESYNC_OPEN => in_window = true,
                 RecordKind::Resync if r.flags == journal::RESYNC_CLOSE => in_window = false,
                 RecordKind::Tag => {
-                    let label = String::from_utf8_lossy(&seg.payload()[span]).into_owned();
+                    let data = &seg.payload()[span];
+                    // A group tag's point carries the group point, and the
+                    // cut's time so that retention ages its members as one.
+                    let (label, time_ns, group) = if r.flags == journal::TAG_GROUP {
+                        let tag = crate::group::GroupTag::parse(data)
+                            .with_context(|| format!("{path}: the tag at seq {}", r.seq))?;
+                        let group = PointGroup { group: tag.group, point: tag.point, members: tag.members };
+                        (tag.label, tag.time_ns, Some(group))
+                    } else {
+                        (Some(String::from_utf8_lossy(data).into_owned()), r.time_ns, None)
+                    };
                     if in_window {
                         log::warn!(
-                            "VM '{}': tag '{label}' (seq {}) falls inside a resync window; no point can be taken there",
+                            "VM '{}': tag '{}' (seq {}) falls inside a resync window; no point can be taken there",
                             self.name,
+                            label.as_deref().unwrap_or(""),
                             r.seq
                         );
                     } else {
                         self.write_batch().with_context(|| format!("applying {}", path))?;
-                        self.take_point(r.seq, h.epoch, r.time_ns, PointKind::App, Some(label))?;
+                        self.take_point(r.seq, h.epoch, time_ns, PointKind::App, label, group)?;
                     }
                 }
                 kind if kind.changes_disk() => self.batch.add(r, &payload, span),

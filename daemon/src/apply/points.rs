@@ -16,6 +16,7 @@ impl VmApplier {
         time_ns: u64,
         kind: PointKind,
         label: Option<String>,
+        group: Option<PointGroup>,
     ) -> Result<()> {
         let id = Point::make_id(seq, kind);
         if self.target.point_dir(&id).exists() {
@@ -58,6 +59,7 @@ impl VmApplier {
             label,
             clone: method.name().into(),
             disks,
+            group,
         };
         write_durably(&tmp.join("point.toml"), toml::to_string(&point)?.as_bytes())?;
         let dir = self.target.point_dir(&id);

@@ -15,7 +15,12 @@ use crate::failover::{make_failover, real_failover, Choice};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    pub vm: String,
+    #[arg(required_unless_present = "group")]
+    pub vm: Option<String>,
+    /// Every member of a group at one group point (`tern points --group`):
+    /// --point names a group point, else the newest is used.
+    #[arg(long, conflicts_with_all = ["vm", "planned"])]
+    pub group: Option<String>,
     /// A test failover: an isolated copy; replication is not touched.
     /// Without it: fence the source off (it stops shipping), and run the VM
     /// from the point until `tern commit`.
@@ -126,30 +131,19 @@ fn sites(cli: &Cli, vm: &str, target: Option<&Path>, cache: Option<&Path>) -> Re
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
-    let (target_root, cache_root) = sites(cli, &a.vm, a.target.as_deref(), a.cache.as_deref())?;
+    if let Some(group) = &a.group {
+        return run_group(cli, a, group);
+    }
+    let vm = a.vm.as_deref().expect("clap: a VM or --group");
+    let (target_root, cache_root) = sites(cli, vm, a.target.as_deref(), a.cache.as_deref())?;
     let started = Instant::now();
     let f = if a.test {
-        make_failover(&target_root, &cache_root, &a.vm, &a.choice(), a.name.as_deref(), true)?
+        make_failover(&target_root, &cache_root, vm, &a.choice(), a.name.as_deref(), true)?
     } else {
-        real_failover(&target_root, &cache_root, &a.vm, &a.choice(), a.planned.then_some(a.timeout))?
+        real_failover(&target_root, &cache_root, vm, &a.choice(), a.planned.then_some(a.timeout))?
     };
     if a.boot {
-        let log = f.dir.join("console.log");
-        let console = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let child = std::process::Command::new(f.dir.join("launch.sh"))
-            .stdin(std::process::Stdio::null())
-            .stdout(console.try_clone()?)
-            .stderr(console)
-            .spawn()
-            .with_context(|| format!("cannot start {}", f.dir.join("launch.sh").display()))?;
-        std::fs::write(f.dir.join("qemu.pid"), format!("{}\n", child.id()))?;
-        log::info!(
-            "VM '{}' booting from {} (qemu pid {}, console in {})",
-            a.vm,
-            f.dir.display(),
-            child.id(),
-            log.display()
-        );
+        boot(vm, &f)?;
     }
     let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(f.point.time_ns));
     if a.json {
@@ -166,7 +160,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             "{} '{}' of VM '{}' from {} point {} (seq {}, {time}) ready in {:.2?}{}: {}",
             if a.test { "test failover" } else { "failover" },
             f.name,
-            a.vm,
+            vm,
             f.point.kind.name(),
             f.point.id,
             f.point.seq,
@@ -176,7 +170,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         );
         if a.test {
             println!("start it with {} (no network: isolated from production)", f.dir.join("launch.sh").display());
-            println!("remove it with `tern failover-cleanup {} {}`", a.vm, f.name);
+            println!("remove it with `tern failover-cleanup {vm} {}`", f.name);
         } else {
             if a.planned {
                 println!(
@@ -186,8 +180,109 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             }
             println!(
                 "the source is fenced (it ships nothing more); check the VM, then `tern commit {}` — until then `tern failover {}` may pick another point",
-                a.vm, a.vm
+                vm, vm
             );
+        }
+    }
+    Ok(())
+}
+
+/// Starts the failed-over VM (its launch.sh), console in console.log.
+fn boot(vm: &str, f: &crate::failover::Failover) -> Result<()> {
+    let log = f.dir.join("console.log");
+    let console = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let child = std::process::Command::new(f.dir.join("launch.sh"))
+        .stdin(std::process::Stdio::null())
+        .stdout(console.try_clone()?)
+        .stderr(console)
+        .spawn()
+        .with_context(|| format!("cannot start {}", f.dir.join("launch.sh").display()))?;
+    std::fs::write(f.dir.join("qemu.pid"), format!("{}\n", child.id()))?;
+    log::info!("VM '{vm}' booting from {} (qemu pid {}, console in {})", f.dir.display(), child.id(), log.display());
+    Ok(())
+}
+
+/// `tern failover --group`: every member at one group point, test or real,
+/// in the members' name order (booted in that order with --boot).
+fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
+    validate_name("group", group)?;
+    let target = crate::group::target_of(&cli.state, group, a.target.as_deref())?;
+    let points = crate::group::group_points(&target, group)?;
+    let chosen = match &a.point {
+        Some(id) => points.iter().find(|g| &g.id == id).with_context(|| {
+            let ids: Vec<&str> = points.iter().map(|g| g.id.as_str()).collect();
+            format!(
+                "group '{group}' has no complete group point '{id}' at {} (it has: {})",
+                target.display(),
+                if ids.is_empty() { "none".into() } else { ids.join(", ") }
+            )
+        })?,
+        // Each member's newest data would not be one instant: the newest
+        // group point is the newest consistent one.
+        None => points.last().with_context(|| {
+            format!(
+                "group '{group}' has no complete group point at {} yet: cut one with `tern tag --group {group} LABEL` and let `tern apply` take it",
+                target.display()
+            )
+        })?,
+    };
+    let started = Instant::now();
+    let mut done = Vec::new();
+    for (vm, p) in &chosen.members {
+        let (_, cache) = sites(cli, vm, Some(&target), a.cache.as_deref())?;
+        let choice = Choice::Point(p.id.clone());
+        let f = if a.test {
+            make_failover(&target, &cache, vm, &choice, a.name.as_deref(), true)
+        } else {
+            real_failover(&target, &cache, vm, &choice, None)
+        };
+        let f = f.with_context(|| {
+            let before: Vec<&str> =
+                done.iter().map(|(vm, _): &(String, crate::failover::Failover)| vm.as_str()).collect();
+            format!(
+                "group '{group}': the failover of VM '{vm}' failed{}",
+                if before.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (already failed over: {})", before.join(", "))
+                }
+            )
+        })?;
+        done.push((vm.clone(), f));
+    }
+    if a.boot {
+        for (vm, f) in &done {
+            boot(vm, f)?;
+        }
+    }
+    let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(chosen.time_ns));
+    if a.json {
+        let members: Vec<serde_json::Value> = done
+            .iter()
+            .map(|(vm, f)| {
+                let disks: serde_json::Map<String, serde_json::Value> =
+                    f.disks.iter().map(|(n, p)| (n.clone(), p.display().to_string().into())).collect();
+                serde_json::json!({ "vm": vm, "name": f.name, "directory": f.dir.display().to_string(),
+                    "point": f.point.id, "seq": f.point.seq, "disks": disks })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "group": group, "point": chosen.id, "label": chosen.label, "time": time.to_string(), "test": a.test,
+            "members": members, "ready_seconds": started.elapsed().as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{} of group '{group}' from group point {} ({time}) ready in {:.2?}:",
+            if a.test { "test failover" } else { "failover" },
+            chosen.id,
+            started.elapsed()
+        );
+        for (vm, f) in &done {
+            println!("  VM '{vm}': '{}' from point {} (seq {}): {}", f.name, f.point.id, f.point.seq, f.dir.display());
+        }
+        if !a.test {
+            println!("the sources are fenced; check the VMs, then `tern commit` each of them");
         }
     }
     Ok(())

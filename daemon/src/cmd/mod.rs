@@ -11,6 +11,7 @@ pub mod demo;
 pub mod disable;
 pub mod enable;
 pub mod failover;
+pub mod group;
 pub mod journal;
 pub mod points;
 pub mod reprotect;
@@ -99,6 +100,8 @@ pub enum Command {
     Ship(ship::Args),
     /// Insert an app-consistent marker: the target takes a named point there.
     Tag(tag::Args),
+    /// Groups of VMs recovered together, from points cut across all of them.
+    Group(group::Args),
     /// At the target site: replay segments onto replicas, take recovery points.
     Apply(apply::Args),
     /// List a VM's recovery points at the target site.
@@ -155,6 +158,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Ship(a) => ship::run(cli, a),
         Command::Segment(c) => segment::run(cli, c),
         Command::Tag(a) => tag::run(cli, a),
+        Command::Group(a) => group::run(cli, a),
         Command::Apply(a) => apply::run(cli, a),
         Command::Points(a) => points::run(cli, a),
         Command::Failover(a) => failover::run(cli, a),

@@ -12,7 +12,12 @@ use super::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    pub vm: String,
+    #[arg(required_unless_present = "group")]
+    pub vm: Option<String>,
+    /// The group points of a group (`tern tag --group`): only those every
+    /// member has its point of.
+    #[arg(long, conflicts_with = "vm")]
+    pub group: Option<String>,
     /// The target site (default: the one in the VM's vm.toml, when this
     /// host has it).
     #[arg(long)]
@@ -22,22 +27,26 @@ pub struct Args {
 }
 
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
-    tern_driver::vm::validate_name("VM", &a.vm)?;
+    if let Some(group) = &a.group {
+        return group_points(cli, a, group);
+    }
+    let vm = a.vm.as_deref().expect("clap: a VM or --group");
+    tern_driver::vm::validate_name("VM", vm)?;
     let target = match &a.target {
         Some(t) => t.clone(),
         None => {
-            VmPaths::new(&cli.state, &a.vm)?
+            VmPaths::new(&cli.state, vm)?
                 .load_config()
                 .map_err(|e| anyhow::anyhow!("{e}; on the target host, name the target site with --target"))?
                 .target
         }
     };
-    let dir = TargetDir::new(&target, &a.vm);
+    let dir = TargetDir::new(&target, vm);
     if !dir.root().is_dir() {
         anyhow::bail!(
             "{} does not exist: VM '{}' has no replica at this target site (is `tern apply` running?)",
             dir.root().display(),
-            a.vm
+            vm
         );
     }
     let points = dir.list_points()?;
@@ -61,7 +70,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         return Ok(());
     }
     if points.is_empty() {
-        println!("VM '{}' has no recovery points yet", a.vm);
+        println!("VM '{vm}' has no recovery points yet");
         return Ok(());
     }
     println!("{:<24} {:>12}  {:<5}  {:<29}  label", "id", "seq", "kind", "time (source)");
@@ -73,6 +82,44 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             p.kind.name(),
             time(p.time_ns),
             p.label.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+fn group_points(cli: &Cli, a: &Args, group: &str) -> Result<()> {
+    tern_driver::vm::validate_name("group", group)?;
+    let target = crate::group::target_of(&cli.state, group, a.target.as_deref())?;
+    let points = crate::group::group_points(&target, group)?;
+    let time = |ns: u64| humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(ns)).to_string();
+    if a.json {
+        let list: Vec<serde_json::Value> = points
+            .iter()
+            .map(|g| {
+                let members: Vec<serde_json::Value> = g
+                    .members
+                    .iter()
+                    .map(|(vm, p)| serde_json::json!({ "vm": vm, "point": p.id, "seq": p.seq }))
+                    .collect();
+                serde_json::json!({ "id": g.id, "label": g.label, "time": time(g.time_ns), "members": members })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if points.is_empty() {
+        println!("group '{group}' has no group points at {} yet", target.display());
+        return Ok(());
+    }
+    println!("{:<16} {:<29}  {:<24}  members", "id", "time (source)", "label");
+    for g in &points {
+        let members: Vec<String> = g.members.iter().map(|(vm, p)| format!("{vm}@{}", p.seq)).collect();
+        println!(
+            "{:<16} {:<29}  {:<24}  {}",
+            g.id,
+            time(g.time_ns),
+            g.label.as_deref().unwrap_or("-"),
+            members.join(" ")
         );
     }
     Ok(())

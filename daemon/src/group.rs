@@ -1,0 +1,305 @@
+//! Groups: VMs recovered together, from points cut across all of them at
+//! one instant (a database and its application servers).
+//!
+//! A group is a name and its members, kept in `<state>/groups.toml`. A
+//! group point is cut by [`cut`]: the group barrier of every member's
+//! journal is closed (new writes wait; `journal/ring/barrier.rs` says why
+//! that makes the cut consistent), a group tag — the same point id in
+//! every member's journal — is appended to each, and the barriers open.
+//! At the target each member's applier takes a point at its tag; the group
+//! point exists once every member has its point.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tern_driver::journal::{self, Journal};
+use tern_driver::vm::VmPaths;
+
+/// `<state>/groups.toml`: every group of this site.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Groups {
+    pub version: u32,
+    #[serde(default, rename = "group")]
+    pub groups: BTreeMap<String, Group>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// In the order given; a group point cuts them in name order.
+    pub members: Vec<String>,
+}
+
+pub fn groups_file(state: &Path) -> PathBuf {
+    state.join("groups.toml")
+}
+
+impl Groups {
+    pub fn load(state: &Path) -> Result<Groups> {
+        let path = groups_file(state);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let g: Groups = toml::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+                if g.version != 1 {
+                    bail!("{} is version {}; this tern reads version 1", path.display(), g.version);
+                }
+                Ok(g)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Groups { version: 1, ..Default::default() }),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    pub fn save(&self, state: &Path) -> Result<()> {
+        let path = groups_file(state);
+        let text = toml::to_string_pretty(self)?;
+        tern_driver::fs::write_durably(&path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Group> {
+        self.groups.get(name).with_context(|| {
+            let known: Vec<&str> = self.groups.keys().map(String::as_str).collect();
+            format!(
+                "no group '{name}' here (groups: {}); create it with `tern group create {name} VM...`",
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            )
+        })
+    }
+}
+
+/// A group tag's data (`TAG_GROUP`; docs/FORMATS.md): the same in every
+/// member's journal but for nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupTag {
+    pub version: u32,
+    pub group: String,
+    /// The group point's id: the coordinator's clock in ms at the cut.
+    pub point: String,
+    pub label: Option<String>,
+    /// The coordinator's clock at the cut (ns since the Unix epoch): every
+    /// member's point carries it, so retention ages them as one.
+    pub time_ns: u64,
+    pub members: Vec<String>,
+}
+
+impl GroupTag {
+    pub fn parse(data: &[u8]) -> Result<GroupTag> {
+        let t: GroupTag = serde_json::from_slice(data).context("a group tag that is not valid JSON")?;
+        if t.version != 1 {
+            bail!("a group tag of version {} (this tern reads version 1)", t.version);
+        }
+        Ok(t)
+    }
+}
+
+/// A group point, as cut.
+#[derive(Debug)]
+pub struct Cut {
+    pub tag: GroupTag,
+    /// Each member's tag sequence number.
+    pub seqs: Vec<(String, u64)>,
+    /// How long new writes waited: from the first barrier closed to the last
+    /// opened.
+    pub held: Duration,
+}
+
+/// How long a barrier may stay closed before producers open it themselves:
+/// far longer than a cut takes (milliseconds), short enough that a
+/// coordinator frozen mid-cut stalls the VMs for seconds, not forever.
+pub const BARRIER_DEADLINE: Duration = Duration::from_secs(5);
+
+struct Member {
+    name: String,
+    paths: VmPaths,
+    journal: Journal,
+}
+
+/// Whether a `tern serve` of the VM runs (it holds the front-end lock).
+fn served(paths: &VmPaths) -> bool {
+    tern_driver::fs::held_by_another(&paths.frontend_lock())
+}
+
+/// Why a member's journal cannot be cut now, if it cannot.
+fn not_ready(m: &Member) -> Option<String> {
+    let j = &m.journal;
+    let flags = j.flags();
+    let attached = flags & journal::FLAG_ATTACHED != 0 && j.boot_id() == tern_driver::mirror::boot_id();
+    if !attached || !served(&m.paths) {
+        return Some(format!(
+            "VM '{}' is not being served (its `tern serve` is not running): a group point needs every member served; start it, or remove the VM from the group",
+            m.name
+        ));
+    }
+    if flags & journal::FLAG_BARRIER_AWARE == 0 {
+        return Some(format!(
+            "VM '{}' is served by a `tern serve` from before groups, which does not honour the group barrier; restart it with this tern",
+            m.name
+        ));
+    }
+    if j.overflowed() {
+        return Some(format!(
+            "VM '{}' is in overflow (its journal filled; writes go to the dirty bitmaps until `tern ship` catches up): no consistent point exists there now",
+            m.name
+        ));
+    }
+    if j.window_open() {
+        return Some(format!(
+            "VM '{}' is resyncing (a resync window is open): no consistent point exists there until it closes",
+            m.name
+        ));
+    }
+    None
+}
+
+/// Cuts a group point across every member of `group` (see the module
+/// doc). Fails, naming the member and why, rather than cut part of them:
+/// a member not served, in overflow or resyncing; another cut under way.
+/// A failure after some tags were appended leaves an incomplete group
+/// point, which the target never offers.
+pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Result<Cut> {
+    if let Some(l) = label {
+        if l.is_empty() || l.len() > 256 || l.chars().any(char::is_control) {
+            bail!("a label must be 1 to 256 bytes of printable text, got {l:?}");
+        }
+    }
+    let mut names = group.members.clone();
+    names.sort();
+    let mut members = Vec::new();
+    for vm in &names {
+        let paths = VmPaths::new(state, vm)?;
+        let config = paths.load_config().with_context(|| format!("group '{name}': member VM '{vm}'"))?;
+        let journal = paths.open_journal().with_context(|| format!("group '{name}': member VM '{vm}'"))?;
+        if journal.vm_id() != *config.id.as_bytes() {
+            bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
+        }
+        members.push(Member { name: vm.clone(), paths, journal });
+    }
+    for m in &members {
+        if let Some(why) = not_ready(m) {
+            bail!("cannot cut a point of group '{name}': {why}");
+        }
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let tag = GroupTag {
+        version: 1,
+        group: name.to_owned(),
+        point: format!("{}", now.as_millis()),
+        label: label.map(str::to_owned),
+        time_ns: now.as_nanos() as u64,
+        members: names.clone(),
+    };
+    let description = serde_json::to_vec(&tag)?;
+    let me = std::process::id();
+    let started = Instant::now();
+    let mut closed: Vec<&Member> = Vec::new();
+    let result = (|| -> Result<Vec<(String, u64)>> {
+        for m in &members {
+            if let Err(holder) = m.journal.close_barrier(me, BARRIER_DEADLINE) {
+                bail!(
+                    "VM '{}' is held by another group point under way (process {holder}); try again in a moment",
+                    m.name
+                );
+            }
+            closed.push(m);
+        }
+        tern_driver::fail::hit(tern_driver::fail::Failpoint::TagGroupBarrierClosed)?;
+        // Writes wait now: what was true before may have changed since.
+        for m in &members {
+            if let Some(why) = not_ready(m) {
+                bail!("{why}");
+            }
+        }
+        let mut seqs = Vec::new();
+        for m in &members {
+            // Every barrier ours still? A cut that took past the deadline
+            // is no cut.
+            if let Some(o) = members.iter().find(|o| o.journal.barrier_holder() != Some(me)) {
+                bail!("the barrier of VM '{}' was opened under us (this cut took over {BARRIER_DEADLINE:?})", o.name);
+            }
+            let seq = tern_driver::tag::append_group(&m.journal, &m.paths.tag_lock(), &description)?
+                .with_context(|| format!("VM '{}': its journal has no room for the tag now", m.name))?;
+            seqs.push((m.name.clone(), seq));
+        }
+        Ok(seqs)
+    })();
+    let mut all_ours = true;
+    for m in &closed {
+        all_ours &= m.journal.open_barrier(me);
+    }
+    let held = started.elapsed();
+    let seqs = result.with_context(|| format!("cannot cut a point of group '{name}' (nothing was cut)"))?;
+    if !all_ours {
+        bail!(
+            "group '{name}': a member's barrier was opened before the cut ended (it took {held:?}, over {BARRIER_DEADLINE:?}): point {} is not consistent and is not offered; try again",
+            tag.point
+        );
+    }
+    Ok(Cut { tag, seqs, held })
+}
+
+/// A group point at the target site: every member's point of one cut.
+#[derive(Debug)]
+pub struct GroupPoint {
+    pub id: String,
+    pub label: Option<String>,
+    pub time_ns: u64,
+    /// Each member and its point, in name order.
+    pub members: Vec<(String, tern_store::target::Point)>,
+}
+
+/// The group points of `group` at the target site `target`, oldest first:
+/// only those whose every member has its point (a member still applying
+/// its tag, or a cut that failed part way, has none).
+pub fn group_points(target: &Path, group: &str) -> Result<Vec<GroupPoint>> {
+    let entries =
+        std::fs::read_dir(target).with_context(|| format!("cannot read the target site {}", target.display()))?;
+    let mut by_id: BTreeMap<String, Vec<(String, tern_store::target::Point)>> = BTreeMap::new();
+    for entry in entries.flatten() {
+        let vm = entry.file_name().to_string_lossy().into_owned();
+        let dir = tern_store::target::TargetDir::new(target, &vm);
+        if !dir.points_dir().is_dir() {
+            continue;
+        }
+        for p in dir.list_points().with_context(|| format!("VM '{vm}': cannot list its points"))? {
+            if let Some(g) = p.group.as_ref().filter(|g| g.group == group) {
+                by_id.entry(g.point.clone()).or_default().push((vm.clone(), p));
+            }
+        }
+    }
+    let mut out: Vec<GroupPoint> = by_id
+        .into_iter()
+        .filter_map(|(id, mut members)| {
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+            let first = members.first()?.1.clone();
+            let mut wanted = first.group.as_ref()?.members.clone();
+            wanted.sort();
+            let have: Vec<String> = members.iter().map(|(vm, _)| vm.clone()).collect();
+            (have == wanted).then_some(GroupPoint { id, label: first.label, time_ns: first.time_ns, members })
+        })
+        .collect();
+    out.sort_by_key(|g| (g.time_ns, g.id.clone()));
+    Ok(out)
+}
+
+/// The target site of a group's members, from their vm.toml (on the
+/// source host, where the group is defined), unless given.
+pub fn target_of(state: &Path, group: &str, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(t) = given {
+        return Ok(t.to_owned());
+    }
+    let groups = Groups::load(state)?;
+    let first = groups
+        .get(group)
+        .map_err(|e| anyhow::anyhow!("{e}; on the target host, name the target site with --target"))?
+        .members
+        .first()
+        .cloned()
+        .with_context(|| format!("group '{group}' has no members"))?;
+    Ok(VmPaths::new(state, &first)?.load_config()?.target)
+}

@@ -1,0 +1,336 @@
+//! Groups: points cut across several VMs at one instant (`tern tag
+//! --group`), judged against what the client saw acknowledged.
+//!
+//! The causal workload: a client writes record N to VM `db`, waits for the
+//! acknowledgement, then writes "commit N" to VM `web`. A point of the two
+//! that holds commit N without record N is one no application could have
+//! produced. Per-VM points taken at the same wall time do hold such pairs
+//! (shown, so the check can fail); group points never may. `db` sorts
+//! before `web`, so a cut that appended its tags without the barrier (db's
+//! first) would let such a commit in too.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_system_tests::*;
+
+const BLOCK: u64 = 4096;
+const DISK: u64 = 16 << 20;
+
+/// One state directory with several VMs (a group's members must share
+/// one), one cache store and one target site.
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new(vms: &[&str], journal: &str) -> Site {
+        let dir = tempfile::Builder::new().prefix("tern-group-").tempdir_in(test_root()).expect("tempdir");
+        let site = Site { dir };
+        for d in ["cache", "target"] {
+            std::fs::create_dir(site.path(d)).unwrap();
+        }
+        for vm in vms {
+            let img = site.path(&format!("{vm}.img"));
+            std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
+            run(site
+                .tern()
+                .args(["enable", vm, "--cache"])
+                .arg(site.path("cache"))
+                .arg("--target")
+                .arg(site.path("target"))
+                .arg("--disk")
+                .arg(format!("disk0={}", img.display()))
+                .args(["--journal-size", journal]));
+        }
+        site
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    fn tern(&self) -> Command {
+        tern_with_state(&self.state())
+    }
+
+    /// `tern` with failpoints armed (`TERN_FAILPOINTS`).
+    fn tern_armed(&self, failpoints: &str) -> Command {
+        let mut c = tern_command(&[("TERN_FAILPOINTS", failpoints)]);
+        c.arg("--state").arg(self.state()).env("TERN_RING_DIR", ring_dir_of(&self.state()));
+        c
+    }
+
+    fn socket(&self, vm: &str) -> PathBuf {
+        self.path(&format!("{vm}.sock"))
+    }
+
+    /// `tern serve VM` in a process of its own, accepting.
+    fn serve(&self, vm: &str) -> Served {
+        let log = self.path(&format!("serve-{vm}.log"));
+        let child = self
+            .tern()
+            .args(["serve", vm, "--listen"])
+            .arg(format!("unix:{}", self.socket(vm).display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn tern serve");
+        let mut served = Served::adopt(child, log.clone(), "tern serve");
+        wait_listening(&self.socket(vm), &mut served.child, || std::fs::read_to_string(&log).unwrap_or_default());
+        served
+    }
+
+    /// `tern ship VM`, running until stopped.
+    fn ship(&self, vm: &str) -> Served {
+        let log = self.path(&format!("ship-{vm}.log"));
+        let child = self
+            .tern()
+            .args(["ship", vm])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn tern ship");
+        Served::adopt(child, log, "tern ship")
+    }
+
+    /// Ships every VM and applies the cache: points for every tag.
+    fn ship_and_apply(&self, vms: &[&str]) {
+        for vm in vms {
+            run(self.tern().args(["ship", vm, "--once"]));
+        }
+        run(self
+            .tern()
+            .args(["apply", "--once", "--cache"])
+            .arg(self.path("cache"))
+            .arg("--target")
+            .arg(self.path("target")));
+    }
+
+    fn point_image(&self, vm: &str, point: &str) -> PathBuf {
+        self.path("target").join(vm).join("points").join(point).join("disk0.img")
+    }
+}
+
+const BLOCKS: u64 = DISK / BLOCK;
+
+/// Block `n` of a record or commit of generation `generation` (the client
+/// wraps around the disk, one generation a lap).
+fn block(kind: &str, n: u64, generation: u64) -> Vec<u8> {
+    let mut b = format!("{kind} {n} {generation}\n").into_bytes();
+    b.resize(BLOCK as usize, 0);
+    b
+}
+
+/// The generation of the `kind` block at `n` in `image`, if it holds one.
+fn generation(image: &[u8], kind: &str, n: u64) -> Option<u64> {
+    let at = (n * BLOCK) as usize;
+    let text = std::str::from_utf8(&image[at..at + 64]).ok()?;
+    let line = text.split('\n').next()?;
+    let mut words = line.split(' ');
+    (words.next()? == kind && words.next()?.parse::<u64>().ok()? == n).then_some(())?;
+    words.next()?.parse().ok()
+}
+
+/// Commits in `web` whose record (of that generation or a later one) is
+/// not in `db` (both images of one point).
+fn violations(db: &Path, web: &Path) -> Vec<u64> {
+    let (db, web) = (std::fs::read(db).unwrap(), std::fs::read(web).unwrap());
+    (1..BLOCKS)
+        .filter(|&n| match generation(&web, "commit", n) {
+            Some(g) => generation(&db, "record", n).is_none_or(|r| r < g),
+            None => false,
+        })
+        .collect()
+}
+
+/// The causal client: record N to db, acknowledged, then commit N to web,
+/// round the disks until stopped. Returns how many pairs it wrote.
+fn causal_client(site: &Site, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let (db, web) = (site.socket("db"), site.socket("web"));
+    std::thread::spawn(move || {
+        let mut db = RawClient::connect(&db, "disk0");
+        let mut web = RawClient::connect(&web, "disk0");
+        let mut pairs = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let (n, g) = (1 + pairs % (BLOCKS - 1), pairs / (BLOCKS - 1));
+            assert_eq!(db.call(CMD_WRITE, 0, n * BLOCK, BLOCK as u32, &block("record", n, g)).error, 0);
+            // Acknowledged: only now may the commit be written.
+            assert_eq!(web.call(CMD_WRITE, 0, n * BLOCK, BLOCK as u32, &block("commit", n, g)).error, 0);
+            pairs += 1;
+        }
+        pairs
+    })
+}
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+fn group_points_never_hold_a_commit_without_its_record_per_vm_points_do() {
+    let site = Site::new(&["db", "web"], "64MiB");
+    run(site.tern().args(["group", "create", "shop", "db", "web"]));
+    let (db, web) = (site.serve("db"), site.serve("web"));
+    let shippers = [site.ship("db"), site.ship("web")];
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = causal_client(&site, Arc::clone(&stop));
+    let rounds = 12;
+    for k in 0..rounds {
+        std::thread::sleep(Duration::from_millis(30));
+        // Per-VM points at the same wall time, one right after the other.
+        run(site.tern().args(["tag", "db", &format!("solo-{k}")]));
+        run(site.tern().args(["tag", "web", &format!("solo-{k}")]));
+        let out = run(site.tern().args(["tag", "--group", "shop", &format!("group-{k}")]));
+        assert!(out.contains("group point") && out.contains("db seq") && out.contains("web seq"), "{out}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let pairs = client.join().expect("the causal client");
+    assert!(pairs > 100, "the client wrote only {pairs} pairs");
+    db.stop();
+    web.stop();
+    for s in shippers {
+        s.stop();
+    }
+    site.ship_and_apply(&["db", "web"]);
+
+    // Per-VM points: the pairs taken at one wall time.
+    let target = site.path("target");
+    let points = |vm: &str| json(&run(site.tern().args(["points", vm, "--json", "--target"]).arg(&target)));
+    let (db_points, web_points) = (points("db"), points("web"));
+    let mut solo_violations = 0;
+    for k in 0..rounds {
+        let label = format!("solo-{k}");
+        let id = |list: &serde_json::Value| {
+            list.as_array().unwrap().iter().find(|p| p["label"] == label.as_str()).expect("the solo point")["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let v = violations(&site.point_image("db", &id(&db_points)), &site.point_image("web", &id(&web_points)));
+        solo_violations += v.len();
+    }
+    assert!(
+        solo_violations > 0,
+        "per-VM points taken at one wall time never held a commit without its record ({pairs} pairs): the check cannot fail"
+    );
+
+    // Group points: every one complete, none violating.
+    let group = json(&run(site.tern().args(["points", "--group", "shop", "--json", "--target"]).arg(&target)));
+    let group = group.as_array().unwrap();
+    assert_eq!(group.len(), rounds, "a group point per cut: {group:?}");
+    for g in group {
+        let members = g["members"].as_array().unwrap();
+        assert_eq!(members.len(), 2, "{g}");
+        let member = |vm: &str| {
+            let m = members.iter().find(|m| m["vm"] == vm).unwrap_or_else(|| panic!("{vm} in {g}"));
+            site.point_image(vm, m["point"].as_str().unwrap())
+        };
+        let v = violations(&member("db"), &member("web"));
+        assert!(v.is_empty(), "group point {} holds commits without their records: {v:?}", g["id"]);
+    }
+    eprintln!("{pairs} pairs; per-VM points: {solo_violations} commits without their record; group points: none");
+
+    // A test failover of the whole group at its newest group point.
+    let out =
+        json(&run(site.tern().args(["failover", "--group", "shop", "--test", "--json", "--target"]).arg(&target)));
+    assert_eq!(out["group"], "shop");
+    assert_eq!(out["point"], group.last().unwrap()["id"]);
+    let members = out["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{out}");
+    let disk = |vm: &str| {
+        let m = members.iter().find(|m| m["vm"] == vm).unwrap();
+        PathBuf::from(m["disks"]["disk0"].as_str().unwrap())
+    };
+    assert!(violations(&disk("db"), &disk("web")).is_empty());
+}
+
+#[test]
+fn a_group_point_fails_whole_when_a_member_is_not_served_or_in_overflow() {
+    let site = Site::new(&["a", "b"], "128KiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let a = site.serve("a");
+    // b is not served.
+    let out = site.tern().args(["tag", "--group", "g", "x"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("VM 'b' is not being served"), "{err}");
+    // b served, but its journal overflowed: 1 MiB into a 128 KiB ring, no shipper.
+    let b = site.serve("b");
+    let mut c = RawClient::connect(&site.socket("b"), "disk0");
+    for i in 0..16 {
+        assert_eq!(c.call(CMD_WRITE, 0, i * 65536, 65536, &[7u8; 65536]).error, 0);
+    }
+    let out = site.tern().args(["tag", "--group", "g", "y"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("VM 'b' is in overflow"), "{err}");
+    drop(c);
+    a.stop();
+    b.stop();
+    // Nothing was cut: a's journal holds no group tag, so no group point.
+    site.ship_and_apply(&["a", "b"]);
+    let target = site.path("target");
+    let group = json(&run(site.tern().args(["points", "--group", "g", "--json", "--target"]).arg(&target)));
+    assert_eq!(group.as_array().unwrap().len(), 0, "{group}");
+    let a_points = json(&run(site.tern().args(["points", "a", "--json", "--target"]).arg(&target)));
+    assert!(a_points.as_array().unwrap().iter().all(|p| p["kind"] != "web"), "a tag in a: {a_points}");
+}
+
+#[test]
+fn a_coordinator_killed_holding_the_barrier_never_leaves_writes_waiting() {
+    let site = Site::new(&["a", "b"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let (a, b) = (site.serve("a"), site.serve("b"));
+    let out = site.tern_armed("tag:group-barrier-closed=kill").args(["tag", "--group", "g", "x"]).output().unwrap();
+    assert!(!out.status.success(), "the coordinator was to die at the barrier");
+    // Both barriers are closed, their holder dead: the next writes open
+    // them and go through.
+    for vm in ["a", "b"] {
+        let mut c = RawClient::connect(&site.socket(vm), "disk0");
+        let started = Instant::now();
+        assert_eq!(c.call(CMD_WRITE, 0, 0, 4096, &[1u8; 4096]).error, 0);
+        assert!(started.elapsed() < Duration::from_secs(30), "VM {vm}: a write waited {:?}", started.elapsed());
+    }
+    let logs = [a.stop(), b.stop()];
+    for log in &logs {
+        assert!(
+            log.contains("opened the group barrier that process") && log.contains("left closed when it died"),
+            "{log}"
+        );
+    }
+    // And a group point is cut afterwards as ever.
+    let (_a, _b) = (site.serve("a"), site.serve("b"));
+    let out = run(site.tern().args(["tag", "--group", "g", "after"]));
+    assert!(out.contains("group point"), "{out}");
+}
+
+#[test]
+fn a_member_killed_during_the_barrier_fails_the_group_point() {
+    let site = Site::new(&["a", "b"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let (a, b) = (site.serve("a"), site.serve("b"));
+    // The coordinator pauses with both barriers closed; b's front-end dies.
+    let coordinator = site
+        .tern_armed("tag:group-barrier-closed=delay:1500")
+        .args(["tag", "--group", "g", "x"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    b.kill9();
+    let out = coordinator.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("VM 'b' is not being served"), "{err}");
+    // a's barrier is open again: its writes go on.
+    let mut c = RawClient::connect(&site.socket("a"), "disk0");
+    assert_eq!(c.call(CMD_WRITE, 0, 0, 4096, &[1u8; 4096]).error, 0);
+    drop(c);
+    a.stop();
+}
