@@ -257,17 +257,38 @@ impl TargetDir {
 /// never share an hour's slot with them (each kind keeps its own hourly
 /// point). The newest point of each kind is never deleted, however old:
 /// after a disaster the last good point is what the operator fails over to.
+///
+/// A member's point of a group point is aged as the group point: on the
+/// cut's time (which every member's point carries), in an hourly slot of
+/// its group's own, and the newest group point of each group is kept — so
+/// every member, deciding alone, keeps and drops the same group points.
 /// Pure, so tests give it any clock.
 pub fn expired_points(points: &[Point], stream_now_ns: u64, keep_all: Duration, retention: Duration) -> Vec<String> {
     let hour = 3600 * 1_000_000_000u64;
-    let mut kept_hours: std::collections::HashSet<(u64, bool)> = Default::default();
+    // The hourly slot a point competes for: crash, app, or its group.
+    let slot = |p: &Point| match (&p.group, p.kind) {
+        (Some(g), _) => format!("group:{}", g.group),
+        (None, kind) => kind.name().to_owned(),
+    };
+    let mut kept_hours: std::collections::HashSet<(u64, String)> = Default::default();
     let mut sorted: Vec<&Point> = points.iter().collect();
     sorted.sort_by_key(|p| (p.time_ns, p.seq));
-    let newest = |kind| sorted.iter().rev().find(|p| p.kind == kind).map(|p| p.id.clone());
-    let keep_newest = [newest(PointKind::Crash), newest(PointKind::App)];
+    let mut keep_newest: std::collections::HashSet<String> = Default::default();
+    let mut seen_slots: std::collections::HashSet<String> = Default::default();
+    for p in sorted.iter().rev() {
+        if seen_slots.insert(slot(p)) {
+            keep_newest.insert(p.id.clone());
+        }
+    }
+    // The newest of each kind, group points counted as app points too.
+    for kind in [PointKind::Crash, PointKind::App] {
+        if let Some(p) = sorted.iter().rev().find(|p| p.kind == kind && p.group.is_none()) {
+            keep_newest.insert(p.id.clone());
+        }
+    }
     let mut out = Vec::new();
     for p in sorted.iter().copied() {
-        if keep_newest.contains(&Some(p.id.clone())) {
+        if keep_newest.contains(&p.id) {
             continue;
         }
         let age = stream_now_ns.saturating_sub(p.time_ns);
@@ -278,7 +299,7 @@ pub fn expired_points(points: &[Point], stream_now_ns: u64, keep_all: Duration, 
             out.push(p.id.clone());
             continue;
         }
-        if !kept_hours.insert((p.time_ns / hour, p.kind == PointKind::App)) {
+        if !kept_hours.insert((p.time_ns / hour, slot(p))) {
             out.push(p.id.clone());
         }
     }
@@ -298,6 +319,39 @@ pub fn stream_now(checkpoint: &Checkpoint, points: &[Point]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_points_keep_their_own_hourly_slot_and_the_newest_stays() {
+        let now = 100 * 3600 * 1_000_000_000u64;
+        let grouped = |seq: u64, minutes_ago: u64| {
+            let mut p = point(seq, minutes_ago, now, PointKind::App);
+            p.group = Some(PointGroup { group: "shop".into(), point: format!("g{seq}"), members: vec![] });
+            p
+        };
+        // 5 h ago: a solo app point and a group point in the same hour; 4 h
+        // ago a second group point in another hour; then a newer solo app
+        // point and crash points that would otherwise make the group points
+        // expendable.
+        let points = vec![
+            point(1, 300, now, PointKind::App),
+            grouped(2, 299),
+            grouped(3, 240),
+            grouped(4, 239),
+            point(5, 10, now, PointKind::App),
+            point(6, 5, now, PointKind::Crash),
+        ];
+        let expired = expired_points(&points, now, Duration::from_secs(2 * 3600), Duration::from_secs(24 * 3600));
+        // The solo app point of hour -5 keeps its slot, the group point of
+        // that hour keeps its own; in hour -4 the older group point stays,
+        // the newer one (seq 4) goes — unless it is the newest group point,
+        // which it is: so nothing goes.
+        assert!(expired.is_empty(), "{expired:?}");
+        // With a newer group point, seq 4 shares hour -4 with seq 3 and goes.
+        let mut more = points.clone();
+        more.push(grouped(7, 1));
+        let expired = expired_points(&more, now, Duration::from_secs(2 * 3600), Duration::from_secs(24 * 3600));
+        assert_eq!(expired, vec!["4-app".to_string()]);
+    }
 
     fn point(seq: u64, minutes_ago: u64, now: u64, kind: PointKind) -> Point {
         Point {
