@@ -23,7 +23,7 @@ sed -i "s|/usr/local/bin/tern|$TERN|" "$units"/*.service
 grep -q '^RequiresMountsFor=/srv/tern/target /srv/tern/cache$' "$units/tern-apply@site-a.service.d/mounts.conf" ||
     die "install.sh apply wrote no RequiresMountsFor for the target and the cache"
 [[ $(stat -c %a "$root/etc/tern/apply/site-a.env") == 600 ]] || die "install.sh apply left site-a.env readable by others"
-instances=(tern-serve@vm1.service tern-ship@vm1.service tern-apply@site-a.service)
+instances=(tern-serve@vm1.service tern-ship@vm1.service tern-apply@site-a.service tern-group@shop.service)
 out=$(SYSTEMD_UNIT_PATH=$units: systemd-analyze verify "${instances[@]}" 2>&1) || { echo "$out" >&2; exit 1; }
 if [[ -n $out ]]; then
     log "systemd-analyze verify complained:"

@@ -334,3 +334,34 @@ fn a_member_killed_during_the_barrier_fails_the_group_point() {
     drop(c);
     a.stop();
 }
+
+#[test]
+fn group_run_cuts_on_schedule_and_goes_on_past_a_failed_cut() {
+    let site = Site::new(&["a", "b"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let a = site.serve("a");
+    let log = site.path("group-run.log");
+    let child = site
+        .tern()
+        .args(["group", "run", "g", "--interval", "1s"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let runner = Served::adopt(child, log, "tern group run");
+    // b is down for the first cuts: they fail, saying why, and the run goes on.
+    std::thread::sleep(Duration::from_millis(2500));
+    let b = site.serve("b");
+    std::thread::sleep(Duration::from_millis(3500));
+    let log = runner.stop();
+    assert!(log.contains("VM 'b' is not being served") && log.contains("trying again in 1s"), "{log}");
+    let cut = log.matches("writes held").count();
+    assert!(cut >= 2, "{cut} cuts in 3.5 s with b served: {log}");
+    a.stop();
+    b.stop();
+    site.ship_and_apply(&["a", "b"]);
+    let group = json(&run(site.tern().args(["points", "--group", "g", "--json", "--target"]).arg(site.path("target"))));
+    let group = group.as_array().unwrap();
+    assert_eq!(group.len(), cut, "every cut a group point: {group:?}");
+    assert!(group.iter().all(|g| g["label"] == "scheduled"), "{group:?}");
+}

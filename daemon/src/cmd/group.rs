@@ -37,6 +37,14 @@ pub enum GroupCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Cut a group point every interval until stopped (tern-group@GROUP):
+    /// crash-consistent across the members, labelled "scheduled".
+    Run {
+        group: String,
+        /// Between two cuts.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+    },
 }
 
 /// Each VM must be enabled here.
@@ -93,6 +101,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             }
             groups.save(&cli.state)?;
         }
+        GroupCommand::Run { group, interval } => return run_schedule(cli, group, *interval),
         GroupCommand::List { json } => {
             if *json {
                 let list: Vec<serde_json::Value> = groups
@@ -107,6 +116,51 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
                 for (name, g) in &groups.groups {
                     println!("{name}: {}", g.members.join(", "));
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `tern group run`: a cut every `interval`; one that fails is logged with
+/// its reason (a member down, in overflow) and the next is tried on time.
+fn run_schedule(cli: &Cli, group: &str, interval: std::time::Duration) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if interval < std::time::Duration::from_secs(1) {
+        bail!("--interval {interval:?} is too short: give 1s or more");
+    }
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))?;
+    }
+    Groups::load(&cli.state)?.get(group)?;
+    log::info!("group '{group}': a group point every {}", humantime::format_duration(interval));
+    crate::notify::ready(&format!("cutting group '{group}' every {}", humantime::format_duration(interval)));
+    let mut next = std::time::Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        crate::notify::watchdog();
+        if std::time::Instant::now() < next {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        next += interval;
+        // Members may have changed since the last cut.
+        let result = Groups::load(&cli.state)
+            .and_then(|g| crate::group::cut(&cli.state, group, g.get(group)?, Some("scheduled")));
+        match result {
+            Ok(cut) => {
+                let seqs: Vec<String> = cut.seqs.iter().map(|(vm, seq)| format!("{vm} seq {seq}")).collect();
+                log::info!(
+                    "group '{group}': group point {} ({}); writes held {:.2} ms",
+                    cut.tag.point,
+                    seqs.join(", "),
+                    cut.held.as_secs_f64() * 1000.0
+                );
+                crate::notify::status(&format!("group '{group}': last group point {}", cut.tag.point));
+            }
+            Err(e) => {
+                log::error!("{e:#}; trying again in {}", humantime::format_duration(interval));
+                crate::notify::status(&format!("group '{group}': the last cut failed: {e:#}"));
             }
         }
     }
