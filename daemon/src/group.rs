@@ -195,6 +195,11 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
         members: names.clone(),
     };
     let description = serde_json::to_vec(&tag)?;
+    // Each member's tag lock first, so no cut waits on one with writes held.
+    let mut locks = Vec::new();
+    for m in &members {
+        locks.push(tern_driver::tag::GroupTagLock::acquire(&m.journal, &m.paths.tag_lock())?);
+    }
     let me = std::process::id();
     let started = Instant::now();
     let mut closed: Vec<&Member> = Vec::new();
@@ -215,14 +220,17 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
                 bail!("{why}");
             }
         }
+        // Only the tags' places in the streams are fixed with writes held;
+        // they are made durable and published once the barriers open.
         let mut seqs = Vec::new();
-        for m in &members {
+        for (m, lock) in members.iter().zip(&mut locks) {
             // Every barrier ours still? A cut that took past the deadline
             // is no cut.
             if let Some(o) = members.iter().find(|o| o.journal.barrier_holder() != Some(me)) {
                 bail!("the barrier of VM '{}' was opened under us (this cut took over {BARRIER_DEADLINE:?})", o.name);
             }
-            let seq = tern_driver::tag::append_group(&m.journal, &m.paths.tag_lock(), &description)?
+            let seq = lock
+                .reserve(&description)?
                 .with_context(|| format!("VM '{}': its journal has no room for the tag now", m.name))?;
             seqs.push((m.name.clone(), seq));
         }
@@ -233,7 +241,11 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
         all_ours &= m.journal.open_barrier(me);
     }
     let held = started.elapsed();
-    let seqs = result.with_context(|| format!("cannot cut a point of group '{name}' (nothing was cut)"))?;
+    // Published whatever happened: a reserved tag left unpublished would be
+    // a hole; a partial group point is never offered.
+    let published: Result<()> = locks.iter_mut().try_for_each(|l| l.publish().map_err(Into::into));
+    let seqs = result.with_context(|| format!("cannot cut a point of group '{name}' (no group point was made)"))?;
+    published.with_context(|| format!("group '{name}': cannot publish the group tags"))?;
     if !all_ours {
         bail!(
             "group '{name}': a member's barrier was opened before the cut ended (it took {held:?}, over {BARRIER_DEADLINE:?}): point {} is not consistent and is not offered; try again",

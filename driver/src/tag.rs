@@ -104,9 +104,45 @@ pub fn append(journal: &Journal, lock_path: &Path, label: &str) -> Result<Option
     append_locked(journal, lock_path, |note| journal.append_tag(label, note))
 }
 
-/// [`append`] for a group point's tag ([`Journal::append_group_tag`]).
-pub fn append_group(journal: &Journal, lock_path: &Path, description: &[u8]) -> Result<Option<u64>> {
-    append_locked(journal, lock_path, |note| journal.append_group_tag(description, note))
+/// The tag lock of one member of a group cut, held from before its
+/// barrier closes until its tag is published: [`GroupTagLock::reserve`]
+/// under the barrier, [`GroupTagLock::publish`] after it opened.
+pub struct GroupTagLock<'a> {
+    journal: &'a Journal,
+    lock: TagLock,
+    path: std::path::PathBuf,
+    reserved: Option<crate::journal::ReservedTag<'a>>,
+}
+
+impl<'a> GroupTagLock<'a> {
+    /// Waits for the VM's tag lock (padding a dead tagger's hole first).
+    pub fn acquire(journal: &'a Journal, lock_path: &Path) -> Result<Self> {
+        let mut lock = TagLock::acquire(lock_path)?;
+        reclaim(journal, &mut lock, lock_path)?;
+        Ok(GroupTagLock { journal, lock, path: lock_path.to_owned(), reserved: None })
+    }
+
+    /// Reserves the group tag ([`Journal::reserve_group_tag`]), noting it
+    /// in the lock file. Its sequence number, or `None` if the ring has no
+    /// room (full, or in overflow).
+    pub fn reserve(&mut self, description: &[u8]) -> Result<Option<u64>> {
+        let mut noted = Ok(());
+        let (lock, path) = (&mut self.lock, &self.path);
+        let tag = self.journal.reserve_group_tag(description, |at| noted = lock.note(Some(at), path))?;
+        noted?;
+        let seq = tag.as_ref().map(|t| t.seq());
+        self.reserved = tag;
+        Ok(seq)
+    }
+
+    /// Publishes the reserved tag and clears the note.
+    pub fn publish(&mut self) -> Result<()> {
+        if let Some(tag) = self.reserved.take() {
+            tag.publish()?;
+            self.lock.note(None, &self.path)?;
+        }
+        Ok(())
+    }
 }
 
 fn append_locked(

@@ -23,7 +23,7 @@ pub use format::{
 };
 pub use ring::{
     BusyRecord, Cursor, InPlaceRecord, Journal, Mode, NewRecord, Position, ReadOutcome, RecordError, RecoveryReport,
-    SEQ_JUMP_AFTER_DISCARD,
+    ReservedTag, SEQ_JUMP_AFTER_DISCARD,
 };
 
 /// What a record says happened to the source disk.

@@ -32,6 +32,7 @@ use consumer::after;
 pub use consumer::{Cursor, ReadOutcome, RecordError};
 use in_place::InPlaceState;
 pub use in_place::{BusyRecord, InPlaceRecord};
+pub use producer::ReservedTag;
 
 /// A place in the ring: a byte position and the sequence number of the
 /// record that starts there (for the head: the next to be reserved; for the

@@ -33,17 +33,33 @@ impl Journal {
         self.append_marker(0, label.as_bytes(), note)
     }
 
-    /// [`Journal::append_tag`] for a group point: its description (JSON,
-    /// docs/FORMATS.md) as the data, flagged `TAG_GROUP`. Passes the group
-    /// barrier its caller holds.
-    pub fn append_group_tag(&self, description: &[u8], note: impl FnOnce(Position)) -> Result<Option<u64>> {
+    /// [`Journal::append_tag`] for a group point, in two steps: this one
+    /// reserves and fills the tag (its description, JSON, docs/FORMATS.md,
+    /// flagged `TAG_GROUP`) and passes the group barrier its caller holds;
+    /// [`ReservedTag::publish`] makes it durable and publishes it, after the
+    /// caller opened the barriers. The tag's place in the stream is fixed
+    /// here, and that is all the cut needs the barrier for: the syncs stay
+    /// out of the time writes wait. Dropped unpublished, the tag is a hole
+    /// ([`Journal::pad_abandoned_tag`]).
+    pub fn reserve_group_tag(
+        &self,
+        description: &[u8],
+        note: impl FnOnce(Position),
+    ) -> Result<Option<ReservedTag<'_>>> {
         if description.is_empty() || description.len() > 64 << 10 {
             return Err(Error::Invalid(format!("a group tag is 1 byte to 64 KiB, got {}", description.len())));
         }
-        self.append_marker(TAG_GROUP, description, note)
+        self.reserve_marker(TAG_GROUP, description, note)
     }
 
     fn append_marker(&self, flags: u8, data: &[u8], note: impl FnOnce(Position)) -> Result<Option<u64>> {
+        match self.reserve_marker(flags, data, note)? {
+            Some(tag) => tag.publish().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn reserve_marker(&self, flags: u8, data: &[u8], note: impl FnOnce(Position)) -> Result<Option<ReservedTag<'_>>> {
         let rec = NewRecord { disk: 0, kind: RecordKind::Tag, offset: 0, length: data.len() as u32, flags };
         let Some((at, pad)) = self.reserve_as(footprint(data.len()), false, true) else { return Ok(None) };
         if pad > 0 {
@@ -53,16 +69,7 @@ impl Journal {
         let slot = self.slot(pos);
         self.copy_into_slot(slot, &rec.header(at.seq, data.len()).encode_with_checksum(data), data);
         note(Position { pos, seq: at.seq });
-        if let Err(e) = self.sync() {
-            // Never published: a pad takes its place (and its number).
-            self.write_record(pos, &RecordHeader::pad(at.seq, 1, footprint(data.len())), &[]);
-            return Err(e);
-        }
-        crate::fail::hit(crate::fail::Failpoint::TagReserved)
-            .map_err(|source| Error::Sync { path: self.path.clone(), source })?;
-        self.commit_word_at(slot).store(commit_word(pos), Ordering::Release);
-        self.sync()?;
-        Ok(Some(at.seq))
+        Ok(Some(ReservedTag { journal: self, pos, seq: at.seq, footprint: footprint(data.len()) }))
     }
 
     /// Pads the tag reserved at `at` if it is still unpublished: its
@@ -255,5 +262,35 @@ impl Journal {
         // SAFETY: slots are 64-byte aligned inside the data area, which is
         // page-aligned; the mapping lives as long as `self`.
         unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(HEADER_SIZE + slot).cast()) }
+    }
+}
+
+/// A tag reserved and filled, not yet published ([`Journal::reserve_group_tag`]).
+pub struct ReservedTag<'a> {
+    journal: &'a Journal,
+    pos: u64,
+    seq: u64,
+    footprint: u64,
+}
+
+impl ReservedTag<'_> {
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Makes the tag's number durable, publishes it, syncs again (see
+    /// [`Journal::append_tag`]). Its sequence number.
+    pub fn publish(self) -> Result<u64> {
+        let j = self.journal;
+        if let Err(e) = j.sync() {
+            // Never published: a pad takes its place (and its number).
+            j.write_record(self.pos, &RecordHeader::pad(self.seq, 1, self.footprint), &[]);
+            return Err(e);
+        }
+        crate::fail::hit(crate::fail::Failpoint::TagReserved)
+            .map_err(|source| Error::Sync { path: j.path.clone(), source })?;
+        j.commit_word_at(j.slot(self.pos)).store(commit_word(self.pos), Ordering::Release);
+        j.sync()?;
+        Ok(self.seq)
     }
 }
