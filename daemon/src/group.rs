@@ -243,7 +243,14 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
     let held = started.elapsed();
     // Published whatever happened: a reserved tag left unpublished would be
     // a hole; a partial group point is never offered.
-    let published: Result<()> = locks.iter_mut().try_for_each(|l| l.publish().map_err(Into::into));
+    let mut published: Result<()> = Ok(());
+    for lock in &mut locks {
+        // Every one, even after a failure: an unpublished tag is a hole.
+        let r = lock.publish();
+        if published.is_ok() {
+            published = r.map_err(Into::into);
+        }
+    }
     let seqs = result.with_context(|| format!("cannot cut a point of group '{name}' (no group point was made)"))?;
     published.with_context(|| format!("group '{name}': cannot publish the group tags"))?;
     if !all_ours {

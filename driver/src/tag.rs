@@ -122,22 +122,23 @@ impl<'a> GroupTagLock<'a> {
         Ok(GroupTagLock { journal, lock, path: lock_path.to_owned(), reserved: None })
     }
 
-    /// Reserves the group tag ([`Journal::reserve_group_tag`]), noting it
-    /// in the lock file. Its sequence number, or `None` if the ring has no
-    /// room (full, or in overflow).
+    /// Reserves the group tag ([`Journal::reserve_group_tag`]): no I/O, as
+    /// the group's writes wait meanwhile. Its sequence number, or `None`
+    /// if the ring has no room (full, or in overflow).
     pub fn reserve(&mut self, description: &[u8]) -> Result<Option<u64>> {
-        let mut noted = Ok(());
-        let (lock, path) = (&mut self.lock, &self.path);
-        let tag = self.journal.reserve_group_tag(description, |at| noted = lock.note(Some(at), path))?;
-        noted?;
+        let tag = self.journal.reserve_group_tag(description, |_| {})?;
         let seq = tag.as_ref().map(|t| t.seq());
         self.reserved = tag;
         Ok(seq)
     }
 
-    /// Publishes the reserved tag and clears the note.
+    /// Notes the reserved tag in the lock file (so a shipper pads it should
+    /// this process die now), publishes it and clears the note. Killed
+    /// between the reservation and the note, the hole waits for the next
+    /// front-end's attach, as a `tern tag` killed in that instant does.
     pub fn publish(&mut self) -> Result<()> {
         if let Some(tag) = self.reserved.take() {
+            self.lock.note(Some(tag.position()), &self.path)?;
             tag.publish()?;
             self.lock.note(None, &self.path)?;
         }

@@ -278,6 +278,11 @@ impl ReservedTag<'_> {
         self.seq
     }
 
+    /// Where it is reserved (for the tag lock's note).
+    pub fn position(&self) -> Position {
+        Position { pos: self.pos, seq: self.seq }
+    }
+
     /// Makes the tag's number durable, publishes it, syncs again (see
     /// [`Journal::append_tag`]). Its sequence number.
     pub fn publish(self) -> Result<u64> {
