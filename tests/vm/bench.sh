@@ -18,6 +18,9 @@
 set -uo pipefail
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 H=/root/harness
+SCENARIO=bench
+# shellcheck source=lib.sh
+source "$H/tests/vm/lib.sh"
 ROUNDS=2 RESTARTS=10 RUNTIME=10
 for w in $(cat /proc/cmdline); do
     case $w in
@@ -42,12 +45,6 @@ IMG=/srv/images/vm1-disk0.img
 STATE=/srv/state
 export TERN_RING_DIR=/dev/shm/tern
 
-finish() {
-    if [[ $1 == 0 ]]; then echo "TERN-VM-OK bench"; else echo "TERN-VM-FAIL bench: $2"; fi
-    sync
-    printf "\\$(printf %o "$1")" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
-    systemctl poweroff --force --force
-}
 fail() {
     echo "guest: FAILED: $*"
     echo w >/proc/sysrq-trigger # the blocked tasks' stacks, on the console
@@ -55,7 +52,6 @@ fail() {
     tail -n 10 /tmp/ship.log 2>/dev/null | sed 's/^/guest:   [ship] /'
     finish 1 "$*"
 }
-say() { echo "guest: $*"; }
 tern() { "$H/tern" -q --state "$STATE" "$@"; }
 
 SERVE=""

@@ -23,16 +23,13 @@
 set -uo pipefail
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 H=/root/harness
+SCENARIO=systemd
+# shellcheck source=lib.sh
+source "$H/tests/vm/lib.sh"
 IMG=/srv/images/vm1-disk0.img
 CACHE=/srv/tern/cache TARGET=/srv/tern/target
 UNITS=(tern-serve@vm1 tern-ship@vm1 tern-apply@local)
 
-finish() {
-    if [[ $1 == 0 ]]; then echo "TERN-VM-OK systemd"; else echo "TERN-VM-FAIL systemd: $2"; fi
-    sync
-    printf "\\$(printf %o "$1")" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
-    systemctl poweroff --force --force
-}
 fail() {
     echo "guest: FAILED: $*"
     for u in "${UNITS[@]}"; do
@@ -42,7 +39,6 @@ fail() {
     finish 1 "$*"
 }
 prop() { systemctl show -P "$2" "$1"; }
-say() { echo "guest: $*"; }
 
 # --- 1. install ---------------------------------------------------------------
 mkfs.ext4 -q -F /dev/vdb || fail "mkfs.ext4 /dev/vdb"
