@@ -365,3 +365,37 @@ fn group_run_cuts_on_schedule_and_goes_on_past_a_failed_cut() {
     assert_eq!(group.len(), cut, "every cut a group point: {group:?}");
     assert!(group.iter().all(|g| g["label"] == "scheduled"), "{group:?}");
 }
+
+#[test]
+fn a_real_group_failover_fences_every_member_at_one_group_point() {
+    let site = Site::new(&["a", "b"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let (a, b) = (site.serve("a"), site.serve("b"));
+    for (i, vm) in ["a", "b"].iter().enumerate() {
+        let mut c = RawClient::connect(&site.socket(vm), "disk0");
+        assert_eq!(c.call(CMD_WRITE, 0, 0, 4096, &[i as u8 + 1; 4096]).error, 0);
+    }
+    run(site.tern().args(["tag", "--group", "g", "first"]));
+    // Written after the group point: not in the failover.
+    let mut c = RawClient::connect(&site.socket("a"), "disk0");
+    assert_eq!(c.call(CMD_WRITE, 0, 0, 4096, &[9u8; 4096]).error, 0);
+    drop(c);
+    a.stop();
+    b.stop();
+    site.ship_and_apply(&["a", "b"]);
+    let target = site.path("target");
+    let out = json(&run(site.tern().args(["failover", "--group", "g", "--json", "--target"]).arg(&target)));
+    let members = out["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{out}");
+    for (i, vm) in ["a", "b"].iter().enumerate() {
+        let m = members.iter().find(|m| m["vm"] == *vm).unwrap();
+        let disk = std::fs::read(m["disks"]["disk0"].as_str().unwrap()).unwrap();
+        assert_eq!(disk[..4096], [i as u8 + 1; 4096], "VM {vm} at the group point");
+        // Fenced: its source ships no more (exit 3).
+        let shipped = site.tern().args(["ship", vm, "--once"]).output().unwrap();
+        assert_eq!(shipped.status.code(), Some(3), "VM {vm}: a fenced source refuses to ship");
+    }
+    let status = json(&String::from_utf8_lossy(&site.tern().args(["status", "--json"]).output().unwrap().stdout));
+    let states: Vec<&str> = status.as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["failed-over-uncommitted", "failed-over-uncommitted"], "{status}");
+}
