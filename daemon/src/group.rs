@@ -170,6 +170,7 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
     }
     let mut names = group.members.clone();
     names.sort();
+    names.dedup(); // one barrier and one tag lock per VM
     let mut members = Vec::new();
     for vm in &names {
         let paths = VmPaths::new(state, vm)?;

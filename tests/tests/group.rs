@@ -369,7 +369,10 @@ fn group_run_cuts_on_schedule_and_goes_on_past_a_failed_cut() {
 #[test]
 fn a_real_group_failover_fences_every_member_at_one_group_point() {
     let site = Site::new(&["a", "b"], "64MiB");
-    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    // A VM named twice is one member (one barrier, one tag lock).
+    run(site.tern().args(["group", "create", "g", "a", "b", "a"]));
+    let list = json(&run(site.tern().args(["group", "list", "--json"])));
+    assert_eq!(list[0]["members"], serde_json::json!(["a", "b"]), "{list}");
     let (a, b) = (site.serve("a"), site.serve("b"));
     for (i, vm) in ["a", "b"].iter().enumerate() {
         let mut c = RawClient::connect(&site.socket(vm), "disk0");

@@ -67,11 +67,15 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
                 bail!("group '{group}' exists already; add VMs with `tern group add {group} VM...`");
             }
             check_vms(cli, vms)?;
-            let mut members = vms.clone();
-            members.dedup();
+            let mut members: Vec<String> = Vec::new();
+            for vm in vms {
+                if !members.contains(vm) {
+                    members.push(vm.clone());
+                }
+            }
+            println!("created group '{group}': {}", members.join(", "));
             groups.groups.insert(group.clone(), Group { members });
             groups.save(&cli.state)?;
-            println!("created group '{group}': {}", vms.join(", "));
         }
         GroupCommand::Add { group, vms } => {
             check_vms(cli, vms)?;
