@@ -279,7 +279,7 @@ fn a_group_point_fails_whole_when_a_member_is_not_served_or_in_overflow() {
     let group = json(&run(site.tern().args(["points", "--group", "g", "--json", "--target"]).arg(&target)));
     assert_eq!(group.as_array().unwrap().len(), 0, "{group}");
     let a_points = json(&run(site.tern().args(["points", "a", "--json", "--target"]).arg(&target)));
-    assert!(a_points.as_array().unwrap().iter().all(|p| p["kind"] != "web"), "a tag in a: {a_points}");
+    assert!(a_points.as_array().unwrap().iter().all(|p| p["kind"] != "app"), "a tag in a: {a_points}");
 }
 
 #[test]
