@@ -22,9 +22,6 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_parent_dir(path)
 }
 
-/// Takes an exclusive `flock` on `path` and writes our pid into it, so the
-/// next process to try names the holder. `what` is the thing being locked
-/// and `role` who normally holds it, for the error message.
 /// Whether another process holds the lock [`lock_exclusive`] takes on
 /// `path` (a probe that changes nothing: a missing file is free).
 pub fn held_by_another(path: &Path) -> bool {
@@ -36,6 +33,9 @@ pub fn held_by_another(path: &Path) -> bool {
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
 }
 
+/// Takes an exclusive `flock` on `path` and writes our pid into it, so the
+/// next process to try names the holder. `what` is the thing being locked
+/// and `role` who normally holds it, for the error message.
 pub fn lock_exclusive(path: &Path, what: &str, role: &str) -> Result<File> {
     use std::io::Write;
     use std::os::fd::AsRawFd;

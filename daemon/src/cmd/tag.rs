@@ -15,7 +15,8 @@ pub struct Args {
     #[arg(required = true, num_args = 1..=2, value_name = "VM> <LABEL")]
     pub args: Vec<String>,
     /// A group point: every member of the group cut at one instant (new
-    /// writes wait for the few milliseconds it takes).
+    /// writes wait while the tags take their places: well under a
+    /// millisecond).
     #[arg(long)]
     pub group: Option<String>,
 }
