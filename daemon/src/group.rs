@@ -5,7 +5,8 @@
 //! group point is cut by [`cut`]: the group barrier of every member's
 //! journal is closed (new writes wait; `journal/ring/barrier.rs` says why
 //! that makes the cut consistent), a group tag — the same point id in
-//! every member's journal — is appended to each, and the barriers open.
+//! every member's journal — takes its place in each, the barriers open,
+//! and the tags are made durable and published.
 //! At the target each member's applier takes a point at its tag; the group
 //! point exists once every member has its point.
 
@@ -73,7 +74,7 @@ impl Groups {
 }
 
 /// A group tag's data (`TAG_GROUP`; docs/FORMATS.md): the same in every
-/// member's journal but for nothing.
+/// member's journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupTag {
@@ -160,8 +161,9 @@ fn not_ready(m: &Member) -> Option<String> {
 /// Cuts a group point across every member of `group` (see the module
 /// doc). Fails, naming the member and why, rather than cut part of them:
 /// a member not served, in overflow or resyncing; another cut under way.
-/// A failure after some tags were appended leaves an incomplete group
-/// point, which the target never offers.
+/// A cut that fails before the barriers open leaves pads, no tags; one
+/// whose tag cannot be published in some member leaves an incomplete
+/// group point, which the target never offers.
 pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Result<Cut> {
     if let Some(l) = label {
         if l.is_empty() || l.len() > 256 || l.chars().any(char::is_control) {
@@ -174,7 +176,11 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
     let mut members = Vec::new();
     for vm in &names {
         let paths = VmPaths::new(state, vm)?;
-        let config = paths.load_config().with_context(|| format!("group '{name}': member VM '{vm}'"))?;
+        let config = paths.load_config().with_context(|| {
+            format!(
+                "group '{name}': member VM '{vm}' (if it is no longer protected here: `tern group remove {name} {vm}`)"
+            )
+        })?;
         let journal = paths.open_journal().with_context(|| format!("group '{name}': member VM '{vm}'"))?;
         if journal.vm_id() != *config.id.as_bytes() {
             bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
@@ -225,40 +231,40 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
         // they are made durable and published once the barriers open.
         let mut seqs = Vec::new();
         for (m, lock) in members.iter().zip(&mut locks) {
-            // Every barrier ours still? A cut that took past the deadline
-            // is no cut.
-            if let Some(o) = members.iter().find(|o| o.journal.barrier_holder() != Some(me)) {
-                bail!("the barrier of VM '{}' was opened under us (this cut took over {BARRIER_DEADLINE:?})", o.name);
-            }
             let seq = lock
                 .reserve(&description)?
                 .with_context(|| format!("VM '{}': its journal has no room for the tag now", m.name))?;
             seqs.push((m.name.clone(), seq));
         }
+        // Every barrier still ours, now that every tag has its place? A
+        // holder goes from us only to open (a writer that found the cut
+        // past its deadline), never back: so they were closed throughout.
+        if let Some(o) = members.iter().find(|o| o.journal.barrier_holder() != Some(me)) {
+            bail!("the barrier of VM '{}' was opened under us (this cut took over {BARRIER_DEADLINE:?})", o.name);
+        }
         Ok(seqs)
     })();
-    let mut all_ours = true;
     for m in &closed {
-        all_ours &= m.journal.open_barrier(me);
+        m.journal.open_barrier(me);
     }
     let held = started.elapsed();
-    // Published whatever happened: a reserved tag left unpublished would be
-    // a hole; a partial group point is never offered.
-    let mut published: Result<()> = Ok(());
-    for lock in &mut locks {
-        // Every one, even after a failure: an unpublished tag is a hole.
-        let r = lock.publish();
-        if published.is_ok() {
-            published = r.map_err(Into::into);
+    let seqs = match result {
+        Ok(seqs) => seqs,
+        Err(e) => {
+            // No tag of a failed cut stays: pads take the places reserved.
+            locks.iter_mut().for_each(tern_driver::tag::GroupTagLock::abandon);
+            return Err(e.context(format!("cannot cut a point of group '{name}' (no group point was made)")));
         }
-    }
-    let seqs = result.with_context(|| format!("cannot cut a point of group '{name}' (no group point was made)"))?;
-    published.with_context(|| format!("group '{name}': cannot publish the group tags"))?;
-    if !all_ours {
-        bail!(
-            "group '{name}': a member's barrier was opened before the cut ended (it took {held:?}, over {BARRIER_DEADLINE:?}): point {} is not consistent and is not offered; try again",
-            tag.point
-        );
+    };
+    // Each member's tag made durable and published at once (two journal
+    // syncs each); all of them, even after one fails: an unpublished tag
+    // is a hole.
+    let published: Vec<tern_driver::Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = locks.iter_mut().map(|l| s.spawn(move || l.publish())).collect();
+        handles.into_iter().map(|h| h.join().expect("a publishing thread panicked")).collect()
+    });
+    for ((vm, _), r) in seqs.iter().zip(published) {
+        r.with_context(|| format!("group '{name}': cannot publish the group tag of VM '{vm}' (the group point is incomplete and is not offered; cut another)"))?;
     }
     Ok(Cut { tag, seqs, held })
 }

@@ -132,6 +132,14 @@ impl<'a> GroupTagLock<'a> {
         Ok(seq)
     }
 
+    /// Gives the reserved tag up ([`crate::journal::ReservedTag::abandon`]):
+    /// a cut that failed leaves a pad in this member's stream, no tag.
+    pub fn abandon(&mut self) {
+        if let Some(tag) = self.reserved.take() {
+            tag.abandon();
+        }
+    }
+
     /// Notes the reserved tag in the lock file (so a shipper pads it should
     /// this process die now), publishes it and clears the note. Killed
     /// between the reservation and the note, the hole waits for the next

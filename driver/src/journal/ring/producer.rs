@@ -283,6 +283,12 @@ impl ReservedTag<'_> {
         Position { pos: self.pos, seq: self.seq }
     }
 
+    /// Gives the place up: a pad takes it (and its number), so the stream
+    /// has no hole and no tag there.
+    pub fn abandon(self) {
+        self.journal.write_record(self.pos, &RecordHeader::pad(self.seq, 1, self.footprint), &[]);
+    }
+
     /// Makes the tag's number durable, publishes it, syncs again (see
     /// [`Journal::append_tag`]). Its sequence number.
     pub fn publish(self) -> Result<u64> {
