@@ -147,13 +147,11 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
     let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(f.point.time_ns));
     if a.json {
-        let disks: serde_json::Map<String, serde_json::Value> =
-            f.disks.iter().map(|(n, p)| (n.clone(), p.display().to_string().into())).collect();
-        let out = serde_json::json!({
-            "name": f.name, "directory": f.dir.display().to_string(), "point": f.point.id, "seq": f.point.seq,
-            "time": time.to_string(), "test": a.test, "planned": a.planned, "disks": disks,
-            "clone": if f.copied { "copy" } else { "reflink" }, "ready_seconds": started.elapsed().as_secs_f64(),
-        });
+        let mut out = failover_json(&f);
+        out.insert("time".into(), time.to_string().into());
+        out.insert("test".into(), a.test.into());
+        out.insert("planned".into(), a.planned.into());
+        out.insert("ready_seconds".into(), started.elapsed().as_secs_f64().into());
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
@@ -185,6 +183,21 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A failover as `--json` prints it: name, directory, point, seq, disks
+/// (name → image) and whether they were reflinked or copied.
+fn failover_json(f: &crate::failover::Failover) -> serde_json::Map<String, serde_json::Value> {
+    let disks: serde_json::Map<String, serde_json::Value> =
+        f.disks.iter().map(|(n, p)| (n.clone(), p.display().to_string().into())).collect();
+    let mut out = serde_json::Map::new();
+    out.insert("name".into(), f.name.clone().into());
+    out.insert("directory".into(), f.dir.display().to_string().into());
+    out.insert("point".into(), f.point.id.clone().into());
+    out.insert("seq".into(), f.point.seq.into());
+    out.insert("disks".into(), disks.into());
+    out.insert("clone".into(), if f.copied { "copy" } else { "reflink" }.into());
+    out
 }
 
 /// Starts the failed-over VM (its launch.sh), console in console.log.
@@ -260,10 +273,9 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         let members: Vec<serde_json::Value> = done
             .iter()
             .map(|(vm, f)| {
-                let disks: serde_json::Map<String, serde_json::Value> =
-                    f.disks.iter().map(|(n, p)| (n.clone(), p.display().to_string().into())).collect();
-                serde_json::json!({ "vm": vm, "name": f.name, "directory": f.dir.display().to_string(),
-                    "point": f.point.id, "seq": f.point.seq, "disks": disks })
+                let mut m = failover_json(f);
+                m.insert("vm".into(), vm.as_str().into());
+                m.into()
             })
             .collect();
         let out = serde_json::json!({
@@ -282,7 +294,8 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
             println!("  VM '{vm}': '{}' from point {} (seq {}): {}", f.name, f.point.id, f.point.seq, f.dir.display());
         }
         if !a.test {
-            println!("the sources are fenced; check the VMs, then `tern commit` each of them");
+            let commits: Vec<String> = done.iter().map(|(vm, _)| format!("`tern commit {vm}`")).collect();
+            println!("the sources are fenced; check the VMs, then {}", commits.join(", "));
         }
     }
     Ok(())
