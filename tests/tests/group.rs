@@ -114,6 +114,12 @@ impl Site {
             .arg(self.path("target")));
     }
 
+    /// `tern points --group GROUP --json` at the target site.
+    fn group_points(&self, group: &str) -> Vec<serde_json::Value> {
+        let out = run(self.tern().args(["points", "--group", group, "--json", "--target"]).arg(self.path("target")));
+        json(&out).as_array().expect("a JSON array").clone()
+    }
+
     fn point_image(&self, vm: &str, point: &str) -> PathBuf {
         self.path("target").join(vm).join("points").join(point).join("disk0.img")
     }
@@ -223,10 +229,9 @@ fn group_points_never_hold_a_commit_without_its_record_per_vm_points_do() {
     );
 
     // Group points: every one complete, none violating.
-    let group = json(&run(site.tern().args(["points", "--group", "shop", "--json", "--target"]).arg(&target)));
-    let group = group.as_array().unwrap();
+    let group = site.group_points("shop");
     assert_eq!(group.len(), rounds, "a group point per cut: {group:?}");
-    for g in group {
+    for g in &group {
         let members = g["members"].as_array().unwrap();
         assert_eq!(members.len(), 2, "{g}");
         let member = |vm: &str| {
@@ -276,8 +281,8 @@ fn a_group_point_fails_whole_when_a_member_is_not_served_or_in_overflow() {
     // Nothing was cut: a's journal holds no group tag, so no group point.
     site.ship_and_apply(&["a", "b"]);
     let target = site.path("target");
-    let group = json(&run(site.tern().args(["points", "--group", "g", "--json", "--target"]).arg(&target)));
-    assert_eq!(group.as_array().unwrap().len(), 0, "{group}");
+    let group = site.group_points("g");
+    assert_eq!(group.len(), 0, "{group:?}");
     let a_points = json(&run(site.tern().args(["points", "a", "--json", "--target"]).arg(&target)));
     assert!(a_points.as_array().unwrap().iter().all(|p| p["kind"] != "app"), "a tag in a: {a_points}");
 }
@@ -360,8 +365,7 @@ fn group_run_cuts_on_schedule_and_goes_on_past_a_failed_cut() {
     a.stop();
     b.stop();
     site.ship_and_apply(&["a", "b"]);
-    let group = json(&run(site.tern().args(["points", "--group", "g", "--json", "--target"]).arg(site.path("target"))));
-    let group = group.as_array().unwrap();
+    let group = site.group_points("g");
     assert_eq!(group.len(), cut, "every cut a group point: {group:?}");
     assert!(group.iter().all(|g| g["label"] == "scheduled"), "{group:?}");
 }
