@@ -231,16 +231,22 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
         // they are made durable and published once the barriers open.
         let mut seqs = Vec::new();
         for (m, lock) in members.iter().zip(&mut locks) {
-            let seq = lock
-                .reserve(&description)?
-                .with_context(|| format!("VM '{}': its journal has no room for the tag now", m.name))?;
+            let seq = lock.reserve(&description)?.with_context(|| {
+                format!(
+                    "VM '{}': its journal has no room for the tag now; cut again once `tern ship` has caught up",
+                    m.name
+                )
+            })?;
             seqs.push((m.name.clone(), seq));
         }
         // Every barrier still ours, now that every tag has its place? A
         // holder goes from us only to open (a writer that found the cut
         // past its deadline), never back: so they were closed throughout.
         if let Some(o) = members.iter().find(|o| o.journal.barrier_holder() != Some(me)) {
-            bail!("the barrier of VM '{}' was opened under us (this cut took over {BARRIER_DEADLINE:?})", o.name);
+            bail!(
+                "the barrier of VM '{}' was opened by its writers (this cut took over {BARRIER_DEADLINE:?}: was the machine stalled?); cut again",
+                o.name
+            );
         }
         Ok(seqs)
     })();
