@@ -87,6 +87,10 @@ pub struct GroupTag {
     /// member's point carries it, so retention ages them as one.
     pub time_ns: u64,
     pub members: Vec<String>,
+    /// Each frozen member's freeze outcome (members with a freeze agent in
+    /// their `[app-points]`); absent before guest freezes existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quiesce: BTreeMap<String, tern_store::target::Quiesce>,
 }
 
 impl GroupTag {
@@ -108,6 +112,8 @@ pub struct Cut {
     /// How long new writes waited: from the first barrier closed to the last
     /// opened.
     pub held: Duration,
+    /// The frozen members' thaws.
+    pub thawed: Vec<(String, crate::freeze::Thawed)>,
 }
 
 /// How long a barrier may stay closed before producers open it themselves:
@@ -119,6 +125,7 @@ struct Member {
     name: String,
     paths: VmPaths,
     journal: Journal,
+    quiescing: crate::freeze::Quiescing,
 }
 
 /// Whether a `tern serve` of the VM runs (it holds the front-end lock).
@@ -164,7 +171,12 @@ fn not_ready(m: &Member) -> Option<String> {
 /// A cut that fails before the barriers open leaves pads, no tags; one
 /// whose tag cannot be published in some member leaves an incomplete
 /// group point, which the target never offers.
-pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Result<Cut> {
+///
+/// With `freeze`, every member whose `[app-points]` names a freeze agent is
+/// frozen first (all at once), and thawed after the cut; a member whose
+/// freeze fails is cut all the same, its point crash-consistent with the
+/// reason ([`GroupTag::quiesce`]).
+pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>, freeze: bool) -> Result<Cut> {
     if let Some(l) = label {
         if l.is_empty() || l.len() > 256 || l.chars().any(char::is_control) {
             bail!("a label must be 1 to 256 bytes of printable text, got {l:?}");
@@ -185,7 +197,8 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
         if journal.vm_id() != *config.id.as_bytes() {
             bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
         }
-        members.push(Member { name: vm.clone(), paths, journal });
+        let quiescing = crate::freeze::Quiescing::of(&config, None, !freeze, None)?;
+        members.push(Member { name: vm.clone(), paths, journal, quiescing });
     }
     for m in &members {
         if let Some(why) = not_ready(m) {
@@ -200,18 +213,48 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
         label: label.map(str::to_owned),
         time_ns: now.as_nanos() as u64,
         members: names.clone(),
+        quiesce: BTreeMap::new(),
     };
+    // The guests frozen, all at once; thawed after the cut, even those
+    // whose freeze failed (one not answered may yet be carried out).
+    let freezes: Vec<(String, crate::freeze::Freeze)> = std::thread::scope(|s| {
+        let handles: Vec<_> = members
+            .iter()
+            .filter_map(|m| match &m.quiescing {
+                crate::freeze::Quiescing::Freeze(agent, timeout) => {
+                    Some((m.name.clone(), s.spawn(move || crate::freeze::freeze(agent, *timeout))))
+                }
+                crate::freeze::Quiescing::None => None,
+            })
+            .collect();
+        handles.into_iter().map(|(vm, h)| (vm, h.join().expect("a freezing thread panicked"))).collect()
+    });
+    let mut tag = tag;
+    tag.quiesce = freezes.iter().map(|(vm, f)| (vm.clone(), f.quiesce.clone())).collect();
+    let cut = cut_members(name, &members, tag);
+    let thawed = std::thread::scope(|s| {
+        let handles: Vec<_> = freezes.into_iter().map(|(vm, f)| (vm, s.spawn(move || f.thaw()))).collect();
+        handles.into_iter().map(|(vm, h)| (vm, h.join().expect("a thawing thread panicked"))).collect()
+    });
+    let mut cut = cut?;
+    cut.thawed = thawed;
+    Ok(cut)
+}
+
+/// The cut itself, the guests frozen or not: barriers, tags, barriers open,
+/// tags published.
+fn cut_members(name: &str, members: &[Member], tag: GroupTag) -> Result<Cut> {
     let description = serde_json::to_vec(&tag)?;
     // Each member's tag lock first, so no cut waits on one with writes held.
     let mut locks = Vec::new();
-    for m in &members {
+    for m in members {
         locks.push(tern_driver::tag::GroupTagLock::acquire(&m.journal, &m.paths.tag_lock())?);
     }
     let me = std::process::id();
     let started = Instant::now();
     let mut closed: Vec<&Member> = Vec::new();
     let result = (|| -> Result<Vec<(String, u64)>> {
-        for m in &members {
+        for m in members {
             if let Err(holder) = m.journal.close_barrier(me, BARRIER_DEADLINE) {
                 bail!(
                     "VM '{}' is held by another group point under way (process {holder}); try again in a moment",
@@ -222,7 +265,7 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
         }
         tern_driver::fail::hit(tern_driver::fail::Failpoint::TagGroupBarrierClosed)?;
         // Writes wait now: what was true before may have changed since.
-        for m in &members {
+        for m in members {
             if let Some(why) = not_ready(m) {
                 bail!("{why}");
             }
@@ -272,7 +315,7 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>) -> Resu
     for ((vm, _), r) in seqs.iter().zip(published) {
         r.with_context(|| format!("group '{name}': cannot publish the group tag of VM '{vm}' (the group point is incomplete and is not offered; cut another)"))?;
     }
-    Ok(Cut { tag, seqs, held })
+    Ok(Cut { tag, seqs, held, thawed: Vec::new() })
 }
 
 /// A group point at the target site: every member's point of one cut.

@@ -11,6 +11,7 @@ mod apply;
 mod cache;
 mod cmd;
 mod failover;
+mod freeze;
 mod group;
 mod hint;
 mod metrics;

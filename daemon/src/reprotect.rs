@@ -138,6 +138,7 @@ pub fn reprotect(state: &Path, a: &Reprotect<'_>) -> Result<(VmConfig, InitialSy
             region_size: a.region_size,
         },
         policy,
+        app_points: Default::default(),
         initial_sync: initial_sync(seeds),
     };
     fail::hit(Failpoint::ReprotectEnable)?;
@@ -240,6 +241,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
         target: config.target.clone(),
         journal: config.journal.clone(),
         policy: config.policy.clone(),
+        app_points: Default::default(),
         initial_sync: initial_sync(seeds),
     };
     // The old direction's stream in the cache ended with the failover (its

@@ -104,6 +104,11 @@ pub fn append(journal: &Journal, lock_path: &Path, label: &str) -> Result<Option
     append_locked(journal, lock_path, |note| journal.append_tag(label, note))
 }
 
+/// [`append`] of a tag described in JSON ([`Journal::append_quiesced_tag`]).
+pub fn append_quiesced(journal: &Journal, lock_path: &Path, description: &[u8]) -> Result<Option<u64>> {
+    append_locked(journal, lock_path, |note| journal.append_quiesced_tag(description, note))
+}
+
 /// The tag lock of one member of a group cut, held from before its
 /// barrier closes until its tag is published: [`GroupTagLock::reserve`]
 /// under the barrier, [`GroupTagLock::publish`] after it opened.

@@ -45,6 +45,9 @@ pub struct VmConfig {
     pub journal: JournalConfig,
     #[serde(default)]
     pub policy: Policy,
+    /// How application-consistent points of the VM are taken.
+    #[serde(default)]
+    pub app_points: AppPoints,
     /// The disks, in the order their index appears in journal records.
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -116,6 +119,56 @@ impl Default for Policy {
             segment_age: Duration::from_millis(250),
             max_rate: None,
         }
+    }
+}
+
+/// `[app-points]`: how the VM's application-consistent points are taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AppPoints {
+    /// Freeze the guest's filesystems for every app point of the VM (`tern
+    /// tag`, scheduled ones, group points) through its qemu guest agent:
+    /// `qga:<socket>`. Default: none (whoever tags quiesces the
+    /// application).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<String>,
+    /// How long a freeze may take before the point is taken
+    /// crash-consistent instead (and the guest thawed). Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub freeze_timeout: Duration,
+    /// `tern serve` takes an app point labelled `scheduled` this often.
+    /// Default: none.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+}
+
+impl AppPoints {
+    /// The agent must be `qga:` and an absolute socket path; a freeze gets
+    /// 1 s to 10 min; scheduled points come at most every 10 s.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if let Some(f) = &self.freeze {
+            match f.strip_prefix("qga:") {
+                Some(p) if Path::new(p).is_absolute() => {}
+                _ => {
+                    return Err(format!(
+                        "app-points freeze {f:?} must be qga:SOCKET with an absolute path (the host side of the VM's qemu guest agent channel)"
+                    ))
+                }
+            }
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.freeze_timeout) {
+            return Err(format!("app-points freeze-timeout {:?} must be between 1s and 10m", self.freeze_timeout));
+        }
+        if self.interval.is_some_and(|i| i < Duration::from_secs(10)) {
+            return Err("app-points interval must be at least 10s".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for AppPoints {
+    fn default() -> Self {
+        AppPoints { freeze: None, freeze_timeout: Duration::from_secs(10), interval: None }
     }
 }
 
@@ -191,6 +244,7 @@ impl VmConfig {
                 validate_seed(seed).map_err(|e| bad(format!("disk '{}': {e}", d.name)))?;
             }
         }
+        self.app_points.validate().map_err(bad)?;
         for (what, p) in [("cache", &self.cache), ("target", &self.target)] {
             if !(p.is_absolute() || what == "cache" && is_store_url(p)) {
                 return Err(bad(format!("{what} path {} is not absolute", p.display())));
@@ -380,6 +434,7 @@ pub struct EnableSpec {
     pub target: PathBuf,
     pub journal: JournalConfig,
     pub policy: Policy,
+    pub app_points: AppPoints,
     pub initial_sync: InitialSync,
 }
 
@@ -538,6 +593,7 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
         target: absolute(&spec.target)?,
         journal: spec.journal.clone(),
         policy: spec.policy.clone(),
+        app_points: spec.app_points.clone(),
         disks,
     };
     // Not yet a file: a bad setting is the command line's, not vm.toml's.
@@ -634,6 +690,7 @@ mod tests {
             target: dir.join("target"),
             journal: JournalConfig { size: Size::kib(64), ..Default::default() },
             policy: Policy::default(),
+            app_points: Default::default(),
             initial_sync: InitialSync::Allocated,
         }
     }

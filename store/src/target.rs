@@ -108,6 +108,27 @@ pub struct Point {
     /// --group` cut). Absent in points of no group, which read as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<PointGroup>,
+    /// How the guest was quiesced for this app point, when an agent was
+    /// asked (`tern tag --freeze`, the VM's freeze policy). Absent: none
+    /// was (a crash point, or a tag whose caller quiesced the application).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<Quiesce>,
+}
+
+/// A guest freeze's outcome, carried by the tag into the point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Quiesce {
+    /// The agent asked, as configured: `qga:<socket>`.
+    pub agent: String,
+    /// Whether the guest's filesystems were frozen when the tag took its
+    /// place. If not, the point is crash-consistent only; `reason` says why.
+    pub frozen: bool,
+    /// How many filesystems the agent froze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystems: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One member's share of a group point: the group point exists once every
@@ -128,6 +149,16 @@ impl Point {
         match kind {
             PointKind::Crash => format!("{seq}"),
             PointKind::App => format!("{seq}-app"),
+        }
+    }
+
+    /// "application" or "crash": an app point whose guest freeze failed is
+    /// crash-consistent only.
+    pub fn consistency(&self) -> &'static str {
+        match (self.kind, &self.quiesce) {
+            (PointKind::Crash, _) => "crash",
+            (PointKind::App, Some(q)) if !q.frozen => "crash",
+            (PointKind::App, _) => "application",
         }
     }
 }
@@ -365,6 +396,7 @@ mod tests {
             clone: "reflink".into(),
             disks: BTreeMap::new(),
             group: None,
+            quiesce: None,
         }
     }
 

@@ -192,7 +192,7 @@ impl VmApplier {
             return Ok(Ok(p));
         }
         let id = Point::make_id(cur.applied_seq, PointKind::Crash);
-        self.take_point(cur.applied_seq, cur.epoch, cur.source_time_ns, PointKind::Crash, None, None)?;
+        self.take_point(cur.applied_seq, cur.epoch, cur.source_time_ns, PointKind::Crash, PointTag::default())?;
         let taken = self.target.list_points()?.into_iter().find(|p| p.id == id);
         Ok(Ok(taken.context("the point just taken is not in the catalog")?))
     }

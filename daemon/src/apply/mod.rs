@@ -25,8 +25,8 @@ use tern_store::file::FileError;
 use tern_store::object::Store;
 use tern_store::segment::{Segment, SegmentError};
 use tern_store::target::{
-    expired_points, stream_now, Checkpoint, Point, PointAnswer, PointGroup, PointKind, PointRequest, TargetDir,
-    TARGET_VERSION,
+    expired_points, stream_now, Checkpoint, Point, PointAnswer, PointGroup, PointKind, PointRequest, Quiesce,
+    TargetDir, TARGET_VERSION,
 };
 
 use tern_driver::fail::{self, Failpoint};
@@ -51,6 +51,7 @@ mod batch;
 mod failing;
 mod latest;
 mod points;
+use points::PointTag;
 mod read_ahead;
 mod seed;
 
@@ -396,7 +397,7 @@ impl VmApplier {
                     // crash in between takes it again after the restart.
                     self.flush()?;
                     let (seq, epoch, time) = (self.cur.applied_seq, self.cur.epoch, self.cur.source_time_ns);
-                    self.take_point(seq, epoch, time, PointKind::Crash, None, None)?;
+                    self.take_point(seq, epoch, time, PointKind::Crash, PointTag::default())?;
                     self.cur.last_point_ns = time;
                     self.commit()?;
                 } else if self.batch.data_len() >= self.options.batch_limit {
@@ -570,13 +571,19 @@ impl VmApplier {
                     let data = &seg.payload()[span];
                     // A group tag's point carries the group point, and the
                     // cut's time so that retention ages its members as one.
-                    let (label, time_ns, group) = if r.flags == journal::TAG_GROUP {
-                        let tag = crate::group::GroupTag::parse(data)
-                            .with_context(|| format!("{path}: the tag at seq {}", r.seq))?;
-                        let group = PointGroup { group: tag.group, point: tag.point, members: tag.members };
-                        (tag.label, tag.time_ns, Some(group))
-                    } else {
-                        (Some(String::from_utf8_lossy(data).into_owned()), r.time_ns, None)
+                    let bad = || format!("{path}: the tag at seq {}", r.seq);
+                    let (label, time_ns, group, quiesce) = match r.flags {
+                        journal::TAG_GROUP => {
+                            let mut tag = crate::group::GroupTag::parse(data).with_context(bad)?;
+                            let quiesce = tag.quiesce.remove(&self.name);
+                            let group = PointGroup { group: tag.group, point: tag.point, members: tag.members };
+                            (tag.label, tag.time_ns, Some(group), quiesce)
+                        }
+                        journal::TAG_QUIESCE => {
+                            let tag = crate::freeze::QuiescedTag::parse(data).with_context(bad)?;
+                            (Some(tag.label), r.time_ns, None, Some(tag.quiesce))
+                        }
+                        _ => (Some(String::from_utf8_lossy(data).into_owned()), r.time_ns, None, None),
                     };
                     if in_window {
                         log::warn!(
@@ -587,7 +594,7 @@ impl VmApplier {
                         );
                     } else {
                         self.write_batch().with_context(|| format!("applying {}", path))?;
-                        self.take_point(r.seq, h.epoch, time_ns, PointKind::App, label, group)?;
+                        self.take_point(r.seq, h.epoch, time_ns, PointKind::App, PointTag { label, group, quiesce })?;
                     }
                 }
                 kind if kind.changes_disk() => self.batch.add(r, &payload, span),

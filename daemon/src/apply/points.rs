@@ -5,6 +5,14 @@
 
 use super::*;
 
+/// What an app point's tag says about it (nothing, for a crash point).
+#[derive(Debug, Default)]
+pub(super) struct PointTag {
+    pub label: Option<String>,
+    pub group: Option<PointGroup>,
+    pub quiesce: Option<Quiesce>,
+}
+
 impl VmApplier {
     /// Clones every replica (as applied up to `seq`) into a new point
     /// directory, writes its `point.toml`, and renames it into the
@@ -15,9 +23,9 @@ impl VmApplier {
         epoch: u64,
         time_ns: u64,
         kind: PointKind,
-        label: Option<String>,
-        group: Option<PointGroup>,
+        tag: PointTag,
     ) -> Result<()> {
+        let PointTag { label, group, quiesce } = tag;
         let id = Point::make_id(seq, kind);
         if self.target.point_dir(&id).exists() {
             return Ok(()); // taken before a restart
@@ -60,18 +68,24 @@ impl VmApplier {
             clone: method.name().into(),
             disks,
             group,
+            quiesce,
         };
         write_durably(&tmp.join("point.toml"), toml::to_string(&point)?.as_bytes())?;
         let dir = self.target.point_dir(&id);
         std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
         tern_driver::fs::sync_dir(&self.target.points_dir())?;
         log::info!(
-            "VM '{}': {}-consistent point {id} at seq {seq} (source time {}), {} in {:.1?}",
+            "VM '{}': {}-consistent point {id} at seq {seq} (source time {}), {} in {:.1?}{}",
             self.name,
-            kind.name(),
+            point.consistency(),
             humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(time_ns)),
             method.name(),
-            started.elapsed()
+            started.elapsed(),
+            match &point.quiesce {
+                Some(q) if q.frozen => format!(" (the guest frozen through {})", q.agent),
+                Some(q) => format!(" (the guest freeze failed: {})", q.reason.as_deref().unwrap_or("no reason given")),
+                None => String::new(),
+            }
         );
         Ok(())
     }

@@ -69,6 +69,20 @@ pub struct Args {
     /// missing one is refused: a typo would replicate nowhere).
     #[arg(long)]
     pub create: bool,
+    /// Freeze the guest's filesystems for every app point through its
+    /// qemu guest agent: qga:SOCKET, the host side of the VM's channel
+    /// (`-chardev socket,path=SOCKET,server=on,wait=off,id=qga0 -device
+    /// virtio-serial -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`).
+    #[arg(long, value_name = "qga:SOCKET")]
+    pub freeze: Option<String>,
+    /// How long a freeze may take before the point is taken
+    /// crash-consistent instead, and the guest thawed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub freeze_timeout: Duration,
+    /// `tern serve` takes an app point (labelled `scheduled`, frozen with
+    /// --freeze) this often. Default: none.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub app_interval: Option<Duration>,
 }
 
 /// `--compression 3`: a fixed level; `--compression -5..9`: adaptive
@@ -126,6 +140,11 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             compression_min: a.compression.and_then(|c| c.1).map(|r| r.0),
             compression_max: a.compression.and_then(|c| c.1).map(|r| r.1),
             ..Policy::default()
+        },
+        app_points: vm::AppPoints {
+            freeze: a.freeze.clone(),
+            freeze_timeout: a.freeze_timeout,
+            interval: a.app_interval,
         },
         initial_sync: if a.seeds.is_empty() {
             InitialSync::Allocated

@@ -44,6 +44,10 @@ pub enum GroupCommand {
         /// Between two cuts.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
+        /// Do not freeze the members whose `[app-points]` name a freeze
+        /// agent (the points are then as consistent as a crash).
+        #[arg(long)]
+        no_freeze: bool,
     },
 }
 
@@ -105,7 +109,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             }
             groups.save(&cli.state)?;
         }
-        GroupCommand::Run { group, interval } => return run_schedule(cli, group, *interval),
+        GroupCommand::Run { group, interval, no_freeze } => return run_schedule(cli, group, *interval, !no_freeze),
         GroupCommand::List { json } => {
             if *json {
                 let list: Vec<serde_json::Value> = groups
@@ -128,7 +132,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
 
 /// `tern group run`: a cut every `interval`; one that fails is logged with
 /// its reason (a member down, in overflow) and the next is tried on time.
-fn run_schedule(cli: &Cli, group: &str, interval: std::time::Duration) -> Result<()> {
+fn run_schedule(cli: &Cli, group: &str, interval: std::time::Duration, freeze: bool) -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     if interval < std::time::Duration::from_secs(1) {
         bail!("--interval {interval:?} is too short: give 1s or more");
@@ -150,15 +154,16 @@ fn run_schedule(cli: &Cli, group: &str, interval: std::time::Duration) -> Result
         next += interval;
         // Members may have changed since the last cut.
         let result = Groups::load(&cli.state)
-            .and_then(|g| crate::group::cut(&cli.state, group, g.get(group)?, Some("scheduled")));
+            .and_then(|g| crate::group::cut(&cli.state, group, g.get(group)?, Some("scheduled"), freeze));
         match result {
             Ok(cut) => {
                 let seqs: Vec<String> = cut.seqs.iter().map(|(vm, seq)| format!("{vm} seq {seq}")).collect();
                 log::info!(
-                    "group '{group}': group point {} ({}); writes held {:.2} ms",
+                    "group '{group}': group point {} ({}); writes held {:.2} ms{}",
                     cut.tag.point,
                     seqs.join(", "),
-                    cut.held.as_secs_f64() * 1000.0
+                    cut.held.as_secs_f64() * 1000.0,
+                    crate::freeze::describe_group(&cut)
                 );
                 crate::notify::status(&format!("group '{group}': last group point {}", cut.tag.point));
             }

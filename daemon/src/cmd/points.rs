@@ -63,6 +63,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
                 serde_json::json!({
                     "id": p.id, "seq": p.seq, "epoch": p.epoch, "time": time(p.time_ns), "kind": p.kind.name(),
                     "label": p.label, "clone": p.clone, "disks": disks,
+                    "consistency": p.consistency(), "quiesce": p.quiesce,
                 })
             })
             .collect();
@@ -75,16 +76,19 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
     println!("{:<24} {:>12}  {:<5}  {:<29}  label", "id", "seq", "kind", "time (source)");
     for p in &points {
-        println!(
-            "{:<24} {:>12}  {:<5}  {:<29}  {}",
-            p.id,
-            p.seq,
-            p.kind.name(),
-            time(p.time_ns),
-            p.label.as_deref().unwrap_or("-")
-        );
+        println!("{:<24} {:>12}  {:<5}  {:<29}  {}", p.id, p.seq, p.kind.name(), time(p.time_ns), label_of(p));
     }
     Ok(())
+}
+
+/// The label, and how the guest was quiesced if an agent was asked.
+fn label_of(p: &tern_store::target::Point) -> String {
+    let label = p.label.as_deref().unwrap_or("-");
+    match &p.quiesce {
+        Some(q) if q.frozen => format!("{label} (guest frozen: {} filesystems)", q.filesystems.unwrap_or(0)),
+        Some(q) => format!("{label} (CRASH-CONSISTENT: {})", q.reason.as_deref().unwrap_or("the guest was not frozen")),
+        None => label.to_owned(),
+    }
 }
 
 fn group_points(cli: &Cli, a: &Args, group: &str) -> Result<()> {
@@ -99,7 +103,9 @@ fn group_points(cli: &Cli, a: &Args, group: &str) -> Result<()> {
                 let members: Vec<serde_json::Value> = g
                     .members
                     .iter()
-                    .map(|(vm, p)| serde_json::json!({ "vm": vm, "point": p.id, "seq": p.seq }))
+                    .map(|(vm, p)| {
+                        serde_json::json!({ "vm": vm, "point": p.id, "seq": p.seq, "consistency": p.consistency() })
+                    })
                     .collect();
                 serde_json::json!({ "id": g.id, "label": g.label, "time": time(g.time_ns), "members": members })
             })

@@ -161,6 +161,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     }
 
     let resync = start_background(&mirror, cache)?;
+    let app_points = start_app_points(&paths, &mirror)?;
     crate::notify::ready(&format!("serving VM '{}' on {}", a.vm, serving.join(", ")));
 
     let signal = signals.forever().next();
@@ -170,6 +171,11 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         log::info!("removing the ublk devices of VM '{}'", a.vm);
         devices.remove();
         let _ = std::fs::remove_file(ublk_record(&paths));
+    }
+    // A freeze under way is thawed before the front-end goes.
+    if let Some((stop, thread)) = app_points {
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = thread.join();
     }
     server.disconnect_all();
     let result = mirror.shutdown().context("clean shutdown failed");
@@ -191,6 +197,69 @@ fn start_background(mirror: &Arc<Mirror>, cache: CacheDir) -> Result<std::thread
     let mirror = Arc::clone(mirror);
     std::thread::Builder::new().name("fence-watch".into()).spawn(move || watch_fence(&mirror, &cache))?;
     Ok(resync)
+}
+
+type Stoppable = (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>);
+
+/// The VM's scheduled app points (`[app-points] interval`), frozen as its
+/// policy says, on a thread of their own; none without an interval.
+fn start_app_points(paths: &VmPaths, mirror: &Arc<Mirror>) -> Result<Option<Stoppable>> {
+    let config = mirror.config();
+    let Some(interval) = config.app_points.interval else { return Ok(None) };
+    let quiescing = crate::freeze::Quiescing::of(config, None, false, None)?;
+    log::info!(
+        "VM '{}': an app point every {}{}",
+        config.name,
+        humantime::format_duration(interval),
+        match &quiescing {
+            crate::freeze::Quiescing::Freeze(agent, _) => format!(", the guest frozen through {agent}"),
+            crate::freeze::Quiescing::None => String::new(),
+        }
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = {
+        let (mirror, stop, lock) = (Arc::clone(mirror), Arc::clone(&stop), paths.tag_lock());
+        std::thread::Builder::new()
+            .name("app-points".into())
+            .spawn(move || app_point_loop(&mirror, &lock, &quiescing, interval, &stop))?
+    };
+    Ok(Some((stop, thread)))
+}
+
+fn app_point_loop(
+    mirror: &Mirror,
+    tag_lock: &std::path::Path,
+    quiescing: &crate::freeze::Quiescing,
+    interval: std::time::Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let vm = &mirror.config().name;
+    let mut next = std::time::Instant::now() + interval;
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        if std::time::Instant::now() < next {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        next += interval;
+        if mirror.fenced().is_some() {
+            continue;
+        }
+        match crate::freeze::tag(mirror.journal(), tag_lock, "scheduled", quiescing) {
+            Ok(Some(t)) => log::info!(
+                "VM '{vm}': scheduled app point at seq {}{}",
+                t.seq,
+                t.quiesce
+                    .as_ref()
+                    .map(|q| format!(", {}", crate::freeze::describe(q, t.freeze_answered, t.thawed.as_ref())))
+                    .unwrap_or_default()
+            ),
+            Ok(None) => log::warn!(
+                "VM '{vm}': no scheduled app point: the journal is full or catching up after an overflow; next in {}",
+                humantime::format_duration(interval)
+            ),
+            Err(e) => log::error!("VM '{vm}': the scheduled app point failed: {e:#}"),
+        }
+    }
 }
 
 /// The file recording the ublk device of each disk (one id a line), for a

@@ -1,14 +1,19 @@
 //! `tern tag`: an application-consistent marker appended to a VM's
-//! journal, which the target turns into a named point; with `--group`, a
-//! group point cut across every member at one instant.
+//! journal, which the target turns into a named point — with the guest's
+//! filesystems frozen through its agent when asked (`--freeze`, or the
+//! VM's `[app-points]`); with `--group`, a group point cut across every
+//! member at one instant.
+
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use tern_driver::vm::VmPaths;
 
 use super::Cli;
+use crate::freeze::{Agent, Quiescing};
 
 #[derive(Debug, clap::Args)]
-#[command(override_usage = "tern tag <VM> <LABEL>\n       tern tag --group <GROUP> <LABEL>")]
+#[command(override_usage = "tern tag <VM> <LABEL> [--freeze qga:SOCKET]\n       tern tag --group <GROUP> <LABEL>")]
 pub struct Args {
     /// The VM, then the point's label (1 to 256 bytes of printable text);
     /// with --group, the label alone.
@@ -16,21 +21,38 @@ pub struct Args {
     pub args: Vec<String>,
     /// A group point: every member of the group cut at one instant (new
     /// writes wait while the tags take their places: well under a
-    /// millisecond).
+    /// millisecond). Members with a freeze agent in their `[app-points]`
+    /// are frozen first.
     #[arg(long)]
     pub group: Option<String>,
+    /// Freeze the guest's filesystems through its qemu guest agent for the
+    /// point (guest-fsfreeze-freeze, the tag, guest-fsfreeze-thaw); the
+    /// default is the VM's `[app-points] freeze`.
+    #[arg(long, value_name = "qga:SOCKET", conflicts_with_all = ["group", "no_freeze"])]
+    pub freeze: Option<Agent>,
+    /// Do not freeze, even if the VM's `[app-points]` say to.
+    #[arg(long)]
+    pub no_freeze: bool,
+    /// How long the freeze may take before the point is taken
+    /// crash-consistent (the guest is thawed regardless). Default: the
+    /// VM's `[app-points] freeze-timeout`, 10s.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "group")]
+    pub freeze_timeout: Option<Duration>,
+    /// Print the tag as JSON: vm, seq, label, consistency, and the freeze.
+    #[arg(long, conflicts_with = "group")]
+    pub json: bool,
 }
 
 /// Publishes a tag record straight into the VM's journal (producers in any
 /// process may append). Every write acknowledged before this call precedes
-/// it, so with the application quiesced the point taken there is
-/// application-consistent.
+/// it, so with the application quiesced — or the guest frozen — the point
+/// taken there is application-consistent.
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     if let Some(group) = &a.group {
         let [label] = a.args.as_slice() else {
             bail!("with --group, give the label alone: tern tag --group {group} LABEL");
         };
-        return tag_group(cli, group, label);
+        return tag_group(cli, group, label, !a.no_freeze);
     }
     let [vm, label] = a.args.as_slice() else {
         bail!("give the VM and the label: tern tag VM LABEL (or tern tag --group GROUP LABEL)");
@@ -41,24 +63,47 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     if journal.vm_id() != *config.id.as_bytes() {
         bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
     }
-    let Some(seq) = tern_driver::tag::append(&journal, &paths.tag_lock(), label)? else {
+    let quiescing = Quiescing::of(&config, a.freeze.as_ref(), a.no_freeze, a.freeze_timeout)?;
+    let Some(t) = crate::freeze::tag(&journal, &paths.tag_lock(), label, &quiescing)? else {
         bail!(
             "cannot tag VM '{vm}': its journal is full or catching up after an overflow, so no consistent point can be taken now; retry once `tern ship` has caught up"
         );
     };
-    println!("tagged VM '{vm}' at seq {seq}: '{label}'");
+    if a.json {
+        let out = serde_json::json!({
+            "vm": vm, "seq": t.seq, "label": label,
+            "consistency": match &t.quiesce { Some(q) if !q.frozen => "crash", _ => "application" },
+            "freeze": t.quiesce.as_ref().map(|q| serde_json::json!({
+                "agent": q.agent, "frozen": q.frozen, "filesystems": q.filesystems, "reason": q.reason,
+                "freeze_seconds": t.freeze_answered.map(|d| d.as_secs_f64()),
+                "frozen_seconds": t.thawed.as_ref().filter(|_| q.frozen).map(|th| th.frozen_for.as_secs_f64()),
+                "thaw_confirmed": t.thawed.as_ref().map(|th| th.result.is_ok()),
+            })),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        match &t.quiesce {
+            Some(q) => println!(
+                "tagged VM '{vm}' at seq {}: '{label}', {}",
+                t.seq,
+                crate::freeze::describe(q, t.freeze_answered, t.thawed.as_ref())
+            ),
+            None => println!("tagged VM '{vm}' at seq {}: '{label}'", t.seq),
+        }
+    }
     Ok(())
 }
 
-fn tag_group(cli: &Cli, group: &str, label: &str) -> Result<()> {
+fn tag_group(cli: &Cli, group: &str, label: &str, freeze: bool) -> Result<()> {
     let groups = crate::group::Groups::load(&cli.state)?;
-    let cut = crate::group::cut(&cli.state, group, groups.get(group)?, Some(label))?;
+    let cut = crate::group::cut(&cli.state, group, groups.get(group)?, Some(label), freeze)?;
     let seqs: Vec<String> = cut.seqs.iter().map(|(vm, seq)| format!("{vm} seq {seq}")).collect();
     println!(
-        "group point {} of group '{group}': '{label}' ({}); writes held {:.2} ms",
+        "group point {} of group '{group}': '{label}' ({}); writes held {:.2} ms{}",
         cut.tag.point,
         seqs.join(", "),
-        cut.held.as_secs_f64() * 1000.0
+        cut.held.as_secs_f64() * 1000.0,
+        crate::freeze::describe_group(&cut)
     );
     Ok(())
 }

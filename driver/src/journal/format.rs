@@ -105,6 +105,10 @@ pub const FLAG_BARRIER_AWARE: u32 = 4;
 /// Record `flags` of a `Tag` record whose data is a group point (JSON, see
 /// docs/FORMATS.md), not a bare label.
 pub const TAG_GROUP: u8 = 1;
+/// Record `flags` of a `Tag` record whose data describes a point taken
+/// with the guest frozen, or not (JSON: label and the freeze's outcome, see
+/// docs/FORMATS.md), not a bare label.
+pub const TAG_QUIESCE: u8 = 2;
 
 /// The immutable part of the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +226,7 @@ impl RecordHeader {
         match (kind, h.flags) {
             (_, 0) => {}
             (RecordKind::Resync, RESYNC_OPEN | RESYNC_CLOSE) if h.length == 0 => {}
-            (RecordKind::Tag, TAG_GROUP) => {}
+            (RecordKind::Tag, TAG_GROUP | TAG_QUIESCE) => {}
             (_, f) => return Err(format!("{} record with unknown flags {f:#x}", kind.name())),
         }
         Ok(h)

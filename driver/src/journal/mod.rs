@@ -20,6 +20,7 @@ mod tests;
 pub use format::RecordHeader;
 pub use format::{
     FLAG_ATTACHED, FLAG_BARRIER_AWARE, FLAG_CHECKSUM_RESYNC, MAX_RECORD_DATA, RESYNC_CLOSE, RESYNC_OPEN, TAG_GROUP,
+    TAG_QUIESCE,
 };
 pub use ring::{
     BusyRecord, Cursor, InPlaceRecord, Journal, Mode, NewRecord, Position, ReadOutcome, RecordError, RecoveryReport,

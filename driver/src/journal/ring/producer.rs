@@ -33,6 +33,16 @@ impl Journal {
         self.append_marker(0, label.as_bytes(), note)
     }
 
+    /// [`Journal::append_tag`] for a point taken through a guest freeze:
+    /// its description (JSON, docs/FORMATS.md: the label and whether the
+    /// guest was frozen) is flagged `TAG_QUIESCE`.
+    pub fn append_quiesced_tag(&self, description: &[u8], note: impl FnOnce(Position)) -> Result<Option<u64>> {
+        if description.is_empty() || description.len() > 64 << 10 {
+            return Err(Error::Invalid(format!("a tag description is 1 byte to 64 KiB, got {}", description.len())));
+        }
+        self.append_marker(TAG_QUIESCE, description, note)
+    }
+
     /// [`Journal::append_tag`] for a group point, in two steps: this one
     /// reserves and fills the tag (its description, JSON, docs/FORMATS.md,
     /// flagged `TAG_GROUP`) and passes the group barrier its caller holds;
