@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod proxy;
+pub mod qga;
 pub mod stores;
 pub mod wan;
 

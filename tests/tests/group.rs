@@ -406,3 +406,46 @@ fn a_real_group_failover_fences_every_member_at_one_group_point() {
     let states: Vec<&str> = status.as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["failed-over-uncommitted", "failed-over-uncommitted"], "{status}");
 }
+
+/// A group point freezes each member whose `[app-points]` name an agent
+/// (all before the cut, thawed after it), records each member's outcome
+/// in its own point, and is cut even when one member's agent is silent.
+#[test]
+fn a_group_point_freezes_the_members_with_an_agent() {
+    use tern_system_tests::qga::{Agent, Behaviour};
+    let site = Site::new(&["a", "b", "c"], "4MiB");
+    std::fs::create_dir(site.path("qa")).unwrap();
+    std::fs::create_dir(site.path("qc")).unwrap();
+    let agent_a = Agent::start(&site.path("qa"), Behaviour::Answer);
+    let agent_c = Agent::start(&site.path("qc"), Behaviour::Silent);
+    for (vm, agent) in [("a", &agent_a), ("c", &agent_c)] {
+        let path = site.state().join(vm).join("vm.toml");
+        let config = std::fs::read_to_string(&path).unwrap();
+        let config = config.replace(
+            "freeze-timeout = \"10s\"\n",
+            &format!("freeze = \"{}\"\nfreeze-timeout = \"2s\"\n", agent.spec()),
+        );
+        std::fs::write(&path, config).unwrap();
+    }
+    run(site.tern().args(["group", "create", "g", "a", "b", "c"]));
+    let served: Vec<Served> = ["a", "b", "c"].iter().map(|vm| site.serve(vm)).collect();
+    let out = run(site.tern().args(["tag", "--group", "g", "frozen"]));
+    assert!(out.contains("VM 'a' application-consistent") && out.contains("VM 'c' crash-consistent only"), "{out}");
+    assert_eq!(agent_a.commands(), ["guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    // --no-freeze asks no agent.
+    run(site.tern().args(["tag", "--group", "g", "plain", "--no-freeze"]));
+    assert_eq!(agent_a.commands().len(), 3);
+    served.into_iter().for_each(|s| drop(s.stop()));
+    site.ship_and_apply(&["a", "b", "c"]);
+    let group = site.group_points("g");
+    assert_eq!(group.len(), 2, "{group:?}");
+    let frozen = group.iter().find(|g| g["label"] == "frozen").unwrap();
+    let consistency =
+        |vm: &str| frozen["members"].as_array().unwrap().iter().find(|m| m["vm"] == vm).unwrap()["consistency"].clone();
+    assert_eq!(consistency("a"), "application", "{frozen}");
+    assert_eq!(consistency("b"), "application", "no agent: as the caller quiesced it; {frozen}");
+    assert_eq!(consistency("c"), "crash", "{frozen}");
+    let c_points = json(&run(site.tern().args(["points", "c", "--json", "--target"]).arg(site.path("target"))));
+    let c_frozen = c_points.as_array().unwrap().iter().find(|p| p["label"] == "frozen").unwrap();
+    assert!(c_frozen["quiesce"]["reason"].as_str().unwrap().contains("did not answer"), "{c_frozen}");
+}

@@ -1,0 +1,172 @@
+//! Guest freeze (`tern tag --freeze qga:SOCKET`, `[app-points]`) against
+//! an agent on a socket that speaks qemu-ga's protocol and misbehaves as
+//! real ones do: silent, refusing, late, with a previous client's answers
+//! still in the channel. The real qemu-ga in a guest, with ext4 judged
+//! clean or not, is `scripts/vm-test.sh freeze`.
+
+use std::time::{Duration, Instant};
+
+use tern_system_tests::qga::{Agent, Behaviour};
+use tern_system_tests::*;
+
+/// `tern tag vm1 LABEL` with `args`, as JSON.
+fn tag(vm: &TestVm, label: &str, args: &[&str]) -> serde_json::Value {
+    let out = run(vm.tern().args(["tag", "vm1", label, "--json"]).args(args));
+    serde_json::from_str(&out).expect("tag --json")
+}
+
+/// The point the applier took at the tag labelled `label`.
+fn point_of(vm: &TestVm, label: &str) -> serde_json::Value {
+    vm.ship_once();
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &vm.dir.path().join("target"), &[], &[]);
+    assert!(out.status.success(), "tern apply: {}", String::from_utf8_lossy(&out.stderr));
+    vm.points(&vm.dir.path().join("target"))
+        .into_iter()
+        .find(|p| p["label"] == label)
+        .unwrap_or_else(|| panic!("no point labelled {label}"))
+}
+
+#[test]
+fn a_frozen_tag_is_an_application_consistent_point_thawed_after_the_tag() {
+    let vm = TestVm::new(VmSpec::default());
+    let agent = Agent::start(vm.dir.path(), Behaviour::Answer);
+    let t = tag(&vm, "nightly", &["--freeze", &agent.spec()]);
+    assert_eq!(t["consistency"], "application", "{t}");
+    assert_eq!(t["freeze"]["filesystems"], 2, "{t}");
+    assert_eq!(t["freeze"]["thaw_confirmed"], true, "{t}");
+    assert_eq!(agent.commands(), ["guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    let p = point_of(&vm, "nightly");
+    assert_eq!(p["kind"], "app");
+    assert_eq!(p["consistency"], "application", "{p}");
+    assert_eq!(p["quiesce"]["frozen"], true, "{p}");
+    assert_eq!(p["quiesce"]["agent"], agent.spec(), "{p}");
+}
+
+#[test]
+fn a_previous_clients_answers_in_the_channel_are_skipped() {
+    let vm = TestVm::new(VmSpec::default());
+    let agent = Agent::start(vm.dir.path(), Behaviour::Stale);
+    let t = tag(&vm, "stale", &["--freeze", &agent.spec()]);
+    assert_eq!(t["consistency"], "application", "{t}");
+    assert_eq!(t["freeze"]["filesystems"], 2, "{t}");
+}
+
+#[test]
+fn a_silent_agent_gives_a_crash_consistent_point_after_the_deadline() {
+    let vm = TestVm::new(VmSpec::default());
+    let agent = Agent::start(vm.dir.path(), Behaviour::Silent);
+    let started = Instant::now();
+    let t = tag(&vm, "silent", &["--freeze", &agent.spec(), "--freeze-timeout", "2s"]);
+    let took = started.elapsed();
+    // Never waited on forever: the deadline, not the agent, ends it (with
+    // ample room for a loaded machine; nothing was sent to thaw).
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(30), "took {took:?}");
+    assert_eq!(t["consistency"], "crash", "{t}");
+    let reason = t["freeze"]["reason"].as_str().unwrap();
+    assert!(reason.contains("did not answer guest-sync-delimited"), "{reason}");
+    assert_eq!(agent.commands(), ["guest-sync-delimited"], "no freeze is sent to an agent that does not sync");
+    let p = point_of(&vm, "silent");
+    assert_eq!(p["consistency"], "crash", "{p}");
+    assert!(p["quiesce"]["reason"].as_str().unwrap().contains("did not answer"), "{p}");
+}
+
+#[test]
+fn a_late_freeze_is_still_thawed_and_its_answer_not_taken_for_the_thaws() {
+    let vm = TestVm::new(VmSpec::default());
+    let agent = Agent::start(vm.dir.path(), Behaviour::Late(Duration::from_secs(3)));
+    let t = tag(&vm, "late", &["--freeze", &agent.spec(), "--freeze-timeout", "1s"]);
+    assert_eq!(t["consistency"], "crash", "{t}");
+    assert!(t["freeze"]["reason"].as_str().unwrap().contains("did not answer guest-fsfreeze-freeze"), "{t}");
+    // The thaw was sent after the deadline and answered after the late
+    // freeze's answer, which must not count as the thaw's.
+    assert_eq!(agent.commands(), ["guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    assert_eq!(t["freeze"]["thaw_confirmed"], true, "{t}");
+    assert_eq!(point_of(&vm, "late")["consistency"], "crash");
+}
+
+#[test]
+fn a_refused_freeze_or_no_agent_at_all_says_why_and_still_tags() {
+    let vm = TestVm::new(VmSpec::default());
+    let agent = Agent::start(vm.dir.path(), Behaviour::Refuse);
+    let t = tag(&vm, "refused", &["--freeze", &agent.spec()]);
+    assert_eq!(t["consistency"], "crash", "{t}");
+    assert!(t["freeze"]["reason"].as_str().unwrap().contains("fsfreeze is disabled"), "{t}");
+    assert_eq!(agent.commands().last().map(String::as_str), Some("guest-fsfreeze-thaw"), "thawed all the same");
+
+    let missing = vm.dir.path().join("no-such.sock");
+    let t = tag(&vm, "absent", &["--freeze", &format!("qga:{}", missing.display())]);
+    assert_eq!(t["consistency"], "crash", "{t}");
+    let reason = t["freeze"]["reason"].as_str().unwrap();
+    assert!(reason.contains(&missing.display().to_string()) && reason.contains("connect"), "{reason}");
+}
+
+#[test]
+fn the_vms_freeze_policy_is_used_unless_told_otherwise() {
+    let dir = tempfile::Builder::new().prefix("tern-freeze-").tempdir_in(test_root()).unwrap();
+    let agent = Agent::start(dir.path(), Behaviour::Answer);
+    let img = dir.path().join("disk0.img");
+    std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    for d in ["cache", "target"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    let state = dir.path().join("state");
+    let tern = || tern_with_state(&state);
+    // Bad input first: an agent that is not qga:ABSOLUTE-PATH.
+    for bad in ["qga:", "qga:relative.sock", "/run/qga.sock"] {
+        let out = tern()
+            .args(["enable", "vm1", "--cache"])
+            .arg(dir.path().join("cache"))
+            .arg("--target")
+            .arg(dir.path().join("target"))
+            .arg("--disk")
+            .arg(format!("disk0={}", img.display()))
+            .args(["--freeze", bad])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("qga:SOCKET"), "--freeze {bad}: {err}");
+    }
+    run(tern()
+        .args(["enable", "vm1", "--cache"])
+        .arg(dir.path().join("cache"))
+        .arg("--target")
+        .arg(dir.path().join("target"))
+        .arg("--disk")
+        .arg(format!("disk0={}", img.display()))
+        .args(["--journal-size", "64MiB", "--freeze", &agent.spec(), "--freeze-timeout", "3s"]));
+    let config = std::fs::read_to_string(state.join("vm1/vm.toml")).unwrap();
+    assert!(config.contains("[app-points]") && config.contains(&agent.spec()), "{config}");
+    let tag = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&run(tern().args(["tag", "vm1", "x", "--json"]).args(args))).unwrap()
+    };
+    assert_eq!(tag(&[])["consistency"], "application");
+    assert_eq!(agent.commands().len(), 3, "the policy's agent was asked");
+    let t = tag(&["--no-freeze"]);
+    assert!(t["freeze"].is_null(), "{t}");
+    assert_eq!(agent.commands().len(), 3, "--no-freeze asks no agent");
+}
+
+/// `tern serve` with `[app-points] interval` takes app points on its own,
+/// frozen as the policy says.
+#[test]
+fn serve_takes_scheduled_app_points_through_the_agent() {
+    let vm = TestVm::new(VmSpec::default());
+    let agent = Agent::start(vm.dir.path(), Behaviour::Answer);
+    let config_path = vm.state.join("vm1/vm.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(config.contains("[app-points]\n"), "{config}");
+    let config =
+        config.replace("[app-points]\n", &format!("[app-points]\nfreeze = \"{}\"\ninterval = \"10s\"\n", agent.spec()));
+    std::fs::write(&config_path, config).unwrap();
+    let serve = vm.serve(&[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.commands().iter().filter(|c| *c == "guest-fsfreeze-thaw").count() < 1 {
+        assert!(Instant::now() < deadline, "no scheduled freeze in 60 s: {}", serve.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = serve.stop();
+    assert!(log.contains("scheduled app point at seq"), "{log}");
+    let p = point_of(&vm, "scheduled");
+    assert_eq!(p["consistency"], "application", "{p}");
+    assert_eq!(p["quiesce"]["filesystems"], 2, "{p}");
+}
