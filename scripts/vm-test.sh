@@ -30,6 +30,13 @@
 #               and NBD at once, ship, apply) with READY and watchdog
 #               pings; `systemctl kill -s KILL` of the front-end under fio
 #               loses nothing; `systemctl stop` is clean (tests/vm/systemd.sh)
+#   freeze      a Debian guest with the qemu guest agent writes to ext4 on
+#               tern's NBD export without pause; the host tags through the
+#               agent (`tern tag --freeze qga:`): that point's filesystem
+#               is clean (no recovery needed, e2fsck -fn clean) while a
+#               crash point under the same load needs recovery; an agent
+#               whose freeze hangs: the tag is crash-consistent after the
+#               10 s deadline and the guest thaws (tests/vm/freeze.sh)
 #
 # Run only when named:
 #   bench       fio through /dev/ublkb0, the kernel's NBD client and the
@@ -54,7 +61,7 @@ REPO=$PWD
 START=$(date +%s.%N)
 BENCH_LOG=plain BENCH_ERROR=FAIL   # vm-test: FAIL: ...
 
-ALL_SCENARIOS=(nbd kernel-nbd ublk ublk-restart systemd)
+ALL_SCENARIOS=(nbd kernel-nbd ublk ublk-restart systemd freeze)
 SCENARIOS=("$@")
 ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_SCENARIOS[@]}")
 for s in "${SCENARIOS[@]}"; do
@@ -62,7 +69,7 @@ for s in "${SCENARIOS[@]}"; do
 done
 # Scenarios whose guest is Debian with systemd, not the busybox initramfs.
 DEBIAN_GUEST=0
-for s in "${SCENARIOS[@]}"; do [[ $s == systemd || $s == bench ]] && DEBIAN_GUEST=1; done
+for s in "${SCENARIOS[@]}"; do [[ $s == systemd || $s == bench || $s == freeze ]] && DEBIAN_GUEST=1; done
 
 CACHE=${TERN_VM_CACHE:-/var/cache/tern-vm}
 TERN=$REPO/target/release/tern
@@ -139,8 +146,8 @@ echo "kernel $kver (cached in $(readlink -f "$kroot"))"
 # Bookworm, as the host (tern's libraries are the host's), with systemd as
 # PID 1 and what the guest scripts use. Its name carries ROOTFS_VERSION:
 # change the package list, bump it.
-ROOTFS_VERSION=1
-ROOTFS_PACKAGES=systemd,systemd-sysv,udev,kmod,e2fsprogs,fio,nbd-client,procps,util-linux
+ROOTFS_VERSION=2
+ROOTFS_PACKAGES=systemd,systemd-sysv,udev,kmod,e2fsprogs,fio,nbd-client,procps,util-linux,qemu-guest-agent
 rootfs=$CACHE/rootfs-bookworm-v$ROOTFS_VERSION.img
 if [[ $DEBIAN_GUEST == 1 && ! -e $rootfs ]]; then
     step "Debian root filesystem (mmdebstrap, once)"
@@ -170,8 +177,8 @@ need_tern
 D=$(mktemp -d /tmp/tern-vm.XXXXXX)
 # The journal's live ring in memory, as in production; removed with $D.
 export TERN_RING_DIR="/dev/shm/${D##*/}.rings"
-SERVE_PID=""
-on_exit 'stop_pid "$SERVE_PID"'
+SERVE_PID="" BG_PIDS=()
+on_exit 'stop_pid "$SERVE_PID"; for p in "${BG_PIDS[@]}"; do stop_pid "$p"; done'
 on_exit 'if [[ ${TERN_VM_KEEP:-0} == 1 ]]; then echo "kept $D and $TERN_RING_DIR"; else rm -rf "$D" "$TERN_RING_DIR"; fi'
 
 # --- 3. initramfs -----------------------------------------------------------
@@ -283,7 +290,7 @@ done
 # The Debian guests: their root is the first virtio disk; the harness goes
 # into it, with a unit that runs the scenario's script once systemd is up.
 case $SCENARIO in
-    systemd | bench)
+    systemd | bench | freeze)
         mkdir -p /newroot
         mount -t ext4 /dev/vda /newroot || fail "mount the Debian root filesystem"
         rm -rf /newroot/root/harness
@@ -466,6 +473,10 @@ run_scenario() {
         run_debian "$name" "$dir"
         return
     fi
+    if [[ $name == freeze ]]; then
+        run_freeze "$name" "$dir"
+        return
+    fi
     step "$name: tern enable + serve"
     truncate -s 256M "$img"
     "$TERN" -q --state "$dir/state" enable vm1 --disk "disk0=$img" --cache "$dir/cache" --target "$dir/target" \
@@ -527,11 +538,26 @@ boot() {
     local name=$1 dir=$2 qrc=0
     shift 2
     step "$name: boot the VM (tcg, timeout ${QEMU_TIMEOUT}s)"
-    timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 1024 -nographic -no-reboot "$@" \
-        -kernel "$vmlinuz" -initrd "$D/ir.cpio.gz" \
-        -append "console=ttyS0 quiet panic=-1 tern.scenario=$name ${BOOT_APPEND:-} ${TERN_VM_APPEND:-}" \
-        -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-        </dev/null >"$dir/console-$name.log" 2>&1 || qrc=$?
+    local qemu=(timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 1024 -nographic -no-reboot "$@"
+        -kernel "$vmlinuz" -initrd "$D/ir.cpio.gz"
+        -append "console=ttyS0 quiet panic=-1 tern.scenario=$name ${BOOT_APPEND:-} ${TERN_VM_APPEND:-}"
+        -device isa-debug-exit,iobase=0xf4,iosize=0x04)
+    if [[ ${BOOT_BACKGROUND:-0} == 1 ]]; then
+        # The caller acts while it runs, then waits for $BOOT_PID and calls
+        # boot_result.
+        "${qemu[@]}" </dev/null >"$dir/console-$name.log" 2>&1 &
+        BOOT_PID=$!
+        BG_PIDS+=("$BOOT_PID")
+        return 0
+    fi
+    "${qemu[@]}" </dev/null >"$dir/console-$name.log" 2>&1 || qrc=$?
+    boot_result "$name" "$dir" "$qrc"
+}
+
+# boot_result NAME DIR [QEMU-EXIT]: the guest's lines, and whether it
+# reported TERN-VM-OK NAME.
+boot_result() {
+    local name=$1 dir=$2 qrc=${3:-1}
     grep -a '^guest:' "$dir/console-$name.log" | tr -d '\r' || true
     if ! grep -aq "TERN-VM-OK $name" "$dir/console-$name.log"; then
         echo "--- console (last 40 lines)"; tail -n 40 "$dir/console-$name.log"
@@ -612,6 +638,113 @@ run_debian() {
     if [[ $name == bench ]]; then
         grep -a '^bench:' "$dir/console-$name.log" | tr -d '\r' >"${BENCH_OUT:-$D/bench.txt}" || true
     fi
+}
+
+# run_freeze NAME DIR: the freeze scenario's host half (the guest's is
+# tests/vm/freeze.sh). The Debian guest's second disk is tern's NBD export;
+# its agent's channel and a control port are sockets here.
+run_freeze() {
+    local name=$1 dir=$2 img=$2/disk0.img qga=$2/qga.sock ctl=$2/ctl.sock
+    truncate -s 512M "$img"
+    "$TERN" -q --state "$dir/state" enable vm1 --disk "disk0=$img" --cache "$dir/cache" --target "$dir/target" \
+        --journal-size 256MiB || die "$name: tern enable failed"
+    "$TERN" --state "$dir/state" serve vm1 --listen "unix:$dir/nbd.sock" >"$dir/serve.log" 2>&1 &
+    SERVE_PID=$!
+    wait_for_socket "$dir/nbd.sock" 10 "$dir/serve.log" "$SERVE_PID" || die "$name: tern serve is not listening"
+    "$TERN" --state "$dir/state" ship vm1 >"$dir/ship.log" 2>&1 &
+    local ship=$!
+    "$TERN" apply --cache "$dir/cache" --target "$dir/target" vm1 >"$dir/apply.log" 2>&1 &
+    local apply=$!
+    BG_PIDS+=("$ship" "$apply")
+    qemu-img create -q -f qcow2 -b "$rootfs" -F raw "$dir/root.qcow2"
+    BOOT_BACKGROUND=1 boot "$name" "$dir" -nic none -smp 2 \
+        -drive "file=$dir/root.qcow2,format=qcow2,if=virtio,cache=unsafe" \
+        -drive "file=nbd+unix:///disk0?socket=$dir/nbd.sock,format=raw,if=virtio,cache=none" \
+        -chardev "socket,path=$qga,server=on,wait=off,id=qga0" -device virtio-serial \
+        -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0 \
+        -chardev "socket,path=$ctl,server=on,wait=off,id=ctl0" \
+        -device virtserialport,chardev=ctl0,name=org.tern.control
+    local console=$dir/console-$name.log
+    # to_guest WORD ANSWER: WORD to the guest's control port, again each
+    # second until ANSWER is on the console (a word sent while the guest
+    # does not read the port may be lost).
+    to_guest() {
+        local n=0
+        until grep -aq "$2" "$console"; do
+            ((n++ < 120)) || die "$name: the guest did not answer '$1' with '$2' in 120 s"
+            python3 -c 'import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode() + b"\n"); time.sleep(1); s.close()' "$ctl" "$1" || sleep 1
+        done
+    }
+    wait_console() { # LINE SECONDS
+        local n=0
+        until grep -aq "$1" "$console"; do
+            kill -0 "$BOOT_PID" 2>/dev/null || { tail -n 30 "$console"; die "$name: the guest stopped before '$1'"; }
+            ((n++ < $2 * 10)) || { tail -n 30 "$console"; die "$name: no '$1' from the guest in $2 s"; }
+            sleep 0.1
+        done
+    }
+    wait_console "guest: load running" 240
+    sleep 2 # the load well under way
+
+    step "$name: an app point through the agent, a crash point, under load"
+    "$TERN" --state "$dir/state" tag vm1 frozen --freeze "qga:$qga" --json >"$dir/app.json" 2>"$dir/tag.log" ||
+        { cat "$dir/tag.log"; die "$name: tern tag --freeze failed"; }
+    json() { python3 -c 'import json, sys; v = json.load(open(sys.argv[1])); [v := v[k] for k in sys.argv[2:]]; print(v)' "$@"; }
+    [[ $(json "$dir/app.json" consistency) == application ]] || { cat "$dir/app.json" "$dir/tag.log"; die "$name: the frozen tag is not application-consistent"; }
+    echo "app point: $(json "$dir/app.json" freeze filesystems) filesystem(s) frozen, freeze answered in $(json "$dir/app.json" freeze freeze_seconds) s, frozen for $(json "$dir/app.json" freeze frozen_seconds) s"
+    sleep 2
+    "$TERN" -q --state "$dir/state" failover vm1 --test --latest --name crash --json >"$dir/crash.json" ||
+        die "$name: a test failover to the newest data (a crash point) failed"
+    local app_seq crash_disk
+    app_seq=$(json "$dir/app.json" seq)
+    crash_disk=$(json "$dir/crash.json" disks disk0)
+    (($(json "$dir/crash.json" seq) > app_seq)) || die "$name: the crash point is not past the app point"
+
+    step "$name: an agent whose freeze hangs"
+    to_guest hang "guest: agent hangs"
+    local t0 t1
+    t0=$(date +%s.%N)
+    timeout 60 "$TERN" --state "$dir/state" tag vm1 hung --freeze "qga:$qga" --json >"$dir/hung.json" 2>"$dir/tag.log" ||
+        { cat "$dir/tag.log"; die "$name: tern tag --freeze with a hung agent did not complete"; }
+    t1=$(date +%s.%N)
+    [[ $(json "$dir/hung.json" consistency) == crash ]] || { cat "$dir/hung.json"; die "$name: a tag whose freeze was never answered is not marked crash-consistent"; }
+    json "$dir/hung.json" freeze reason | grep -q "did not answer guest-fsfreeze-freeze" ||
+        { cat "$dir/hung.json"; die "$name: the crash-consistent tag does not say why"; }
+    [[ $(json "$dir/hung.json" freeze thaw_confirmed) == True ]] || { cat "$dir/hung.json" "$dir/tag.log"; die "$name: the thaw after the hung freeze was not confirmed"; }
+    echo "hung agent: tagged crash-consistent in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s: $(json "$dir/hung.json" freeze reason)"
+    to_guest check "guest: checking the thaw"
+    local qrc=0
+    wait "$BOOT_PID" || qrc=$?
+    boot_result "$name" "$dir" "$qrc" || die "$name: the guest failed"
+
+    step "$name: the points against the guest's filesystem"
+    stop_pid "$SERVE_PID"; SERVE_PID=""
+    "$TERN" -q --state "$dir/state" ship vm1 --once >>"$dir/ship.log" 2>&1 || true
+    local points app_id hung_id
+    for _ in $(seq 300); do
+        points=$("$TERN" points vm1 --target "$dir/target" --json)
+        app_id=$(python3 -c 'import json, sys; print(next((p["id"] for p in json.loads(sys.argv[1]) if p["label"] == sys.argv[2]), ""))' "$points" frozen)
+        hung_id=$(python3 -c 'import json, sys; print(next((p["id"] for p in json.loads(sys.argv[1]) if p["label"] == sys.argv[2]), ""))' "$points" hung)
+        [[ -n $app_id && -n $hung_id ]] && break
+        sleep 0.2
+    done
+    [[ -n $app_id && -n $hung_id ]] || { tail -n 20 "$dir/apply.log"; die "$name: the applier took no point at the tags ($points)"; }
+    "$TERN" points vm1 --target "$dir/target" | grep -E "frozen|hung"
+    "$TERN" -q failover vm1 --test --point "$app_id" --name app --target "$dir/target" --cache "$dir/cache" --json >"$dir/appfo.json" ||
+        die "$name: a test failover to the app point failed"
+    local app_disk
+    app_disk=$(json "$dir/appfo.json" disks disk0)
+    features() { dumpe2fs -h "$1" 2>/dev/null | sed -n 's/^Filesystem features: *//p'; }
+    echo "app point's filesystem features: $(features "$app_disk")"
+    echo "crash point's filesystem features: $(features "$crash_disk")"
+    [[ " $(features "$app_disk") " != *" needs_recovery "* ]] || die "$name: the app point's filesystem needs journal recovery: the guest was not frozen at the tag"
+    e2fsck -fn "$app_disk" >"$dir/fsck-app.log" 2>&1 || { cat "$dir/fsck-app.log"; die "$name: e2fsck -fn of the app point is not clean"; }
+    [[ " $(features "$crash_disk") " == *" needs_recovery "* ]] || die "$name: the crash point's filesystem needs no recovery: the check above proves nothing"
+    e2fsck -fn "$crash_disk" >"$dir/fsck-crash.log" 2>&1 || true
+    python3 -c 'import json, sys; p = {p["id"]: p for p in json.loads(sys.argv[1])}; assert p[sys.argv[2]]["consistency"] == "application", p[sys.argv[2]]; assert p[sys.argv[3]]["consistency"] == "crash", p[sys.argv[3]]' \
+        "$points" "$app_id" "$hung_id" || die "$name: the points' consistency is not what the tags said"
+    echo "app point $app_id: e2fsck -fn clean, no recovery needed; crash point (seq $(json "$dir/crash.json" seq)): needs recovery ($(grep -m1 -i recovery "$dir/fsck-crash.log" | tr -d '\r'))"
+    echo "TERN-VM-OK $name"
 }
 
 for s in "${SCENARIOS[@]}"; do
