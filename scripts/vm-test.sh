@@ -48,6 +48,9 @@
 #
 # TERN_VM_APPEND: more words for the guest's kernel command line (the bench
 # scenario's knobs: tern.rounds=, tern.runtime=, tern.restarts=).
+# TERN_FREEZE_ROUNDS: the freeze scenario times this many more frozen tags
+# under its load (scripts/bench-freeze.sh), lines `bench: freeze` in
+# BENCH_OUT.
 #
 # Needs root (apt, /var/cache). The Debian 6.12 kernel from bookworm-backports
 # is downloaded once and unpacked under /var/cache/tern-vm (TERN_VM_CACHE).
@@ -692,6 +695,16 @@ run_freeze() {
     json() { python3 -c 'import json, sys; v = json.load(open(sys.argv[1])); [v := v[k] for k in sys.argv[2:]]; print(v)' "$@"; }
     [[ $(json "$dir/app.json" consistency) == application ]] || { cat "$dir/app.json" "$dir/tag.log"; die "$name: the frozen tag is not application-consistent"; }
     echo "app point: $(json "$dir/app.json" freeze filesystems) filesystem(s) frozen, freeze answered in $(json "$dir/app.json" freeze freeze_seconds) s, frozen for $(json "$dir/app.json" freeze frozen_seconds) s"
+    # scripts/bench-freeze.sh: more frozen tags under the load, timed.
+    local i
+    for ((i = 1; i <= ${TERN_FREEZE_ROUNDS:-0}; i++)); do
+        "$TERN" -q --state "$dir/state" tag vm1 "bench-$i" --freeze "qga:$qga" --json >"$dir/bench.json" ||
+            die "$name: frozen tag bench-$i failed"
+        [[ $(json "$dir/bench.json" consistency) == application ]] || die "$name: frozen tag bench-$i: $(cat "$dir/bench.json")"
+        echo "bench: freeze $(json "$dir/bench.json" freeze freeze_seconds) $(json "$dir/bench.json" freeze frozen_seconds)" |
+            tee -a "${BENCH_OUT:-/dev/null}"
+        sleep 1
+    done
     sleep 2
     "$TERN" -q --state "$dir/state" failover vm1 --test --latest --name crash --json >"$dir/crash.json" ||
         die "$name: a test failover to the newest data (a crash point) failed"
