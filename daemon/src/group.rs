@@ -281,6 +281,7 @@ fn cut_members(name: &str, members: &[Member], tag: GroupTag) -> Result<Cut> {
                 )
             })?;
             seqs.push((m.name.clone(), seq));
+            tern_driver::fail::hit(tern_driver::fail::Failpoint::TagGroupReserved)?;
         }
         // Every barrier still ours, now that every tag has its place? A
         // holder goes from us only to open (a writer that found the cut

@@ -51,6 +51,9 @@ pub enum Failpoint {
     /// tag --group: every member's group barrier is closed (their writes
     /// wait), no group tag appended yet.
     TagGroupBarrierClosed,
+    /// tag --group: one member's group tag has its place reserved (no
+    /// I/O), writes still held.
+    TagGroupReserved,
     /// ship: a batch of records is read from the ring.
     ShipBatchRead,
     /// ship: a segment's bytes are written to its temporary file.
@@ -106,6 +109,7 @@ impl Failpoint {
         Failpoint::JournalRecordsWritten,
         Failpoint::TagReserved,
         Failpoint::TagGroupBarrierClosed,
+        Failpoint::TagGroupReserved,
         Failpoint::ShipBatchRead,
         Failpoint::ShipSegmentWritten,
         Failpoint::ShipSegmentSync,
@@ -138,6 +142,7 @@ impl Failpoint {
             Failpoint::JournalRecordsWritten => "journal:records-written",
             Failpoint::TagReserved => "tag:reserved",
             Failpoint::TagGroupBarrierClosed => "tag:group-barrier-closed",
+            Failpoint::TagGroupReserved => "tag:group-reserved",
             Failpoint::ShipBatchRead => "ship:batch-read",
             Failpoint::ShipSegmentWritten => "ship:segment-written",
             Failpoint::ShipSegmentSync => "ship:segment-sync",

@@ -449,3 +449,32 @@ fn a_group_point_freezes_the_members_with_an_agent() {
     let c_frozen = c_points.as_array().unwrap().iter().find(|p| p["label"] == "frozen").unwrap();
     assert!(c_frozen["quiesce"]["reason"].as_str().unwrap().contains("did not answer"), "{c_frozen}");
 }
+
+/// A cut that fails after one member's tag has its place (failpoint after
+/// the first reservation): that place becomes a pad, no tag; the stream
+/// goes on past it, and the target has no group point and no member point.
+#[test]
+fn a_cut_failing_after_a_reservation_leaves_a_pad_not_a_tag() {
+    let site = Site::new(&["a", "b"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let (a, b) = (site.serve("a"), site.serve("b"));
+    let out = site.tern_armed("tag:group-reserved=eio").args(["tag", "--group", "g", "x"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no group point was made"), "{err}");
+    for vm in ["a", "b"] {
+        let mut c = RawClient::connect(&site.socket(vm), "disk0");
+        for i in 0..8 {
+            assert_eq!(c.call(CMD_WRITE, 0, i * BLOCK, BLOCK as u32, &[9u8; BLOCK as usize]).error, 0);
+        }
+    }
+    a.stop();
+    b.stop();
+    site.ship_and_apply(&["a", "b"]);
+    assert!(site.group_points("g").is_empty());
+    for vm in ["a", "b"] {
+        let points = json(&run(site.tern().args(["points", vm, "--json", "--target"]).arg(site.path("target"))));
+        assert!(points.as_array().unwrap().iter().all(|p| p["kind"] != "app"), "VM {vm}: {points}");
+        // Everything after the pad arrived: the replica is the image.
+        assert_files_equal(&site.path("target").join(vm).join("replica/disk0.img"), &site.path(&format!("{vm}.img")));
+    }
+}
