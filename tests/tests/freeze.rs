@@ -9,6 +9,13 @@ use std::time::{Duration, Instant};
 use tern_system_tests::qga::{Agent, Behaviour};
 use tern_system_tests::*;
 
+/// A VM and an agent behaving so.
+fn vm_with_agent(behaviour: Behaviour) -> (TestVm, Agent) {
+    let vm = TestVm::new(VmSpec::default());
+    let agent = Agent::start(vm.dir.path(), behaviour);
+    (vm, agent)
+}
+
 /// `tern tag vm1 LABEL` with `args`, as JSON.
 fn tag(vm: &TestVm, label: &str, args: &[&str]) -> serde_json::Value {
     let out = run(vm.tern().args(["tag", "vm1", label, "--json"]).args(args));
@@ -28,8 +35,7 @@ fn point_of(vm: &TestVm, label: &str) -> serde_json::Value {
 
 #[test]
 fn a_frozen_tag_is_an_application_consistent_point_thawed_after_the_tag() {
-    let vm = TestVm::new(VmSpec::default());
-    let agent = Agent::start(vm.dir.path(), Behaviour::Answer);
+    let (vm, agent) = vm_with_agent(Behaviour::Answer);
     let t = tag(&vm, "nightly", &["--freeze", &agent.spec()]);
     assert_eq!(t["consistency"], "application", "{t}");
     assert_eq!(t["freeze"]["filesystems"], 2, "{t}");
@@ -44,8 +50,7 @@ fn a_frozen_tag_is_an_application_consistent_point_thawed_after_the_tag() {
 
 #[test]
 fn a_previous_clients_answers_in_the_channel_are_skipped() {
-    let vm = TestVm::new(VmSpec::default());
-    let agent = Agent::start(vm.dir.path(), Behaviour::Stale);
+    let (vm, agent) = vm_with_agent(Behaviour::Stale);
     let t = tag(&vm, "stale", &["--freeze", &agent.spec()]);
     assert_eq!(t["consistency"], "application", "{t}");
     assert_eq!(t["freeze"]["filesystems"], 2, "{t}");
@@ -53,8 +58,7 @@ fn a_previous_clients_answers_in_the_channel_are_skipped() {
 
 #[test]
 fn a_silent_agent_gives_a_crash_consistent_point_after_the_deadline() {
-    let vm = TestVm::new(VmSpec::default());
-    let agent = Agent::start(vm.dir.path(), Behaviour::Silent);
+    let (vm, agent) = vm_with_agent(Behaviour::Silent);
     let started = Instant::now();
     let t = tag(&vm, "silent", &["--freeze", &agent.spec(), "--freeze-timeout", "2s"]);
     let took = started.elapsed();
@@ -72,8 +76,7 @@ fn a_silent_agent_gives_a_crash_consistent_point_after_the_deadline() {
 
 #[test]
 fn a_late_freeze_is_still_thawed_and_its_answer_not_taken_for_the_thaws() {
-    let vm = TestVm::new(VmSpec::default());
-    let agent = Agent::start(vm.dir.path(), Behaviour::Late(Duration::from_secs(3)));
+    let (vm, agent) = vm_with_agent(Behaviour::Late(Duration::from_secs(3)));
     let t = tag(&vm, "late", &["--freeze", &agent.spec(), "--freeze-timeout", "1s"]);
     assert_eq!(t["consistency"], "crash", "{t}");
     assert!(t["freeze"]["reason"].as_str().unwrap().contains("did not answer guest-fsfreeze-freeze"), "{t}");
@@ -86,8 +89,7 @@ fn a_late_freeze_is_still_thawed_and_its_answer_not_taken_for_the_thaws() {
 
 #[test]
 fn a_refused_freeze_or_no_agent_at_all_says_why_and_still_tags() {
-    let vm = TestVm::new(VmSpec::default());
-    let agent = Agent::start(vm.dir.path(), Behaviour::Refuse);
+    let (vm, agent) = vm_with_agent(Behaviour::Refuse);
     let t = tag(&vm, "refused", &["--freeze", &agent.spec()]);
     assert_eq!(t["consistency"], "crash", "{t}");
     assert!(t["freeze"]["reason"].as_str().unwrap().contains("fsfreeze is disabled"), "{t}");
@@ -111,29 +113,23 @@ fn the_vms_freeze_policy_is_used_unless_told_otherwise() {
     }
     let state = dir.path().join("state");
     let tern = || tern_with_state(&state);
-    // Bad input first: an agent that is not qga:ABSOLUTE-PATH.
-    for bad in ["qga:", "qga:relative.sock", "/run/qga.sock"] {
-        let out = tern()
-            .args(["enable", "vm1", "--cache"])
+    let enable = || {
+        let mut c = tern();
+        c.args(["enable", "vm1", "--cache"])
             .arg(dir.path().join("cache"))
             .arg("--target")
             .arg(dir.path().join("target"))
             .arg("--disk")
-            .arg(format!("disk0={}", img.display()))
-            .args(["--freeze", bad])
-            .output()
-            .unwrap();
+            .arg(format!("disk0={}", img.display()));
+        c
+    };
+    // Bad input first: an agent that is not qga:ABSOLUTE-PATH.
+    for bad in ["qga:", "qga:relative.sock", "/run/qga.sock"] {
+        let out = enable().args(["--freeze", bad]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("qga:SOCKET"), "--freeze {bad}: {err}");
     }
-    run(tern()
-        .args(["enable", "vm1", "--cache"])
-        .arg(dir.path().join("cache"))
-        .arg("--target")
-        .arg(dir.path().join("target"))
-        .arg("--disk")
-        .arg(format!("disk0={}", img.display()))
-        .args(["--journal-size", "64MiB", "--freeze", &agent.spec(), "--freeze-timeout", "3s"]));
+    run(enable().args(["--journal-size", "64MiB", "--freeze", &agent.spec(), "--freeze-timeout", "3s"]));
     let config = std::fs::read_to_string(state.join("vm1/vm.toml")).unwrap();
     assert!(config.contains("[app-points]") && config.contains(&agent.spec()), "{config}");
     let tag = |args: &[&str]| -> serde_json::Value {
@@ -150,8 +146,7 @@ fn the_vms_freeze_policy_is_used_unless_told_otherwise() {
 /// frozen as the policy says.
 #[test]
 fn serve_takes_scheduled_app_points_through_the_agent() {
-    let vm = TestVm::new(VmSpec::default());
-    let agent = Agent::start(vm.dir.path(), Behaviour::Answer);
+    let (vm, agent) = vm_with_agent(Behaviour::Answer);
     let config_path = vm.state.join("vm1/vm.toml");
     let config = std::fs::read_to_string(&config_path).unwrap();
     assert!(config.contains("[app-points]\n"), "{config}");
