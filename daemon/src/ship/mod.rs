@@ -177,7 +177,7 @@ pub fn run_with(
     }
     let stats = Arc::new(Stats::new(paths.dir().join("ship.json"), max_rate));
     wait_for_store(&cache, &stats, &stop)?;
-    writer::check_fence(&cache)?;
+    writer::check_fence_retrying(&cache, &stats, &stop)?;
     wait_for_host_crash_recovery(paths, &journal, &stop)?;
     let resume = resume(&config, &cache, &journal, &stats, &stop)?;
     let writer = writer::CacheWriter::new(

@@ -107,6 +107,29 @@ pub fn check_fence(cache: &CacheDir) -> Result<()> {
     Ok(())
 }
 
+/// [`check_fence`], an unreadable fence retried as [`retrying`] does: at
+/// start, the store was just reached, and one lost answer (a pooled
+/// connection the store closed) must not end the shipper.
+pub fn check_fence_retrying(cache: &CacheDir, stats: &Stats, stop: &AtomicBool) -> Result<()> {
+    // The fence found, or a damaged one: both stop the shipper.
+    let mut found = None;
+    retrying(&format!("read {}", cache.location(tern_store::cache::FENCE)), stats, stop, || {
+        match cache.read_fence() {
+            Ok(fence) => {
+                found = fence
+                    .map(|f| anyhow::Error::from(Fenced { vm: cache.vm().to_string(), point: f.point, seq: f.seq }));
+                Ok(())
+            }
+            Err(e @ tern_store::file::FileError::Damaged { .. }) => {
+                found = Some(e.into());
+                Ok(())
+            }
+            Err(tern_store::file::FileError::Unreadable { source, .. }) => Err(source),
+        }
+    })?;
+    found.map_or(Ok(()), Err)
+}
+
 /// Runs `attempt` until it succeeds, backing off from 100 ms to 10 s,
 /// logging every failure with what to check. Gives up only when asked to
 /// stop.
