@@ -135,6 +135,7 @@ fn setup() -> Servers {
             // The smallest ring: an input of 16 KiB of writes overflows it.
             journal: JournalConfig { size: Size::kib(16), region_size: Size::kib(4) },
             policy: Default::default(),
+            launch: Default::default(),
             initial_sync: Default::default(),
         },
     )

@@ -302,6 +302,7 @@ impl Vm {
                 target: dir.join("target"),
                 journal: JournalConfig { size: Size(CAPACITY), region_size: Size::kib(4) },
                 policy: Default::default(),
+                launch: Default::default(),
                 initial_sync: Default::default(),
             },
         )

@@ -84,6 +84,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
             target: dir.join("target"),
             journal: JournalConfig { size: Size::mib(512), ..Default::default() },
             policy: Policy::default(),
+            launch: Default::default(),
             initial_sync: InitialSync::Allocated,
         },
     )?;

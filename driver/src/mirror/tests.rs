@@ -44,6 +44,7 @@ fn setup_in(base: &Path, disk_size: u64, journal: u64, region: u64) -> Setup {
             target: dir.path().join("target"),
             journal: JournalConfig { size: Size(journal), region_size: Size(region) },
             policy: Policy::default(),
+            launch: Default::default(),
             initial_sync: Default::default(),
         },
     )
