@@ -252,6 +252,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
                 &crate::failover::Choice::Point(p.id.clone()),
                 Some("drill"),
                 true,
+                &Default::default(),
             )?;
             let disk = &f.disks[0].1;
             let same = std::fs::read(disk)? == std::fs::read(&at_tag)?;
