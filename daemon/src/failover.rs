@@ -111,17 +111,6 @@ pub fn plan_from(
     network: &Network,
 ) -> Result<LaunchPlan> {
     let mut nics = Vec::new();
-    match network {
-        Network::Test(None) => {}
-        Network::Test(Some(bridge)) => {
-            if launch.nics.is_empty() {
-                bail!(
-                    "--test-network {bridge}: VM '{vm}' has no NIC in its launch settings, so nothing would be on it; add one at the source (`[[launch.nic]]` in its vm.toml, `tern ship` carries it here), or leave --test-network out"
-                );
-            }
-        }
-        Network::Real => {}
-    }
     for (index, nic) in launch.nics.iter().enumerate() {
         let bridge = match network {
             Network::Test(None) => continue,
@@ -141,6 +130,23 @@ pub fn plan_from(
         nics.push(PlannedNic { index, source_bridge: nic.bridge.clone(), bridge, mac, model: nic.model.clone() });
     }
     Ok(LaunchPlan { launch, nics })
+}
+
+/// Refuses `--test-network` when none of `vms` has a NIC to put on it.
+pub fn refuse_test_network_without_nics(vms: &[&str], bridge: Option<&str>, plans: &[&LaunchPlan]) -> Result<()> {
+    if let Some(bridge) = bridge {
+        if plans.iter().all(|p| p.launch.nics.is_empty()) {
+            let which = if vms.len() == 1 {
+                format!("VM '{}' has no NIC", vms[0])
+            } else {
+                format!("none of VMs {} has a NIC", vms.join(", "))
+            };
+            bail!(
+                "--test-network {bridge}: {which} in its launch settings, so nothing would be on it; add one at the source (`--nic` at `tern enable`, or `[[launch.nic]]` in vm.toml: the next start of `tern ship` carries it here), or leave --test-network out"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Refuses, naming them, the bridges of `plan` this host does not have:

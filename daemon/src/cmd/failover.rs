@@ -157,6 +157,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let (target_root, cache_root) = sites(cli, vm, a.target.as_deref(), a.cache.as_deref())?;
     let started = Instant::now();
     let plan = crate::failover::launch_plan(&cache_root, vm, &a.network())?;
+    crate::failover::refuse_test_network_without_nics(&[vm], a.test_network.as_deref(), &[&plan])?;
     if a.boot {
         // Before anything is fenced or cloned.
         crate::failover::check_bridges(vm, &plan)?;
@@ -309,6 +310,9 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         }
         plans.push((cache, plan));
     }
+    let vms: Vec<&str> = chosen.members.iter().map(|(vm, _)| vm.as_str()).collect();
+    let each: Vec<&crate::failover::LaunchPlan> = plans.iter().map(|(_, p)| p).collect();
+    crate::failover::refuse_test_network_without_nics(&vms, a.test_network.as_deref(), &each)?;
     let mut done = Vec::new();
     for ((vm, p), (cache, plan)) in chosen.members.iter().zip(&plans) {
         let choice = Choice::Point(p.id.clone());
