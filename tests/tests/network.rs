@@ -354,3 +354,37 @@ fn test_network_for_a_vm_without_a_nic_is_refused() {
     );
     assert!(!vm.dir.path().join("target/vm1/failover").exists());
 }
+
+/// `tern reprotect` gives the reverse direction the VM's launch settings,
+/// each NIC on the bridge it ran on after the failover (br-dr) and the
+/// map inverted (br-dr=br-src), so a failback lands on the original
+/// bridge; the MACs stay.
+#[test]
+fn reprotect_runs_the_reverse_direction_on_the_failed_over_bridges() {
+    let vm = vm_with_launch_settings();
+    let root = vm.dir.path();
+    let out = failover_at_target(&vm, &["--latest"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    run(tern_with_state(&root.join("target-state"))
+        .args(["commit", "vm1", "--cache"])
+        .arg(root.join("cache"))
+        .arg("--target")
+        .arg(root.join("target")));
+    for d in ["cache2", "target2"] {
+        std::fs::create_dir(root.join(d)).unwrap();
+    }
+    run(tern_with_state(&root.join("state-b"))
+        .args(["reprotect", "vm1", "--cache"])
+        .arg(root.join("cache2"))
+        .arg("--target")
+        .arg(root.join("target2"))
+        .arg("--from-target")
+        .arg(root.join("target"))
+        .arg("--from-cache")
+        .arg(root.join("cache")));
+    let back = std::fs::read_to_string(root.join("state-b/vm1/vm.toml")).unwrap();
+    assert!(back.contains("[policy.network]\nbr-dr = \"br-src\"\n"), "{back}");
+    assert!(back.contains("[launch]\nmemory = \"512MiB\"\ncpus = 3\n"), "{back}");
+    assert!(back.contains("bridge = \"br-dr\"\nmac = \"52:54:00:00:00:01\""), "{back}");
+    assert!(back.contains("bridge = \"br-mgmt\"\nmac = \"52:54:00:"), "{back}");
+}
