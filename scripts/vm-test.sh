@@ -24,6 +24,18 @@
 #               with SIGKILL and started again, three times: no write may
 #               fail, every block must read back as written, and the
 #               replica applied on the host must equal the image
+#   net         tern's failover onto the target network, in a network
+#               namespace of its own (the host's network is untouched): a
+#               "source network" bridge br-src and a "DR" bridge br-dr, each
+#               with a peer 10.0.0.1 in a namespace of its own, and an
+#               isolated bridge br-iso. `tern enable --nic br-src,mac=...
+#               --network br-src=br-dr` with a direct kernel boot of this
+#               guest; `tern failover --test --boot --test-network br-iso`
+#               must start it with its recorded MAC on br-iso (the bridge
+#               learned it on the tap port), unable to reach 10.0.0.1; the
+#               controls: on br-src it reaches 10.0.0.1, the real failover
+#               comes up on br-dr and reaches the DR peer, and a bridge that
+#               does not exist is refused, naming it, with nothing started
 #   systemd     a Debian guest whose PID 1 is systemd (its root filesystem
 #               built once with mmdebstrap, cached): scripts/install.sh
 #               installs tern and its units, which run it (serve over ublk
@@ -64,7 +76,7 @@ REPO=$PWD
 START=$(date +%s.%N)
 BENCH_LOG=plain BENCH_ERROR=FAIL   # vm-test: FAIL: ...
 
-ALL_SCENARIOS=(nbd kernel-nbd ublk ublk-restart systemd freeze)
+ALL_SCENARIOS=(nbd kernel-nbd ublk ublk-restart net systemd freeze)
 SCENARIOS=("$@")
 ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_SCENARIOS[@]}")
 for s in "${SCENARIOS[@]}"; do
@@ -217,7 +229,7 @@ add_mod crc32c_generic optional
 add_mod crc32c_intel optional
 add_mod virtio_blk
 add_mod ext4
-add_mod virtio_net # kernel-nbd: the guest's network, and its nbd driver
+add_mod virtio_net # kernel-nbd and net: the guest's network
 add_mod nbd
 add_mod ublk_drv # ublk: tern serve --ublk in the guest
 echo "modules: ${order[*]}"
@@ -316,6 +328,23 @@ UNIT
         umount /proc /sys
         umount /dev 2>/dev/null
         exec switch_root /newroot /sbin/init ;;
+    net) # a failed-over VM on the bridge tern chose: its MAC, and whether
+        # it reaches 10.0.0.1; then it waits for the host to look and kill it
+        ip link set lo up
+        ip link set eth0 up || fail "no eth0"
+        ip addr add 10.0.0.2/24 dev eth0 || fail "address eth0"
+        echo "guest: eth0 mac $(cat /sys/class/net/eth0/address)"
+        n=1 result=unreachable
+        while [ $n -le 5 ]; do
+            if ping -c 1 -W 1 10.0.0.1 >/dev/null 2>&1; then result=reached; break; fi
+            n=$((n + 1))
+        done
+        [ $result = reached ] || n=5
+        # Which 10.0.0.1 answered: the host knows each peer's MAC.
+        echo "guest: neighbour $(ip neigh show 10.0.0.1 | grep -o 'lladdr [0-9a-f:]*' || echo none)"
+        echo "guest: ping 10.0.0.1: $result ($n attempt(s))"
+        sleep 3600
+        fail "not stopped by the host" ;;
     ublk-check) # the ublk scenario's second guest: the failed-over disk
         # (vda) and the first guest's work disk (vdb, its checksums)
         mkdir -p /work
@@ -480,6 +509,10 @@ run_scenario() {
         run_freeze "$name" "$dir"
         return
     fi
+    if [[ $name == net ]]; then
+        run_net "$dir"
+        return
+    fi
     step "$name: tern enable + serve"
     truncate -s 256M "$img"
     "$TERN" -q --state "$dir/state" enable vm1 --disk "disk0=$img" --cache "$dir/cache" --target "$dir/target" \
@@ -615,6 +648,136 @@ run_ublk() {
             die "$name: the second guest found the failed-over disk wrong"
     fi
     echo "TERN-VM-OK $name"
+}
+
+# run_net DIR: the net scenario, in a network and mount namespace of its
+# own (sysfs mounted there shows its interfaces, as tern's bridge check
+# reads them); see net_inside.
+run_net() {
+    local dir=$1
+    export NET_DIR=$dir NET_TERN=$TERN NET_KERNEL=$vmlinuz NET_INITRD=$D/ir.cpio.gz NET_TIMEOUT=$QEMU_TIMEOUT
+    export BENCH_LOG BENCH_ERROR BENCH_NAME
+    unshare --net --mount -- bash -c "set -euo pipefail; $(declare -f log die step net_inside net_boot net_stop); net_inside" ||
+        die "net: failed"
+    echo "TERN-VM-OK net"
+}
+
+# net_inside: runs in the scenario's namespaces.
+net_inside() {
+    local dir=$NET_DIR t=$NET_TERN mac=52:54:00:7e:12:34
+    declare -A peer_mac=()
+    # Global: the trap runs after this function's locals are gone.
+    NET_KILL=()
+    trap 'for p in "${NET_KILL[@]}"; do kill -9 "$p" 2>/dev/null || true; done' EXIT
+    mount --make-rprivate /
+    mount -t sysfs sysfs /sys
+    step "net: bridges br-src, br-dr (each with a peer 10.0.0.1) and br-iso"
+    ip link set lo up
+    local br peer
+    for br in br-src br-dr br-iso; do
+        ip link add "$br" type bridge
+        ip link set "$br" up
+    done
+    # Each peer in a namespace of its own, so no other interface answers
+    # for 10.0.0.1 across bridges.
+    for br in br-src br-dr; do
+        unshare --net sleep 100000 &
+        peer=$!
+        NET_KILL+=("$peer")
+        until [[ $(readlink "/proc/$peer/ns/net") != "$(readlink /proc/self/ns/net)" ]]; do sleep 0.05; done
+        ip link add "v-$br" type veth peer name "p-$br"
+        ip link set "v-$br" master "$br" up
+        ip link set "p-$br" netns "/proc/$peer/ns/net"
+        nsenter --net="/proc/$peer/ns/net" sh -c "ip link set lo up && ip addr add 10.0.0.1/24 dev p-$br && ip link set p-$br up"
+        peer_mac[$br]=$(nsenter --net="/proc/$peer/ns/net" ip -o link show "p-$br" | grep -o 'link/ether [0-9a-f:]*' | cut -d' ' -f2)
+        echo "$br: peer 10.0.0.1 is ${peer_mac[$br]}"
+    done
+
+    step "net: tern enable (a NIC on br-src, br-src=br-dr, direct kernel boot), ship, apply"
+    mkdir -p "$dir/cache" "$dir/target"
+    truncate -s 64M "$dir/disk0.img"
+    "$t" -q --state "$dir/state" enable vm1 --disk "disk0=$dir/disk0.img" --cache "$dir/cache" --target "$dir/target" \
+        --journal-size 64MiB --memory 512MiB --cpus 1 --nic "br-src,mac=$mac" --network br-src=br-dr \
+        --kernel "$NET_KERNEL" --initrd "$NET_INITRD" --append "console=ttyS0 quiet panic=-1 tern.scenario=net" ||
+        die "net: tern enable failed"
+    "$t" -q --state "$dir/state" ship vm1 --once || die "net: tern ship --once failed"
+    "$t" -q apply --cache "$dir/cache" --target "$dir/target" vm1 --once || die "net: tern apply --once failed"
+
+    step "net: --test-network br-nope is refused, nothing started"
+    local err
+    if err=$("$t" -q --state "$dir/state" failover vm1 --test --latest --boot --test-network br-nope 2>&1); then
+        die "net: a failover onto br-nope, which does not exist, was not refused: $err"
+    fi
+    [[ $err == *"no bridge 'br-nope'"*"$mac"* ]] || die "net: the refusal does not name br-nope and the NIC's MAC: $err"
+    [[ ! -e $dir/target/vm1/failover ]] || die "net: the refused failover left $(ls "$dir/target/vm1/failover")"
+    echo "refused: ${err#*error: }"
+
+    net_boot iso --test --latest --test-network br-iso
+    [[ $NET_RESULT == unreachable ]] || die "net: on the isolated bridge br-iso the guest reached 10.0.0.1"
+    net_stop
+    net_boot src --test --latest --test-network br-src
+    [[ $NET_RESULT == reached ]] || die "net: on br-src the guest did not reach the source network's 10.0.0.1"
+    net_stop
+    net_boot active --latest
+    [[ $NET_RESULT == reached ]] || die "net: after the real failover, on br-dr, the guest did not reach the DR peer"
+    net_stop
+}
+
+# net_boot NAME FAILOVER-ARGS...: `tern failover vm1 --boot --json ARGS`
+# (a test one named NAME, or the real one, `active`); waits for the guest's
+# report and checks its MAC, on the bridge tern chose, in that bridge's
+# forwarding database (learned on the tap port). Sets NET_RESULT (reached
+# or unreachable), NET_PID.
+net_boot() {
+    local name=$1 json bridge console started=$EPOCHREALTIME
+    shift
+    local args=("$@")
+    [[ $name == active ]] || args+=(--name "$name")
+    step "net: tern failover vm1 --boot ${args[*]}"
+    json=$("$t" -q --state "$dir/state" failover vm1 --boot --json "${args[@]}") || die "net: tern failover --boot failed"
+    local fo=$dir/target/vm1/failover/$name
+    NET_PID=$(cat "$fo/qemu.pid")
+    NET_KILL+=("$NET_PID")
+    bridge=$(python3 -c 'import json, sys; n = json.load(sys.stdin)["network"]; assert len(n) == 1, n; print(n[0]["bridge"], n[0]["mac"])' <<<"$json")
+    [[ ${bridge#* } == "$mac" ]] || die "net: the failover's NIC has MAC ${bridge#* }, not the recorded $mac"
+    bridge=${bridge% *}
+    console=$fo/console.log
+    local n=0
+    until grep -aq '^guest: ping' "$console"; do
+        kill -0 "$NET_PID" 2>/dev/null || { tail -n 30 "$console"; die "net: qemu exited before the guest reported"; }
+        n=$((n + 1))
+        ((n < NET_TIMEOUT * 10)) || { tail -n 30 "$console"; die "net: no report from the guest within ${NET_TIMEOUT}s"; }
+        sleep 0.1
+    done
+    grep -a '^guest:' "$console" | tr -d '\r'
+    local got
+    got=$(grep -a '^guest: eth0 mac' "$console" | tr -d '\r' | awk '{print $4}')
+    [[ $got == "$mac" ]] || die "net: the guest's MAC is $got, not the recorded $mac"
+    local fdb
+    fdb=$(bridge fdb show br "$bridge" | grep -i "^$mac dev tap" | sed 's/ *$//' || true)
+    [[ -n $fdb ]] || { bridge fdb show br "$bridge"; die "net: $mac is not in $bridge's forwarding database on a tap port"; }
+    local other
+    for other in br-src br-dr br-iso; do
+        [[ $other == "$bridge" ]] || ! bridge fdb show br "$other" | grep -qi "^$mac " ||
+            die "net: the guest on $bridge was seen on $other too"
+    done
+    NET_RESULT=$(grep -a '^guest: ping' "$console" | tr -d '\r' | awk '{print $4}')
+    if [[ $NET_RESULT == reached ]]; then
+        local answered
+        answered=$(grep -a '^guest: neighbour' "$console" | tr -d '\r' | awk '{print $4}')
+        [[ $answered == "${peer_mac[$bridge]}" ]] ||
+            die "net: on $bridge, 10.0.0.1 answered from $answered, not from $bridge's peer (${peer_mac[$bridge]})"
+    fi
+    echo "on $bridge: $fdb; ping 10.0.0.1: $NET_RESULT ($(awk -v s="$started" -v e="$EPOCHREALTIME" 'BEGIN{printf "%.1f", e-s}')s)"
+}
+
+# net_stop: kills the guest net_boot started and waits for it to go.
+net_stop() {
+    kill -9 "$NET_PID"
+    local n=0
+    while kill -0 "$NET_PID" 2>/dev/null; do
+        n=$((n + 1)); ((n < 100)) || die "net: qemu $NET_PID does not exit"; sleep 0.1
+    done
 }
 
 # run_debian NAME DIR: a Debian guest (systemd as PID 1) on a copy-on-write

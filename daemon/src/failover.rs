@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use tern_driver::clone::{clone_file, CloneMethod};
 use tern_driver::fail::{self, Failpoint};
-use tern_driver::vm::validate_name;
+use tern_driver::vm::{validate_name, LaunchConfig};
 use tern_store::cache::{CacheDir, Fence, FENCE, PLANNED_FAILOVER};
 use tern_store::file::FileError;
 use tern_store::object::Store;
@@ -38,6 +38,140 @@ pub struct Failover {
     pub disks: Vec<(String, PathBuf)>,
     /// The target could not reflink: the disks are full copies.
     pub copied: bool,
+    /// The NICs launch.sh gives the VM, each on its bridge here.
+    pub nics: Vec<PlannedNic>,
+}
+
+/// Which bridges a failover puts the VM's NICs on.
+#[derive(Debug, Clone)]
+pub enum Network {
+    /// A test failover: every NIC on this (isolated) bridge, or, without
+    /// one, no network at all.
+    Test(Option<String>),
+    /// A real failover: each NIC on the bridge the policy's network map
+    /// gives its source bridge, or on a bridge of the same name.
+    Real,
+}
+
+/// A NIC as a failover starts it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedNic {
+    pub index: usize,
+    /// The bridge it is on at the source site.
+    pub source_bridge: String,
+    /// The bridge it is on here.
+    pub bridge: String,
+    pub mac: String,
+    pub model: String,
+}
+
+/// How a failover starts the VM: its launch settings and the bridge of
+/// each NIC, chosen when the failover is made (so launch.sh runs by hand).
+#[derive(Debug, Clone, Default)]
+pub struct LaunchPlan {
+    pub launch: LaunchConfig,
+    pub nics: Vec<PlannedNic>,
+}
+
+/// The launch plan of `vm` from its manifest in the cache (the target
+/// knows the VM only from it). A test failover whose cache cannot be read
+/// gets the defaults (2 GiB, 2 CPUs, no network), with a warning.
+pub fn launch_plan(cache_root: &Store, vm: &str, network: &Network) -> Result<LaunchPlan> {
+    let manifest = crate::cache::for_vm(cache_root, vm).and_then(|c| {
+        let m = c.read_manifest()?;
+        Ok((c, m))
+    });
+    let (launch, map) = match (manifest, network) {
+        (Ok((_, Some(m))), _) => (m.launch(), m.policy.network.clone()),
+        (Ok((cache, None)), Network::Test(_)) => {
+            log::warn!(
+                "VM '{vm}': {} has no manifest: the failover starts it with the default launch settings (2 GiB, 2 CPUs, no NIC)",
+                cache.describe()
+            );
+            Default::default()
+        }
+        (Err(e), Network::Test(_)) => {
+            log::warn!(
+                "VM '{vm}': its launch settings cannot be read from the cache ({e:#}): the failover starts it with the defaults (2 GiB, 2 CPUs, no NIC)"
+            );
+            Default::default()
+        }
+        // real_failover says why it cannot go on.
+        (Ok((_, None)), Network::Real) => Default::default(),
+        (Err(e), Network::Real) => return Err(e),
+    };
+    plan_from(vm, launch, &map, network)
+}
+
+/// [`launch_plan`] from the launch settings and the network map.
+pub fn plan_from(
+    vm: &str,
+    launch: LaunchConfig,
+    map: &std::collections::BTreeMap<String, String>,
+    network: &Network,
+) -> Result<LaunchPlan> {
+    let mut nics = Vec::new();
+    for (index, nic) in launch.nics.iter().enumerate() {
+        let bridge = match network {
+            Network::Test(None) => continue,
+            Network::Test(Some(b)) => b.clone(),
+            Network::Real => match map.get(&nic.bridge) {
+                Some(b) => b.clone(),
+                None => {
+                    log::info!(
+                        "VM '{vm}': NIC {index} was on bridge '{}' and the policy's network map does not map it: it goes on the bridge of the same name here",
+                        nic.bridge
+                    );
+                    nic.bridge.clone()
+                }
+            },
+        };
+        let mac = nic.mac.clone().with_context(|| format!("VM '{vm}': NIC {index} has no MAC address"))?;
+        nics.push(PlannedNic { index, source_bridge: nic.bridge.clone(), bridge, mac, model: nic.model.clone() });
+    }
+    Ok(LaunchPlan { launch, nics })
+}
+
+/// Refuses `--test-network` when none of `vms` has a NIC to put on it.
+pub fn refuse_test_network_without_nics(vms: &[&str], bridge: Option<&str>, plans: &[&LaunchPlan]) -> Result<()> {
+    if let Some(bridge) = bridge {
+        if plans.iter().all(|p| p.launch.nics.is_empty()) {
+            let which = if vms.len() == 1 {
+                format!("VM '{}' has no NIC", vms[0])
+            } else {
+                format!("none of VMs {} has a NIC", vms.join(", "))
+            };
+            bail!(
+                "--test-network {bridge}: {which} in its launch settings, so nothing would be on it; add one at the source (`--nic` at `tern enable`, or `[[launch.nic]]` in vm.toml: the next start of `tern ship` carries it here), or leave --test-network out"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses, naming them, the bridges of `plan` this host does not have:
+/// checked before anything is started (or fenced).
+pub fn check_bridges(vm: &str, plan: &LaunchPlan) -> Result<()> {
+    let mut missing: Vec<(&str, Vec<String>)> = Vec::new();
+    for n in plan.nics.iter().filter(|n| !bridge_exists(&n.bridge)) {
+        let nic = format!("NIC {}, MAC {}", n.index, n.mac);
+        match missing.iter_mut().find(|(b, _)| *b == n.bridge) {
+            Some((_, nics)) => nics.push(nic),
+            None => missing.push((&n.bridge, vec![nic])),
+        }
+    }
+    if let Some((first, _)) = missing.first() {
+        let list: Vec<String> = missing.iter().map(|(b, nics)| format!("'{b}' ({})", nics.join("; "))).collect();
+        bail!(
+            "VM '{vm}': no bridge {} on this host (/sys/class/net/{first}/bridge does not exist): nothing was started; create it (`ip link add {first} type bridge && ip link set {first} up`) or choose another (--test-network, or the policy's network map at the source)",
+            list.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn bridge_exists(bridge: &str) -> bool {
+    Path::new("/sys/class/net").join(bridge).join("bridge").is_dir()
 }
 
 /// The real failover: fence the source off through the cache (it stops
@@ -50,6 +184,7 @@ pub fn real_failover(
     vm: &str,
     choice: &Choice,
     planned: Option<Duration>,
+    plan: &LaunchPlan,
 ) -> Result<Failover> {
     let cache = crate::cache::for_vm(cache_root, vm)?;
     let previous = cache.read_fence()?;
@@ -98,7 +233,7 @@ pub fn real_failover(
         );
         std::fs::remove_dir_all(&active).with_context(|| format!("cannot remove {}", active.display()))?;
     }
-    make_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false)
+    make_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false, plan)
 }
 
 /// A planned failover's first half: asks the source to stop (its `tern
@@ -223,6 +358,7 @@ pub fn make_failover(
     choice: &Choice,
     name: Option<&str>,
     test: bool,
+    plan: &LaunchPlan,
 ) -> Result<Failover> {
     let target = TargetDir::new(target_root, vm);
     if !matches!(choice, Choice::Latest) && !target.root().is_dir() {
@@ -255,29 +391,136 @@ pub fn make_failover(
         disks.push((disk.clone(), dir.join(file)));
     }
     fail::hit(Failpoint::FailoverDisksCloned)?;
-    tern_driver::fs::write_durably(&tmp.join("launch.sh"), launch_script(vm, &disks).as_bytes())?;
+    for nic in &plan.nics {
+        let up = tmp.join(format!("nic{}-up", nic.index));
+        tern_driver::fs::write_durably(&up, nic_up_script(vm, nic).as_bytes())?;
+        set_executable(&up)?;
+    }
+    tern_driver::fs::write_durably(&tmp.join("launch.sh"), launch_script(vm, test, plan, &disks, &dir).as_bytes())?;
     set_executable(&tmp.join("launch.sh"))?;
-    let info = format!(
+    let mut info = format!(
         "version = 1\nvm = \"{vm}\"\npoint = \"{}\"\nseq = {}\nkind = \"{}\"\ntest = {test}\n",
         point.id,
         point.seq,
         point.kind.name()
     );
+    for nic in &plan.nics {
+        info.push_str(&format!(
+            "\n[[nic]]\nindex = {}\nmac = {}\nmodel = {}\nsource-bridge = {}\nbridge = {}\n",
+            nic.index,
+            toml_str(&nic.mac),
+            toml_str(&nic.model),
+            toml_str(&nic.source_bridge),
+            toml_str(&nic.bridge)
+        ));
+    }
     tern_driver::fs::write_durably(&tmp.join("failover.toml"), info.as_bytes())?;
     std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
     tern_driver::fs::sync_dir(&failovers)?;
-    Ok(Failover { name, dir, point, disks, copied })
+    Ok(Failover { name, dir, point, disks, copied, nics: plan.nics.clone() })
 }
 
-fn launch_script(vm: &str, disks: &[(String, PathBuf)]) -> String {
-    let drives: Vec<String> = disks
-        .iter()
-        .map(|(_, p)| format!("    -drive file={},format=raw,if=virtio,cache=none \\\n", p.display()))
-        .collect();
+/// `launch.sh`: qemu with the VM's launch settings, its disks, and each NIC
+/// a tap device that `nicN-up` joins to the NIC's bridge (no
+/// /etc/qemu/bridge.conf to edit, as qemu-bridge-helper would need; it
+/// runs as root, or with CAP_NET_ADMIN). Without NICs: `-nic none`.
+fn launch_script(vm: &str, test: bool, plan: &LaunchPlan, disks: &[(String, PathBuf)], dir: &Path) -> String {
+    let l = &plan.launch;
+    let mut s = String::from("#!/bin/sh\n");
+    if test {
+        s.push_str(&format!("# Test failover of VM '{vm}', made by `tern failover --test`.\n"));
+    } else {
+        s.push_str(&format!("# Failover of VM '{vm}', made by `tern failover`.\n"));
+    }
+    s.push_str("# Memory, CPUs, kernel and NICs: the VM's launch settings (vm.toml [launch]).\n");
+    if plan.nics.is_empty() {
+        if test {
+            s.push_str("# No network (-nic none): isolated from production (--test-network BRIDGE\n# puts its NICs on an isolated bridge).\n");
+        } else {
+            s.push_str("# No NIC in its launch settings: no network (-nic none).\n");
+        }
+    } else {
+        s.push_str("# Each NIC is a tap device that nicN-up joins to its bridge: run as root.\n");
+        for n in &plan.nics {
+            s.push_str(&format!(
+                "# NIC {}: MAC {} on bridge {} (at the source: {})\n",
+                n.index, n.mac, n.bridge, n.source_bridge
+            ));
+        }
+        for n in &plan.nics {
+            let b = shell_quote(&n.bridge);
+            let why = format!(
+                "launch.sh: there is no bridge {} on this host (NIC {}, MAC {}): create it (ip link add {} type bridge && ip link set {} up), or make the failover again with another one",
+                n.bridge, n.index, n.mac, n.bridge, n.bridge
+            );
+            s.push_str(&format!("[ -d /sys/class/net/{b}/bridge ] || {{ echo {} >&2; exit 1; }}\n", shell_quote(&why)));
+        }
+    }
+    let name = if test { format!("{vm}-test") } else { vm.to_owned() };
+    s.push_str(&format!("exec qemu-system-x86_64 -name {name} -m {}M -smp {} \\\n", l.memory.bytes() >> 20, l.cpus));
+    // Absolute, so it runs from anywhere.
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    for (_, p) in disks {
+        let p = absolute(p);
+        s.push_str(&format!(
+            "    -drive {} \\\n",
+            shell_quote(&format!("file={},format=raw,if=virtio,cache=none", qemu_value(&p.display().to_string())))
+        ));
+    }
+    if let Some(k) = &l.kernel {
+        s.push_str(&format!("    -kernel {} \\\n", shell_quote(&k.display().to_string())));
+    }
+    if let Some(i) = &l.initrd {
+        s.push_str(&format!("    -initrd {} \\\n", shell_quote(&i.display().to_string())));
+    }
+    if let Some(a) = &l.append {
+        s.push_str(&format!("    -append {} \\\n", shell_quote(a)));
+    }
+    if plan.nics.is_empty() {
+        s.push_str("    -nic none \\\n");
+    }
+    for n in &plan.nics {
+        let up = absolute(&dir.join(format!("nic{}-up", n.index)));
+        s.push_str(&format!(
+            "    -netdev {} -device {} \\\n",
+            shell_quote(&format!(
+                "tap,id=net{},script={},downscript=no",
+                n.index,
+                qemu_value(&up.display().to_string())
+            )),
+            shell_quote(&format!("{},netdev=net{},mac={}", n.model, n.index, n.mac))
+        ));
+    }
+    s.push_str("    -display none -serial mon:stdio \"$@\"\n");
+    s
+}
+
+/// `nicN-up`: qemu runs it with the NIC's tap device as `$1`.
+fn nic_up_script(vm: &str, nic: &PlannedNic) -> String {
+    let b = shell_quote(&nic.bridge);
     format!(
-        "#!/bin/sh\n# Test failover of VM '{vm}', made by `tern failover --test`.\n# No network (-nic none): isolated from production. Adjust memory, CPUs and\n# firmware to the VM's own settings.\nexec qemu-system-x86_64 -name {vm}-test -m 2048 -smp 2 \\\n{}    -nic none -display none -serial mon:stdio \"$@\"\n",
-        drives.concat()
+        "#!/bin/sh\n# qemu runs this with the tap device of NIC {} of VM '{vm}' (MAC {}): it joins it to bridge {}.\nip link set \"$1\" master {b} && ip link set \"$1\" up\n",
+        nic.index, nic.mac, nic.bridge
     )
+}
+
+/// One shell word: in single quotes unless it is plainly safe.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:=,+@%".contains(&b)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// A TOML string.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// A value inside a qemu option list: its commas doubled.
+fn qemu_value(s: &str) -> String {
+    s.replace(',', ",,")
 }
 
 fn set_executable(p: &Path) -> Result<()> {

@@ -122,9 +122,13 @@ pub fn reprotect(state: &Path, a: &Reprotect<'_>) -> Result<(VmConfig, InitialSy
             seeds.insert(name.clone(), path.clone());
         }
     }
+    // The reverse direction's source bridges are those the VM runs on
+    // here; its map leads back to the original ones.
+    let (launch, network) = manifest.launch.clone().unwrap_or_default().reversed(&manifest.policy.network);
     let policy = Policy {
         interval: a.interval.unwrap_or(manifest.policy.interval),
         retention: a.retention.unwrap_or(manifest.policy.retention),
+        network,
         ..manifest.policy.clone()
     };
     let spec = EnableSpec {
@@ -139,6 +143,7 @@ pub fn reprotect(state: &Path, a: &Reprotect<'_>) -> Result<(VmConfig, InitialSy
         },
         policy,
         app_points: Default::default(),
+        launch,
         initial_sync: initial_sync(seeds),
     };
     fail::hit(Failpoint::ReprotectEnable)?;
@@ -242,6 +247,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
         journal: config.journal.clone(),
         policy: config.policy.clone(),
         app_points: Default::default(),
+        launch: config.launch.clone(),
         initial_sync: initial_sync(seeds),
     };
     // The old direction's stream in the cache ended with the failover (its

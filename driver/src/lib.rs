@@ -30,6 +30,7 @@ pub mod fs;
 pub mod image;
 pub mod image_lock;
 pub mod journal;
+pub mod launch;
 pub mod mirror;
 pub mod range_lock;
 pub mod tag;

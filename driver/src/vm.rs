@@ -1,6 +1,7 @@
 //! A protected VM: its configuration (`<state>/<vm>/vm.toml`), where its
 //! files live, and `enable`, which creates them.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use crate::bitmap::{DirtyBitmap, DEFAULT_REGION_SIZE};
 use crate::fs::{create_dir_durably, sync_dir, write_durably};
 use crate::image::Image;
 use crate::journal::Journal;
+pub use crate::launch::{LaunchConfig, NicConfig};
 use crate::units::{Rate, Size};
 use crate::{Error, Result};
 
@@ -45,9 +47,14 @@ pub struct VmConfig {
     pub journal: JournalConfig,
     #[serde(default)]
     pub policy: Policy,
-    /// How application-consistent points of the VM are taken.
-    #[serde(default)]
+    /// How application-consistent points of the VM are taken
+    /// (`[app-points]`): optional, added without a version bump.
+    #[serde(default, skip_serializing_if = "AppPoints::is_default")]
     pub app_points: AppPoints,
+    /// How a failover starts the VM (`[launch]`): optional, added without
+    /// a version bump; absent means 2 GiB, 2 CPUs, no NIC.
+    #[serde(default, skip_serializing_if = "LaunchConfig::is_default")]
+    pub launch: LaunchConfig,
     /// The disks, in the order their index appears in journal records.
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -104,6 +111,11 @@ pub struct Policy {
     /// overrides it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rate: Option<Rate>,
+    /// The network map: source bridge → the target bridge a real failover
+    /// puts the VM's NICs on that were on it (a NIC on a bridge not listed
+    /// keeps its bridge's name). Default: empty.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub network: BTreeMap<String, String>,
 }
 
 impl Default for Policy {
@@ -118,6 +130,7 @@ impl Default for Policy {
             segment_size: Size::mib(8),
             segment_age: Duration::from_millis(250),
             max_rate: None,
+            network: BTreeMap::new(),
         }
     }
 }
@@ -143,6 +156,10 @@ pub struct AppPoints {
 }
 
 impl AppPoints {
+    pub fn is_default(&self) -> bool {
+        *self == AppPoints::default()
+    }
+
     /// The agent must be `qga:` and an absolute socket path; a freeze gets
     /// 1 s to 10 min; scheduled points come at most every 10 s.
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -298,6 +315,7 @@ impl VmConfig {
         if let Some(rate) = self.policy.max_rate {
             check_max_rate(rate).map_err(bad)?;
         }
+        self.launch.validate(&self.policy.network).map_err(bad)?;
         // Builds with failpoints (the torture suite's) take points faster,
         // so a trial of seconds has several.
         let shortest = if crate::fail::ENABLED { Duration::from_millis(100) } else { Duration::from_secs(10) };
@@ -435,6 +453,8 @@ pub struct EnableSpec {
     pub journal: JournalConfig,
     pub policy: Policy,
     pub app_points: AppPoints,
+    /// Launch settings; NICs without a MAC address get a generated one.
+    pub launch: LaunchConfig,
     pub initial_sync: InitialSync,
 }
 
@@ -584,16 +604,18 @@ pub fn enable_at(paths: &VmPaths, spec: &EnableSpec) -> Result<Enabled> {
         disks.push(DiskConfig { name: name.clone(), path, size: image.size(), seed });
         images.push(image);
     }
+    let id = uuid::Uuid::new_v4();
     let config = VmConfig {
         version: CONFIG_VERSION,
         name: spec.name.clone(),
-        id: uuid::Uuid::new_v4(),
+        id,
         cache: if is_store_url(&spec.cache) { spec.cache.clone() } else { absolute(&spec.cache)? },
         key: spec.key.as_deref().map(absolute).transpose()?,
         target: absolute(&spec.target)?,
         journal: spec.journal.clone(),
         policy: spec.policy.clone(),
         app_points: spec.app_points.clone(),
+        launch: spec.launch.with_macs(&id),
         disks,
     };
     // Not yet a file: a bad setting is the command line's, not vm.toml's.
@@ -691,6 +713,7 @@ mod tests {
             journal: JournalConfig { size: Size::kib(64), ..Default::default() },
             policy: Policy::default(),
             app_points: Default::default(),
+            launch: LaunchConfig::default(),
             initial_sync: InitialSync::Allocated,
         }
     }
@@ -790,6 +813,44 @@ mod tests {
             enable_at(&vm1(d.path()), &spec(d.path(), vec![("disk0".into(), d.path().join("nope"))])).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         assert!(!state.join("vm1").exists());
+    }
+
+    /// `[launch]` and the policy's `network` are optional: a vm.toml
+    /// without them reads as the defaults and is written back without
+    /// them; one with them reads back as written.
+    #[test]
+    fn config_round_trips_with_and_without_launch_settings() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vm.toml");
+        let base = "version = 1\nname = \"a\"\nid = \"00000000-0000-0000-0000-000000000000\"\ncache = \"/c\"\ntarget = \"/t\"\n";
+        let disk = "[[disk]]\nname = \"d\"\npath = \"/x\"\nsize = 1\n";
+        fs::write(&p, format!("{base}{disk}")).unwrap();
+        let plain = VmConfig::load(&p).unwrap();
+        assert_eq!(plain.launch, LaunchConfig::default());
+        assert_eq!((plain.launch.memory, plain.launch.cpus), (Size::gib(2), 2));
+        assert!(plain.launch.nics.is_empty() && plain.policy.network.is_empty());
+        let text = toml::to_string_pretty(&plain).unwrap();
+        assert!(!text.contains("launch") && !text.contains("network"), "{text}");
+
+        let launch = "[policy.network]\nbr0 = \"br-dr\"\n[launch]\nmemory = \"1GiB\"\ncpus = 4\n[[launch.nic]]\nbridge = \"br0\"\nmac = \"52:54:00:00:00:01\"\n[[launch.nic]]\nbridge = \"br1\"\nmodel = \"e1000\"\n";
+        fs::write(&p, format!("{base}{launch}{disk}")).unwrap();
+        let cfg = VmConfig::load(&p).unwrap();
+        assert_eq!((cfg.launch.memory, cfg.launch.cpus), (Size::gib(1), 4));
+        assert_eq!(cfg.launch.nics[0].model, "virtio-net-pci");
+        assert_eq!(cfg.launch.nics[1].mac, None, "made when it travels, not on load");
+        assert_eq!(cfg.policy.network["br0"], "br-dr");
+        fs::write(&p, toml::to_string_pretty(&cfg).unwrap()).unwrap();
+        assert_eq!(VmConfig::load(&p).unwrap(), cfg);
+
+        for (bad, want) in [
+            ("[launch]\nram = 1\n", "unknown field `ram`"),
+            ("[policy.network]\nbr9 = \"br-dr\"\n", "no NIC of the VM is on 'br9'"),
+            ("[[launch.nic]]\nbridge = \"br0\"\nmac = \"01:00:00:00:00:01\"\n", "multicast"),
+        ] {
+            fs::write(&p, format!("{base}{bad}{disk}")).unwrap();
+            let err = VmConfig::load(&p).unwrap_err().to_string();
+            assert!(err.contains("vm.toml") && err.contains(want), "{bad}: {err}");
+        }
     }
 
     #[test]

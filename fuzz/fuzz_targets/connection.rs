@@ -136,6 +136,7 @@ fn setup() -> Servers {
             journal: JournalConfig { size: Size::kib(16), region_size: Size::kib(4) },
             policy: Default::default(),
             app_points: Default::default(),
+            launch: Default::default(),
             initial_sync: Default::default(),
         },
     )

@@ -303,6 +303,7 @@ impl Vm {
                 journal: JournalConfig { size: Size(CAPACITY), region_size: Size::kib(4) },
                 policy: Default::default(),
                 app_points: Default::default(),
+                launch: Default::default(),
                 initial_sync: Default::default(),
             },
         )

@@ -17,7 +17,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tern_driver::vm::{validate_name, Policy, VmConfig};
+use tern_driver::vm::{validate_name, LaunchConfig, Policy, VmConfig};
 
 use crate::file::FileError;
 use crate::object::{Put, Stage, Store, StoreError, Version};
@@ -39,6 +39,11 @@ pub struct Manifest {
     /// takes the same by default). Absent in manifests before 2026-12.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal_size: Option<u64>,
+    /// How a failover starts the VM: vm.toml's `[launch]`, every NIC's MAC
+    /// address written out. Absent when the VM has the defaults (2 GiB, 2
+    /// CPUs, no NIC), so a target without launch settings reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<LaunchConfig>,
     #[serde(rename = "disk")]
     pub disks: Vec<ManifestDisk>,
     /// Every epoch of the sequence stream, oldest first. A new epoch starts
@@ -83,6 +88,7 @@ impl Manifest {
             id: config.id,
             policy: config.policy.clone(),
             journal_size: Some(config.journal.size.bytes()),
+            launch: Self::launch_of(config),
             disks: config
                 .disks
                 .iter()
@@ -95,6 +101,28 @@ impl Manifest {
                 .collect(),
             epochs: vec![Epoch { number: 1, first_seq, reason: "replication enabled".into() }],
         }
+    }
+
+    /// The manifest's `launch` for `config`: none for the defaults.
+    pub fn launch_of(config: &VmConfig) -> Option<LaunchConfig> {
+        (!config.launch.is_default()).then(|| config.launch.with_macs(&config.id))
+    }
+
+    /// Takes the settings of `config` (the source's vm.toml, maybe edited
+    /// since the stream began) that the target uses but the stream does
+    /// not depend on: the policy and the launch settings. Returns whether
+    /// anything changed.
+    pub fn refresh_from(&mut self, config: &VmConfig) -> bool {
+        let launch = Self::launch_of(config);
+        let changed = self.policy != config.policy || self.launch != launch;
+        self.policy = config.policy.clone();
+        self.launch = launch;
+        changed
+    }
+
+    /// The launch settings (the defaults when the manifest has none).
+    pub fn launch(&self) -> LaunchConfig {
+        self.launch.clone().unwrap_or_default()
     }
 
     pub fn epoch(&self) -> &Epoch {
@@ -120,6 +148,11 @@ impl Manifest {
             if let Some(seed) = &d.seed {
                 tern_driver::vm::validate_seed(seed).map_err(|e| bad(format!("disk '{}': {e}", d.name)))?;
             }
+        }
+        let launch = m.launch();
+        launch.validate(&m.policy.network).map_err(&bad)?;
+        if let Some(i) = launch.nics.iter().position(|n| n.mac.is_none()) {
+            return Err(bad(format!("launch NIC {i} has no MAC address")));
         }
         if m.epochs.is_empty() {
             return Err(bad("no epoch listed".into()));
@@ -555,6 +588,7 @@ mod tests {
             id: uuid::Uuid::from_bytes([7; 16]),
             policy: Policy::default(),
             journal_size: None,
+            launch: None,
             disks: vec![ManifestDisk {
                 name: "root".into(),
                 size: 1 << 30,
@@ -587,6 +621,32 @@ mod tests {
             assert!(err.starts_with("/c/vm1/manifest.toml is damaged: "), "{err}");
         }
         assert!(Manifest::parse(p, &format!("{text}\nextra = 1\n")).is_err());
+    }
+
+    #[test]
+    fn a_manifest_carries_launch_settings_and_refuses_bad_ones() {
+        let p = Path::new("/c/vm1/manifest.toml");
+        let mut m = manifest();
+        let plain = toml::to_string(&m).unwrap();
+        assert!(!plain.contains("launch") && !plain.contains("network"), "defaults are not written: {plain}");
+        m.launch = Some(LaunchConfig {
+            cpus: 4,
+            nics: vec![tern_driver::launch::parse_nic("br-src,mac=52:54:00:00:00:07").unwrap()],
+            ..Default::default()
+        });
+        m.policy.network.insert("br-src".into(), "br-dr".into());
+        let text = toml::to_string(&m).unwrap();
+        assert_eq!(Manifest::parse(p, &text).unwrap(), m);
+        for (from, to) in [
+            ("mac = \"52:54:00:00:00:07\"", "mac = \"01:54:00:00:00:07\""),
+            ("mac = \"52:54:00:00:00:07\"", ""),
+            ("bridge = \"br-src\"", "bridge = \"br/src\""),
+            ("br-src = \"br-dr\"", "br-other = \"br-dr\""),
+        ] {
+            assert!(text.contains(from), "{from} in {text}");
+            let err = Manifest::parse(p, &text.replace(from, to)).unwrap_err().to_string();
+            assert!(err.starts_with("/c/vm1/manifest.toml is damaged: "), "{err}");
+        }
     }
 
     #[test]

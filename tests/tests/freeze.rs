@@ -149,9 +149,8 @@ fn serve_takes_scheduled_app_points_through_the_agent() {
     let (vm, agent) = vm_with_agent(Behaviour::Answer);
     let config_path = vm.state.join("vm1/vm.toml");
     let config = std::fs::read_to_string(&config_path).unwrap();
-    assert!(config.contains("[app-points]\n"), "{config}");
-    let config =
-        config.replace("[app-points]\n", &format!("[app-points]\nfreeze = \"{}\"\ninterval = \"10s\"\n", agent.spec()));
+    assert!(!config.contains("[app-points]"), "enable writes no default [app-points]: {config}");
+    let config = format!("{config}\n[app-points]\nfreeze = \"{}\"\ninterval = \"10s\"\n", agent.spec());
     std::fs::write(&config_path, config).unwrap();
     let serve = vm.serve(&[]);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -421,10 +421,7 @@ fn a_group_point_freezes_the_members_with_an_agent() {
     for (vm, agent) in [("a", &agent_a), ("c", &agent_c)] {
         let path = site.state().join(vm).join("vm.toml");
         let config = std::fs::read_to_string(&path).unwrap();
-        let config = config.replace(
-            "freeze-timeout = \"10s\"\n",
-            &format!("freeze = \"{}\"\nfreeze-timeout = \"2s\"\n", agent.spec()),
-        );
+        let config = format!("{config}\n[app-points]\nfreeze = \"{}\"\nfreeze-timeout = \"2s\"\n", agent.spec());
         std::fs::write(&path, config).unwrap();
     }
     run(site.tern().args(["group", "create", "g", "a", "b", "c"]));

@@ -13,6 +13,7 @@ fn manifest(id: uuid::Uuid, disks: &[(&str, u64)], epochs: &[(u64, u64)]) -> Man
         id,
         policy: tern_driver::vm::Policy::default(),
         journal_size: None,
+        launch: None,
         disks: disks
             .iter()
             .map(|&(name, size)| ManifestDisk { name: name.into(), size, source: None, seed: None })

@@ -85,6 +85,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
             journal: JournalConfig { size: Size::mib(512), ..Default::default() },
             policy: Policy::default(),
             app_points: Default::default(),
+            launch: Default::default(),
             initial_sync: InitialSync::Allocated,
         },
     )?;
@@ -252,6 +253,7 @@ pub fn run(_cli: &Cli, a: &Args) -> Result<()> {
                 &crate::failover::Choice::Point(p.id.clone()),
                 Some("drill"),
                 true,
+                &Default::default(),
             )?;
             let disk = &f.disks[0].1;
             let same = std::fs::read(disk)? == std::fs::read(&at_tag)?;

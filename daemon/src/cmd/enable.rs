@@ -2,6 +2,7 @@
 //! policy) turned into an [`tern_driver::vm::EnableSpec`], and what it
 //! prints about the initial sync to come.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -65,6 +66,34 @@ pub struct Args {
     /// target to answer. Repeat per disk; a disk without one starts empty.
     #[arg(long = "seed", value_name = "NAME=PATH", value_parser = crate::cmd::parse_onto)]
     pub seeds: Vec<(String, PathBuf)>,
+    /// The VM's memory when a failover starts it (its launch.sh).
+    #[arg(long, default_value = "2GiB")]
+    pub memory: Size,
+    /// Its virtual CPUs when a failover starts it.
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// A NIC of the VM, as BRIDGE[,mac=MAC][,model=MODEL]: the bridge it
+    /// is on here, its MAC address (kept across a failover; default: a
+    /// stable one made from the VM's id), the qemu model (default
+    /// virtio-net-pci). Repeat per NIC, in the guest's order.
+    #[arg(long = "nic", value_name = "BRIDGE[,mac=MAC][,model=M]", value_parser = tern_driver::launch::parse_nic)]
+    pub nics: Vec<tern_driver::vm::NicConfig>,
+    /// The network map, as SOURCE=TARGET: a real failover puts the NICs on
+    /// bridge SOURCE on bridge TARGET at the target site (a NIC whose
+    /// bridge is not mapped stays on a bridge of the same name). Repeat
+    /// per bridge.
+    #[arg(long = "network", value_name = "SOURCE=TARGET", value_parser = parse_network)]
+    pub network: Vec<(String, String)>,
+    /// Direct kernel boot of the failed-over VM: the kernel (a path at the
+    /// target site).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// With --kernel: its initrd (a path at the target site).
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// With --kernel: its command line.
+    #[arg(long, requires = "kernel", allow_hyphen_values = true)]
+    pub append: Option<String>,
     /// Create the cache store directory if it does not exist (otherwise a
     /// missing one is refused: a typo would replicate nowhere).
     #[arg(long)]
@@ -100,6 +129,39 @@ fn parse_compression(s: &str) -> Result<(i32, Option<(i32, i32)>), String> {
     }
 }
 
+/// `--network br0=br-dr`: both bridge names checked.
+fn parse_network(s: &str) -> Result<(String, String), String> {
+    let (source, target) =
+        s.split_once('=').ok_or_else(|| format!("{s:?}: expected SOURCE=TARGET bridges, as in br0=br-dr"))?;
+    tern_driver::launch::validate_bridge(source)?;
+    tern_driver::launch::validate_bridge(target)?;
+    Ok((source.to_owned(), target.to_owned()))
+}
+
+/// The launch settings and the network map the arguments give.
+fn launch_settings(a: &Args) -> Result<(vm::LaunchConfig, BTreeMap<String, String>)> {
+    let mut network = BTreeMap::new();
+    for (source, target) in &a.network {
+        if let Some(other) = network.insert(source.clone(), target.clone()) {
+            anyhow::bail!(
+                "cannot enable VM '{}': --network maps bridge '{source}' twice (to '{other}' and to '{target}'): give one",
+                a.vm
+            );
+        }
+    }
+    let launch = vm::LaunchConfig {
+        memory: a.memory,
+        cpus: a.cpus,
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        append: a.append.clone(),
+        nics: a.nics.clone(),
+    };
+    // Before anything is created (the cache store with --create).
+    launch.validate(&network).map_err(|e| anyhow::anyhow!("cannot enable VM '{}': {e}", a.vm))?;
+    Ok((launch, network))
+}
+
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     // Memory the rings of VMs removed by hand still hold is freed first.
     tern_driver::journal::live::sweep_orphans(vm::VmPaths::new(&cli.state, &a.vm)?.ring_dir());
@@ -124,6 +186,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     if let Some(key) = &cli.key {
         tern_store::seal::Key::load(key).with_context(|| format!("cannot enable VM '{}' sealed", a.vm))?;
     }
+    let (launch, network) = launch_settings(a)?;
     let spec = EnableSpec {
         name: a.vm.clone(),
         disks: a.disks.clone(),
@@ -139,6 +202,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             compression_level: a.compression.map_or(1, |c| c.0),
             compression_min: a.compression.and_then(|c| c.1).map(|r| r.0),
             compression_max: a.compression.and_then(|c| c.1).map(|r| r.1),
+            network,
             ..Policy::default()
         },
         app_points: vm::AppPoints {
@@ -146,6 +210,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             freeze_timeout: a.freeze_timeout,
             interval: a.app_interval,
         },
+        launch,
         initial_sync: if a.seeds.is_empty() {
             InitialSync::Allocated
         } else {

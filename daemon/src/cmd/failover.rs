@@ -11,7 +11,7 @@ use tern_store::object::Store;
 use tern_store::target::TargetDir;
 
 use super::Cli;
-use crate::failover::{make_failover, real_failover, Choice};
+use crate::failover::{make_failover, real_failover, Choice, Network};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -60,9 +60,20 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Start the failed-over VM with qemu (its launch.sh; console in
-    /// console.log).
+    /// console.log). Every bridge its NICs go on must exist, else nothing
+    /// is started (nor fenced). With --group: the members in their name
+    /// order, each once all are failed over.
     #[arg(long)]
     pub boot: bool,
+    /// A test failover's network: every NIC of the VM on this bridge (an
+    /// isolated one: it must not reach production). Default: none, no
+    /// network at all. A real failover uses the policy's network map.
+    #[arg(long, value_name = "BRIDGE", requires = "test", value_parser = parse_bridge)]
+    pub test_network: Option<String>,
+}
+
+fn parse_bridge(s: &str) -> Result<String, String> {
+    tern_driver::launch::validate_bridge(s).map(|()| s.to_owned())
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,6 +113,14 @@ pub struct CleanupArgs {
     pub target: Option<PathBuf>,
 }
 impl Args {
+    fn network(&self) -> Network {
+        if self.test {
+            Network::Test(self.test_network.clone())
+        } else {
+            Network::Real
+        }
+    }
+
     fn choice(&self) -> Choice {
         match (&self.point, self.latest_point) {
             (Some(id), _) => Choice::Point(id.clone()),
@@ -137,10 +156,16 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let vm = a.vm.as_deref().expect("clap: a VM or --group");
     let (target_root, cache_root) = sites(cli, vm, a.target.as_deref(), a.cache.as_deref())?;
     let started = Instant::now();
+    let plan = crate::failover::launch_plan(&cache_root, vm, &a.network())?;
+    crate::failover::refuse_test_network_without_nics(&[vm], a.test_network.as_deref(), &[&plan])?;
+    if a.boot {
+        // Before anything is fenced or cloned.
+        crate::failover::check_bridges(vm, &plan)?;
+    }
     let f = if a.test {
-        make_failover(&target_root, &cache_root, vm, &a.choice(), a.name.as_deref(), true)?
+        make_failover(&target_root, &cache_root, vm, &a.choice(), a.name.as_deref(), true, &plan)?
     } else {
-        real_failover(&target_root, &cache_root, vm, &a.choice(), a.planned.then_some(a.timeout))?
+        real_failover(&target_root, &cache_root, vm, &a.choice(), a.planned.then_some(a.timeout), &plan)?
     };
     if a.boot {
         boot(vm, &f)?;
@@ -166,8 +191,15 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             if f.copied { " (copied: the target cannot reflink)" } else { "" },
             f.dir.display()
         );
+        for n in &f.nics {
+            println!("NIC {} (MAC {}) on bridge {} (at the source: {})", n.index, n.mac, n.bridge, n.source_bridge);
+        }
         if a.test {
-            println!("start it with {} (no network: isolated from production)", f.dir.join("launch.sh").display());
+            if f.nics.is_empty() {
+                println!("start it with {} (no network: isolated from production)", f.dir.join("launch.sh").display());
+            } else {
+                println!("start it with {}", f.dir.join("launch.sh").display());
+            }
             println!("remove it with `tern failover-cleanup {vm} {}`", f.name);
         } else {
             if a.planned {
@@ -197,6 +229,16 @@ fn failover_json(f: &crate::failover::Failover) -> serde_json::Map<String, serde
     out.insert("seq".into(), f.point.seq.into());
     out.insert("disks".into(), disks.into());
     out.insert("clone".into(), if f.copied { "copy" } else { "reflink" }.into());
+    let network: Vec<serde_json::Value> = f
+        .nics
+        .iter()
+        .map(|n| {
+            serde_json::json!({
+                "nic": n.index, "mac": n.mac, "model": n.model, "bridge": n.bridge, "source_bridge": n.source_bridge,
+            })
+        })
+        .collect();
+    out.insert("network".into(), network.into());
     out
 }
 
@@ -211,6 +253,22 @@ fn boot(vm: &str, f: &crate::failover::Failover) -> Result<()> {
         .spawn()
         .with_context(|| format!("cannot start {}", f.dir.join("launch.sh").display()))?;
     std::fs::write(f.dir.join("qemu.pid"), format!("{}\n", child.id()))?;
+    // A qemu that cannot start (a tap it may not create, a bridge that
+    // went away) exits at once: say so, not "booting".
+    let mut child = child;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            let console = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(5).collect();
+            anyhow::bail!(
+                "VM '{vm}': qemu exited at once ({status}) from {}: {}; the failover is made: fix that and run its launch.sh",
+                f.dir.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     log::info!("VM '{vm}' booting from {} (qemu pid {}, console in {})", f.dir.display(), child.id(), log.display());
     Ok(())
 }
@@ -240,14 +298,28 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         })?,
     };
     let started = Instant::now();
-    let mut done = Vec::new();
-    for (vm, p) in &chosen.members {
+    // Every member's bridges are checked before any is failed over.
+    let mut plans = Vec::new();
+    for (vm, _) in &chosen.members {
         let (_, cache) = sites(cli, vm, Some(&target), a.cache.as_deref())?;
+        let plan = crate::failover::launch_plan(&cache, vm, &a.network())
+            .with_context(|| format!("group '{group}': nothing is failed over"))?;
+        if a.boot {
+            crate::failover::check_bridges(vm, &plan)
+                .with_context(|| format!("group '{group}': nothing is failed over"))?;
+        }
+        plans.push((cache, plan));
+    }
+    let vms: Vec<&str> = chosen.members.iter().map(|(vm, _)| vm.as_str()).collect();
+    let each: Vec<&crate::failover::LaunchPlan> = plans.iter().map(|(_, p)| p).collect();
+    crate::failover::refuse_test_network_without_nics(&vms, a.test_network.as_deref(), &each)?;
+    let mut done = Vec::new();
+    for ((vm, p), (cache, plan)) in chosen.members.iter().zip(&plans) {
         let choice = Choice::Point(p.id.clone());
         let f = if a.test {
-            make_failover(&target, &cache, vm, &choice, a.name.as_deref(), true)
+            make_failover(&target, cache, vm, &choice, a.name.as_deref(), true, plan)
         } else {
-            real_failover(&target, &cache, vm, &choice, None)
+            real_failover(&target, cache, vm, &choice, None, plan)
         };
         let f = f.with_context(|| {
             let before: Vec<&str> =

@@ -417,6 +417,14 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
             config.id
         );
     }
+    if manifest.refresh_from(config) {
+        // vm.toml changed since the manifest was written (a new policy, or
+        // launch settings): the target learns it only from the manifest.
+        log::info!(
+            "VM '{vm}': {} takes the policy and launch settings of vm.toml",
+            cache.location(tern_store::cache::MANIFEST)
+        );
+    }
     let newest = match cache.newest_segment(Some(*config.id.as_bytes()))? {
         Some(h) => Some(h.context("the newest segment in the cache is damaged; move it away to re-ship it")?),
         None => None,

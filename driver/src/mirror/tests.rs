@@ -45,6 +45,7 @@ fn setup_in(base: &Path, disk_size: u64, journal: u64, region: u64) -> Setup {
             journal: JournalConfig { size: Size(journal), region_size: Size(region) },
             policy: Policy::default(),
             app_points: Default::default(),
+            launch: Default::default(),
             initial_sync: Default::default(),
         },
     )
