@@ -248,7 +248,7 @@ fn cut_members(name: &str, members: &[Member], tag: GroupTag) -> Result<Cut> {
     // Each member's tag lock first, so no cut waits on one with writes held.
     let mut locks = Vec::new();
     for m in members {
-        locks.push(tern_driver::tag::GroupTagLock::acquire(&m.journal, &m.paths.tag_lock())?);
+        locks.push(tern_driver::tag::GroupTagLock::acquire(&m.journal, &m.paths.tag_lock(), &description)?);
     }
     let me = std::process::id();
     let started = Instant::now();

@@ -11,6 +11,12 @@
 //! records). A tagger killed in the instant between reserving and noting
 //! leaves a hole that only the next front-end's attach pads
 //! ([`Journal::pad_holes`]).
+//!
+//! A group cut reserves its tags with writes held, where no file write
+//! belongs, so it notes its *intent* before: the length and checksum of
+//! the group tag it will reserve. A shipper stopped at an unpublished tag
+//! of exactly that description, the lock free, knows the tag's cutter died
+//! and pads it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -19,6 +25,16 @@ use std::path::Path;
 
 use crate::journal::{Journal, Position};
 use crate::{Error, Result};
+
+/// What the tag lock file says a tagger is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Noted {
+    /// A tag reserved there, not yet published.
+    Reserved(Position),
+    /// A group tag of this description (length, crc32c) about to be
+    /// reserved, wherever the ring puts it.
+    GroupIntent { len: u32, crc: u32 },
+}
 
 /// The tag lock, held by one tagger at a time (others wait).
 struct TagLock {
@@ -53,20 +69,28 @@ impl TagLock {
         }
     }
 
-    /// The reservation a tagger noted, if any.
-    fn noted(&mut self) -> Option<Position> {
+    /// What a tagger noted, if anything.
+    fn noted(&mut self) -> Option<Noted> {
         let mut text = String::new();
         self.file.rewind().ok()?;
         self.file.read_to_string(&mut text).ok()?;
-        let (pos, seq) = text.trim().split_once(' ')?;
-        Some(Position { pos: pos.parse().ok()?, seq: seq.parse().ok()? })
+        let words: Vec<&str> = text.split_whitespace().collect();
+        match words.as_slice() {
+            ["group", len, crc] => Some(Noted::GroupIntent { len: len.parse().ok()?, crc: crc.parse().ok()? }),
+            [pos, seq] => Some(Noted::Reserved(Position { pos: pos.parse().ok()?, seq: seq.parse().ok()? })),
+            _ => None,
+        }
     }
 
-    /// Notes (or, with `None`, clears) the reservation. Not fsynced: it
-    /// matters only while the ring in memory lives; after a reboot the
-    /// next front-end pads every hole anyway.
-    fn note(&mut self, at: Option<Position>, path: &Path) -> Result<()> {
-        let text = at.map(|p| format!("{} {}\n", p.pos, p.seq)).unwrap_or_default();
+    /// Notes (or, with `None`, clears) a reservation or an intent. Not
+    /// fsynced: it matters only while the ring in memory lives; after a
+    /// reboot the next front-end pads every hole anyway.
+    fn note(&mut self, what: Option<Noted>, path: &Path) -> Result<()> {
+        let text = match what {
+            None => String::new(),
+            Some(Noted::Reserved(p)) => format!("{} {}\n", p.pos, p.seq),
+            Some(Noted::GroupIntent { len, crc }) => format!("group {len} {crc}\n"),
+        };
         let write = |f: &mut File| -> std::io::Result<()> {
             f.set_len(0)?;
             f.rewind()?;
@@ -120,10 +144,13 @@ pub struct GroupTagLock<'a> {
 }
 
 impl<'a> GroupTagLock<'a> {
-    /// Waits for the VM's tag lock (padding a dead tagger's hole first).
-    pub fn acquire(journal: &'a Journal, lock_path: &Path) -> Result<Self> {
+    /// Waits for the VM's tag lock (padding a dead tagger's hole first),
+    /// and notes the intent to reserve a group tag of `description`.
+    pub fn acquire(journal: &'a Journal, lock_path: &Path, description: &[u8]) -> Result<Self> {
         let mut lock = TagLock::acquire(lock_path)?;
-        reclaim(journal, &mut lock, lock_path)?;
+        reclaim(journal, &mut lock, lock_path, None)?;
+        let intent = Noted::GroupIntent { len: description.len() as u32, crc: crate::checksum::crc32c(description) };
+        lock.note(Some(intent), lock_path)?;
         Ok(GroupTagLock { journal, lock, path: lock_path.to_owned(), reserved: None })
     }
 
@@ -143,19 +170,25 @@ impl<'a> GroupTagLock<'a> {
         if let Some(tag) = self.reserved.take() {
             tag.abandon();
         }
+        let _ = self.lock.note(None, &self.path);
     }
 
-    /// Notes the reserved tag in the lock file (so a shipper pads it should
-    /// this process die now), publishes it and clears the note. Killed
-    /// between the reservation and the note, the hole waits for the next
-    /// front-end's attach, as a `tern tag` killed in that instant does.
+    /// Publishes the reserved tag and clears the intent. Killed before,
+    /// the intent tells a shipper stopped at the tag that its cutter died.
     pub fn publish(&mut self) -> Result<()> {
         if let Some(tag) = self.reserved.take() {
-            self.lock.note(Some(tag.position()), &self.path)?;
             tag.publish()?;
-            self.lock.note(None, &self.path)?;
         }
-        Ok(())
+        self.lock.note(None, &self.path)
+    }
+}
+
+impl Drop for GroupTagLock<'_> {
+    /// A cut that ended before reserving: no intent stays behind.
+    fn drop(&mut self) {
+        if self.reserved.is_none() {
+            let _ = self.lock.note(None, &self.path);
+        }
     }
 }
 
@@ -166,29 +199,55 @@ fn append_locked(
 ) -> Result<Option<u64>> {
     let mut lock = TagLock::acquire(lock_path)?;
     // A reservation still noted is a dead tagger's: pad it first.
-    reclaim(journal, &mut lock, lock_path)?;
+    reclaim(journal, &mut lock, lock_path, None)?;
     let mut noted = Ok(());
-    let seq = append(&mut |at| noted = lock.note(Some(at), lock_path))?;
+    let seq = append(&mut |at| noted = lock.note(Some(Noted::Reserved(at)), lock_path))?;
     noted?;
     lock.note(None, lock_path)?;
     Ok(seq)
 }
 
 /// Pads the hole of a tagger that died before publishing, if the tag lock
-/// is free and notes a reservation. Whether it padded one.
-pub fn reclaim_abandoned(journal: &Journal, lock_path: &Path) -> Result<bool> {
+/// is free and notes a reservation — or the intent of a group cut whose
+/// tag is the unpublished record the consumer waits at, `waiting_at`.
+/// Whether it padded one.
+pub fn reclaim_abandoned(journal: &Journal, lock_path: &Path, waiting_at: Position) -> Result<bool> {
     if std::fs::metadata(lock_path).map_or(true, |m| m.len() == 0) {
         return Ok(false); // nothing noted: the common case, one stat
     }
     match TagLock::try_acquire(lock_path)? {
-        Some(mut lock) => reclaim(journal, &mut lock, lock_path),
+        Some(mut lock) => reclaim(journal, &mut lock, lock_path, Some(waiting_at)),
         None => Ok(false), // a tagger is at work
     }
 }
 
-fn reclaim(journal: &Journal, lock: &mut TagLock, lock_path: &Path) -> Result<bool> {
-    let Some(at) = lock.noted() else { return Ok(false) };
-    let padded = journal.pad_abandoned_tag(at);
+fn reclaim(journal: &Journal, lock: &mut TagLock, lock_path: &Path, waiting_at: Option<Position>) -> Result<bool> {
+    let padded = match lock.noted() {
+        None => return Ok(false),
+        Some(Noted::Reserved(at)) => journal.pad_abandoned_tag(at),
+        // The dead cutter's tag, if it reserved one, is where the consumer
+        // stops, once what was reserved before it is published: the
+        // shipper knows where it waits; a tagger looks (a write reserved
+        // before it is published within microseconds).
+        Some(Noted::GroupIntent { len, crc }) => match waiting_at {
+            Some(at) if journal.unpublished_tag_is(at, len, crc) => journal.pad_abandoned_tag(at),
+            Some(_) => return Ok(false), // not (yet) where the consumer waits: keep the intent
+            None => {
+                let mut padded = false;
+                for _ in 0..50 {
+                    match journal.first_unpublished() {
+                        Some(at) if journal.unpublished_tag_is(at, len, crc) => {
+                            padded = journal.pad_abandoned_tag(at);
+                            break;
+                        }
+                        Some(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+                        None => break, // nothing unpublished: the cutter reserved nothing
+                    }
+                }
+                padded
+            }
+        },
+    };
     lock.note(None, lock_path)?;
     Ok(padded)
 }

@@ -475,3 +475,52 @@ fn a_cut_failing_after_a_reservation_leaves_a_pad_not_a_tag() {
         assert_files_equal(&site.path("target").join(vm).join("replica/disk0.img"), &site.path(&format!("{vm}.img")));
     }
 }
+
+/// A coordinator killed after one member's tag has its place, before it
+/// was published: that member's stream stops at the unpublished tag. The
+/// cut's intent, noted in the tag lock before the barrier, lets the
+/// member's shipper find the dead cutter's tag there and pad it: the
+/// stream goes on without a restart of `tern serve`.
+#[test]
+fn a_coordinator_killed_after_a_reservation_does_not_stop_the_stream() {
+    let site = Site::new(&["a", "b"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let (a, b) = (site.serve("a"), site.serve("b"));
+    let out = site.tern_armed("tag:group-reserved=kill").args(["tag", "--group", "g", "x"]).output().unwrap();
+    assert!(!out.status.success(), "the coordinator was to die after a's reservation");
+    for vm in ["a", "b"] {
+        let mut c = RawClient::connect(&site.socket(vm), "disk0");
+        for i in 0..8 {
+            assert_eq!(c.call(CMD_WRITE, 0, i * BLOCK, BLOCK as u32, &[5u8; BLOCK as usize]).error, 0);
+        }
+    }
+    // `tern ship --once` with `tern serve` still running: the hole is not
+    // padded by an attach; only the intent lets the shipper past it.
+    for vm in ["a", "b"] {
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(tern_bin())
+            .arg("--state")
+            .arg(site.state())
+            .env("TERN_RING_DIR", ring_dir_of(&site.state()))
+            .args(["ship", vm, "--once"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "VM {vm}: tern ship --once did not get past the dead cut's tag: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if vm == "a" {
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(log.contains("padded the hole"), "{log}");
+        }
+    }
+    a.stop();
+    b.stop();
+    site.ship_and_apply(&["a", "b"]);
+    assert!(site.group_points("g").is_empty());
+    for vm in ["a", "b"] {
+        assert_files_equal(&site.path("target").join(vm).join("replica/disk0.img"), &site.path(&format!("{vm}.img")));
+    }
+}

@@ -606,11 +606,16 @@ fn read_batches(
                     last_progress_log = Instant::now();
                 }
                 if journal.head().pos > cursor.position().pos && last_reclaim.elapsed() > Duration::from_secs(1) {
-                    // Stopped at a hole: a dead `tern tag`'s, if the tag
-                    // lock says so; it is padded and the stream goes on.
+                    // Stopped at a hole: a dead `tern tag`'s (or group
+                    // cut's), if the tag lock says so; it is padded and the
+                    // stream goes on.
                     last_reclaim = Instant::now();
-                    if tern_driver::tag::reclaim_abandoned(journal, tag_lock)? {
-                        log::warn!("VM '{}': padded the hole a killed `tern tag` left in the journal", config.name);
+                    if tern_driver::tag::reclaim_abandoned(journal, tag_lock, cursor.position())? {
+                        log::warn!(
+                            "VM '{}': padded the hole a killed `tern tag` left in the journal at seq {}",
+                            config.name,
+                            cursor.position().seq
+                        );
                     }
                 }
                 std::thread::sleep(Duration::from_millis(2));

@@ -82,6 +82,36 @@ impl Journal {
         Ok(Some(ReservedTag { journal: self, pos, seq: at.seq, footprint: footprint(data.len()) }))
     }
 
+    /// Whether the record at `at` is an unpublished tag, wholly written,
+    /// whose data has this length and crc32c: the group tag a dead
+    /// cutter reserved there (`tag::GroupTagLock`'s intent).
+    pub fn unpublished_tag_is(&self, at: Position, len: u32, crc: u32) -> bool {
+        if at.pos < self.tail().pos || at.pos >= self.head().pos || !matches!(self.locate(at.pos), Ok(None)) {
+            return false;
+        }
+        let Ok((h, stored, slot)) = self.header_at(at.pos) else { return false };
+        if h.kind != RecordKind::Tag || h.flags != TAG_GROUP || h.seq != at.seq || h.data_len != len {
+            return false;
+        }
+        let mut data = Vec::new();
+        self.copy_checked(&h, stored, slot, &mut data) && crate::checksum::crc32c(&data) == crc
+    }
+
+    /// The first position past the tail where nothing is published yet
+    /// (a record being written, or a hole), if there is one before the
+    /// head: where the consumer stops.
+    pub fn first_unpublished(&self) -> Option<Position> {
+        let (mut pos, head) = (self.tail().pos, self.head().pos);
+        while pos < head {
+            match self.locate(pos) {
+                Ok(Some((h, _, _))) => pos += h.footprint(),
+                Ok(None) => return self.header_at(pos).ok().map(|(h, _, _)| Position { pos, seq: h.seq }),
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
     /// Pads the tag reserved at `at` if it is still unpublished: its
     /// producer died between reserving and publishing it (the caller knows
     /// it is dead), and the hole would stop the consumer for good. Whether
