@@ -186,24 +186,9 @@ pub fn real_failover(
     planned: Option<Duration>,
     plan: &LaunchPlan,
 ) -> Result<Failover> {
-    let cache = crate::cache::for_vm(cache_root, vm)?;
-    let previous = cache.read_fence()?;
-    if let Some(f) = &previous {
-        if f.committed {
-            bail!(
-                "VM '{vm}' failed over to point {} and that was committed: it runs from the target now; re-protect it to replicate it back",
-                f.point
-            );
-        }
-    }
-    let manifest = cache
-        .read_manifest()?
-        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped here", cache.describe()))?;
-    let target = TargetDir::new(target_root, vm);
+    let Ready { cache, previous, manifest, target, active } = ready_for_real_failover(target_root, cache_root, vm)?;
     // Choose (for --latest: catch up and point) before fencing, so the
     // point holds everything the cache had.
-    let active = target.root().join("failover").join("active");
-    refuse_if_in_use(vm, &active)?;
     let stopped_at = match planned {
         Some(timeout) => Some(stop_source(&cache, &manifest, vm, timeout)?),
         None => None,
@@ -234,6 +219,68 @@ pub fn real_failover(
         std::fs::remove_dir_all(&active).with_context(|| format!("cannot remove {}", active.display()))?;
     }
     make_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false, plan)
+}
+
+/// What a real failover found true before it fences anything.
+struct Ready {
+    cache: CacheDir,
+    previous: Option<Fence>,
+    manifest: tern_store::cache::Manifest,
+    target: TargetDir,
+    active: PathBuf,
+}
+
+/// The checks a real failover makes before it fences: not committed
+/// already, shipped here at all, its failed-over disks not in use.
+fn ready_for_real_failover(target_root: &Path, cache_root: &Store, vm: &str) -> Result<Ready> {
+    let cache = crate::cache::for_vm(cache_root, vm)?;
+    let previous = cache.read_fence()?;
+    if let Some(f) = &previous {
+        if f.committed {
+            bail!(
+                "VM '{vm}' failed over to point {} and that was committed: it runs from the target now; re-protect it to replicate it back",
+                f.point
+            );
+        }
+    }
+    let manifest = cache
+        .read_manifest()?
+        .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped here", cache.describe()))?;
+    let target = TargetDir::new(target_root, vm);
+    let active = target.root().join("failover").join("active");
+    refuse_if_in_use(vm, &active)?;
+    Ok(Ready { cache, previous, manifest, target, active })
+}
+
+/// Whether `vm` can fail over to its catalog point `point` (a group
+/// member's share of a group point) — the checks each failover makes
+/// before it fences or clones anything, so a group's failover finds a
+/// member that cannot before any other member is failed over. A test
+/// failover named `test_name` needs that directory free.
+pub fn precheck(
+    target_root: &Path,
+    cache_root: &Store,
+    vm: &str,
+    point: &str,
+    test: bool,
+    test_name: Option<&str>,
+) -> Result<()> {
+    let target = TargetDir::new(target_root, vm);
+    if !target.point_dir(point).join("point.toml").is_file() {
+        bail!("VM '{vm}' has no point {point} at {} (retention removed it?)", target.points_dir().display());
+    }
+    if !test {
+        ready_for_real_failover(target_root, cache_root, vm)?;
+    } else if let Some(name) = test_name {
+        let dir = target.root().join("failover").join(name);
+        if dir.exists() {
+            bail!(
+                "{} exists: pick another --name, or remove it with `tern failover-cleanup {vm} {name}`",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A planned failover's first half: asks the source to stop (its `tern

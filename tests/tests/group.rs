@@ -524,3 +524,27 @@ fn a_coordinator_killed_after_a_reservation_does_not_stop_the_stream() {
         assert_files_equal(&site.path("target").join(vm).join("replica/disk0.img"), &site.path(&format!("{vm}.img")));
     }
 }
+
+/// A member that cannot fail over (here: committed to a failover of its
+/// own already) is found before any member is fenced: the application is
+/// never left half failed over by a refusal.
+#[test]
+fn a_group_failover_refused_for_one_member_fences_none() {
+    let site = Site::new(&["a", "b"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let (a, b) = (site.serve("a"), site.serve("b"));
+    run(site.tern().args(["tag", "--group", "g", "first"]));
+    a.stop();
+    b.stop();
+    site.ship_and_apply(&["a", "b"]);
+    let target = site.path("target");
+    run(site.tern().args(["failover", "b", "--latest-point", "--target"]).arg(&target));
+    run(site.tern().args(["commit", "b", "--target"]).arg(&target));
+    let out = site.tern().args(["failover", "--group", "g", "--target"]).arg(&target).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nothing is failed over") && err.contains("VM 'b'"), "{err}");
+    // a was not fenced: its source still ships.
+    let shipped = site.tern().args(["ship", "a", "--once"]).output().unwrap();
+    assert!(shipped.status.success(), "VM a was fenced: {}", String::from_utf8_lossy(&shipped.stderr));
+    assert!(!target.join("a/failover/active").exists(), "VM a was failed over");
+}

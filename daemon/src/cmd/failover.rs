@@ -313,6 +313,12 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
     let vms: Vec<&str> = chosen.members.iter().map(|(vm, _)| vm.as_str()).collect();
     let each: Vec<&crate::failover::LaunchPlan> = plans.iter().map(|(_, p)| p).collect();
     crate::failover::refuse_test_network_without_nics(&vms, a.test_network.as_deref(), &each)?;
+    // Every member able to fail over before any is: a member that cannot
+    // must not leave the others fenced (the application half failed over).
+    for ((vm, p), (cache, _)) in chosen.members.iter().zip(&plans) {
+        crate::failover::precheck(&target, cache, vm, &p.id, a.test, a.name.as_deref())
+            .with_context(|| format!("group '{group}': nothing is failed over"))?;
+    }
     let mut done = Vec::new();
     for ((vm, p), (cache, plan)) in chosen.members.iter().zip(&plans) {
         let choice = Choice::Point(p.id.clone());
