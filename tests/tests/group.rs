@@ -548,3 +548,54 @@ fn a_group_failover_refused_for_one_member_fences_none() {
     assert!(shipped.status.success(), "VM a was fenced: {}", String::from_utf8_lossy(&shipped.stderr));
     assert!(!target.join("a/failover/active").exists(), "VM a was failed over");
 }
+
+/// `failover --group --boot --boot-order`: the members named start first,
+/// in that order, `--boot-wait` apart, the rest after; a name that is no
+/// member is refused before anything is failed over.
+#[test]
+fn a_group_boots_in_the_order_given() {
+    require("qemu-system-x86_64");
+    let site = Site::new(&["a", "b", "c"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b", "c"]));
+    let served: Vec<Served> = ["a", "b", "c"].iter().map(|vm| site.serve(vm)).collect();
+    run(site.tern().args(["tag", "--group", "g", "first"]));
+    served.into_iter().for_each(|s| drop(s.stop()));
+    site.ship_and_apply(&["a", "b", "c"]);
+    let target = site.path("target");
+    let failover = |args: &[&str]| {
+        site.tern()
+            .args(["failover", "--group", "g", "--test", "--boot", "--json", "--target"])
+            .arg(&target)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = failover(&["--boot-order", "c,x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("'x', which is not a member of group 'g'"), "{err}");
+    assert!(!target.join("a/failover").exists(), "failed over despite the refusal");
+    let out = failover(&["--boot-order", "c,b", "--boot-wait", "1s", "--name", "drill"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    let booted = v["booted"].as_array().unwrap().clone();
+    // Stop every qemu before judging.
+    for b in &booted {
+        let pid = b["pid"].as_i64().unwrap() as i32;
+        kill_qemu(pid);
+    }
+    let order: Vec<&str> = booted.iter().map(|b| b["vm"].as_str().unwrap()).collect();
+    assert_eq!(order, ["c", "b", "a"], "{v}");
+    let at = |i: usize| humantime_ms(booted[i]["started"].as_str().unwrap());
+    assert!(at(1) - at(0) >= 1000 && at(2) - at(1) >= 1000, "--boot-wait 1s not kept: {v}");
+}
+
+/// SIGKILL to a qemu the test started (its launch.sh execs qemu).
+fn kill_qemu(pid: i32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time with milliseconds.
+fn humantime_ms(t: &str) -> i64 {
+    let out = Command::new("date").args(["-d", t, "+%s%3N"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}

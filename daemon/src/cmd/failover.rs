@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tern_driver::vm::{validate_name, VmPaths};
 use tern_store::object::Store;
 use tern_store::target::TargetDir;
@@ -62,9 +62,18 @@ pub struct Args {
     /// Start the failed-over VM with qemu (its launch.sh; console in
     /// console.log). Every bridge its NICs go on must exist, else nothing
     /// is started (nor fenced). With --group: the members in their name
-    /// order, each once all are failed over.
+    /// order (or --boot-order's), each once all are failed over.
     #[arg(long)]
     pub boot: bool,
+    /// With --group --boot: these members start first, in this order (a
+    /// database before its application servers), then the rest in name
+    /// order.
+    #[arg(long, value_name = "VM,...", value_delimiter = ',', requires_all = ["group", "boot"])]
+    pub boot_order: Vec<String>,
+    /// With --group --boot: how long to wait after starting one member
+    /// before starting the next (for a service to come up).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires_all = ["group", "boot"])]
+    pub boot_wait: Option<Duration>,
     /// A test failover's network: every NIC of the VM on this bridge (an
     /// isolated one: it must not reach production). Default: none, no
     /// network at all. A real failover uses the policy's network map.
@@ -242,8 +251,9 @@ fn failover_json(f: &crate::failover::Failover) -> serde_json::Map<String, serde
     out
 }
 
-/// Starts the failed-over VM (its launch.sh), console in console.log.
-fn boot(vm: &str, f: &crate::failover::Failover) -> Result<()> {
+/// Starts the failed-over VM (its launch.sh), console in console.log;
+/// qemu's pid.
+fn boot(vm: &str, f: &crate::failover::Failover) -> Result<u32> {
     let log = f.dir.join("console.log");
     let console = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let child = std::process::Command::new(f.dir.join("launch.sh"))
@@ -270,7 +280,27 @@ fn boot(vm: &str, f: &crate::failover::Failover) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     log::info!("VM '{vm}' booting from {} (qemu pid {}, console in {})", f.dir.display(), child.id(), log.display());
-    Ok(())
+    Ok(child.id())
+}
+
+/// The order a group's members boot in: `first` (each a member, once),
+/// then the others in name order.
+fn boot_order<'a>(group: &str, members: &'a [String], first: &[String]) -> Result<Vec<&'a String>> {
+    let mut order: Vec<&String> = Vec::new();
+    for vm in first {
+        let m = members.iter().find(|m| *m == vm).with_context(|| {
+            format!(
+                "--boot-order names '{vm}', which is not a member of group '{group}' ({}); nothing is failed over",
+                members.join(", ")
+            )
+        })?;
+        if order.contains(&m) {
+            bail!("--boot-order names '{vm}' twice; nothing is failed over");
+        }
+        order.push(m);
+    }
+    order.extend(members.iter().filter(|m| !first.contains(m)));
+    Ok(order)
 }
 
 /// `tern failover --group`: every member at one group point, test or real,
@@ -298,6 +328,8 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         })?,
     };
     let started = Instant::now();
+    let names: Vec<String> = chosen.members.iter().map(|(vm, _)| vm.clone()).collect();
+    let order = boot_order(group, &names, &a.boot_order)?;
     // Every member's bridges are checked before any is failed over.
     let mut plans = Vec::new();
     for (vm, _) in &chosen.members {
@@ -341,9 +373,24 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         })?;
         done.push((vm.clone(), f));
     }
+    let mut booted = Vec::new();
     if a.boot {
-        for (vm, f) in &done {
-            boot(vm, f)?;
+        for (i, vm) in order.iter().enumerate() {
+            if i > 0 {
+                if let Some(wait) = a.boot_wait {
+                    log::info!(
+                        "group '{group}': waiting {} before starting VM '{vm}'",
+                        humantime::format_duration(wait)
+                    );
+                    std::thread::sleep(wait);
+                }
+            }
+            let (_, f) = done.iter().find(|(d, _)| d == *vm).expect("every member failed over");
+            let pid = boot(vm, f)?;
+            booted.push(serde_json::json!({
+                "vm": vm, "pid": pid,
+                "started": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            }));
         }
     }
     let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(chosen.time_ns));
@@ -358,7 +405,7 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
             .collect();
         let out = serde_json::json!({
             "group": group, "point": chosen.id, "label": chosen.label, "time": time.to_string(), "test": a.test,
-            "members": members, "ready_seconds": started.elapsed().as_secs_f64(),
+            "members": members, "ready_seconds": started.elapsed().as_secs_f64(), "booted": booted,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -370,6 +417,10 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         );
         for (vm, f) in &done {
             println!("  VM '{vm}': '{}' from point {} (seq {}): {}", f.name, f.point.id, f.point.seq, f.dir.display());
+        }
+        if !booted.is_empty() {
+            let started: Vec<String> = order.iter().map(|vm| format!("'{vm}'")).collect();
+            println!("started, in this order: {} (consoles in each failover's console.log)", started.join(", "));
         }
         if !a.test {
             let commits: Vec<String> = done.iter().map(|(vm, _)| format!("`tern commit {vm}`")).collect();
