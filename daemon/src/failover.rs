@@ -183,14 +183,15 @@ pub fn real_failover(
     cache_root: &Store,
     vm: &str,
     choice: &Choice,
-    planned: Option<Duration>,
+    planned: Option<Planned>,
     plan: &LaunchPlan,
 ) -> Result<Failover> {
     let Ready { cache, previous, manifest, target, active } = ready_for_real_failover(target_root, cache_root, vm)?;
     // Choose (for --latest: catch up and point) before fencing, so the
     // point holds everything the cache had.
     let stopped_at = match planned {
-        Some(timeout) => Some(stop_source(&cache, &manifest, vm, timeout)?),
+        Some(Planned::Ask(timeout)) => Some(stop_source(&cache, &manifest, vm, timeout)?),
+        Some(Planned::Stopped(seq)) => Some(seq),
         None => None,
     };
     let point = choose_point(&target, cache_root, target_root, vm, choice)?;
@@ -219,6 +220,50 @@ pub fn real_failover(
         std::fs::remove_dir_all(&active).with_context(|| format!("cannot remove {}", active.display()))?;
     }
     make_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false, plan)
+}
+
+/// A planned failover's source stop.
+#[derive(Debug, Clone, Copy)]
+pub enum Planned {
+    /// Ask the source to stop and ship the rest, waiting this long.
+    Ask(Duration),
+    /// It did, up to this sequence number ([`stop_sources`]).
+    Stopped(u64),
+}
+
+/// A planned failover's first half for several VMs at once (a group):
+/// each source asked to stop and ship the rest, all waited for together.
+/// Each one's last sequence number, in the order given; if any does not
+/// stop in time, every request is called off (the sources may serve again)
+/// and nothing is fenced.
+pub fn stop_sources(target_root: &Path, cache_root: &[&Store], vms: &[&str], timeout: Duration) -> Result<Vec<u64>> {
+    let stopped: Vec<Result<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .zip(cache_root)
+            .map(|(vm, store)| {
+                s.spawn(move || {
+                    let Ready { cache, manifest, .. } = ready_for_real_failover(target_root, store, vm)?;
+                    stop_source(&cache, &manifest, vm, timeout)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a stopping thread panicked")).collect()
+    });
+    if stopped.iter().any(Result::is_err) {
+        for (vm, store) in vms.iter().zip(cache_root) {
+            if let Ok(cache) = crate::cache::for_vm(store, vm) {
+                let _ = cache.remove(PLANNED_FAILOVER);
+            }
+        }
+        let why: Vec<String> = stopped.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
+        bail!(
+            "the planned failover is called off for every member ({}), nothing is fenced, the sources may serve again: {}",
+            vms.join(", "),
+            why.join("; ")
+        );
+    }
+    Ok(stopped.into_iter().map(|r| r.expect("checked")).collect())
 }
 
 /// What a real failover found true before it fences anything.
@@ -253,7 +298,7 @@ fn ready_for_real_failover(target_root: &Path, cache_root: &Store, vm: &str) -> 
 }
 
 /// Whether `vm` can fail over to its catalog point `point` (a group
-/// member's share of a group point) — the checks each failover makes
+/// member's share of a group point; none: its newest data) — the checks each failover makes
 /// before it fences or clones anything, so a group's failover finds a
 /// member that cannot before any other member is failed over. A test
 /// failover named `test_name` needs that directory free.
@@ -261,12 +306,12 @@ pub fn precheck(
     target_root: &Path,
     cache_root: &Store,
     vm: &str,
-    point: &str,
+    point: Option<&str>,
     test: bool,
     test_name: Option<&str>,
 ) -> Result<()> {
     let target = TargetDir::new(target_root, vm);
-    if !target.point_dir(point).join("point.toml").is_file() {
+    if let Some(point) = point.filter(|p| !target.point_dir(p).join("point.toml").is_file()) {
         bail!("VM '{vm}' has no point {point} at {} (retention removed it?)", target.points_dir().display());
     }
     if !test {

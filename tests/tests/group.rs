@@ -599,3 +599,62 @@ fn humantime_ms(t: &str) -> i64 {
     let out = Command::new("date").args(["-d", t, "+%s%3N"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
+
+/// `failover --group --planned`: every member's source stops and ships
+/// the rest, all waited for together, then each fails over with all it
+/// wrote (nothing acknowledged is lost anywhere, so the members agree).
+/// One source that does not stop in time calls it off for all: nothing
+/// fenced, no request left, every source may serve again.
+#[test]
+fn a_planned_group_failover_loses_nothing_or_is_called_off_for_all() {
+    let site = Site::new(&["a", "b"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let target = site.path("target");
+    let write = |vm: &str, fill: u8| {
+        let mut c = RawClient::connect(&site.socket(vm), "disk0");
+        for i in 0..16 {
+            assert_eq!(c.call(CMD_WRITE, 0, i * BLOCK, BLOCK as u32, &[fill; BLOCK as usize]).error, 0);
+        }
+    };
+    // b has no shipper: its source never reports the stop.
+    let (a, b) = (site.serve("a"), site.serve("b"));
+    let ship_a = site.ship("a");
+    write("a", 1);
+    write("b", 2);
+    run(site.tern().args(["ship", "b", "--once"]));
+    let out = site
+        .tern()
+        .args(["failover", "--group", "g", "--planned", "--timeout", "3s", "--target"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("called off for every member"), "{err}");
+    for vm in ["a", "b"] {
+        let cache = site.path("cache").join(vm);
+        assert!(!cache.join("fence.toml").exists(), "VM {vm} fenced");
+        assert!(!cache.join("planned-failover.toml").exists(), "VM {vm}: the request was left");
+    }
+    // The sources stopped on the request; they serve again, both shipped.
+    drop((a.stop(), b.stop(), ship_a.stop()));
+    let (a, b) = (site.serve("a"), site.serve("b"));
+    let (ship_a, ship_b) = (site.ship("a"), site.ship("b"));
+    write("a", 3);
+    write("b", 4);
+    let out = run(site
+        .tern()
+        .args(["failover", "--group", "g", "--planned", "--timeout", "60s", "--json", "--target"])
+        .arg(&target));
+    let v = json(&out);
+    assert_eq!(v["planned"], true, "{v}");
+    for m in v["members"].as_array().unwrap() {
+        let vm = m["vm"].as_str().unwrap();
+        assert_files_equal(Path::new(m["disks"]["disk0"].as_str().unwrap()), &site.path(&format!("{vm}.img")));
+    }
+    for s in [a, b] {
+        assert!(s.exited().success(), "a planned stop is a clean stop");
+    }
+    for s in [ship_a, ship_b] {
+        assert_eq!(s.exited().code(), Some(3), "the shipper stops at the fence");
+    }
+}

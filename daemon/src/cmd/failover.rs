@@ -18,8 +18,9 @@ pub struct Args {
     #[arg(required_unless_present = "group")]
     pub vm: Option<String>,
     /// Every member of a group at one group point (`tern points --group`):
-    /// --point names a group point, else the newest is used.
-    #[arg(long, conflicts_with_all = ["vm", "planned"])]
+    /// --point names a group point, else the newest is used. With
+    /// --planned: every member's source stopped, each with all it wrote.
+    #[arg(long, conflicts_with = "vm")]
     pub group: Option<String>,
     /// A test failover: an isolated copy; replication is not touched.
     /// Without it: fence the source off (it stops shipping), and run the VM
@@ -174,7 +175,8 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     let f = if a.test {
         make_failover(&target_root, &cache_root, vm, &a.choice(), a.name.as_deref(), true, &plan)?
     } else {
-        real_failover(&target_root, &cache_root, vm, &a.choice(), a.planned.then_some(a.timeout), &plan)?
+        let planned = a.planned.then_some(crate::failover::Planned::Ask(a.timeout));
+        real_failover(&target_root, &cache_root, vm, &a.choice(), planned, &plan)?
     };
     if a.boot {
         boot(vm, &f)?;
@@ -283,6 +285,19 @@ fn boot(vm: &str, f: &crate::failover::Failover) -> Result<u32> {
     Ok(child.id())
 }
 
+/// The members of a group for a planned failover (no group point is
+/// used): the newest group point's, else this site's `groups.toml`.
+fn planned_members(cli: &Cli, group: &str, points: &[crate::group::GroupPoint]) -> Result<Vec<String>> {
+    if let Some(g) = points.last() {
+        return Ok(g.members.iter().map(|(vm, _)| vm.clone()).collect());
+    }
+    let groups = crate::group::Groups::load(&cli.state)?;
+    let mut members = groups.get(group)?.members.clone();
+    members.sort();
+    members.dedup();
+    Ok(members)
+}
+
 /// The order a group's members boot in: `first` (each a member, once),
 /// then the others in name order.
 fn boot_order<'a>(group: &str, members: &'a [String], first: &[String]) -> Result<Vec<&'a String>> {
@@ -309,7 +324,13 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
     validate_name("group", group)?;
     let target = crate::group::target_of(&cli.state, group, a.target.as_deref())?;
     let points = crate::group::group_points(&target, group)?;
-    let chosen = match &a.point {
+    // A planned failover stops every source and fails each over with all
+    // it wrote (no acknowledged write is lost anywhere, so no member holds
+    // a consequence without its cause): no group point is needed.
+    let chosen = if a.planned {
+        None
+    } else {
+        Some(match &a.point {
         Some(id) => points.iter().find(|g| &g.id == id).with_context(|| {
             let ids: Vec<&str> = points.iter().map(|g| g.id.as_str()).collect();
             format!(
@@ -326,13 +347,23 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
                 target.display()
             )
         })?,
+        })
     };
     let started = Instant::now();
-    let names: Vec<String> = chosen.members.iter().map(|(vm, _)| vm.clone()).collect();
+    let names: Vec<String> = match &chosen {
+        Some(g) => g.members.iter().map(|(vm, _)| vm.clone()).collect(),
+        None => planned_members(cli, group, &points)?,
+    };
+    // Each member's point: the group point's share, or (planned) its
+    // newest data once its source stopped.
+    let member_points: Vec<Option<&str>> = match &chosen {
+        Some(g) => g.members.iter().map(|(_, p)| Some(p.id.as_str())).collect(),
+        None => names.iter().map(|_| None).collect(),
+    };
     let order = boot_order(group, &names, &a.boot_order)?;
     // Every member's bridges are checked before any is failed over.
     let mut plans = Vec::new();
-    for (vm, _) in &chosen.members {
+    for vm in &names {
         let (_, cache) = sites(cli, vm, Some(&target), a.cache.as_deref())?;
         let plan = crate::failover::launch_plan(&cache, vm, &a.network())
             .with_context(|| format!("group '{group}': nothing is failed over"))?;
@@ -342,22 +373,32 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         }
         plans.push((cache, plan));
     }
-    let vms: Vec<&str> = chosen.members.iter().map(|(vm, _)| vm.as_str()).collect();
+    let vms: Vec<&str> = names.iter().map(String::as_str).collect();
     let each: Vec<&crate::failover::LaunchPlan> = plans.iter().map(|(_, p)| p).collect();
     crate::failover::refuse_test_network_without_nics(&vms, a.test_network.as_deref(), &each)?;
     // Every member able to fail over before any is: a member that cannot
     // must not leave the others fenced (the application half failed over).
-    for ((vm, p), (cache, _)) in chosen.members.iter().zip(&plans) {
-        crate::failover::precheck(&target, cache, vm, &p.id, a.test, a.name.as_deref())
+    for ((vm, p), (cache, _)) in names.iter().zip(&member_points).zip(&plans) {
+        crate::failover::precheck(&target, cache, vm, *p, a.test, a.name.as_deref())
             .with_context(|| format!("group '{group}': nothing is failed over"))?;
     }
+    let stopped: Vec<Option<crate::failover::Planned>> = if a.planned {
+        let stores: Vec<&tern_store::object::Store> = plans.iter().map(|(c, _)| c).collect();
+        crate::failover::stop_sources(&target, &stores, &vms, a.timeout)
+            .with_context(|| format!("group '{group}'"))?
+            .into_iter()
+            .map(|seq| Some(crate::failover::Planned::Stopped(seq)))
+            .collect()
+    } else {
+        names.iter().map(|_| None).collect()
+    };
     let mut done = Vec::new();
-    for ((vm, p), (cache, plan)) in chosen.members.iter().zip(&plans) {
-        let choice = Choice::Point(p.id.clone());
+    for (((vm, p), (cache, plan)), planned) in names.iter().zip(&member_points).zip(&plans).zip(stopped) {
+        let choice = p.map_or(Choice::Latest, |id| Choice::Point(id.to_owned()));
         let f = if a.test {
             make_failover(&target, cache, vm, &choice, a.name.as_deref(), true, plan)
         } else {
-            real_failover(&target, cache, vm, &choice, None, plan)
+            real_failover(&target, cache, vm, &choice, planned, plan)
         };
         let f = f.with_context(|| {
             let before: Vec<&str> =
@@ -393,7 +434,8 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
             }));
         }
     }
-    let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(chosen.time_ns));
+    let time =
+        chosen.map(|g| humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(g.time_ns)).to_string());
     if a.json {
         let members: Vec<serde_json::Value> = done
             .iter()
@@ -404,17 +446,24 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
             })
             .collect();
         let out = serde_json::json!({
-            "group": group, "point": chosen.id, "label": chosen.label, "time": time.to_string(), "test": a.test,
+            "group": group, "point": chosen.map(|g| &g.id), "label": chosen.and_then(|g| g.label.as_ref()),
+            "time": time, "test": a.test, "planned": a.planned,
             "members": members, "ready_seconds": started.elapsed().as_secs_f64(), "booted": booted,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!(
-            "{} of group '{group}' from group point {} ({time}) ready in {:.2?}:",
-            if a.test { "test failover" } else { "failover" },
-            chosen.id,
-            started.elapsed()
-        );
+        match (chosen, &time) {
+            (Some(g), Some(time)) => println!(
+                "{} of group '{group}' from group point {} ({time}) ready in {:.2?}:",
+                if a.test { "test failover" } else { "failover" },
+                g.id,
+                started.elapsed()
+            ),
+            _ => println!(
+                "planned failover of group '{group}' ready in {:.2?}: every source stopped and shipped everything (RPO 0):",
+                started.elapsed()
+            ),
+        }
         for (vm, f) in &done {
             println!("  VM '{vm}': '{}' from point {} (seq {}): {}", f.name, f.point.id, f.point.seq, f.dir.display());
         }
