@@ -114,6 +114,25 @@ impl Site {
             .arg(self.path("target")));
     }
 
+    /// `count` blocks of `fill` written to VM `vm` from its start, each
+    /// acknowledged.
+    fn write_blocks(&self, vm: &str, count: u64, fill: u8) {
+        let mut c = RawClient::connect(&self.socket(vm), "disk0");
+        for i in 0..count {
+            assert_eq!(c.call(CMD_WRITE, 0, i * BLOCK, BLOCK as u32, &[fill; BLOCK as usize]).error, 0);
+        }
+    }
+
+    /// Every VM's replica at the target equals its image: nothing lost.
+    fn assert_replicas_are_images(&self, vms: &[&str]) {
+        for vm in vms {
+            assert_files_equal(
+                &self.path("target").join(vm).join("replica/disk0.img"),
+                &self.path(&format!("{vm}.img")),
+            );
+        }
+    }
+
     /// `tern points --group GROUP --json` at the target site.
     fn group_points(&self, group: &str) -> Vec<serde_json::Value> {
         let out = run(self.tern().args(["points", "--group", group, "--json", "--target"]).arg(self.path("target")));
@@ -459,10 +478,7 @@ fn a_cut_failing_after_a_reservation_leaves_a_pad_not_a_tag() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no group point was made"), "{err}");
     for vm in ["a", "b"] {
-        let mut c = RawClient::connect(&site.socket(vm), "disk0");
-        for i in 0..8 {
-            assert_eq!(c.call(CMD_WRITE, 0, i * BLOCK, BLOCK as u32, &[9u8; BLOCK as usize]).error, 0);
-        }
+        site.write_blocks(vm, 8, 9);
     }
     a.stop();
     b.stop();
@@ -471,9 +487,9 @@ fn a_cut_failing_after_a_reservation_leaves_a_pad_not_a_tag() {
     for vm in ["a", "b"] {
         let points = json(&run(site.tern().args(["points", vm, "--json", "--target"]).arg(site.path("target"))));
         assert!(points.as_array().unwrap().iter().all(|p| p["kind"] != "app"), "VM {vm}: {points}");
-        // Everything after the pad arrived: the replica is the image.
-        assert_files_equal(&site.path("target").join(vm).join("replica/disk0.img"), &site.path(&format!("{vm}.img")));
     }
+    // Everything after the pad arrived: the replicas are the images.
+    site.assert_replicas_are_images(&["a", "b"]);
 }
 
 /// A coordinator killed after one member's tag has its place, before it
@@ -489,10 +505,7 @@ fn a_coordinator_killed_after_a_reservation_does_not_stop_the_stream() {
     let out = site.tern_armed("tag:group-reserved=kill").args(["tag", "--group", "g", "x"]).output().unwrap();
     assert!(!out.status.success(), "the coordinator was to die after a's reservation");
     for vm in ["a", "b"] {
-        let mut c = RawClient::connect(&site.socket(vm), "disk0");
-        for i in 0..8 {
-            assert_eq!(c.call(CMD_WRITE, 0, i * BLOCK, BLOCK as u32, &[5u8; BLOCK as usize]).error, 0);
-        }
+        site.write_blocks(vm, 8, 5);
     }
     // `tern ship --once` with `tern serve` still running: the hole is not
     // padded by an attach; only the intent lets the shipper past it.
@@ -520,9 +533,7 @@ fn a_coordinator_killed_after_a_reservation_does_not_stop_the_stream() {
     b.stop();
     site.ship_and_apply(&["a", "b"]);
     assert!(site.group_points("g").is_empty());
-    for vm in ["a", "b"] {
-        assert_files_equal(&site.path("target").join(vm).join("replica/disk0.img"), &site.path(&format!("{vm}.img")));
-    }
+    site.assert_replicas_are_images(&["a", "b"]);
 }
 
 /// A member that cannot fail over (here: committed to a failover of its
@@ -610,12 +621,7 @@ fn a_planned_group_failover_loses_nothing_or_is_called_off_for_all() {
     let site = Site::new(&["a", "b"], "64MiB");
     run(site.tern().args(["group", "create", "g", "a", "b"]));
     let target = site.path("target");
-    let write = |vm: &str, fill: u8| {
-        let mut c = RawClient::connect(&site.socket(vm), "disk0");
-        for i in 0..16 {
-            assert_eq!(c.call(CMD_WRITE, 0, i * BLOCK, BLOCK as u32, &[fill; BLOCK as usize]).error, 0);
-        }
-    };
+    let write = |vm: &str, fill: u8| site.write_blocks(vm, 16, fill);
     // b has no shipper: its source never reports the stop.
     let (a, b) = (site.serve("a"), site.serve("b"));
     let ship_a = site.ship("a");
