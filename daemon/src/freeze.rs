@@ -389,6 +389,19 @@ pub struct Tagged {
 /// room (full, or catching up after an overflow).
 pub fn tag(
     journal: &tern_driver::journal::Journal,
+    paths: &tern_driver::vm::VmPaths,
+    label: &str,
+    quiescing: &Quiescing,
+) -> anyhow::Result<Option<Tagged>> {
+    let tagged = tag_quiesced(journal, &paths.tag_lock(), label, quiescing)?;
+    if let Some(t) = &tagged {
+        LastAppPoint::now(label, t.seq, t.quiesce.as_ref()).record(paths);
+    }
+    Ok(tagged)
+}
+
+fn tag_quiesced(
+    journal: &tern_driver::journal::Journal,
     tag_lock: &std::path::Path,
     label: &str,
     quiescing: &Quiescing,
@@ -445,4 +458,55 @@ pub fn describe_group(cut: &crate::group::Cut) -> String {
             format!("; VM '{vm}' {}", describe(q, None, thawed))
         })
         .collect()
+}
+
+/// `<state>/<vm>/app-point.json`: the newest app point tagged here and
+/// whether its guest freeze worked, for `tern status` (a freeze that fails
+/// at every scheduled point must not go unseen).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastAppPoint {
+    pub time: String,
+    pub label: String,
+    pub seq: u64,
+    /// "application", or "crash" when the guest freeze failed.
+    pub consistency: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl LastAppPoint {
+    pub fn now(label: &str, seq: u64, quiesce: Option<&Quiesce>) -> LastAppPoint {
+        LastAppPoint {
+            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            label: label.to_owned(),
+            seq,
+            consistency: if quiesce.is_some_and(|q| !q.frozen) { "crash" } else { "application" }.into(),
+            agent: quiesce.map(|q| q.agent.clone()),
+            reason: quiesce.and_then(|q| q.reason.clone()),
+        }
+    }
+
+    fn file(paths: &tern_driver::vm::VmPaths) -> PathBuf {
+        paths.dir().join("app-point.json")
+    }
+
+    /// Written in place of the last (a temporary file renamed); a failure
+    /// is logged, never the tag's.
+    pub fn record(&self, paths: &tern_driver::vm::VmPaths) {
+        let path = Self::file(paths);
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec_pretty(self)
+            .map_err(std::io::Error::other)
+            .and_then(|text| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            log::warn!("cannot record the app point in {}: {e}", path.display());
+        }
+    }
+
+    pub fn load(paths: &tern_driver::vm::VmPaths) -> Option<LastAppPoint> {
+        serde_json::from_slice(&std::fs::read(Self::file(paths)).ok()?).ok()
+    }
 }

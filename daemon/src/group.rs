@@ -238,6 +238,10 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>, freeze:
     });
     let mut cut = cut?;
     cut.thawed = thawed;
+    for (m, (_, seq)) in members.iter().zip(&cut.seqs) {
+        let label = cut.tag.label.as_deref().unwrap_or("");
+        crate::freeze::LastAppPoint::now(label, *seq, cut.tag.quiesce.get(&m.name)).record(&m.paths);
+    }
     Ok(cut)
 }
 

@@ -158,6 +158,12 @@ pub fn render(s: &VmStatus, up: bool, now_unix_secs: f64) -> String {
         &one(s.ring_bytes.map(Value::Int)),
     );
     family(
+        "tern_app_point_freeze_failed",
+        "gauge",
+        "1 when the guest freeze of the newest app point tagged here failed (the point is crash-consistent only), else 0.",
+        &one(s.last_app_point.as_ref().map(|p| Value::Int((p.consistency == "crash") as u64))),
+    );
+    family(
         "tern_pending_bytes",
         "gauge",
         "Bytes journaled and not yet shipped to the cache store.",
@@ -299,6 +305,7 @@ mod tests {
             applied_seq: None,
             last_error: None,
             ring_bytes: None,
+            last_app_point: None,
         }
     }
 

@@ -168,6 +168,9 @@ pub struct VmStatus {
     pub last_error: Option<String>,
     /// Memory the journal's live ring holds (allocated bytes).
     pub ring_bytes: Option<u64>,
+    /// The newest app point tagged on this host, and whether its guest
+    /// freeze worked.
+    pub last_app_point: Option<crate::freeze::LastAppPoint>,
 }
 
 /// Where the shipper's part of a status comes from.
@@ -331,6 +334,7 @@ pub fn vm_status(paths: &VmPaths, config: &VmConfig, shipper: Shipper<'_>) -> Re
             use std::os::unix::fs::MetadataExt;
             m.blocks() * 512
         }),
+        last_app_point: crate::freeze::LastAppPoint::load(paths),
     })
 }
 
@@ -362,6 +366,18 @@ impl VmStatus {
                 Health::Warning,
                 Some(format!("RPO {:.0}s over {}", rpo.unwrap_or(0.0), humantime::format_duration(warn_rpo))),
             ),
+            _ if self.last_app_point.as_ref().is_some_and(|p| p.consistency == "crash") => {
+                let p = self.last_app_point.as_ref().expect("checked");
+                (
+                    Health::Warning,
+                    Some(format!(
+                        "the guest freeze of the last app point ('{}', {}) failed: {}",
+                        p.label,
+                        p.time,
+                        p.reason.as_deref().unwrap_or("no reason recorded")
+                    )),
+                )
+            }
             State::Protected | State::TestFailover => (Health::Ok, None),
         }
     }

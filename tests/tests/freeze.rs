@@ -72,6 +72,20 @@ fn a_silent_agent_gives_a_crash_consistent_point_after_the_deadline() {
     let p = point_of(&vm, "silent");
     assert_eq!(p["consistency"], "crash", "{p}");
     assert!(p["quiesce"]["reason"].as_str().unwrap().contains("did not answer"), "{p}");
+    // `tern status` warns (exit 1) while the last app point's freeze failed.
+    let status = vm.tern().args(["status", "--json"]).output().unwrap();
+    assert_eq!(status.status.code(), Some(1), "{}", String::from_utf8_lossy(&status.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(s[0]["last_app_point"]["consistency"], "crash", "{s}");
+    let text = String::from_utf8_lossy(&vm.tern().args(["status"]).output().unwrap().stdout).into_owned();
+    assert!(text.contains("last app point 'silent'") && text.contains("CRASH-CONSISTENT"), "{text}");
+    // A frozen point after it: healthy again.
+    std::fs::create_dir(vm.dir.path().join("good")).unwrap();
+    let good = Agent::start(&vm.dir.path().join("good"), Behaviour::Answer);
+    tag(&vm, "again", &["--freeze", &good.spec()]);
+    point_of(&vm, "again");
+    let status = vm.tern().args(["status", "--json"]).output().unwrap();
+    assert_eq!(status.status.code(), Some(0), "{}", String::from_utf8_lossy(&status.stderr));
 }
 
 #[test]

@@ -218,17 +218,17 @@ fn start_app_points(paths: &VmPaths, mirror: &Arc<Mirror>) -> Result<Option<Stop
     );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let thread = {
-        let (mirror, stop, lock) = (Arc::clone(mirror), Arc::clone(&stop), paths.tag_lock());
+        let (mirror, stop, paths) = (Arc::clone(mirror), Arc::clone(&stop), paths.clone());
         std::thread::Builder::new()
             .name("app-points".into())
-            .spawn(move || app_point_loop(&mirror, &lock, &quiescing, interval, &stop))?
+            .spawn(move || app_point_loop(&mirror, &paths, &quiescing, interval, &stop))?
     };
     Ok(Some((stop, thread)))
 }
 
 fn app_point_loop(
     mirror: &Mirror,
-    tag_lock: &std::path::Path,
+    paths: &VmPaths,
     quiescing: &crate::freeze::Quiescing,
     interval: std::time::Duration,
     stop: &std::sync::atomic::AtomicBool,
@@ -244,7 +244,7 @@ fn app_point_loop(
         if mirror.fenced().is_some() {
             continue;
         }
-        match crate::freeze::tag(mirror.journal(), tag_lock, "scheduled", quiescing) {
+        match crate::freeze::tag(mirror.journal(), paths, "scheduled", quiescing) {
             Ok(Some(t)) => log::info!(
                 "VM '{vm}': scheduled app point at seq {}{}",
                 t.seq,

@@ -153,6 +153,22 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
                 ship_state(s),
                 s.last_error.as_deref().map(|e| format!(" · error: {e}")).unwrap_or_default()
             );
+            if let Some(p) = &s.last_app_point {
+                println!(
+                    "  last app point '{}' at {} (seq {}): {}",
+                    p.label,
+                    p.time,
+                    p.seq,
+                    match (&p.agent, p.consistency.as_str()) {
+                        (Some(agent), "crash") => format!(
+                            "CRASH-CONSISTENT, the guest freeze through {agent} failed: {}",
+                            p.reason.as_deref().unwrap_or("no reason recorded")
+                        ),
+                        (Some(agent), _) => format!("application-consistent, the guest frozen through {agent}"),
+                        (None, _) => "tagged without a guest freeze".into(),
+                    }
+                );
+            }
         }
     }
     verdict(verdicts)

@@ -64,7 +64,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
         bail!("journal {} belongs to another VM than '{vm}'", journal.path().display());
     }
     let quiescing = Quiescing::of(&config, a.freeze.as_ref(), a.no_freeze, a.freeze_timeout)?;
-    let Some(t) = crate::freeze::tag(&journal, &paths.tag_lock(), label, &quiescing)? else {
+    let Some(t) = crate::freeze::tag(&journal, &paths, label, &quiescing)? else {
         bail!(
             "cannot tag VM '{vm}': its journal is full or catching up after an overflow, so no consistent point can be taken now; retry once `tern ship` has caught up"
         );
