@@ -14,9 +14,10 @@
 //!
 //! A group cut reserves its tags with writes held, where no file write
 //! belongs, so it notes its *intent* before: the length and checksum of
-//! the group tag it will reserve. A shipper stopped at an unpublished tag
-//! of exactly that description, the lock free, knows the tag's cutter died
-//! and pads it.
+//! the group tag it will reserve, on a line of its own beside any
+//! reservation. A shipper stopped at an unpublished tag of exactly that
+//! description (at the seq it expects next), the lock free, knows the
+//! tag's cutter died and pads it; nobody else resolves intents.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -26,14 +27,56 @@ use std::path::Path;
 use crate::journal::{Journal, Position};
 use crate::{Error, Result};
 
-/// What the tag lock file says a tagger is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Noted {
-    /// A tag reserved there, not yet published.
-    Reserved(Position),
-    /// A group tag of this description (length, crc32c) about to be
-    /// reserved, wherever the ring puts it.
-    GroupIntent { len: u32, crc: u32 },
+/// What the tag lock file notes: the reservation of the tagger at work,
+/// if any, and the intents of group cuts whose cutter may have died (each
+/// the length and crc32c of the group tag it was to reserve, wherever the
+/// ring put it). One line each: `<pos> <seq>`, `group <len> <crc>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Notes {
+    reserved: Option<Position>,
+    intents: Vec<(u32, u32)>,
+}
+
+/// At most this many intents are kept: each is a cutter that died before
+/// its tag was found, the oldest the least likely to be found.
+const MAX_INTENTS: usize = 8;
+
+impl Notes {
+    fn parse(text: &str) -> Notes {
+        let mut notes = Notes::default();
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["group", len, crc] => {
+                    if let (Ok(len), Ok(crc)) = (len.parse(), crc.parse()) {
+                        notes.intents.push((len, crc));
+                    }
+                }
+                [pos, seq] => {
+                    if let (Ok(pos), Ok(seq)) = (pos.parse(), seq.parse()) {
+                        notes.reserved = Some(Position { pos, seq });
+                    }
+                }
+                _ => {}
+            }
+        }
+        notes
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::new();
+        if let Some(p) = self.reserved {
+            text += &format!("{} {}\n", p.pos, p.seq);
+        }
+        for (len, crc) in &self.intents {
+            text += &format!("group {len} {crc}\n");
+        }
+        text
+    }
+
+    fn is_empty(&self) -> bool {
+        self.reserved.is_none() && self.intents.is_empty()
+    }
 }
 
 /// The tag lock, held by one tagger at a time (others wait).
@@ -69,28 +112,20 @@ impl TagLock {
         }
     }
 
-    /// What a tagger noted, if anything.
-    fn noted(&mut self) -> Option<Noted> {
+    /// What the file notes.
+    fn notes(&mut self) -> Notes {
         let mut text = String::new();
-        self.file.rewind().ok()?;
-        self.file.read_to_string(&mut text).ok()?;
-        let words: Vec<&str> = text.split_whitespace().collect();
-        match words.as_slice() {
-            ["group", len, crc] => Some(Noted::GroupIntent { len: len.parse().ok()?, crc: crc.parse().ok()? }),
-            [pos, seq] => Some(Noted::Reserved(Position { pos: pos.parse().ok()?, seq: seq.parse().ok()? })),
-            _ => None,
+        if self.file.rewind().is_err() || self.file.read_to_string(&mut text).is_err() {
+            return Notes::default();
         }
+        Notes::parse(&text)
     }
 
-    /// Notes (or, with `None`, clears) a reservation or an intent. Not
-    /// fsynced: it matters only while the ring in memory lives; after a
-    /// reboot the next front-end pads every hole anyway.
-    fn note(&mut self, what: Option<Noted>, path: &Path) -> Result<()> {
-        let text = match what {
-            None => String::new(),
-            Some(Noted::Reserved(p)) => format!("{} {}\n", p.pos, p.seq),
-            Some(Noted::GroupIntent { len, crc }) => format!("group {len} {crc}\n"),
-        };
+    /// Rewrites the notes. Not fsynced: they matter only while the ring in
+    /// memory lives; after a reboot the next front-end pads every hole
+    /// anyway.
+    fn write_notes(&mut self, notes: &Notes, path: &Path) -> Result<()> {
+        let text = notes.render();
         let write = |f: &mut File| -> std::io::Result<()> {
             f.set_len(0)?;
             f.rewind()?;
@@ -102,6 +137,28 @@ impl TagLock {
             len: text.len(),
             source,
         })
+    }
+
+    /// Notes (or, with `None`, clears) this tagger's reservation, keeping
+    /// the intents.
+    fn note_reserved(&mut self, at: Option<Position>, path: &Path) -> Result<()> {
+        let mut notes = self.notes();
+        notes.reserved = at;
+        self.write_notes(&notes, path)
+    }
+
+    /// Adds (`true`) or removes a group cut's intent.
+    fn note_intent(&mut self, intent: (u32, u32), add: bool, path: &Path) -> Result<()> {
+        let mut notes = self.notes();
+        if let Some(i) = notes.intents.iter().position(|&x| x == intent) {
+            notes.intents.remove(i);
+        }
+        if add {
+            notes.intents.push(intent);
+            let excess = notes.intents.len().saturating_sub(MAX_INTENTS);
+            notes.intents.drain(..excess);
+        }
+        self.write_notes(&notes, path)
     }
 }
 
@@ -140,6 +197,8 @@ pub struct GroupTagLock<'a> {
     journal: &'a Journal,
     lock: TagLock,
     path: std::path::PathBuf,
+    /// Length and crc32c of the group tag, noted before the barrier.
+    intent: (u32, u32),
     reserved: Option<crate::journal::ReservedTag<'a>>,
 }
 
@@ -149,9 +208,9 @@ impl<'a> GroupTagLock<'a> {
     pub fn acquire(journal: &'a Journal, lock_path: &Path, description: &[u8]) -> Result<Self> {
         let mut lock = TagLock::acquire(lock_path)?;
         reclaim(journal, &mut lock, lock_path, None)?;
-        let intent = Noted::GroupIntent { len: description.len() as u32, crc: crate::checksum::crc32c(description) };
-        lock.note(Some(intent), lock_path)?;
-        Ok(GroupTagLock { journal, lock, path: lock_path.to_owned(), reserved: None })
+        let intent = (description.len() as u32, crate::checksum::crc32c(description));
+        lock.note_intent(intent, true, lock_path)?;
+        Ok(GroupTagLock { journal, lock, path: lock_path.to_owned(), intent, reserved: None })
     }
 
     /// Reserves the group tag ([`Journal::reserve_group_tag`]): no I/O, as
@@ -170,7 +229,7 @@ impl<'a> GroupTagLock<'a> {
         if let Some(tag) = self.reserved.take() {
             tag.abandon();
         }
-        let _ = self.lock.note(None, &self.path);
+        let _ = self.lock.note_intent(self.intent, false, &self.path);
     }
 
     /// Publishes the reserved tag and clears the intent. Killed before,
@@ -179,7 +238,7 @@ impl<'a> GroupTagLock<'a> {
         if let Some(tag) = self.reserved.take() {
             tag.publish()?;
         }
-        self.lock.note(None, &self.path)
+        self.lock.note_intent(self.intent, false, &self.path)
     }
 }
 
@@ -187,7 +246,7 @@ impl Drop for GroupTagLock<'_> {
     /// A cut that ended before reserving: no intent stays behind.
     fn drop(&mut self) {
         if self.reserved.is_none() {
-            let _ = self.lock.note(None, &self.path);
+            let _ = self.lock.note_intent(self.intent, false, &self.path);
         }
     }
 }
@@ -201,9 +260,9 @@ fn append_locked(
     // A reservation still noted is a dead tagger's: pad it first.
     reclaim(journal, &mut lock, lock_path, None)?;
     let mut noted = Ok(());
-    let seq = append(&mut |at| noted = lock.note(Some(Noted::Reserved(at)), lock_path))?;
+    let seq = append(&mut |at| noted = lock.note_reserved(Some(at), lock_path))?;
     noted?;
-    lock.note(None, lock_path)?;
+    lock.note_reserved(None, lock_path)?;
     Ok(seq)
 }
 
@@ -222,32 +281,54 @@ pub fn reclaim_abandoned(journal: &Journal, lock_path: &Path, waiting_at: Positi
 }
 
 fn reclaim(journal: &Journal, lock: &mut TagLock, lock_path: &Path, waiting_at: Option<Position>) -> Result<bool> {
-    let padded = match lock.noted() {
-        None => return Ok(false),
-        Some(Noted::Reserved(at)) => journal.pad_abandoned_tag(at),
-        // The dead cutter's tag, if it reserved one, is where the consumer
-        // stops, once what was reserved before it is published: the
-        // shipper knows where it waits; a tagger looks (a write reserved
-        // before it is published within microseconds).
-        Some(Noted::GroupIntent { len, crc }) => match waiting_at {
-            Some(at) if journal.unpublished_tag_is(at, len, crc) => journal.pad_abandoned_tag(at),
-            Some(_) => return Ok(false), // not (yet) where the consumer waits: keep the intent
-            None => {
-                let mut padded = false;
-                for _ in 0..50 {
-                    match journal.first_unpublished() {
-                        Some(at) if journal.unpublished_tag_is(at, len, crc) => {
-                            padded = journal.pad_abandoned_tag(at);
-                            break;
-                        }
-                        Some(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
-                        None => break, // nothing unpublished: the cutter reserved nothing
-                    }
-                }
-                padded
-            }
-        },
-    };
-    lock.note(None, lock_path)?;
+    let mut notes = lock.notes();
+    if notes.is_empty() {
+        return Ok(false);
+    }
+    let mut padded = false;
+    if let Some(at) = notes.reserved.take() {
+        padded |= journal.pad_abandoned_tag(at);
+    }
+    // A dead cutter's tag, if it reserved one, is where the consumer
+    // stops once what was reserved before it is published; only the
+    // consumer knows that place for sure (its expected seq included), so
+    // only it resolves intents. An intent whose tag is not there yet stays.
+    if let Some(at) = waiting_at {
+        if let Some(i) = notes.intents.iter().position(|&(len, crc)| journal.unpublished_tag_is(at, len, crc)) {
+            padded |= journal.pad_abandoned_tag(at);
+            notes.intents.remove(i);
+        }
+    }
+    lock.write_notes(&notes, lock_path)?;
     Ok(padded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_keep_a_reservation_and_the_newest_intents_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("tag.lock");
+        let mut lock = TagLock::acquire(&path).unwrap();
+        for i in 0..10u32 {
+            lock.note_intent((100 + i, i), true, &path).unwrap();
+        }
+        lock.note_reserved(Some(Position { pos: 4096, seq: 7 }), &path).unwrap();
+        let notes = lock.notes();
+        assert_eq!(notes.reserved, Some(Position { pos: 4096, seq: 7 }));
+        // The oldest two dropped, the newest eight kept in order.
+        assert_eq!(notes.intents, (2..10u32).map(|i| (100 + i, i)).collect::<Vec<_>>());
+        // A tagger's reservation cleared leaves the intents; an intent
+        // removed leaves the rest.
+        lock.note_reserved(None, &path).unwrap();
+        lock.note_intent((105, 5), false, &path).unwrap();
+        let notes = lock.notes();
+        assert_eq!(notes.reserved, None);
+        assert_eq!(notes.intents.len(), 7);
+        assert!(!notes.intents.contains(&(105, 5)));
+        assert_eq!(Notes::parse(&notes.render()), notes);
+        assert_eq!(Notes::parse("garbage\n1 2 3 4\n"), Notes::default());
+    }
 }

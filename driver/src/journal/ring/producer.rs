@@ -97,21 +97,6 @@ impl Journal {
         self.copy_checked(&h, stored, slot, &mut data) && crate::checksum::crc32c(&data) == crc
     }
 
-    /// The first position past the tail where nothing is published yet
-    /// (a record being written, or a hole), if there is one before the
-    /// head: where the consumer stops.
-    pub fn first_unpublished(&self) -> Option<Position> {
-        let (mut pos, head) = (self.tail().pos, self.head().pos);
-        while pos < head {
-            match self.locate(pos) {
-                Ok(Some((h, _, _))) => pos += h.footprint(),
-                Ok(None) => return self.header_at(pos).ok().map(|(h, _, _)| Position { pos, seq: h.seq }),
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-
     /// Pads the tag reserved at `at` if it is still unpublished: its
     /// producer died between reserving and publishing it (the caller knows
     /// it is dead), and the hole would stop the consumer for good. Whether
