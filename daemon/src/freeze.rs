@@ -21,8 +21,23 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tern_store::target::Quiesce;
 
-/// How long the thaw's answer is waited for once the tag is in place.
+/// How long the thaw's answer is waited for once the tag is in place
+/// (and again on a new connection, if the first goes unanswered).
 const THAW_WAIT: Duration = Duration::from_secs(10);
+
+/// The longest answer read from the agent: the guest writes the channel,
+/// and no answer of the few commands sent is near this long.
+const MAX_ANSWER: usize = 64 << 10;
+
+/// `text` with control characters replaced and cut to `max` characters:
+/// the guest's words go into points, logs and terminals.
+fn printable(text: &str, max: usize) -> String {
+    let mut out: String = text.chars().take(max).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if text.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
 
 /// A guest agent to freeze a VM through: `qga:<socket>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,8 +177,8 @@ impl Qga {
             let desc = answer
                 .pointer("/error/desc")
                 .and_then(serde_json::Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_else(|| answer.to_string());
+                .map(|d| printable(d, 300))
+                .unwrap_or_else(|| printable(&answer.to_string(), 300));
             return Err(AgentError::Refused { socket: self.socket.clone(), command, desc });
         }
     }
@@ -190,7 +205,15 @@ impl Qga {
                 return serde_json::from_str(text).map_err(|_| AgentError::Protocol {
                     socket: self.socket.clone(),
                     command,
-                    text: text.chars().take(200).collect(),
+                    text: printable(text, 200),
+                });
+            }
+            // The guest writes this channel: what it sends is bounded.
+            if self.buf.len() > MAX_ANSWER {
+                return Err(AgentError::Protocol {
+                    socket: self.socket.clone(),
+                    command,
+                    text: format!("an answer of over {MAX_ANSWER} bytes without a line end"),
                 });
             }
             self.fill(deadline, command)?;
@@ -285,7 +308,7 @@ pub fn freeze(agent: &Agent, timeout: Duration) -> Freeze {
         }
         Err(e) => {
             log::warn!("guest freeze through {agent} failed: {e}; the point will be crash-consistent");
-            f.quiesce.reason = Some(e.to_string());
+            f.quiesce.reason = Some(printable(&e.to_string(), 600));
         }
     }
     f
@@ -294,25 +317,44 @@ pub fn freeze(agent: &Agent, timeout: Duration) -> Freeze {
 impl Freeze {
     /// Thaws the guest (if a freeze was sent: even one not answered, which
     /// the agent carries out before this), waiting up to 10 s for the
-    /// answer.
-    pub fn thaw(self) -> Thawed {
-        let Freeze { agent, qga, sent, started, .. } = self;
-        let result = match (qga, sent) {
-            (Some(mut qga), true) => {
-                let deadline = Instant::now() + THAW_WAIT;
-                match qga.execute("guest-fsfreeze-thaw", deadline) {
-                    Ok(n) => Ok(n.as_u64().unwrap_or(0) as u32),
-                    Err(e) => {
-                        log::error!(
-                            "{e}: the thaw is queued in the agent behind the freeze, which it carries out first; check the guest (`guest-fsfreeze-status` through {agent})"
-                        );
-                        Err(e.to_string())
-                    }
-                }
-            }
-            _ => Ok(0), // nothing was frozen
+    /// answer; unanswered, once more on a new connection (the agent reads
+    /// commands in order, so that thaw comes after the freeze too).
+    pub fn thaw(mut self) -> Thawed {
+        Thawed { frozen_for: self.started.elapsed(), result: self.thaw_now() }
+    }
+
+    fn thaw_now(&mut self) -> Result<u32, String> {
+        let Some(mut qga) = self.qga.take().filter(|_| self.sent) else {
+            return Ok(0); // nothing was frozen
         };
-        Thawed { frozen_for: started.elapsed(), result }
+        let agent = &self.agent;
+        let first = match qga.execute("guest-fsfreeze-thaw", Instant::now() + THAW_WAIT) {
+            Ok(n) => return Ok(n.as_u64().unwrap_or(0) as u32),
+            Err(e) => e,
+        };
+        drop(qga);
+        log::warn!("{first}; thawing again through a new connection to {agent}");
+        let deadline = Instant::now() + THAW_WAIT;
+        let again = Qga::connect(agent, deadline).and_then(|mut q| q.execute("guest-fsfreeze-thaw", deadline));
+        match again {
+            Ok(n) => Ok(n.as_u64().unwrap_or(0) as u32),
+            Err(e) => {
+                log::error!(
+                    "{e}: THE GUEST MAY STILL BE FROZEN: the thaws are queued in the agent behind the freeze, which it carries out first; check the guest (`guest-fsfreeze-status` through {agent}) and thaw it (`guest-fsfreeze-thaw`)"
+                );
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+impl Drop for Freeze {
+    /// A freeze dropped unthawed (a panic, an early return) is thawed all
+    /// the same: a guest is never left frozen by tern.
+    fn drop(&mut self) {
+        if self.qga.is_some() && self.sent {
+            let _ = self.thaw_now();
+        }
     }
 }
 
@@ -395,7 +437,7 @@ pub fn tag(
 ) -> anyhow::Result<Option<Tagged>> {
     let tagged = tag_quiesced(journal, &paths.tag_lock(), label, quiescing)?;
     if let Some(t) = &tagged {
-        LastAppPoint::now(label, t.seq, t.quiesce.as_ref()).record(paths);
+        LastAppPoint::now(label, t.seq, t.quiesce.as_ref(), t.thawed.as_ref()).record(paths);
     }
     Ok(tagged)
 }
@@ -474,11 +516,15 @@ pub struct LastAppPoint {
     pub agent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Why the agent did not confirm the thaw: the guest may be frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thaw_unconfirmed: Option<String>,
 }
 
 impl LastAppPoint {
-    pub fn now(label: &str, seq: u64, quiesce: Option<&Quiesce>) -> LastAppPoint {
+    pub fn now(label: &str, seq: u64, quiesce: Option<&Quiesce>, thawed: Option<&Thawed>) -> LastAppPoint {
         LastAppPoint {
+            thaw_unconfirmed: thawed.and_then(|t| t.result.as_ref().err().cloned()),
             time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             label: label.to_owned(),
             seq,
@@ -496,7 +542,7 @@ impl LastAppPoint {
     /// is logged, never the tag's.
     pub fn record(&self, paths: &tern_driver::vm::VmPaths) {
         let path = Self::file(paths);
-        let tmp = path.with_extension("json.tmp");
+        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
         let written = serde_json::to_vec_pretty(self)
             .map_err(std::io::Error::other)
             .and_then(|text| std::fs::write(&tmp, text))

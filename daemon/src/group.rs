@@ -116,6 +116,10 @@ pub struct Cut {
     pub thawed: Vec<(String, crate::freeze::Thawed)>,
 }
 
+/// The `agent` of a member's quiesce entry when none was asked (a
+/// scheduled cut of a member without a freeze agent).
+pub const NO_AGENT: &str = "none";
+
 /// How long a barrier may stay closed before producers open it themselves:
 /// far longer than a cut takes (milliseconds), short enough that a
 /// coordinator frozen mid-cut stalls the VMs for seconds, not forever.
@@ -175,8 +179,18 @@ fn not_ready(m: &Member) -> Option<String> {
 /// With `freeze`, every member whose `[app-points]` names a freeze agent is
 /// frozen first (all at once), and thawed after the cut; a member whose
 /// freeze fails is cut all the same, its point crash-consistent with the
-/// reason ([`GroupTag::quiesce`]).
-pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>, freeze: bool) -> Result<Cut> {
+/// reason ([`GroupTag::quiesce`]). Unless `caller_quiesced` (a cut by hand,
+/// whose caller vouches for the applications, as for `tern tag`), a member
+/// not frozen is recorded crash-consistent too: a scheduled cut is
+/// consistent across the members, no more within each.
+pub fn cut(
+    state: &Path,
+    name: &str,
+    group: &Group,
+    label: Option<&str>,
+    freeze: bool,
+    caller_quiesced: bool,
+) -> Result<Cut> {
     if let Some(l) = label {
         if l.is_empty() || l.len() > 256 || l.chars().any(char::is_control) {
             bail!("a label must be 1 to 256 bytes of printable text, got {l:?}");
@@ -231,6 +245,19 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>, freeze:
     });
     let mut tag = tag;
     tag.quiesce = freezes.iter().map(|(vm, f)| (vm.clone(), f.quiesce.clone())).collect();
+    if !caller_quiesced {
+        for m in &members {
+            tag.quiesce.entry(m.name.clone()).or_insert_with(|| tern_store::target::Quiesce {
+                agent: NO_AGENT.into(),
+                frozen: false,
+                filesystems: None,
+                reason: Some(
+                    "a scheduled group point: nothing quiesced the guest (its [app-points] name no freeze agent)"
+                        .into(),
+                ),
+            });
+        }
+    }
     let cut = cut_members(name, &members, tag);
     let thawed = std::thread::scope(|s| {
         let handles: Vec<_> = freezes.into_iter().map(|(vm, f)| (vm, s.spawn(move || f.thaw()))).collect();
@@ -239,8 +266,13 @@ pub fn cut(state: &Path, name: &str, group: &Group, label: Option<&str>, freeze:
     let mut cut = cut?;
     cut.thawed = thawed;
     for (m, (_, seq)) in members.iter().zip(&cut.seqs) {
+        let quiesce = cut.tag.quiesce.get(&m.name);
+        if quiesce.is_some_and(|q| q.agent == NO_AGENT) {
+            continue; // nothing asked to freeze: no freeze to report
+        }
         let label = cut.tag.label.as_deref().unwrap_or("");
-        crate::freeze::LastAppPoint::now(label, *seq, cut.tag.quiesce.get(&m.name)).record(&m.paths);
+        let thawed = cut.thawed.iter().find(|(vm, _)| *vm == m.name).map(|(_, t)| t);
+        crate::freeze::LastAppPoint::now(label, *seq, quiesce, thawed).record(&m.paths);
     }
     Ok(cut)
 }

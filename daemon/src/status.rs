@@ -353,6 +353,19 @@ impl VmStatus {
     pub fn health(&self, warn_rpo: Duration, max_rpo: Duration) -> (Health, Option<String>) {
         let rpo = self.rpo_seconds;
         match self.state {
+            // A guest that may be frozen first: it is the VM down, not its copy.
+            _ if self.last_app_point.as_ref().is_some_and(|p| p.thaw_unconfirmed.is_some()) => {
+                let p = self.last_app_point.as_ref().expect("checked");
+                (
+                    Health::Critical,
+                    Some(format!(
+                        "the guest agent did not confirm the thaw after app point '{}' ({}): the guest may still be frozen; check it (guest-fsfreeze-status) and thaw it (the next app point clears this): {}",
+                        p.label,
+                        p.time,
+                        p.thaw_unconfirmed.as_deref().unwrap_or("")
+                    )),
+                )
+            }
             State::Error | State::Paused => (Health::Critical, Some(self.state.name().into())),
             State::Unprotected => (Health::Critical, Some("no recovery point at the target yet".into())),
             _ if rpo.is_some_and(|r| r > max_rpo.as_secs_f64()) => (

@@ -155,13 +155,24 @@ pub struct AppPoints {
     pub interval: Option<Duration>,
 }
 
+/// How long a guest freeze may take: the guest's writes wait meanwhile,
+/// and a service's watchdog must outlast it with the thaw.
+pub fn check_freeze_timeout(timeout: Duration) -> std::result::Result<(), String> {
+    if (Duration::from_secs(1)..=Duration::from_secs(60)).contains(&timeout) {
+        Ok(())
+    } else {
+        Err(format!("freeze-timeout {timeout:?} must be between 1s and 60s"))
+    }
+}
+
 impl AppPoints {
     pub fn is_default(&self) -> bool {
         *self == AppPoints::default()
     }
 
     /// The agent must be `qga:` and an absolute socket path; a freeze gets
-    /// 1 s to 10 min; scheduled points come at most every 10 s.
+    /// 1 s to 60 s; scheduled points come at most every 10 s, and only with
+    /// a freeze (a scheduled tag nobody quiesces is a crash point).
     pub fn validate(&self) -> std::result::Result<(), String> {
         if let Some(f) = &self.freeze {
             match f.strip_prefix("qga:") {
@@ -173,11 +184,12 @@ impl AppPoints {
                 }
             }
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.freeze_timeout) {
-            return Err(format!("app-points freeze-timeout {:?} must be between 1s and 10m", self.freeze_timeout));
-        }
+        check_freeze_timeout(self.freeze_timeout).map_err(|e| format!("app-points {e}"))?;
         if self.interval.is_some_and(|i| i < Duration::from_secs(10)) {
             return Err("app-points interval must be at least 10s".into());
+        }
+        if self.interval.is_some() && self.freeze.is_none() {
+            return Err("app-points interval needs freeze: a scheduled app point nobody quiesces is only crash-consistent (crash points come every policy interval already)".into());
         }
         Ok(())
     }

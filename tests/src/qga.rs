@@ -25,6 +25,13 @@ pub enum Behaviour {
     Refuse,
     /// The freeze is answered only after this long; then the thaw.
     Late(Duration),
+    /// The first connection's thaw goes unanswered (a channel that broke);
+    /// a thaw on a new connection is answered.
+    LoseFirstThaw,
+    /// No thaw is ever answered (an agent that hung after the freeze).
+    NeverThaw,
+    /// The sync's sentinel, then 100 KiB without a line end.
+    Flood,
 }
 
 /// An agent listening at `socket`; `commands` lists what it was asked,
@@ -41,9 +48,14 @@ impl Agent {
         let commands = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&commands);
         std::thread::spawn(move || {
-            for conn in listener.incoming() {
+            for (n, conn) in listener.incoming().enumerate() {
                 let Ok(conn) = conn else { return };
                 let seen = Arc::clone(&seen);
+                // Only the first connection loses its thaw.
+                let behaviour = match behaviour {
+                    Behaviour::LoseFirstThaw if n > 0 => Behaviour::Answer,
+                    b => b,
+                };
                 std::thread::spawn(move || converse(conn, behaviour, &seen));
             }
         });
@@ -74,6 +86,12 @@ fn converse(conn: UnixStream, behaviour: Behaviour, seen: &Mutex<Vec<String>>) {
         }
         let answer = match name.as_str() {
             "guest-sync-delimited" => {
+                if matches!(behaviour, Behaviour::Flood) {
+                    let mut flood = vec![0xff];
+                    flood.resize(100 << 10, b'x');
+                    let _ = out.write_all(&flood);
+                    continue;
+                }
                 if matches!(behaviour, Behaviour::Stale) {
                     out.write_all(b"{\"return\": 2}\n{\"return\": 77}\n{\"ret").unwrap();
                 }
@@ -91,6 +109,7 @@ fn converse(conn: UnixStream, behaviour: Behaviour, seen: &Mutex<Vec<String>>) {
                 }
                 _ => br#"{"return": 2}"#.to_vec(),
             },
+            "guest-fsfreeze-thaw" if matches!(behaviour, Behaviour::LoseFirstThaw | Behaviour::NeverThaw) => continue,
             "guest-fsfreeze-thaw" => br#"{"return": 2}"#.to_vec(),
             _ => br#"{"error": {"class": "CommandNotFound", "desc": "unknown"}}"#.to_vec(),
         };

@@ -143,6 +143,14 @@ fn the_vms_freeze_policy_is_used_unless_told_otherwise() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("qga:SOCKET"), "--freeze {bad}: {err}");
     }
+    // A schedule with nobody to quiesce the guest would make crash points
+    // called app points; a freeze longer than a minute holds the guest.
+    let out = enable().args(["--app-interval", "1h"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("interval needs freeze"), "{err}");
+    let out = enable().args(["--freeze", &agent.spec(), "--freeze-timeout", "5m"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("between 1s and 60s"), "{err}");
     run(enable().args(["--journal-size", "64MiB", "--freeze", &agent.spec(), "--freeze-timeout", "3s"]));
     let config = std::fs::read_to_string(state.join("vm1/vm.toml")).unwrap();
     assert!(config.contains("[app-points]") && config.contains(&agent.spec()), "{config}");
@@ -177,4 +185,62 @@ fn serve_takes_scheduled_app_points_through_the_agent() {
     let p = point_of(&vm, "scheduled");
     assert_eq!(p["consistency"], "application", "{p}");
     assert_eq!(p["quiesce"]["filesystems"], 2, "{p}");
+}
+
+#[test]
+fn an_unanswered_thaw_is_sent_again_and_one_never_answered_is_critical() {
+    let (vm, agent) = vm_with_agent(Behaviour::LoseFirstThaw);
+    let t = tag(&vm, "retried", &["--freeze", &agent.spec()]);
+    assert_eq!(t["consistency"], "application", "{t}");
+    assert_eq!(t["freeze"]["thaw_confirmed"], true, "{t}");
+    let thaws = agent.commands().iter().filter(|c| *c == "guest-fsfreeze-thaw").count();
+    assert_eq!(thaws, 2, "a second thaw on a new connection: {:?}", agent.commands());
+    point_of(&vm, "retried");
+
+    std::fs::create_dir(vm.dir.path().join("hung")).unwrap();
+    let hung = Agent::start(&vm.dir.path().join("hung"), Behaviour::NeverThaw);
+    let t = tag(&vm, "hung", &["--freeze", &hung.spec()]);
+    // The point is application-consistent (frozen at the tag), but the
+    // guest may still be frozen: status says so, critical (exit 2).
+    assert_eq!(t["consistency"], "application", "{t}");
+    assert_eq!(t["freeze"]["thaw_confirmed"], false, "{t}");
+    let status = vm.tern().args(["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(2), "{text}{err}");
+    assert!(err.contains("may still be frozen") || text.contains("may still be frozen"), "{text}{err}");
+}
+
+#[test]
+fn a_flooding_agent_is_cut_off_with_a_crash_consistent_point() {
+    let (vm, agent) = vm_with_agent(Behaviour::Flood);
+    let t = tag(&vm, "flood", &["--freeze", &agent.spec(), "--freeze-timeout", "5s"]);
+    assert_eq!(t["consistency"], "crash", "{t}");
+    assert!(t["freeze"]["reason"].as_str().unwrap().contains("without a line end"), "{t}");
+}
+
+/// Ctrl-C while the guest is frozen: the tag and the thaw are finished
+/// first, then the command says it was interrupted.
+#[test]
+fn an_interrupted_tag_still_thaws_the_guest() {
+    let (vm, agent) = vm_with_agent(Behaviour::Late(Duration::from_secs(2)));
+    let child = vm
+        .tern()
+        .args(["tag", "vm1", "interrupted", "--freeze", &agent.spec(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.commands().iter().any(|c| c == "guest-fsfreeze-freeze") {
+        assert!(Instant::now() < deadline, "no freeze sent");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("interrupted"), "{err}");
+    assert_eq!(agent.commands().last().map(String::as_str), Some("guest-fsfreeze-thaw"), "thawed before exiting");
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(t["consistency"], "application", "the tag was finished: {t}");
 }

@@ -387,6 +387,13 @@ fn group_run_cuts_on_schedule_and_goes_on_past_a_failed_cut() {
     let group = site.group_points("g");
     assert_eq!(group.len(), cut, "every cut a group point: {group:?}");
     assert!(group.iter().all(|g| g["label"] == "scheduled"), "{group:?}");
+    // Nobody quiesced the guests of a scheduled cut (no freeze agent):
+    // consistent across the members, crash-consistent within each.
+    for g in &group {
+        for m in g["members"].as_array().unwrap() {
+            assert_eq!(m["consistency"], "crash", "{g}");
+        }
+    }
 }
 
 #[test]

@@ -130,6 +130,10 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The longest a scheduled cut may take before the watchdog hears no more:
+/// the longest freeze (60 s), two thaw waits (10 s each) and the cut.
+const CUT_BUDGET: std::time::Duration = std::time::Duration::from_secs(100);
+
 /// `tern group run`: a cut every `interval`; one that fails is logged with
 /// its reason (a member down, in overflow) and the next is tried on time.
 fn run_schedule(cli: &Cli, group: &str, interval: std::time::Duration, freeze: bool) -> Result<()> {
@@ -151,10 +155,26 @@ fn run_schedule(cli: &Cli, group: &str, interval: std::time::Duration, freeze: b
             std::thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
-        next += interval;
-        // Members may have changed since the last cut.
-        let result = Groups::load(&cli.state)
-            .and_then(|g| crate::group::cut(&cli.state, group, g.get(group)?, Some("scheduled"), freeze));
+        // A stall (a machine suspended) does not make cuts back to back.
+        next = (next + interval).max(std::time::Instant::now());
+        // Members may have changed since the last cut. The cut runs on a
+        // thread of its own so that the watchdog hears from this one while
+        // guests freeze (up to 60 s, then the thaws), but no longer: a cut
+        // hung past that gets the service restarted.
+        let started = std::time::Instant::now();
+        let result = std::thread::scope(|s| {
+            let cutting = s.spawn(|| {
+                Groups::load(&cli.state)
+                    .and_then(|g| crate::group::cut(&cli.state, group, g.get(group)?, Some("scheduled"), freeze, false))
+            });
+            while !cutting.is_finished() {
+                if started.elapsed() < CUT_BUDGET {
+                    crate::notify::watchdog();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            cutting.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the cut panicked")))
+        });
         match result {
             Ok(cut) => {
                 let seqs: Vec<String> = cut.seqs.iter().map(|(vm, seq)| format!("{vm} seq {seq}")).collect();

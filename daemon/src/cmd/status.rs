@@ -168,6 +168,9 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
                         (None, _) => "tagged without a guest freeze".into(),
                     }
                 );
+                if let Some(why) = &p.thaw_unconfirmed {
+                    println!("  THE THAW WAS NOT CONFIRMED: the guest may still be frozen ({why})");
+                }
             }
         }
     }

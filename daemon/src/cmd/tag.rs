@@ -36,11 +36,16 @@ pub struct Args {
     /// How long the freeze may take before the point is taken
     /// crash-consistent (the guest is thawed regardless). Default: the
     /// VM's `[app-points] freeze-timeout`, 10s.
-    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "group")]
+    #[arg(long, value_parser = parse_freeze_timeout, conflicts_with = "group")]
     pub freeze_timeout: Option<Duration>,
     /// Print the tag as JSON: vm, seq, label, consistency, and the freeze.
     #[arg(long, conflicts_with = "group")]
     pub json: bool,
+}
+
+fn parse_freeze_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    tern_driver::vm::check_freeze_timeout(d).map(|()| d)
 }
 
 /// Publishes a tag record straight into the VM's journal (producers in any
@@ -48,6 +53,22 @@ pub struct Args {
 /// it, so with the application quiesced — or the guest frozen — the point
 /// taken there is application-consistent.
 pub fn run(cli: &Cli, a: &Args) -> Result<()> {
+    // A guest frozen for the tag must be thawed: a first SIGINT or SIGTERM
+    // waits for the tag and the thaw (a few seconds, a minute at most), a
+    // second one ends the process at once.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, std::sync::Arc::clone(&interrupted))?;
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&interrupted))?;
+    }
+    tag(cli, a)?;
+    if interrupted.load(std::sync::atomic::Ordering::Acquire) {
+        bail!("interrupted: the tag was finished first (and any guest frozen for it thawed)");
+    }
+    Ok(())
+}
+
+fn tag(cli: &Cli, a: &Args) -> Result<()> {
     if let Some(group) = &a.group {
         let [label] = a.args.as_slice() else {
             bail!("with --group, give the label alone: tern tag --group {group} LABEL");
@@ -96,7 +117,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
 
 fn tag_group(cli: &Cli, group: &str, label: &str, freeze: bool) -> Result<()> {
     let groups = crate::group::Groups::load(&cli.state)?;
-    let cut = crate::group::cut(&cli.state, group, groups.get(group)?, Some(label), freeze)?;
+    let cut = crate::group::cut(&cli.state, group, groups.get(group)?, Some(label), freeze, true)?;
     let seqs: Vec<String> = cut.seqs.iter().map(|(vm, seq)| format!("{vm} seq {seq}")).collect();
     println!(
         "group point {} of group '{group}': '{label}' ({}); writes held {:.2} ms{}",
