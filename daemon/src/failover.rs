@@ -308,6 +308,7 @@ pub fn precheck(
     vm: &str,
     point: Option<&str>,
     test: bool,
+    planned: bool,
     test_name: Option<&str>,
 ) -> Result<()> {
     let target = TargetDir::new(target_root, vm);
@@ -315,7 +316,13 @@ pub fn precheck(
         bail!("VM '{vm}' has no point {point} at {} (retention removed it?)", target.points_dir().display());
     }
     if !test {
-        ready_for_real_failover(target_root, cache_root, vm)?;
+        let ready = ready_for_real_failover(target_root, cache_root, vm)?;
+        if let (true, Some(fence)) = (planned, &ready.previous) {
+            bail!(
+                "VM '{vm}' is already failed over (fenced at point {}), by an earlier run that stopped part way: its source cannot be stopped again; finish the members not failed over yet with `tern failover VM --latest` each (their sources stopped and shipped everything)",
+                fence.point
+            );
+        }
     } else if let Some(name) = test_name {
         let dir = target.root().join("failover").join(name);
         if dir.exists() {

@@ -142,6 +142,8 @@ pub fn reprotect(state: &Path, a: &Reprotect<'_>) -> Result<(VmConfig, InitialSy
             region_size: a.region_size,
         },
         policy,
+        // The agent's socket is the other site's: freezes are set up here
+        // anew (`[app-points]` in the new vm.toml).
         app_points: Default::default(),
         launch,
         initial_sync: initial_sync(seeds),
@@ -246,7 +248,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
         target: config.target.clone(),
         journal: config.journal.clone(),
         policy: config.policy.clone(),
-        app_points: Default::default(),
+        app_points: config.app_points.clone(),
         launch: config.launch.clone(),
         initial_sync: initial_sync(seeds),
     };

@@ -670,4 +670,14 @@ fn a_planned_group_failover_loses_nothing_or_is_called_off_for_all() {
     for s in [ship_a, ship_b] {
         assert_eq!(s.exited().code(), Some(3), "the shipper stops at the fence");
     }
+    // Run again (as after a run that stopped part way): a fenced member's
+    // source cannot be stopped again; the error says how to finish.
+    let out = site
+        .tern()
+        .args(["failover", "--group", "g", "--planned", "--timeout", "5s", "--target"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is already failed over") && err.contains("--latest"), "{err}");
 }

@@ -85,6 +85,11 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
         TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
     let root = vm.dir.path().to_owned();
     let (cache, target) = (root.join("cache"), root.join("target"));
+    // Site A's app points freeze the guest: a site-local setting that the
+    // failback must keep.
+    let config_path = vm.state.join("vm1/vm.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, format!("{config}\n[app-points]\nfreeze = \"qga:/run/vm1/qga.sock\"\n")).unwrap();
     // Site A protects vm1 towards site B.
     let served = vm.serve(&[]);
     vm.ship_once();
@@ -204,6 +209,8 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     // finishes the clean-up (the old direction's fence would stop it).
     let back = run(vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2));
     assert!(back.contains("failed back") && back.contains("clean-up"), "{back}");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(config.contains("freeze = \"qga:/run/vm1/qga.sock\""), "the failback kept [app-points]: {config}");
     let leftovers: Vec<_> = [&vm.state, &cache]
         .iter()
         .flat_map(|d| std::fs::read_dir(d).expect("dir").flatten())

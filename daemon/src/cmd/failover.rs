@@ -288,14 +288,27 @@ fn boot(vm: &str, f: &crate::failover::Failover) -> Result<u32> {
 /// The members of a group for a planned failover (no group point is
 /// used): the newest group point's, else this site's `groups.toml`.
 fn planned_members(cli: &Cli, group: &str, points: &[crate::group::GroupPoint]) -> Result<Vec<String>> {
-    if let Some(g) = points.last() {
-        return Ok(g.members.iter().map(|(vm, _)| vm.clone()).collect());
+    let newest: Option<Vec<String>> = points.last().map(|g| g.members.iter().map(|(vm, _)| vm.clone()).collect());
+    let defined = crate::group::Groups::load(&cli.state)?.groups.get(group).map(|g| {
+        let mut members = g.members.clone();
+        members.sort();
+        members.dedup();
+        members
+    });
+    match (defined, newest) {
+        // Here where the group is defined: it must be the group the target
+        // knows, or some member would keep running at the source.
+        (Some(defined), Some(newest)) if defined != newest => bail!(
+            "group '{group}' has members {} here but {} in its newest group point at the target: cut a group point (`tern tag --group {group} LABEL`) and let it be applied, so both sites agree, then fail over",
+            defined.join(", "),
+            newest.join(", ")
+        ),
+        (Some(members), _) | (None, Some(members)) => Ok(members),
+        (None, None) => bail!(
+            "group '{group}' is not defined here ({}) and has no group point at the target to learn its members from",
+            crate::group::groups_file(&cli.state).display()
+        ),
     }
-    let groups = crate::group::Groups::load(&cli.state)?;
-    let mut members = groups.get(group)?.members.clone();
-    members.sort();
-    members.dedup();
-    Ok(members)
 }
 
 /// The order a group's members boot in: `first` (each a member, once),
@@ -379,7 +392,7 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
     // Every member able to fail over before any is: a member that cannot
     // must not leave the others fenced (the application half failed over).
     for ((vm, p), (cache, _)) in names.iter().zip(&member_points).zip(&plans) {
-        crate::failover::precheck(&target, cache, vm, *p, a.test, a.name.as_deref())
+        crate::failover::precheck(&target, cache, vm, *p, a.test, a.planned, a.name.as_deref())
             .with_context(|| format!("group '{group}': nothing is failed over"))?;
     }
     let stopped: Vec<Option<crate::failover::Planned>> = if a.planned {
@@ -403,14 +416,22 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         let f = f.with_context(|| {
             let before: Vec<&str> =
                 done.iter().map(|(vm, _): &(String, crate::failover::Failover)| vm.as_str()).collect();
-            format!(
-                "group '{group}': the failover of VM '{vm}' failed{}",
-                if before.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (already failed over: {})", before.join(", "))
-                }
-            )
+            let rest: Vec<&str> = names.iter().map(String::as_str).filter(|m| !before.contains(m)).collect();
+            let next = if before.is_empty() {
+                String::new()
+            } else if a.planned {
+                format!(
+                    " (already failed over: {}); the sources of {} are stopped and shipped everything: finish with `tern failover VM --latest` for each of them",
+                    before.join(", "),
+                    rest.join(", ")
+                )
+            } else {
+                format!(
+                    " (already failed over: {}); run the same command again to finish: those are redone at the same group point",
+                    before.join(", ")
+                )
+            };
+            format!("group '{group}': the failover of VM '{vm}' failed{next}")
         })?;
         done.push((vm.clone(), f));
     }
@@ -427,7 +448,13 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
                 }
             }
             let (_, f) = done.iter().find(|(d, _)| d == *vm).expect("every member failed over");
-            let pid = boot(vm, f)?;
+            let pid = boot(vm, f).with_context(|| {
+                let started: Vec<&str> = booted.iter().filter_map(|b: &serde_json::Value| b["vm"].as_str()).collect();
+                format!(
+                    "group '{group}': every member is failed over; started: {}; not started: the rest, in order from VM '{vm}' (start each with its launch.sh)",
+                    if started.is_empty() { "none".into() } else { started.join(", ") }
+                )
+            })?;
             booted.push(serde_json::json!({
                 "vm": vm, "pid": pid,
                 "started": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
