@@ -311,6 +311,9 @@ pub fn precheck(
     planned: bool,
     test_name: Option<&str>,
 ) -> Result<()> {
+    if let Some(name) = test_name {
+        validate_name("failover", name)?;
+    }
     let target = TargetDir::new(target_root, vm);
     if let Some(point) = point.filter(|p| !target.point_dir(p).join("point.toml").is_file()) {
         bail!("VM '{vm}' has no point {point} at {} (retention removed it?)", target.points_dir().display());
@@ -552,7 +555,10 @@ fn launch_script(vm: &str, test: bool, plan: &LaunchPlan, disks: &[(String, Path
                 "launch.sh: there is no bridge {} on this host (NIC {}, MAC {}): create it (ip link add {} type bridge && ip link set {} up), or make the failover again with another one",
                 n.bridge, n.index, n.mac, n.bridge, n.bridge
             );
-            s.push_str(&format!("[ -d /sys/class/net/{b}/bridge ] || {{ echo {} >&2; exit 1; }}\n", shell_quote(&why)));
+            s.push_str(&format!(
+                "[ -d /sys/class/net/{b}/bridge ] || {{ printf '%s\\n' {} >&2; exit 1; }}\n",
+                shell_quote(&why)
+            ));
         }
     }
     let name = if test { format!("{vm}-test") } else { vm.to_owned() };

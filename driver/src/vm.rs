@@ -327,7 +327,9 @@ impl VmConfig {
         if let Some(rate) = self.policy.max_rate {
             check_max_rate(rate).map_err(bad)?;
         }
-        self.launch.validate(&self.policy.network).map_err(bad)?;
+        // With the MACs the manifest will carry: a generated one may equal
+        // another NIC's given one.
+        self.launch.with_macs(&self.id).validate(&self.policy.network).map_err(bad)?;
         // Builds with failpoints (the torture suite's) take points faster,
         // so a trial of seconds has several.
         let shortest = if crate::fail::ENABLED { Duration::from_millis(100) } else { Duration::from_secs(10) };
@@ -844,7 +846,7 @@ mod tests {
         let text = toml::to_string_pretty(&plain).unwrap();
         assert!(!text.contains("launch") && !text.contains("network"), "{text}");
 
-        let launch = "[policy.network]\nbr0 = \"br-dr\"\n[launch]\nmemory = \"1GiB\"\ncpus = 4\n[[launch.nic]]\nbridge = \"br0\"\nmac = \"52:54:00:00:00:01\"\n[[launch.nic]]\nbridge = \"br1\"\nmodel = \"e1000\"\n";
+        let launch = "[policy.network]\nbr0 = \"br-dr\"\n[launch]\nmemory = \"1GiB\"\ncpus = 4\n[[launch.nic]]\nbridge = \"br0\"\nmac = \"52:54:00:00:00:10\"\n[[launch.nic]]\nbridge = \"br1\"\nmodel = \"e1000\"\n";
         fs::write(&p, format!("{base}{launch}{disk}")).unwrap();
         let cfg = VmConfig::load(&p).unwrap();
         assert_eq!((cfg.launch.memory, cfg.launch.cpus), (Size::gib(1), 4));
@@ -858,6 +860,14 @@ mod tests {
             ("[launch]\nram = 1\n", "unknown field `ram`"),
             ("[policy.network]\nbr9 = \"br-dr\"\n", "no NIC of the VM is on 'br9'"),
             ("[[launch.nic]]\nbridge = \"br0\"\nmac = \"01:00:00:00:00:01\"\n", "multicast"),
+            // NIC 0's generated MAC is the one NIC 1 was given.
+            (
+                &format!(
+                    "[[launch.nic]]\nbridge = \"br0\"\n[[launch.nic]]\nbridge = \"br1\"\nmac = \"{}\"\n",
+                    crate::launch::generated_mac(&uuid::Uuid::nil(), 0)
+                ),
+                "the same MAC address",
+            ),
         ] {
             fs::write(&p, format!("{base}{bad}{disk}")).unwrap();
             let err = VmConfig::load(&p).unwrap_err().to_string();

@@ -240,8 +240,18 @@ fn app_point_loop(
             std::thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
-        next += interval;
+        // A stall (a machine suspended) does not make points back to back.
+        next = (next + interval).max(std::time::Instant::now());
+        // Neither a fenced VM nor a journal with no room gets its guest
+        // frozen for a tag that cannot be taken.
         if mirror.fenced().is_some() {
+            continue;
+        }
+        if mirror.journal().overflowed() {
+            log::warn!(
+                "VM '{vm}': no scheduled app point: the journal is catching up after an overflow; next in {}",
+                humantime::format_duration(interval)
+            );
             continue;
         }
         match crate::freeze::tag(mirror.journal(), paths, "scheduled", quiescing) {
