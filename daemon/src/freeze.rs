@@ -107,7 +107,20 @@ impl Qga {
     /// previous client left unread in the channel is skipped).
     pub fn connect(agent: &Agent, deadline: Instant) -> Result<Qga, AgentError> {
         let socket = agent.socket.display().to_string();
-        let stream = UnixStream::connect(&agent.socket).map_err(|source| AgentError::Io {
+        // A connect blocks while the channel's backlog is full (a client
+        // already on it): on a thread, given up on at the deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = agent.socket.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(UnixStream::connect(path));
+        });
+        let left = deadline.saturating_duration_since(Instant::now());
+        let connected = rx.recv_timeout(left).map_err(|_| AgentError::Silent {
+            socket: socket.clone(),
+            command: "connect (another client on the channel?)",
+            waited: left,
+        })?;
+        let stream = connected.map_err(|source| AgentError::Io {
             socket: socket.clone(),
             doing: "connect; is the VM running with that channel, and no other client on it?",
             source,
