@@ -272,6 +272,15 @@ fn the_store_killed_mid_upload_and_back_later_loses_nothing() {
     assert!(failing.contains(&cache), "the error names the store: {failing}");
     weed.restart();
     write_patterns(&vm.socket, 90, 10);
+    // The shipper finds the store back on its own (a stop asked while it
+    // still retries ends it with the records unshipped, exit 1: right, but
+    // not this test's case). `restart` returns once the port accepts, which
+    // may be before the store serves: wait for the shipper to say so.
+    let waited = Instant::now();
+    while !ship.log().contains("succeeded after") {
+        assert!(waited.elapsed() < Duration::from_secs(120), "the shipper never recovered: {}", ship.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
     served.stop();
     ship.stop();
     vm.ship_once();
