@@ -361,6 +361,16 @@ impl Freeze {
     }
 }
 
+/// Thaws the guest through `agent` by hand (`tern thaw`): the thaw, then
+/// what `guest-fsfreeze-status` says ("thawed", "frozen").
+pub fn thaw_now(agent: &Agent) -> anyhow::Result<String> {
+    let deadline = Instant::now() + THAW_WAIT;
+    let mut qga = Qga::connect(agent, deadline)?;
+    qga.execute("guest-fsfreeze-thaw", deadline)?;
+    let status = qga.execute("guest-fsfreeze-status", Instant::now() + THAW_WAIT)?;
+    Ok(status.as_str().map(|s| printable(s, 40)).unwrap_or_else(|| printable(&status.to_string(), 40)))
+}
+
 impl Drop for Freeze {
     /// A freeze dropped unthawed (a panic, an early return) is thawed all
     /// the same: a guest is never left frozen by tern.

@@ -359,9 +359,10 @@ impl VmStatus {
                 (
                     Health::Critical,
                     Some(format!(
-                        "the guest agent did not confirm the thaw after app point '{}' ({}): the guest may still be frozen; check it (guest-fsfreeze-status) and thaw it (the next app point clears this): {}",
+                        "the guest agent did not confirm the thaw after app point '{}' ({}): the guest may still be frozen: thaw it with `tern thaw {}` (or check it with guest-fsfreeze-status; the next app point clears this): {}",
                         p.label,
                         p.time,
+                        self.name,
                         p.thaw_unconfirmed.as_deref().unwrap_or("")
                     )),
                 )

@@ -111,6 +111,7 @@ fn converse(conn: UnixStream, behaviour: Behaviour, seen: &Mutex<Vec<String>>) {
             },
             "guest-fsfreeze-thaw" if matches!(behaviour, Behaviour::LoseFirstThaw | Behaviour::NeverThaw) => continue,
             "guest-fsfreeze-thaw" => br#"{"return": 2}"#.to_vec(),
+            "guest-fsfreeze-status" => br#"{"return": "thawed"}"#.to_vec(),
             _ => br#"{"error": {"class": "CommandNotFound", "desc": "unknown"}}"#.to_vec(),
         };
         out.write_all(&answer).unwrap();

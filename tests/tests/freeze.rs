@@ -209,6 +209,17 @@ fn an_unanswered_thaw_is_sent_again_and_one_never_answered_is_critical() {
     let err = String::from_utf8_lossy(&status.stderr);
     assert_eq!(status.status.code(), Some(2), "{text}{err}");
     assert!(err.contains("may still be frozen") || text.contains("may still be frozen"), "{text}{err}");
+    assert!(err.contains("tern thaw vm1"), "status says how to thaw: {err}");
+    // `tern thaw` through an agent that answers: thawed, and status no
+    // longer says the guest may be frozen.
+    std::fs::create_dir(vm.dir.path().join("ok")).unwrap();
+    let ok = Agent::start(&vm.dir.path().join("ok"), Behaviour::Answer);
+    let out = run(vm.tern().args(["thaw", "vm1", "--freeze", &ok.spec()]));
+    assert!(out.contains("thawed"), "{out}");
+    assert_eq!(ok.commands(), ["guest-sync-delimited", "guest-fsfreeze-thaw", "guest-fsfreeze-status"]);
+    let status = vm.tern().args(["status"]).output().unwrap();
+    let all = format!("{}{}", String::from_utf8_lossy(&status.stdout), String::from_utf8_lossy(&status.stderr));
+    assert!(!all.contains("may still be frozen"), "{all}");
 }
 
 #[test]

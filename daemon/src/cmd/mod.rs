@@ -100,6 +100,9 @@ pub enum Command {
     Ship(ship::Args),
     /// Insert an app-consistent marker: the target takes a named point there.
     Tag(tag::Args),
+    /// Thaws a guest an app point's freeze may have left frozen (the agent
+    /// did not confirm the thaw), through its qemu guest agent.
+    Thaw(tag::ThawArgs),
     /// Groups of VMs recovered together, from points cut across all of them.
     Group(group::Args),
     /// At the target site: replay segments onto replicas, take recovery points.
@@ -158,6 +161,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Ship(a) => ship::run(cli, a),
         Command::Segment(c) => segment::run(cli, c),
         Command::Tag(a) => tag::run(cli, a),
+        Command::Thaw(a) => tag::thaw(cli, a),
         Command::Group(a) => group::run(cli, a),
         Command::Apply(a) => apply::run(cli, a),
         Command::Points(a) => points::run(cli, a),

@@ -169,7 +169,7 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
                     }
                 );
                 if let Some(why) = &p.thaw_unconfirmed {
-                    println!("  THE THAW WAS NOT CONFIRMED: the guest may still be frozen ({why})");
+                    println!("  THE THAW WAS NOT CONFIRMED: the guest may still be frozen ({why}); thaw it with `tern thaw {}`", s.name);
                 }
             }
         }

@@ -128,3 +128,36 @@ fn tag_group(cli: &Cli, group: &str, label: &str, freeze: bool) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct ThawArgs {
+    pub vm: String,
+    /// The agent (default: the one the last app point asked, else the
+    /// VM's `[app-points] freeze`).
+    #[arg(long, value_name = "qga:SOCKET")]
+    pub freeze: Option<Agent>,
+}
+
+/// `tern thaw`: `guest-fsfreeze-thaw`, then `guest-fsfreeze-status` must
+/// say thawed; the unconfirmed thaw `tern status` reports is cleared.
+pub fn thaw(cli: &Cli, a: &ThawArgs) -> Result<()> {
+    let paths = VmPaths::new(&cli.state, &a.vm)?;
+    let config = paths.load_config()?;
+    let last = crate::freeze::LastAppPoint::load(&paths);
+    let recorded = last.as_ref().and_then(|l| l.agent.clone()).or_else(|| config.app_points.freeze.clone());
+    let agent = match (&a.freeze, recorded) {
+        (Some(agent), _) => agent.clone(),
+        (None, Some(spec)) => spec.parse().map_err(anyhow::Error::msg)?,
+        (None, None) => bail!("VM '{}' has no freeze agent on record: name it with --freeze qga:SOCKET", a.vm),
+    };
+    let status = crate::freeze::thaw_now(&agent)?;
+    if status != "thawed" {
+        bail!("VM '{}': the agent at {agent} thawed, yet says the guest is {status}: check the guest", a.vm);
+    }
+    if let Some(mut last) = last.filter(|l| l.thaw_unconfirmed.is_some()) {
+        last.thaw_unconfirmed = None;
+        last.record(&paths);
+    }
+    println!("VM '{}': thawed through {agent} (the agent says: {status})", a.vm);
+    Ok(())
+}
