@@ -475,9 +475,7 @@ fn tag_quiesced(
         let seq = tern_driver::tag::append(journal, tag_lock, label)?;
         return Ok(seq.map(|seq| Tagged { seq, quiesce: None, freeze_answered: None, thawed: None }));
     };
-    if label.is_empty() || label.len() > 256 || label.chars().any(char::is_control) {
-        anyhow::bail!("a tag label must be 1 to 256 bytes of printable text, got {label:?}");
-    }
+    tern_driver::tag::check_label(label)?;
     let f = freeze(agent, *timeout);
     let quiesce = f.quiesce.clone();
     let description =
@@ -551,7 +549,7 @@ impl LastAppPoint {
             time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             label: label.to_owned(),
             seq,
-            consistency: if quiesce.is_some_and(|q| !q.frozen) { "crash" } else { "application" }.into(),
+            consistency: Quiesce::consistency(quiesce).into(),
             agent: quiesce.map(|q| q.agent.clone()),
             reason: quiesce.and_then(|q| q.reason.clone()),
         }

@@ -192,9 +192,7 @@ pub fn cut(
     caller_quiesced: bool,
 ) -> Result<Cut> {
     if let Some(l) = label {
-        if l.is_empty() || l.len() > 256 || l.chars().any(char::is_control) {
-            bail!("a label must be 1 to 256 bytes of printable text, got {l:?}");
-        }
+        tern_driver::tag::check_label(l)?;
     }
     let mut names = group.members.clone();
     names.sort();

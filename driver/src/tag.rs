@@ -27,6 +27,15 @@ use std::path::Path;
 use crate::journal::{Journal, Position};
 use crate::{Error, Result};
 
+/// A tag's label: 1 to 256 bytes of printable text (it lands in point
+/// catalogs, logs and terminals). Every kind of tag checks it here.
+pub fn check_label(label: &str) -> Result<()> {
+    if label.is_empty() || label.len() > 256 || label.chars().any(char::is_control) {
+        return Err(Error::Invalid(format!("a tag label must be 1 to 256 bytes of printable text, got {label:?}")));
+    }
+    Ok(())
+}
+
 /// What the tag lock file notes: the reservation of the tagger at work,
 /// if any, and the intents of group cuts whose cutter may have died (each
 /// the length and crc32c of the group tag it was to reserve, wherever the

@@ -155,10 +155,22 @@ impl Point {
     /// "application" or "crash": an app point whose guest freeze failed is
     /// crash-consistent only.
     pub fn consistency(&self) -> &'static str {
-        match (self.kind, &self.quiesce) {
-            (PointKind::Crash, _) => "crash",
-            (PointKind::App, Some(q)) if !q.frozen => "crash",
-            (PointKind::App, _) => "application",
+        match self.kind {
+            PointKind::Crash => "crash",
+            PointKind::App => Quiesce::consistency(self.quiesce.as_ref()),
+        }
+    }
+}
+
+impl Quiesce {
+    /// What an app point tagged with this outcome is: "crash" if its
+    /// guest freeze failed, else "application" (frozen, or no agent asked:
+    /// whoever tagged quiesced the application).
+    pub fn consistency(outcome: Option<&Quiesce>) -> &'static str {
+        if outcome.is_some_and(|q| !q.frozen) {
+            "crash"
+        } else {
+            "application"
         }
     }
 }

@@ -93,7 +93,7 @@ fn tag(cli: &Cli, a: &Args) -> Result<()> {
     if a.json {
         let out = serde_json::json!({
             "vm": vm, "seq": t.seq, "label": label,
-            "consistency": match &t.quiesce { Some(q) if !q.frozen => "crash", _ => "application" },
+            "consistency": tern_store::target::Quiesce::consistency(t.quiesce.as_ref()),
             "freeze": t.quiesce.as_ref().map(|q| serde_json::json!({
                 "agent": q.agent, "frozen": q.frozen, "filesystems": q.filesystems, "reason": q.reason,
                 "freeze_seconds": t.freeze_answered.map(|d| d.as_secs_f64()),

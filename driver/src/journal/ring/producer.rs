@@ -27,9 +27,7 @@ impl Journal {
     /// process that outlives a killed tagger can pad its hole (see
     /// [`Journal::pad_abandoned_tag`]).
     pub fn append_tag(&self, label: &str, note: impl FnOnce(Position)) -> Result<Option<u64>> {
-        if label.is_empty() || label.len() > 256 || label.chars().any(char::is_control) {
-            return Err(Error::Invalid(format!("a tag label must be 1 to 256 bytes of printable text, got {label:?}")));
-        }
+        crate::tag::check_label(label)?;
         self.append_marker(0, label.as_bytes(), note)
     }
 
