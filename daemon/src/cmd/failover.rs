@@ -285,6 +285,15 @@ fn boot(vm: &str, f: &crate::failover::Failover) -> Result<u32> {
     Ok(child.id())
 }
 
+/// One member of a group failover, as prepared before any is failed over.
+struct GroupMember<'a> {
+    vm: &'a str,
+    /// Its share of the group point; none: its newest data (planned).
+    point: Option<String>,
+    cache: tern_store::object::Store,
+    plan: crate::failover::LaunchPlan,
+}
+
 /// The members of a group for a planned failover (no group point is
 /// used): the newest group point's, else this site's `groups.toml`.
 fn planned_members(cli: &Cli, group: &str, points: &[crate::group::GroupPoint]) -> Result<Vec<String>> {
@@ -367,36 +376,32 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         Some(g) => g.members.iter().map(|(vm, _)| vm.clone()).collect(),
         None => planned_members(cli, group, &points)?,
     };
-    // Each member's point: the group point's share, or (planned) its
-    // newest data once its source stopped.
-    let member_points: Vec<Option<&str>> = match &chosen {
-        Some(g) => g.members.iter().map(|(_, p)| Some(p.id.as_str())).collect(),
-        None => names.iter().map(|_| None).collect(),
-    };
     let order = boot_order(group, &names, &a.boot_order)?;
-    // Every member's bridges are checked before any is failed over.
-    let mut plans = Vec::new();
+    // Each member with its point (the group point's share, or, planned, its
+    // newest data once its source stopped), cache and launch plan; every
+    // member's bridges checked before any is failed over.
+    let refused = || format!("group '{group}': nothing is failed over");
+    let mut members = Vec::new();
     for vm in &names {
         let (_, cache) = sites(cli, vm, Some(&target), a.cache.as_deref())?;
-        let plan = crate::failover::launch_plan(&cache, vm, &a.network())
-            .with_context(|| format!("group '{group}': nothing is failed over"))?;
+        let plan = crate::failover::launch_plan(&cache, vm, &a.network()).with_context(refused)?;
         if a.boot {
-            crate::failover::check_bridges(vm, &plan)
-                .with_context(|| format!("group '{group}': nothing is failed over"))?;
+            crate::failover::check_bridges(vm, &plan).with_context(refused)?;
         }
-        plans.push((cache, plan));
+        let point = chosen.and_then(|g| g.members.iter().find(|(m, _)| m == vm)).map(|(_, p)| p.id.clone());
+        members.push(GroupMember { vm: vm.as_str(), point, cache, plan });
     }
     let vms: Vec<&str> = names.iter().map(String::as_str).collect();
-    let each: Vec<&crate::failover::LaunchPlan> = plans.iter().map(|(_, p)| p).collect();
+    let each: Vec<&crate::failover::LaunchPlan> = members.iter().map(|m| &m.plan).collect();
     crate::failover::refuse_test_network_without_nics(&vms, a.test_network.as_deref(), &each)?;
     // Every member able to fail over before any is: a member that cannot
     // must not leave the others fenced (the application half failed over).
-    for ((vm, p), (cache, _)) in names.iter().zip(&member_points).zip(&plans) {
-        crate::failover::precheck(&target, cache, vm, *p, a.test, a.planned, a.name.as_deref())
-            .with_context(|| format!("group '{group}': nothing is failed over"))?;
+    for m in &members {
+        crate::failover::precheck(&target, &m.cache, m.vm, m.point.as_deref(), a.test, a.planned, a.name.as_deref())
+            .with_context(refused)?;
     }
     let stopped: Vec<Option<crate::failover::Planned>> = if a.planned {
-        let stores: Vec<&tern_store::object::Store> = plans.iter().map(|(c, _)| c).collect();
+        let stores: Vec<&tern_store::object::Store> = members.iter().map(|m| &m.cache).collect();
         crate::failover::stop_sources(&target, &stores, &vms, a.timeout)
             .with_context(|| format!("group '{group}'"))?
             .into_iter()
@@ -406,12 +411,13 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
         names.iter().map(|_| None).collect()
     };
     let mut done = Vec::new();
-    for (((vm, p), (cache, plan)), planned) in names.iter().zip(&member_points).zip(&plans).zip(stopped) {
-        let choice = p.map_or(Choice::Latest, |id| Choice::Point(id.to_owned()));
+    for (m, planned) in members.iter().zip(stopped) {
+        let vm = m.vm;
+        let choice = m.point.clone().map_or(Choice::Latest, Choice::Point);
         let f = if a.test {
-            make_failover(&target, cache, vm, &choice, a.name.as_deref(), true, plan)
+            make_failover(&target, &m.cache, vm, &choice, a.name.as_deref(), true, &m.plan)
         } else {
-            real_failover(&target, cache, vm, &choice, planned, plan)
+            real_failover(&target, &m.cache, vm, &choice, planned, &m.plan)
         };
         let f = f.with_context(|| {
             let before: Vec<&str> =
@@ -433,7 +439,7 @@ fn run_group(cli: &Cli, a: &Args, group: &str) -> Result<()> {
             };
             format!("group '{group}': the failover of VM '{vm}' failed{next}")
         })?;
-        done.push((vm.clone(), f));
+        done.push((vm.to_owned(), f));
     }
     let mut booted = Vec::new();
     if a.boot {
