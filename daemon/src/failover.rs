@@ -74,8 +74,10 @@ pub struct LaunchPlan {
 }
 
 /// The launch plan of `vm` from its manifest in the cache (the target
-/// knows the VM only from it). A test failover whose cache cannot be read
-/// gets the defaults (2 GiB, 2 CPUs, no network), with a warning.
+/// knows the VM only from it). A test failover with no network whose cache
+/// cannot be read gets the defaults (2 GiB, 2 CPUs, no NIC), with a
+/// warning; one asked for a test network cannot know the NICs to put on
+/// it, so it stops with the cache's error.
 pub fn launch_plan(cache_root: &Store, vm: &str, network: &Network) -> Result<LaunchPlan> {
     let manifest = crate::cache::for_vm(cache_root, vm).and_then(|c| {
         let m = c.read_manifest()?;
@@ -90,7 +92,12 @@ pub fn launch_plan(cache_root: &Store, vm: &str, network: &Network) -> Result<La
             );
             Default::default()
         }
-        (Err(e), Network::Test(_)) => {
+        (Err(e), Network::Test(Some(bridge))) => {
+            return Err(e.context(format!(
+                "VM '{vm}': --test-network {bridge}: its NICs are in its launch settings, which cannot be read from the cache; make the cache readable, or leave --test-network out to start it with no network"
+            )))
+        }
+        (Err(e), Network::Test(None)) => {
             log::warn!(
                 "VM '{vm}': its launch settings cannot be read from the cache ({e:#}): the failover starts it with the defaults (2 GiB, 2 CPUs, no NIC)"
             );

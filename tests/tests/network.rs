@@ -355,6 +355,41 @@ fn test_network_for_a_vm_without_a_nic_is_refused() {
     assert!(!vm.dir.path().join("target/vm1/failover").exists());
 }
 
+/// A test failover whose manifest cannot be read does not know the VM's
+/// NICs: without --test-network it starts with the defaults and no network
+/// (said), with one it is refused with the cache's error, not a "no NIC"
+/// that would send the operator to the source's settings.
+#[test]
+fn test_network_with_an_unreadable_manifest_says_the_cache_is_the_trouble() {
+    let vm = vm_with_launch_settings();
+    failover_ok(&vm, &["--test", "--latest", "--name", "first"]); // applied: a point here
+    std::fs::write(vm.cache_dir().join("manifest.toml"), "version = \"not a number\"\n").unwrap();
+    // (--latest-point: the newest point here, nothing read from the cache.)
+    let out = failover_at_target(&vm, &["--test", "--latest-point", "--test-network", "br-iso"]);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "--test-network br-iso: its NICs are in its launch settings, which cannot be read from the cache"
+            )
+            && err.contains("manifest")
+            && !err.contains("has no NIC"),
+        "{err}"
+    );
+    let made: Vec<_> = std::fs::read_dir(vm.dir.path().join("target/vm1/failover"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(made, ["first"], "nothing made");
+    let out = failover_at_target(&vm, &["--test", "--latest-point", "--name", "plain"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("cannot be read from the cache") && err.contains("no NIC"), "{err}");
+    let j = json(&String::from_utf8_lossy(&out.stdout));
+    let sh = std::fs::read_to_string(PathBuf::from(j["directory"].as_str().unwrap()).join("launch.sh")).unwrap();
+    assert!(sh.contains("-nic none"), "{sh}");
+}
+
 /// `tern reprotect` gives the reverse direction the VM's launch settings,
 /// each NIC on the bridge it ran on after the failover (br-dr) and the
 /// map inverted (br-dr=br-src), so a failback lands on the original
