@@ -10,6 +10,7 @@ use cmd::Cli;
 mod apply;
 mod cache;
 mod cmd;
+mod every;
 mod failover;
 mod freeze;
 mod group;

@@ -148,15 +148,13 @@ fn run_schedule(cli: &Cli, group: &str, interval: std::time::Duration, freeze: b
     Groups::load(&cli.state)?.get(group)?;
     log::info!("group '{group}': a group point every {}", humantime::format_duration(interval));
     crate::notify::ready(&format!("cutting group '{group}' every {}", humantime::format_duration(interval)));
-    let mut next = std::time::Instant::now();
+    let mut every = crate::every::Every::starting(std::time::Instant::now(), interval);
     while !stop.load(Ordering::Acquire) {
         crate::notify::watchdog();
-        if std::time::Instant::now() < next {
+        if !every.due() {
             std::thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
-        // A stall (a machine suspended) does not make cuts back to back.
-        next = (next + interval).max(std::time::Instant::now());
         // Members may have changed since the last cut. The cut runs on a
         // thread of its own so that the watchdog hears from this one while
         // guests freeze (up to 60 s, then the thaws), but no longer: a cut

@@ -234,14 +234,12 @@ fn app_point_loop(
     stop: &std::sync::atomic::AtomicBool,
 ) {
     let vm = &mirror.config().name;
-    let mut next = std::time::Instant::now() + interval;
+    let mut every = crate::every::Every::starting(std::time::Instant::now() + interval, interval);
     while !stop.load(std::sync::atomic::Ordering::Acquire) {
-        if std::time::Instant::now() < next {
+        if !every.due() {
             std::thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
-        // A stall (a machine suspended) does not make points back to back.
-        next = (next + interval).max(std::time::Instant::now());
         // Neither a fenced VM nor a journal with no room gets its guest
         // frozen for a tag that cannot be taken.
         if mirror.fenced().is_some() {
