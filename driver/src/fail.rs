@@ -62,6 +62,9 @@ pub enum Failpoint {
     ShipSegmentSync,
     /// ship: the segment is fsynced, not yet renamed.
     ShipSegmentSynced,
+    /// ship: the segment is under its name in a directory store, the
+    /// directory not yet fsynced.
+    ShipSegmentLinked,
     /// ship: the segment is renamed and its directory fsynced, the ring's
     /// tail not yet moved.
     ShipSegmentRenamed,
@@ -114,6 +117,7 @@ impl Failpoint {
         Failpoint::ShipSegmentWritten,
         Failpoint::ShipSegmentSync,
         Failpoint::ShipSegmentSynced,
+        Failpoint::ShipSegmentLinked,
         Failpoint::ShipSegmentRenamed,
         Failpoint::ShipManifestWrite,
         Failpoint::ApplyBatchWritten,
@@ -147,6 +151,7 @@ impl Failpoint {
             Failpoint::ShipSegmentWritten => "ship:segment-written",
             Failpoint::ShipSegmentSync => "ship:segment-sync",
             Failpoint::ShipSegmentSynced => "ship:segment-synced",
+            Failpoint::ShipSegmentLinked => "ship:segment-linked",
             Failpoint::ShipSegmentRenamed => "ship:segment-renamed",
             Failpoint::ShipManifestWrite => "ship:manifest-write",
             Failpoint::ApplyBatchWritten => "apply:batch-written",

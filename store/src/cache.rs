@@ -480,7 +480,8 @@ impl CacheDir {
                 match (mine, theirs) {
                     (Some(a), Some(b)) if a.header.epoch == b.header.epoch && a.same_records(&b) => {
                         log::info!("{location} was already shipped with the same records");
-                        Ok(())
+                        // By an attempt that may not have synced it.
+                        self.store.make_durable(&key)
                     }
                     _ => Err(StoreError::Exists { location }),
                 }
@@ -552,6 +553,13 @@ impl CacheDir {
         vm_id: Option<[u8; 16]>,
     ) -> Result<Option<Result<SegmentHeader, SegmentError>>, StoreError> {
         Ok(self.list_segments()?.last().map(|l| self.read_segment_header(l.first_seq, l.last_seq, vm_id)))
+    }
+
+    /// Makes the segment `first_seq..=last_seq`, which a previous run
+    /// wrote, durable before its records leave the journal (that run may
+    /// have died between linking it and syncing its directory).
+    pub fn make_segment_durable(&self, first_seq: u64, last_seq: u64) -> Result<(), StoreError> {
+        self.store.make_durable(&self.segment_key(first_seq, last_seq))
     }
 
     /// Removes segments a crashed writer left half-written in a directory

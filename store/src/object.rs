@@ -465,18 +465,38 @@ impl Store {
             } else {
                 fs::rename(&tmp, &path)?;
             }
+            stage(Stage::Linked)?;
             File::open(dir)?.sync_all()?;
             stage(Stage::Published)?;
             Ok(true)
         })();
         match result {
             Ok(true) => Ok(()),
-            Ok(false) => self.settle_refused(key, bytes, &mode),
+            Ok(false) => {
+                self.settle_refused(key, bytes, &mode)?;
+                // Our bytes are there: an earlier attempt linked them, and
+                // may have failed or died before the directory was synced.
+                self.make_durable(key)
+            }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
                 Err(self.io("write", key, e))
             }
         }
+    }
+
+    /// Makes an object that is there durable where that is the writer's
+    /// part (a directory: the file and its directory synced; a bucket's
+    /// objects are durable once written). For an object an earlier
+    /// process or attempt wrote, before counting it shipped.
+    pub fn make_durable(&self, key: &str) -> Result<(), StoreError> {
+        let Inner::Dir(root) = &*self.inner else { return Ok(()) };
+        let path = root.join(key);
+        let dir = path.parent().expect("a key names a file below the store");
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| File::open(dir)?.sync_all())
+            .map_err(|e| self.io("sync", key, e))
     }
 
     /// Whether an object of the name exists (without reading it).
@@ -656,6 +676,9 @@ impl Store {
 pub enum Stage {
     Written,
     Synced,
+    /// A directory store's file is under its name, its directory not yet
+    /// synced (a bucket has no such step).
+    Linked,
     Published,
 }
 

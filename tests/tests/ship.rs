@@ -156,7 +156,13 @@ fn kill_9_at_each_step_of_writing_a_segment_never_exposes_a_partial_one() {
     let vm =
         TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
     let served = vm.serve(&[]);
-    for point in ["ship:batch-read", "ship:segment-written", "ship:segment-synced", "ship:segment-renamed"] {
+    for point in [
+        "ship:batch-read",
+        "ship:segment-written",
+        "ship:segment-synced",
+        "ship:segment-linked",
+        "ship:segment-renamed",
+    ] {
         let status = fio_writes(&vm, 1, "16m", &["--io_size=4m"]).status().expect("fio");
         assert!(status.success());
         let armed = format!("{point}=kill");
@@ -181,7 +187,7 @@ fn kill_9_at_each_step_of_writing_a_segment_never_exposes_a_partial_one() {
         }
         // The restart cleans up and goes on where the cache stands.
         let log = vm.ship_once();
-        if point == "ship:segment-renamed" {
+        if point == "ship:segment-renamed" || point == "ship:segment-linked" {
             assert!(log.contains("already in the cache"), "the restart must skip what was shipped:\n{log}");
         }
         assert!(segment_names(&vm).iter().all(|n| !n.ends_with(".tmp")), "temporaries are removed");
@@ -420,6 +426,57 @@ fn shipped_segments_survive_a_power_cut_of_the_cache_store() {
     vm.ship_once();
     vm.assert_cache_reproduces_source();
     fs.shutdown().expect("stop tern-crashfs");
+}
+
+/// A segment under its name whose directory was never synced is not yet
+/// shipped: a power cut of the cache store can take it away. A shipper
+/// killed there left it so, and the next one (finding it there) moved the
+/// ring's tail past its records without syncing; one whose directory sync
+/// failed found it there on its retry and counted it written. Either way
+/// the records were gone from the journal and, after the power cut, from
+/// the cache. Now both sync it before the tail moves.
+fn a_segment_linked_but_not_synced(armed: &str) {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let served = vm.serve(&[]);
+    let cache = vm.dir.path().join("cache");
+    let mut fs = tern_crashfs::Process::spawn(&crashfs_bin(), &cache, &vm.dir.path().join("crashfs.ctl"))
+        .expect("start tern-crashfs");
+    // Sparse: the first run writes the manifest, no segment.
+    vm.ship_once();
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 7 1M 64k"]));
+    let out = vm.tern_env(&[("TERN_FAILPOINTS", armed)]).args(["ship", &vm.name, "--once"]).output().expect("ship");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if armed.ends_with("kill@1") {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(9), "{err}");
+        // The next run finds the segment there and has nothing else to do.
+        let log = vm.ship_once();
+        assert!(log.contains("already in the cache"), "{log}");
+    } else {
+        assert!(out.status.success() && err.contains("succeeded after"), "the retry settled it: {err}");
+    }
+    let shipped: Vec<String> = segment_names(&vm).into_iter().filter(|n| !n.ends_with(".tmp")).collect();
+    assert_eq!(shipped.len(), 1, "{shipped:?}");
+    fs.control.power_cut(17, tern_crashfs::CutMode::Drop).expect("power cut");
+    assert_eq!(
+        segment_names(&vm).into_iter().filter(|n| !n.ends_with(".tmp")).collect::<Vec<_>>(),
+        shipped,
+        "the segment the ring's tail passed is gone after the power cut"
+    );
+    served.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+    fs.shutdown().expect("stop tern-crashfs");
+}
+
+#[test]
+fn a_segment_a_killed_shipper_linked_is_synced_before_its_records_leave_the_journal() {
+    a_segment_linked_but_not_synced("ship:segment-linked=kill@1");
+}
+
+#[test]
+fn a_segment_whose_directory_sync_failed_is_synced_when_its_retry_finds_it() {
+    a_segment_linked_but_not_synced("ship:segment-linked=eio@1");
 }
 
 #[test]

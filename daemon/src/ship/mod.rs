@@ -470,6 +470,13 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
                 );
             }
         }
+        if let Some(h) = &newest {
+            // (Every earlier segment's directory entry was synced when
+            // the next one was written.)
+            writer::retrying("sync the newest segment", stats, stop, || {
+                cache.make_segment_durable(h.first_seq, h.last_seq).map_err(|e| e.into_io_error())
+            })?;
+        }
         log::info!(
             "VM '{vm}': seqs {}..={last_shipped} are already in the cache; moving the ring's tail past them",
             tail.seq

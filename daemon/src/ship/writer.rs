@@ -174,6 +174,7 @@ fn write_segment_once(cache: &CacheDir, header: &SegmentHeader, bytes: &[u8]) ->
                 fail::hit(Failpoint::ShipSegmentSync)
             }
             Stage::Synced => fail::hit(Failpoint::ShipSegmentSynced),
+            Stage::Linked => fail::hit(Failpoint::ShipSegmentLinked),
             Stage::Published => fail::hit(Failpoint::ShipSegmentRenamed),
         })
         .map_err(StoreError::into_io_error)

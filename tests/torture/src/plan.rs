@@ -98,6 +98,7 @@ const SHIP_POINTS: &[(&str, u32)] = &[
     ("ship:segment-written", 6),
     ("ship:segment-sync", 6),
     ("ship:segment-synced", 6),
+    ("ship:segment-linked", 3),
     ("ship:segment-renamed", 6),
     ("ship:manifest-write", 1),
     ("journal:records-written", 2),
