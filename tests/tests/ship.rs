@@ -479,6 +479,98 @@ fn a_segment_whose_directory_sync_failed_is_synced_when_its_retry_finds_it() {
     a_segment_linked_but_not_synced("ship:segment-linked=eio@1");
 }
 
+/// A shipped segment that goes missing from the cache after the ring
+/// released its records (removed, a store rolled back, or damaged and
+/// moved away as the shipper's own error advises): the restarted shipper
+/// took the gap for a host crash's discard, started an epoch and nothing
+/// else, and the replica went on without those writes, its later points
+/// missing them, nothing said. Now the gap makes a checksum comparison
+/// due: only what the replica lacks is sent again. With `tern serve`
+/// running, and with the VM down (the shipper opens the window itself).
+fn a_segment_lost_from_the_cache(serving: bool) {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    let mut io = Command::new("qemu-io");
+    io.args(["-f", "raw", &vm.uri("disk0")]);
+    for (i, off) in ["1M", "5M", "9M"].iter().enumerate() {
+        io.args(["-c", &format!("write -P {} {off} 4k", i + 1)]);
+    }
+    run(&mut io);
+    vm.ship_once();
+    let names = segment_names(&vm);
+    let newest = names.last().expect("a segment");
+    std::fs::rename(vm.cache_dir().join("segments").join(newest), vm.dir.path().join(newest)).expect("move away");
+    let served = if serving {
+        Some(served)
+    } else {
+        served.stop();
+        None
+    };
+    let applier = vm.apply_daemon(&[]);
+    let ship = vm.ship(&["--checksum-timeout", "10m"]);
+    wait_for("the checksum comparison", Duration::from_secs(120), || ship.log().contains("regions differ"));
+    let log = ship.stop();
+    assert!(log.contains("are missing from") && log.contains("starting epoch 2"), "{log}");
+    assert!(log.contains("3 of 256 regions differ"), "exactly the lost writes are sent again:\n{log}");
+    if let Some(served) = served {
+        served.stop();
+    }
+    vm.ship_once();
+    applier.stop();
+    let target = vm.dir.path().join("target");
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &[], &[]);
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    assert_files_equal(&vm.image, &target.join("vm1/replica/disk0.img"));
+}
+
+#[test]
+fn a_segment_lost_from_the_cache_is_sent_again_by_a_checksum_comparison() {
+    a_segment_lost_from_the_cache(true);
+}
+
+#[test]
+fn a_segment_lost_from_the_cache_of_a_stopped_vm_is_sent_again() {
+    a_segment_lost_from_the_cache(false);
+}
+
+/// A shipper that started an epoch after a host crash (the manifest
+/// published) and stopped before any segment of it was written: the next
+/// one started the epoch a second time at the same seq, a manifest that
+/// no longer parses ("epochs out of order"), and every later start and
+/// the applier failed on it.
+#[test]
+fn an_epoch_started_by_a_shipper_that_died_is_not_started_twice() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 5 1M 64k"]));
+    vm.ship_once();
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 6 2M 64k"]));
+    crash_the_host(&vm, served);
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 7 3M 64k"]));
+    let out = vm
+        .tern_env(&[("TERN_FAILPOINTS", "ship:segment-written=kill@1")])
+        .args(["ship", &vm.name, "--once"])
+        .output()
+        .expect("ship");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest = std::fs::read_to_string(vm.cache_dir().join("manifest.toml")).expect("manifest");
+    assert!(manifest.contains("number = 2"), "the dead run published epoch 2: {manifest}");
+    let log = vm.ship_once_with(&["--checksum-timeout", "0s"]);
+    assert!(!log.contains("starting epoch 3"), "{log}");
+    served.stop();
+    vm.ship_once();
+    let manifest = std::fs::read_to_string(vm.cache_dir().join("manifest.toml")).expect("manifest");
+    assert!(manifest.contains("number = 2") && !manifest.contains("number = 3"), "{manifest}");
+    let target = vm.dir.path().join("target");
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &[], &[]);
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    assert_files_equal(&vm.image, &target.join("vm1/replica/disk0.img"));
+}
+
 #[test]
 fn bad_segments_in_the_cache_are_refused_with_file_and_offset() {
     let vm =

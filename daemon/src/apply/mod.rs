@@ -531,8 +531,9 @@ impl VmApplier {
                     self.cache.location(tern_store::cache::SEGMENTS)
                 )));
             }
+            let why = self.manifest.epochs.iter().find(|e| e.number == h.epoch).map_or("", |e| e.reason.as_str());
             log::warn!(
-                "VM '{}': epoch {} starts at seq {} (records {}..{} were lost at the source); the replica is inconsistent until its resync window closes",
+                "VM '{}': epoch {} starts at seq {} (records {}..{} will never come: {why}); the replica is inconsistent until its resync window closes",
                 self.name,
                 h.epoch,
                 h.first_seq,

@@ -34,11 +34,14 @@ const TELL_EVERY: Duration = Duration::from_secs(30);
 
 impl ChecksumResync {
     /// The reason a stream compares checksums: its replica was seeded (a
-    /// re-protected or failed-back direction, in its first epoch) or the
-    /// host went down while the VM was served.
-    pub fn why(seeded_start: bool) -> &'static str {
+    /// re-protected or failed-back direction, in its first epoch), shipped
+    /// records went missing from the cache, or the host went down while
+    /// the VM was served.
+    pub fn why(seeded_start: bool, lost_from_cache: bool) -> &'static str {
         if seeded_start {
             "the replica at the target starts from a seed (a re-protected or failed-back direction)"
+        } else if lost_from_cache {
+            "records shipped earlier are missing from the cache store"
         } else {
             "the host went down while the VM was served"
         }

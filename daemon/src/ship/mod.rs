@@ -137,6 +137,13 @@ struct Sealed {
 
 use tern_driver::fail::{self, Failpoint};
 
+/// The reason recorded in the manifest for an epoch that starts after the
+/// journal discarded unshipped records (a host crash).
+const EPOCH_AFTER_DISCARD: &str = "journal discarded after a host crash";
+/// The reason for an epoch that starts after shipped records went missing
+/// from the cache store.
+const EPOCH_AFTER_CACHE_LOSS: &str = "records missing from the cache store";
+
 /// Where the stream stands in the cache, read at start.
 struct Resume {
     manifest: Manifest,
@@ -198,6 +205,7 @@ pub fn run_with(
         timeout: options.checksum_timeout,
         why: checksum::ChecksumResync::why(
             resume.manifest.epoch().number == 1 && config.disks.iter().any(|d| d.seed.is_some()),
+            resume.manifest.epoch().reason == EPOCH_AFTER_CACHE_LOSS,
         ),
         told_ms: Default::default(),
     };
@@ -426,33 +434,48 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
         );
     }
     let newest = match cache.newest_segment(Some(*config.id.as_bytes()))? {
-        Some(h) => Some(h.context("the newest segment in the cache is damaged; move it away to re-ship it")?),
+        Some(h) => Some(h.context(
+            "the newest segment in the cache is damaged; move it away: what it held is shipped again (from the journal, or by a checksum comparison with the replica)",
+        )?),
         None => None,
     };
+    let current = manifest.epoch();
     let (mut last_shipped, mut in_window) = match &newest {
-        Some(h) => (h.last_seq, h.window & segment::WINDOW_AT_END != 0),
-        // Nothing shipped in this stream yet: it continues from where the
-        // manifest's current epoch starts, not from wherever the tail is
-        // now (a discard after a host crash jumped it: that gap needs an
-        // epoch too, or the applier refuses it).
-        None => (manifest.epoch().first_seq.saturating_sub(1), false),
+        Some(h) if h.last_seq + 1 >= current.first_seq => (h.last_seq, h.window & segment::WINDOW_AT_END != 0),
+        // Nothing of the current epoch shipped yet: it continues from where
+        // the epoch starts, not from wherever the tail is now (a discard
+        // jumped it: that gap needs an epoch, or the applier refuses it;
+        // one a previous run started is not started twice). An epoch
+        // after the first starts inside a resync window.
+        _ => (current.first_seq.saturating_sub(1), current.number > 1),
     };
     if tail.seq > last_shipped + 1 {
-        // Records between were never shipped and are gone: the journal was
-        // emptied after a host crash. A new epoch lets the applier accept
-        // the gap; the front-end opened a resync window at its start.
-        let number = manifest.epoch().number + 1;
-        log::warn!(
-            "VM '{vm}': journal records {}..{} were discarded before they were shipped (host crash); starting epoch {number} at seq {}",
-            last_shipped + 1,
-            tail.seq - 1,
-            tail.seq
-        );
-        manifest.epochs.push(Epoch {
-            number,
-            first_seq: tail.seq,
-            reason: "journal discarded after a host crash".into(),
-        });
+        // Records between are in neither the cache nor the journal. After
+        // a host crash the journal discarded them and a checksum resync is
+        // due. Otherwise the cache lost them after they were shipped (a
+        // segment removed or damaged and moved away, a store rolled back):
+        // the replica lacks them and nothing else would say so, so the
+        // same comparison is made due here. A new epoch lets the applier
+        // accept the gap, inside a resync window until the comparison's
+        // differences are sent.
+        let number = current.number + 1;
+        let (first, last) = (last_shipped + 1, tail.seq - 1);
+        let reason = if journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
+            log::warn!(
+                "VM '{vm}': journal records {first}..={last} were discarded before they were shipped (host crash); starting epoch {number} at seq {}",
+                tail.seq
+            );
+            EPOCH_AFTER_DISCARD
+        } else {
+            log::error!(
+                "VM '{vm}': records {first}..={last} were shipped but are missing from {segments}, and the journal no longer holds them (a segment removed or lost from the cache store); starting epoch {number} at seq {} and a checksum comparison of the replica with the source, which re-sends whatever it lacks",
+                tail.seq
+            );
+            journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
+            journal.sync().context("marking the journal for a checksum resync")?;
+            EPOCH_AFTER_CACHE_LOSS
+        };
+        manifest.epochs.push(Epoch { number, first_seq: tail.seq, reason: reason.into() });
         last_shipped = tail.seq - 1;
         in_window = true;
     }

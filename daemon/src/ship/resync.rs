@@ -27,9 +27,13 @@ pub(super) fn drive_resync(
         }
         let dirty = bitmaps.iter().any(|b| b.dirty_count() > 0);
         let attached = journal.flags() & journal::FLAG_ATTACHED != 0;
+        // A comparison still due needs its window opened (the target
+        // answers only once the replica has reached the epoch, and an idle
+        // VM ships nothing else to reach it with).
+        let checksum_due = journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
         // A window the last front-end left open (it stopped before closing
         // it) is closed by the next front-end's first step.
-        if !dirty && !attached && !journal.window_open() {
+        if !dirty && !attached && !journal.window_open() && !checksum_due {
             idle.store(true, Ordering::Release);
             std::thread::sleep(Duration::from_millis(20));
             continue;
