@@ -46,6 +46,13 @@ pub struct Manifest {
     pub launch: Option<LaunchConfig>,
     #[serde(rename = "disk")]
     pub disks: Vec<ManifestDisk>,
+    /// The stream's first record opens a resync window (an initial sync of
+    /// the disks' data, or a comparison with a seed): a replica that has
+    /// applied nothing yet is not the VM at any moment, and no point is
+    /// taken of it. Absent (false) for a stream that starts consistent
+    /// (disks empty at enable) and in manifests before 2026-12.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub starts_in_window: bool,
     /// Every epoch of the sequence stream, oldest first. A new epoch starts
     /// where records were lost before shipping (the journal was discarded
     /// after a host crash): the applier accepts the gap only there, and a
@@ -99,6 +106,7 @@ impl Manifest {
                     seed: d.seed.clone(),
                 })
                 .collect(),
+            starts_in_window: false,
             epochs: vec![Epoch { number: 1, first_seq, reason: "replication enabled".into() }],
         }
     }
@@ -603,6 +611,7 @@ mod tests {
                 source: None,
                 seed: Some("failover/active/root.img".into()),
             }],
+            starts_in_window: true,
             epochs: vec![
                 Epoch { number: 1, first_seq: 1, reason: "replication enabled".into() },
                 Epoch { number: 2, first_seq: 500, reason: "host crash".into() },

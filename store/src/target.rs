@@ -52,8 +52,9 @@ pub struct PointAnswer {
 }
 
 /// `replica/checkpoint.toml`: the replicas hold exactly the records up to
-/// `applied_seq` (those after it may be partly there, un-fsynced; a restart
-/// applies them again, in order).
+/// `applied_seq`, and those after it up to `written_seq` may be partly
+/// there (a pass writes batches before it checkpoints; a restart applies
+/// them again, in order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Checkpoint {
@@ -67,6 +68,17 @@ pub struct Checkpoint {
     pub source_time_ns: u64,
     /// Source time of the newest crash-consistent point.
     pub last_point_ns: u64,
+    /// The newest seq a pass may have written to the replicas, recorded
+    /// before it writes past `applied_seq`. While `applied_seq` is below
+    /// it the replicas mix two states (a pass failed or was killed after
+    /// writing a batch), and no point is taken until a pass has applied up
+    /// to it again. Absent: 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub written_seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -463,6 +475,7 @@ mod tests {
             in_window: false,
             source_time_ns: now - 10 * 60 * 1_000_000_000,
             last_point_ns: 0,
+            written_seq: 0,
         };
         assert_eq!(stream_now(&checkpoint, &points), checkpoint.source_time_ns);
         // The source clock stepped back after the newest point.

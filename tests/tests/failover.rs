@@ -597,3 +597,38 @@ fn exits_within(child: &mut std::process::Child, secs: u64) -> Option<std::proce
     }
     None
 }
+
+/// The shipper publishes the manifest before its first segment: a failover
+/// in between took a crash point "0" of the still empty replica, a disk
+/// the VM never had. The manifest now says the stream starts with an
+/// initial sync, and no point is taken before it is applied; a VM whose
+/// disks were empty at enable still has its point 0.
+#[test]
+fn no_point_is_taken_of_a_replica_the_initial_sync_has_not_reached() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 8 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let out = vm
+        .tern_env(&[("TERN_FAILPOINTS", "ship:segment-written=kill@1")])
+        .args(["ship", &vm.name, "--once"])
+        .output()
+        .expect("ship");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest = std::fs::read_to_string(vm.cache_dir().join("manifest.toml")).expect("the manifest is there");
+    assert!(manifest.contains("starts-in-window = true"), "{manifest}");
+    let out = vm.tern().args(["failover", &vm.name, "--test", "--latest"]).output().expect("failover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("inside a resync window at seq 0"), "{err}");
+    assert!(!vm.dir.path().join("target/vm1/failover").exists(), "nothing failed over");
+    // Once the initial sync is there, the point is the source's data.
+    vm.ship_once();
+    let j = json(&run(vm.tern().args(["failover", &vm.name, "--test", "--latest", "--json"])));
+    let disk = j["disks"]["disk0"].as_str().expect("a disk").to_string();
+    assert_files_equal(&vm.image, std::path::Path::new(&disk));
+
+    let empty = TestVm::new(VmSpec { disk_size: 4 << 20, journal_size: "16MiB", ..Default::default() });
+    empty.ship_once();
+    let manifest = std::fs::read_to_string(empty.cache_dir().join("manifest.toml")).expect("manifest");
+    assert!(!manifest.contains("starts-in-window"), "{manifest}");
+    run(empty.tern().args(["failover", &empty.name, "--test", "--latest"]));
+}

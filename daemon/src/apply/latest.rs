@@ -188,6 +188,15 @@ impl VmApplier {
                 self.name, cur.applied_seq
             )));
         }
+        if cur.applied_seq < self.mixed_until {
+            return Ok(Err(format!(
+                "VM '{}': an apply pass that stopped wrote the replicas past seq {} (up to seq {}), and applying has not passed that again{}: no consistent state exists there; use an earlier point with --point (or --latest-point)",
+                self.name,
+                cur.applied_seq,
+                self.mixed_until,
+                if self.cache.read_fence().ok().flatten().is_some() { " (the VM is failed over, so nothing more is applied)" } else { "" }
+            )));
+        }
         if let Some(p) = points.into_iter().find(|p| p.seq == cur.applied_seq && p.epoch == cur.epoch) {
             return Ok(Ok(p));
         }

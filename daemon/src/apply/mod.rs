@@ -224,6 +224,13 @@ struct VmApplier {
     unsynced: usize,
     options: ApplyOptions,
     warned_copy: bool,
+    /// The last seq of the segments this pass applies: recorded as the
+    /// checkpoint's `written_seq` before its first batch is written.
+    pass_end: u64,
+    /// A pass that stopped (an error, a kill) wrote the replicas up to
+    /// this seq past their checkpoint: no point is taken below it, where
+    /// they would mix two states, until applying has passed it again.
+    mixed_until: u64,
     /// One applier per VM's replicas (a daemon, `tern failover --latest`).
     _lock: std::fs::File,
 }
@@ -271,9 +278,12 @@ impl VmApplier {
                 vm_id: manifest.id,
                 epoch: manifest.epochs[0].number,
                 applied_seq: manifest.epochs[0].first_seq.saturating_sub(1),
-                in_window: false,
+                // An initial sync's replica is not the VM until its window
+                // closes (a seeded one is the other site's stale disk).
+                in_window: manifest.starts_in_window,
                 source_time_ns: 0,
                 last_point_ns: 0,
+                written_seq: 0,
             },
         };
         let mut replicas = Vec::new();
@@ -310,6 +320,13 @@ impl VmApplier {
             checkpoint.applied_seq + 1,
             checkpoint.epoch
         );
+        let mixed_until = if checkpoint.written_seq > checkpoint.applied_seq { checkpoint.written_seq } else { 0 };
+        if mixed_until > 0 {
+            log::warn!(
+                "VM '{name}': a pass that stopped wrote the replicas past their checkpoint (seq {}) up to seq {mixed_until}: no point is taken until seqs up to {mixed_until} are applied again",
+                checkpoint.applied_seq
+            );
+        }
         Ok(Some(VmApplier {
             name: name.to_owned(),
             cache,
@@ -322,6 +339,8 @@ impl VmApplier {
             unsynced: 0,
             options: options.clone(),
             warned_copy: false,
+            pass_end: 0,
+            mixed_until,
             _lock: lock,
         }))
     }
@@ -363,6 +382,7 @@ impl VmApplier {
         }
         let mut applied = 0;
         let todo = self.segments_to_apply()?;
+        self.pass_end = todo.last().map_or(self.cur.applied_seq, |l| l.last_seq);
         let vm_id = *self.manifest.id.as_bytes();
         let reader = self.cache.clone();
         std::thread::scope(|scope| -> Result<()> {
@@ -392,7 +412,10 @@ impl VmApplier {
                 }
                 applied += 1;
                 let interval = self.manifest.policy.interval.as_nanos() as u64;
-                if !self.cur.in_window && self.cur.source_time_ns.saturating_sub(self.cur.last_point_ns) >= interval {
+                if !self.cur.in_window
+                    && self.cur.applied_seq >= self.mixed_until
+                    && self.cur.source_time_ns.saturating_sub(self.cur.last_point_ns) >= interval
+                {
                     // The point before the checkpoint that passes it: a
                     // crash in between takes it again after the restart.
                     self.flush()?;
@@ -450,9 +473,13 @@ impl VmApplier {
         Ok(())
     }
 
-    /// Writes the batch to the replicas (not yet durable).
+    /// Writes the batch to the replicas (not yet durable), after
+    /// recording how far this pass may write them.
     fn write_batch(&mut self) -> Result<usize> {
         let written = self.batch.data_len();
+        if written > 0 && self.checkpoint.written_seq < self.pass_end {
+            self.record_written(self.pass_end)?;
+        }
         self.unsynced += written;
         let calls = self.batch.apply(&self.replicas).context("writing to the replicas")?;
         if written > 0 {
@@ -471,6 +498,18 @@ impl VmApplier {
         fail::hit(Failpoint::ApplyBatchApplied)?;
         self.unsynced = 0;
         Ok(calls)
+    }
+
+    /// Records durably, in the checkpoint as it stands, that the replicas
+    /// may hold records up to `seq`: a pass that stops after writing a
+    /// batch leaves them past their checkpoint, and the next one must know
+    /// (see [`VmApplier::mixed_until`]).
+    fn record_written(&mut self, seq: u64) -> Result<()> {
+        let recorded = Checkpoint { written_seq: seq, ..self.checkpoint.clone() };
+        write_durably(&self.target.checkpoint_path(), toml::to_string(&recorded)?.as_bytes())?;
+        self.checkpoint.written_seq = seq;
+        self.cur.written_seq = seq;
+        Ok(())
     }
 
     /// Flushes, then makes `cur` the durable checkpoint.
@@ -592,6 +631,14 @@ impl VmApplier {
                             self.name,
                             label.as_deref().unwrap_or(""),
                             r.seq
+                        );
+                    } else if r.seq < self.mixed_until {
+                        log::warn!(
+                            "VM '{}': tag '{}' (seq {}) falls where a pass that stopped had already written later records (up to seq {}) to the replicas; no point can be taken there",
+                            self.name,
+                            label.as_deref().unwrap_or(""),
+                            r.seq,
+                            self.mixed_until
                         );
                     } else {
                         self.write_batch().with_context(|| format!("applying {}", path))?;

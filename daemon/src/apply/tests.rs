@@ -18,6 +18,7 @@ fn manifest(id: uuid::Uuid, disks: &[(&str, u64)], epochs: &[(u64, u64)]) -> Man
             .iter()
             .map(|&(name, size)| ManifestDisk { name: name.into(), size, source: None, seed: None })
             .collect(),
+        starts_in_window: false,
         epochs: epochs.iter().map(|&(number, first_seq)| Epoch { number, first_seq, reason: "test".into() }).collect(),
     }
 }
@@ -110,4 +111,139 @@ fn retiring_a_stream_interrupted_half_way_finishes_without_mixing_old_points_in(
     assert!(target.history_dir(&old).join("replica/checkpoint.toml").is_file());
     assert!(target.list_points().unwrap().is_empty() && !target.checkpoint_path().exists());
     assert!(target.points_dir().is_dir() && target.replica_dir().is_dir());
+}
+
+/// A pass that fails after writing a batch (here a tag it cannot parse; in
+/// life ENOSPC, EIO, a kill) leaves the replica past its checkpoint. Once
+/// the VM is fenced nothing is applied again, and `--latest` took a point
+/// at the checkpoint holding a later write: torn. Now it is refused.
+#[test]
+fn no_point_at_a_checkpoint_a_failed_pass_wrote_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+    std::fs::create_dir_all(&cache_root).unwrap();
+    std::fs::create_dir_all(&target_root).unwrap();
+    let cache_root = Store::dir(&cache_root);
+    let cache = CacheDir::new(&cache_root, "vm1");
+    let id = uuid::Uuid::from_bytes([5; 16]);
+    cache.write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]), tern_store::object::Put::Overwrite).unwrap();
+    write_segment(&cache, id, 1, 1, 0, 4096, 1);
+    let options = ApplyOptions { once: true, keep_segments: true, batch_limit: 4096, sync_limit: 1 << 30 };
+    let stop = AtomicBool::new(false);
+    {
+        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+        assert_eq!(a.step(&stop).unwrap(), 1);
+    }
+    write_segment(&cache, id, 1, 2, 8192, 4096, 2);
+    // seq 3: a group tag that is not JSON (a non-refused error mid-pass).
+    let mut b = SegmentBuilder::new(*id.as_bytes(), 1, 3);
+    let data = b"not json".to_vec();
+    let h = RecordHeader {
+        seq: 3,
+        offset: 0,
+        time_ns: 1,
+        length: 0,
+        data_len: data.len() as u32,
+        disk: 0,
+        kind: RecordKind::Tag,
+        flags: journal::TAG_GROUP,
+    };
+    b.push(&h, &data).unwrap();
+    let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
+    cache.write_segment(&header, &bytes, &mut |_| Ok(())).unwrap();
+    {
+        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+        let e = a.step(&stop).expect_err("the bad tag fails the pass");
+        eprintln!("pass 2 failed: {e:#}");
+    }
+    let fence = tern_store::cache::Fence {
+        version: 1,
+        epoch: 2,
+        point: "1".into(),
+        seq: 1,
+        failed_over_unix_ms: 1,
+        committed: false,
+    };
+    cache.write_toml(tern_store::cache::FENCE, &fence, "test").unwrap();
+    let e = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect_err("a torn point");
+    assert!(e.to_string().contains("wrote the replicas past seq 1 (up to seq 3)"), "{e:#}");
+    assert!(TargetDir::new(&target_root, "vm1").list_points().unwrap().iter().all(|p| p.seq != 1));
+}
+
+/// Before the first segment is applied (manifest shipped, no segment
+/// yet), `--latest` took a crash point at seq 0 of the empty (or seeded)
+/// replica, although the stream's seq 1 opens the initial sync's window.
+#[test]
+fn no_point_before_an_initial_sync_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+    std::fs::create_dir_all(&cache_root).unwrap();
+    std::fs::create_dir_all(&target_root).unwrap();
+    let cache_root = Store::dir(&cache_root);
+    let cache = CacheDir::new(&cache_root, "vm1");
+    let id = uuid::Uuid::from_bytes([6; 16]);
+    let m = Manifest { starts_in_window: true, ..manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]) };
+    cache.write_manifest(&m, tern_store::object::Put::Overwrite).unwrap();
+    let e = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect_err("a point of nothing");
+    assert!(e.to_string().contains("inside a resync window at seq 0"), "{e:#}");
+    // A stream whose disks were empty at enable starts consistent.
+    let dir = tempfile::tempdir().unwrap();
+    let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+    std::fs::create_dir_all(&cache_root).unwrap();
+    std::fs::create_dir_all(&target_root).unwrap();
+    let cache_root = Store::dir(&cache_root);
+    let cache = CacheDir::new(&cache_root, "vm1");
+    cache.write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]), tern_store::object::Put::Overwrite).unwrap();
+    assert_eq!(latest::catch_up_and_point(&cache_root, &target_root, "vm1").unwrap().seq, 0);
+}
+
+/// The same torn replica, unfenced: a reopened applier with a shorter
+/// point interval (vm.toml changed, the manifest refreshed) took a crash
+/// point at a segment boundary the failed pass had written past.
+#[test]
+fn no_crash_point_below_where_a_failed_pass_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
+    std::fs::create_dir_all(&cache_root).unwrap();
+    std::fs::create_dir_all(&target_root).unwrap();
+    let cache_root = Store::dir(&cache_root);
+    let cache = CacheDir::new(&cache_root, "vm1");
+    let id = uuid::Uuid::from_bytes([8; 16]);
+    let mut m = manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]);
+    cache.write_manifest(&m, tern_store::object::Put::Overwrite).unwrap();
+    write_segment(&cache, id, 1, 1, 0, 4096, 1);
+    write_segment(&cache, id, 1, 2, 8192, 4096, 2);
+    let mut b = SegmentBuilder::new(*id.as_bytes(), 1, 3);
+    let data = b"not json".to_vec();
+    let h = RecordHeader {
+        seq: 3,
+        offset: 0,
+        time_ns: 1,
+        length: 0,
+        data_len: data.len() as u32,
+        disk: 0,
+        kind: RecordKind::Tag,
+        flags: journal::TAG_GROUP,
+    };
+    b.push(&h, &data).unwrap();
+    let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
+    cache.write_segment(&header, &bytes, &mut |_| Ok(())).unwrap();
+    let options = ApplyOptions { once: true, keep_segments: true, batch_limit: 4096, sync_limit: 1 << 30 };
+    let stop = AtomicBool::new(false);
+    {
+        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+        a.step(&stop).expect_err("the bad tag fails the pass");
+    }
+    m.policy.interval = Duration::from_nanos(1);
+    cache.write_manifest(&m, tern_store::object::Put::Overwrite).unwrap();
+    {
+        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+        a.step(&stop).expect_err("the bad tag fails the pass again");
+    }
+    // Every point taken holds exactly the records up to its seq.
+    let target = TargetDir::new(&target_root, "vm1");
+    for p in target.list_points().unwrap() {
+        let img = std::fs::read(target.point_dir(&p.id).join("disk0.img")).unwrap();
+        assert!(p.seq >= 2 || img[8192] == 0, "point {} (seq {}) holds seq 2's write: torn", p.id, p.seq);
+    }
 }

@@ -415,7 +415,18 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
     let mut tail = journal.tail();
     let mut manifest = match cache.read_manifest()? {
         Some(m) => m,
-        None => Manifest::for_vm(config, tail.seq),
+        None => {
+            let mut m = Manifest::for_vm(config, tail.seq);
+            // Nothing is consumed before the first manifest: the stream's
+            // first record is at the tail (`tern enable` puts an initial
+            // sync's opener there, before anything else).
+            let mut data = Vec::new();
+            m.starts_in_window = matches!(
+                journal.cursor(tail).next(&mut data),
+                Ok(Some(h)) if h.kind == journal::RecordKind::Resync && h.flags == journal::RESYNC_OPEN
+            );
+            m
+        }
     };
     if manifest.id != config.id {
         bail!(
