@@ -19,7 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::format::{HEADER_SIZE, OFF_HEAD, OFF_TAIL};
+use super::format::{FLAG_ATTACHED, HEADER_SIZE, OFF_BOOT_ID, OFF_FLAGS, OFF_HEAD, OFF_TAIL};
 use super::ring::Position;
 use crate::fs::{preallocate, FileLock};
 use crate::{Error, Result};
@@ -147,6 +147,18 @@ fn restore(durable: &File, path: &Path, capacity: u64, ring_path: &Path) -> Resu
             |offset: u64, len: usize| move |source| Error::Read { path: path.to_owned(), offset, len, source };
         let mut header = vec![0u8; HEADER_SIZE];
         durable.read_exact_at(&mut header, 0).map_err(read_err(0, HEADER_SIZE))?;
+        let flags = u32::from_le_bytes(header[OFF_FLAGS..OFF_FLAGS + 4].try_into().expect("4 bytes"));
+        if flags & FLAG_ATTACHED != 0 {
+            // The ring went while a front-end had it attached, without a
+            // reboot (a container's /dev/shm gone with it, logind's
+            // RemoveIPC, someone clearing it): the durable copy lacks
+            // every record since its last sync, like after a host crash,
+            // while the images hold them. Re-applying its stale records
+            // as after a process crash would roll those writes back: a
+            // boot id of no boot makes the next attach recover as from a
+            // host crash (discard, sequence jump, checksum resync).
+            header[OFF_BOOT_ID..OFF_BOOT_ID + 16].fill(0);
+        }
         f.write_all_at(&header, 0).map_err(create_err)?;
         let word = |off: usize| {
             let mut b = [0u8; 16];
