@@ -224,9 +224,9 @@ struct VmApplier {
     unsynced: usize,
     options: ApplyOptions,
     warned_copy: bool,
-    /// The last seq of the segments this pass applies: recorded as the
-    /// checkpoint's `written_seq` before its first batch is written.
-    pass_end: u64,
+    /// The newest seq read into `batch`: recorded as the checkpoint's
+    /// `written_seq` before the batch is written.
+    batched_to: u64,
     /// A pass that stopped (an error, a kill) wrote the replicas up to
     /// this seq past their checkpoint: no point is taken below it, where
     /// they would mix two states, until applying has passed it again.
@@ -339,7 +339,7 @@ impl VmApplier {
             unsynced: 0,
             options: options.clone(),
             warned_copy: false,
-            pass_end: 0,
+            batched_to: 0,
             mixed_until,
             _lock: lock,
         }))
@@ -382,7 +382,6 @@ impl VmApplier {
         }
         let mut applied = 0;
         let todo = self.segments_to_apply()?;
-        self.pass_end = todo.last().map_or(self.cur.applied_seq, |l| l.last_seq);
         let vm_id = *self.manifest.id.as_bytes();
         let reader = self.cache.clone();
         std::thread::scope(|scope| -> Result<()> {
@@ -474,11 +473,11 @@ impl VmApplier {
     }
 
     /// Writes the batch to the replicas (not yet durable), after
-    /// recording how far this pass may write them.
+    /// recording how far that takes them.
     fn write_batch(&mut self) -> Result<usize> {
         let written = self.batch.data_len();
-        if written > 0 && self.checkpoint.written_seq < self.pass_end {
-            self.record_written(self.pass_end)?;
+        if written > 0 && self.checkpoint.written_seq < self.batched_to {
+            self.record_written(self.batched_to)?;
         }
         self.unsynced += written;
         let calls = self.batch.apply(&self.replicas).context("writing to the replicas")?;
@@ -645,7 +644,10 @@ impl VmApplier {
                         self.take_point(r.seq, h.epoch, time_ns, PointKind::App, PointTag { label, group, quiesce })?;
                     }
                 }
-                kind if kind.changes_disk() => self.batch.add(r, &payload, span),
+                kind if kind.changes_disk() => {
+                    self.batch.add(r, &payload, span);
+                    self.batched_to = r.seq;
+                }
                 _ => {}
             }
             if r.time_ns > 0 {
