@@ -260,6 +260,35 @@ impl Drop for GroupTagLock<'_> {
     }
 }
 
+/// The tag lock held by a front-end while it attaches (see [`keep_out`]).
+pub struct KeptOut {
+    _lock: TagLock,
+}
+
+/// Waits, `patience` at most, until no tagger of another process is at
+/// work, and keeps them out until dropped: a front-end attaching pads
+/// every record it finds unpublished, and a tag between its reservation
+/// and its publication (`tern tag` syncing, a group cut's barrier) is not
+/// a dead producer's hole. Its tagger would publish over the pad, report
+/// the tag taken, and the point would never come.
+pub fn keep_out(lock_path: &Path, patience: std::time::Duration) -> Result<KeptOut> {
+    let until = std::time::Instant::now() + patience;
+    loop {
+        if let Some(lock) = TagLock::try_acquire(lock_path)? {
+            return Ok(KeptOut { _lock: lock });
+        }
+        if std::time::Instant::now() >= until {
+            return Err(Error::Busy {
+                what: format!("{} (held for over {}s)", lock_path.display(), patience.as_secs()),
+                holder:
+                    "a `tern tag` or group cut at work, or hung, on this VM: let it finish or stop it, then start again"
+                        .into(),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn append_locked(
     journal: &Journal,
     lock_path: &Path,

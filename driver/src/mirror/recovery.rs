@@ -7,10 +7,18 @@
 
 use super::*;
 
+/// How long a front-end attaching waits for a tagger at work: a frozen
+/// guest's tag or a group cut holds the tag lock for milliseconds to a few
+/// seconds (a sync of the ring); minutes means one hung.
+const TAGGER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Mirror {
     /// Marks the journal attached, recovering first if it already was (the
     /// previous front-end died).
     pub(super) fn attach(&mut self) -> Result<()> {
+        // Taggers of other processes are kept out while the ring is walked:
+        // one between reserving and publishing is alive, not a hole.
+        let _taggers = crate::tag::keep_out(&self.tag_lock, TAGGER_PATIENCE)?;
         let boot = boot_id();
         if self.journal.flags() & journal::FLAG_ATTACHED != 0 {
             if self.journal.boot_id() != boot {

@@ -345,6 +345,32 @@ fn a_clean_attach_pads_a_hole_another_process_left_so_the_consumer_passes_it() {
     assert_eq!(cursor.position(), m.journal().head(), "the consumer reaches the head");
 }
 
+/// A front-end starting while a tagger of another process is between
+/// reserving and publishing (`tern tag` in its sync, a group cut under
+/// its barrier) padded the live tag as a dead producer's hole; the tagger
+/// then "published" over the pad and reported the tag taken. It waits.
+#[test]
+fn an_attach_waits_for_a_tagger_at_work_instead_of_padding_its_tag() {
+    let s = setup(1 << 20, 1 << 20, 65536);
+    let journal = s.paths.open_journal().unwrap();
+    let lock_path = s.paths.tag_lock();
+    let mut cut = crate::tag::GroupTagLock::acquire(&journal, &lock_path, b"{}").unwrap();
+    let seq = cut.reserve(b"{}").unwrap().expect("room in the ring");
+    let paths = s.paths.clone();
+    let opening = std::thread::spawn(move || Mirror::open(&paths, MirrorOptions::default()));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!opening.is_finished(), "the front-end waits for the tagger");
+    cut.publish().unwrap();
+    drop(cut);
+    let m = opening.join().unwrap().unwrap();
+    let (mut cursor, mut data) = (m.journal().cursor(m.journal().tail()), Vec::new());
+    let mut kinds = Vec::new();
+    while let Some(h) = cursor.next(&mut data).unwrap() {
+        kinds.push((h.seq, h.kind));
+    }
+    assert!(kinds.contains(&(seq, RecordKind::Tag)), "the tag is in the stream: {kinds:?}");
+}
+
 #[test]
 fn a_second_frontend_is_refused_with_the_holders_pid() {
     let s = setup(1 << 20, 1 << 20, 65536);
