@@ -371,6 +371,37 @@ fn after_a_host_crash_with_no_answer_from_the_target_a_full_resync_brings_the_re
     vm.assert_cache_reproduces_source();
 }
 
+/// The ring vanishing from memory under a running `tern serve` (a tmpfs
+/// cleared, logind's RemoveIPC): a shipper starting then rebuilt it from
+/// the durable journal and shipped that stale copy, while the front-end
+/// went on writing to the ring it still mapped, which nobody shipped. The
+/// rebuilt ring now needs recovery: the shipper says so and waits, and
+/// once `tern serve` is restarted every write arrives.
+#[test]
+fn a_ring_that_vanished_under_a_running_serve_is_waited_for_and_recovered() {
+    let vm =
+        TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 1 1M 64k"]));
+    let journal = vm.state.join(&vm.name).join("journal");
+    let ring = std::fs::read_link(journal.with_file_name("journal.ring")).expect("the journal's ring link");
+    std::fs::remove_file(&ring).expect("remove the live ring");
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 2 2M 64k"]));
+    let ship = vm.ship(&["--checksum-timeout", "0s"]);
+    wait_for("the shipper to say it waits", Duration::from_secs(60), || ship.log().contains("must be recovered"));
+    let shipped = segment_names(&vm);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(segment_names(&vm), shipped, "nothing is shipped from the rebuilt ring meanwhile");
+    served.stop();
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 3 3M 64k"]));
+    served.stop();
+    ship.stop();
+    vm.ship_once();
+    vm.assert_cache_reproduces_source();
+}
+
 /// Issue 17, bug 8: after a host crash before the first segment was
 /// shipped, the shipper took the jumped sequence numbers for a plain
 /// continuation of the manifest's stream (no new epoch), and the applier

@@ -363,14 +363,28 @@ fn ship_status(vm: &str, r: &crate::status::Report) -> String {
 /// After a host crash the journal is still marked attached by the previous
 /// boot until a front-end recovers it, which empties it. Reading it before
 /// that would follow records about to vanish: recover it here when no
-/// front-end runs, or wait for the one that is starting.
+/// front-end runs, or wait for the one that is starting. (A ring rebuilt
+/// after it vanished under a running front-end is marked the same way;
+/// that front-end writes to the ring it still maps, and only its restart
+/// recovers: said, and waited for.)
 fn wait_for_host_crash_recovery(paths: &VmPaths, journal: &Journal, stop: &AtomicBool) -> Result<()> {
     let pending =
         || journal.flags() & journal::FLAG_ATTACHED != 0 && journal.boot_id() != tern_driver::mirror::boot_id();
+    let started = Instant::now();
+    let mut told = false;
     while pending() && !stop.load(Ordering::Acquire) {
         match Mirror::open(paths, MirrorOptions::default()) {
             Ok(mirror) => mirror.shutdown()?,
-            Err(tern_driver::Error::Busy { .. }) => std::thread::sleep(Duration::from_millis(100)),
+            Err(tern_driver::Error::Busy { what, holder }) => {
+                if !told && started.elapsed() > Duration::from_secs(10) {
+                    log::error!(
+                        "{what}: the journal {} must be recovered (after a host crash, or its ring vanished from memory while served) and {holder} holds the VM without recovering it: restart it; shipping waits until then",
+                        journal.path().display()
+                    );
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(100))
+            }
             Err(e) => return Err(e).context("recovering the journal after a host crash"),
         }
     }
