@@ -361,6 +361,46 @@ pub fn expired_points(points: &[Point], stream_now_ns: u64, keep_all: Duration, 
     out
 }
 
+/// The ids of `mine` (VM `me`'s points) to keep beyond [`expired_points`]:
+/// for each of its groups, its part of the newest group point that every
+/// other member also holds. Members thin on their own clocks, so one that
+/// has applied a newer group point would otherwise drop the last one a
+/// lagging member can still join, and the group would have no point to
+/// fail over to together until the laggard caught up (never, if its
+/// source is gone). `catalog` gives another member's points; a member it
+/// cannot give (its replicas under another target) keeps nothing more for
+/// that group.
+pub fn newest_complete_group_points(
+    mine: &[Point],
+    me: &str,
+    catalog: impl Fn(&str) -> Option<Vec<Point>>,
+) -> std::collections::HashSet<String> {
+    let mut groups: BTreeMap<&str, Vec<&Point>> = BTreeMap::new();
+    for p in mine {
+        if let Some(g) = &p.group {
+            groups.entry(g.group.as_str()).or_default().push(p);
+        }
+    }
+    let mut keep = std::collections::HashSet::new();
+    for (group, mut ps) in groups {
+        ps.sort_by_key(|p| std::cmp::Reverse((p.time_ns, p.seq)));
+        let members = &ps[0].group.as_ref().expect("grouped").members;
+        let Some(others) = members.iter().filter(|m| *m != me).map(|m| catalog(m)).collect::<Option<Vec<_>>>() else {
+            continue;
+        };
+        let holds = |catalog: &Vec<Point>, point: &str| {
+            catalog.iter().any(|q| q.group.as_ref().is_some_and(|g| g.group == group && g.point == point))
+        };
+        if let Some(p) = ps.iter().find(|p| {
+            let point = &p.group.as_ref().expect("grouped").point;
+            others.iter().all(|c| holds(c, point))
+        }) {
+            keep.insert(p.id.clone());
+        }
+    }
+    keep
+}
+
 /// The clock retention measures age on: the stream's own, the source time
 /// of the newest record applied (or of the newest point, should the source
 /// clock have stepped back since). Neither the target's clock nor the
@@ -374,6 +414,33 @@ pub fn stream_now(checkpoint: &Checkpoint, points: &[Point]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_group_point_every_member_holds_is_kept_while_a_member_lags() {
+        let now = 100 * 3600 * 1_000_000_000u64;
+        let grouped = |seq: u64, minutes_ago: u64, gp: &str| {
+            let mut p = point(seq, minutes_ago, now, PointKind::App);
+            p.group =
+                Some(PointGroup { group: "shop".into(), point: gp.into(), members: vec!["db".into(), "app".into()] });
+            p
+        };
+        // db has applied g2 and g3; app lags at g1 and g2 (g3 not yet).
+        let db = vec![grouped(10, 300, "g1"), grouped(20, 200, "g2"), grouped(30, 1, "g3")];
+        let app = vec![grouped(7, 300, "g1"), grouped(9, 200, "g2")];
+        // Past retention, g2 would go at db on its own clock: the group's
+        // newest complete point would be gone.
+        let expired = expired_points(&db, now, Duration::from_secs(3600), Duration::from_secs(3 * 3600));
+        assert!(expired.contains(&"20-app".to_string()), "{expired:?}");
+        let keep = newest_complete_group_points(&db, "db", |m| (m == "app").then(|| app.clone()));
+        assert_eq!(keep, ["20-app".to_string()].into_iter().collect());
+        // Once app holds g3, g3 is the one kept.
+        let mut app3 = app.clone();
+        app3.push(grouped(11, 1, "g3"));
+        let keep = newest_complete_group_points(&db, "db", |m| (m == "app").then(|| app3.clone()));
+        assert_eq!(keep, ["30-app".to_string()].into_iter().collect());
+        // A member whose catalog cannot be read keeps nothing more.
+        assert!(newest_complete_group_points(&db, "db", |_| None).is_empty());
+    }
 
     #[test]
     fn group_points_keep_their_own_hourly_slot_and_the_newest_stays() {

@@ -96,7 +96,15 @@ impl VmApplier {
         let points = self.target.list_points()?;
         let policy = &self.manifest.policy;
         let now = stream_now(&self.checkpoint, &points);
+        // The other members' catalogs, where this target holds them.
+        let target_root = self.target.root().parent().unwrap_or(self.target.root());
+        let complete = tern_store::target::newest_complete_group_points(&points, &self.name, |member| {
+            TargetDir::new(target_root, member).list_points().ok()
+        });
         for id in expired_points(&points, now, policy.keep_all, policy.retention) {
+            if complete.contains(&id) {
+                continue;
+            }
             let dir = self.target.point_dir(&id);
             // Renamed out of the catalog first: never a half-deleted point.
             fail::hit(Failpoint::ApplyPointExpire)?;
