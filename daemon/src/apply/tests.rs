@@ -113,33 +113,26 @@ fn retiring_a_stream_interrupted_half_way_finishes_without_mixing_old_points_in(
     assert!(target.points_dir().is_dir() && target.replica_dir().is_dir());
 }
 
-/// A pass that fails after writing a batch (here a tag it cannot parse; in
-/// life ENOSPC, EIO, a kill) leaves the replica past its checkpoint. Once
-/// the VM is fenced nothing is applied again, and `--latest` took a point
-/// at the checkpoint holding a later write: torn. Now it is refused.
-#[test]
-fn no_point_at_a_checkpoint_a_failed_pass_wrote_past() {
+/// A cache store and a target site in a temporary directory (kept while
+/// the first element lives), and VM vm1's place in the cache.
+fn sites() -> (tempfile::TempDir, Store, std::path::PathBuf, CacheDir) {
     let dir = tempfile::tempdir().unwrap();
     let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
     std::fs::create_dir_all(&cache_root).unwrap();
     std::fs::create_dir_all(&target_root).unwrap();
     let cache_root = Store::dir(&cache_root);
     let cache = CacheDir::new(&cache_root, "vm1");
-    let id = uuid::Uuid::from_bytes([5; 16]);
-    cache.write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]), tern_store::object::Put::Overwrite).unwrap();
-    write_segment(&cache, id, 1, 1, 0, 4096, 1);
-    let options = ApplyOptions { once: true, keep_segments: true, batch_limit: 4096, sync_limit: 1 << 30 };
-    let stop = AtomicBool::new(false);
-    {
-        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
-        assert_eq!(a.step(&stop).unwrap(), 1);
-    }
-    write_segment(&cache, id, 1, 2, 8192, 4096, 2);
-    // seq 3: a group tag that is not JSON (a non-refused error mid-pass).
-    let mut b = SegmentBuilder::new(*id.as_bytes(), 1, 3);
+    (dir, cache_root, target_root, cache)
+}
+
+/// A segment of one group tag at `seq` that is not JSON: the pass
+/// applying it fails (not a refused segment: an error mid-pass, like
+/// ENOSPC or EIO).
+fn write_unreadable_group_tag(cache: &CacheDir, id: uuid::Uuid, seq: u64) {
+    let mut b = SegmentBuilder::new(*id.as_bytes(), 1, seq);
     let data = b"not json".to_vec();
     let h = RecordHeader {
-        seq: 3,
+        seq,
         offset: 0,
         time_ns: 1,
         length: 0,
@@ -151,10 +144,29 @@ fn no_point_at_a_checkpoint_a_failed_pass_wrote_past() {
     b.push(&h, &data).unwrap();
     let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
     cache.write_segment(&header, &bytes, &mut |_| Ok(())).unwrap();
+}
+
+/// A pass that fails after writing a batch (here a tag it cannot parse; in
+/// life ENOSPC, EIO, a kill) leaves the replica past its checkpoint. Once
+/// the VM is fenced nothing is applied again, and `--latest` took a point
+/// at the checkpoint holding a later write: torn. Now it is refused.
+#[test]
+fn no_point_at_a_checkpoint_a_failed_pass_wrote_past() {
+    let (_dir, cache_root, target_root, cache) = sites();
+    let id = uuid::Uuid::from_bytes([5; 16]);
+    cache.write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]), tern_store::object::Put::Overwrite).unwrap();
+    write_segment(&cache, id, 1, 1, 0, 4096, 1);
+    let options = ApplyOptions { once: true, keep_segments: true, batch_limit: 4096, sync_limit: 1 << 30 };
+    let stop = AtomicBool::new(false);
     {
         let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
-        let e = a.step(&stop).expect_err("the bad tag fails the pass");
-        eprintln!("pass 2 failed: {e:#}");
+        assert_eq!(a.step(&stop).unwrap(), 1);
+    }
+    write_segment(&cache, id, 1, 2, 8192, 4096, 2);
+    write_unreadable_group_tag(&cache, id, 3);
+    {
+        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+        a.step(&stop).expect_err("the bad tag fails the pass");
     }
     let fence = tern_store::cache::Fence {
         version: 1,
@@ -175,24 +187,14 @@ fn no_point_at_a_checkpoint_a_failed_pass_wrote_past() {
 /// replica, although the stream's seq 1 opens the initial sync's window.
 #[test]
 fn no_point_before_an_initial_sync_is_applied() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
-    std::fs::create_dir_all(&cache_root).unwrap();
-    std::fs::create_dir_all(&target_root).unwrap();
-    let cache_root = Store::dir(&cache_root);
-    let cache = CacheDir::new(&cache_root, "vm1");
+    let (_dir, cache_root, target_root, cache) = sites();
     let id = uuid::Uuid::from_bytes([6; 16]);
     let m = Manifest { starts_in_window: true, ..manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]) };
     cache.write_manifest(&m, tern_store::object::Put::Overwrite).unwrap();
     let e = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect_err("a point of nothing");
     assert!(e.to_string().contains("inside a resync window at seq 0"), "{e:#}");
     // A stream whose disks were empty at enable starts consistent.
-    let dir = tempfile::tempdir().unwrap();
-    let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
-    std::fs::create_dir_all(&cache_root).unwrap();
-    std::fs::create_dir_all(&target_root).unwrap();
-    let cache_root = Store::dir(&cache_root);
-    let cache = CacheDir::new(&cache_root, "vm1");
+    let (_dir, cache_root, target_root, cache) = sites();
     cache.write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]), tern_store::object::Put::Overwrite).unwrap();
     assert_eq!(latest::catch_up_and_point(&cache_root, &target_root, "vm1").unwrap().seq, 0);
 }
@@ -202,32 +204,13 @@ fn no_point_before_an_initial_sync_is_applied() {
 /// point at a segment boundary the failed pass had written past.
 #[test]
 fn no_crash_point_below_where_a_failed_pass_wrote() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cache_root, target_root) = (dir.path().join("cache"), dir.path().join("target"));
-    std::fs::create_dir_all(&cache_root).unwrap();
-    std::fs::create_dir_all(&target_root).unwrap();
-    let cache_root = Store::dir(&cache_root);
-    let cache = CacheDir::new(&cache_root, "vm1");
+    let (_dir, cache_root, target_root, cache) = sites();
     let id = uuid::Uuid::from_bytes([8; 16]);
     let mut m = manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]);
     cache.write_manifest(&m, tern_store::object::Put::Overwrite).unwrap();
     write_segment(&cache, id, 1, 1, 0, 4096, 1);
     write_segment(&cache, id, 1, 2, 8192, 4096, 2);
-    let mut b = SegmentBuilder::new(*id.as_bytes(), 1, 3);
-    let data = b"not json".to_vec();
-    let h = RecordHeader {
-        seq: 3,
-        offset: 0,
-        time_ns: 1,
-        length: 0,
-        data_len: data.len() as u32,
-        disk: 0,
-        kind: RecordKind::Tag,
-        flags: journal::TAG_GROUP,
-    };
-    b.push(&h, &data).unwrap();
-    let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
-    cache.write_segment(&header, &bytes, &mut |_| Ok(())).unwrap();
+    write_unreadable_group_tag(&cache, id, 3);
     let options = ApplyOptions { once: true, keep_segments: true, batch_limit: 4096, sync_limit: 1 << 30 };
     let stop = AtomicBool::new(false);
     {
