@@ -318,6 +318,20 @@ impl TestVm {
         self.ship_once_with(&[])
     }
 
+    /// `tern ship --once` with `TERN_FAILPOINTS` set to `armed`, asserting
+    /// it was killed there (`kill`); returns its log (stderr).
+    pub fn ship_killed_at(&self, armed: &str) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let out = self
+            .tern_env(&[("TERN_FAILPOINTS", armed)])
+            .args(["ship", &self.name, "--once"])
+            .output()
+            .expect("run tern ship");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.signal(), Some(9), "{armed}: tern ship must die there:\n{log}");
+        log
+    }
+
     pub fn ship_once_with(&self, args: &[&str]) -> String {
         let mut cmd = self.tern();
         cmd.args(["ship", &self.name, "--once"]).args(args);

@@ -607,13 +607,7 @@ fn exits_within(child: &mut std::process::Child, secs: u64) -> Option<std::proce
 fn no_point_is_taken_of_a_replica_the_initial_sync_has_not_reached() {
     let vm =
         TestVm::new(VmSpec { disk_size: 8 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
-    let out = vm
-        .tern_env(&[("TERN_FAILPOINTS", "ship:segment-written=kill@1")])
-        .args(["ship", &vm.name, "--once"])
-        .output()
-        .expect("ship");
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    vm.ship_killed_at("ship:segment-written=kill@1");
     let manifest = std::fs::read_to_string(vm.cache_dir().join("manifest.toml")).expect("the manifest is there");
     assert!(manifest.contains("starts-in-window = true"), "{manifest}");
     let out = vm.tern().args(["failover", &vm.name, "--test", "--latest"]).output().expect("failover");

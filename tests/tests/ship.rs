@@ -293,6 +293,16 @@ fn the_cache_store_gone_and_back_loses_nothing() {
     vm.assert_cache_reproduces_source();
 }
 
+/// Three 4 KiB writes in three 64 KiB regions (1M, 5M, 9M) of disk0.
+fn write_three_regions(vm: &TestVm) {
+    let mut io = Command::new("qemu-io");
+    io.args(["-f", "raw", &vm.uri("disk0")]);
+    for (i, off) in ["1M", "5M", "9M"].iter().enumerate() {
+        io.args(["-c", &format!("write -P {} {off} 4k", i + 1)]);
+    }
+    run(&mut io);
+}
+
 /// Kills `tern serve` and makes the journal look as if the host went down
 /// (attached, another boot id).
 fn crash_the_host(vm: &TestVm, served: Served) {
@@ -314,12 +324,7 @@ fn after_a_host_crash_only_the_regions_that_differ_from_the_replica_are_shipped(
     vm.ship_once();
     // Three writes the journal holds but the cache never gets: the host
     // goes down before they are shipped.
-    let mut io = Command::new("qemu-io");
-    io.args(["-f", "raw", &vm.uri("disk0")]);
-    for (i, off) in ["1M", "5M", "9M"].iter().enumerate() {
-        io.args(["-c", &format!("write -P {} {off} 4k", i + 1)]);
-    }
-    run(&mut io);
+    write_three_regions(&vm);
     crash_the_host(&vm, served);
     let served = vm.serve(&[]);
     let ship = vm.ship(&["--checksum-timeout", "10m"]);
@@ -442,13 +447,7 @@ fn shipped_segments_survive_a_power_cut_of_the_cache_store() {
         .expect("start tern-crashfs");
     // The first segment shipped (the ring's tail moved past it), the
     // shipper dies writing the second, the power goes.
-    let out = vm
-        .tern_env(&[("TERN_FAILPOINTS", "ship:segment-written=kill@2")])
-        .args(["ship", &vm.name, "--once"])
-        .output()
-        .expect("ship");
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    vm.ship_killed_at("ship:segment-written=kill@2");
     let complete = |names: Vec<String>| names.into_iter().filter(|n| !n.ends_with(".tmp")).collect::<Vec<_>>();
     let shipped = complete(segment_names(&vm));
     assert_eq!(shipped.len(), 1, "one segment shipped before the kill: {shipped:?}");
@@ -475,15 +474,14 @@ fn a_segment_linked_but_not_synced(armed: &str) {
     // Sparse: the first run writes the manifest, no segment.
     vm.ship_once();
     run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 7 1M 64k"]));
-    let out = vm.tern_env(&[("TERN_FAILPOINTS", armed)]).args(["ship", &vm.name, "--once"]).output().expect("ship");
-    let err = String::from_utf8_lossy(&out.stderr);
     if armed.ends_with("kill@1") {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(out.status.signal(), Some(9), "{err}");
+        vm.ship_killed_at(armed);
         // The next run finds the segment there and has nothing else to do.
         let log = vm.ship_once();
         assert!(log.contains("already in the cache"), "{log}");
     } else {
+        let out = vm.tern_env(&[("TERN_FAILPOINTS", armed)]).args(["ship", &vm.name, "--once"]).output().expect("ship");
+        let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success() && err.contains("succeeded after"), "the retry settled it: {err}");
     }
     let shipped: Vec<String> = segment_names(&vm).into_iter().filter(|n| !n.ends_with(".tmp")).collect();
@@ -523,12 +521,7 @@ fn a_segment_lost_from_the_cache(serving: bool) {
         TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", random_content: true, ..Default::default() });
     let served = vm.serve(&[]);
     vm.ship_once();
-    let mut io = Command::new("qemu-io");
-    io.args(["-f", "raw", &vm.uri("disk0")]);
-    for (i, off) in ["1M", "5M", "9M"].iter().enumerate() {
-        io.args(["-c", &format!("write -P {} {off} 4k", i + 1)]);
-    }
-    run(&mut io);
+    write_three_regions(&vm);
     vm.ship_once();
     let names = segment_names(&vm);
     let newest = names.last().expect("a segment");
@@ -581,13 +574,7 @@ fn an_epoch_started_by_a_shipper_that_died_is_not_started_twice() {
     crash_the_host(&vm, served);
     let served = vm.serve(&[]);
     run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 7 3M 64k"]));
-    let out = vm
-        .tern_env(&[("TERN_FAILPOINTS", "ship:segment-written=kill@1")])
-        .args(["ship", &vm.name, "--once"])
-        .output()
-        .expect("ship");
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    vm.ship_killed_at("ship:segment-written=kill@1");
     let manifest = std::fs::read_to_string(vm.cache_dir().join("manifest.toml")).expect("manifest");
     assert!(manifest.contains("number = 2"), "the dead run published epoch 2: {manifest}");
     let log = vm.ship_once_with(&["--checksum-timeout", "0s"]);
