@@ -476,7 +476,8 @@ impl VmApplier {
     /// recording how far that takes them.
     fn write_batch(&mut self) -> Result<usize> {
         let written = self.batch.data_len();
-        if written > 0 && self.checkpoint.written_seq < self.batched_to {
+        // (Also a batch of trims and zeroes only: no data, but changes.)
+        if self.checkpoint.written_seq < self.batched_to {
             self.record_written(self.batched_to)?;
         }
         self.unsynced += written;

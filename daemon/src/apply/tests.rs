@@ -230,3 +230,50 @@ fn no_crash_point_below_where_a_failed_pass_wrote() {
         assert!(p.seq >= 2 || img[8192] == 0, "point {} (seq {}) holds seq 2's write: torn", p.id, p.seq);
     }
 }
+
+/// A batch of trims only (the guest's fstrim) carries no data bytes; the
+/// batch written before a tag's point then recorded no `written-seq`, and
+/// a pass failing after it left the trims on the replica unannounced: a
+/// fenced `--latest` cloned them into the checkpoint's point.
+#[test]
+fn a_batch_of_trims_only_is_recorded_as_written() {
+    let (_dir, cache_root, target_root, cache) = sites();
+    let id = uuid::Uuid::from_bytes([9; 16]);
+    cache.write_manifest(&manifest(id, &[("disk0", 1 << 20)], &[(1, 1)]), tern_store::object::Put::Overwrite).unwrap();
+    write_segment(&cache, id, 1, 1, 0, 4096, 1);
+    let options = ApplyOptions { once: true, keep_segments: true, batch_limit: 4096, sync_limit: 1 << 30 };
+    let stop = AtomicBool::new(false);
+    {
+        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+        assert_eq!(a.step(&stop).unwrap(), 1);
+    }
+    let segment = |seq: u64, kind: RecordKind, data: &[u8], length: u32| {
+        let mut b = SegmentBuilder::new(*id.as_bytes(), 1, seq);
+        let h =
+            RecordHeader { seq, offset: 0, time_ns: 1, length, data_len: data.len() as u32, disk: 0, kind, flags: 0 };
+        b.push(&h, data).unwrap();
+        let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
+        cache.write_segment(&header, &bytes, &mut |_| Ok(())).unwrap();
+    };
+    segment(2, RecordKind::Trim, &[], 4096); // the guest trims what seq 1 wrote
+    segment(3, RecordKind::Tag, b"app", 0); // its batch is written, then the point
+    write_unreadable_group_tag(&cache, id, 4); // then the pass fails
+    {
+        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+        a.step(&stop).expect_err("the bad tag fails the pass");
+    }
+    let target = TargetDir::new(&target_root, "vm1");
+    let checkpoint = target.read_checkpoint().unwrap().unwrap();
+    assert_eq!((checkpoint.applied_seq, checkpoint.written_seq), (1, 2));
+    let fence = tern_store::cache::Fence {
+        version: 1,
+        epoch: 2,
+        point: "1".into(),
+        seq: 1,
+        failed_over_unix_ms: 1,
+        committed: false,
+    };
+    cache.write_toml(tern_store::cache::FENCE, &fence, "test").unwrap();
+    let e = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect_err("a torn point");
+    assert!(e.to_string().contains("wrote the replicas past seq 1 (up to seq 2)"), "{e:#}");
+}
