@@ -407,6 +407,28 @@ fn a_ring_that_vanished_under_a_running_serve_is_waited_for_and_recovered() {
     vm.assert_cache_reproduces_source();
 }
 
+/// A first manifest written over a ring a host crash emptied while it was
+/// in overflow (the cache store unreachable all along): no opener is in
+/// the ring (none is journaled in overflow), yet the replica must start
+/// inside a window. The manifest said it started consistent, and a
+/// failover then took point 0 of the empty replica.
+#[test]
+fn a_first_manifest_over_an_emptied_overflowed_ring_starts_in_a_window() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "1MiB", ..Default::default() });
+    let served = vm.serve(&[]);
+    let status = fio_writes(&vm, 1, "16m", &["--io_size=4m"]).status().expect("fio");
+    assert!(status.success());
+    crash_the_host(&vm, served);
+    // The shipper starts first: it recovers the journal itself.
+    vm.ship_killed_at("ship:segment-written=kill@1");
+    let manifest = std::fs::read_to_string(vm.cache_dir().join("manifest.toml")).expect("manifest");
+    assert!(manifest.contains("starts-in-window = true"), "{manifest}");
+    let out = vm.tern().args(["failover", &vm.name, "--test", "--latest"]).output().expect("failover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("inside a resync window at seq"), "{err}");
+    assert!(err.contains("there is no point yet"), "{err}");
+}
+
 /// Issue 17, bug 8: after a host crash before the first segment was
 /// shipped, the shipper took the jumped sequence numbers for a plain
 /// continuation of the manifest's stream (no new epoch), and the applier

@@ -433,12 +433,19 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
             let mut m = Manifest::for_vm(config, tail.seq);
             // Nothing is consumed before the first manifest: the stream's
             // first record is at the tail (`tern enable` puts an initial
-            // sync's opener there, before anything else).
+            // sync's opener there, before anything else). A ring emptied
+            // since (a host crash while the store was unreachable) or in
+            // overflow holds no opener yet, but its window or comparison
+            // is due all the same.
             let mut data = Vec::new();
-            m.starts_in_window = matches!(
+            let opens = matches!(
                 journal.cursor(tail).next(&mut data),
                 Ok(Some(h)) if h.kind == journal::RecordKind::Resync && h.flags == journal::RESYNC_OPEN
             );
+            m.starts_in_window = opens
+                || journal.window_open()
+                || journal.overflowed()
+                || journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
             m
         }
     };
