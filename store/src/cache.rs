@@ -85,6 +85,16 @@ pub struct Epoch {
     pub first_seq: u64,
     /// Why it started, for the operator.
     pub reason: String,
+    /// A window-closing record of this epoch below this seq does not end
+    /// the window the epoch starts in: the ring still held it from before
+    /// the comparison the epoch made due (records lost from the cache,
+    /// found with the ring not emptied). 0: every close counts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub closes_from: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Manifest {
@@ -107,7 +117,7 @@ impl Manifest {
                 })
                 .collect(),
             starts_in_window: false,
-            epochs: vec![Epoch { number: 1, first_seq, reason: "replication enabled".into() }],
+            epochs: vec![Epoch { number: 1, first_seq, reason: "replication enabled".into(), closes_from: 0 }],
         }
     }
 
@@ -613,8 +623,8 @@ mod tests {
             }],
             starts_in_window: true,
             epochs: vec![
-                Epoch { number: 1, first_seq: 1, reason: "replication enabled".into() },
-                Epoch { number: 2, first_seq: 500, reason: "host crash".into() },
+                Epoch { number: 1, first_seq: 1, reason: "replication enabled".into(), closes_from: 0 },
+                Epoch { number: 2, first_seq: 500, reason: "host crash".into(), closes_from: 0 },
             ],
         }
     }

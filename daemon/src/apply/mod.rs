@@ -606,7 +606,20 @@ impl VmApplier {
             }
             match r.kind {
                 RecordKind::Resync if r.flags == journal::RESYNC_OPEN => in_window = true,
-                RecordKind::Resync if r.flags == journal::RESYNC_CLOSE => in_window = false,
+                RecordKind::Resync if r.flags == journal::RESYNC_CLOSE => {
+                    let closes_from =
+                        self.manifest.epochs.iter().find(|e| e.number == h.epoch).map_or(0, |e| e.closes_from);
+                    if r.seq >= closes_from {
+                        in_window = false;
+                    } else {
+                        log::info!(
+                            "VM '{}': the window close at seq {} predates epoch {}'s comparison; the window stays open",
+                            self.name,
+                            r.seq,
+                            h.epoch
+                        );
+                    }
+                }
                 RecordKind::Tag => {
                     let data = &seg.payload()[span];
                     // A group tag's point carries the group point, and the

@@ -19,7 +19,10 @@ fn manifest(id: uuid::Uuid, disks: &[(&str, u64)], epochs: &[(u64, u64)]) -> Man
             .map(|&(name, size)| ManifestDisk { name: name.into(), size, source: None, seed: None })
             .collect(),
         starts_in_window: false,
-        epochs: epochs.iter().map(|&(number, first_seq)| Epoch { number, first_seq, reason: "test".into() }).collect(),
+        epochs: epochs
+            .iter()
+            .map(|&(number, first_seq)| Epoch { number, first_seq, reason: "test".into(), closes_from: 0 })
+            .collect(),
     }
 }
 
@@ -276,4 +279,48 @@ fn a_batch_of_trims_only_is_recorded_as_written() {
     cache.write_toml(tern_store::cache::FENCE, &fence, "test").unwrap();
     let e = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect_err("a torn point");
     assert!(e.to_string().contains("wrote the replicas past seq 1 (up to seq 2)"), "{e:#}");
+}
+
+/// An epoch started for records lost from the cache begins where the ring
+/// was not emptied: a window close already in it (an initial sync that
+/// ended while the shipper was away) ended the epoch's window before the
+/// comparison's, and points were taken of a replica still lacking the
+/// lost records. Closes below the epoch's `closes-from` do not count.
+#[test]
+fn a_stale_window_close_does_not_end_a_cache_loss_epochs_window() {
+    let points_in_epoch_2 = |closes_from: u64| {
+        let (_dir, cache_root, target_root, cache) = sites();
+        let id = uuid::Uuid::from_bytes([10; 16]);
+        let mut m = manifest(id, &[("disk0", 1 << 20)], &[(1, 1), (2, 5)]);
+        m.epochs[1].closes_from = closes_from;
+        m.policy.interval = Duration::from_nanos(1);
+        cache.write_manifest(&m, tern_store::object::Put::Overwrite).unwrap();
+        write_segment(&cache, id, 1, 1, 0, 4096, 1);
+        // Seqs 2..=4 were shipped and lost from the cache; epoch 2's first
+        // segment holds a write and the stale close at 6.
+        let mut b = SegmentBuilder::new(*id.as_bytes(), 2, 5);
+        let rec = |seq, kind, flags, length: u32| RecordHeader {
+            seq,
+            offset: 8192,
+            time_ns: 10 + seq,
+            length,
+            data_len: length,
+            disk: 0,
+            kind,
+            flags,
+        };
+        b.push(&rec(5, RecordKind::Write, 0, 4096), &[5; 4096]).unwrap();
+        b.push(&rec(6, RecordKind::Resync, journal::RESYNC_CLOSE, 0), &[]).unwrap();
+        let (header, bytes) = Encoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&b).unwrap();
+        cache.write_segment(&header, &bytes, &mut |_| Ok(())).unwrap();
+        write_segment(&cache, id, 2, 7, 16384, 4096, 7);
+        let options = ApplyOptions { once: true, keep_segments: true, batch_limit: 4096, sync_limit: 1 << 30 };
+        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
+        a.step(&AtomicBool::new(false)).unwrap();
+        let points = TargetDir::new(&target_root, "vm1").list_points().unwrap();
+        points.into_iter().filter(|p| p.epoch == 2).map(|p| p.seq).collect::<Vec<_>>()
+    };
+    assert_eq!(points_in_epoch_2(7), Vec::<u64>::new(), "no point before the comparison's window closes");
+    // After a host crash the ring was emptied: its closes all count.
+    assert!(!points_in_epoch_2(0).is_empty());
 }

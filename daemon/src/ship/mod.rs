@@ -492,6 +492,7 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
         // differences are sent.
         let number = current.number + 1;
         let (first, last) = (last_shipped + 1, tail.seq - 1);
+        let mut closes_from = 0;
         let reason = if journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
             log::warn!(
                 "VM '{vm}': journal records {first}..={last} were discarded before they were shipped (host crash); starting epoch {number} at seq {}",
@@ -505,9 +506,14 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
             );
             journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
             journal.sync().context("marking the journal for a checksum resync")?;
+            // The ring was not emptied: a window close already in it (an
+            // initial sync that ended while this shipper was away) must not
+            // end the window this epoch starts in. Closes from here on come
+            // after the comparison (a front-end closes only with none due).
+            closes_from = journal.head().seq;
             EPOCH_AFTER_CACHE_LOSS
         };
-        manifest.epochs.push(Epoch { number, first_seq: tail.seq, reason: reason.into() });
+        manifest.epochs.push(Epoch { number, first_seq: tail.seq, reason: reason.into(), closes_from });
         last_shipped = tail.seq - 1;
         in_window = true;
     }

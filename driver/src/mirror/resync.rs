@@ -123,6 +123,12 @@ impl Mirror {
                 };
                 self.set_window_open(false);
                 log::info!("VM '{}': resync complete; window closed at seq {seq}", self.config.name);
+                if j.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
+                    // A comparison was made due between the check above and
+                    // the close (`tern ship` found records lost from the
+                    // cache): its window opens again at once.
+                    return Ok(ResyncStep::Progress { bytes: 0 });
+                }
             }
             return Ok(ResyncStep::Idle);
         }
