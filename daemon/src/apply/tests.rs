@@ -128,6 +128,25 @@ fn sites() -> (tempfile::TempDir, Store, std::path::PathBuf, CacheDir) {
     (dir, cache_root, target_root, cache)
 }
 
+/// The VM failed over at point "1" (seq 1): nothing more is applied.
+fn fence_at_seq_1(cache: &CacheDir) {
+    let fence = tern_store::cache::Fence {
+        version: 1,
+        epoch: 2,
+        point: "1".into(),
+        seq: 1,
+        failed_over_unix_ms: 1,
+        committed: false,
+    };
+    cache.write_toml(tern_store::cache::FENCE, &fence, "test").unwrap();
+}
+
+/// One pass of a fresh applier of vm1, which must apply one segment.
+fn apply_once(cache_root: &Store, target_root: &std::path::Path, options: &ApplyOptions, stop: &AtomicBool) {
+    let mut a = VmApplier::open(cache_root, target_root, "vm1", options).unwrap().unwrap();
+    assert_eq!(a.step(stop).unwrap(), 1);
+}
+
 /// A segment of one group tag at `seq` that is not JSON: the pass
 /// applying it fails (not a refused segment: an error mid-pass, like
 /// ENOSPC or EIO).
@@ -161,25 +180,14 @@ fn no_point_at_a_checkpoint_a_failed_pass_wrote_past() {
     write_segment(&cache, id, 1, 1, 0, 4096, 1);
     let options = ApplyOptions { once: true, keep_segments: true, batch_limit: 4096, sync_limit: 1 << 30 };
     let stop = AtomicBool::new(false);
-    {
-        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
-        assert_eq!(a.step(&stop).unwrap(), 1);
-    }
+    apply_once(&cache_root, &target_root, &options, &stop);
     write_segment(&cache, id, 1, 2, 8192, 4096, 2);
     write_unreadable_group_tag(&cache, id, 3);
     {
         let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
         a.step(&stop).expect_err("the bad tag fails the pass");
     }
-    let fence = tern_store::cache::Fence {
-        version: 1,
-        epoch: 2,
-        point: "1".into(),
-        seq: 1,
-        failed_over_unix_ms: 1,
-        committed: false,
-    };
-    cache.write_toml(tern_store::cache::FENCE, &fence, "test").unwrap();
+    fence_at_seq_1(&cache);
     let e = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect_err("a torn point");
     assert!(e.to_string().contains("wrote the replicas past seq 1 (up to seq 2)"), "{e:#}");
     assert!(TargetDir::new(&target_root, "vm1").list_points().unwrap().iter().all(|p| p.seq != 1));
@@ -246,10 +254,7 @@ fn a_batch_of_trims_only_is_recorded_as_written() {
     write_segment(&cache, id, 1, 1, 0, 4096, 1);
     let options = ApplyOptions { once: true, keep_segments: true, batch_limit: 4096, sync_limit: 1 << 30 };
     let stop = AtomicBool::new(false);
-    {
-        let mut a = VmApplier::open(&cache_root, &target_root, "vm1", &options).unwrap().unwrap();
-        assert_eq!(a.step(&stop).unwrap(), 1);
-    }
+    apply_once(&cache_root, &target_root, &options, &stop);
     let segment = |seq: u64, kind: RecordKind, data: &[u8], length: u32| {
         let mut b = SegmentBuilder::new(*id.as_bytes(), 1, seq);
         let h =
@@ -268,15 +273,7 @@ fn a_batch_of_trims_only_is_recorded_as_written() {
     let target = TargetDir::new(&target_root, "vm1");
     let checkpoint = target.read_checkpoint().unwrap().unwrap();
     assert_eq!((checkpoint.applied_seq, checkpoint.written_seq), (1, 2));
-    let fence = tern_store::cache::Fence {
-        version: 1,
-        epoch: 2,
-        point: "1".into(),
-        seq: 1,
-        failed_over_unix_ms: 1,
-        committed: false,
-    };
-    cache.write_toml(tern_store::cache::FENCE, &fence, "test").unwrap();
+    fence_at_seq_1(&cache);
     let e = latest::catch_up_and_point(&cache_root, &target_root, "vm1").expect_err("a torn point");
     assert!(e.to_string().contains("wrote the replicas past seq 1 (up to seq 2)"), "{e:#}");
 }
