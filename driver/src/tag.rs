@@ -278,11 +278,11 @@ pub fn keep_out(lock_path: &Path, patience: std::time::Duration) -> Result<KeptO
             return Ok(KeptOut { _lock: lock });
         }
         if std::time::Instant::now() >= until {
+            // Reads: "the tag lock … (for over 60s) is held by another
+            // process (…); stop it first".
             return Err(Error::Busy {
-                what: format!("{} (held for over {}s)", lock_path.display(), patience.as_secs()),
-                holder:
-                    "a `tern tag` or group cut at work, or hung, on this VM: let it finish or stop it, then start again"
-                        .into(),
+                what: format!("the tag lock {} (for over {}s)", lock_path.display(), patience.as_secs()),
+                holder: "a `tern tag` or group cut of this VM, at work or hung: attaching now would pad its tag; let it finish".into(),
             });
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
