@@ -89,12 +89,8 @@ pub struct Epoch {
     /// the window the epoch starts in: the ring still held it from before
     /// the comparison the epoch made due (records lost from the cache,
     /// found with the ring not emptied). 0: every close counts.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::is_zero")]
     pub closes_from: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 impl Manifest {
@@ -141,6 +137,11 @@ impl Manifest {
     /// The launch settings (the defaults when the manifest has none).
     pub fn launch(&self) -> LaunchConfig {
         self.launch.clone().unwrap_or_default()
+    }
+
+    /// The epoch numbered `number`, if the manifest has it.
+    pub fn epoch_numbered(&self, number: u64) -> Option<&Epoch> {
+        self.epochs.iter().find(|e| e.number == number)
     }
 
     pub fn epoch(&self) -> &Epoch {

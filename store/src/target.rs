@@ -73,12 +73,8 @@ pub struct Checkpoint {
     /// it the replicas mix two states (a pass failed or was killed after
     /// writing a batch), and no point is taken until a pass has applied up
     /// to it again. Absent: 0.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::is_zero")]
     pub written_seq: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -559,7 +559,7 @@ impl VmApplier {
         let mut in_window = self.cur.in_window;
         if h.first_seq > at + 1 {
             let starts_epoch = h.epoch > self.cur.epoch
-                && self.manifest.epochs.iter().any(|e| e.number == h.epoch && e.first_seq == h.first_seq);
+                && self.manifest.epoch_numbered(h.epoch).is_some_and(|e| e.first_seq == h.first_seq);
             if !starts_epoch {
                 return Err(refuse(format!(
                     "{}: starts at seq {}, but seqs {}..{} are missing from {} (a gap)",
@@ -570,7 +570,7 @@ impl VmApplier {
                     self.cache.location(tern_store::cache::SEGMENTS)
                 )));
             }
-            let why = self.manifest.epochs.iter().find(|e| e.number == h.epoch).map_or("", |e| e.reason.as_str());
+            let why = self.manifest.epoch_numbered(h.epoch).map_or("", |e| e.reason.as_str());
             log::warn!(
                 "VM '{}': epoch {} starts at seq {} (records {}..{} will never come: {why}); the replica is inconsistent until its resync window closes",
                 self.name,
@@ -607,8 +607,7 @@ impl VmApplier {
             match r.kind {
                 RecordKind::Resync if r.flags == journal::RESYNC_OPEN => in_window = true,
                 RecordKind::Resync if r.flags == journal::RESYNC_CLOSE => {
-                    let closes_from =
-                        self.manifest.epochs.iter().find(|e| e.number == h.epoch).map_or(0, |e| e.closes_from);
+                    let closes_from = self.manifest.epoch_numbered(h.epoch).map_or(0, |e| e.closes_from);
                     if r.seq >= closes_from {
                         in_window = false;
                     } else {
