@@ -202,7 +202,7 @@ pub fn dirty_bytes(bitmaps: &[DirtyBitmap]) -> u64 {
 /// A resync window is open in the journal, or a checksum resync waits for
 /// the target's block hashes.
 pub fn resync_window_open(journal: &Journal) -> bool {
-    journal.window_open() || journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0
+    journal.window_open() || journal.checksum_resync_due()
 }
 
 /// One VM's status, from the files the services keep: what `tern status`

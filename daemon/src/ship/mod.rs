@@ -442,10 +442,8 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
                 journal.cursor(tail).next(&mut data),
                 Ok(Some(h)) if h.kind == journal::RecordKind::Resync && h.flags == journal::RESYNC_OPEN
             );
-            m.starts_in_window = opens
-                || journal.window_open()
-                || journal.overflowed()
-                || journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
+            m.starts_in_window =
+                opens || journal.window_open() || journal.overflowed() || journal.checksum_resync_due();
             m
         }
     };
@@ -493,7 +491,7 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
         let number = current.number + 1;
         let (first, last) = (last_shipped + 1, tail.seq - 1);
         let mut closes_from = 0;
-        let reason = if journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
+        let reason = if journal.checksum_resync_due() {
             log::warn!(
                 "VM '{vm}': journal records {first}..={last} were discarded before they were shipped (host crash); starting epoch {number} at seq {}",
                 tail.seq
@@ -659,7 +657,7 @@ fn read_batches(
                     && !in_window
                     && resync_idle.load(Ordering::Acquire)
                     && bitmaps.iter().all(|b| b.dirty_count() == 0)
-                    && journal.flags() & journal::FLAG_CHECKSUM_RESYNC == 0
+                    && !journal.checksum_resync_due()
                 {
                     return Ok(());
                 }

@@ -18,7 +18,7 @@ pub(super) fn drive_resync(
     stop: &AtomicBool,
 ) {
     while !reader_done.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
-        if journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
+        if journal.checksum_resync_due() {
             if let Err(e) = checksum.poll(journal, bitmaps) {
                 log::error!("checksum resync: {e:#}; retrying in 5s");
                 std::thread::sleep(Duration::from_secs(5));
@@ -30,7 +30,7 @@ pub(super) fn drive_resync(
         // A comparison still due needs its window opened (the target
         // answers only once the replica has reached the epoch, and an idle
         // VM ships nothing else to reach it with).
-        let checksum_due = journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
+        let checksum_due = journal.checksum_resync_due();
         // A window the last front-end left open (it stopped before closing
         // it) is closed by the next front-end's first step.
         if !dirty && !attached && !journal.window_open() && !checksum_due {

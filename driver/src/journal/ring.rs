@@ -447,6 +447,13 @@ impl Journal {
         self.atomic_u32(OFF_FLAGS).load(Ordering::Acquire)
     }
 
+    /// Whether a checksum comparison with the replica is due
+    /// (`FLAG_CHECKSUM_RESYNC`): after a host crash, for a seeded replica,
+    /// or for records lost from the cache.
+    pub fn checksum_resync_due(&self) -> bool {
+        self.flags() & FLAG_CHECKSUM_RESYNC != 0
+    }
+
     pub fn set_flags(&self, flags: u32) {
         self.atomic_u32(OFF_FLAGS).fetch_or(flags, Ordering::AcqRel);
     }

@@ -50,7 +50,7 @@ impl Mirror {
     /// or a checksum comparison is due, the replica is not consistent, so
     /// the window must open before any write is journaled.
     pub(super) fn open_resync_window_if_due(&self) {
-        let due = self.dirty_bytes() > 0 || self.journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
+        let due = self.dirty_bytes() > 0 || self.journal.checksum_resync_due();
         if !due || self.window_open.load(Ordering::Acquire) {
             return;
         }
@@ -65,11 +65,7 @@ impl Mirror {
                         "VM '{}': resync window opened at seq {seq} ({} to re-send{})",
                         self.config.name,
                         crate::units::Size(self.dirty_bytes()).approx(),
-                        if self.journal.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
-                            ", and a checksum comparison"
-                        } else {
-                            ""
-                        }
+                        if self.journal.checksum_resync_due() { ", and a checksum comparison" } else { "" }
                     );
                 }
                 None => {

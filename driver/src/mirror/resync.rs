@@ -115,7 +115,7 @@ impl Mirror {
                 crate::units::Size(self.dirty_bytes()).approx()
             );
         }
-        let checksum_due = j.flags() & journal::FLAG_CHECKSUM_RESYNC != 0;
+        let checksum_due = j.checksum_resync_due();
         if self.dirty_bytes() == 0 && !checksum_due {
             if self.window_open.load(Ordering::Acquire) {
                 let Some(seq) = j.append(&marker(journal::RESYNC_CLOSE), &[]) else {
@@ -123,7 +123,7 @@ impl Mirror {
                 };
                 self.set_window_open(false);
                 log::info!("VM '{}': resync complete; window closed at seq {seq}", self.config.name);
-                if j.flags() & journal::FLAG_CHECKSUM_RESYNC != 0 {
+                if j.checksum_resync_due() {
                     // A comparison was made due between the check above and
                     // the close (`tern ship` found records lost from the
                     // cache): its window opens again at once.
