@@ -598,11 +598,13 @@ fn resync_racing_writers_on_several_threads_converges_to_the_source() {
         if rounds_after_overflow == 400 {
             stop.store(true, Ordering::Relaxed);
         }
+        // Read before the step: a write after an idle step (one that
+        // overflowed the ring again) would be missed otherwise.
+        let writers_done = stop.load(Ordering::Relaxed) && writers.iter().all(|w| w.is_finished());
         let step = mirror.resync_step(64 << 10).unwrap();
         if saw_overflow && (rounds_after_overflow.is_multiple_of(4) || stop.load(Ordering::Relaxed)) {
             drain_onto(mirror.journal(), &replica, &mut at, &mut data);
         }
-        let writers_done = stop.load(Ordering::Relaxed) && writers.iter().all(|w| w.is_finished());
         if writers_done && step == ResyncStep::Idle && mirror.journal().head() == at {
             break;
         }
@@ -612,6 +614,7 @@ fn resync_racing_writers_on_several_threads_converges_to_the_source() {
         w.join().unwrap();
     }
     assert!(saw_overflow, "the test must exercise overflow");
+    assert_eq!((mirror.dirty_bytes(), mirror.journal().mode()), (0, Mode::Journal));
     drop(replica);
     assert_same_file(&s.image, &s.original);
 }
