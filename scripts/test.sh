@@ -27,10 +27,11 @@ step "build (release)"
 cargo build --release --workspace
 
 step "tests (unit and end-to-end)"
-# Release mode: the end-to-end tests push real I/O through tern.
+# Release mode: the end-to-end tests push real I/O through tern. Every
+# crate's tests run even after one fails, so one run reports every failure.
 results=$(mktemp)
 on_exit 'rm -f "$results"'
-cargo test --release --workspace 2>&1 | tee "$results"
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "$results"
 passed=$(awk '/^test result:/ { n += $4 } END { print n + 0 }' "$results")
 failed=$(awk '/^test result:/ { n += $6 } END { print n + 0 }' "$results")
 
