@@ -433,6 +433,46 @@ fn a_real_group_failover_fences_every_member_at_one_group_point() {
     assert_eq!(states, ["failed-over-uncommitted", "failed-over-uncommitted"], "{status}");
 }
 
+/// Retention thins each member on its own stream clock. A member a day
+/// ahead of a lagging one (whose source went silent before it shipped the
+/// newest cut) must keep its part of the last group point the laggard
+/// also holds, or the group has no point to fail over to together.
+#[test]
+fn a_member_ahead_keeps_the_last_group_point_a_lagging_member_holds() {
+    require("faketime");
+    let site = Site::new(&["a", "b"], "64MiB");
+    run(site.tern().args(["group", "create", "g", "a", "b"]));
+    let (a, b) = (site.serve("a"), site.serve("b"));
+    site.write_blocks("a", 4, 1);
+    site.write_blocks("b", 4, 2);
+    run(site.tern().args(["tag", "--group", "g", "first"]));
+    site.ship_and_apply(&["a", "b"]);
+    // A day and an hour later by the sources' clock (retention: 24 h).
+    let out = Command::new("faketime")
+        .args(["-f", "+25h"])
+        .arg(tern_bin())
+        .arg("--state")
+        .arg(site.state())
+        .env("TERN_RING_DIR", ring_dir_of(&site.state()))
+        .args(["tag", "--group", "g", "second"])
+        .output()
+        .expect("run faketime");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    a.stop();
+    b.stop();
+    // Only a ships the second cut; b's source is gone.
+    site.ship_and_apply(&["a"]);
+    let labels = |vm: &str| -> Vec<String> {
+        let out = run(site.tern().args(["points", vm, "--json", "--target"]).arg(site.path("target")));
+        json(&out).as_array().unwrap().iter().filter_map(|p| p["label"].as_str().map(str::to_owned)).collect()
+    };
+    assert!(labels("a").contains(&"second".to_owned()), "a applied the second cut: {:?}", labels("a"));
+    assert!(labels("a").contains(&"first".to_owned()), "a expired the last group point b can join: {:?}", labels("a"));
+    let group: Vec<String> =
+        site.group_points("g").iter().map(|g| g["label"].as_str().unwrap_or_default().to_owned()).collect();
+    assert_eq!(group, ["first"], "the group can still fail over together");
+}
+
 /// A group point freezes each member whose `[app-points]` name an agent
 /// (all before the cut, thawed after it), records each member's outcome
 /// in its own point, and is cut even when one member's agent is silent.
