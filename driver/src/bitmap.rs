@@ -42,8 +42,11 @@ pub struct DirtyBitmap {
     marks: AtomicU64,
     synced: AtomicU64,
     /// Serializes `msync`s, so a flush never returns while another one that
-    /// its marks depend on is still running.
-    syncing: Mutex<()>,
+    /// its marks depend on is still running. Holds the first failure's
+    /// kind: Linux reports a failed write-back to one sync only, and the
+    /// pages it dropped are clean again, so a later `msync` would succeed
+    /// over lost marks. Every sync after a failure fails.
+    syncing: Mutex<Option<std::io::ErrorKind>>,
 }
 
 impl DirtyBitmap {
@@ -108,7 +111,7 @@ impl DirtyBitmap {
             regions,
             marks: AtomicU64::new(0),
             synced: AtomicU64::new(0),
-            syncing: Mutex::new(()),
+            syncing: Mutex::new(None),
         })
     }
 
@@ -231,12 +234,20 @@ impl DirtyBitmap {
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
         }
-        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failed = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(kind) = *failed {
+            let why = "an earlier msync of this bitmap failed, so marks it held may be lost; \
+                       no later one is reported durable until the front-end is restarted";
+            return Err(Error::Sync { path: self.path.clone(), source: std::io::Error::new(kind, why) });
+        }
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(()); // an msync that started after our marks covered them
         }
         let covered = self.marks.load(Ordering::Acquire);
-        self.map.flush().map_err(|source| Error::Sync { path: self.path.clone(), source })?;
+        self.map.flush().map_err(|source| {
+            *failed = Some(source.kind());
+            Error::Sync { path: self.path.clone(), source }
+        })?;
         self.synced.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }

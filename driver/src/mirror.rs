@@ -71,6 +71,25 @@ struct Disk {
     /// Bounds how many requests change the image at once (see
     /// [`ChangeSlots`]).
     changing: ChangeSlots,
+    /// FLUSHes and FUAs of this disk, one at a time (see
+    /// [`Mirror::make_durable`]).
+    durable: Durable,
+}
+
+/// The group commit of one disk's FLUSHes. Linux reports a failed
+/// write-back to one `fsync` of an open file, not to every one running: of
+/// two concurrent FLUSHes one would fail (and poison the mirror) while the
+/// other returned success over the lost pages. So the syncs run one at a
+/// time, the poison is checked and set under the same lock, and a FLUSH
+/// that arrived before a sync started is answered by that sync's outcome
+/// instead of syncing again.
+#[derive(Debug, Default)]
+struct Durable {
+    /// Numbers the FLUSHes as they arrive.
+    arrived: AtomicU64,
+    /// Every FLUSH numbered up to this is durable: the arrivals counted
+    /// when the last successful sync started.
+    covered: Mutex<u64>,
 }
 
 /// Counters a front-end reports.
@@ -149,6 +168,7 @@ impl Mirror {
                 bitmap,
                 lock: RangeLock::new(),
                 changing: ChangeSlots::new(options.image_writers),
+                durable: Durable::default(),
             });
         }
         let mut mirror = Mirror {
@@ -460,11 +480,21 @@ impl Mirror {
     }
 
     /// Journal first, then bitmap, then image: after a crash the journal
-    /// never lacks a write the image has.
+    /// never lacks a write the image has. One sync of a disk at a time, and
+    /// none once one failed (see [`Durable`]).
     fn make_durable(&self, d: &Disk) -> Result<()> {
         fn injected(point: Failpoint, path: &std::path::Path) -> Result<()> {
             fail::hit(point).map_err(|source| Error::Sync { path: path.to_owned(), source })
         }
+        let me = d.durable.arrived.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut covered = d.durable.covered.lock().unwrap_or_else(|p| p.into_inner());
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned { disk: d.name.clone() });
+        }
+        if *covered >= me {
+            return Ok(()); // a sync that started after this FLUSH arrived
+        }
+        let covers = d.durable.arrived.load(Ordering::Acquire);
         let result = (|| {
             injected(Failpoint::ServeJournalSync, self.journal.path())?;
             self.journal.sync()?;
@@ -473,9 +503,12 @@ impl Mirror {
             injected(Failpoint::ServeImageSync, d.image.path())?;
             d.image.sync_data()
         })();
-        if let Err(e) = &result {
-            self.poisoned.store(true, Ordering::Release);
-            log::error!("VM '{}': {e}; refusing further requests until restarted", self.config.name);
+        match &result {
+            Ok(()) => *covered = covers,
+            Err(e) => {
+                self.poisoned.store(true, Ordering::Release);
+                log::error!("VM '{}': {e}; refusing further requests until restarted", self.config.name);
+            }
         }
         result
     }

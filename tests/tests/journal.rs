@@ -326,3 +326,26 @@ fn rings_whose_state_is_gone_are_named_by_status_and_freed_by_enable() {
     let _ = serve.kill();
     let _ = serve.wait();
 }
+
+/// Linux reports a failed write-back to one `fsync` of a file, not to
+/// every one running: of two FLUSHes in flight together one failed while
+/// the other was acknowledged over the lost pages. They now sync one at a
+/// time, and once one failed every later one fails. The first image sync
+/// fails (EIO injected); whichever FLUSH reaches the bitmap sync second is
+/// held there 300 ms, so the two overlap.
+#[test]
+fn a_flush_beside_a_failed_one_is_never_acknowledged() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let served = vm.serve_with_env(&[], &[("TERN_FAILPOINTS", "serve:image-sync=eio@1;serve:bitmap-sync=delay:300@2")]);
+    let mut c = RawClient::connect(&vm.socket, "disk0");
+    assert_eq!(c.call(CMD_WRITE, 0, 0, 4096, &[0x33; 4096]).error, 0);
+    c.send(CMD_FLUSH, 0, 1, 0, 0, &[]);
+    c.send(CMD_FLUSH, 0, 2, 0, 0, &[]);
+    let mut errors: Vec<(u64, u32)> =
+        (0..2).map(|_| c.reply(|_| 0).expect("a FLUSH reply")).map(|r| (r.cookie, r.error)).collect();
+    errors.sort();
+    const EIO: u32 = 5;
+    assert_eq!(errors, [(1, EIO), (2, EIO)], "a FLUSH acknowledged beside a failed one: {errors:?}");
+    drop(c);
+    drop(served);
+}
