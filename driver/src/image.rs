@@ -11,6 +11,7 @@ use std::io::{self, ErrorKind};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::{Error, Result};
 
@@ -30,7 +31,11 @@ pub struct Image {
     size: u64,
     block_device: bool,
     /// The filesystem refused `RWF_NOWAIT` once: every read may wait.
-    no_nowait: std::sync::atomic::AtomicBool,
+    no_nowait: AtomicBool,
+    /// The filesystem or device refused `FALLOC_FL_PUNCH_HOLE` /
+    /// `FALLOC_FL_ZERO_RANGE` as unsupported once: not tried again.
+    no_punch: AtomicBool,
+    no_zero_range: AtomicBool,
 }
 
 impl Image {
@@ -63,7 +68,15 @@ impl Image {
         } else {
             return Err(Error::Invalid(format!("{} is neither a regular file nor a block device", path.display())));
         };
-        Ok(Image { file, path: path.to_owned(), size, block_device, no_nowait: Default::default() })
+        Ok(Image {
+            file,
+            path: path.to_owned(),
+            size,
+            block_device,
+            no_nowait: Default::default(),
+            no_punch: Default::default(),
+            no_zero_range: Default::default(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -96,7 +109,6 @@ impl Image {
     /// `RWF_NOWAIT`): every read there may wait. Lets a caller keep reads
     /// that wait on the disk off threads that should never wait.
     pub fn read_at_if_cached(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        use std::sync::atomic::Ordering;
         if self.no_nowait.load(Ordering::Relaxed) {
             return Ok(false);
         }
@@ -215,31 +227,23 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
-        use nix::fcntl::FallocateFlags as F;
-        // On a block device ZERO_RANGE may fall back to writing zeroes in
-        // the kernel: not fast, so a fast-only request may only punch.
-        let attempts: &[(F, &'static str)] = if fast_only && self.block_device {
-            if may_punch {
-                &[(F::FALLOC_FL_PUNCH_HOLE.union(F::FALLOC_FL_KEEP_SIZE), "punch hole")]
-            } else {
-                &[]
-            }
-        } else if may_punch {
-            &[
-                (F::FALLOC_FL_PUNCH_HOLE.union(F::FALLOC_FL_KEEP_SIZE), "punch hole"),
-                (F::FALLOC_FL_ZERO_RANGE.union(F::FALLOC_FL_KEEP_SIZE), "zero range"),
-            ]
-        } else {
-            &[(F::FALLOC_FL_ZERO_RANGE.union(F::FALLOC_FL_KEEP_SIZE), "zero range")]
-        };
-        for &(flags, what) in attempts {
-            match nix::fcntl::fallocate(self.file.as_raw_fd(), flags, offset as i64, len as i64) {
+        for attempt in self.zero_attempts(may_punch, fast_only) {
+            match nix::fcntl::fallocate(self.file.as_raw_fd(), attempt.flags(), offset as i64, len as i64) {
                 Ok(()) => return Ok(()),
-                // The filesystem or device cannot do this one (a block
-                // device refuses unaligned ranges with EINVAL); try the next.
-                Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENODEV | nix::errno::Errno::EINVAL) => continue,
+                // The filesystem or device cannot do this at all: remembered.
+                Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENODEV) => {
+                    self.unsupported(attempt).store(true, Ordering::Relaxed)
+                }
+                // A block device refuses unaligned ranges: try the next.
+                Err(nix::errno::Errno::EINVAL) => continue,
                 Err(e) => {
-                    return Err(Error::Fallocate { path: self.path.clone(), what, offset, len, source: e.into() })
+                    return Err(Error::Fallocate {
+                        path: self.path.clone(),
+                        what: attempt.name(),
+                        offset,
+                        len,
+                        source: e.into(),
+                    })
                 }
             }
         }
@@ -247,6 +251,35 @@ impl Image {
             return Err(Error::SlowZero { path: self.path.clone(), offset, len });
         }
         self.write_zeroes(offset, len)
+    }
+
+    /// Whether a fast-only zeroing is sure to be refused, before anything
+    /// is tried: no way of zeroing fast is left to try. (The mirror
+    /// refuses such a request before it journals it: the client is told
+    /// nothing changed, so nothing may be recorded as changed.)
+    pub fn fast_zero_refused(&self, may_punch: bool) -> bool {
+        self.zero_attempts(may_punch, true).is_empty()
+    }
+
+    /// The ways of zeroing a range to try, in order, without those known
+    /// unsupported. On a block device ZERO_RANGE may fall back to writing
+    /// zeroes in the kernel: not fast, so a fast-only request may only
+    /// punch.
+    fn zero_attempts(&self, may_punch: bool, fast_only: bool) -> Vec<ZeroAttempt> {
+        let candidates: &[ZeroAttempt] = match (may_punch, fast_only && self.block_device) {
+            (true, true) => &[ZeroAttempt::Punch],
+            (false, true) => &[],
+            (true, false) => &[ZeroAttempt::Punch, ZeroAttempt::ZeroRange],
+            (false, false) => &[ZeroAttempt::ZeroRange],
+        };
+        candidates.iter().copied().filter(|&a| !self.unsupported(a).load(Ordering::Relaxed)).collect()
+    }
+
+    fn unsupported(&self, attempt: ZeroAttempt) -> &AtomicBool {
+        match attempt {
+            ZeroAttempt::Punch => &self.no_punch,
+            ZeroAttempt::ZeroRange => &self.no_zero_range,
+        }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -357,6 +390,30 @@ fn advance(bufs: &[&[u8]], mut first: usize, mut skip: usize, mut n: usize) -> (
         skip = 0;
     }
     (first, skip)
+}
+
+/// A way of zeroing a range without writing zero bytes.
+#[derive(Debug, Clone, Copy)]
+enum ZeroAttempt {
+    Punch,
+    ZeroRange,
+}
+
+impl ZeroAttempt {
+    fn flags(self) -> nix::fcntl::FallocateFlags {
+        use nix::fcntl::FallocateFlags as F;
+        match self {
+            ZeroAttempt::Punch => F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE,
+            ZeroAttempt::ZeroRange => F::FALLOC_FL_ZERO_RANGE | F::FALLOC_FL_KEEP_SIZE,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ZeroAttempt::Punch => "punch hole",
+            ZeroAttempt::ZeroRange => "zero range",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -329,6 +329,11 @@ impl Mirror {
     pub fn zero(&self, disk: usize, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
         let _gate = self.enter_to_change(disk)?;
         let d = self.check_range(disk, offset, len)?;
+        if mode.fast_only && len > 0 && d.image.fast_zero_refused(mode.may_punch) {
+            // Refused before it is journaled: the client is told nothing
+            // changed (NBD's FAST_ZERO), so nothing may say otherwise.
+            return Err(Error::SlowZero { path: d.image.path().to_owned(), offset, len });
+        }
         let _range = d.lock.lock(offset, len);
         let published = self.publish(d, RecordKind::Zero, offset, len, &[]);
         self.change_image(d, offset, len, || d.image.zero(offset, len, mode.may_punch, mode.fast_only))?;
@@ -468,15 +473,26 @@ impl Mirror {
     /// the disk; where that is not possible, the dirty bitmap has the
     /// resync do it.
     fn compensate(&self, d: &Disk, offset: u64, len: u64) {
-        if self.journaling && self.journal.mode() == Mode::Journal && len <= journal::MAX_RECORD_DATA as u64 {
-            let mut actual = vec![0u8; len as usize];
-            if d.image.read_at(&mut actual, offset).is_ok() {
-                // The image holds it already: released at once.
-                drop(self.publish(d, RecordKind::Resync, offset, len, &actual));
-                return;
+        // Record by record, however long the request: a record left standing
+        // for a change the image lacks would be re-applied to it by the
+        // recovery after a process crash. Once the ring is full, the resync
+        // re-sends the rest.
+        let chunk = journal::MAX_RECORD_DATA as u64;
+        let mut actual = Vec::new();
+        let mut done = 0;
+        while done < len && self.journaling && self.journal.mode() == Mode::Journal {
+            let n = chunk.min(len - done);
+            actual.resize(n as usize, 0);
+            if d.image.read_at(&mut actual, offset + done).is_err() {
+                break;
             }
+            // The image holds it already: released at once.
+            drop(self.publish(d, RecordKind::Resync, offset + done, n, &actual));
+            done += n;
         }
-        d.bitmap.mark(offset, len);
+        if done < len {
+            d.bitmap.mark(offset + done, len - done);
+        }
     }
 
     /// Journal first, then bitmap, then image: after a crash the journal

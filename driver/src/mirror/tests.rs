@@ -487,6 +487,11 @@ fn a_failed_image_change_is_followed_in_the_journal_by_what_the_image_really_hol
     m.write(0, 0, &[7; 8192], false).unwrap();
     let err = m.zero(0, 0, 8192, ZeroMode { may_punch: false, fast_only: true }, false).unwrap_err();
     assert!(matches!(err, Error::SlowZero { .. }), "{err}");
+    // Known now: the next one is refused before anything is journaled.
+    let head = m.journal().head();
+    let err = m.zero(0, 65536, 8192, ZeroMode { may_punch: false, fast_only: true }, false).unwrap_err();
+    assert!(matches!(err, Error::SlowZero { .. }), "{err}");
+    assert_eq!(m.journal().head(), head, "a refused fast zeroing was journaled");
     m.shutdown().unwrap();
     let mut kinds = Vec::new();
     let mut c = m.journal().cursor(Position { pos: 0, seq: 1 });
@@ -498,6 +503,37 @@ fn a_failed_image_change_is_followed_in_the_journal_by_what_the_image_really_hol
     // The journal still replays to exactly the source.
     replay_journal_onto(m.journal(), &s.original);
     assert_same_file(&s.image, &s.original);
+}
+
+/// A failed change longer than one record: each of its records is
+/// followed by what the image really holds, or a process crash re-applies
+/// the change the client was told did not happen (a FAST_ZERO refused
+/// promises the disk unchanged).
+#[test]
+fn a_failed_change_longer_than_a_record_is_undone_in_the_journal_record_by_record() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        panic!("this test needs /dev/shm (tmpfs)");
+    }
+    let len = journal::MAX_RECORD_DATA as u64 + (8 << 20);
+    let s = setup_in(shm, len + (1 << 20), 128 << 20, 65536);
+    {
+        let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+        let err = m.zero(0, 0, len, ZeroMode { may_punch: false, fast_only: true }, false).unwrap_err();
+        assert!(matches!(err, Error::SlowZero { .. }), "{err}");
+        assert_eq!(m.dirty_bytes(), 0, "undone in the journal, not left to a resync");
+        // The process dies: no shutdown.
+    }
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    assert!(m.recovery().is_some(), "the reopen recovers the journal");
+    drop(m);
+    assert_same_file(&s.image, &s.original);
+    let m = Mirror::open(&s.paths, MirrorOptions::default()).unwrap();
+    m.shutdown().unwrap();
+    let copy = s.original.with_extension("replay");
+    std::fs::copy(&s.original, &copy).unwrap();
+    replay_journal_onto(m.journal(), &copy);
+    assert_same_file(&copy, &s.original);
 }
 
 /// A consumer that applies every record onto `copy` as it reads it and
