@@ -6,8 +6,8 @@
 //! are files in the cache.
 //!
 //! ```text
-//! <cache>/<vm>/hash-request.toml            { version, epoch, region-size }       written by `tern ship`
-//! <cache>/<vm>/hashes/epoch-<n>.<disk>      the replica's hashes (below)          written by the target
+//! <cache>/<vm>/hash-request.toml                 { version, epoch, region-size, id }  written by `tern ship`
+//! <cache>/<vm>/hashes/epoch-<n>-<id>.<disk>      the replica's hashes (below)         written by the target
 //!
 //! hashes = { [u8;8] magic "TERNHASH" | u32 version (1) | u32 region_size
 //!          | [u8;16] vm_id | u64 epoch | u64 disk_size | u64 applied_seq | u64 count }   64 bytes
@@ -38,7 +38,17 @@ pub struct HashRequest {
     /// The epoch that started with the unclean shutdown.
     pub epoch: u64,
     pub region_size: u64,
+    /// Names this comparison's answers: one epoch may see several
+    /// comparisons (a torn record found after a restart), and an answer
+    /// left from an earlier one (its clean-up failed, or it came after
+    /// the shipper gave up waiting) hashes the replica as it was then. A
+    /// request without one (version 1) is answered under 0.
+    #[serde(default)]
+    pub id: u64,
 }
+
+/// The version of `hash-request.toml` this tern writes.
+pub const REQUEST_VERSION: u32 = 2;
 
 /// The hashes of one disk's regions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,9 +142,9 @@ impl BlockHashes {
 /// `<cache>/<vm>/hash-request.toml`.
 pub const HASH_REQUEST: &str = "hash-request.toml";
 
-/// The name of one disk's answer below `<cache>/<vm>/`.
-pub fn hashes_name(epoch: u64, disk: &str) -> String {
-    format!("hashes/epoch-{epoch}.{disk}")
+/// The name of one disk's answer to `request` below `<cache>/<vm>/`.
+pub fn hashes_name(request: &HashRequest, disk: &str) -> String {
+    format!("hashes/epoch-{}-{:016x}.{disk}", request.epoch, request.id)
 }
 
 impl CacheDir {
@@ -143,9 +153,14 @@ impl CacheDir {
         self.read_toml(HASH_REQUEST)
     }
 
-    /// The target's answer for one disk, `None` while it has not come.
-    pub fn read_hashes(&self, epoch: u64, disk: &str) -> Result<Option<BlockHashes>, crate::file::FileError> {
-        self.read_with(&hashes_name(epoch, disk), BlockHashes::decode)
+    /// The target's answer to `request` for one disk, `None` while it has
+    /// not come.
+    pub fn read_hashes(
+        &self,
+        request: &HashRequest,
+        disk: &str,
+    ) -> Result<Option<BlockHashes>, crate::file::FileError> {
+        self.read_with(&hashes_name(request, disk), BlockHashes::decode)
     }
 
     /// Target side: answers the pending request with the hashes of the
@@ -173,7 +188,7 @@ impl CacheDir {
                 applied_seq,
                 hashes,
             };
-            self.put(&hashes_name(request.epoch, name), &file.encode(), crate::object::Put::Overwrite)
+            self.put(&hashes_name(&request, name), &file.encode(), crate::object::Put::Overwrite)
                 .map_err(|e| crate::file::with_causes(&e))?;
         }
         Ok(Some(request.epoch))

@@ -744,7 +744,7 @@ impl VmApplier {
             return Ok(());
         }
         let answered = |d: &tern_store::cache::ManifestDisk| {
-            self.cache.exists(&tern_store::hashes::hashes_name(request.epoch, &d.name))
+            self.cache.exists(&tern_store::hashes::hashes_name(&request, &d.name))
         };
         if self.manifest.disks.iter().map(answered).collect::<Result<Vec<bool>, _>>()?.into_iter().all(|a| a) {
             return Ok(());

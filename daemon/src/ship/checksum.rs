@@ -13,8 +13,7 @@ use tern_driver::journal::{self, Journal};
 use tern_driver::units::Size;
 use tern_store::cache::CacheDir;
 use tern_store::file::FileError;
-use tern_store::hashes::{hashes_name, HASH_REQUEST};
-use tern_store::hashes::{region_hashes, HashRequest};
+use tern_store::hashes::{hashes_name, region_hashes, HashRequest, HASH_REQUEST, REQUEST_VERSION};
 
 pub struct ChecksumResync {
     pub cache: CacheDir,
@@ -55,32 +54,37 @@ impl ChecksumResync {
     /// the flag: the resync window stays open until then).
     pub fn poll(&self, journal: &Journal, bitmaps: &[DirtyBitmap]) -> Result<()> {
         let region_size = bitmaps[0].region_size();
-        let request = HashRequest { version: 1, epoch: self.epoch, region_size };
-        let asked =
-            matches!(self.cache.read_hash_request().or_else(FileError::damaged_as_none)?, Some(r) if r == request);
-        if !asked {
-            let path = self.cache.location(HASH_REQUEST);
-            self.cache.write_toml(
-                HASH_REQUEST,
-                &request,
-                "tern ship asks the target for its replica's block hashes",
-            )?;
-            log::warn!(
-                "{}: asked the target for its replica's block hashes ({}), to send only the regions that differ; waiting up to {} for the answer, then a full resync",
-                self.why,
-                path,
-                humantime::format_duration(self.timeout)
-            );
-        }
+        let request = match self.cache.read_hash_request().or_else(FileError::damaged_as_none)? {
+            // This comparison's, asked before a restart: a finished one's
+            // request is removed before its flag is cleared (`done`).
+            Some(r) if r.epoch == self.epoch && r.region_size == region_size => r,
+            _ => {
+                // 63 random bits: TOML integers are signed.
+                let id = rand::random::<u64>() >> 1;
+                let request = HashRequest { version: REQUEST_VERSION, epoch: self.epoch, region_size, id };
+                self.cache.write_toml(
+                    HASH_REQUEST,
+                    &request,
+                    "tern ship asks the target for its replica's block hashes",
+                )?;
+                log::warn!(
+                    "{}: asked the target for its replica's block hashes ({}), to send only the regions that differ; waiting up to {} for the answer, then a full resync",
+                    self.why,
+                    self.cache.location(HASH_REQUEST),
+                    humantime::format_duration(self.timeout)
+                );
+                request
+            }
+        };
         let mut answers = Vec::new();
         for (name, _) in &self.disks {
-            match self.cache.read_hashes(self.epoch, name)? {
+            match self.cache.read_hashes(&request, name)? {
                 Some(h) if h.vm_id == self.vm_id && h.epoch == self.epoch && h.region_size == region_size => {
                     answers.push(h)
                 }
                 Some(_) => anyhow::bail!(
                     "{}: the answer is for another VM, epoch or region size",
-                    self.cache.location(&hashes_name(self.epoch, name))
+                    self.cache.location(&hashes_name(&request, name))
                 ),
                 None => break,
             }
@@ -94,7 +98,7 @@ impl ChecksumResync {
                 for b in bitmaps {
                     b.mark(0, u64::MAX / 2);
                 }
-                return self.done(journal, bitmaps);
+                return self.done(&request, journal, bitmaps);
             }
             self.tell_waiting();
             return Ok(());
@@ -123,19 +127,23 @@ impl ChecksumResync {
             answers[0].applied_seq,
             Size(differ * region_size).approx()
         );
-        self.done(journal, bitmaps)
+        self.done(&request, journal, bitmaps)
     }
 
-    fn done(&self, journal: &Journal, bitmaps: &[DirtyBitmap]) -> Result<()> {
+    /// The differences are marked: makes them durable, removes the request
+    /// and its answers, then clears the flag. In that order: a request
+    /// still there when the next comparison of the epoch starts would be
+    /// taken for its own.
+    fn done(&self, request: &HashRequest, journal: &Journal, bitmaps: &[DirtyBitmap]) -> Result<()> {
         for b in bitmaps {
             b.sync()?;
         }
+        for (name, _) in &self.disks {
+            self.cache.remove(&hashes_name(request, name))?;
+        }
+        self.cache.remove(HASH_REQUEST)?;
         journal.clear_flags(journal::FLAG_CHECKSUM_RESYNC);
         journal.sync()?;
-        let _ = self.cache.remove(HASH_REQUEST);
-        for (name, _) in &self.disks {
-            let _ = self.cache.remove(&hashes_name(self.epoch, name));
-        }
         Ok(())
     }
 
@@ -186,5 +194,94 @@ impl ChecksumResync {
             .ok()
             .flatten()
             .map_or(Duration::ZERO, |t| Duration::from_millis(now_ms.saturating_sub(t)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_store::object::Store;
+
+    const DISK: u64 = 1 << 20;
+    const REGION: u32 = 64 << 10;
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        resync: ChecksumResync,
+        journal: Journal,
+        bitmaps: Vec<DirtyBitmap>,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk0.img");
+        std::fs::write(&image, vec![1u8; DISK as usize]).unwrap();
+        Journal::create(&dir.path().join("journal"), [7; 16], 1 << 20).unwrap();
+        let journal = Journal::open(&dir.path().join("journal"), dir.path()).unwrap();
+        DirtyBitmap::create(&dir.path().join("dirty"), DISK, REGION).unwrap();
+        let bitmaps = vec![DirtyBitmap::open(&dir.path().join("dirty"), DISK).unwrap()];
+        std::fs::create_dir(dir.path().join("cache")).unwrap();
+        let cache = CacheDir::new(&Store::dir(&dir.path().join("cache")), "vm");
+        let resync = ChecksumResync {
+            cache,
+            vm_id: [7; 16],
+            epoch: 2,
+            disks: vec![("disk0".into(), image)],
+            timeout: Duration::from_secs(600),
+            why: "a test",
+            told_ms: Default::default(),
+        };
+        Setup { dir, resync, journal, bitmaps }
+    }
+
+    /// What the target's applier does: hashes its replica for the pending
+    /// request.
+    fn answer_with(s: &Setup, replica: &[u8]) {
+        let path = s.dir.path().join("replica.img");
+        std::fs::write(&path, replica).unwrap();
+        let image = Image::open_read_only(&path).unwrap();
+        let answered = s.resync.cache.answer_hash_request([7; 16], &[("disk0", &image)], 1).unwrap();
+        assert_eq!(answered, Some(2), "a request is pending");
+    }
+
+    /// One epoch may see two comparisons (a torn record found after a
+    /// restart). An answer to the first that outlived it (written after the
+    /// shipper had cleaned up, or its clean-up failed) hashes the replica
+    /// as it was then; taken for the second's, a region the source has put
+    /// back to that old content compares equal while the replica has moved
+    /// on, and is never re-sent.
+    #[test]
+    fn an_answer_left_from_an_earlier_comparison_is_not_taken_for_the_next() {
+        let s = setup();
+        let answers_dir = s.dir.path().join("cache/vm/hashes");
+        s.journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
+        s.resync.poll(&s.journal, &s.bitmaps).unwrap();
+        // The replica then held what the source holds (all 1s).
+        answer_with(&s, &vec![1u8; DISK as usize]);
+        let late_answer: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&answers_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        s.resync.poll(&s.journal, &s.bitmaps).unwrap();
+        assert!(!s.journal.checksum_resync_due(), "the first comparison is done");
+        assert_eq!(s.bitmaps[0].dirty_count(), 0);
+        // The first comparison's answer comes (again) after its clean-up.
+        for (p, b) in &late_answer {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b).unwrap();
+        }
+        // Later: the replica's first region got 2s; the source's was put
+        // back to 1s by a write the journal lost (torn), and a second
+        // comparison of the same epoch is due.
+        s.journal.set_flags(journal::FLAG_CHECKSUM_RESYNC);
+        s.resync.poll(&s.journal, &s.bitmaps).unwrap();
+        assert!(s.journal.checksum_resync_due(), "compared at once, against the earlier comparison's answer");
+        let mut replica = vec![1u8; DISK as usize];
+        replica[..REGION as usize].fill(2);
+        answer_with(&s, &replica);
+        s.resync.poll(&s.journal, &s.bitmaps).unwrap();
+        assert!(!s.journal.checksum_resync_due());
+        assert_eq!(s.bitmaps[0].dirty_ranges(), [(0, REGION as u64)], "the region the replica has moved on in");
     }
 }
