@@ -643,16 +643,49 @@ fn set_executable(p: &Path) -> Result<()> {
 
 /// Marks the VM's failover final in its fence: no other point may be
 /// chosen any more. Returns the fence, and whether it was committed before.
-pub fn commit(cache: &CacheDir, vm: &str) -> Result<(Fence, bool)> {
+/// Refused unless `<target>/<vm>/failover/active` holds the fence's point:
+/// a failover stopped part way has fenced without it.
+pub fn commit(target_root: &Path, cache: &CacheDir, vm: &str) -> Result<(Fence, bool)> {
+    let root = TargetDir::new(target_root, vm).root().to_owned();
     let Some(mut fence) = cache.read_fence()? else {
         bail!("VM '{vm}' has not failed over: there is nothing to commit (`tern failover {vm}` first)");
     };
     if fence.committed {
         return Ok((fence, true));
     }
+    refuse_unless_active_holds(&root.join("failover").join("active"), vm, &fence)?;
     fence.committed = true;
     cache.write_toml(FENCE, &fence, "the VM failed over at the target site: the source ships nothing more")?;
     Ok((fence, false))
+}
+
+/// Refuses a commit unless the real failover's directory `active` is there
+/// and holds the point the fence names.
+fn refuse_unless_active_holds(active: &Path, vm: &str, fence: &Fence) -> Result<()> {
+    let info = active.join("failover.toml");
+    let again = format!("run `tern failover {vm} --point {}` again", fence.point);
+    let text = match std::fs::read_to_string(&info) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "VM '{vm}': its failover to point {} did not finish ({} does not exist: a `tern failover` stopped part way): nothing is committed; {again}, check the VM, then commit",
+            fence.point,
+            info.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("VM '{vm}': cannot read {}: nothing is committed", info.display())),
+    };
+    let held = text
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|t| t.get("point").and_then(|p| p.as_str()).map(str::to_owned))
+        .with_context(|| format!("VM '{vm}': {} names no point: nothing is committed; {again}", info.display()))?;
+    if held != fence.point {
+        bail!(
+            "VM '{vm}': {} holds point {held}, but the fence names point {} (a `tern failover` to it stopped part way): nothing is committed; {again} (or with the point you mean), check the VM, then commit",
+            active.display(),
+            fence.point
+        );
+    }
+    Ok(())
 }
 
 /// Removes the test failover `name` of `vm` from the target site (never the

@@ -626,3 +626,51 @@ fn no_point_is_taken_of_a_replica_the_initial_sync_has_not_reached() {
     assert!(!manifest.contains("starts-in-window"), "{manifest}");
     run(empty.tern().args(["failover", &empty.name, "--test", "--latest"]));
 }
+
+/// The id of the app point `protected_vm_with_a_tag` tagged, applied first.
+fn applied_app_point(vm: &TestVm) -> String {
+    let target = vm.dir.path().join("target");
+    let out = vm.apply_with(&vm.dir.path().join("cache"), &target, &[], &[]);
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    let points = vm.points(&target);
+    let app = points.iter().find(|p| p["kind"] == "app").expect("app point");
+    app["id"].as_str().expect("id").to_owned()
+}
+
+/// Issue 19 (#5): a real failover killed after it fenced the source and
+/// before its disks were in `failover/active` let `tern commit` say the VM
+/// "runs from" that missing directory; the committed fence then refused
+/// the failover that would have finished it, and re-protect. Commit now
+/// refuses until `failover/active` holds the fence's point, saying how to
+/// finish.
+#[test]
+fn commit_refuses_a_failover_that_did_not_finish_and_says_how_to_finish_it() {
+    use std::os::unix::process::ExitStatusExt;
+    let (vm, _) = protected_vm_with_a_tag();
+    let app = applied_app_point(&vm);
+    let active = vm.dir.path().join("target/vm1/failover/active");
+    let out = vm
+        .tern_env(&[("TERN_FAILPOINTS", "failover:disks-cloned=kill")])
+        .args(["failover", &vm.name, "--point", &app])
+        .output()
+        .expect("tern failover");
+    assert_eq!(out.status.signal(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!active.exists(), "the killed failover's disks are not in {}", active.display());
+    let out = vm.tern().args(["commit", &vm.name]).output().expect("tern commit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "committed a failover that did not finish: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        err.contains("nothing is committed") && err.contains(&format!("`tern failover vm1 --point {app}`")),
+        "{err}"
+    );
+    let fence = std::fs::read_to_string(vm.cache_dir().join("fence.toml")).expect("fence");
+    assert!(fence.contains("committed = false"), "{fence}");
+    // What it advises finishes the failover, and the commit then stands.
+    run(vm.tern().args(["failover", &vm.name, "--point", &app]));
+    let out = run(vm.tern().args(["commit", &vm.name]));
+    assert!(out.contains(&format!("failover to point {app} ")) && out.contains("committed"), "{out}");
+}

@@ -98,7 +98,7 @@ pub struct CommitArgs {
 /// `tern commit`: the failover stands; no other point may be chosen.
 pub fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
     let (target_root, cache_root) = sites(cli, &a.vm, a.target.as_deref(), a.cache.as_deref())?;
-    let (fence, already) = crate::failover::commit(&crate::cache::for_vm(&cache_root, &a.vm)?, &a.vm)?;
+    let (fence, already) = crate::failover::commit(&target_root, &crate::cache::for_vm(&cache_root, &a.vm)?, &a.vm)?;
     if already {
         println!("VM '{}': the failover to point {} was already committed", a.vm, fence.point);
         return Ok(());
