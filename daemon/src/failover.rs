@@ -212,13 +212,29 @@ pub fn real_failover(
             );
         }
     }
+    // Checked again before the fence, which must go on naming the point
+    // the VM runs if this is refused: it may have started on it while the
+    // point was made.
+    refuse_if_in_use(vm, &active)?;
     write_fence(&cache, &manifest, previous.as_ref(), &point, false)?;
     if planned.is_some() {
         // The fence stops the source for good now.
         let _ = cache.remove(PLANNED_FAILOVER);
     }
-    // Checked again: a VM may have started on it while the point was made.
-    refuse_if_in_use(vm, &active)?;
+    // And once more, the VM having had the time the fence took to start.
+    if let Err(e) = refuse_if_in_use(vm, &active) {
+        if let Some(previous) = &previous {
+            cache
+                .write_toml(FENCE, previous, "the VM failed over at the target site: the source ships nothing more")
+                .with_context(|| {
+                    format!(
+                        "{e:#}; and the fence could not be put back to point {}: run `tern failover {vm} --point {}` once the VM is shut down",
+                        previous.point, previous.point
+                    )
+                })?;
+        }
+        return Err(e);
+    }
     if active.exists() {
         log::warn!(
             "VM '{vm}': replacing the uncommitted failover in {} (its disks' changes are discarded)",

@@ -637,6 +637,16 @@ fn applied_app_point(vm: &TestVm) -> String {
     app["id"].as_str().expect("id").to_owned()
 }
 
+/// Waits (20 s at most) until the failpoints log `log` says `point` fired:
+/// the process is caught there (a `delay`).
+fn wait_for_failpoint(log: &std::path::Path, point: &str) {
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(log).unwrap_or_default().contains(point) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{point} never fired");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Issue 19 (#5): a real failover killed after it fenced the source and
 /// before its disks were in `failover/active` let `tern commit` say the VM
 /// "runs from" that missing directory; the committed fence then refused
@@ -673,4 +683,58 @@ fn commit_refuses_a_failover_that_did_not_finish_and_says_how_to_finish_it() {
     run(vm.tern().args(["failover", &vm.name, "--point", &app]));
     let out = run(vm.tern().args(["commit", &vm.name]));
     assert!(out.contains(&format!("failover to point {app} ")) && out.contains("committed"), "{out}");
+}
+
+/// Issue 19 (#4): a second `tern failover` found the failed-over VM
+/// started on `failover/active` only after it had fenced at its new
+/// point; it refused, advising `tern commit`, which then certified the new
+/// point while the VM ran from the old one. A failover refused leaves the
+/// fence as it found it.
+#[test]
+fn a_failover_refused_because_the_vm_started_meanwhile_leaves_the_fence_as_it_was() {
+    require("qemu-io");
+    let (vm, _) = protected_vm_with_a_tag();
+    let app = applied_app_point(&vm);
+    let first = json(&run(vm.tern().args(["failover", &vm.name, "--json"])));
+    let first_point = first["point"].as_str().expect("point").to_owned();
+    assert_ne!(first_point, app);
+    let disk = first["disks"]["disk0"].as_str().expect("disk").to_owned();
+    // Caught just before it writes the fence; the VM starts meanwhile.
+    let log = vm.dir.path().join("failpoints.log");
+    let again = vm
+        .tern_env(&[("TERN_FAILPOINTS", "failover:fence-write=delay:3000")])
+        .env("TERN_FAILPOINTS_LOG", &log)
+        .args(["failover", &vm.name, "--point", &app])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tern failover");
+    wait_for_failpoint(&log, "failover:fence-write");
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let qemu = Running(
+        Command::new("qemu-io")
+            .args(["-f", "raw", &disk, "-c", "sleep 60000"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io"),
+    );
+    let start = std::time::Instant::now();
+    while !has_open(qemu.0.id(), &disk) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "qemu-io never opened {disk}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = again.wait_with_output().expect("tern failover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is in use by"), "{err}");
+    let fence = std::fs::read_to_string(vm.cache_dir().join("fence.toml")).expect("fence");
+    assert!(fence.contains(&format!("point = \"{first_point}\"")), "the fence names the point the VM runs: {fence}");
+    let out = run(vm.tern().args(["commit", &vm.name]));
+    assert!(out.contains(&format!("failover to point {first_point} ")), "{out}");
+    drop(qemu);
 }
