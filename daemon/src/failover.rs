@@ -4,7 +4,10 @@
 //! the point's disks into `<target>/<vm>/failover/<name>/` with a launch
 //! script. `tern failover`, `tern commit` and `tern failover-cleanup` drive
 //! it (`crate::cmd::failover`); re-protect and failback reuse its fence
-//! and point choice.
+//! and point choice. A failover or commit holds the VM's failover lock
+//! ([`lock`]) from its first check to its last write.
+
+mod lock;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -193,7 +196,9 @@ pub fn real_failover(
     planned: Option<Planned>,
     plan: &LaunchPlan,
 ) -> Result<Failover> {
-    let Ready { cache, previous, manifest, target, active } = ready_for_real_failover(target_root, cache_root, vm)?;
+    let root = replica_site(target_root, vm, choice)?;
+    let _lock = lock::lock(&root, vm, "`tern failover`")?;
+    let Ready { cache, manifest, target, active, .. } = ready_for_real_failover(target_root, cache_root, vm)?;
     // Choose (for --latest: catch up and point) before fencing, so the
     // point holds everything the cache had.
     let stopped_at = match planned {
@@ -216,6 +221,10 @@ pub fn real_failover(
     // the VM runs if this is refused: it may have started on it while the
     // point was made.
     refuse_if_in_use(vm, &active)?;
+    // Read again: a `tern commit` at another target site on this cache
+    // holds no lock of ours.
+    let previous = cache.read_fence()?;
+    refuse_if_committed(vm, previous.as_ref())?;
     write_fence(&cache, &manifest, previous.as_ref(), &point, false)?;
     if planned.is_some() {
         // The fence stops the source for good now.
@@ -242,7 +251,17 @@ pub fn real_failover(
         );
         std::fs::remove_dir_all(&active).with_context(|| format!("cannot remove {}", active.display()))?;
     }
-    make_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false, plan)
+    clone_failover(target_root, cache_root, vm, &Choice::Point(point.id.clone()), Some("active"), false, plan)
+}
+
+/// `<target>/<vm>/`, refused unless it exists or `choice` (--latest)
+/// applies the cache there first.
+fn replica_site(target_root: &Path, vm: &str, choice: &Choice) -> Result<PathBuf> {
+    let root = TargetDir::new(target_root, vm).root().to_owned();
+    if !matches!(choice, Choice::Latest) && !root.is_dir() {
+        bail!("{} does not exist: VM '{vm}' has no replica at this target site", root.display());
+    }
+    Ok(root)
 }
 
 /// A planned failover's source stop.
@@ -303,14 +322,7 @@ struct Ready {
 fn ready_for_real_failover(target_root: &Path, cache_root: &Store, vm: &str) -> Result<Ready> {
     let cache = crate::cache::for_vm(cache_root, vm)?;
     let previous = cache.read_fence()?;
-    if let Some(f) = &previous {
-        if f.committed {
-            bail!(
-                "VM '{vm}' failed over to point {} and that was committed: it runs from the target now; re-protect it to replicate it back",
-                f.point
-            );
-        }
-    }
+    refuse_if_committed(vm, previous.as_ref())?;
     let manifest = cache
         .read_manifest()?
         .with_context(|| format!("{} has no manifest: VM '{vm}' was never shipped here", cache.describe()))?;
@@ -318,6 +330,16 @@ fn ready_for_real_failover(target_root: &Path, cache_root: &Store, vm: &str) -> 
     let active = target.root().join("failover").join("active");
     refuse_if_in_use(vm, &active)?;
     Ok(Ready { cache, previous, manifest, target, active })
+}
+
+fn refuse_if_committed(vm: &str, fence: Option<&Fence>) -> Result<()> {
+    if let Some(f) = fence.filter(|f| f.committed) {
+        bail!(
+            "VM '{vm}' failed over to point {} and that was committed: it runs from the target now; re-protect it to replicate it back",
+            f.point
+        );
+    }
+    Ok(())
 }
 
 /// Whether `vm` can fail over to its catalog point `point` (a group
@@ -485,10 +507,22 @@ pub fn make_failover(
     test: bool,
     plan: &LaunchPlan,
 ) -> Result<Failover> {
+    let root = replica_site(target_root, vm, choice)?;
+    let _lock = lock::lock(&root, vm, "`tern failover`")?;
+    clone_failover(target_root, cache_root, vm, choice, name, test, plan)
+}
+
+/// [`make_failover`] with the VM's failover lock held.
+fn clone_failover(
+    target_root: &Path,
+    cache_root: &Store,
+    vm: &str,
+    choice: &Choice,
+    name: Option<&str>,
+    test: bool,
+    plan: &LaunchPlan,
+) -> Result<Failover> {
     let target = TargetDir::new(target_root, vm);
-    if !matches!(choice, Choice::Latest) && !target.root().is_dir() {
-        bail!("{} does not exist: VM '{vm}' has no replica at this target site", target.root().display());
-    }
     let point = choose_point(&target, cache_root, target_root, vm, choice)?;
     let failovers = target.root().join("failover");
     tern_driver::fs::create_dir_durably(&failovers)?;
@@ -663,6 +697,8 @@ fn set_executable(p: &Path) -> Result<()> {
 /// a failover stopped part way has fenced without it.
 pub fn commit(target_root: &Path, cache: &CacheDir, vm: &str) -> Result<(Fence, bool)> {
     let root = TargetDir::new(target_root, vm).root().to_owned();
+    // No directory: nothing failed over here, said below.
+    let _lock = if root.is_dir() { Some(lock::lock(&root, vm, "`tern commit`")?) } else { None };
     let Some(mut fence) = cache.read_fence()? else {
         bail!("VM '{vm}' has not failed over: there is nothing to commit (`tern failover {vm}` first)");
     };

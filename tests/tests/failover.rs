@@ -738,3 +738,62 @@ fn a_failover_refused_because_the_vm_started_meanwhile_leaves_the_fence_as_it_wa
     assert!(out.contains(&format!("failover to point {first_point} ")), "{out}");
     drop(qemu);
 }
+
+/// Issue 19 (#6): two `tern failover` runs of one VM at once shared their
+/// temporary directory: one reported its point with the other's disks. A
+/// second run is refused while the first holds the VM, naming it.
+#[test]
+fn a_second_failover_of_a_vm_while_one_runs_is_refused_naming_the_first() {
+    let (vm, at_tag) = protected_vm_with_a_tag();
+    let app = applied_app_point(&vm);
+    let log = vm.dir.path().join("failpoints.log");
+    let first = vm
+        .tern_env(&[("TERN_FAILPOINTS", "failover:disks-cloned=delay:6000")])
+        .env("TERN_FAILPOINTS_LOG", &log)
+        .args(["failover", &vm.name, "--test", "--point", &app, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tern failover");
+    wait_for_failpoint(&log, "failover:disks-cloned");
+    let out = vm.tern().args(["failover", &vm.name, "--test", "--latest-point"]).output().expect("tern failover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second failover ran beside the first: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains("another `tern failover`") && err.contains(&format!("pid {}", first.id())), "{err}");
+    let out = first.wait_with_output().expect("tern failover");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let f = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(f["point"], app.as_str());
+    assert_files_equal(std::path::Path::new(f["disks"]["disk0"].as_str().expect("disk")), &at_tag);
+}
+
+/// Issue 19 (#7): `tern commit` while a second `tern failover` ran was
+/// undone when that failover wrote the fence it had read before: the VM
+/// uncommitted, at another point. Commit is refused while a failover
+/// runs, and the failover's point is committed after it.
+#[test]
+fn commit_while_a_failover_runs_is_refused_and_not_undone() {
+    let (vm, _) = protected_vm_with_a_tag();
+    let app = applied_app_point(&vm);
+    run(vm.tern().args(["failover", &vm.name]));
+    let log = vm.dir.path().join("failpoints.log");
+    let again = vm
+        .tern_env(&[("TERN_FAILPOINTS", "failover:fence-write=delay:6000")])
+        .env("TERN_FAILPOINTS_LOG", &log)
+        .args(["failover", &vm.name, "--point", &app])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tern failover");
+    wait_for_failpoint(&log, "failover:fence-write");
+    let out = vm.tern().args(["commit", &vm.name]).output().expect("tern commit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "committed while a failover ran: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains("another `tern failover`") && err.contains(&format!("pid {}", again.id())), "{err}");
+    let out = again.wait_with_output().expect("tern failover");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(vm.tern().args(["commit", &vm.name]));
+    assert!(out.contains(&format!("failover to point {app} ")), "{out}");
+    let fence = std::fs::read_to_string(vm.cache_dir().join("fence.toml")).expect("fence");
+    assert!(fence.contains("committed = true") && fence.contains(&format!("point = \"{app}\"")), "{fence}");
+}
