@@ -74,6 +74,10 @@ pub struct PlannedNic {
 pub struct LaunchPlan {
     pub launch: LaunchConfig,
     pub nics: Vec<PlannedNic>,
+    /// The VM's disks in its order (the manifest's, as `tern enable
+    /// --disk` gave them): launch.sh attaches them so, the first the one
+    /// it boots from. Empty (no manifest): in name order.
+    pub disks: Vec<String>,
 }
 
 /// The launch plan of `vm` from its manifest in the cache (the target
@@ -86,8 +90,8 @@ pub fn launch_plan(cache_root: &Store, vm: &str, network: &Network) -> Result<La
         let m = c.read_manifest()?;
         Ok((c, m))
     });
-    let (launch, map) = match (manifest, network) {
-        (Ok((_, Some(m))), _) => (m.launch(), m.policy.network.clone()),
+    let (launch, map, disks) = match (manifest, network) {
+        (Ok((_, Some(m))), _) => (m.launch(), m.policy.network.clone(), m.disks.iter().map(|d| d.name.clone()).collect()),
         (Ok((cache, None)), Network::Test(_)) => {
             log::warn!(
                 "VM '{vm}': {} has no manifest: the failover starts it with the default launch settings (2 GiB, 2 CPUs, no NIC)",
@@ -110,7 +114,7 @@ pub fn launch_plan(cache_root: &Store, vm: &str, network: &Network) -> Result<La
         (Ok((_, None)), Network::Real) => Default::default(),
         (Err(e), Network::Real) => return Err(e),
     };
-    plan_from(vm, launch, &map, network)
+    Ok(LaunchPlan { disks, ..plan_from(vm, launch, &map, network)? })
 }
 
 /// [`launch_plan`] from the launch settings and the network map.
@@ -139,7 +143,7 @@ pub fn plan_from(
         let mac = nic.mac.clone().with_context(|| format!("VM '{vm}': NIC {index} has no MAC address"))?;
         nics.push(PlannedNic { index, source_bridge: nic.bridge.clone(), bridge, mac, model: nic.model.clone() });
     }
-    Ok(LaunchPlan { launch, nics })
+    Ok(LaunchPlan { launch, nics, disks: Vec::new() })
 }
 
 /// Refuses `--test-network` when none of `vms` has a NIC to put on it.
@@ -545,7 +549,11 @@ fn clone_failover(
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut disks = Vec::new();
     let mut copied = false;
-    for (disk, file) in &point.disks {
+    // The VM's order, not the catalog's (by name): the first disk is the
+    // one it boots from.
+    let mut in_order: Vec<(&String, &String)> = point.disks.iter().collect();
+    in_order.sort_by_key(|(disk, _)| plan.disks.iter().position(|d| d == *disk).unwrap_or(usize::MAX));
+    for (disk, file) in in_order {
         copied |= clone_file(&target.point_dir(&point.id).join(file), &tmp.join(file))? == CloneMethod::Copy;
         disks.push((disk.clone(), dir.join(file)));
     }

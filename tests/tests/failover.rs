@@ -797,3 +797,35 @@ fn commit_while_a_failover_runs_is_refused_and_not_undone() {
     let fence = std::fs::read_to_string(vm.cache_dir().join("fence.toml")).expect("fence");
     assert!(fence.contains("committed = true") && fence.contains(&format!("point = \"{app}\"")), "{fence}");
 }
+
+/// Issue 19 (#9): launch.sh attached the disks in name order, so a VM
+/// enabled with `--disk root=… --disk data=…` booted from `data`. They are
+/// attached in the VM's order, the first its boot disk.
+#[test]
+fn launch_sh_attaches_the_disks_in_the_vms_order() {
+    let dir = tempfile::Builder::new().prefix("tern-test-").tempdir_in(test_root()).expect("tempdir");
+    let state = dir.path().join("state");
+    for site in ["cache", "target"] {
+        std::fs::create_dir(dir.path().join(site)).expect("site");
+    }
+    for disk in ["root", "data"] {
+        std::fs::File::create(dir.path().join(format!("{disk}.img"))).and_then(|f| f.set_len(4 << 20)).expect("image");
+    }
+    run(tern_with_state(&state)
+        .args(["enable", "vm1", "--cache"])
+        .arg(dir.path().join("cache"))
+        .arg("--target")
+        .arg(dir.path().join("target"))
+        .arg("--disk")
+        .arg(format!("root={}", dir.path().join("root.img").display()))
+        .arg("--disk")
+        .arg(format!("data={}", dir.path().join("data.img").display()))
+        .args(["--journal-size", "16MiB"]));
+    run(tern_with_state(&state).args(["ship", "vm1", "--once"]));
+    let f = json(&run(tern_with_state(&state).args(["failover", "vm1", "--test", "--json"])));
+    let script =
+        std::fs::read_to_string(format!("{}/launch.sh", f["directory"].as_str().expect("dir"))).expect("script");
+    let drives: Vec<&str> = script.lines().filter(|l| l.contains("-drive")).collect();
+    assert_eq!(drives.len(), 2, "{script}");
+    assert!(drives[0].contains("/root.img,") && drives[1].contains("/data.img,"), "root first: {script}");
+}
