@@ -303,14 +303,26 @@ fn check_source_stopped(cache: &CacheDir, manifest: &Manifest, vm: &str, force: 
     )
 }
 
-/// Regions of each disk written here after the failover point, merged:
-/// records after the fence's sequence number the old direction shipped to
-/// its cache (never applied), records still in the journal, and regions
-/// marked dirty (written, never shipped).
-fn source_changes_since_failover(paths: &VmPaths, config: &VmConfig) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
+/// What this site wrote after the failover point.
+#[derive(Default)]
+struct SourceChanges {
+    /// Regions of each disk, merged: records after the fence's sequence
+    /// number the old direction shipped to its cache (never applied),
+    /// records still in the journal, and regions marked dirty (written,
+    /// never shipped).
+    regions: BTreeMap<String, Vec<(u64, u64)>>,
+    /// Sequence numbers after the fence's (first, last, inclusive) whose
+    /// records are in no segment any more: the applier at the failover site
+    /// applied them before the failover and removed their segments, so
+    /// which regions they changed cannot be told here.
+    unknown: Vec<(u64, u64)>,
+}
+
+/// What this site wrote after it failed over (see [`SourceChanges`]).
+fn source_changes_since_failover(paths: &VmPaths, config: &VmConfig) -> Result<SourceChanges> {
     let cache = crate::cache::for_source(config)?;
     let Some(fence) = cache.read_fence()? else {
-        return Ok(BTreeMap::new()); // never failed over from here
+        return Ok(SourceChanges::default()); // never failed over from here
     };
     let mut changed: Vec<Vec<(u64, u64)>> = vec![Vec::new(); config.disks.len()];
     let mut note = |h: &tern_driver::journal::RecordHeader| {
@@ -318,10 +330,22 @@ fn source_changes_since_failover(paths: &VmPaths, config: &VmConfig) -> Result<B
             changed[h.disk as usize].push((h.offset, h.length as u64));
         }
     };
-    for l in cache.list_segments()? {
-        if l.last_seq <= fence.seq {
-            continue;
+    let mut segments = cache.list_segments()?;
+    segments.retain(|l| l.last_seq > fence.seq);
+    segments.sort_unstable_by_key(|l| l.first_seq);
+    // Every record after the fence's seq up to the newest shipped must be
+    // in a segment still: `tern apply` removes the segments it applied
+    // (all but the newest), and it may have applied past the point failed
+    // over to. No gap is let pass, not even at an epoch's start: the
+    // records lost there were written here after the point too, and only
+    // the resync records the epoch's comparison sent would say where.
+    let mut unknown = Vec::new();
+    let mut expected = fence.seq + 1;
+    for l in &segments {
+        if l.first_seq > expected {
+            unknown.push((expected, l.first_seq - 1));
         }
+        expected = expected.max(l.last_seq + 1);
         let segment = cache
             .read_segment(l.first_seq, l.last_seq, Some(*config.id.as_bytes()))
             .with_context(|| format!("cannot read {} for what this site wrote after the failover", l.location))?;
@@ -338,7 +362,8 @@ fn source_changes_since_failover(paths: &VmPaths, config: &VmConfig) -> Result<B
     for (i, d) in config.disks.iter().enumerate() {
         changed[i].extend(tern_driver::bitmap::DirtyBitmap::open(&paths.dirty(&d.name), d.size)?.dirty_ranges());
     }
-    Ok(config.disks.iter().zip(changed).map(|(d, ranges)| (d.name.clone(), merge_ranges(ranges))).collect())
+    let regions = config.disks.iter().zip(changed).map(|(d, ranges)| (d.name.clone(), merge_ranges(ranges))).collect();
+    Ok(SourceChanges { regions, unknown })
 }
 
 /// Sorted, overlapping and touching ranges joined.
@@ -356,15 +381,15 @@ fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 }
 
 /// The split-brain report: refuses the failback while this site's disks
-/// changed after the failover point, unless `discard`.
+/// changed after the failover point, or may have, unless `discard`.
 fn check_split_brain(paths: &VmPaths, config: &VmConfig, discard: bool) -> Result<()> {
     let changes = source_changes_since_failover(paths, config)?;
-    let total: u64 = changes.values().flatten().map(|r| r.1).sum();
-    if total == 0 {
+    let total: u64 = changes.regions.values().flatten().map(|r| r.1).sum();
+    if total == 0 && changes.unknown.is_empty() {
         return Ok(());
     }
     let mut report = String::new();
-    for (disk, ranges) in &changes {
+    for (disk, ranges) in &changes.regions {
         if ranges.is_empty() {
             continue;
         }
@@ -378,6 +403,16 @@ fn check_split_brain(paths: &VmPaths, config: &VmConfig, discard: bool) -> Resul
             if ranges.len() > shown.len() { ", …" } else { "" }
         ));
     }
+    if !changes.unknown.is_empty() {
+        let old_cache = crate::cache::for_source(config)?.describe();
+        for (first, last) in &changes.unknown {
+            let records =
+                if first == last { format!("record seq {first}") } else { format!("records seq {first}..{last}") };
+            report.push_str(&format!(
+                "\n  {records}: shipped after the failover point, applied at the failover site and removed from {old_cache}; which regions they changed is not known here, and the failback discards them too"
+            ));
+        }
+    }
     if discard {
         log::warn!(
             "VM '{}': --discard-source-changes: this site's writes after the failover point are discarded:{report}",
@@ -385,10 +420,14 @@ fn check_split_brain(paths: &VmPaths, config: &VmConfig, discard: bool) -> Resul
         );
         return Ok(());
     }
+    let amount = match (total, changes.unknown.is_empty()) {
+        (_, true) => Size(total).approx(),
+        (0, false) => "writes of unknown extent".to_owned(),
+        (_, false) => format!("{} and writes of unknown extent", Size(total).approx()),
+    };
     bail!(
-        "VM '{}' was written at this site after it failed over (a split brain): {} the failback would discard:{report}\nThe failback replaces these disks with the failover site's point. If those writes matter, copy the disks aside first (cp --sparse=always); then fail back with --discard-source-changes",
+        "VM '{}' was written at this site after it failed over (a split brain): {amount} the failback would discard:{report}\nThe failback replaces these disks with the failover site's point. If those writes matter, copy the disks aside first (cp --sparse=always); then fail back with --discard-source-changes, which discards every write made here after the failover point",
         config.name,
-        Size(total).approx()
     )
 }
 

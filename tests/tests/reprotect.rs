@@ -373,3 +373,94 @@ fn an_initial_sync_cut_off_mid_way_resumes_without_sending_anything_twice() {
     );
     vm.assert_cache_reproduces_source();
 }
+
+/// Protects the failed-over VM back from a second site (its state in
+/// `<root>/state-b`, towards `<root>/cache2` and `<root>/target2`), ships
+/// the comparison and everything else with the applier answering, and
+/// leaves it stopped there with the clean stop recorded. Returns the
+/// reverse direction's state, cache and target.
+fn reprotect_from_b(vm: &TestVm) -> (PathBuf, PathBuf, PathBuf) {
+    let root = vm.dir.path();
+    let (state_b, cache2, target2) = (root.join("state-b"), root.join("cache2"), root.join("target2"));
+    for d in [&cache2, &target2] {
+        std::fs::create_dir(d).expect("site dir");
+    }
+    run(tern_at(&state_b)
+        .args(["reprotect", &vm.name, "--cache"])
+        .arg(&cache2)
+        .arg("--target")
+        .arg(&target2)
+        .arg("--from-target")
+        .arg(root.join("target"))
+        .arg("--from-cache")
+        .arg(root.join("cache")));
+    let applier = apply_daemon(&cache2, &target2, &root.join("apply2.log"));
+    let out = tern_at(&state_b).args(["ship", &vm.name, "--once", "--checksum-timeout", "10m"]).output().unwrap();
+    stop(applier);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run(tern_at(&state_b).args(["ship", &vm.name, "--once"]));
+    (state_b, cache2, target2)
+}
+
+/// `tern failback` at site A from the reverse direction, with `args`.
+fn failback(vm: &TestVm, cache2: &Path, target2: &Path, args: &[&str]) -> std::process::Output {
+    vm.tern()
+        .args(["failback", &vm.name, "--cache"])
+        .arg(cache2)
+        .arg("--target")
+        .arg(target2)
+        .args(args)
+        .output()
+        .expect("tern failback")
+}
+
+/// The bytes of `image` at `offset`.
+fn bytes_at(image: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(image).expect("image").read_exact_at(&mut buf, offset).expect("read image");
+    buf
+}
+
+#[test]
+fn failback_refuses_when_the_applier_pruned_source_writes_made_after_the_failover_point() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let root = vm.dir.path().to_owned();
+    let (cache, target) = (root.join("cache"), root.join("target"));
+    // Point 1 holds the write at 1 MiB.
+    let served = vm.serve(&[]);
+    qemu_io(&vm.uri("disk0"), &["write -P 0x11 1M 64k".into()]);
+    vm.ship_once();
+    assert!(vm.apply_with(&cache, &target, &[], &[]).status.success());
+    let first = vm.points(&target)[0]["id"].as_str().expect("point id").to_owned();
+    // A write at 2 MiB after it, then a tag (no disk change): applied at
+    // the target, which prunes the write's segment and keeps the newest,
+    // the tag's.
+    qemu_io(&vm.uri("disk0"), &["write -P 0x22 2M 64k".into()]);
+    vm.ship_once();
+    run(vm.tern().args(["tag", &vm.name, "after-the-write"]));
+    vm.ship_once();
+    assert!(vm.apply_with(&cache, &target, &[], &[]).status.success());
+    let segments = std::fs::read_dir(vm.cache_dir().join("segments")).unwrap().count();
+    assert_eq!(segments, 1, "the applier pruned all but the newest segment");
+    // The failover goes to point 1, before the write; committed, and
+    // protected back from B.
+    run(vm.tern().args(["failover", &vm.name, "--point", &first]));
+    served.stop();
+    run(vm.tern().args(["commit", &vm.name]));
+    let (_, cache2, target2) = reprotect_from_b(&vm);
+
+    // The write at 2 MiB is A's, after the failover point: the failback
+    // would discard it, and says so even though its record left the cache.
+    let out = failback(&vm, &cache2, &target2, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "failback discarded a write made after the failover point:\n{err}");
+    assert!(
+        err.contains("split brain")
+            && err.contains("record seq 2: shipped after the failover point, applied at the failover site")
+            && err.contains("--discard-source-changes"),
+        "the report names the records whose extent is unknown:\n{err}"
+    );
+    assert!(!cache2.join("vm1/fence.toml").exists(), "a refused failback fences nothing");
+    assert_eq!(bytes_at(&vm.image, 2 << 20, 65536), vec![0x22; 65536], "A's write at 2 MiB is intact");
+}
