@@ -229,7 +229,7 @@ pub fn real_failover(
     // holds no lock of ours.
     let previous = cache.read_fence()?;
     refuse_if_committed(vm, previous.as_ref())?;
-    write_fence(&cache, &manifest, previous.as_ref(), &point, false)?;
+    write_fence(&cache, &manifest, previous.as_ref(), &point, Fencer::Failover)?;
     if planned.is_some() {
         // The fence stops the source for good now.
         let _ = cache.remove(PLANNED_FAILOVER);
@@ -454,6 +454,16 @@ fn refuse_if_in_use(vm: &str, active: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Who fences a stream, which says how the fence starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fencer {
+    /// `tern failover`: uncommitted until `tern commit`.
+    Failover,
+    /// `tern failback`, of the re-protected direction: committed at once,
+    /// and marked as a failback's, the only fence a failback resumes from.
+    Failback,
+}
+
 /// Fences the VM's stream at `point`: the source ships nothing more (it
 /// sees the fence) and no applier applies anything more for it.
 pub fn write_fence(
@@ -461,7 +471,7 @@ pub fn write_fence(
     manifest: &tern_store::cache::Manifest,
     previous: Option<&Fence>,
     point: &Point,
-    committed: bool,
+    by: Fencer,
 ) -> Result<Fence> {
     let fence = Fence {
         version: 1,
@@ -469,7 +479,8 @@ pub fn write_fence(
         point: point.id.clone(),
         seq: point.seq,
         failed_over_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-        committed,
+        committed: by == Fencer::Failback,
+        by_failback: by == Fencer::Failback,
     };
     fail::hit(Failpoint::FailoverFenceWrite)?;
     cache.write_toml(FENCE, &fence, "the VM failed over at the target site: the source ships nothing more")?;

@@ -27,7 +27,7 @@ use tern_store::file::FileError;
 use tern_store::object::Store;
 use tern_store::target::{Point, TargetDir};
 
-use crate::failover::{choose_point, write_fence, Choice};
+use crate::failover::{choose_point, write_fence, Choice, Fencer};
 
 /// A re-protect: the failed-over VM (its disks in
 /// `<from_target>/<vm>/failover/active/`, its fence and manifest in
@@ -193,7 +193,22 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
     }
     // The point: a failback that stopped half-way uses the point it fenced.
     let previous = reverse.read_fence()?;
-    if let Some(f) = previous.as_ref().filter(|f| f.committed) {
+    if let Some(f) = previous.as_ref().filter(|f| !f.by_failback) {
+        // `tern failover` of the re-protected direction: the VM runs from
+        // that failover's disks. Resuming from its fence would skip the
+        // checks below and replace this site's disks with a point of that
+        // direction, losing both the failover's writes and this site's.
+        bail!(
+            "VM '{}' failed over in the re-protected direction: `tern failover` fenced {} at point {} ({}), and its disks are in {}; a failback does not undo a failover. Carry on from that failover instead: {}",
+            a.vm,
+            reverse.location(FENCE),
+            f.point,
+            if f.committed { "committed" } else { "not committed" },
+            TargetDir::new(a.target, a.vm).root().join("failover").join("active").display(),
+            if f.committed { "`tern reprotect` replicates it back" } else { "`tern commit`, then `tern reprotect` to replicate it back" }
+        );
+    }
+    if let Some(f) = &previous {
         // A finished failback enabled the VM afresh after fencing: running
         // it again would overwrite the disks, and every write since, with
         // the old point.
@@ -216,6 +231,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
         }
     }
     if previous.is_none() {
+        // A failback's own fence means an earlier run made these checks.
         // The fence drops whatever the failover site ships after it.
         check_source_stopped(&reverse, &manifest, a.vm, a.force)?;
         // And the disks here are replaced: what this site wrote after it
@@ -224,12 +240,12 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
     }
     let target = TargetDir::new(a.target, a.vm);
     let choice = match (&previous, a.point) {
-        (Some(f), None) if f.committed => Choice::Point(f.point.clone()),
+        (Some(f), None) => Choice::Point(f.point.clone()),
         (_, Some(id)) => Choice::Point(id.to_owned()),
         (_, None) => Choice::Latest,
     };
     let point = choose_point(&target, &reverse_store, a.target, a.vm, &choice)?;
-    write_fence(&reverse, &manifest, previous.as_ref(), &point, true)?;
+    write_fence(&reverse, &manifest, previous.as_ref(), &point, Fencer::Failback)?;
     log::info!("VM '{}': the failover site is fenced at point {} (seq {})", a.vm, point.id, point.seq);
     restore_disks(&config, &target, &point)?;
     fail::hit(Failpoint::FailbackDisksRestored)?;

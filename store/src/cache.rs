@@ -238,6 +238,14 @@ pub struct Fence {
     pub failed_over_unix_ms: u64,
     /// `tern commit` was run: no other point may be chosen any more.
     pub committed: bool,
+    /// Written by `tern failback` (which fences the re-protected direction
+    /// and commits at once); false (absent): by `tern failover`, as every
+    /// fence before this field. A failback resumes only from its own fence:
+    /// another is a failover of that direction, whose disks it must not
+    /// replace. Absent when false, so a fence of `tern failover` stays
+    /// readable by releases before it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_failback: bool,
 }
 
 /// `<cache>/<vm>/source-stopped.toml`: the source's front-end stopped

@@ -464,3 +464,42 @@ fn failback_refuses_when_the_applier_pruned_source_writes_made_after_the_failove
     assert!(!cache2.join("vm1/fence.toml").exists(), "a refused failback fences nothing");
     assert_eq!(bytes_at(&vm.image, 2 << 20, 65536), vec![0x22; 65536], "A's write at 2 MiB is intact");
 }
+
+#[test]
+fn failback_refuses_after_a_failover_of_the_reprotected_direction() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let root = vm.dir.path().to_owned();
+    let (cache, target) = (root.join("cache"), root.join("target"));
+    let served = vm.serve(&[]);
+    qemu_io(&vm.uri("disk0"), &["write -P 0x11 1M 64k".into()]);
+    vm.ship_once();
+    assert!(vm.apply_with(&cache, &target, &[], &[]).status.success());
+    // A writes at 2 MiB after the last ship (a split brain), then fails
+    // over to B, which protects the VM back.
+    qemu_io(&vm.uri("disk0"), &["write -P 0x22 2M 64k".into()]);
+    run(vm.tern().args(["failover", &vm.name]));
+    served.stop();
+    run(vm.tern().args(["commit", &vm.name]));
+    let (_, cache2, target2) = reprotect_from_b(&vm);
+
+    // Site B is lost: at A, a real failover of the reverse direction, and
+    // the VM runs from its disks there and writes at 7 MiB.
+    run(Command::new(tern_bin()).args(["failover", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2));
+    let active = target2.join("vm1/failover/active/disk0.img");
+    qemu_io(active.to_str().unwrap(), &["write -P 0x77 7M 64k".into()]);
+
+    // That fence is no failback's: a failback neither resumes from it nor
+    // skips its checks; it refuses, and replaces no disk.
+    let out = failback(&vm, &cache2, &target2, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "failback over a failover of the reverse direction:\n{err}");
+    assert!(err.contains("failed over") && err.contains("tern failover"), "{err}");
+    assert_eq!(bytes_at(&vm.image, 2 << 20, 65536), vec![0x22; 65536], "A's own write at 2 MiB is intact");
+    assert_eq!(bytes_at(&active, 7 << 20, 65536), vec![0x77; 65536], "the failover's write at 7 MiB is intact");
+    // Committed, it is refused the same way (not taken for a finished one).
+    run(Command::new(tern_bin()).args(["commit", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2));
+    let out = failback(&vm, &cache2, &target2, &["--discard-source-changes"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("tern failover"), "{err}");
+    assert_eq!(bytes_at(&vm.image, 2 << 20, 65536), vec![0x22; 65536], "A's own write at 2 MiB is intact");
+}

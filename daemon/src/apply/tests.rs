@@ -137,6 +137,7 @@ fn fence_at_seq_1(cache: &CacheDir) {
         seq: 1,
         failed_over_unix_ms: 1,
         committed: false,
+        by_failback: false,
     };
     cache.write_toml(tern_store::cache::FENCE, &fence, "test").unwrap();
 }
