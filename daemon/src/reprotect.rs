@@ -247,6 +247,18 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
     let point = choose_point(&target, &reverse_store, a.target, a.vm, &choice)?;
     write_fence(&reverse, &manifest, previous.as_ref(), &point, Fencer::Failback)?;
     log::info!("VM '{}': the failover site is fenced at point {} (seq {})", a.vm, point.id, point.seq);
+    // Until the old direction's stream is retired below, its fence keeps
+    // `tern serve` from this state; after, this marker does. A rerun skips
+    // the split-brain check because of the fence above: nothing may write
+    // these disks between the two runs.
+    let marker = format!(
+        "`tern failback {} --cache {} --target {}` puts point {} on the disks of this state and retires it\n",
+        a.vm,
+        a.cache.display(),
+        a.target.display(),
+        point.id
+    );
+    tern_driver::fs::write_durably(&paths.failing_back(), marker.as_bytes())?;
     restore_disks(&config, &target, &point)?;
     fail::hit(Failpoint::FailbackDisksRestored)?;
     // A new stream in the original direction. Its replica there starts as
@@ -273,8 +285,10 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
     // before the new direction exists.
     fail::hit(Failpoint::FailbackCacheRetire)?;
     retire_cache_dir(&crate::cache::open_store(&config.cache)?, a.vm, &config.id)?;
+    fail::hit(Failpoint::FailbackCacheRetired)?;
     let retired = state.join(format!(".{}.failed-back-{}", a.vm, config.id));
     std::fs::rename(paths.dir(), &retired).with_context(|| format!("cannot move {} aside", paths.dir().display()))?;
+    tern_driver::fs::sync_dir(state)?;
     fail::hit(Failpoint::FailbackStateMoved)?;
     let enabled = match vm::enable(state, &spec) {
         Ok(e) => e,

@@ -96,6 +96,9 @@ pub enum Failpoint {
     /// failback: before the old direction's cache directory (with its
     /// fence) is retired.
     FailbackCacheRetire,
+    /// failback: the old direction's cache directory is retired (its
+    /// fence gone), the new direction not yet enabled.
+    FailbackCacheRetired,
     /// failback: the new direction is enabled, the old state and ring not
     /// yet removed.
     FailbackEnabled,
@@ -132,6 +135,7 @@ impl Failpoint {
         Failpoint::FailbackDisksRestored,
         Failpoint::FailbackStateMoved,
         Failpoint::FailbackCacheRetire,
+        Failpoint::FailbackCacheRetired,
         Failpoint::FailbackEnabled,
     ];
 
@@ -166,6 +170,7 @@ impl Failpoint {
             Failpoint::FailbackDisksRestored => "failback:disks-restored",
             Failpoint::FailbackStateMoved => "failback:state-moved",
             Failpoint::FailbackCacheRetire => "failback:cache-retire",
+            Failpoint::FailbackCacheRetired => "failback:cache-retired",
             Failpoint::FailbackEnabled => "failback:enabled",
         }
     }

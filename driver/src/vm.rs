@@ -419,6 +419,12 @@ impl VmPaths {
     pub fn dirty(&self, disk: &str) -> PathBuf {
         self.dir.join(format!("dirty.{disk}"))
     }
+    /// Written by `tern failback` before it retires this direction's stream
+    /// in the cache (and with it the fence): `tern serve` refuses the VM
+    /// while it is there.
+    pub fn failing_back(&self) -> PathBuf {
+        self.dir.join("failing-back")
+    }
     pub fn nbd_socket(&self) -> PathBuf {
         self.dir.join("nbd.sock")
     }

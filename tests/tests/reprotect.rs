@@ -193,7 +193,13 @@ fn reprotect_sends_only_what_differs_and_failback_restores_the_original_directio
     );
     assert!(!cache2.join("vm1/fence.toml").exists(), "a refused failback fences nothing");
     // A failback killed half-way is finished by running it again.
-    for failpoint in ["failback:disks-restored", "failback:cache-retire", "failback:state-moved", "failback:enabled"] {
+    for failpoint in [
+        "failback:disks-restored",
+        "failback:cache-retire",
+        "failback:cache-retired",
+        "failback:state-moved",
+        "failback:enabled",
+    ] {
         let armed = format!("{failpoint}=kill");
         let out = vm
             .tern_env(&[("TERN_FAILPOINTS", &armed)])
@@ -502,4 +508,78 @@ fn failback_refuses_after_a_failover_of_the_reprotected_direction() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("tern failover"), "{err}");
     assert_eq!(bytes_at(&vm.image, 2 << 20, 65536), vec![0x22; 65536], "A's own write at 2 MiB is intact");
+}
+
+#[test]
+fn a_failback_killed_after_retiring_the_old_stream_leaves_nothing_to_serve_the_old_direction() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let root = vm.dir.path().to_owned();
+    let (cache, target) = (root.join("cache"), root.join("target"));
+    let served = vm.serve(&[]);
+    qemu_io(&vm.uri("disk0"), &["write -P 0x11 1M 64k".into()]);
+    vm.ship_once();
+    assert!(vm.apply_with(&cache, &target, &[], &[]).status.success());
+    run(vm.tern().args(["failover", &vm.name]));
+    served.stop();
+    run(vm.tern().args(["commit", &vm.name]));
+    let (_, cache2, target2) = reprotect_from_b(&vm);
+
+    // The failback dies once the old direction's stream (and with it the
+    // fence that kept `tern serve` away here) is retired.
+    let out = vm
+        .tern_env(&[("TERN_FAILPOINTS", "failback:cache-retired=kill")])
+        .args(["failback", &vm.name, "--cache"])
+        .arg(&cache2)
+        .arg("--target")
+        .arg(&target2)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "failback:cache-retired did not stop the failback");
+    assert!(!cache.join("vm1/fence.toml").exists(), "killed after the old stream was retired");
+    let restored = std::fs::read(&vm.image).expect("image");
+
+    // The old direction must not serve now: the rerun skips the split-brain
+    // check (its fence says an earlier run made it) and would restore the
+    // point over whatever it was written meanwhile.
+    let log = root.join("serve-after-kill.log");
+    let mut serve = vm
+        .tern()
+        .args(["serve", &vm.name, "--listen"])
+        .arg(format!("unix:{}", vm.socket.display()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("tern serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = serve.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if vm.socket.exists() || std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let served_log = std::fs::read_to_string(&log).unwrap_or_default();
+    if status.is_none() {
+        // It serves: the VM's write goes in, and the rerun discards it.
+        qemu_io(&vm.uri("disk0"), &["write -P 0x55 5M 64k".into()]);
+        stop(serve);
+        let rerun = failback(&vm, &cache2, &target2, &[]);
+        panic!(
+            "tern serve served the old direction of a half-done failback; the rerun ({}) left 5 MiB as {:x?}:\n{served_log}",
+            rerun.status,
+            &bytes_at(&vm.image, 5 << 20, 4)
+        );
+    }
+    assert!(
+        !status.unwrap().success() && served_log.contains("tern failback") && served_log.contains("interrupted"),
+        "{served_log}"
+    );
+    assert_eq!(std::fs::read(&vm.image).expect("image"), restored, "nothing wrote the disk");
+
+    // The rerun finishes the failback; the new direction serves.
+    let back = run(vm.tern().args(["failback", &vm.name, "--cache"]).arg(&cache2).arg("--target").arg(&target2));
+    assert!(back.contains("failed back"), "{back}");
+    vm.serve(&[]).stop();
 }

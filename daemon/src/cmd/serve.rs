@@ -99,6 +99,17 @@ pub fn run(cli: &Cli, a: &Args) -> Result<()> {
             a.vm
         );
     }
+    // After the fence: a failback writes this marker before it retires
+    // the fence with the old stream, so a serve that found no fence finds
+    // the marker of a failback under way or interrupted.
+    if let Ok(marker) = std::fs::read_to_string(paths.failing_back()) {
+        anyhow::bail!(
+            "VM '{}' is failing back, and that was interrupted or is under way ({}: {}): its disks hold (or are getting) the failover site's point and this direction is retired; run that `tern failback` again to finish, then serve the VM",
+            a.vm,
+            paths.failing_back().display(),
+            marker.trim()
+        );
+    }
     let mirror = Arc::new(
         open_waiting(
             &paths,
