@@ -70,6 +70,9 @@ pub enum Failpoint {
     ShipSegmentRenamed,
     /// ship: before the manifest is written.
     ShipManifestWrite,
+    /// ship: the clean-stop marker is written to the cache, its write not
+    /// yet counted done (an object store's answer lost after the PUT).
+    ShipStopMarkerWritten,
     /// apply: a batch is written to the replicas, not yet fsynced.
     ApplyBatchWritten,
     /// apply: before the replicas' fdatasync.
@@ -123,6 +126,7 @@ impl Failpoint {
         Failpoint::ShipSegmentLinked,
         Failpoint::ShipSegmentRenamed,
         Failpoint::ShipManifestWrite,
+        Failpoint::ShipStopMarkerWritten,
         Failpoint::ApplyBatchWritten,
         Failpoint::ApplyReplicaSync,
         Failpoint::ApplyBatchApplied,
@@ -158,6 +162,7 @@ impl Failpoint {
             Failpoint::ShipSegmentLinked => "ship:segment-linked",
             Failpoint::ShipSegmentRenamed => "ship:segment-renamed",
             Failpoint::ShipManifestWrite => "ship:manifest-write",
+            Failpoint::ShipStopMarkerWritten => "ship:stop-marker-written",
             Failpoint::ApplyBatchWritten => "apply:batch-written",
             Failpoint::ApplyReplicaSync => "apply:replica-sync",
             Failpoint::ApplyBatchApplied => "apply:batch-applied",

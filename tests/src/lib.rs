@@ -300,10 +300,16 @@ impl TestVm {
 
     /// Starts `tern ship` (running until stopped) beside the server.
     pub fn ship(&self, args: &[&str]) -> Served {
+        self.ship_with_env(args, &[])
+    }
+
+    /// [`TestVm::ship`] with extra environment (`TERN_FAILPOINTS` runs the
+    /// failpoint build).
+    pub fn ship_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Served {
         let log = self.dir.path().join("ship.log");
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = self
-            .tern()
+            .tern_env(env)
             .args(["ship", &self.name])
             .args(args)
             .stdout(Stdio::null())

@@ -925,3 +925,31 @@ fn make_random_image(path: &std::path::Path, size: usize) {
     rand::Rng::fill(&mut rand::thread_rng(), &mut bytes[..]);
     std::fs::write(path, bytes).expect("image");
 }
+
+/// A clean-stop marker whose write reported failure may be in the cache
+/// all the same (an object store's answer lost after the PUT landed). The
+/// shipper took it for absent, so when the source ran again it did not
+/// remove it; a failback would then take the source for stopped and
+/// discard what it wrote since. (Every marker write "fails" here, so no
+/// retry succeeds in between.)
+#[test]
+fn a_stop_marker_whose_write_seemed_to_fail_goes_when_the_source_runs_again() {
+    let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
+    let served = vm.serve(&[]);
+    vm.ship_once();
+    served.stop();
+    let marker = vm.cache_dir().join("source-stopped.toml");
+    let ship = vm.ship_with_env(&[], &[("TERN_FAILPOINTS", "ship:stop-marker-written=eio@1..")]);
+    wait_for("the marker's write to land and be reported failed", Duration::from_secs(30), || {
+        marker.exists() && ship.log().contains("source-stopped.toml")
+    });
+    let shipped = vm.ship_report()["last_shipped_seq"].as_u64().expect("last shipped");
+    let served = vm.serve(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", &vm.uri("disk0"), "-c", "write -P 7 1M 64k"]));
+    wait_for("the write to be shipped", Duration::from_secs(30), || {
+        vm.ship_report()["last_shipped_seq"].as_u64().is_some_and(|s| s > shipped)
+    });
+    wait_for("the marker to go", Duration::from_secs(10), || !marker.exists());
+    served.stop();
+    drop(ship); // its last word fails too (every marker write does)
+}

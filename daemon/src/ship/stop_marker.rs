@@ -66,7 +66,23 @@ impl SourceStopMarker {
                 as u64,
             planned_request: planned,
         };
-        self.cache.write_toml(SOURCE_STOPPED, &marker, "tern ship: the source stopped cleanly, everything shipped")?;
+        let written = (|| -> Result<()> {
+            self.cache.write_toml(
+                SOURCE_STOPPED,
+                &marker,
+                "tern ship: the source stopped cleanly, everything shipped",
+            )?;
+            tern_driver::fail::hit(tern_driver::fail::Failpoint::ShipStopMarkerWritten)
+                .with_context(|| format!("writing {}", self.cache.location(SOURCE_STOPPED)))
+        })();
+        if let Err(e) = written {
+            // A write that failed may have landed all the same (an object
+            // store's answer lost after the PUT): noted as present, so the
+            // source running again removes it. Left there, a failback would
+            // take the source for stopped and discard what it writes.
+            self.noted.set(Some((0, None)));
+            return Err(e);
+        }
         log::info!("VM '{}': the source stopped cleanly and everything up to seq {seq} is shipped", self.name());
         self.noted.set(Some((seq, planned)));
         Ok(())
