@@ -56,7 +56,7 @@ CMDLINE=$(knob_command scripts/bench-nbd.sh SYSTEMS WORKLOADS RUNTIME RAMP ROUND
 cd "$BENCH_ROOT"
 
 SYSTEMS="${SYSTEMS:-tern tern-nojournal qemu-nbd nbdkit}"
-ALL_WORKLOADS="seq-write randwrite-qd1 randwrite-qd32 randread-qd32 randrw-70-30 4conn-qd8"
+ALL_WORKLOADS="seq-write randwrite-qd1 randwrite-qd32 randread-qd32 randrw-70-30 4conn-qd8 4conn-flush"
 WORKLOADS="${WORKLOADS:-$ALL_WORKLOADS}"
 RUNTIME="${RUNTIME:-10}"
 RAMP="${RAMP:-2}"
@@ -95,6 +95,9 @@ declare -A WL_OPTS=(
     [randrw-70-30]="--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 --numjobs=1"
     # numjobs=4: the nbd engine opens one NBD connection per job.
     [4conn-qd8]="--rw=randwrite --bs=4k --iodepth=8 --numjobs=4"
+    # A FLUSH after every 8 writes on each of 4 connections: FLUSHes in
+    # flight together, the group commit's case.
+    [4conn-flush]="--rw=randwrite --bs=4k --iodepth=8 --numjobs=4 --fsync=8"
 )
 for w in $WORKLOADS; do
     [[ -n "${WL_OPTS[$w]+x}" ]] || die "unknown workload '$w' (known: $ALL_WORKLOADS)"
@@ -489,6 +492,7 @@ DESC = {
     "randread-qd32": "4 KiB rand read, QD32",
     "randrw-70-30": "4 KiB 70/30 rand read/write, QD32",
     "4conn-qd8": "4 KiB rand write, 4 conns × QD8",
+    "4conn-flush": "4 KiB rand write, 4 conns × QD8, FLUSH every 8 writes",
 }
 
 def pct(side, p):
