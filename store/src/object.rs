@@ -24,8 +24,13 @@
 //! failures (5xx, throttling, dropped connections) are retried by the
 //! client with backoff for at most [`RETRY_TIMEOUT`], then returned to
 //! the caller, which keeps its own retry loop and logs what to check.
-//! Credentials come from the environment (`AWS_*`, `AZURE_STORAGE_*`) and
-//! are never logged.
+//! How long a remote request may take depends on what it carries
+//! ([`deadline`]): a transfer is given time for its size at the slowest
+//! link waited for, a request without a body a short limit. Credentials
+//! come from the environment (`AWS_*`, `AZURE_STORAGE_*`) and are never
+//! logged.
+
+mod deadline;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -37,13 +42,14 @@ use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
+pub use deadline::{set_timeouts, Timeouts};
+use deadline::{Failure, CONNECT_TIMEOUT};
+
 /// How long the store's client retries a transient failure before the
 /// call fails (the caller then backs off, logs what to check and retries
 /// the whole step): short, so that an outage shows in the log and in
 /// `tern status` within seconds rather than hiding in the client.
 pub const RETRY_TIMEOUT: Duration = Duration::from_secs(10);
-/// One request's limit, connection included.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How to write an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +106,10 @@ pub enum StoreError {
     /// gist is in the message, the error kept for callers that match it.)
     #[error("cannot {what} {location}: {}", remote_reason(error))]
     Remote { what: &'static str, location: String, error: object_store::Error },
+    /// A request ran out of the time it is given ([`Timeouts`]); `reason`
+    /// says how long that was and what to set if the link is that slow.
+    #[error("cannot {what} {location}{}: {reason}", size.map(|s| format!(" ({})", tern_driver::units::Size(s).approx())).unwrap_or_default())]
+    TimedOut { what: &'static str, location: String, size: Option<u64>, reason: String },
 }
 
 impl StoreError {
@@ -137,6 +147,7 @@ impl StoreError {
     pub fn into_cause(self) -> io::Error {
         match self {
             StoreError::Remote { error, .. } => io::Error::other(remote_reason(&error)),
+            StoreError::TimedOut { reason, .. } => io::Error::new(io::ErrorKind::TimedOut, reason),
             e => e.into_io_error(),
         }
     }
@@ -203,8 +214,14 @@ enum Inner {
 struct Remote {
     /// `s3://bucket/prefix` as the operator wrote it (no credentials).
     url: String,
-    store: Arc<dyn ObjectStore>,
+    /// For requests without a body (HEAD, LIST, DELETE): its client
+    /// gives each HTTP request [`Timeouts::request`].
+    meta: Arc<dyn ObjectStore>,
+    /// For GET and PUT: its client has no limit of its own; each
+    /// transfer has the one [`deadline`] gives its size.
+    bulk: Arc<dyn ObjectStore>,
     prefix: String,
+    timeouts: Timeouts,
 }
 
 impl std::fmt::Debug for Store {
@@ -223,16 +240,18 @@ impl Store {
     /// `az://container[/prefix]`, or else a directory path. Nothing is
     /// contacted yet ([`Store::check`] does).
     pub fn open(location: &Path) -> Result<Store, StoreError> {
-        Store::open_inner(location, None)
+        Store::open_with(location, None, deadline::timeouts())
     }
 
     /// [`Store::open`] with the endpoint given here rather than by
     /// `AWS_ENDPOINT_URL` (a tool talking to two stores at once).
     pub fn open_with_endpoint(location: &Path, endpoint: &str) -> Result<Store, StoreError> {
-        Store::open_inner(location, Some(endpoint))
+        Store::open_with(location, Some(endpoint), deadline::timeouts())
     }
 
-    fn open_inner(location: &Path, endpoint: Option<&str>) -> Result<Store, StoreError> {
+    /// [`Store::open`] with an endpoint (else `AWS_ENDPOINT_URL`'s) and
+    /// limits (else those [`set_timeouts`] set) of its own.
+    pub fn open_with(location: &Path, endpoint: Option<&str>, timeouts: Timeouts) -> Result<Store, StoreError> {
         let text = location.to_string_lossy();
         let Some((scheme, rest)) = text.split_once("://") else { return Ok(Store::dir(location)) };
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -244,6 +263,7 @@ impl Store {
         // Plain HTTP only where the environment allows it, as the stores'
         // own tools do (a local SeaweedFS, the Azure emulator).
         let allow_http = |var: &str| std::env::var(var).is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        timeouts.check().map_err(|e| bad(&e))?;
         let client = client_options().map_err(|e| bad(&e))?.with_allow_http(
             allow_http("AWS_ALLOW_HTTP") || allow_http("AZURE_ALLOW_HTTP") || allow_http("AZURE_STORAGE_USE_EMULATOR"),
         );
@@ -256,30 +276,34 @@ impl Store {
                 base: 2.0,
             },
         };
-        let store: Arc<dyn ObjectStore> = match scheme {
-            "s3" => Arc::new(
-                endpoint
-                    .into_iter()
-                    .fold(object_store::aws::AmazonS3Builder::from_env(), |b, e| b.with_endpoint(e))
-                    .with_bucket_name(bucket)
-                    .with_client_options(client)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(|error| StoreError::Remote { what: "configure", location: text.to_string(), error })?,
-            ),
-            "az" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(bucket)
-                    .with_client_options(client)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(|error| StoreError::Remote { what: "configure", location: text.to_string(), error })?,
-            ),
-            _ => return Err(bad(&format!("unknown scheme '{scheme}://' (a directory path, s3:// or az://)"))),
+        let build = |client: object_store::ClientOptions| -> Result<Arc<dyn ObjectStore>, StoreError> {
+            let configure = |error| StoreError::Remote { what: "configure", location: text.to_string(), error };
+            Ok(match scheme {
+                "s3" => Arc::new(
+                    endpoint
+                        .into_iter()
+                        .fold(object_store::aws::AmazonS3Builder::from_env(), |b, e| b.with_endpoint(e))
+                        .with_bucket_name(bucket)
+                        .with_client_options(client)
+                        .with_retry(retry.clone())
+                        .build()
+                        .map_err(configure)?,
+                ),
+                "az" => Arc::new(
+                    object_store::azure::MicrosoftAzureBuilder::from_env()
+                        .with_container_name(bucket)
+                        .with_client_options(client)
+                        .with_retry(retry.clone())
+                        .build()
+                        .map_err(configure)?,
+                ),
+                _ => return Err(bad(&format!("unknown scheme '{scheme}://' (a directory path, s3:// or az://)"))),
+            })
         };
-        Ok(Store {
-            inner: Arc::new(Inner::Remote(Remote { url: text.trim_end_matches('/').to_string(), store, prefix })),
-        })
+        let meta = build(client.clone().with_timeout(timeouts.request))?;
+        let bulk = build(client.with_timeout_disabled())?;
+        let url = text.trim_end_matches('/').to_string();
+        Ok(Store { inner: Arc::new(Inner::Remote(Remote { url, meta, bulk, prefix, timeouts })) })
     }
 
     /// The store as the operator names it: a path or a URL.
@@ -318,11 +342,11 @@ impl Store {
             Inner::Remote(r) => {
                 let prefix = r.object_path("");
                 let result = runtime().block_on(async {
-                    let mut list = r.store.list(Some(&prefix));
+                    let mut list = r.meta.list(Some(&prefix));
                     list.try_next().await.map(|_| ())
                 });
                 result.map_err(|error| {
-                    let e = StoreError::Remote { what: "list", location: r.url.clone(), error };
+                    let e = r.error("list", r.url.clone(), Failure::Remote(error));
                     let text = e.to_string();
                     if text.contains("NoSuchBucket") || text.contains("ContainerNotFound") {
                         StoreError::Missing { store: r.url.clone(), hint: " (create the bucket or container first)" }
@@ -348,19 +372,10 @@ impl Store {
                     Err(source) => Err(self.io("read", key, source)),
                 }
             }
-            Inner::Remote(r) => {
-                let path = r.object_path(key);
-                let result = runtime().block_on(async {
-                    let got = r.store.get(&path).await?;
-                    let tag = got.meta.e_tag.clone().unwrap_or_default();
-                    Ok::<_, object_store::Error>((got.bytes().await?, tag))
-                });
-                match result {
-                    Ok((bytes, tag)) => Ok(Some(Object { bytes: bytes.to_vec(), version: Version(tag) })),
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(source) => Err(self.remote("read", key, source)),
-                }
-            }
+            Inner::Remote(r) => match runtime().block_on(deadline::get(&*r.bulk, &r.object_path(key), &r.timeouts)) {
+                Ok(got) => Ok(got.map(|(bytes, tag)| Object { bytes, version: Version(tag) })),
+                Err(failure) => Err(r.error("read", self.location(key), failure)),
+            },
         }
     }
 
@@ -389,16 +404,16 @@ impl Store {
                     Put::Replace(v) => PutMode::Update(UpdateVersion { e_tag: Some(v.0.clone()), version: None }),
                 });
                 let payload = PutPayload::from(bytes.to_vec());
-                match runtime().block_on(r.store.put_opts(&path, payload, opts)) {
+                match runtime().block_on(deadline::put(&*r.bulk, &path, payload, opts, &r.timeouts)) {
                     Ok(_) => {}
                     // Refused by its condition: perhaps our own earlier
                     // attempt, retried by the client after a lost answer.
-                    Err(
+                    Err(Failure::Remote(
                         object_store::Error::AlreadyExists { .. }
                         | object_store::Error::Precondition { .. }
                         | object_store::Error::NotFound { .. },
-                    ) if mode != Put::Overwrite => self.settle_refused(key, bytes, &mode)?,
-                    Err(source) => return Err(self.remote("write", key, source)),
+                    )) if mode != Put::Overwrite => self.settle_refused(key, bytes, &mode)?,
+                    Err(failure) => return Err(r.error("write", self.location(key), failure)),
                 }
                 stage(Stage::Published).map_err(|e| self.io("write", key, e))
             }
@@ -507,7 +522,7 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
                 Err(source) => Err(self.io("look up", key, source)),
             },
-            Inner::Remote(r) => match runtime().block_on(r.store.head(&r.object_path(key))) {
+            Inner::Remote(r) => match runtime().block_on(r.meta.head(&r.object_path(key))) {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
                 Err(source) => Err(self.remote("look up", key, source)),
@@ -524,7 +539,7 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
                 Err(source) => Err(self.io("look up", key, source)),
             },
-            Inner::Remote(r) => match runtime().block_on(r.store.head(&r.object_path(key))) {
+            Inner::Remote(r) => match runtime().block_on(r.meta.head(&r.object_path(key))) {
                 Ok(meta) => Ok(Some(meta.last_modified.timestamp_millis().max(0) as u64)),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(source) => Err(self.remote("look up", key, source)),
@@ -540,7 +555,7 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 Err(source) => Err(self.io("remove", key, source)),
             },
-            Inner::Remote(r) => match runtime().block_on(r.store.delete(&r.object_path(key))) {
+            Inner::Remote(r) => match runtime().block_on(r.meta.delete(&r.object_path(key))) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(source) => Err(self.remote("remove", key, source)),
             },
@@ -627,7 +642,7 @@ impl Store {
     /// "directories" (common prefixes), every page of them.
     fn list_below(&self, r: &Remote, prefix: &str) -> Result<object_store::ListResult, StoreError> {
         runtime()
-            .block_on(r.store.list_with_delimiter(Some(&r.object_path(prefix))))
+            .block_on(r.meta.list_with_delimiter(Some(&r.object_path(prefix))))
             .map_err(|source| self.remote("list", prefix, source))
     }
 
@@ -647,9 +662,9 @@ impl Store {
                 let path = r.object_path(prefix);
                 runtime()
                     .block_on(async {
-                        let all: Vec<_> = r.store.list(Some(&path)).try_collect().await?;
+                        let all: Vec<_> = r.meta.list(Some(&path)).try_collect().await?;
                         for m in &all {
-                            match r.store.delete(&m.location).await {
+                            match r.meta.delete(&m.location).await {
                                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                                 Err(e) => return Err(e),
                             }
@@ -666,7 +681,10 @@ impl Store {
     }
 
     fn remote(&self, what: &'static str, key: &str, error: object_store::Error) -> StoreError {
-        StoreError::Remote { what, location: self.location(key), error }
+        match &*self.inner {
+            Inner::Remote(r) => r.error(what, self.location(key), Failure::Remote(error)),
+            Inner::Dir(_) => StoreError::Remote { what, location: self.location(key), error },
+        }
     }
 }
 
@@ -683,6 +701,18 @@ pub enum Stage {
 }
 
 impl Remote {
+    /// The error of a failed request: the client's own, or a timeout that
+    /// says how long the request was given and what to set.
+    fn error(&self, what: &'static str, location: String, failure: Failure) -> StoreError {
+        match failure {
+            Failure::Remote(error) if deadline::is_timeout(&error) => {
+                StoreError::TimedOut { what, location, size: None, reason: deadline::no_answer(&self.timeouts) }
+            }
+            Failure::Remote(error) => StoreError::Remote { what, location, error },
+            Failure::TimedOut { size, reason } => StoreError::TimedOut { what, location, size, reason },
+        }
+    }
+
     fn object_path(&self, key: &str) -> ObjectPath {
         let key = key.trim_matches('/');
         match (self.prefix.is_empty(), key.is_empty()) {
@@ -732,9 +762,9 @@ fn count_files(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// What both clients of a bucket share (each sets its own request limit).
 fn client_options() -> Result<object_store::ClientOptions, String> {
-    let mut options =
-        object_store::ClientOptions::new().with_timeout(REQUEST_TIMEOUT).with_connect_timeout(Duration::from_secs(10));
+    let mut options = object_store::ClientOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
     if let Some(path) = EXTRA_CA.get() {
         let pem = fs::read(path).map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
         let certs = object_store::Certificate::from_pem_bundle(&pem)
@@ -817,11 +847,14 @@ mod tests {
     fn object_store_semantics_match_the_directory_store() {
         // The crate's in-memory store stands in for S3 here; the servers
         // are exercised end to end in tests/tests/object_store.rs.
+        let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
         let s = Store {
             inner: Arc::new(Inner::Remote(Remote {
                 url: "mem://t".into(),
-                store: Arc::new(object_store::memory::InMemory::new()),
+                meta: Arc::clone(&memory),
+                bulk: memory,
                 prefix: "p".into(),
+                timeouts: Timeouts::default(),
             })),
         };
         s.check().unwrap();

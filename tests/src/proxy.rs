@@ -1,13 +1,14 @@
 //! A TCP proxy the tests put between tern and an object store, to do to
 //! the link what a WAN and a busy store do: cut it (every connection
-//! dropped, new ones refused) and answer requests with `503 SlowDown`, as
-//! S3 does when it throttles. Plain threads, one pair per connection.
+//! dropped, new ones refused), slow it to a rate, stall it (connections
+//! stay open and nothing moves), and answer requests with `503 SlowDown`,
+//! as S3 does when it throttles. Plain threads, one pair per connection.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the proxy does to the link now.
 #[derive(Default)]
@@ -25,8 +26,41 @@ struct Faults {
     lose_put_answers: AtomicU32,
     /// Answers lost so far.
     lost: AtomicU32,
+    /// Bytes per second each direction of the link carries, all
+    /// connections together (0: as fast as loopback).
+    rate: AtomicU64,
+    /// When each direction's link is next free: a chunk waits its turn,
+    /// then takes its size at `rate`.
+    up_free: Mutex<Option<Instant>>,
+    down_free: Mutex<Option<Instant>>,
+    /// Nothing is forwarded (connections stay open, as across a link
+    /// that went dark or a store that stopped reading).
+    stalled: AtomicBool,
     /// Live connections, to drop at a cut.
     open: Mutex<Vec<TcpStream>>,
+}
+
+impl Faults {
+    /// Waits while the link is stalled, then for `n` bytes' turn on the
+    /// link in one direction.
+    fn pass(&self, n: usize, free: &Mutex<Option<Instant>>) {
+        while self.stalled.load(Ordering::Acquire) && !self.cut.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let rate = self.rate.load(Ordering::Acquire);
+        if rate == 0 {
+            return;
+        }
+        let done = {
+            let mut free = free.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let start = free.filter(|t| *t > now).unwrap_or(now);
+            let done = start + Duration::from_secs_f64(n as f64 / rate as f64);
+            *free = Some(done);
+            done
+        };
+        std::thread::sleep(done.saturating_duration_since(Instant::now()));
+    }
 }
 
 pub struct FaultProxy {
@@ -88,6 +122,18 @@ impl FaultProxy {
     pub fn lost(&self) -> u32 {
         self.faults.lost.load(Ordering::Acquire)
     }
+
+    /// Carries at most `bytes_per_second` each way, all connections
+    /// together (0: no limit), as a slow link does.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.faults.rate.store(bytes_per_second, Ordering::Release);
+    }
+
+    /// Stops forwarding anything (`true`), connections left open, or
+    /// forwards again.
+    pub fn stall(&self, stalled: bool) {
+        self.faults.stalled.store(stalled, Ordering::Release);
+    }
 }
 
 fn serve(client: TcpStream, upstream: std::net::SocketAddr, f: &Arc<Faults>) {
@@ -118,6 +164,7 @@ fn serve(client: TcpStream, upstream: std::net::SocketAddr, f: &Arc<Faults>) {
         // split it anywhere.
         let mut seen: Vec<u8> = b"\r\n".to_vec();
         pump(client, server, |chunk| {
+            f_up.pass(chunk.len(), &f_up.up_free);
             if f_up.cut.load(Ordering::Acquire) {
                 return false;
             }
@@ -134,7 +181,8 @@ fn serve(client: TcpStream, upstream: std::net::SocketAddr, f: &Arc<Faults>) {
             true
         })
     });
-    pump(s2, c2, |_| {
+    pump(s2, c2, |chunk| {
+        f.pass(chunk.len(), &f.down_free);
         if f.cut.load(Ordering::Acquire) {
             return false;
         }
@@ -150,7 +198,8 @@ fn serve(client: TcpStream, upstream: std::net::SocketAddr, f: &Arc<Faults>) {
 /// Copies `from` to `to` while `pass` lets each chunk through; closes
 /// both when it does not.
 fn pump(mut from: TcpStream, mut to: TcpStream, mut pass: impl FnMut(&[u8]) -> bool) {
-    let mut buf = [0u8; 64 * 1024];
+    // Small chunks, so that a throttled link moves evenly.
+    let mut buf = [0u8; 16 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,

@@ -187,3 +187,8 @@ pub fn weed_shell(commands: &str) -> String {
 pub fn open_at(endpoint: &str, location: &str) -> Store {
     Store::open_with_endpoint(Path::new(location), endpoint).expect("open the store")
 }
+
+/// [`open_at`] with these timeouts rather than the defaults.
+pub fn open_at_with(endpoint: &str, location: &str, timeouts: tern_store::object::Timeouts) -> Store {
+    Store::open_with(Path::new(location), Some(endpoint), timeouts).expect("open the store")
+}

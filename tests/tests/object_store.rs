@@ -431,3 +431,109 @@ fn a_bucket_over_its_quota_is_absorbed_like_a_full_disk() {
     assert_files_equal(&vm.image, &replica(&target));
     stores::weed_shell(&format!("s3.bucket.delete -name {bucket}"));
 }
+
+/// A link slower than a segment over the request timeout: the segment
+/// ships and applies all the same, since a transfer is given the time
+/// its size takes at the slowest rate tern waits for
+/// (`TERN_STORE_MIN_RATE`), not the request timeout (`TERN_STORE_TIMEOUT`,
+/// short here as it is for requests without a body).
+#[test]
+fn a_segment_that_needs_longer_than_the_request_timeout_ships_through_a_slow_link() {
+    require_stores();
+    let proxy = FaultProxy::start("127.0.0.1:8333".parse().unwrap());
+    // 1 MiB/s each way, against a 2 s request timeout: anything over 2 MiB
+    // takes longer than that.
+    proxy.throttle(MIB);
+    let timeout = 2;
+    let cache = stores::s3("tern-test");
+    let env = vec![
+        ("AWS_ENDPOINT_URL".to_string(), proxy.endpoint()),
+        ("TERN_STORE_TIMEOUT".to_string(), format!("{timeout}s")),
+        ("TERN_STORE_MIN_RATE".to_string(), "256KiB/s".to_string()),
+    ];
+    // Random data does not compress: the initial sync is one segment of
+    // about the disk's size.
+    let vm = TestVm::new(VmSpec {
+        disk_size: 6 * MIB,
+        random_content: true,
+        cache: Some(cache.clone()),
+        env,
+        ..Default::default()
+    });
+    let started = Instant::now();
+    let ship = vm.ship(&["--once"]);
+    let status = ship.exited();
+    let log = std::fs::read_to_string(vm.dir.path().join("ship.log")).unwrap_or_default();
+    assert!(status.success(), "tern ship --once through the slow link: {status}\n{log}");
+    assert!(!log.contains("timed out") && !log.contains("cannot write"), "no attempt failed: {log}");
+    let shipped = started.elapsed();
+    let store = stores::open(&cache);
+    let largest = store.list("vm1/segments").unwrap().iter().map(|l| l.size).max().unwrap_or(0);
+    assert!(largest > timeout * MIB, "a segment of {largest} bytes crosses the link within the request timeout");
+    // The applier reads it through the same link, with the same limits.
+    let target = vm.dir.path().join("target");
+    let env: Vec<(&str, &str)> = vm.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let applying = Instant::now();
+    let out = vm.apply_with(Path::new(&cache), &target, &[], &env);
+    assert!(out.status.success(), "tern apply through the slow link: {}", stderr(&out));
+    assert!(!stderr(&out).contains("timed out"), "no attempt failed: {}", stderr(&out));
+    assert_files_equal(&vm.image, &replica(&target));
+    eprintln!("largest segment {largest} bytes: shipped in {shipped:?}, applied in {:?}", applying.elapsed());
+}
+
+/// A link that stops moving (connections open, nothing forwarded) fails
+/// a transfer within a bounded time, with an error that names the
+/// object, its size and the setting to change: a PUT at its deadline
+/// (the time its size takes at the slowest rate waited for, plus the
+/// request timeout), a GET as soon as nothing arrived for the request
+/// timeout.
+#[test]
+fn a_stalled_link_fails_a_transfer_in_bounded_time_naming_object_size_and_setting() {
+    use tern_driver::units::Rate;
+    use tern_store::object::Timeouts;
+    require_stores();
+    let proxy = FaultProxy::start("127.0.0.1:8333".parse().unwrap());
+    let location = stores::s3("tern-test");
+    let timeouts = Timeouts { request: Duration::from_secs(1), min_rate: Rate(MIB) };
+    let store = stores::open_at_with(&proxy.endpoint(), &location, timeouts);
+    let data: Vec<u8> = (0..3 * MIB).map(|i| (i * 7919 % 251) as u8).collect();
+    store.put("vm1/segments/a", &data, Put::Create).unwrap();
+
+    // A PUT into the dark: 1 s and 3 MiB at 1 MiB/s.
+    proxy.stall(true);
+    let started = Instant::now();
+    let e = store.put("vm1/segments/b", &data, Put::Create).unwrap_err().to_string();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(3900) && took < Duration::from_secs(10),
+        "the PUT failed after {took:?}: {e}"
+    );
+    eprintln!("a stalled PUT, after {took:?}: {e}");
+    for part in [store.location("vm1/segments/b").as_str(), "3.0 MiB", "TERN_STORE_MIN_RATE"] {
+        assert!(e.contains(part), "{part:?} is not in: {e}");
+    }
+
+    // A GET that stops half-way is caught after 1 s of silence, before its
+    // 4 s deadline.
+    proxy.stall(false);
+    proxy.throttle(MIB);
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            proxy.stall(true);
+        });
+        let started = Instant::now();
+        let e = store.get("vm1/segments/a").unwrap_err().to_string();
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(3500), "the GET failed after {took:?}: {e}");
+        eprintln!("a GET stalled half-way, after {took:?}: {e}");
+        e
+    });
+    for part in [store.location("vm1/segments/a").as_str(), "3.0 MiB", "nothing received", "TERN_STORE_TIMEOUT"] {
+        assert!(e.contains(part), "{part:?} is not in: {e}");
+    }
+    // The link back, the object reads whole.
+    proxy.stall(false);
+    proxy.throttle(0);
+    assert_eq!(store.get("vm1/segments/a").unwrap().unwrap().bytes, data);
+}

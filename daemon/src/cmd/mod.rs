@@ -79,6 +79,15 @@ pub struct Cli {
     /// store, besides the system's.
     #[arg(long, global = true, env = "TERN_CA")]
     pub ca: Option<PathBuf>,
+    /// How long a request to an object store without a body (a listing,
+    /// a look-up) may take, and the longest a read may receive nothing.
+    #[arg(long, global = true, env = "TERN_STORE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub store_timeout: std::time::Duration,
+    /// The slowest link to an object store that a transfer is given time
+    /// for: a segment of N bytes may take N at this rate, plus
+    /// --store-timeout. Set it below the link's speed if it is slower.
+    #[arg(long, global = true, env = "TERN_STORE_MIN_RATE", default_value = "32KiB/s")]
+    pub store_min_rate: tern_driver::units::Rate,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -147,6 +156,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
     if let Some(ca) = &cli.ca {
         tern_store::object::set_ca_file(ca);
     }
+    let timeouts = tern_store::object::Timeouts { request: cli.store_timeout, min_rate: cli.store_min_rate };
+    timeouts.check().map_err(|e| anyhow::anyhow!("--store-timeout / --store-min-rate: {e}"))?;
+    tern_store::object::set_timeouts(timeouts);
     crate::cache::set_keys(match (&cli.key, &cli.keys) {
         (Some(file), _) => crate::cache::Keys::File(file.clone()),
         (None, Some(dir)) => crate::cache::Keys::Dir(dir.clone()),
@@ -178,5 +190,17 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
             tern_driver::fail::Failpoint::ALL.iter().for_each(|p| println!("{}", p.name()));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_limits_default_to_the_stores_own() {
+        let cli = Cli::try_parse_from(["tern", "failpoints"]).expect("parses");
+        let timeouts = tern_store::object::Timeouts { request: cli.store_timeout, min_rate: cli.store_min_rate };
+        assert_eq!(timeouts, tern_store::object::Timeouts::default());
     }
 }
