@@ -411,7 +411,7 @@ fn stop_source(cache: &CacheDir, manifest: &tern_store::cache::Manifest, vm: &st
     let mut told = started;
     loop {
         let newest = match cache.newest_segment(Some(*manifest.id.as_bytes()))? {
-            Some(h) => h.map_err(|e| anyhow::anyhow!("{e}"))?.last_seq,
+            Some(h) => h?.last_seq,
             None => manifest.epoch().first_seq.saturating_sub(1),
         };
         if let Some(s) = cache.read_source_stopped().or_else(FileError::damaged_as_none)? {

@@ -307,7 +307,7 @@ pub fn failback(state: &Path, a: &Failback<'_>) -> Result<FailedBack> {
 /// `force`: the fence drops whatever it ships later.
 fn check_source_stopped(cache: &CacheDir, manifest: &Manifest, vm: &str, force: bool) -> Result<()> {
     let newest = match cache.newest_segment(Some(*manifest.id.as_bytes()))? {
-        Some(h) => h.map_err(|e| anyhow::anyhow!("{e}"))?.last_seq,
+        Some(h) => h?.last_seq,
         None => manifest.epoch().first_seq.saturating_sub(1),
     };
     let path = cache.location(SOURCE_STOPPED);

@@ -13,7 +13,7 @@
 //! newest: it tells a restarted shipper where the stream stands.
 
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -299,6 +299,43 @@ pub struct Listed {
     pub location: String,
 }
 
+/// Why a segment could not be read from the cache store: the way to it
+/// failed, or it is bad. Only a bad one is for the operator to move away;
+/// the rest are the store's or the link's, and reading again may work.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The store did not give its bytes (unreachable, timed out, an I/O
+    /// error): the segment may be good.
+    #[error(transparent)]
+    Unreadable(StoreError),
+    /// It was listed, and is gone now (pruned, or removed by hand): a
+    /// new listing says what there is.
+    #[error("segment {location} is gone (removed since it was listed)")]
+    Gone { location: String },
+    /// Its bytes are not a good segment of this VM (damaged, truncated,
+    /// sealed for another, no key for it): reading it again gives the
+    /// same.
+    #[error(transparent)]
+    Damaged(#[from] SegmentError),
+}
+
+impl ReadError {
+    /// Whether the segment itself is bad, rather than the way to it.
+    pub fn is_damaged(&self) -> bool {
+        matches!(self, ReadError::Damaged(_))
+    }
+
+    /// As an io::Error: the whole account of the failure, with the
+    /// filesystem's errno where there is one.
+    pub fn into_io_error(self) -> io::Error {
+        let kind = match &self {
+            ReadError::Unreadable(StoreError::Io { source, .. }) => source.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, crate::file::with_causes(&self))
+    }
+}
+
 /// One VM's part of the cache store: `<cache>/<vm>/` in a directory, the
 /// objects under `<prefix>/<vm>/` in a bucket. With a key, segments and
 /// the manifest are sealed ([`crate::seal`]).
@@ -503,7 +540,12 @@ impl CacheDir {
         match self.store.put_staged(&key, object, Put::Create, stage) {
             Err(StoreError::Exists { location }) => {
                 let mine = Segment::decode(bytes, None).ok();
-                let theirs = self.read_segment(header.first_seq, header.last_seq, Some(header.vm_id)).ok();
+                let theirs = match self.read_segment(header.first_seq, header.last_seq, Some(header.vm_id)) {
+                    Ok(theirs) => Some(theirs),
+                    // Not read: nothing is known of it yet.
+                    Err(ReadError::Unreadable(e)) => return Err(e),
+                    Err(_) => None,
+                };
                 match (mine, theirs) {
                     (Some(a), Some(b)) if a.header.epoch == b.header.epoch && a.same_records(&b) => {
                         log::info!("{location} was already shipped with the same records");
@@ -523,10 +565,10 @@ impl CacheDir {
         first_seq: u64,
         last_seq: u64,
         expect_vm: Option<[u8; 16]>,
-    ) -> Result<Segment, SegmentError> {
+    ) -> Result<Segment, ReadError> {
         let location = PathBuf::from(self.segment_location(first_seq, last_seq));
         let bytes = self.read_segment_bytes(first_seq, last_seq, expect_vm)?;
-        Segment::decode(&bytes, expect_vm).map_err(|e| e.with_path(&location))
+        Ok(Segment::decode(&bytes, expect_vm).map_err(|e| e.with_path(&location))?)
     }
 
     /// Only the header of one segment (the whole object is read from a
@@ -536,25 +578,36 @@ impl CacheDir {
         first_seq: u64,
         last_seq: u64,
         vm_id: Option<[u8; 16]>,
-    ) -> Result<SegmentHeader, SegmentError> {
+    ) -> Result<SegmentHeader, ReadError> {
         match (self.store.as_dir(), &self.key) {
-            (Some(_), None) => segment::read_header(Path::new(&self.segment_location(first_seq, last_seq))),
+            (Some(_), None) => self.read_file_header(first_seq, last_seq),
             _ => self.read_segment(first_seq, last_seq, vm_id).map(|s| s.header),
         }
     }
 
-    fn read_segment_bytes(
-        &self,
-        first_seq: u64,
-        last_seq: u64,
-        vm_id: Option<[u8; 16]>,
-    ) -> Result<Vec<u8>, SegmentError> {
+    /// [`CacheDir::read_segment_header`] from a directory: the file's
+    /// first bytes and its length.
+    fn read_file_header(&self, first_seq: u64, last_seq: u64) -> Result<SegmentHeader, ReadError> {
+        let location = self.segment_location(first_seq, last_seq);
+        let path = Path::new(&location);
+        let unreadable = |source: io::Error| match source.kind() {
+            io::ErrorKind::NotFound => ReadError::Gone { location: location.clone() },
+            _ => ReadError::Unreadable(StoreError::Io { what: "read", location: location.clone(), source }),
+        };
+        let mut file = fs::File::open(path).map_err(unreadable)?;
+        let len = file.metadata().map_err(unreadable)?.len();
+        let mut head = Vec::with_capacity(segment::HEADER_SIZE);
+        (&mut file).take(segment::HEADER_SIZE as u64).read_to_end(&mut head).map_err(unreadable)?;
+        Ok(segment::header_of_file(&head, len).map_err(|e| e.with_path(path))?)
+    }
+
+    fn read_segment_bytes(&self, first_seq: u64, last_seq: u64, vm_id: Option<[u8; 16]>) -> Result<Vec<u8>, ReadError> {
         let location = PathBuf::from(self.segment_location(first_seq, last_seq));
-        let fail = |reason: String| SegmentError::at(0, reason).with_path(&location);
+        let fail = |reason: String| ReadError::Damaged(SegmentError::at(0, reason).with_path(&location));
         let object = match self.store.get(&self.segment_key(first_seq, last_seq)) {
             Ok(Some(object)) => object.bytes,
-            Ok(None) => return Err(fail("gone (removed since it was listed)".into())),
-            Err(e) => return Err(fail(crate::file::with_causes(&e))),
+            Ok(None) => return Err(ReadError::Gone { location: location.display().to_string() }),
+            Err(e) => return Err(ReadError::Unreadable(e)),
         };
         match (&self.key, seal::is_sealed(&object)) {
             (Some(key), _) => {
@@ -578,7 +631,7 @@ impl CacheDir {
     pub fn newest_segment(
         &self,
         vm_id: Option<[u8; 16]>,
-    ) -> Result<Option<Result<SegmentHeader, SegmentError>>, StoreError> {
+    ) -> Result<Option<Result<SegmentHeader, ReadError>>, StoreError> {
         Ok(self.list_segments()?.last().map(|l| self.read_segment_header(l.first_seq, l.last_seq, vm_id)))
     }
 
@@ -730,5 +783,29 @@ mod tests {
         assert!(other.read_manifest().unwrap_err().to_string().contains("does not authenticate"));
         plain.write_manifest(&m, Put::Overwrite).unwrap();
         assert!(sealed.read_manifest().unwrap_err().to_string().contains("not sealed"));
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_read_is_not_called_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::dir(dir.path());
+        let key_path = dir.path().join("vm1.key");
+        Key::generate(&key_path).unwrap();
+        let segments = dir.path().join("vm1").join(SEGMENTS);
+        fs::create_dir_all(&segments).unwrap();
+        let path = segments.join(segment::file_name(1, 10));
+        // Only the header from a plain directory; the whole object sealed.
+        let sealed = CacheDir::new(&store, "vm1").sealed_with(Some(Key::load(&key_path).unwrap()));
+        for c in [CacheDir::new(&store, "vm1"), sealed] {
+            let read = || c.read_segment_header(1, 10, Some([7; 16])).unwrap_err();
+            fs::write(&path, b"not a segment").unwrap();
+            assert!(read().is_damaged(), "{}", read());
+            fs::remove_file(&path).unwrap();
+            assert!(matches!(read(), ReadError::Gone { .. }), "{}", read());
+            // (A directory in its place: the read fails, EISDIR.)
+            fs::create_dir(&path).unwrap();
+            assert!(matches!(read(), ReadError::Unreadable(_)), "{}", read());
+            fs::remove_dir(&path).unwrap();
+        }
     }
 }

@@ -482,15 +482,22 @@ fn open_checked(path: &Path) -> Result<(File, SegmentHeader, Vec<u8>), SegmentEr
         .take(HEADER_SIZE as u64)
         .read_to_end(&mut head)
         .map_err(|e| SegmentError::io(path, "cannot read", e))?;
-    let header = SegmentHeader::decode(&head).map_err(|e| e.with_path(path))?;
+    let header = header_of_file(&head, len).map_err(|e| e.with_path(path))?;
+    Ok((file, header, head))
+}
+
+/// The header of a file of `len` bytes that starts with `head`: as
+/// [`SegmentHeader::decode`], and the file has the length it implies.
+pub(crate) fn header_of_file(head: &[u8], len: u64) -> Result<SegmentHeader, SegmentError> {
+    let header = SegmentHeader::decode(head)?;
     if len != header.file_len() {
         return Err(SegmentError {
-            path: Some(path.to_owned()),
+            path: None,
             offset: len.min(header.file_len()),
             reason: format!("file is {len} bytes, header says {}", header.file_len()),
         });
     }
-    Ok((file, header, head))
+    Ok(header)
 }
 
 /// Decodes the index and checks the sequence rules and the data lengths

@@ -1,8 +1,9 @@
 //! A TCP proxy the tests put between tern and an object store, to do to
 //! the link what a WAN and a busy store do: cut it (every connection
 //! dropped, new ones refused), slow it to a rate, stall it (connections
-//! stay open and nothing moves), and answer requests with `503 SlowDown`,
-//! as S3 does when it throttles. Plain threads, one pair per connection.
+//! stay open and nothing moves), drop the connection of chosen reads, and
+//! answer requests with `503 SlowDown`, as S3 does when it throttles.
+//! Plain threads, one pair per connection.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -36,6 +37,12 @@ struct Faults {
     /// Nothing is forwarded (connections stay open, as across a link
     /// that went dark or a store that stopped reading).
     stalled: AtomicBool,
+    /// GETs of a single object whose path holds the fragment, and how many
+    /// more of them have their connection dropped before they reach the
+    /// store (listings, whose prefix is in the query, pass).
+    fail_gets: Mutex<Vec<(String, u32)>>,
+    /// GETs dropped so far.
+    failed_gets: AtomicU32,
     /// Live connections, to drop at a cut.
     open: Mutex<Vec<TcpStream>>,
 }
@@ -134,6 +141,19 @@ impl FaultProxy {
     pub fn stall(&self, stalled: bool) {
         self.faults.stalled.store(stalled, Ordering::Release);
     }
+
+    /// Drops the connection of the next `n` GETs of an object whose path
+    /// holds `fragment` (0: none more), before they reach the store.
+    pub fn fail_gets(&self, fragment: &str, n: u32) {
+        let mut fail = self.faults.fail_gets.lock().unwrap_or_else(|p| p.into_inner());
+        fail.retain(|(f, _)| f != fragment);
+        fail.push((fragment.to_string(), n));
+    }
+
+    /// GETs dropped so far.
+    pub fn failed_gets(&self) -> u32 {
+        self.faults.failed_gets.load(Ordering::Acquire)
+    }
 }
 
 fn serve(client: TcpStream, upstream: std::net::SocketAddr, f: &Arc<Faults>) {
@@ -163,6 +183,7 @@ fn serve(client: TcpStream, upstream: std::net::SocketAddr, f: &Arc<Faults>) {
         // request starts the connection or follows a CRLF, and a read may
         // split it anywhere.
         let mut seen: Vec<u8> = b"\r\n".to_vec();
+        let mut lines = RequestLines::default();
         pump(client, server, |chunk| {
             f_up.pass(chunk.len(), &f_up.up_free);
             if f_up.cut.load(Ordering::Acquire) {
@@ -178,6 +199,10 @@ fn serve(client: TcpStream, upstream: std::net::SocketAddr, f: &Arc<Faults>) {
                 }
             }
             seen.drain(..seen.len().saturating_sub(6));
+            if lines.fails_a_get(chunk, &f_up) {
+                f_up.failed_gets.fetch_add(1, Ordering::AcqRel);
+                return false;
+            }
             true
         })
     });
@@ -193,6 +218,40 @@ fn serve(client: TcpStream, upstream: std::net::SocketAddr, f: &Arc<Faults>) {
         true
     });
     let _ = up.join();
+}
+
+/// The lines a client sends on one connection, as they complete, to find
+/// the GETs [`FaultProxy::fail_gets`] asks to fail.
+#[derive(Default)]
+struct RequestLines {
+    line: Vec<u8>,
+}
+
+impl RequestLines {
+    /// Whether `chunk` completes the request line of a GET of one object
+    /// (no query) that is to fail: takes one of those.
+    fn fails_a_get(&mut self, chunk: &[u8], f: &Faults) -> bool {
+        let mut fails = false;
+        for &b in chunk {
+            if b != b'\n' {
+                if self.line.len() < 8192 {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            let line = String::from_utf8_lossy(&self.line).into_owned();
+            self.line.clear();
+            let Some(path) = line.strip_prefix("GET ").and_then(|rest| rest.split(' ').next()) else { continue };
+            let mut fail = f.fail_gets.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, n)) =
+                fail.iter_mut().find(|(f, n)| *n > 0 && path.contains(f.as_str()) && !path.contains('?'))
+            {
+                *n -= 1;
+                fails = true;
+            }
+        }
+        fails
+    }
 }
 
 /// Copies `from` to `to` while `pass` lets each chunk through; closes

@@ -537,3 +537,52 @@ fn a_stalled_link_fails_a_transfer_in_bounded_time_naming_object_size_and_settin
     proxy.throttle(0);
     assert_eq!(store.get("vm1/segments/a").unwrap().unwrap().bytes, data);
 }
+
+/// A read of the cache that fails as `tern ship` starts (a link that
+/// drops, a store restarting) is retried like any other store failure:
+/// the shipper goes on, and never calls a good segment damaged (moving
+/// one away costs a new epoch and a checksum comparison). Nor does the
+/// applier call a segment it could not read damage to repair.
+#[test]
+fn a_failed_read_of_the_cache_is_retried_never_taken_for_a_damaged_segment() {
+    require_stores();
+    let proxy = FaultProxy::start("127.0.0.1:8333".parse().unwrap());
+    let cache = stores::s3("tern-test");
+    let env = vec![("AWS_ENDPOINT_URL".to_string(), proxy.endpoint())];
+    let vm = TestVm::new(VmSpec { disk_size: 4 * MIB, cache: Some(cache.clone()), env, ..Default::default() });
+    let served = vm.serve(&[]);
+    write_patterns(&vm.socket, 0, 10);
+    vm.ship_once();
+    // The next start's reads of the newest segment fail, twice as often
+    // as the store's client retries one (six attempts).
+    write_patterns(&vm.socket, 10, 10);
+    proxy.fail_gets("/vm1/segments/", 12);
+    let started = Instant::now();
+    let log = vm.ship_once();
+    assert_eq!(proxy.failed_gets(), 12, "{log}");
+    assert!(!log.contains("damaged"), "a failed read called a segment damaged: {log}");
+    assert!(log.contains("cannot read the newest segment") && log.contains("succeeded after"), "{log}");
+    eprintln!("shipped after 12 failed reads of the newest segment in {:?}", started.elapsed());
+    // Then the manifest's.
+    write_patterns(&vm.socket, 20, 10);
+    proxy.fail_gets("/vm1/manifest.toml", 12);
+    let log = vm.ship_once();
+    assert_eq!(proxy.failed_gets(), 24, "{log}");
+    assert!(log.contains("cannot read") && log.contains("manifest.toml") && log.contains("succeeded after"), "{log}");
+    drop(served);
+
+    // The applier: a segment it could not read is tried again later (here,
+    // with --once, the next run), not refused as damaged.
+    let target = vm.dir.path().join("target");
+    let env: Vec<(&str, &str)> = vm.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    proxy.fail_gets("/vm1/segments/", 6);
+    let out = vm.apply_with(Path::new(&cache), &target, &[], &env);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "applied although its reads failed: {err}");
+    assert!(err.contains("cannot read") && err.contains("/vm1/segments/"), "{err}");
+    assert!(!err.contains("repair or re-ship"), "a failed read called damage: {err}");
+    proxy.fail_gets("/vm1/segments/", 0);
+    let out = vm.apply_with(Path::new(&cache), &target, &[], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_files_equal(&vm.image, &replica(&target));
+}

@@ -20,10 +20,10 @@ use tern_driver::clone::{clone_file, CloneMethod};
 use tern_driver::fs::write_durably;
 use tern_driver::image::Image;
 use tern_driver::journal::{self, RecordKind};
-use tern_store::cache::{Applied, CacheDir, Manifest};
+use tern_store::cache::{Applied, CacheDir, Manifest, ReadError};
 use tern_store::file::FileError;
 use tern_store::object::Store;
-use tern_store::segment::{Segment, SegmentError};
+use tern_store::segment::Segment;
 use tern_store::target::{
     expired_points, stream_now, Checkpoint, Point, PointAnswer, PointGroup, PointKind, PointRequest, Quiesce,
     TargetDir, TARGET_VERSION,
@@ -36,6 +36,13 @@ use tern_driver::fail::{self, Failpoint};
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Refused(String);
+
+/// A segment the store did not give (unreachable, timed out, gone since
+/// it was listed): neither it nor the replica is at fault, and the VM is
+/// tried again as after any failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unreadable(String);
 
 /// The cache's stream for a VM is not the one being applied any more.
 #[derive(Debug, thiserror::Error)]
@@ -402,9 +409,10 @@ impl VmApplier {
                     self.read_segment(first, last, &path, segment)
                 };
                 if let Err(e) = read {
-                    // A refused segment: what was read before it is good,
-                    // keep it. Any other error (I/O) commits nothing.
-                    if e.is::<Refused>() {
+                    // A segment refused or not read: what was read before
+                    // it is good, keep it. Any other error (I/O) commits
+                    // nothing.
+                    if e.is::<Refused>() || e.is::<Unreadable>() {
                         self.commit()?;
                     }
                     return Err(e);
@@ -529,20 +537,21 @@ impl VmApplier {
     /// Checks one segment (as read and verified by the read-ahead) and reads
     /// its records into the batch (taking the app points of its tags); `cur`
     /// moves to its end.
-    fn read_segment(
-        &mut self,
-        first: u64,
-        last: u64,
-        path: &str,
-        segment: Result<Segment, SegmentError>,
-    ) -> Result<()> {
+    fn read_segment(&mut self, first: u64, last: u64, path: &str, segment: Result<Segment, ReadError>) -> Result<()> {
         let at = self.cur.applied_seq;
         let refuse = |why: String| {
             anyhow::Error::new(Refused(format!(
                 "{why}; the replica stays at seq {at}; repair or re-ship, then restart `tern apply`"
             )))
         };
-        let seg = segment.map_err(|e| refuse(e.to_string()))?;
+        let seg = match segment {
+            Ok(seg) => seg,
+            Err(e) if e.is_damaged() => return Err(refuse(e.to_string())),
+            Err(e) => {
+                let why = format!("{:#}", anyhow::Error::new(e));
+                return Err(Unreadable(format!("{why}; the replica stays at seq {at}")).into());
+            }
+        };
         let h = &seg.header;
         if (h.first_seq, h.last_seq) != (first, last) || h.last_seq <= at {
             return Err(refuse(format!(

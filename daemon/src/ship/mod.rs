@@ -427,7 +427,7 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
         log::info!("VM '{vm}': removed {removed} half-written segment(s) a previous run left in {segments}");
     }
     let mut tail = journal.tail();
-    let mut manifest = match cache.read_manifest()? {
+    let mut manifest = match writer::read_manifest_retrying(cache, stats, stop)? {
         Some(m) => m,
         None => {
             let mut m = Manifest::for_vm(config, tail.seq);
@@ -463,12 +463,7 @@ fn resume(config: &VmConfig, cache: &CacheDir, journal: &Journal, stats: &Stats,
             cache.location(tern_store::cache::MANIFEST)
         );
     }
-    let newest = match cache.newest_segment(Some(*config.id.as_bytes()))? {
-        Some(h) => Some(h.context(
-            "the newest segment in the cache is damaged; move it away: what it held is shipped again (from the journal, or by a checksum comparison with the replica)",
-        )?),
-        None => None,
-    };
+    let newest = writer::newest_segment_retrying(cache, config.id.as_bytes(), stats, stop)?;
     let current = manifest.epoch();
     let (mut last_shipped, mut in_window) = match &newest {
         Some(h) if h.last_seq + 1 >= current.first_seq => (h.last_seq, h.window & segment::WINDOW_AT_END != 0),

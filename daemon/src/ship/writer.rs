@@ -1,4 +1,5 @@
-//! Durable writes into the cache store, retried until they succeed.
+//! Durable writes into the cache store, retried until they succeed (and
+//! the reads a shipper starts from, retried the same way).
 //!
 //! A segment is stored whole and create-only ([`CacheDir::write_segment`]:
 //! in a directory `.<name>.tmp`, fsynced, linked, the directory fsynced;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use tern_driver::units::Rate;
 use tern_store::cache::{CacheDir, Manifest, MANIFEST};
+use tern_store::file::FileError;
 use tern_store::object::{Put, Stage, StoreError};
 use tern_store::segment::SegmentHeader;
 
@@ -128,6 +130,52 @@ pub fn check_fence_retrying(cache: &CacheDir, stats: &Stats, stop: &AtomicBool) 
         }
     })?;
     found.map_or(Ok(()), Err)
+}
+
+/// The cache's manifest, if any; one that cannot be read now is retried
+/// as [`retrying`] does, a damaged one stops the shipper.
+pub fn read_manifest_retrying(cache: &CacheDir, stats: &Stats, stop: &AtomicBool) -> Result<Option<Manifest>> {
+    let (mut manifest, mut damaged) = (None, None);
+    retrying(&format!("read {}", cache.location(MANIFEST)), stats, stop, || {
+        match cache.read_manifest() {
+            Ok(m) => manifest = m,
+            Err(e @ FileError::Damaged { .. }) => damaged = Some(e),
+            Err(FileError::Unreadable { source, .. }) => return Err(source),
+        }
+        Ok(())
+    })?;
+    damaged.map_or(Ok(manifest), |e| Err(e.into()))
+}
+
+/// The header of the newest segment in the cache, if any. A store that
+/// cannot be read now (down, unreachable, a lost answer) is retried as
+/// [`retrying`] does: only a segment that was read and is bad stops the
+/// shipper, telling the operator to move it away (which costs a new
+/// epoch and a checksum comparison).
+pub fn newest_segment_retrying(
+    cache: &CacheDir,
+    vm_id: &[u8; 16],
+    stats: &Stats,
+    stop: &AtomicBool,
+) -> Result<Option<SegmentHeader>> {
+    let segments = cache.location(tern_store::cache::SEGMENTS);
+    let (mut newest, mut damaged) = (None, None);
+    retrying(&format!("read the newest segment in {segments}"), stats, stop, || {
+        match cache.newest_segment(Some(*vm_id)) {
+            Ok(None) => newest = None,
+            Ok(Some(Ok(h))) => newest = Some(h),
+            Ok(Some(Err(e))) if e.is_damaged() => damaged = Some(e),
+            Ok(Some(Err(e))) => return Err(e.into_io_error()),
+            Err(e) => return Err(e.into_io_error()),
+        }
+        Ok(())
+    })?;
+    match damaged {
+        Some(e) => Err(anyhow::Error::new(e).context(
+            "the newest segment in the cache is damaged; move it away: what it held is shipped again (from the journal, or by a checksum comparison with the replica)",
+        )),
+        None => Ok(newest),
+    }
 }
 
 /// Runs `attempt` until it succeeds, backing off from 100 ms to 10 s,
