@@ -931,7 +931,8 @@ fn make_random_image(path: &std::path::Path, size: usize) {
 /// shipper took it for absent, so when the source ran again it did not
 /// remove it; a failback would then take the source for stopped and
 /// discard what it wrote since. (Every marker write "fails" here, so no
-/// retry succeeds in between.)
+/// retry succeeds in between.) A store failing so is tried again after a
+/// pause, not at every idle turn.
 #[test]
 fn a_stop_marker_whose_write_seemed_to_fail_goes_when_the_source_runs_again() {
     let vm = TestVm::new(VmSpec { disk_size: 16 << 20, journal_size: "64MiB", ..Default::default() });
@@ -951,5 +952,11 @@ fn a_stop_marker_whose_write_seemed_to_fail_goes_when_the_source_runs_again() {
     });
     wait_for("the marker to go", Duration::from_secs(10), || !marker.exists());
     served.stop();
+    // The failing store was tried again after pauses, not at every idle
+    // turn of the shipper (every 2 ms), and the outage logged once.
+    let log = ship.log();
+    let tries = log.matches("failpoint ship:stop-marker-written").count();
+    assert!((1..=5).contains(&tries), "{tries} marker writes in a few seconds:\n{log}");
+    assert_eq!(log.matches("trying again after a pause").count(), 1, "{log}");
     drop(ship); // its last word fails too (every marker write does)
 }

@@ -641,12 +641,10 @@ fn read_batches(
             }
             None if stopping => return Ok(()),
             None => {
-                // While running, a store that fails now is tried again at
-                // the next idle moment; the run's last update (after the
-                // writer) reports a failure.
-                if let Err(e) = stop_marker.update(journal, bitmaps, stats) {
-                    log::warn!("VM '{}': {e:#}; trying again", config.name);
-                }
+                // While running, a store that fails now is tried again
+                // after a pause; the run's last update (after the writer)
+                // reports a failure.
+                stop_marker.update_when_idle(journal, bitmaps, stats);
                 if options.once
                     && caught_up(&cursor, target)
                     && !in_window

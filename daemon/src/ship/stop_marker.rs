@@ -18,7 +18,15 @@ pub(super) struct SourceStopMarker {
     /// Removing the marker failed and was logged; not logged again until
     /// it succeeds.
     remove_failing: std::cell::Cell<bool>,
+    /// After a failed update from the idle loop: when to try again, and
+    /// the pause that led there.
+    idle_retry: std::cell::Cell<Option<(Instant, Duration)>>,
 }
+
+/// The first pause after a failed update from the idle loop; it doubles
+/// up to [`IDLE_RETRY_MAX`].
+const IDLE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const IDLE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl SourceStopMarker {
     pub(super) fn new(cache: CacheDir, vm_id: uuid::Uuid) -> Self {
@@ -29,7 +37,44 @@ impl SourceStopMarker {
             Ok(Some(m)) => Some((m.seq, m.planned_request)),
             _ => Some((0, None)),
         };
-        SourceStopMarker { cache, vm_id, noted: std::cell::Cell::new(noted), remove_failing: Default::default() }
+        SourceStopMarker {
+            cache,
+            vm_id,
+            noted: std::cell::Cell::new(noted),
+            remove_failing: Default::default(),
+            idle_retry: Default::default(),
+        }
+    }
+
+    /// [`SourceStopMarker::update`] from the shipper's idle loop, which
+    /// comes round every few milliseconds: after a failure it is tried
+    /// again after a pause (1 s, doubling to 30 s), not at every turn (a
+    /// store down was sent hundreds of writes a second, and the log a
+    /// warning for each), and the outage is logged once.
+    pub(super) fn update_when_idle(&self, journal: &Journal, bitmaps: &[DirtyBitmap], stats: &Stats) {
+        let retry = self.idle_retry.get();
+        if retry.is_some_and(|(at, _)| Instant::now() < at) {
+            return;
+        }
+        match self.update(journal, bitmaps, stats) {
+            Ok(()) => {
+                if retry.is_some() {
+                    log::info!("VM '{}': the cache's clean-stop marker is up to date again", self.name());
+                }
+                self.idle_retry.set(None);
+            }
+            Err(e) => {
+                let pause = retry.map_or(IDLE_RETRY_FIRST, |(_, p)| (p * 2).min(IDLE_RETRY_MAX));
+                if retry.is_none() {
+                    log::warn!(
+                        "VM '{}': {e:#}; trying again after a pause (up to {}) until it succeeds",
+                        self.name(),
+                        humantime::format_duration(IDLE_RETRY_MAX)
+                    );
+                }
+                self.idle_retry.set(Some((Instant::now() + pause, pause)));
+            }
+        }
     }
 
     /// Writes or removes the marker as the journal says: detached, every
