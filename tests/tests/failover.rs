@@ -458,25 +458,7 @@ fn failover_again_is_refused_while_the_failed_over_disk_is_in_use() {
     let first = json(&run(vm.tern().args(["failover", &vm.name, "--json"])));
     let disk = first["disks"]["disk0"].as_str().unwrap().to_string();
     // The failed-over VM: qemu-io holding the disk open, read-write.
-    struct Running(std::process::Child);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let qemu = Running(
-        Command::new("qemu-io")
-            .args(["-f", "raw", &disk, "-c", "sleep 60000"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("qemu-io"),
-    );
-    let start = std::time::Instant::now();
-    while !has_open(qemu.0.id(), &disk) {
-        assert!(start.elapsed() < std::time::Duration::from_secs(20), "qemu-io never opened {disk}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let qemu = hold_open(&disk);
     let tag = vm.points(&vm.dir.path().join("target")).iter().find(|p| p["kind"] == "app").unwrap()["id"].clone();
     let out = vm.tern().args(["failover", &vm.name, "--point", tag.as_str().unwrap()]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -710,25 +692,7 @@ fn a_failover_refused_because_the_vm_started_meanwhile_leaves_the_fence_as_it_wa
         .spawn()
         .expect("tern failover");
     wait_for_failpoint(&log, "failover:fence-write");
-    struct Running(std::process::Child);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let qemu = Running(
-        Command::new("qemu-io")
-            .args(["-f", "raw", &disk, "-c", "sleep 60000"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("qemu-io"),
-    );
-    let start = std::time::Instant::now();
-    while !has_open(qemu.0.id(), &disk) {
-        assert!(start.elapsed() < std::time::Duration::from_secs(20), "qemu-io never opened {disk}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let qemu = hold_open(&disk);
     let out = again.wait_with_output().expect("tern failover");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("is in use by"), "{err}");
@@ -828,4 +792,31 @@ fn launch_sh_attaches_the_disks_in_the_vms_order() {
     let drives: Vec<&str> = script.lines().filter(|l| l.contains("-drive")).collect();
     assert_eq!(drives.len(), 2, "{script}");
     assert!(drives[0].contains("/root.img,") && drives[1].contains("/data.img,"), "root first: {script}");
+}
+
+/// A process holding `disk` open read-write (qemu-io), as a failed-over
+/// VM would; killed when dropped. Returns once it has the disk open.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn hold_open(disk: &str) -> Running {
+    let qemu = Running(
+        Command::new("qemu-io")
+            .args(["-f", "raw", disk, "-c", "sleep 60000"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io"),
+    );
+    let start = std::time::Instant::now();
+    while !has_open(qemu.0.id(), disk) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "qemu-io never opened {disk}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    qemu
 }
